@@ -1,0 +1,136 @@
+"""The train state and the data-parallel train step.
+
+`make_train_step(...)` returns one pure function `train_step(state, batch, key) -> (state, metrics)`
+jitted once, with the state donated, the batch sharded on its leading axis over the `data` mesh and
+the state replicated. The loss is computed on the GLOBAL batch (one forward pass over every image of
+the batch, so BatchNorm statistics and online triplet mining see all of it); the same global batch
+and key therefore give the same loss and update on 1 device or on many.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from siamese_jax import losses as L
+from siamese_jax import parallel
+
+PAIR_LOSSES = ("contrastive", "verification")
+TRIPLET_LOSSES = ("triplet",)
+MINING_LOSSES = ("batch_all", "batch_hard", "semihard")
+ALL_LOSSES = PAIR_LOSSES + TRIPLET_LOSSES + MINING_LOSSES
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    params: Any
+    batch_stats: Any  # {} when the model has no BatchNorm
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key (checkpointable as a plain array)
+
+
+def create_train_state(model, tx: optax.GradientTransformation, key, image_size: int) -> TrainState:
+    init_key, state_key = jax.random.split(key)
+    variables = model.init(init_key, jnp.zeros((2, image_size, image_size, 1), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      rng=state_key)
+
+
+def batch_kind(loss: str) -> str:
+    """Which sampler feeds a loss: "pairs", "triplets" or "classes" (P classes x K images)."""
+    if loss in PAIR_LOSSES:
+        return "pairs"
+    if loss in TRIPLET_LOSSES:
+        return "triplets"
+    if loss in MINING_LOSSES:
+        return "classes"
+    raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(ALL_LOSSES)}")
+
+
+def _tower_inputs(batch, kind):
+    """All images of a batch as one [M, H, W, 1] array, interleaved per row so each device's rows stay local."""
+    if kind == "classes":
+        return batch["images"], None
+    names = ("x1", "x2") if kind == "pairs" else ("anchor", "positive", "negative")
+    stacked = jnp.stack([batch[n] for n in names], axis=1)  # [B, T, H, W, 1]
+    return stacked.reshape((-1,) + stacked.shape[2:]), len(names)
+
+
+def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared: bool, train: bool = True):
+    """(loss, (stats, new_batch_stats)) for one global batch."""
+    kind = batch_kind(loss)
+    images, towers = _tower_inputs(batch, kind)
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+        emb, updates = model.apply(variables, images, train=train, mutable=["batch_stats"])
+        new_batch_stats = updates["batch_stats"]
+    else:
+        emb, new_batch_stats = model.apply(variables, images, train=train), batch_stats
+    emb = emb.astype(jnp.float32)
+    if towers is not None:
+        emb_t = emb.reshape((-1, towers, emb.shape[-1]))
+    if loss == "contrastive":
+        value, stats = L.contrastive_loss_with_stats(emb_t[:, 0], emb_t[:, 1], is_similar=batch["is_similar"], margin=margin)
+    elif loss == "verification":
+        logits = model.apply(variables, emb_t[:, 0], emb_t[:, 1], method=model.logits)
+        value, stats = L.verification_loss_with_stats(logits, is_similar=batch["is_similar"])
+    elif loss == "triplet":
+        value, stats = L.triplet_loss_with_stats(emb_t[:, 0], emb_t[:, 1], emb_t[:, 2], margin=margin, squared=squared)
+    else:
+        mining = {"batch_all": L.batch_all_triplet_loss_with_stats,
+                  "batch_hard": L.batch_hard_triplet_loss_with_stats,
+                  "semihard": L.batch_semihard_triplet_loss_with_stats}[loss]
+        value, stats = mining(emb, batch["labels"], margin=margin, squared=squared)
+    stats = dict(stats, embedding_norm=jnp.mean(jnp.linalg.norm(emb, axis=-1)))
+    return value, (stats, new_batch_stats)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str, margin: float,
+                    squared: bool = False, augment_fn: Optional[Callable] = None):
+    """The jitted data-parallel step. `augment_fn(key, images) -> images` runs on device, per image.
+
+    Returns `train_step(state, batch, key) -> (state, metrics)`; metrics are device scalars (loss,
+    active_fraction, embedding_norm, grad_norm), read by the caller when it wants, not synced here.
+    """
+    batch_kind(loss)  # validates the name early
+    repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+
+    def step(state: TrainState, batch, key):
+        key = jax.random.fold_in(key, state.step)
+        if augment_fn is not None:
+            batch = dict(batch)
+            for i, name in enumerate(n for n in ("x1", "x2", "anchor", "positive", "negative", "images") if n in batch):
+                batch[name] = augment_fn(jax.random.fold_in(key, i), batch[name])
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (value, (stats, batch_stats)), grads = grad_fn(
+            state.params, state.batch_stats, model, batch, loss, margin, squared)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(stats, loss=value, grad_norm=optax.global_norm(grads))
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def make_embed_fn(model, mesh=None):
+    """Jitted inference embedding: `embed(params, batch_stats, images [N,H,W,1]) -> [N, E]` (eval-mode BN)."""
+
+    def embed(params, batch_stats, images):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        return model.apply(variables, images, train=False).astype(jnp.float32)
+
+    if mesh is None:
+        return jax.jit(embed)
+    repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    return jax.jit(embed, in_shardings=(repl, repl, data), out_shardings=data)

@@ -1,0 +1,71 @@
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from siamese_jax import models
+
+
+def _config(**kw):
+    c = ml_collections.ConfigDict(dict(model="small", width=16, num_blocks=4, embedding_dim=32, norm="batch",
+                                       l2_normalize=False, loss="triplet", compute_dtype="float32"))
+    c.update(kw)
+    return c
+
+
+def test_koch_twin_network_has_the_papers_parameter_count():
+    model = models.build_model(_config(model="koch", loss="verification", embedding_dim=4096))
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), 105))
+    assert models.count_params(shapes["params"]) == 38_951_745
+    assert models.count_params(shapes["params"]["encoder"]) == 38_947_648
+
+
+def test_koch_encoder_output_is_a_4096_sigmoid_code():
+    enc = models.KochEncoder(features=4096)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 105, 105, 1))
+    variables = enc.init(jax.random.PRNGKey(0), x)
+    # flatten size 9216 = 256 * 6 * 6, as the paper's feature-map sizes say
+    assert variables["params"]["Dense_0"]["kernel"].shape == (9216, 4096)
+    h = enc.apply(variables, x)
+    assert h.shape == (2, 4096) and bool(jnp.all((h > 0) & (h < 1)))
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+@pytest.mark.parametrize("size", [28, 32])
+def test_small_encoder_shapes_and_l2_normalisation(norm, size):
+    model = models.build_model(_config(norm=norm, l2_normalize=True))
+    variables = models.init_variables(model, jax.random.PRNGKey(0), size)
+    assert ("batch_stats" in variables) == (norm == "batch")
+    x = jax.random.uniform(jax.random.PRNGKey(1), (5, size, size, 1))
+    h = model.apply(variables, x, train=False)
+    assert h.shape == (5, 32)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(h), axis=-1), 1.0, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    model = models.build_model(_config(compute_dtype="bfloat16", norm="layer"))
+    variables = models.init_variables(model, jax.random.PRNGKey(0), 28)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (3, 28, 28, 1))
+    h32 = models.build_model(_config(norm="layer")).apply(variables, x)
+    h16 = model.apply(variables, x)
+    assert h16.dtype == jnp.float32  # embeddings are returned in float32 for the losses
+    np.testing.assert_allclose(np.asarray(h16), np.asarray(h32), atol=0.1)
+
+
+def test_verification_head_is_l1_weighted_sum():
+    model = models.build_model(_config(loss="verification", norm="none"))
+    variables = models.init_variables(model, jax.random.PRNGKey(0), 28)
+    w = variables["params"]["head"]["kernel"][:, 0]
+    b = variables["params"]["head"]["bias"][0]
+    h1, h2 = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 32))
+    got = model.apply(variables, h1, h2, method=model.logits)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.abs(h1 - h2) @ w + b), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_model_or_norm_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model(_config(model="resnet"))
+    with pytest.raises(ValueError, match="unknown norm"):
+        models.init_variables(models.build_model(_config(norm="group")), jax.random.PRNGKey(0), 28)
