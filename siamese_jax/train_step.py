@@ -114,7 +114,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str,
             state.params, state.batch_stats, model, batch, loss, margin, squared)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(stats, loss=value, grad_norm=optax.global_norm(grads))
+        metrics = dict(stats, loss=value, grad_norm=optax.tree.norm(grads))
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         return new_state, metrics
 

@@ -1,0 +1,249 @@
+"""Siamese losses as pure, jit-compatible functions of jnp arrays.
+
+d(x, y) = ||x - y||_2 and D is d² ("squared=True") or d. Every loss returns a float32 scalar mean,
+upcasting bfloat16/float16 inputs first, and has finite gradients everywhere (identical embeddings
+included: the square root is taken through a double `where`, so its gradient at d² = 0 is 0).
+
+- contrastive (Hadsell et al. 2006, without the ½):  s·d² + (1 − s)·max(m − d, 0)²,  s = 1 for the same class
+- triplet (FaceNet):                                 max(D(a, p) − D(a, n) + m, 0)
+- online mining on embeddings [B, E] with integer labels [B] (a ≠ p share a label, n has another):
+    batch all:  mean of the strictly positive triplet losses over all valid triplets
+    batch hard (Hermans et al. 2017):  max(max_p D(a, p) − min_n D(a, n) + m, 0) per anchor
+    semihard (FaceNet, TF-Addons rules):  per positive pair, the nearest negative farther than p,
+              else the farthest negative
+- verification (Koch et al. 2015):  logit = Σ_k w_k |h1_k − h2_k| + b;  binary cross-entropy, 1 = same
+
+Each loss `f` has a twin `f_with_stats` returning `(loss, stats)`. `stats` is a dict of float32 scalars,
+always with "active_fraction": the share of the triplets / anchors / pairs the loss considers that
+have a loss > 0 (for verification: the share misclassified at logit 0). Mean distances in `stats`
+are in the distance the loss uses (D). Empty averages are 0, never NaN.
+"""
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "pairwise_distances", "euclidean_distance",
+    "contrastive_loss", "contrastive_loss_with_stats",
+    "triplet_loss", "triplet_loss_with_stats",
+    "batch_all_triplet_loss", "batch_all_triplet_loss_with_stats",
+    "batch_hard_triplet_loss", "batch_hard_triplet_loss_with_stats",
+    "batch_semihard_triplet_loss", "batch_semihard_triplet_loss_with_stats",
+    "verification_logits", "verification_loss", "verification_loss_with_stats", "same_probability",
+]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def _f32(x):
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _safe_sqrt(d2):
+    """sqrt with a finite gradient (0) at 0: the inner `where` keeps sqrt away from 0 in the backward pass."""
+    positive = d2 > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, d2, 1.0)), 0.0)
+
+
+def _safe_mean(values, mask):
+    """Mean of `values` where `mask`; 0 when the mask is empty (no NaN, no 0/0 in the gradient)."""
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _as_weight(is_similar):
+    # bool or 0/1 -> float32 weight of the "same class" term.
+    return jnp.asarray(is_similar).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------- distances
+
+def euclidean_distance(x1, x2, squared=False):
+    """d(x1[i], x2[i]) for paired rows [..., E] -> [...]; d² when `squared`. Gradient-safe at 0."""
+    d2 = jnp.sum(jnp.square(_f32(x1) - _f32(x2)), axis=-1)
+    return d2 if squared else _safe_sqrt(d2)
+
+
+def pairwise_distances(embeddings, squared=False):
+    """[B, E] -> [B, B] matrix of d (or d²) between all rows; diagonal exactly 0, gradient-safe.
+
+    Computed from explicit differences rather than the ||a||² − 2a·b + ||b||² trick: it costs B²·E
+    instead of B² memory, but identical rows get exactly 0 (no cancellation noise feeding a huge
+    sqrt gradient, no random tie-breaking in the miners) and small distances stay accurate.
+    """
+    e = _f32(embeddings)
+    d2 = jnp.sum(jnp.square(e[:, None, :] - e[None, :, :]), axis=-1)
+    return d2 if squared else _safe_sqrt(d2)
+
+
+# ------------------------------------------------------------------------------------ contrastive
+
+def contrastive_loss_with_stats(x1, x2, is_similar, margin=1.0):
+    """(loss, stats) of `contrastive_loss`; stats: active_fraction, mean_positive/negative_distance (d)."""
+    s = _as_weight(is_similar)
+    d2 = euclidean_distance(x1, x2, squared=True)
+    d = _safe_sqrt(d2)
+    # The similar term uses d² directly (exact gradient 2(x1 − x2), no sqrt involved).
+    per_pair = s * d2 + (1.0 - s) * jnp.square(jnp.maximum(margin - d, 0.0))
+    stats = {
+        "active_fraction": jnp.mean((per_pair > 0).astype(jnp.float32)),
+        "mean_positive_distance": _safe_mean(d, s > 0),
+        "mean_negative_distance": _safe_mean(d, s == 0),
+    }
+    return jnp.mean(per_pair), stats
+
+
+def contrastive_loss(x1, x2, is_similar, margin=1.0):
+    """Mean over pairs of is_similar·d² + (1 − is_similar)·max(margin − d, 0)² (Hadsell et al. 2006, no ½).
+
+    `is_similar` [B] is bool or 0/1 and **1 / True means the two rows are the same class**. Careful
+    when porting: the current Keras siamese-contrastive example uses the opposite label (0 = similar).
+    """
+    return contrastive_loss_with_stats(x1, x2, is_similar, margin)[0]
+
+
+# ---------------------------------------------------------------------------------------- triplet
+
+def triplet_loss_with_stats(anchor, positive, negative, margin=0.2, squared=True):
+    """(loss, stats) of `triplet_loss`; stats: active_fraction, mean_positive/negative_distance (D)."""
+    d_ap = euclidean_distance(anchor, positive, squared=squared)
+    d_an = euclidean_distance(anchor, negative, squared=squared)
+    per_triplet = jnp.maximum(d_ap - d_an + margin, 0.0)
+    stats = {
+        "active_fraction": jnp.mean((per_triplet > 0).astype(jnp.float32)),
+        "mean_positive_distance": jnp.mean(d_ap),
+        "mean_negative_distance": jnp.mean(d_an),
+    }
+    return jnp.mean(per_triplet), stats
+
+
+def triplet_loss(anchor, positive, negative, margin=0.2, squared=True):
+    """Mean over rows of max(D(a, p) − D(a, n) + margin, 0), D = d² if `squared` else d (FaceNet)."""
+    return triplet_loss_with_stats(anchor, positive, negative, margin, squared)[0]
+
+
+# --------------------------------------------------------------------------------- online mining
+
+def _label_masks(labels):
+    """positive[a, p]: same label and a ≠ p; negative[a, n]: different label."""
+    labels = jnp.asarray(labels)
+    same = labels[:, None] == labels[None, :]
+    positive = same & ~jnp.eye(labels.shape[0], dtype=bool)
+    return positive, ~same
+
+
+def batch_all_triplet_loss_with_stats(embeddings, labels, margin=0.2, squared=False):
+    """(loss, stats) of `batch_all_triplet_loss`; active_fraction = positive-loss triplets / valid triplets."""
+    dist = pairwise_distances(embeddings, squared=squared)
+    positive, negative = _label_masks(labels)
+    # [a, p, n]: B³ entries, fine for mining batches (B ~ 100s).
+    per_triplet = dist[:, :, None] - dist[:, None, :] + margin
+    valid = positive[:, :, None] & negative[:, None, :]
+    active = valid & (per_triplet > 0)
+    num_active = jnp.sum(active.astype(jnp.float32))
+    loss = jnp.sum(jnp.where(active, per_triplet, 0.0)) / jnp.maximum(num_active, 1.0)
+    stats = {
+        "active_fraction": num_active / jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0),
+        "mean_positive_distance": _safe_mean(dist, positive),
+        "mean_negative_distance": _safe_mean(dist, negative),
+    }
+    return loss, stats
+
+
+def batch_all_triplet_loss(embeddings, labels, margin=0.2, squared=False):
+    """Mean of the strictly positive max(D(a,p) − D(a,n) + margin, 0) over all valid triplets; 0 if none."""
+    return batch_all_triplet_loss_with_stats(embeddings, labels, margin, squared)[0]
+
+
+def batch_hard_triplet_loss_with_stats(embeddings, labels, margin=0.2, squared=False):
+    """(loss, stats) of `batch_hard_triplet_loss`; stats over the anchors with a positive and a negative."""
+    dist = pairwise_distances(embeddings, squared=squared)
+    positive, negative = _label_masks(labels)
+    valid_anchor = jnp.any(positive, axis=1) & jnp.any(negative, axis=1)
+    # D >= 0, so 0 is a neutral fill for the max; the min uses +inf, then a where keeps infs out
+    # of the arithmetic (and of the gradient) for anchors without negatives.
+    hardest_positive = jnp.max(jnp.where(positive, dist, 0.0), axis=1)
+    hardest_negative = jnp.min(jnp.where(negative, dist, jnp.inf), axis=1)
+    hardest_negative = jnp.where(valid_anchor, hardest_negative, 0.0)
+    per_anchor = jnp.maximum(hardest_positive - hardest_negative + margin, 0.0)
+    stats = {
+        "active_fraction": _safe_mean((per_anchor > 0).astype(jnp.float32), valid_anchor),
+        "mean_positive_distance": _safe_mean(hardest_positive, valid_anchor),
+        "mean_negative_distance": _safe_mean(hardest_negative, valid_anchor),
+    }
+    return _safe_mean(per_anchor, valid_anchor), stats
+
+
+def batch_hard_triplet_loss(embeddings, labels, margin=0.2, squared=False):
+    """Hermans et al. 2017: mean over anchors with ≥1 positive and ≥1 negative of
+    max(max_p D(a, p) − min_n D(a, n) + margin, 0); 0 if there is no such anchor."""
+    return batch_hard_triplet_loss_with_stats(embeddings, labels, margin, squared)[0]
+
+
+def batch_semihard_triplet_loss_with_stats(embeddings, labels, margin=0.2, squared=False):
+    """(loss, stats) of `batch_semihard_triplet_loss`; stats over the positive pairs considered.
+
+    Extra stat "fallback_fraction": share of those pairs with no negative farther than the positive.
+    """
+    dist = pairwise_distances(embeddings, squared=squared)
+    positive, negative = _label_masks(labels)
+    d_ap = dist[:, :, None]                     # [a, p, 1]
+    d_an = dist[:, None, :]                     # [a, 1, n]
+    farther = negative[:, None, :] & (d_an > d_ap)  # [a, p, n]: negatives beyond the positive
+    has_farther = jnp.any(farther, axis=2)
+    nearest_farther = jnp.min(jnp.where(farther, d_an, jnp.inf), axis=2)
+    farthest = jnp.max(jnp.where(negative, dist, -jnp.inf), axis=1)  # [a]: fallback negative
+    has_negative = jnp.any(negative, axis=1)
+    considered = positive & has_negative[:, None]
+    # Double where: the inf/-inf fills never reach the arithmetic or the gradient.
+    chosen = jnp.where(has_farther, jnp.where(has_farther, nearest_farther, 0.0),
+                       jnp.where(has_negative, farthest, 0.0)[:, None])
+    per_pair = jnp.maximum(dist - chosen + margin, 0.0)
+    stats = {
+        "active_fraction": _safe_mean((per_pair > 0).astype(jnp.float32), considered),
+        "fallback_fraction": _safe_mean((~has_farther).astype(jnp.float32), considered),
+        "mean_positive_distance": _safe_mean(dist, considered),
+        "mean_negative_distance": _safe_mean(chosen, considered),
+    }
+    return _safe_mean(per_pair, considered), stats
+
+
+def batch_semihard_triplet_loss(embeddings, labels, margin=0.2, squared=False):
+    """FaceNet semihard mining with TF-Addons' rules. For every positive pair (a, p), a ≠ p: the
+    negative with the smallest D(a, n) > D(a, p), or if there is none the negative with the largest
+    D(a, n); loss max(D(a, p) − D(a, n) + margin, 0). Mean over the positive pairs whose anchor has a
+    negative; 0 if there are none."""
+    return batch_semihard_triplet_loss_with_stats(embeddings, labels, margin, squared)[0]
+
+
+# ----------------------------------------------------------------------------------- verification
+
+def verification_logits(h1, h2, weight, bias):
+    """Koch et al.'s head: Σ_k weight_k·|h1_k − h2_k| + bias, [B, E] -> [B].
+
+    `weight` is [E] or a Dense kernel [E, 1]; `bias` is a scalar or [1].
+    """
+    l1 = jnp.abs(_f32(h1) - _f32(h2))
+    return l1 @ jnp.reshape(_f32(weight), (-1,)) + jnp.reshape(_f32(bias), ())
+
+
+def same_probability(logits):
+    """P(same class) = sigmoid(logits)."""
+    return jax.nn.sigmoid(_f32(logits))
+
+
+def verification_loss_with_stats(logits, is_similar):
+    """(loss, stats) of `verification_loss`; stats: active_fraction (= misclassified), accuracy."""
+    z = _f32(logits)
+    s = _as_weight(is_similar)
+    if z.shape != s.shape:  # a [B, 1] vs [B] mix-up would silently broadcast to [B, B]
+        raise ValueError(f"logits {z.shape} and is_similar {s.shape} must have the same shape")
+    # −[s·log σ(z) + (1 − s)·log(1 − σ(z))], with log(1 − σ(z)) = log σ(−z): stable for any z.
+    per_pair = -(s * jax.nn.log_sigmoid(z) + (1.0 - s) * jax.nn.log_sigmoid(-z))
+    correct = (z > 0) == (s > 0.5)
+    accuracy = jnp.mean(correct.astype(jnp.float32))
+    return jnp.mean(per_pair), {"active_fraction": 1.0 - accuracy, "accuracy": accuracy}
+
+
+def verification_loss(logits, is_similar):
+    """Mean binary cross-entropy from logits; `is_similar` bool or 0/1, 1 = same class."""
+    return verification_loss_with_stats(logits, is_similar)[0]

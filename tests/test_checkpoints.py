@@ -1,0 +1,128 @@
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from siamese_jax import checkpoints as C
+from siamese_jax import models, parallel
+from siamese_jax import train_step as ts
+
+SIZE = 16
+
+
+def _setup():
+    config = ml_collections.ConfigDict(dict(model="small", width=8, num_blocks=2, embedding_dim=16, norm="batch",
+                                            l2_normalize=False, loss="batch_hard", compute_dtype="float32"))
+    model = models.build_model(config)
+    tx = optax.adam(1e-2)
+    mesh = parallel.make_data_mesh(jax.devices()[:1])
+    step_fn = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
+
+    def fresh():
+        return ts.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE)
+
+    def batch(step):  # a pure function of the step, as the on-device samplers are
+        rng = np.random.default_rng(step)
+        return {"images": rng.uniform(size=(8, SIZE, SIZE, 1)).astype(np.float32),
+                "labels": np.repeat(np.arange(4), 2).astype(np.int32)}
+
+    def run(state, start, stop):
+        for s in range(start, stop):
+            state, _ = step_fn(state, batch(s), jax.random.PRNGKey(7))
+        return state
+
+    return fresh, run
+
+
+def test_resume_is_bit_identical_to_uninterrupted_training(tmp_path):
+    fresh, run = _setup()
+    k, m = 3, 4
+    uninterrupted = jax.device_get(run(fresh(), 0, k + m))
+
+    ck = C.Checkpoints(str(tmp_path))
+    state = run(fresh(), 0, k)
+    ck.save(state, {"config": {"loss": "batch_hard"}})
+    ck.wait()
+    ck.close()
+
+    ck2 = C.Checkpoints(str(tmp_path))  # as a new process would
+    restored, meta = ck2.restore_latest(fresh())
+    ck2.close()
+    assert int(restored.step) == k and meta["config"]["loss"] == "batch_hard"
+    assert isinstance(restored.opt_state[0], optax.ScaleByAdamState)  # restored as optax types, not dicts
+    resumed = jax.device_get(run(restored, k, k + m))
+    for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)  # bit-identical
+
+
+def test_keeps_last_n_and_best(tmp_path):
+    fresh, run = _setup()
+    ck = C.Checkpoints(str(tmp_path), keep=2)
+    state = fresh()
+    accs = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.6}
+    for s in range(1, 5):
+        state = run(state, s - 1, s)
+        ck.save(state, {})
+        ck.save_best(state, {}, {"val_one_shot_accuracy": accs[s]})
+    ck.wait()
+    assert ck.latest.all_steps() == [3, 4]
+    assert ck.best.all_steps() == [2]
+    best, _ = ck.restore_best(fresh())
+    assert int(best.step) == 2
+    ck.close()
+
+
+def _damage(step_dir):
+    """Truncates every data file of a saved step (what a crash mid-copy or a full disk leaves)."""
+    damaged = 0
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            if "state" in path and os.path.getsize(path) > 0:
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 3)
+                damaged += 1
+    assert damaged
+
+
+def test_corrupt_latest_falls_back_to_previous_with_warning(tmp_path, caplog):
+    fresh, run = _setup()
+    ck = C.Checkpoints(str(tmp_path), keep=3)
+    state = fresh()
+    for s in range(1, 3):
+        state = run(state, s - 1, s)
+        ck.save(state, {})
+    ck.wait()
+    ck.close()
+    _damage(os.path.join(tmp_path, "checkpoints", "2"))
+    ck = C.Checkpoints(str(tmp_path), keep=3)
+    with caplog.at_level(logging.WARNING):
+        restored, _ = ck.restore_latest(fresh())
+    ck.close()
+    assert int(restored.step) == 1
+    assert "checkpoint step 2" in caplog.text and "falling back to step 1" in caplog.text
+
+
+def test_all_checkpoints_corrupt_is_an_error(tmp_path):
+    fresh, run = _setup()
+    ck = C.Checkpoints(str(tmp_path))
+    ck.save(run(fresh(), 0, 1), {})
+    ck.wait()
+    ck.close()
+    _damage(os.path.join(tmp_path, "checkpoints", "1"))
+    ck = C.Checkpoints(str(tmp_path))
+    with pytest.raises(C.CheckpointError, match="no readable checkpoint"):
+        ck.restore_latest(fresh())
+    ck.close()
+
+
+def test_empty_workdir_restores_nothing(tmp_path):
+    fresh, _ = _setup()
+    ck = C.Checkpoints(str(tmp_path))
+    assert ck.restore_latest(fresh()) is None
+    ck.close()

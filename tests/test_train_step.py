@@ -1,0 +1,117 @@
+"""The data-parallel proof: the same global batch and key give the same loss and update on 1 and 4 devices.
+
+SGD (not Adam) is used on purpose: Adam's update is nearly invariant to a gradient scaled N times,
+so it would hide the classic "gradients summed over devices" bug this test is here to catch.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from siamese_jax import models, parallel
+from siamese_jax import train_step as ts
+
+B, SIZE = 8, 16
+
+
+def _model(loss, norm="batch"):
+    config = ml_collections.ConfigDict(dict(model="small", width=8, num_blocks=2, embedding_dim=16, norm=norm,
+                                            l2_normalize=False, loss=loss, compute_dtype="float32"))
+    return models.build_model(config)
+
+
+def _batch(loss):
+    rng = np.random.default_rng(0)
+    img = lambda: rng.uniform(size=(B, SIZE, SIZE, 1)).astype(np.float32)
+    kind = ts.batch_kind(loss)
+    if kind == "pairs":
+        return {"x1": img(), "x2": img(), "is_similar": np.array([1, 0] * (B // 2), bool)}
+    if kind == "triplets":
+        return {"anchor": img(), "positive": img(), "negative": img()}
+    # 4 classes x 2 images, ordered so that each device's shard holds ONE class: local mining would
+    # find no negatives at all, global mining finds plenty.
+    return {"images": img(), "labels": np.repeat(np.arange(4), 2).astype(np.int32)}
+
+
+def _run(loss, devices, steps=2, norm="batch", augment_fn=None):
+    mesh = parallel.make_data_mesh(devices)
+    model = _model(loss, norm)
+    tx = optax.sgd(0.1)
+    state = ts.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE)
+    state = parallel.put_replicated(state, mesh)
+    step = ts.make_train_step(model, tx, mesh, loss=loss, margin=0.5, augment_fn=augment_fn)
+    batch = jax.device_put(_batch(loss), parallel.batch_sharded(mesh))
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, batch, jax.random.PRNGKey(1))
+        history.append({k: float(v) for k, v in metrics.items()})
+    return jax.device_get(state), history
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "triplet", "batch_hard", "batch_all", "semihard", "verification"])
+def test_four_devices_equal_one_device(loss):
+    assert jax.device_count() >= 4
+    s1, h1 = _run(loss, jax.devices()[:1])
+    s4, h4 = _run(loss, jax.devices()[:4])
+    for m1, m4 in zip(h1, h4):
+        assert m1.keys() == m4.keys()
+        for k in m1:
+            np.testing.assert_allclose(m4[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=f"{loss}: metric {k}")
+    assert h1[0]["loss"] > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6), s1.params, s4.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6), s1.batch_stats, s4.batch_stats)
+    assert int(s1.step) == int(s4.step) == 2
+
+
+def test_update_is_the_global_batch_sgd_step():
+    """One step's parameter change equals -lr x the single-device gradient of the global-batch loss."""
+    loss = "batch_hard"
+    mesh = parallel.make_data_mesh(jax.devices()[:4])
+    model = _model(loss, norm="layer")
+    state0 = ts.create_train_state(model, optax.sgd(0.1), jax.random.PRNGKey(0), SIZE)
+    batch = _batch(loss)
+    grads = jax.grad(lambda p: ts.loss_fn(p, {}, model, batch, loss, 0.5, False)[0])(state0.params)
+    step = ts.make_train_step(model, optax.sgd(0.1), mesh, loss=loss, margin=0.5)
+    state1, _ = step(parallel.put_replicated(state0, mesh), jax.device_put(batch, parallel.batch_sharded(mesh)),
+                     jax.random.PRNGKey(1))
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, state0.params, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), expected, jax.device_get(state1.params))
+
+
+def test_augmentation_inside_the_step_is_device_count_invariant():
+    from siamese_jax import augment
+
+    cfg = augment.AffineConfig()
+    fn = lambda key, x: augment.random_affine(key, x, cfg)
+    _, h1 = _run("triplet", jax.devices()[:1], steps=1, augment_fn=fn)
+    _, h4 = _run("triplet", jax.devices()[:4], steps=1, augment_fn=fn)
+    _, h_plain = _run("triplet", jax.devices()[:1], steps=1)
+    np.testing.assert_allclose(h4[0]["loss"], h1[0]["loss"], rtol=2e-5)
+    assert h1[0]["loss"] != h_plain[0]["loss"]  # the augmentation did change the images
+
+
+def test_metrics_are_device_arrays_and_state_is_donated():
+    mesh = parallel.make_data_mesh(jax.devices()[:2])
+    model = _model("contrastive")
+    tx = optax.adam(1e-3)
+    state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE), mesh)
+    step = ts.make_train_step(model, tx, mesh, loss="contrastive", margin=1.0)
+    batch = jax.device_put(_batch("contrastive"), parallel.batch_sharded(mesh))
+    old_leaf = jax.tree.leaves(state.params)[0]
+    new_state, metrics = step(state, batch, jax.random.PRNGKey(0))
+    assert set(metrics) >= {"loss", "active_fraction", "embedding_norm", "grad_norm"}
+    assert all(isinstance(v, jax.Array) for v in metrics.values())
+    assert old_leaf.is_deleted()  # donated: no second copy of the state per step
+    assert jax.tree.leaves(new_state.params)[0].sharding.is_fully_replicated
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+    with pytest.raises(ValueError, match="not divisible by the 4 devices"):
+        parallel.check_batch_divisible(6, parallel.make_data_mesh(jax.devices()[:4]))
+
+
+def test_unknown_loss_is_rejected():
+    with pytest.raises(ValueError, match="unknown loss"):
+        ts.batch_kind("arcface")
