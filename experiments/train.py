@@ -1,0 +1,69 @@
+"""Train a Siamese network, then evaluate it: `python -m experiments.train --loss=triplet`.
+
+    python -m experiments.train --loss=batch_hard --dataset=omniglot --workdir=runs/x \
+        --config.num_steps=5000 --config.learning_rate=1e-3
+
+Re-running with the same --workdir resumes from its newest checkpoint.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import cli  # noqa: E402
+
+LOSSES = ("contrastive", "triplet", "batch_hard", "batch_all", "semihard", "verification")
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("loss", None, LOSSES, "Loss (overrides config.loss).")
+flags.DEFINE_enum("dataset", None, ("omniglot", "mnist"), "Dataset; picks that dataset's default preset.")
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>-<loss>).")
+flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: $SIAMESE_DATA_DIR).")
+flags.DEFINE_enum("source", None, ("auto", "archives", "tfds"), "Data source (overrides config.source).")
+config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Config file (a get_config() module).", lock_config=False)
+
+
+def resolve_config():
+    """The config after presets and flags: --dataset picks a preset, --config.x= overrides win over it."""
+    from experiments.configs import default
+
+    config = FLAGS.config
+    if FLAGS.dataset and FLAGS.dataset != config.dataset:
+        if config_flags.get_config_filename(FLAGS["config"]) != cli.DEFAULT_CONFIG:
+            raise ValueError(f"--dataset={FLAGS.dataset} contradicts the config file's dataset {config.dataset!r}")
+        config = default.get_config(FLAGS.dataset)
+        config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
+    if FLAGS.loss:
+        config.loss = FLAGS.loss
+    if FLAGS.data_dir:
+        config.archive_dir = FLAGS.data_dir
+    if FLAGS.source:
+        config.source = FLAGS.source
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.loss!r}; expected one of {', '.join(LOSSES)}")
+    return config
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.setup_logging()
+    from siamese_jax import protocols
+    from siamese_jax.train import train_and_evaluate
+
+    try:
+        config = resolve_config()
+        workdir = FLAGS.workdir or os.path.join("runs", f"{config.dataset}-{config.loss}")
+        results = train_and_evaluate(config, workdir)
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(130)
+    except cli.user_errors() as e:
+        cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    print(protocols.format_results_table(results))
+
+
+if __name__ == "__main__":
+    cli.run_app(main)

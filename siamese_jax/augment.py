@@ -1,0 +1,157 @@
+"""Koch et al.'s (2015) random affine distortions, run on the accelerator, and image resizing.
+
+Koch's transform is T = (θ, ρx, ρy, sx, sy, tx, ty) with θ ∈ [-10°, 10°], ρ ∈ [-0.3, 0.3] (shear),
+s ∈ [0.8, 1.2] (scale) and t ∈ [-2, 2] px (translation), each component included with
+probability 0.5. Here a "component" is one of rotation / shear / scale / translation: one coin per
+group, and the x and y parameters of a group are drawn independently.
+
+Everything is a pure function of a PRNG key and batched with `vmap` (one key per image, split from
+the batch key), so the result does not depend on how the batch is sharded over devices.
+
+Coordinates are (row, col) pixel positions measured from the image centre ((H-1)/2, (W-1)/2).
+`apply_affine` takes *sampling* matrices in the scipy.ndimage.affine_transform convention: the
+output pixel at o reads the input at M @ o. `affine_matrix` builds that matrix from the forward
+(what you see) parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Koch's pixel ranges are for 105 x 105 Omniglot images.
+KOCH_IMAGE_SIZE = 105
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineConfig:
+    """Ranges of the random affine distortion (defaults: Koch et al. 2015)."""
+
+    rotation_deg: float = 10.0  # θ ~ U(-rotation_deg, rotation_deg)
+    shear: float = 0.3  # ρx, ρy ~ U(-shear, shear), as matrix entries (not angles)
+    scale: tuple[float, float] = (0.8, 1.2)  # sx, sy ~ U(*scale)
+    translate_px: float = 2.0  # tx, ty ~ U(-t, t), t in pixels of an image of `translate_reference_size`
+    prob: float = 0.5  # each of the four components is applied with this probability
+    enabled: bool = True
+    # Koch's ±2 px are at 105 px. We keep the distortion the same *relative* to the image, so at
+    # 28 px the shift is ±2·28/105 ≈ ±0.53 px. None: `translate_px` is in pixels of the actual image.
+    translate_reference_size: Optional[int] = KOCH_IMAGE_SIZE
+
+
+def affine_matrix(rotation_deg=0.0, shear=(0.0, 0.0), scale=(1.0, 1.0), translate=(0.0, 0.0)) -> jnp.ndarray:
+    """The 3x3 sampling matrix (output -> input coordinates, centred) of a forward transform.
+
+    Forward: p_out = R(θ) @ Shear(ρ) @ Scale(s) @ p_in + t, in (row, col) coordinates from the
+    centre. Positive `rotation_deg` turns the image counter-clockwise as displayed (row axis
+    pointing down); `translate=(dr, dc)` moves content down by dr and right by dc pixels;
+    `shear=(ρ_row, ρ_col)` adds ρ_row·col to the row and ρ_col·row to the column; `scale=(s_row, s_col)`.
+    Works on scalars or traced values (used inside vmap).
+    """
+    theta = jnp.deg2rad(jnp.asarray(rotation_deg, jnp.float32))
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    # Counter-clockwise on screen with rows pointing down: (row, col) -> (c·row - s·col, s·row + c·col).
+    rotation = jnp.array([[cos, -sin], [sin, cos]])
+    shear_m = jnp.array([[1.0, shear[0]], [shear[1], 1.0]], jnp.float32)
+    scale_m = jnp.diag(jnp.asarray(scale, jnp.float32))
+    forward = rotation @ shear_m @ scale_m
+    # Closed-form 2x2 inverse (jnp.linalg.inv's pivoted LU costs more to compile than all the rest).
+    (a, b), (c, d) = forward[0], forward[1]
+    inverse = jnp.stack([jnp.stack([d, -b]), jnp.stack([-c, a])]) / (a * d - b * c)
+    t = jnp.asarray(translate, jnp.float32)
+    top = jnp.concatenate([inverse, (-(inverse @ t))[:, None]], axis=1)
+    return jnp.concatenate([top, jnp.array([[0.0, 0.0, 1.0]], jnp.float32)], axis=0)
+
+
+def _sampling_coordinates(matrix, height: int, width: int):
+    centre = jnp.array([(height - 1) / 2.0, (width - 1) / 2.0], jnp.float32)
+    rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
+                              indexing="ij")
+    out = jnp.stack([rows - centre[0], cols - centre[1]])  # [2, H, W], centred output coordinates
+    src = jnp.einsum("ij,jhw->ihw", matrix[:2, :2], out) + matrix[:2, 2, None, None]
+    return src + centre[:, None, None]
+
+
+def _warp_one(image, matrix):
+    """image [H, W, C] float; bilinear, zero (= background) outside the input."""
+    height, width = image.shape[0], image.shape[1]
+    coords = _sampling_coordinates(matrix, height, width)
+    warp_channel = lambda ch: jax.scipy.ndimage.map_coordinates(ch, [coords[0], coords[1]], order=1,
+                                                                mode="constant", cval=0.0)
+    return jax.vmap(warp_channel, in_axes=-1, out_axes=-1)(image)
+
+
+@jax.jit
+def apply_affine(images, matrices):
+    """Warps images [B, H, W, C] (or [B, H, W]) with sampling matrices [B, 3, 3] (see module doc).
+
+    The identity matrix returns the images unchanged (sampling lands exactly on pixel centres).
+    """
+    images = jnp.asarray(images)
+    squeeze = images.ndim == 3
+    x = images[..., None] if squeeze else images
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    out = jax.vmap(_warp_one)(x.astype(dtype), jnp.asarray(matrices, jnp.float32).astype(dtype))
+    return out[..., 0] if squeeze else out
+
+
+def _random_matrix(key, config: AffineConfig, translate_limit: float):
+    # One uniform draw of all 11 numbers: each separate jax.random call adds a threefry to compile.
+    u = jax.random.uniform(key, (11,))
+    on = u[:4] < config.prob  # rotation, shear, scale, translation
+    spread = lambda v, lo, hi: lo + (hi - lo) * v
+    theta = spread(u[4], -config.rotation_deg, config.rotation_deg)
+    shear = spread(u[5:7], -config.shear, config.shear)
+    scale = spread(u[7:9], config.scale[0], config.scale[1])
+    shift = spread(u[9:11], -translate_limit, translate_limit)
+    return affine_matrix(
+        rotation_deg=jnp.where(on[0], theta, 0.0),
+        shear=jnp.where(on[1], shear, 0.0),
+        scale=jnp.where(on[2], scale, 1.0),
+        translate=jnp.where(on[3], shift, 0.0),
+    )
+
+
+def random_affine(key, images, config: AffineConfig = AffineConfig()):
+    """Koch's random affine distortion of each image of [B, H, W, C] floats in [0, 1]; same shape.
+
+    One key per image (split from `key`), so the result is independent of sharding.
+    """
+    if not config.enabled:
+        return images
+    return _random_affine(key, images, config)
+
+
+@functools.partial(jax.jit, static_argnames="config")  # jitted so eager calls are fast too; inlined under jit
+def _random_affine(key, images, config: AffineConfig):
+    height = images.shape[1]
+    translate_limit = config.translate_px
+    if config.translate_reference_size:
+        translate_limit = config.translate_px * height / config.translate_reference_size
+    keys = jax.random.split(key, images.shape[0])
+    matrices = jax.vmap(lambda k: _random_matrix(k, config, translate_limit))(keys)
+    # Bilinear weights are a convex combination, so [0, 1] is kept up to rounding; the clip makes it exact.
+    return jnp.clip(apply_affine(images, matrices), 0.0, 1.0)
+
+
+def resize(images, size: int):
+    """Antialiased (triangle-filter) resize of [N, H, W] or [N, H, W, C] floats to size x size.
+
+    Downscaling 105 -> 28 averages over each output pixel's footprint (like area resizing) rather
+    than point-sampling, which would alias the thin Omniglot strokes.
+    """
+    images = jnp.asarray(images)
+    shape = (images.shape[0], size, size) + tuple(images.shape[3:])
+    return jax.image.resize(images.astype(jnp.float32), shape, method="linear", antialias=True)
+
+
+def resize_uint8(images: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
+    """uint8 [N, H, W] -> uint8 [N, size, size], resized on the default device in chunks (bounded memory)."""
+    if images.shape[1:] == (size, size):
+        return np.asarray(images)
+    fn = jax.jit(lambda x: jnp.clip(jnp.round(resize(x, size)), 0, 255).astype(jnp.uint8))
+    out = [np.asarray(fn(images[i:i + chunk])) for i in range(0, len(images), chunk)]
+    return np.concatenate(out) if out else np.zeros((0, size, size), np.uint8)

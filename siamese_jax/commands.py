@@ -1,0 +1,173 @@
+"""Command-line tools for a trained model: compare, embed, search, calibrate.
+
+    python -m experiments.compare a.png b.png [--model pretrained|WORKDIR|FILE]   exit 0 same, 1 different, 2 error
+    python -m experiments.embed FOLDER --out index.npz [--model ...]
+    python -m experiments.search index.npz query.png -k 5 [--sheet out.png]
+    python -m experiments.calibrate FOLDER --model WORKDIR|FILE [--far 0.01] [--out model.msgpack]
+
+User mistakes (missing file, not an image, wrong index, ...) are one `error:` line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + message by default)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _user_errors():
+    from siamese_jax.checkpoints import CheckpointError
+    from siamese_jax.images import ImageError
+    from siamese_jax.index import IndexError_
+    from siamese_jax.inference import ModelError
+
+    return (ImageError, ModelError, IndexError_, CheckpointError, ValueError, OSError)
+
+
+def _run(fn, argv):
+    try:
+        return fn(argv)
+    except _user_errors() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _model_arg(p):
+    p.add_argument("--model", default="pretrained",
+                   help="'pretrained' (shipped Omniglot model), a training workdir, or a .msgpack model file")
+
+
+# ------------------------------------------------------------------------------------------------
+def _compare(argv):
+    p = _Parser(prog="compare", description="Are these two images the same class?")
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    _model_arg(p)
+    args = p.parse_args(argv)
+    from siamese_jax.images import read_image
+    from siamese_jax.inference import load_model
+
+    read_image(args.image_a), read_image(args.image_b)  # fail on bad input before loading the model
+    model = load_model(args.model)
+    v = model.compare(args.image_a, args.image_b)
+    print(f"distance      {v.distance:.4f}")
+    print(f"P(same)       {v.probability:.3f}")
+    print(f"threshold     {v.threshold:.4f} ({model.calibration.method}, calibrated on {model.calibration.num_pairs} pairs)")
+    print(f"verdict       {'SAME' if v.same else 'DIFFERENT'}")
+    return 0 if v.same else 1
+
+
+def _embed(argv):
+    p = _Parser(prog="embed", description="Embed every image of a folder into a searchable index (.npz).")
+    p.add_argument("folder")
+    p.add_argument("--out", required=True, help="index file to write (.npz)")
+    _model_arg(p)
+    args = p.parse_args(argv)
+    from siamese_jax.images import list_images
+    from siamese_jax.index import build_index
+    from siamese_jax.inference import load_model
+
+    paths = list_images(args.folder)
+    model = load_model(args.model)
+    index = build_index(model, paths)
+    index.save(args.out)
+    print(f"indexed {len(index)} images ({index.embeddings.shape[1]}-d) from {args.folder} -> {args.out}")
+    return 0
+
+
+def _search(argv):
+    p = _Parser(prog="search", description="The k images of an index nearest to a query image.")
+    p.add_argument("index")
+    p.add_argument("image")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--sheet", help="also write a contact-sheet PNG of the query and its neighbours")
+    _model_arg(p)
+    args = p.parse_args(argv)
+    if args.k < 1:
+        p.error("-k must be at least 1")
+    from siamese_jax.images import read_image
+    from siamese_jax.index import EmbeddingIndex, check_compatible
+    from siamese_jax.inference import load_model
+
+    index = EmbeddingIndex.load(args.index)
+    read_image(args.image)
+    model = load_model(args.model)
+    check_compatible(index, model, args.index)
+    dists, idx = index.search(model.embed([args.image]), args.k)
+    for rank, (d, i) in enumerate(zip(dists[0], idx[0]), 1):
+        print(f"{rank:>3}  {d:8.4f}  {index.paths[i]}")
+    if args.sheet:
+        from siamese_jax import plots
+
+        plots.plot_neighbours(args.sheet, args.image, [index.paths[i] for i in idx[0]], dists[0])
+        print(f"contact sheet -> {args.sheet}")
+    return 0
+
+
+def _calibrate(argv):
+    p = _Parser(prog="calibrate", description=(
+        "Choose the same/different distance threshold on labelled pairs drawn from FOLDER, whose "
+        "sub-folders are the classes (images in one sub-folder are the same class)."))
+    p.add_argument("folder")
+    _model_arg(p)
+    p.add_argument("--far", type=float, default=None, help="target false-accept rate (default: max accuracy)")
+    p.add_argument("--pairs", type=int, default=2000, help="number of pairs (half same, half different)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="model file to write (default: calibration.json in a workdir, or the model file itself)")
+    args = p.parse_args(argv)
+    if args.far is not None and not 0 < args.far < 1:
+        p.error("--far must be between 0 and 1")
+    import json
+
+    import numpy as np
+
+    from siamese_jax.files import atomic_write_json
+    from siamese_jax.images import list_images
+    from siamese_jax.inference import load_model
+
+    paths = list_images(args.folder)
+    classes = [os.path.relpath(os.path.dirname(q), args.folder) for q in paths]
+    names, labels = np.unique(classes, return_inverse=True)
+    if len(names) < 2 or np.bincount(labels).max() < 2:
+        raise ValueError(f"{args.folder}: needs at least 2 class sub-folders and one with 2+ images")
+    model = load_model(args.model)
+    emb = model.embed(paths)
+    from siamese_jax.protocols import balanced_pairs
+
+    a, b, same = balanced_pairs(labels, args.pairs, args.seed)
+    cal = model.calibrate(np.linalg.norm(emb[a] - emb[b], axis=-1), same, args.far)
+    if os.path.isdir(args.model) and not args.out:
+        atomic_write_json(os.path.join(args.model, "calibration.json"), cal.__dict__)
+        where = os.path.join(args.model, "calibration.json")
+    else:
+        where = args.out or (args.model if args.model != "pretrained" else None)
+        if where is None:
+            p.error("--out is required to calibrate the shipped pretrained model")
+        model.save(where)
+    print(f"threshold {cal.threshold:.4f} ({cal.method}) on {cal.num_pairs} pairs from {len(names)} classes: "
+          f"accuracy {cal.accuracy:.3f}, false-accept rate {cal.false_accept_rate:.3f} -> {where}")
+    return 0
+
+
+def compare_main(argv=None):
+    sys.exit(_run(_compare, sys.argv[1:] if argv is None else argv))
+
+
+def embed_main(argv=None):
+    sys.exit(_run(_embed, sys.argv[1:] if argv is None else argv))
+
+
+def search_main(argv=None):
+    sys.exit(_run(_search, sys.argv[1:] if argv is None else argv))
+
+
+def calibrate_main(argv=None):
+    sys.exit(_run(_calibrate, sys.argv[1:] if argv is None else argv))

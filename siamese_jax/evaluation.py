@@ -1,0 +1,386 @@
+"""Evaluation metrics as pure functions on embeddings and distances.
+
+Everything here takes arrays in and returns NumPy values / plain Python numbers; nothing touches a
+model. All functions are deterministic: nearest-neighbour ties go to the lower index.
+
+- One-shot episodes: `one_shot_accuracy` (1-NN or prototype rule), `summarize_accuracies`.
+- Lake et al.'s 20 official Omniglot runs: `lake_run_errors`.
+- Pair verification (predict "same" iff distance <= threshold): `best_threshold`,
+  `threshold_for_far`, `verification_accuracy`, `roc_auc`, `roc_curve`.
+- Retrieval as pytorch-metric-learning's AccuracyCalculator defines it: `retrieval_metrics`
+  (precision@1, MAP@R, leave-one-out), built on the exact chunked `knn`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Upper bound on the floats one jitted chunk materialises (queries x index, or the per-episode
+# difference tensor): 2**25 float32 = 128 MiB, small enough for a laptop CPU and any accelerator.
+_CHUNK_FLOATS = 1 << 25
+
+
+# ------------------------------------------------------------------------------------------------
+# One-shot episodes
+# ------------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("rule",))
+def _episode_predictions(support, query, rule: str):
+    """support [T, n_way, k_shot, E], query [T, n_way, n_query, E] -> predicted class [T, n_way, n_query]."""
+    t, n_way, k_shot, e = support.shape
+    if rule == "prototype":
+        refs = support.mean(axis=2)  # [T, n_way, E]
+        owner = jnp.arange(n_way)
+    else:  # nearest: every support example is a candidate; it votes for its own class
+        refs = support.reshape(t, n_way * k_shot, e)
+        owner = jnp.repeat(jnp.arange(n_way), k_shot)
+    q = query.reshape(t, -1, e)
+    # Direct differences (not the |a|^2+|b|^2-2ab expansion): episodes are small, so this is
+    # affordable and exact to the last bit, which keeps near-ties honest.
+    d2 = jnp.sum(jnp.square(q[:, :, None, :] - refs[:, None, :, :]), axis=-1)  # [T, Q, S]
+    nearest = jnp.argmin(d2, axis=-1)  # argmin returns the first minimum: lower index wins ties
+    return owner[nearest].reshape(query.shape[:3])
+
+
+def one_shot_predictions(support_emb, query_emb, rule: str = "nearest") -> np.ndarray:
+    """Predicted class (index into n_way) for every query; shapes as in `one_shot_accuracy`."""
+    if rule not in ("nearest", "prototype"):
+        raise ValueError(f"rule must be 'nearest' or 'prototype', got {rule!r}")
+    support = np.asarray(support_emb, np.float32)
+    query = np.asarray(query_emb, np.float32)
+    single = support.ndim == 3
+    if single:
+        support, query = support[None], query[None]
+    if support.ndim != 4 or query.ndim != 4:
+        raise ValueError(f"expected [T,] n_way, k_shot, E arrays, got {support_emb.shape} and {query_emb.shape}")
+    if support.shape[0] != query.shape[0] or support.shape[1] != query.shape[1] or support.shape[3] != query.shape[3]:
+        raise ValueError(f"support {support.shape} and query {query.shape} disagree on episodes/n_way/E")
+    t, n_way, k_shot, e = support.shape
+    n_query = query.shape[2]
+    per_episode = n_way * n_query * (n_way * k_shot) * e
+    chunk = max(1, min(t, _CHUNK_FLOATS // max(per_episode, 1)))
+    out = []
+    for start in range(0, t, chunk):
+        s, q = support[start:start + chunk], query[start:start + chunk]
+        pad = chunk - len(s)
+        if pad:  # fixed chunk shape: one compilation however many episodes there are
+            s = np.concatenate([s, np.zeros((pad,) + s.shape[1:], s.dtype)])
+            q = np.concatenate([q, np.zeros((pad,) + q.shape[1:], q.dtype)])
+        out.append(np.asarray(_episode_predictions(s, q, rule))[:chunk - pad])
+    pred = np.concatenate(out)
+    return pred[0] if single else pred
+
+
+def one_shot_accuracy(support_emb, query_emb, rule: str = "nearest"):
+    """Per-episode N-way K-shot accuracy with Euclidean distances.
+
+    support_emb [n_way, k_shot, E] and query_emb [n_way, n_query, E] (one episode, returns a float),
+    or with a leading episode axis [T, ...] (returns float64 [T]). Query row i belongs to class i.
+    rule="nearest": the class of the nearest single support example (1-NN, Koch et al.);
+    rule="prototype": the nearest class mean of the k shots (Snell et al.). Same for k_shot=1.
+    """
+    pred = one_shot_predictions(support_emb, query_emb, rule)
+    true = np.arange(pred.shape[-2])[:, None]
+    correct = pred == true
+    if correct.ndim == 2:
+        return float(correct.mean())
+    return correct.reshape(len(correct), -1).mean(axis=1).astype(np.float64)
+
+
+def summarize_accuracies(per_episode_acc) -> dict:
+    """{"mean", "ci95", "num_episodes"}; ci95 = 1.96 * std / sqrt(n) with the sample std (ddof=1)."""
+    acc = np.asarray(per_episode_acc, np.float64).reshape(-1)
+    n = int(acc.size)
+    if n == 0:
+        raise ValueError("no episodes to summarize")
+    std = float(acc.std(ddof=1)) if n > 1 else 0.0
+    return {"mean": float(acc.mean()), "ci95": 1.96 * std / math.sqrt(n), "num_episodes": n}
+
+
+# ------------------------------------------------------------------------------------------------
+# Lake et al.'s 20 official runs
+# ------------------------------------------------------------------------------------------------
+def lake_run_errors(train_emb, test_emb, answers) -> dict:
+    """Lake's protocol: each run's 20 test images are classified by 1-NN among its 20 training images.
+
+    train_emb, test_emb: [R, 20, E]; answers: [R, 20] int, the 0-based index of the correct training
+    image for each test image (class_labels.txt). Returns {"accuracy", "error_rate" (in %, as Lake's
+    demo prints it), "errors_per_run" (list of R ints), "num_trials" (R * 20)}.
+    """
+    train = np.asarray(train_emb, np.float32)
+    test = np.asarray(test_emb, np.float32)
+    answers = np.asarray(answers)
+    if train.ndim != 3 or test.shape[:2] != answers.shape or train.shape[0] != test.shape[0]:
+        raise ValueError(f"shapes disagree: train {train.shape}, test {test.shape}, answers {answers.shape}")
+    # One "episode" per run: the 20 training images are the support set, one shot each.
+    # Test image j sits in "query row" j; only the predicted training index matters here.
+    pred = one_shot_predictions(train[:, :, None, :], test[:, :, None, :])[:, :, 0]  # [R, 20]
+    errors = (pred != answers).sum(axis=1)
+    num_trials = int(answers.size)
+    total_errors = int(errors.sum())
+    return {
+        "accuracy": 1.0 - total_errors / num_trials,
+        "error_rate": 100.0 * total_errors / num_trials,
+        "errors_per_run": [int(e) for e in errors],
+        "num_trials": num_trials,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Pair verification. Convention: smaller distance = more similar; predict "same" iff d <= threshold.
+# ------------------------------------------------------------------------------------------------
+def _pairs(distances, is_similar):
+    d = np.asarray(distances).reshape(-1)
+    if not np.issubdtype(d.dtype, np.floating):
+        d = d.astype(np.float64)
+    same = np.asarray(is_similar).reshape(-1).astype(bool)
+    if d.shape != same.shape:
+        raise ValueError(f"distances {d.shape} and is_similar {same.shape} differ in length")
+    if d.size == 0:
+        raise ValueError("no pairs")
+    return d, same
+
+
+def verification_accuracy(distances, is_similar, threshold) -> float:
+    """Fraction of pairs classified correctly by "same iff distance <= threshold"."""
+    d, same = _pairs(distances, is_similar)
+    return float(np.mean((d <= threshold) == same))
+
+
+def best_threshold(distances, is_similar) -> float:
+    """The threshold maximising verification accuracy on these pairs (exact, O(n log n)).
+
+    Every distinct way of splitting the sorted distances is scored with cumulative counts; the
+    returned value is the midpoint between the last accepted and first rejected distance (the
+    smallest such split on ties in accuracy). Accept-nothing returns a value just below the minimum.
+    """
+    d, same = _pairs(distances, is_similar)
+    order = np.argsort(d, kind="stable")
+    ds, ss = d[order], same[order]
+    # A split may only fall between distinct values: equal distances get the same prediction.
+    last_of_run = np.flatnonzero(np.append(ds[1:] != ds[:-1], True))
+    same_accepted = np.cumsum(ss)[last_of_run]  # positives at or below each distinct value
+    diff_rejected = (~ss).sum() - np.cumsum(~ss)[last_of_run]  # negatives above it
+    correct = same_accepted + diff_rejected
+    none_correct = int((~ss).sum())  # accept nothing
+    best = int(np.argmax(correct))
+    if none_correct >= correct[best]:
+        return float(np.nextafter(ds[0], -np.inf))
+    lo = ds[last_of_run[best]]
+    if last_of_run[best] == len(ds) - 1:
+        return float(lo)
+    hi = ds[last_of_run[best] + 1]
+    mid = lo + (hi - lo) / 2
+    return float(mid if lo <= mid < hi else lo)  # guard adjacent floats where the midpoint rounds up
+
+
+def threshold_for_far(distances, is_similar, target_far: float) -> float:
+    """The largest threshold whose false-accept rate on the different pairs is <= target_far.
+
+    FAR = #{different pairs with d <= t} / #different pairs. Any t between the returned value and
+    the first distance that would break the bound gives the same predictions; the returned value is
+    the largest observed distance in that range (so it survives float32 comparisons), or a value
+    just below every distance when even the smallest different pair may not be accepted.
+    """
+    if not 0.0 <= target_far <= 1.0:
+        raise ValueError(f"target_far must be in [0, 1], got {target_far}")
+    d, same = _pairs(distances, is_similar)
+    neg = np.sort(d[~same])
+    if neg.size == 0:
+        raise ValueError("threshold_for_far needs at least one different pair")
+    allowed = int(math.floor(target_far * neg.size + 1e-9))  # false accepts we may make
+    if allowed >= neg.size:
+        return float(d.max())
+    first_forbidden = neg[allowed]  # accepting it (and everything tied with it) breaks the bound
+    below = d[d < first_forbidden]
+    if below.size:
+        return float(below.max())
+    return float(np.nextafter(first_forbidden, np.array(-np.inf, first_forbidden.dtype)))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x ascending, tied values sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # rank of the last member of each tie group
+    return (ends - (counts - 1) / 2.0)[inverse.reshape(-1)]
+
+
+def roc_auc(distances, is_similar) -> float:
+    """ROC-AUC of "-distance predicts same": P(d_different > d_same) + 0.5 * P(tie).
+
+    Computed with the Mann-Whitney rank statistic (ties get average ranks), O(n log n).
+    1.0 = every same pair is closer than every different pair; 0.5 = chance.
+    """
+    d, same = _pairs(distances, is_similar)
+    n_pos, n_neg = int(same.sum()), int((~same).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_auc needs both same and different pairs")
+    ranks = _average_ranks(d)
+    # U statistic of the different pairs ranking above (farther than) the same pairs.
+    u = ranks[~same].sum() - n_neg * (n_neg + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def roc_curve(distances, is_similar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false_accept_rate, true_accept_rate, thresholds), thresholds ascending over distinct distances.
+
+    Point i is the rule "same iff d <= thresholds[i]"; a first point (0, 0) is prepended with a
+    threshold just below the smallest distance. The trapezoid area under it equals `roc_auc`.
+    """
+    d, same = _pairs(distances, is_similar)
+    n_pos, n_neg = int(same.sum()), int((~same).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_curve needs both same and different pairs")
+    order = np.argsort(d, kind="stable")
+    ds, ss = d[order], same[order]
+    last_of_run = np.flatnonzero(np.append(ds[1:] != ds[:-1], True))
+    tar = np.concatenate([[0.0], np.cumsum(ss)[last_of_run] / n_pos])
+    far = np.concatenate([[0.0], np.cumsum(~ss)[last_of_run] / n_neg])
+    thresholds = np.concatenate([[np.nextafter(ds[0], np.array(-np.inf, ds.dtype))], ds[last_of_run]])
+    return far, tar, thresholds
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact k-nearest neighbours, chunked over queries
+# ------------------------------------------------------------------------------------------------
+def _sq_dists_topk(q, q_ids, index, index_sqnorm, k: int, exclude_self: bool):
+    """Squared distances of a query chunk to the whole index, and the k smallest (ascending)."""
+    cross = jnp.dot(q, index.T, precision=jax.lax.Precision.HIGHEST)
+    d2 = jnp.sum(q * q, axis=1, keepdims=True) + index_sqnorm[None, :] - 2.0 * cross
+    d2 = jnp.maximum(d2, 0.0)  # the expansion can dip below zero by rounding
+    if exclude_self:
+        cols = jnp.arange(index.shape[0])
+        d2 = jnp.where(cols[None, :] == q_ids[:, None], jnp.inf, d2)
+    # lax.top_k puts the lower index first among equal values: ties go to the lower index.
+    neg, idx = jax.lax.top_k(-d2, k)
+    return -neg, idx
+
+
+@functools.partial(jax.jit, static_argnames=("k", "exclude_self"))
+def _knn_chunk(q, q_ids, index, index_sqnorm, k: int, exclude_self: bool):
+    d2, idx = _sq_dists_topk(q, q_ids, index, index_sqnorm, k, exclude_self)
+    return jnp.sqrt(d2), idx
+
+
+def _query_chunks(query: np.ndarray, n_index: int, chunk_size: Optional[int]):
+    """Yields (start, stop, padded query chunk, padded ids); one static chunk shape for jit."""
+    n = len(query)
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_FLOATS // max(n_index, 1))
+    chunk = max(1, min(int(chunk_size), n))
+    for start in range(0, n, chunk):
+        q = query[start:start + chunk]
+        ids = np.arange(start, start + len(q), dtype=np.int32)
+        pad = chunk - len(q)
+        if pad:
+            q = np.concatenate([q, np.zeros((pad, q.shape[1]), q.dtype)])
+            ids = np.concatenate([ids, np.full(pad, -1, np.int32)])  # -1 matches no index column
+        yield start, start + chunk - pad, q, ids
+
+
+def _prepare(query_emb, index_emb):
+    index = np.asarray(index_emb, np.float32)
+    query = np.asarray(query_emb, np.float32)
+    if index.ndim != 2 or query.ndim != 2 or index.shape[1] != query.shape[1]:
+        raise ValueError(f"expected [Q, E] and [N, E] embeddings, got {query.shape} and {index.shape}")
+    # Centre on the index mean: distances are unchanged, but the |a|^2+|b|^2-2ab expansion loses
+    # far less precision when embeddings share a large common offset.
+    centre = index.mean(axis=0, keepdims=True) if len(index) else 0.0
+    index_dev = jnp.asarray(index - centre)
+    return query - centre, index_dev, jnp.sum(index_dev * index_dev, axis=1)
+
+
+def knn(query_emb, index_emb, k: int, chunk_size: Optional[int] = None, exclude_self: bool = False):
+    """Exact k nearest neighbours by Euclidean distance, over chunks of queries.
+
+    query_emb [Q, E], index_emb [N, E]. Returns (distances float32 [Q, k], indices int32 [Q, k]),
+    each row sorted by ascending distance, ties broken by the lower index. exclude_self=True means
+    the queries ARE the index (same order) and leaves each query out of its own neighbours.
+    Each chunk holds chunk_size x N distances (chunk_size=None sizes it to about 128 MiB).
+    """
+    k = int(k)
+    query, index, index_sqnorm = _prepare(query_emb, index_emb)
+    n_index = index.shape[0]
+    available = n_index - 1 if exclude_self else n_index
+    if k < 1 or k > available:
+        raise ValueError(f"k={k} must be in [1, {available}] for an index of {n_index} items"
+                         + (" (self excluded)" if exclude_self else ""))
+    if exclude_self and len(query) != n_index:
+        raise ValueError("exclude_self=True needs the queries to be the index itself")
+    dists = np.empty((len(query), k), np.float32)
+    idx = np.empty((len(query), k), np.int32)
+    for start, stop, q, ids in _query_chunks(query, n_index, chunk_size):
+        d_c, i_c = _knn_chunk(jnp.asarray(q), jnp.asarray(ids), index, index_sqnorm, k, exclude_self)
+        dists[start:stop] = np.asarray(d_c)[:stop - start]
+        idx[start:stop] = np.asarray(i_c)[:stop - start]
+    return dists, idx
+
+
+# ------------------------------------------------------------------------------------------------
+# Retrieval: precision@1 and MAP@R (Musgrave et al. 2020; pytorch-metric-learning AccuracyCalculator)
+# ------------------------------------------------------------------------------------------------
+def _retrieval_per_query(neighbour_labels, query_labels, r):
+    """Per-query precision@1 and AP@R from ranked neighbour labels.
+
+    neighbour_labels [Q, K] (nearest first), query_labels [Q], r [Q] = number of relevant items
+    (K >= max r). AP@R = (1/R) * sum_{i<=R} P(i) * rel(i), with P(i) the precision over the first i.
+    Queries with r = 0 get 0 for both (callers drop them, as AccuracyCalculator does).
+    """
+    xp = jnp if isinstance(neighbour_labels, jax.Array) else np
+    rel = neighbour_labels == query_labels[:, None]
+    ranks = xp.arange(1, neighbour_labels.shape[1] + 1)
+    in_r = ranks[None, :] <= r[:, None]
+    hit = rel & in_r
+    precision_at_i = xp.cumsum(hit, axis=1) / ranks[None, :]
+    ap = xp.sum(precision_at_i * hit, axis=1) / xp.maximum(r, 1)
+    return rel[:, 0] & (r > 0), ap
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _retrieval_chunk(q, q_ids, q_labels, q_r, index, index_sqnorm, labels, k: int):
+    _, idx = _sq_dists_topk(q, q_ids, index, index_sqnorm, k, exclude_self=True)
+    return _retrieval_per_query(labels[idx], q_labels, q_r)
+
+
+def retrieval_metrics(embeddings, labels, chunk_size: Optional[int] = None, max_k: Optional[int] = None) -> dict:
+    """Leave-one-out retrieval over one labelled set: precision@1 and MAP@R, exact.
+
+    Each item queries all the others. R = the number of other items sharing its label; queries with
+    R = 0 ("lone" queries) are left out of both averages, as in pytorch-metric-learning's
+    AccuracyCalculator (avg_of_avgs=False). k = max R neighbours are retrieved per query, chunked.
+    max_k caps R (pass 1023 to match AccuracyCalculator on classes of more than 1024 items, where
+    faiss limits k); by default nothing is capped.
+    Returns {"precision_at_1", "mean_average_precision_at_r", "num_queries", "num_lone_queries"}.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    emb = np.asarray(embeddings, np.float32)
+    if emb.ndim != 2 or len(emb) != len(labels):
+        raise ValueError(f"embeddings {emb.shape} and labels {labels.shape} disagree")
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    label_ids = inverse.reshape(-1).astype(np.int32)
+    r = (counts[label_ids] - 1).astype(np.int32)
+    if max_k is not None:
+        r = np.minimum(r, int(max_k))
+    valid = r > 0
+    result = {"num_queries": int(valid.sum()), "num_lone_queries": int((~valid).sum())}
+    if not valid.any():
+        return {"precision_at_1": 0.0, "mean_average_precision_at_r": 0.0, **result}
+    k = int(r.max())
+    query, index, index_sqnorm = _prepare(emb, emb)
+    labels_dev = jnp.asarray(label_ids)
+    p1 = np.empty(len(emb), bool)
+    ap = np.empty(len(emb), np.float64)
+    for start, stop, q, ids in _query_chunks(query, len(emb), chunk_size):
+        n = stop - start
+        q_labels = np.pad(label_ids[start:stop], (0, len(q) - n))
+        q_r = np.pad(r[start:stop], (0, len(q) - n))
+        p1_c, ap_c = _retrieval_chunk(jnp.asarray(q), jnp.asarray(ids), jnp.asarray(q_labels), jnp.asarray(q_r),
+                                      index, index_sqnorm, labels_dev, k)
+        p1[start:stop] = np.asarray(p1_c)[:n]
+        ap[start:stop] = np.asarray(ap_c)[:n]
+    return {"precision_at_1": float(p1[valid].mean()), "mean_average_precision_at_r": float(ap[valid].mean()),
+            **result}

@@ -1,0 +1,234 @@
+"""Using a trained model: embed images, compare pairs, calibrate a threshold, export/load one file.
+
+    model = load_model("pretrained")            # or a workdir, or a .msgpack file
+    model.compare("a.png", "b.png")             # Verdict(distance=..., probability=..., same=True, ...)
+    model.embed(["a.png", "b.png", array, pil_image])   # [N, E]
+
+A model file is one flax msgpack blob holding the parameters, the BatchNorm statistics and a JSON
+string of metadata (config, calibrated threshold, Platt scaling of the distance, provenance).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from siamese_jax import images as img_lib
+from siamese_jax import models
+
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+PRETRAINED_FILE = os.path.join(PRETRAINED_DIR, "omniglot_small.msgpack")
+FORMAT = "siamese-jax-model/1"
+
+
+class ModelError(ValueError):
+    """A model file or workdir that cannot be used; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    distance: float
+    probability: float  # P(same), from the verification head or the calibrated distance
+    same: bool
+    threshold: float
+
+    def __str__(self):
+        word = "SAME" if self.same else "DIFFERENT"
+        return (f"{word}: distance {self.distance:.4f} (threshold {self.threshold:.4f}), "
+                f"P(same) = {self.probability:.3f}")
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Same/different decision on distances: `same` iff distance <= threshold.
+
+    P(same | distance) = sigmoid(slope * (threshold - distance)) (Platt scaling fitted on the same pairs).
+    """
+
+    threshold: float
+    slope: float
+    method: str  # "max_accuracy" or "far<=X"
+    accuracy: float
+    false_accept_rate: float
+    num_pairs: int
+
+    def probability(self, distance):
+        return 1.0 / (1.0 + np.exp(-self.slope * (self.threshold - np.asarray(distance, np.float64))))
+
+
+class SiameseModel:
+    """A trained encoder with its preprocessing and (optional) calibrated threshold."""
+
+    def __init__(self, config: ml_collections.ConfigDict, params, batch_stats, calibration: Optional[Calibration] = None,
+                 provenance: Optional[dict] = None):
+        self.config = config
+        self.params, self.batch_stats = params, batch_stats or {}
+        self.calibration = calibration
+        self.provenance = provenance or {}
+        self.network = models.build_model(config)
+        self.image_size = int(config.image_size)
+
+        def embed(params, batch_stats, x):
+            variables = {"params": params}
+            if batch_stats:
+                variables["batch_stats"] = batch_stats
+            return self.network.apply(variables, x, train=False).astype(jnp.float32)
+
+        self._embed = jax.jit(embed)
+
+    # -- embeddings -------------------------------------------------------------------------------
+    def preprocess(self, images) -> np.ndarray:
+        return img_lib.prepare(images, self.image_size)
+
+    def embed_prepared(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """[N, S, S, 1] float in [0, 1] -> [N, E]; fixed-size padded batches (one compile)."""
+        out = []
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            n = len(chunk)
+            size = batch_size if len(x) > batch_size else max(1, 1 << (n - 1).bit_length())
+            if n < size:
+                chunk = np.concatenate([chunk, np.zeros((size - n,) + chunk.shape[1:], chunk.dtype)])
+            out.append(np.asarray(self._embed(self.params, self.batch_stats, jnp.asarray(chunk)))[:n])
+        return np.concatenate(out)
+
+    def embed(self, images, batch_size: int = 512) -> np.ndarray:
+        """Paths, PIL images or arrays (any number) -> embeddings [N, E]."""
+        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 2):
+            images = [images]
+        return self.embed_prepared(self.preprocess(list(images)), batch_size)
+
+    # -- pairs -------------------------------------------------------------------------------------
+    def distance(self, a, b) -> np.ndarray:
+        """Euclidean embedding distance between a[i] and b[i]."""
+        ea, eb = self.embed(a), self.embed(b)
+        return np.linalg.norm(ea - eb, axis=-1)
+
+    def same_probability_from_embeddings(self, ea, eb) -> np.ndarray:
+        if self.config.loss == "verification":
+            logits = self.network.apply({"params": self.params}, jnp.asarray(ea), jnp.asarray(eb),
+                                        method=self.network.logits)
+            return np.asarray(jax.nn.sigmoid(logits))
+        if self.calibration is None:
+            raise ModelError("this model has no calibration: run `calibrate` first to get probabilities")
+        return self.calibration.probability(np.linalg.norm(ea - eb, axis=-1))
+
+    def same_probability(self, a, b) -> np.ndarray:
+        return self.same_probability_from_embeddings(self.embed(a), self.embed(b))
+
+    def compare(self, a, b) -> Verdict:
+        """Are these two images the same class? Uses the calibrated threshold."""
+        if self.calibration is None:
+            raise ModelError("this model has no calibrated threshold: run `calibrate` on labelled pairs first")
+        e = self.embed([a, b])
+        d = float(np.linalg.norm(e[0] - e[1]))
+        p = float(np.ravel(self.same_probability_from_embeddings(e[:1], e[1:]))[0])
+        return Verdict(distance=d, probability=p, same=d <= self.calibration.threshold,
+                       threshold=self.calibration.threshold)
+
+    # -- calibration -------------------------------------------------------------------------------
+    def calibrate(self, distances: np.ndarray, is_similar: np.ndarray, target_far: Optional[float] = None) -> Calibration:
+        """Chooses and stores the threshold on labelled (validation) pairs: max accuracy, or FAR <= target."""
+        self.calibration = fit_calibration(distances, is_similar, target_far)
+        return self.calibration
+
+    # -- files -------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Identifies the weights: an index built by one model is refused by another."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for leaf in jax.tree.leaves((self.params, self.batch_stats)):
+            h.update(np.asarray(leaf).tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, path: str) -> None:
+        from flax import serialization
+
+        from siamese_jax.files import atomic_open
+
+        meta = {"format": FORMAT, "config": json.loads(self.config.to_json_best_effort()),
+                "calibration": dataclasses.asdict(self.calibration) if self.calibration else None,
+                "provenance": self.provenance}
+        blob = serialization.msgpack_serialize({
+            "params": jax.device_get(self.params), "batch_stats": jax.device_get(self.batch_stats),
+            "meta": json.dumps(meta)})
+        with atomic_open(path, "wb") as f:
+            f.write(blob)
+
+
+def fit_calibration(distances, is_similar, target_far: Optional[float] = None) -> Calibration:
+    from siamese_jax import evaluation
+
+    d = np.asarray(distances, np.float64)
+    y = np.asarray(is_similar, bool)
+    if len(d) < 2 or y.all() or not y.any():
+        raise ValueError("calibration needs labelled pairs of both kinds (same and different)")
+    if target_far is None:
+        threshold, method = float(evaluation.best_threshold(d, y)), "max_accuracy"
+    else:
+        threshold, method = float(evaluation.threshold_for_far(d, y, target_far)), f"far<={target_far}"
+    # Platt scaling on (threshold - d): one-parameter logistic fit by Newton's method.
+    x = threshold - d
+    slope = 1.0 / max(np.std(d), 1e-6)
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-slope * x))
+        grad = np.sum((p - y) * x)
+        hess = np.sum(p * (1 - p) * x * x) + 1e-9
+        step = grad / hess
+        slope = max(slope - step, 1e-6)
+        if abs(step) < 1e-8 * max(slope, 1.0):
+            break
+    pred = d <= threshold
+    return Calibration(threshold=threshold, slope=float(slope), method=method,
+                       accuracy=float(np.mean(pred == y)), false_accept_rate=float(np.mean(pred[~y])),
+                       num_pairs=int(len(d)))
+
+
+def load_model(source: str = "pretrained") -> SiameseModel:
+    """"pretrained" (the file shipped in the package), a .msgpack model file, or a training workdir."""
+    if source == "pretrained":
+        source = PRETRAINED_FILE
+        if not os.path.isfile(source):
+            raise ModelError(f"the pretrained model file is missing from the installation ({source})")
+    if os.path.isdir(source):
+        return _load_workdir(source)
+    if not os.path.exists(source):
+        raise ModelError(f"{source}: no such model file or workdir")
+    from flax import serialization
+
+    try:
+        with open(source, "rb") as f:
+            blob = serialization.msgpack_restore(f.read())
+        meta = json.loads(blob["meta"])
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"unknown format {meta.get('format')!r}")
+    except Exception as e:
+        raise ModelError(f"{source}: not a siamese-jax model file ({type(e).__name__}: {str(e)[:100]})") from None
+    cal = meta.get("calibration")
+    return SiameseModel(ml_collections.ConfigDict(meta["config"]), blob["params"], blob.get("batch_stats") or {},
+                        Calibration(**cal) if cal else None, meta.get("provenance"))
+
+
+def _load_workdir(workdir: str) -> SiameseModel:
+    from siamese_jax import protocols
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ModelError(f"{workdir}: not a training workdir (no config.json)")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    loaded, step = protocols.load_workdir_model(config, workdir)
+    state = jax.device_get(loaded.state)
+    cal = None
+    cal_path = os.path.join(workdir, "calibration.json")
+    if os.path.isfile(cal_path):
+        with open(cal_path) as f:
+            cal = Calibration(**json.load(f))
+    return SiameseModel(config, state.params, state.batch_stats, cal, {"workdir": os.path.abspath(workdir), "step": step})

@@ -1,0 +1,260 @@
+"""The evaluation protocols the field reports, run on a trained workdir.
+
+Omniglot: Lake et al.'s official 20 runs (20-way 1-shot within an alphabet, 1-NN on embeddings, 400
+trials); N-way K-shot episodes on the 20 evaluation alphabets (5/20-way x 1/5-shot, 1,000 episodes,
+fixed seed), "unstructured" (classes from all alphabets) and "within alphabet"; retrieval
+(precision@1, MAP@R) over the evaluation set.
+MNIST: verification accuracy on the Keras example's 20,000 test pairs (one positive and one negative
+pair per test image, fixed seed) with the distance threshold chosen on validation pairs from the
+held-out tail of the train split; ROC-AUC; retrieval over the test set.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from siamese_jax import checkpoints as ckpt_lib
+from siamese_jax import evaluation, models, parallel, sampling
+from siamese_jax import train_step as ts
+from siamese_jax.files import atomic_write_json, read_jsonl
+
+log = logging.getLogger(__name__)
+
+EPISODE_SETTINGS = [(5, 1), (5, 5), (20, 1), (20, 5)]
+
+
+def keras_pairs(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Keras contrastive example's pairs: for each image, one same-class and one other-class partner.
+
+    Returns (first, second, is_similar) index arrays of length 2N, pairs interleaved (same, different).
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    classes = np.array(sorted(by_class))
+    first, second, same = [], [], []
+    for i, c in enumerate(labels):
+        members = by_class[c]
+        j = members[rng.integers(len(members))]
+        while j == i and len(members) > 1:
+            j = members[rng.integers(len(members))]
+        other = classes[classes != c][rng.integers(len(classes) - 1)]
+        k = by_class[other][rng.integers(len(by_class[other]))]
+        first += [i, i]
+        second += [j, k]
+        same += [True, False]
+    return np.array(first), np.array(second), np.array(same)
+
+
+class LoadedModel:
+    """A restored model with a batched embedding function of uint8 [N, H, W] images."""
+
+    def __init__(self, config, state, mesh):
+        self.config, self.state, self.mesh = config, state, mesh
+        self.model = models.build_model(config)
+        self._embed = ts.make_embed_fn(self.model, mesh)
+
+    def embed_u8(self, images_u8: np.ndarray) -> np.ndarray:
+        from siamese_jax.train import embed_images
+
+        return embed_images(self._embed, self.state, images_u8, self.mesh)
+
+    def pair_logits(self, h1, h2) -> Optional[np.ndarray]:
+        if not self.config.loss == "verification":
+            return None
+        return np.asarray(self.model.apply({"params": self.state.params}, h1, h2, method=self.model.logits))
+
+
+def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[LoadedModel, int]:
+    """The workdir's best checkpoint (falling back to the newest periodic one), or `which` = a step dir."""
+    mesh = parallel.make_data_mesh()
+    model = models.build_model(config)
+    from siamese_jax.train import make_optimizer
+
+    target = ts.create_train_state(model, make_optimizer(config), jax.random.PRNGKey(0), config.image_size)
+    candidates = [os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")] if which == "best" else [which]
+    for directory in candidates:
+        if os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory)):
+            state, _ = ckpt_lib.restore_from_directory(directory, target)
+            return LoadedModel(config, parallel.put_replicated(state, mesh), mesh), int(state.step)
+    raise ckpt_lib.CheckpointError(f"no checkpoint in {workdir} (looked in {', '.join(candidates)})")
+
+
+def _resized(ds, size):
+    return np.asarray(sampling.to_device_dataset(ds, image_size=size).images)
+
+
+def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dict:
+    from siamese_jax.data import ImageDataset, load, load_lake_runs
+
+    size = config.image_size
+    results = {}
+    # Lake et al.'s 20 runs.
+    runs = load_lake_runs(config.archive_dir)
+    train_u8 = np.stack([r.train_images for r in runs])  # [R, 20, 105, 105]
+    test_u8 = np.stack([r.test_images for r in runs])
+    R = len(runs)
+    flat = np.concatenate([train_u8.reshape(-1, 105, 105), test_u8.reshape(-1, 105, 105)])
+    flat_ds = ImageDataset(images=flat, labels=np.arange(len(flat), dtype=np.int32), name="omniglot", split="lake_runs")
+    emb = loaded.embed_u8(_resized(flat_ds, size))
+    train_emb = emb[:R * 20].reshape(R, 20, -1)
+    test_emb = emb[R * 20:].reshape(R, 20, -1)
+    answers = np.stack([r.answers for r in runs])
+    lake = evaluation.lake_run_errors(train_emb, test_emb, answers)
+    results["lake_20_runs"] = lake
+
+    # N-way K-shot episodes on the evaluation alphabets.
+    ev = load("omniglot", "evaluation", source=config.source, archive_dir=config.archive_dir,
+              data_dir=config.tfds_data_dir, cache_dir=config.cache_dir)
+    dds = sampling.to_device_dataset(ev, image_size=size)
+    ev_u8 = np.asarray(dds.images)
+    ev_emb = loaded.embed_u8(ev_u8)
+    episodes = {}
+    key = jax.random.PRNGKey(config.eval_seed)
+    for structure, within in (("unstructured", False), ("within_alphabet", True)):
+        for n_way, k_shot in EPISODE_SETTINGS:
+            support, query = sampling.sample_episode_indices(
+                jax.random.fold_in(key, 100 * n_way + k_shot + (7 if within else 0)), dds,
+                config.eval_episodes, n_way, k_shot, 1, within_alphabet=within)
+            acc = evaluation.one_shot_accuracy(ev_emb[np.asarray(support)], ev_emb[np.asarray(query)])
+            episodes[f"{structure}/{n_way}-way-{k_shot}-shot"] = evaluation.summarize_accuracies(acc)
+    results["episodes"] = episodes
+    results["retrieval"] = evaluation.retrieval_metrics(ev_emb, ev.labels)
+
+    if plots_dir:
+        _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, config)
+    return results
+
+
+def evaluate_mnist(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dict:
+    from siamese_jax.data import load
+    from siamese_jax.train import split_train_val
+
+    train = load("mnist", "train", source=config.source, archive_dir=config.archive_dir,
+                 data_dir=config.tfds_data_dir, cache_dir=config.cache_dir)
+    test = load("mnist", "test", source=config.source, archive_dir=config.archive_dir,
+                data_dir=config.tfds_data_dir, cache_dir=config.cache_dir)
+    _, val = split_train_val(config, train)
+    out = {}
+    dist = {}
+    for name, ds, seed in (("validation", val, config.eval_seed), ("test", test, config.eval_seed + 1)):
+        emb = loaded.embed_u8(_resized(ds, config.image_size))
+        a, b, same = keras_pairs(ds.labels, seed)
+        d = np.linalg.norm(emb[a] - emb[b], axis=-1)
+        dist[name] = (d, same, a, b, emb, ds)
+    threshold = evaluation.best_threshold(dist["validation"][0], dist["validation"][1])
+    d, same = dist["test"][0], dist["test"][1]
+    out["verification"] = {
+        "num_test_pairs": int(len(d)),
+        "threshold": float(threshold),
+        "threshold_chosen_on": f"{len(dist['validation'][0])} validation pairs from the train split's held-out tail",
+        "test_accuracy": float(evaluation.verification_accuracy(d, same, threshold)),
+        "validation_accuracy": float(evaluation.verification_accuracy(dist["validation"][0], dist["validation"][1], threshold)),
+        "roc_auc": float(evaluation.roc_auc(d, same)),
+    }
+    emb, ds = dist["test"][4], dist["test"][5]
+    out["retrieval"] = evaluation.retrieval_metrics(emb, ds.labels)
+    if plots_dir:
+        from siamese_jax import plots
+
+        a, b = dist["test"][2], dist["test"][3]
+        imgs = np.asarray(sampling.to_device_dataset(ds, image_size=config.image_size).images) / 255.0
+        plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), imgs[a[:8]], imgs[b[:8]], same[:8], d[:8], threshold)
+        plots.plot_distance_histograms(os.path.join(plots_dir, "distances.png"), d[same], d[~same], threshold)
+        plots.plot_embedding_map(os.path.join(plots_dir, "embedding_map.png"), emb[:3000], ds.labels[:3000])
+    return out
+
+
+def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, config):
+    from siamese_jax import plots
+
+    a, b, same = keras_pairs(ev.labels[:2000], config.eval_seed)
+    d = np.linalg.norm(ev_emb[a] - ev_emb[b], axis=-1)
+    threshold = evaluation.best_threshold(d, same)
+    imgs = ev_u8 / 255.0
+    plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), imgs[a[:8]], imgs[b[:8]], same[:8], d[:8], threshold)
+    a, b, same = keras_pairs(ev.labels, config.eval_seed)
+    d = np.linalg.norm(ev_emb[a] - ev_emb[b], axis=-1)
+    plots.plot_distance_histograms(os.path.join(plots_dir, "distances.png"), d[same], d[~same],
+                                   evaluation.best_threshold(d, same))
+    first_classes = np.unique(ev.labels)[:20]
+    mask = np.isin(ev.labels, first_classes)
+    plots.plot_embedding_map(os.path.join(plots_dir, "embedding_map.png"), ev_emb[mask], ev.labels[mask])
+    run = runs[0]
+    dists = np.linalg.norm(test_emb[0][:, None] - train_emb[0][None], axis=-1)
+    plots.plot_episodes(os.path.join(plots_dir, "episodes.png"), run.train_images / 255.0, run.test_images / 255.0,
+                        dists.argmin(1), run.answers)
+
+
+def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_seconds: Optional[float] = None,
+                     write: bool = True) -> dict:
+    """Evaluates a workdir's best checkpoint; writes results.json and plots/ (atomically)."""
+    t0 = time.time()
+    loaded, step = load_workdir_model(config, workdir, checkpoint)
+    plots_dir = os.path.join(workdir, "plots") if (write and config.plots) else None
+    if plots_dir:
+        os.makedirs(plots_dir, exist_ok=True)
+    if config.dataset == "omniglot":
+        results = evaluate_omniglot(config, loaded, plots_dir)
+    else:
+        results = evaluate_mnist(config, loaded, plots_dir)
+    history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if plots_dir and history:
+        from siamese_jax import plots
+
+        plots.plot_training_curves(os.path.join(plots_dir, "curves.png"), history)
+    results.update(dataset=config.dataset, loss=config.loss, model=config.model, image_size=config.image_size,
+                   checkpoint_step=step, num_steps=config.num_steps, devices=jax.device_count(),
+                   platform=jax.devices()[0].platform, eval_seconds=round(time.time() - t0, 1))
+    if train_seconds is not None:
+        results["train_seconds"] = round(train_seconds, 1)
+    if write:
+        atomic_write_json(os.path.join(workdir, "results.json"), results)
+    return results
+
+
+def format_results_table(results: dict) -> str:
+    """A short plain-text table of the headline numbers."""
+    rows = [("dataset / loss", f"{results['dataset']} / {results['loss']} (step {results['checkpoint_step']})")]
+    if "lake_20_runs" in results:
+        lake = results["lake_20_runs"]
+        rows.append(("Lake 20 runs, 20-way 1-shot", f"{100 * lake['accuracy']:.1f}%  ({lake['num_trials']} trials)"))
+        for name, s in results["episodes"].items():
+            rows.append((name, f"{100 * s['mean']:.1f}% ± {100 * s['ci95']:.1f}"))
+    if "verification" in results:
+        v = results["verification"]
+        rows.append(("pair accuracy (test)", f"{100 * v['test_accuracy']:.2f}%  ({v['num_test_pairs']} pairs, "
+                                              f"threshold {v['threshold']:.3f})"))
+        rows.append(("ROC-AUC (test)", f"{v['roc_auc']:.4f}"))
+    r = results.get("retrieval", {})
+    if r:
+        rows.append(("precision@1 / MAP@R", f"{r['precision_at_1']:.3f} / {r['mean_average_precision_at_r']:.3f}"))
+    if "train_seconds" in results:
+        rows.append(("train time", f"{results['train_seconds']:.0f} s on {results['devices']} {results['platform']} device(s)"))
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 40)
+    return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
+
+
+def balanced_pairs(labels: np.ndarray, num_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`num_pairs` pairs, half same-class and half different-class, drawn with a fixed seed (for calibration)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    multi = classes[counts >= 2]
+    by_class = {c: np.flatnonzero(labels == c) for c in classes}
+    first, second, same = [], [], []
+    for i in range(num_pairs):
+        if i % 2 == 0:
+            c = multi[rng.integers(len(multi))]
+            a, b = rng.choice(by_class[c], 2, replace=False)
+        else:
+            c1, c2 = rng.choice(classes, 2, replace=False)
+            a, b = by_class[c1][rng.integers(counts[classes == c1][0])], by_class[c2][rng.integers(counts[classes == c2][0])]
+        first.append(a), second.append(b), same.append(i % 2 == 0)
+    return np.array(first), np.array(second), np.array(same)

@@ -1,0 +1,126 @@
+"""Koch's affine augmentation and resizing: conventions checked against exact pixel shifts and np.rot90."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from siamese_jax import augment
+
+
+def _random_images(n=3, size=12, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).random((n, size, size, 1)), jnp.float32)
+
+
+def _blob(size=28, centre=(13.5, 13.5), sigma=2.5):
+    r, c = np.mgrid[:size, :size]
+    return np.exp(-((r - centre[0]) ** 2 + (c - centre[1]) ** 2) / (2 * sigma**2)).astype(np.float32)
+
+
+def _centroid(image):
+    image = np.asarray(image, np.float64)[..., 0] if image.ndim == 3 else np.asarray(image, np.float64)
+    r, c = np.mgrid[:image.shape[0], :image.shape[1]]
+    return np.array([(r * image).sum(), (c * image).sum()]) / image.sum()
+
+
+@pytest.mark.parametrize("size", [12, 28, 105])
+def test_identity_matrix_returns_the_image_unchanged(size):
+    x = _random_images(size=size)
+    eye = jnp.broadcast_to(jnp.eye(3), (3, 3, 3))
+    np.testing.assert_array_equal(np.asarray(augment.apply_affine(x, eye)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(augment.apply_affine(x, augment.affine_matrix()[None].repeat(3, 0))),
+                                  np.asarray(x))
+
+
+def test_one_pixel_translation_shifts_by_one_pixel_with_background_fill():
+    x = _random_images(n=1, size=9)[..., 0]  # [B, H, W] is accepted too
+    right = augment.apply_affine(x, augment.affine_matrix(translate=(0.0, 1.0))[None])
+    down = augment.apply_affine(x, augment.affine_matrix(translate=(1.0, 0.0))[None])
+    np.testing.assert_allclose(right[0, :, 1:], x[0, :, :-1], atol=1e-6)
+    np.testing.assert_allclose(right[0, :, 0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(down[0, 1:, :], x[0, :-1, :], atol=1e-6)
+    np.testing.assert_allclose(down[0, 0, :], 0.0, atol=1e-6)
+
+
+def test_half_pixel_translation_interpolates_bilinearly():
+    x = _random_images(n=1, size=8)[..., 0]
+    out = augment.apply_affine(x, augment.affine_matrix(translate=(0.0, 0.5))[None])
+    np.testing.assert_allclose(out[0, :, 1:], 0.5 * (x[0, :, 1:] + x[0, :, :-1]), atol=1e-6)
+
+
+def test_rotation_convention_matches_rot90_counter_clockwise():
+    x = _random_images(n=2, size=7)
+    out = augment.apply_affine(x, jnp.stack([augment.affine_matrix(rotation_deg=90.0)] * 2))
+    np.testing.assert_allclose(out[..., 0], np.rot90(np.asarray(x[..., 0]), k=1, axes=(1, 2)), atol=1e-5)
+
+
+def test_scale_about_the_centre_keeps_the_centroid_and_grows_the_blob():
+    x = jnp.asarray(_blob()[None, ..., None])
+    out = augment.apply_affine(x, augment.affine_matrix(scale=(1.5, 1.5))[None])
+    np.testing.assert_allclose(_centroid(out[0]), _centroid(x[0]), atol=1e-3)
+    # Zooming by 1.5 in both axes multiplies the ink by ~2.25.
+    assert 2.0 < float(out.sum() / x.sum()) < 2.4
+
+
+def test_random_affine_shapes_range_determinism_and_per_image_variation():
+    x = jnp.asarray(np.stack([_blob(centre=(12 + i % 3, 14)) for i in range(16)])[..., None])
+    cfg = augment.AffineConfig()
+    out = jax.jit(lambda k, im: augment.random_affine(k, im, cfg))(jax.random.key(0), x)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    np.testing.assert_array_equal(out, augment.random_affine(jax.random.key(0), x, cfg))  # jit == eager, same key
+    assert not np.allclose(out, augment.random_affine(jax.random.key(1), x, cfg))
+    changed = np.abs(np.asarray(out - x)).reshape(16, -1).max(1) > 1e-4
+    # P(all four components off) = 1/16 per image: most images change, not necessarily all.
+    assert changed.sum() >= 10
+
+
+def test_disabled_or_zero_probability_is_the_identity():
+    x = _random_images(n=4)
+    key = jax.random.key(3)
+    assert augment.random_affine(key, x, augment.AffineConfig(enabled=False)) is x
+    np.testing.assert_array_equal(augment.random_affine(key, x, augment.AffineConfig(prob=0.0)), x)
+
+
+def _translation_only(**kw):
+    return augment.AffineConfig(rotation_deg=0.0, shear=0.0, scale=(1.0, 1.0), prob=1.0, **kw)
+
+
+def test_translation_is_scaled_to_the_image_size_relative_to_koch_105px():
+    x = jnp.asarray(np.stack([_blob()] * 64)[..., None])
+    c0 = _centroid(x[0])
+    shifts = lambda cfg: np.stack([_centroid(im) - c0 for im in augment.random_affine(jax.random.key(5), x, cfg)])
+    relative = shifts(_translation_only(translate_px=2.0))  # ±2 px at 105 -> ±0.533 px at 28
+    absolute = shifts(_translation_only(translate_px=2.0, translate_reference_size=None))  # ±2 px at 28
+    limit = 2.0 * 28 / 105
+    assert np.abs(relative).max() <= limit + 1e-3 and np.abs(relative).max() > 0.6 * limit
+    assert np.abs(absolute).max() <= 2.0 + 1e-3 and np.abs(absolute).max() > 1.2
+
+
+def test_config_is_a_frozen_dataclass_with_koch_defaults():
+    cfg = augment.AffineConfig()
+    assert (cfg.rotation_deg, cfg.shear, cfg.scale, cfg.translate_px, cfg.prob) == (10.0, 0.3, (0.8, 1.2), 2.0, 0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.prob = 1.0
+
+
+def test_resize_is_antialiased_and_keeps_constants_and_mean_ink():
+    flat = jnp.full((2, 105, 105), 0.7)
+    np.testing.assert_allclose(augment.resize(flat, 28), 0.7, atol=1e-5)
+    # Thin 1-px strokes: point sampling would drop or keep them whole; area-like resizing keeps the mean.
+    lines = np.zeros((1, 105, 105, 1), np.float32)
+    lines[:, :, ::7] = 1.0
+    small = np.asarray(augment.resize(lines, 28))
+    assert small.shape == (1, 28, 28, 1)
+    assert abs(small.mean() - lines.mean()) < 0.01
+    assert small.max() < 0.6  # each stroke is spread, not copied
+
+
+def test_resize_uint8_round_trips_dtype_and_range():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 105, 105), dtype=np.uint8)
+    out = augment.resize_uint8(x, 28, chunk=2)
+    assert out.shape == (5, 28, 28) and out.dtype == np.uint8
+    np.testing.assert_allclose(out.mean(), x.mean(), atol=2.0)
+    assert augment.resize_uint8(x, 105) is not None and np.array_equal(augment.resize_uint8(x, 105), x)

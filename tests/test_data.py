@@ -1,0 +1,443 @@
+"""Data sources: the original archives (real files), the decoded-array cache, Lake's runs, TFDS."""
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from siamese_jax import data
+from siamese_jax.data import archives, cache, tfds_source
+
+# split -> (images, characters, alphabets)
+OMNIGLOT_COUNTS = {
+    "background": (19280, 964, 30),
+    "evaluation": (13180, 659, 20),
+    "small1": (2720, 136, 5),
+    "small2": (3120, 156, 5),
+}
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def omniglot(data_dir, session_cache):
+    """Each Omniglot split decoded once per session (background alone is 19,280 PNGs)."""
+    loaded = {}
+
+    def get(split):
+        if split not in loaded:
+            loaded[split] = data.load("omniglot", split, source="archives", archive_dir=data_dir, cache_dir=session_cache)
+        return loaded[split]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _no_env_data_dir(monkeypatch):
+    # Tests pass archive_dir explicitly; a developer's SIAMESE_DATA_DIR must not change what they see.
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+
+
+def zip_folder_names(path, depth):
+    with zipfile.ZipFile(path) as zf:
+        return {n.split("/")[depth] for n in zf.namelist() if n.endswith(".png")}
+
+
+# --- Omniglot and MNIST from the archives -------------------------------------------------------
+
+@pytest.mark.parametrize("split", list(OMNIGLOT_COUNTS))
+def test_omniglot_archive_split(omniglot, data_dir, split):
+    ds = omniglot(split)
+    n_images, n_chars, n_alphabets = OMNIGLOT_COUNTS[split]
+    assert (ds.name, ds.split) == ("omniglot", split)
+    assert ds.images.shape == (n_images, 105, 105) and ds.images.dtype == np.uint8
+    assert set(np.unique(ds.images)) == {0, 255}
+    # Ink is the minority: mostly background (0) after inversion.
+    assert (ds.images == 255).mean() < 0.2
+    assert ds.num_classes == n_chars and ds.labels.dtype == np.int32
+    assert 0 <= ds.labels.min() and ds.labels.max() < 1623
+    assert len(np.unique(ds.alphabets)) == n_alphabets
+    assert ds.alphabet_names == data.OMNIGLOT_ALPHABETS and len(ds.alphabet_names) == 50
+    # Alphabet ids name exactly the alphabet folders of the zip.
+    zip_alphabets = zip_folder_names(data_dir / archives.OMNIGLOT_FILES[split], 1)
+    assert {ds.alphabet_names[a] for a in np.unique(ds.alphabets)} == zip_alphabets
+    # Ordered by (label, drawer); every character has drawers 1..20 once each.
+    assert np.all(np.diff(ds.labels) >= 0)
+    np.testing.assert_array_equal(ds.drawers.reshape(-1, 20), np.tile(np.arange(1, 21), (n_chars, 1)))
+    # One alphabet per character.
+    per_char = ds.alphabets.reshape(-1, 20)
+    assert np.all(per_char == per_char[:, :1])
+
+
+def test_omniglot_label_ranges_match_tfds(omniglot):
+    # Global character ids (file prefix - 1): background holds 0..963, evaluation 964..1622.
+    np.testing.assert_array_equal(np.unique(omniglot("background").labels), np.arange(964))
+    np.testing.assert_array_equal(np.unique(omniglot("evaluation").labels), np.arange(964, 1623))
+    background_alphabets = set(np.unique(omniglot("background").alphabets))
+    assert not background_alphabets & set(np.unique(omniglot("evaluation").alphabets))
+    assert data.OMNIGLOT_ALPHABETS.index("Latin") in background_alphabets
+
+
+def test_omniglot_known_image(omniglot, data_dir):
+    entry = "images_background/Latin/character01/0683_05.png"
+    with zipfile.ZipFile(data_dir / "omniglot/images_background.zip") as zf:
+        expected = 255 - np.asarray(Image.open(io.BytesIO(zf.read(entry))).convert("L"))
+    ds = omniglot("background")
+    (i,) = np.flatnonzero((ds.labels == 682) & (ds.drawers == 5))
+    np.testing.assert_array_equal(ds.images[i], expected)
+    assert int(ds.images[i].sum()) == int(expected.sum()) > 0
+    assert ds.alphabet_names[ds.alphabets[i]] == "Latin"
+
+
+@pytest.mark.parametrize("small", ["small1", "small2"])
+def test_small_splits_are_subsets_of_background(omniglot, small):
+    # SOURCES.md: the small archives' PNGs are byte-identical to the same paths in background.
+    bg, sm = omniglot("background"), omniglot(small)
+    row_of_label = {label: row for row, label in enumerate(bg.labels[::20])}
+    index = np.array([row_of_label[l] * 20 + d - 1 for l, d in zip(sm.labels, sm.drawers)])
+    np.testing.assert_array_equal(sm.images, bg.images[index])
+    np.testing.assert_array_equal(sm.alphabets, bg.alphabets[index])
+
+
+def test_tfds_split_spellings(omniglot, data_dir, session_cache):
+    ds = data.load("omniglot", "train", source="archives", archive_dir=data_dir, cache_dir=session_cache)
+    assert ds.split == "background"
+    np.testing.assert_array_equal(ds.labels, omniglot("background").labels)
+    assert data.canonical_split("omniglot", "test") == "evaluation"
+
+
+@pytest.mark.parametrize("split, n, first_labels", [("train", 60000, [5, 0, 4, 1, 9]), ("test", 10000, [7, 2, 1, 0, 4])])
+def test_mnist_archive(data_dir, session_cache, split, n, first_labels):
+    ds = data.load("mnist", split, source="archives", archive_dir=data_dir, cache_dir=session_cache)
+    assert (ds.name, ds.split) == ("mnist", split)
+    assert ds.images.shape == (n, 28, 28) and ds.images.dtype == np.uint8
+    assert ds.labels.dtype == np.int32 and ds.labels[:5].tolist() == first_labels
+    np.testing.assert_array_equal(np.unique(ds.labels), np.arange(10))
+    assert ds.alphabets is None and ds.drawers is None
+    if split == "train":
+        assert int(ds.images[0].sum()) == 27525 and int(ds.images[-1].sum()) == 20920
+    # MNIST is already ink-bright: the border is (almost always) background, the centre bright.
+    assert ds.images[:, 0, :].mean() < 1 < 50 < ds.images[:, 12:16, 12:16].mean()
+
+
+def test_auto_source_uses_archives(data_dir, session_cache, monkeypatch):
+    monkeypatch.setattr(tfds_source, "load_tfds", lambda *a, **k: pytest.fail("auto went to TFDS"))
+    ds = data.load("mnist", "test", archive_dir=data_dir, cache_dir=session_cache)
+    assert len(ds) == 10000
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(data_dir))
+    assert data.resolve_archive_dir() == data_dir
+    assert len(data.load("mnist", "test", cache_dir=session_cache)) == 10000
+
+
+# --- cache ---------------------------------------------------------------------------------------
+
+def assert_same_dataset(a, b):
+    assert (a.name, a.split, a.alphabet_names) == (b.name, b.split, b.alphabet_names)
+    for field in ("images", "labels", "alphabets", "drawers"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None) == (y is None)
+        if x is not None:
+            # np.array_equal: assert_array_equal takes seconds on 212 MB of images.
+            assert x.dtype == y.dtype and np.array_equal(x, y), field
+
+
+def test_cache_round_trip_does_not_open_archives(omniglot, data_dir, session_cache, monkeypatch):
+    first = omniglot("background")  # decoded (or already cached) by the fixture
+    entries = sorted(p.name for p in session_cache.glob("omniglot-background-archives-*.npz"))
+    assert len(entries) == 1
+    assert not list(session_cache.glob("*.tmp"))
+    monkeypatch.setattr(archives, "read_omniglot_zip", lambda *a: pytest.fail("archive decoded despite cache"))
+    monkeypatch.setattr(archives, "open_zip", lambda *a: pytest.fail("zip opened despite cache"))
+    again = data.load("omniglot", "background", source="archives", archive_dir=data_dir, cache_dir=session_cache)
+    assert_same_dataset(first, again)
+
+
+def test_cache_mnist_round_trip(data_dir, tmp_path, monkeypatch):
+    first = data.load("mnist", "test", source="archives", archive_dir=data_dir, cache_dir=tmp_path)
+    monkeypatch.setattr(archives, "read_mnist", lambda *a: pytest.fail("idx decoded despite cache"))
+    assert_same_dataset(first, data.load("mnist", "test", source="archives", archive_dir=data_dir, cache_dir=tmp_path))
+
+
+def small_root(tmp_path, data_dir):
+    root = tmp_path / "root"
+    (root / "omniglot").mkdir(parents=True)
+    shutil.copy(data_dir / archives.OMNIGLOT_FILES["small1"], root / archives.OMNIGLOT_FILES["small1"])
+    return root
+
+
+def test_corrupt_cache_is_ignored_and_rewritten(data_dir, tmp_path):
+    root, cache_dir = small_root(tmp_path, data_dir), tmp_path / "cache"
+    first = data.load("omniglot", "small1", source="archives", archive_dir=root, cache_dir=cache_dir)
+    (entry,) = cache_dir.glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[:1000])  # truncated, as if a writer had died mid-way
+    assert cache.read(entry) is None
+    second = data.load("omniglot", "small1", source="archives", archive_dir=root, cache_dir=cache_dir)
+    assert_same_dataset(first, second)
+    assert cache.read(entry) is not None  # rewritten whole
+
+
+def test_changed_source_file_invalidates_cache(data_dir, tmp_path, monkeypatch):
+    root, cache_dir = small_root(tmp_path, data_dir), tmp_path / "cache"
+    data.load("omniglot", "small1", source="archives", archive_dir=root, cache_dir=cache_dir)
+    (old_entry,) = cache_dir.glob("*.npz")
+    zip_path = root / archives.OMNIGLOT_FILES["small1"]
+    os.utime(zip_path, ns=(0, zip_path.stat().st_mtime_ns + 10**9))
+    decoded = []
+    real_reader = archives.read_omniglot_zip
+    monkeypatch.setattr(archives, "read_omniglot_zip", lambda *a: decoded.append(a) or real_reader(*a))
+    data.load("omniglot", "small1", source="archives", archive_dir=root, cache_dir=cache_dir)
+    assert len(decoded) == 1
+    (new_entry,) = cache_dir.glob("*.npz")  # the stale entry was removed
+    assert new_entry != old_entry
+
+
+# --- Lake et al.'s one-shot runs -------------------------------------------------------------------
+
+def test_lake_runs(data_dir, omniglot):
+    runs = data.load_lake_runs(data_dir)
+    assert len(runs) == 20 and [r.name for r in runs] == [f"run{i:02d}" for i in range(1, 21)]
+    with zipfile.ZipFile(data_dir / "omniglot/all_runs.zip") as zf:
+        for run in runs:
+            assert run.train_images.shape == run.test_images.shape == (20, 105, 105)
+            assert run.train_images.dtype == np.uint8 and set(np.unique(run.test_images)) == {0, 255}
+            np.testing.assert_array_equal(np.sort(run.answers), np.arange(20))
+            lines = zf.read(f"{run.name}/class_labels.txt").decode().split("\n")
+            pairs = dict(line.split() for line in lines if line.strip())
+            assert [run.train_files[a] for a in run.answers] == [pairs[t] for t in run.test_files]
+    # SOURCES.md: every all_runs image has the pixels of some image in the evaluation split.
+    evaluation = {hashlib.sha1(img.tobytes()).digest() for img in omniglot("evaluation").images}
+    for run in runs:
+        for img in np.concatenate([run.train_images, run.test_images]):
+            assert hashlib.sha1(img.tobytes()).digest() in evaluation
+
+
+# --- TFDS source, mocked (no TensorFlow needed) -----------------------------------------------------
+
+def fake_omniglot_records(n):
+    records = []
+    for i in range(n):
+        image = np.full((105, 105, 3), 255, np.uint8)
+        image[..., 1:] = 7  # channels 1, 2 differ: the loader must take channel 0
+        image[10 + i, 20:40, 0] = 0  # a black stroke, on a different row per example
+        records.append({"image": image, "label": np.int64(3 * i), "alphabet": np.int64(i % 50),
+                        "alphabet_char_id": np.int64(i)})
+    return records
+
+
+def test_tfds_mock_omniglot_conversion(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    requested = []
+
+    def as_data_source(builder, split, **kwargs):
+        requested.append(split)
+        return fake_omniglot_records(5)
+
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        ds = data.load("omniglot", "background", source="tfds", data_dir=tmp_path / "tfds", cache_dir=tmp_path / "c")
+        ds_eval = data.load("omniglot", "test", source="tfds", data_dir=tmp_path / "tfds", cache_dir=tmp_path / "c")
+    assert requested == ["train", "test"]  # our split names -> TFDS's
+    assert (ds.split, ds_eval.split) == ("background", "evaluation")
+    assert ds.images.shape == (5, 105, 105) and ds.images.dtype == np.uint8
+    expected = np.zeros((5, 105, 105), np.uint8)
+    for i in range(5):
+        expected[i, 10 + i, 20:40] = 255  # inverted channel 0: ink bright, background 0
+    np.testing.assert_array_equal(ds.images, expected)
+    np.testing.assert_array_equal(ds.labels, [0, 3, 6, 9, 12])
+    np.testing.assert_array_equal(ds.alphabets, [0, 1, 2, 3, 4])
+    assert ds.alphabet_names == data.OMNIGLOT_ALPHABETS
+    assert ds.drawers is None  # TFDS does not keep the drawer id
+    assert not list(tmp_path.rglob("*.npz"))  # mocked data has no files to key a cache entry on
+
+
+def test_tfds_mock_mnist_conversion(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28, 1)
+    records = [{"image": images[i], "label": np.int64(9 - i)} for i in range(3)]
+    with tfds.testing.mock_data(as_data_source_fn=lambda builder, split, **kw: records):
+        ds = data.load("mnist", "train", source="tfds", data_dir=tmp_path, cache_dir=tmp_path / "c")
+    np.testing.assert_array_equal(ds.images, images[..., 0])  # MNIST is already ink-bright: no inversion
+    np.testing.assert_array_equal(ds.labels, [9, 8, 7])
+    assert ds.labels.dtype == np.int32 and ds.alphabets is None
+
+
+def test_tfds_offline_without_files_fails_fast(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(tfds_source, "_network_available", lambda host: False)
+    empty_root = tmp_path / "archives"
+    (empty_root / "mnist").mkdir(parents=True)
+    with pytest.raises(data.DataError) as info:
+        data.load("mnist", "test", source="auto", archive_dir=empty_root, data_dir=tmp_path / "tfds", cache_dir=tmp_path)
+    message = str(info.value)
+    assert isinstance(info.value, FileNotFoundError) and "\n" not in message
+    assert "t10k-images-idx3-ubyte.gz" in message and str(empty_root / "mnist") in message
+    assert "network access" in message
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+def load_small1(root, tmp_path):
+    return data.load("omniglot", "small1", source="archives", archive_dir=root, cache_dir=tmp_path / "cache")
+
+
+def one_line_error(fn, *args, match, cls=data.DataError):
+    with pytest.raises(cls) as info:
+        fn(*args)
+    message = str(info.value)
+    assert isinstance(info.value, data.DataError) and "\n" not in message
+    for part in match:
+        assert part in message, f"{part!r} not in {message!r}"
+    return info.value
+
+
+def test_missing_archive_dir(tmp_path):
+    missing = tmp_path / "nowhere"
+    one_line_error(load_small1, missing, tmp_path, match=[str(missing), "does not exist", "network access"],
+                   cls=FileNotFoundError)
+
+
+def test_no_archive_dir_at_all(tmp_path):
+    one_line_error(lambda: data.load("mnist", "train", source="archives", cache_dir=tmp_path),
+                   match=["archive_dir", data.DATA_DIR_ENV])
+    one_line_error(data.load_lake_runs, None, match=["archive_dir", data.DATA_DIR_ENV])
+
+
+def test_missing_file_and_directory(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    one_line_error(load_small1, root, tmp_path, match=[str(root / "omniglot"), "missing directory"],
+                   cls=FileNotFoundError)
+    (root / "omniglot").mkdir()
+    one_line_error(load_small1, root, tmp_path,
+                   match=["images_background_small1.zip", str(root / "omniglot"), "network access"],
+                   cls=FileNotFoundError)
+    one_line_error(data.load_lake_runs, root, match=["all_runs.zip", str(root / "omniglot")])
+
+
+def test_archive_dir_pointing_at_omniglot_folder(data_dir, tmp_path):
+    one_line_error(load_small1, data_dir / "omniglot", tmp_path, match=["wrong layout", "omniglot/ and mnist/"])
+
+
+def test_corrupt_zip(tmp_path):
+    root = tmp_path / "root"
+    (root / "omniglot").mkdir(parents=True)
+    (root / archives.OMNIGLOT_FILES["small1"]).write_bytes(b"this is not a zip archive" * 10)
+    one_line_error(load_small1, root, tmp_path, match=["images_background_small1.zip", "not a readable zip"])
+
+
+def write_zip(path, entries):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, payload in entries.items():
+            zf.writestr(name, payload)
+
+
+def png_bytes(mode="1", size=(105, 105)):
+    buffer = io.BytesIO()
+    Image.new(mode, size, 1 if mode == "1" else 255).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_corrupt_png_inside_zip(tmp_path):
+    root = tmp_path / "root"
+    good = "images_background_small1/Latin/character01/0683_01.png"
+    bad = "images_background_small1/Latin/character01/0683_02.png"
+    write_zip(root / archives.OMNIGLOT_FILES["small1"], {good: png_bytes(), bad: png_bytes()[:60]})
+    one_line_error(load_small1, root, tmp_path, match=[bad, "images_background_small1.zip", "PNG"])
+
+
+def test_built_zip_decodes(tmp_path):
+    # The same tiny archive, uncorrupted, loads: one white page = no ink, label/drawer from the name.
+    root = tmp_path / "root"
+    write_zip(root / archives.OMNIGLOT_FILES["small1"],
+              {"images_background_small1/Latin/character01/0683_02.png": png_bytes()})
+    ds = load_small1(root, tmp_path)
+    assert ds.images.shape == (1, 105, 105) and ds.images.max() == 0
+    assert (ds.labels[0], ds.drawers[0], ds.alphabet_names[ds.alphabets[0]]) == (682, 2, "Latin")
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ("images_background_small1/Latin/0683_01.png", "unexpected entry"),
+    ("wrong_root/Latin/character01/0683_01.png", "unexpected entry"),
+    ("images_background_small1/Klingon/character01/0683_01.png", "unknown alphabet"),
+])
+def test_wrong_layout(tmp_path, entry, expected):
+    root = tmp_path / "root"
+    write_zip(root / archives.OMNIGLOT_FILES["small1"], {entry: png_bytes()})
+    one_line_error(load_small1, root, tmp_path, match=[expected, entry, "images_background_small1.zip"])
+
+
+def test_empty_zip_and_bad_lake_runs(tmp_path):
+    root = tmp_path / "root"
+    write_zip(root / archives.OMNIGLOT_FILES["small1"], {"images_background_small1/": b""})
+    one_line_error(load_small1, root, tmp_path, match=["no PNG images", "images_background_small1.zip"])
+    write_zip(root / archives.LAKE_RUNS_FILE, {"run01/training/class01.png": png_bytes()})
+    one_line_error(data.load_lake_runs, root, match=["run01", "class_labels.txt", "all_runs.zip"])
+
+
+def test_corrupt_mnist_file(tmp_path, data_dir):
+    root = tmp_path / "root"
+    (root / "mnist").mkdir(parents=True)
+    shutil.copy(data_dir / "mnist/t10k-labels-idx1-ubyte.gz", root / "mnist")
+    (root / "mnist/t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    one_line_error(lambda: data.load("mnist", "test", source="archives", archive_dir=root, cache_dir=tmp_path),
+                   match=["t10k-images-idx3-ubyte.gz", "cannot decompress"])
+    with gzip.open(root / "mnist/t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + b"\x00" * 20)  # right magic, header says 0 images, then junk
+    one_line_error(lambda: data.load("mnist", "test", source="archives", archive_dir=root, cache_dir=tmp_path),
+                   match=["t10k-images-idx3-ubyte.gz"])
+
+
+def test_unknown_names(tmp_path):
+    one_line_error(lambda: data.load("cifar", "train"), match=["unknown dataset", "omniglot"])
+    one_line_error(lambda: data.load("omniglot", "validation"), match=["unknown omniglot split", "background"])
+    one_line_error(lambda: data.load("mnist", "test", source="web", archive_dir=tmp_path), match=["unknown source"])
+
+
+# --- TFDS with TensorFlow: preparing from the original files ------------------------------------------
+
+def sorted_examples(ds):
+    """Order-free view: TFDS shuffles examples when preparing."""
+    keys = [bytes([l]) + img.tobytes() for l, img in zip(ds.labels, ds.images)]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return ds.images[order], ds.labels[order]
+
+
+@pytest.mark.tf
+def test_tfds_prepared_mnist_equals_archives(data_dir, tmp_path, session_cache):
+    pytest.importorskip("tensorflow")
+    for split in ("test", "train"):  # the first call prepares both splits (~10-25 s)
+        via_tfds = data.load("mnist", split, source="tfds", archive_dir=data_dir, data_dir=tmp_path / "tfds",
+                             cache_dir=tmp_path / "cache")
+        direct = data.load("mnist", split, source="archives", archive_dir=data_dir, cache_dir=session_cache)
+        assert via_tfds.split == split and len(via_tfds) == len(direct)
+        for a, b in zip(sorted_examples(via_tfds), sorted_examples(direct)):
+            assert a.shape == b.shape and np.array_equal(a, b)
+    assert len(list((tmp_path / "cache").glob("mnist-*-tfds-*.npz"))) == 2
+
+
+@pytest.mark.tf
+def test_tfds_rejects_rebuilt_omniglot_with_clear_message(data_dir, tmp_path):
+    pytest.importorskip("tensorflow")
+    error = one_line_error(lambda: data.load("omniglot", "background", source="tfds", archive_dir=data_dir,
+                                             data_dir=tmp_path / "tfds", cache_dir=tmp_path / "cache"),
+                           match=["TFDS rejected", str(data_dir / "omniglot"), "source='archives'"])
+    assert ".zip" in str(error)
+
+
+def test_tfds_prepare_without_tensorflow_says_so(data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+
+    def no_tensorflow():
+        raise ImportError("No module named 'tensorflow'")
+
+    monkeypatch.setattr(tfds_source, "_import_tensorflow", no_tensorflow)
+    one_line_error(lambda: data.load("mnist", "test", source="tfds", archive_dir=data_dir, data_dir=tmp_path / "tfds",
+                                     cache_dir=tmp_path), match=["needs TensorFlow", "source='archives'"])

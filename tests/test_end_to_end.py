@@ -1,0 +1,139 @@
+"""The main job end to end on the real data, with tiny configs: train, resume, SIGKILL, evaluate, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+TINY = ["--config.width=8", "--config.embedding_dim=16", "--config.val_episodes=10", "--config.eval_episodes=10",
+        "--config.classes_per_batch=8", "--config.images_per_class=2", "--config.batch_size=16",
+        "--config.log_every_seconds=0"]
+
+
+@pytest.fixture(scope="module")
+def env(data_dir, tmp_path_factory):
+    e = dict(os.environ, SIAMESE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             SIAMESE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
+    e.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+    return e
+
+
+def _train(env, workdir, *args, timeout=600):
+    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *TINY, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _png_ok(path):
+    with Image.open(path) as img:
+        return img.size[0] > 200 and img.size[1] > 100
+
+
+def test_train_resume_and_evaluate_omniglot(env, tmp_path):
+    workdir = tmp_path / "run"
+    r = _train(env, workdir, "--loss=triplet", "--config.num_steps=8", "--config.eval_every_steps=4",
+               "--config.checkpoint_every_steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Lake 20 runs, 20-way 1-shot" in r.stdout
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["checkpoint_step"] in (4, 8) and results["loss"] == "triplet"
+    assert results["lake_20_runs"]["num_trials"] == 400 and len(results["lake_20_runs"]["errors_per_run"]) == 20
+    assert 0.0 <= results["lake_20_runs"]["accuracy"] <= 1.0
+    assert set(results["episodes"]) == {f"{s}/{n}-way-{k}-shot" for s in ("unstructured", "within_alphabet")
+                                        for n in (5, 20) for k in (1, 5)}
+    for name in ("pairs", "curves", "distances", "embedding_map", "episodes"):
+        assert _png_ok(workdir / "plots" / f"{name}.png"), name
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {m["step"] for m in metrics if "loss" in m} == set(range(1, 9))
+    assert any("val_one_shot_accuracy" in m for m in metrics)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+
+    # Same workdir, more steps: resumes at the saved step.
+    r = _train(env, workdir, "--loss=triplet", "--config.num_steps=12", "--config.eval_every_steps=4",
+               "--config.checkpoint_every_steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from step 8" in r.stderr
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(m["step"] for m in metrics if "loss" in m) == list(range(1, 13))  # no duplicates
+
+    # evaluate.py on the best checkpoint reproduces results.json.
+    results = json.loads((workdir / "results.json").read_text())
+    r = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}", "--nowrite"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lake = f"{100 * results['lake_20_runs']['accuracy']:.1f}%"
+    assert lake in r.stdout
+    assert f"{results['retrieval']['precision_at_1']:.3f}" in r.stdout
+
+
+def test_sigkill_mid_run_resumes_cleanly(env, tmp_path):
+    workdir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *TINY, "--loss=batch_hard",
+           "--config.num_steps=100000", "--config.checkpoint_every_steps=3", "--config.eval_every_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = workdir / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpt_dir.is_dir() and any(d.isdigit() and int(d) >= 6 for d in os.listdir(ckpt_dir))):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+    assert saved, "no checkpoint was written before the kill"
+    r = _train(env, workdir, "--loss=batch_hard", f"--config.num_steps={max(saved) + 3}",
+               "--config.checkpoint_every_steps=3", "--config.eval_every_steps=100000")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from step {max(saved)}" in r.stderr
+    assert (workdir / "results.json").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(env, tmp_path):
+    workdir = tmp_path / "term"
+    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *TINY, "--loss=contrastive",
+           "--config.num_steps=100000", "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGTERM received: saved a checkpoint" in err
+    assert any(d.isdigit() for d in os.listdir(workdir / "checkpoints"))
+
+
+def test_mnist_pairs_end_to_end(env, tmp_path):
+    workdir = tmp_path / "mnist"
+    r = _train(env, workdir, "--dataset=mnist", "--config.num_steps=6", "--config.eval_every_steps=3",
+               "--config.checkpoint_every_steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    v = results["verification"]
+    assert results["loss"] == "contrastive" and v["num_test_pairs"] == 20000
+    assert 0.5 <= v["roc_auc"] <= 1.0 and 0.0 <= v["test_accuracy"] <= 1.0
+    assert "validation" in v["threshold_chosen_on"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--loss=arcface"], "loss"),
+    (["--config.no_such_key=1"], "no_such_key"),
+    (["--config.learning_rate=fast"], "learning_rate"),
+    (["--data_dir=/nonexistent/data"], "/nonexistent/data"),
+    (["--dataset=cifar"], "dataset"),
+])
+def test_bad_input_is_one_clear_line_and_nonzero_exit(env, tmp_path, args, needle):
+    e = dict(env, SIAMESE_CACHE_DIR=str(tmp_path / "empty_cache"))
+    r = _train(e, tmp_path / "bad", *args, timeout=300)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    assert needle in lines[0]
+    assert "Traceback" not in r.stderr

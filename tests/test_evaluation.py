@@ -1,0 +1,293 @@
+"""Evaluation metrics against brute-force NumPy references on small random data."""
+import numpy as np
+import pytest
+
+from siamese_jax import evaluation
+
+
+# ------------------------------------------------------------------------------------------------
+# One-shot episodes
+# ------------------------------------------------------------------------------------------------
+def _brute_one_shot(support, query, rule):
+    """Loop reference: [T, n_way, k, E], [T, n_way, nq, E] -> per-episode accuracy."""
+    accs = []
+    for s, q in zip(support.astype(np.float64), query.astype(np.float64)):
+        n_way, k_shot, _ = s.shape
+        correct = 0
+        for true_class in range(n_way):
+            for x in q[true_class]:
+                if rule == "prototype":
+                    d = [np.sum((x - s[c].mean(0)) ** 2) for c in range(n_way)]
+                    pred = int(np.argmin(d))
+                else:
+                    best, pred = np.inf, -1
+                    for c in range(n_way):
+                        for j in range(k_shot):
+                            dist = np.sum((x - s[c, j]) ** 2)
+                            if dist < best:
+                                best, pred = dist, c
+                correct += pred == true_class
+        accs.append(correct / (n_way * q.shape[1]))
+    return np.array(accs)
+
+
+@pytest.mark.parametrize("rule", ["nearest", "prototype"])
+def test_one_shot_accuracy_matches_brute_force(rule):
+    rng = np.random.default_rng(0)
+    T, n_way, k_shot, n_query, E = 7, 5, 3, 2, 4
+    centres = rng.normal(size=(T, n_way, 1, E))
+    # Noisy enough that some queries are misclassified, so accuracy is not trivially 1.
+    support = (centres + 0.9 * rng.normal(size=(T, n_way, k_shot, E))).astype(np.float32)
+    query = (centres + 0.9 * rng.normal(size=(T, n_way, n_query, E))).astype(np.float32)
+    got = evaluation.one_shot_accuracy(support, query, rule=rule)
+    want = _brute_one_shot(support, query, rule)
+    assert got.shape == (T,)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert 0.0 < got.mean() < 1.0
+    # A single episode gives a float equal to that episode's entry.
+    single = evaluation.one_shot_accuracy(support[3], query[3], rule=rule)
+    assert isinstance(single, float) and single == pytest.approx(want[3])
+
+
+def test_nearest_and_prototype_differ_where_they_should():
+    # Class 0 has shots at 0 and 2, class 1 two shots at 3. The class-0 query at 2.2 is nearest to
+    # the shot at 2 (1-NN says 0) but nearer class 1's mean 3 than class 0's mean 1 (prototype says 1).
+    support = np.array([[[0.0], [2.0]], [[3.0], [3.0]]], np.float32)  # [2 way, 2 shot, E=1]
+    query = np.array([[[2.2]], [[3.0]]], np.float32)
+    assert evaluation.one_shot_predictions(support, query, "nearest").tolist() == [[0], [1]]
+    assert evaluation.one_shot_predictions(support, query, "prototype").tolist() == [[1], [1]]
+    assert evaluation.one_shot_accuracy(support, query) == 1.0
+    assert evaluation.one_shot_accuracy(support, query, rule="prototype") == 0.5
+    with pytest.raises(ValueError):
+        evaluation.one_shot_accuracy(support, query, rule="cosine")
+
+
+def test_one_shot_ties_go_to_lower_class():
+    support = np.zeros((3, 1, 2), np.float32)  # every class at the origin
+    query = np.ones((3, 1, 2), np.float32)
+    assert evaluation.one_shot_predictions(support, query).ravel().tolist() == [0, 0, 0]
+    assert evaluation.one_shot_accuracy(support, query) == pytest.approx(1 / 3)
+
+
+def test_summarize_accuracies():
+    acc = np.array([1.0, 0.5, 0.75, 0.25])
+    s = evaluation.summarize_accuracies(acc)
+    assert s["num_episodes"] == 4
+    assert s["mean"] == pytest.approx(0.625)
+    assert s["ci95"] == pytest.approx(1.96 * np.std(acc, ddof=1) / 2)
+    assert evaluation.summarize_accuracies([0.8])["ci95"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Lake's 20 runs
+# ------------------------------------------------------------------------------------------------
+def test_lake_run_errors_with_known_answers():
+    rng = np.random.default_rng(1)
+    R, E = 20, 8
+    train = rng.normal(size=(R, 20, E)).astype(np.float32) * 10
+    answers = np.stack([rng.permutation(20) for _ in range(R)])
+    test = train[np.arange(R)[:, None], answers] + 0.01 * rng.normal(size=(R, 20, E)).astype(np.float32)
+    planted = np.zeros(R, int)
+    for run, n_wrong in [(0, 3), (5, 1), (19, 20)]:
+        for j in range(n_wrong):  # move test image j onto a training image that is not its answer
+            test[run, j] = train[run, (answers[run, j] + 1) % 20]
+        planted[run] = n_wrong
+    out = evaluation.lake_run_errors(train, test, answers)
+    assert out["errors_per_run"] == planted.tolist()
+    assert out["num_trials"] == 400
+    assert out["accuracy"] == pytest.approx(1 - 24 / 400)
+    assert out["error_rate"] == pytest.approx(100 * 24 / 400)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pair verification
+# ------------------------------------------------------------------------------------------------
+def _random_pairs(rng, n, ties):
+    same = rng.random(n) < 0.4
+    d = np.where(same, rng.normal(1.0, 0.5, n), rng.normal(1.8, 0.5, n)).clip(0)
+    if ties:
+        d = np.round(d, 1)  # many exact ties, straddling classes
+    return d.astype(np.float32), same
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_threshold_reaches_brute_force_maximum(seed):
+    rng = np.random.default_rng(seed)
+    d, same = _random_pairs(rng, int(rng.integers(5, 120)), ties=seed % 2 == 0)
+    candidates = np.concatenate([[-1.0], np.unique(d)])  # every distinct prediction set
+    brute_best = max(np.mean((d <= t) == same) for t in candidates)
+    t = evaluation.best_threshold(d, same)
+    assert evaluation.verification_accuracy(d, same, t) == pytest.approx(brute_best, abs=1e-12)
+
+
+def test_best_threshold_edge_cases():
+    d = np.array([0.1, 0.2, 0.3, 0.4])
+    assert evaluation.best_threshold(d, [True, True, False, False]) == pytest.approx(0.25)
+    t_none = evaluation.best_threshold(d, [False] * 4)  # accept nothing
+    assert t_none < 0.1 and evaluation.verification_accuracy(d, [False] * 4, t_none) == 1.0
+    t_all = evaluation.best_threshold(d, [True] * 4)
+    assert evaluation.verification_accuracy(d, [True] * 4, t_all) == 1.0
+    # Adjacent float32 values: the midpoint must not round onto the rejected one.
+    a = np.float32(1.0)
+    b = np.nextafter(a, np.float32(2.0))
+    t = evaluation.best_threshold(np.array([a, b], np.float32), [True, False])
+    assert np.float32(t) >= a and np.float32(t) < b
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_threshold_for_far_respects_bound_and_is_largest(seed):
+    rng = np.random.default_rng(seed)
+    d, same = _random_pairs(rng, 150, ties=seed % 2 == 0)
+    neg = d[~same]
+    for target in [0.0, 0.01, 0.05, 0.1, 0.3, 0.999, 1.0]:
+        t = evaluation.threshold_for_far(d, same, target)
+        far = np.mean(neg <= np.float32(t))
+        assert far <= target + 1e-12
+        # Maximal: the next observed distance above t would break the bound.
+        above = np.unique(d[d > t])
+        if above.size:
+            assert np.mean(neg <= above[0]) > target
+        else:  # t accepts everything, which only target 1.0 allows
+            assert target == 1.0
+
+
+def test_threshold_for_far_nothing_acceptable():
+    d = np.array([0.1, 0.5, 0.9], np.float32)
+    same = np.array([False, True, True])
+    t = evaluation.threshold_for_far(d, same, 0.0)
+    assert t < 0.1 and np.all(~(d <= np.float32(t)))
+
+
+def _brute_auc(d, same):
+    pos, neg = d[same].astype(np.float64), d[~same].astype(np.float64)
+    wins = (neg[:, None] > pos[None, :]).sum() + 0.5 * (neg[:, None] == pos[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_roc_auc_matches_pairwise_count_and_curve_area(seed):
+    rng = np.random.default_rng(seed)
+    d, same = _random_pairs(rng, 90, ties=seed % 2 == 0)
+    auc = evaluation.roc_auc(d, same)
+    assert auc == pytest.approx(_brute_auc(d, same), abs=1e-12)
+    far, tar, thresholds = evaluation.roc_curve(d, same)
+    assert far[0] == 0 and tar[0] == 0 and far[-1] == 1 and tar[-1] == 1
+    assert np.all(np.diff(thresholds) > 0) and np.all(np.diff(far) >= 0) and np.all(np.diff(tar) >= 0)
+    # Each point is exactly the rule "same iff d <= threshold".
+    for i in [1, len(thresholds) // 2, len(thresholds) - 1]:
+        assert tar[i] == pytest.approx(np.mean(d[same] <= thresholds[i]))
+        assert far[i] == pytest.approx(np.mean(d[~same] <= thresholds[i]))
+    area = np.sum(np.diff(far) * (tar[1:] + tar[:-1]) / 2)
+    assert area == pytest.approx(auc, abs=1e-9)
+
+
+def test_roc_auc_direction_and_errors():
+    assert evaluation.roc_auc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 1.0
+    assert evaluation.roc_auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 0.0
+    assert evaluation.roc_auc([0.5, 0.5], [True, False]) == 0.5
+    with pytest.raises(ValueError):
+        evaluation.roc_auc([0.1, 0.2], [True, True])
+
+
+# ------------------------------------------------------------------------------------------------
+# kNN and retrieval
+# ------------------------------------------------------------------------------------------------
+def _brute_knn(query, index, k, exclude_self=False):
+    d = np.sqrt(((query[:, None, :].astype(np.float64) - index[None].astype(np.float64)) ** 2).sum(-1))
+    if exclude_self:
+        np.fill_diagonal(d, np.inf)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k]  # stable: lower index first on ties
+    return np.take_along_axis(d, idx, 1), idx
+
+
+def test_knn_matches_brute_force_and_chunking_is_invisible():
+    rng = np.random.default_rng(0)
+    index = rng.normal(size=(97, 6)).astype(np.float32) + 50.0  # a large common offset on purpose
+    query = rng.normal(size=(41, 6)).astype(np.float32) + 50.0
+    want_d, want_i = _brute_knn(query, index, 10)
+    d_full, i_full = evaluation.knn(query, index, 10, chunk_size=None)
+    for chunk in [1, 7, 41, 1000]:
+        d, i = evaluation.knn(query, index, 10, chunk_size=chunk)
+        assert d.shape == (41, 10) and i.dtype == np.int32
+        np.testing.assert_array_equal(i, want_i)
+        np.testing.assert_array_equal(i, i_full)
+        np.testing.assert_allclose(d, want_d, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(d, d_full, rtol=1e-6, atol=1e-6)
+    assert np.all(np.diff(d_full, axis=1) >= 0)
+
+
+def test_knn_ties_exclude_self_and_bad_k():
+    index = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)
+    d, i = evaluation.knn(np.array([[1.0, 0.0]], np.float32), index, 5, chunk_size=1)
+    assert i[0].tolist() == [0, 2, 4, 1, 3]  # three exact ties at distance 0: ascending index
+    np.testing.assert_allclose(d[0], [0, 0, 0, 1, np.sqrt(2)], atol=1e-6)
+    d, i = evaluation.knn(index, index, 4, chunk_size=2, exclude_self=True)
+    assert all(row not in i[row] for row in range(5))
+    assert i[0].tolist()[:2] == [2, 4] and i[2].tolist()[:2] == [0, 4]
+    with pytest.raises(ValueError):
+        evaluation.knn(index, index, 6)
+    with pytest.raises(ValueError):
+        evaluation.knn(index, index, 5, exclude_self=True)
+    with pytest.raises(ValueError):
+        evaluation.knn(index, index, 0)
+
+
+def test_retrieval_per_query_on_pml_worked_example():
+    # pytorch-metric-learning tests/utils/test_calculate_accuracies.py, "embeddings come from the same
+    # source" case: label counts {1: 3, 2: 5, 3: 4, 4: 5}, so R = count - 1 per query; its expected
+    # precision@1 = 1/5 and MAP@R = mean(1, (1/2)/2, (1/4)/4, (1/2)/3, (1/2)/4).
+    query_labels = np.array([1, 1, 2, 3, 4])
+    knn_labels = np.array([[0, 1, 1, 2, 2], [1, 0, 1, 1, 3], [4, 4, 4, 4, 2], [3, 1, 3, 1, 3], [0, 0, 4, 2, 2]])
+    knn_labels = knn_labels[:, 1:]  # the query itself was the first neighbour
+    r = np.array([2, 2, 4, 3, 4])
+    p1, ap = evaluation._retrieval_per_query(knn_labels, query_labels, r)
+    assert p1.mean() == pytest.approx(1 / 5)
+    np.testing.assert_allclose(ap, [1, 1 / 4, 1 / 16, 1 / 6, 1 / 8])
+    assert ap.mean() == pytest.approx(np.mean([1, 0.25, 1 / 16, 1 / 6, 1 / 8]))
+
+
+def _brute_retrieval(emb, labels):
+    n = len(emb)
+    d = np.sqrt(((emb[:, None].astype(np.float64) - emb[None].astype(np.float64)) ** 2).sum(-1))
+    p1, aps = [], []
+    for i in range(n):
+        r = int((labels == labels[i]).sum()) - 1
+        if r == 0:
+            continue
+        others = [j for j in np.argsort(d[i], kind="stable") if j != i]
+        rel = [labels[j] == labels[i] for j in others[:r]]
+        p1.append(rel[0])
+        hits, total = 0, 0.0
+        for rank, is_rel in enumerate(rel, start=1):
+            if is_rel:
+                hits += 1
+                total += hits / rank
+        aps.append(total / r)
+    return float(np.mean(p1)), float(np.mean(aps)), len(p1)
+
+
+def test_retrieval_metrics_match_brute_force():
+    rng = np.random.default_rng(3)
+    labels = np.concatenate([np.repeat(np.arange(12), rng.integers(2, 9, 12)), [100, 101]])  # two lone items
+    centres = rng.normal(size=(102, 5))
+    emb = (centres[labels] * 1.2 + rng.normal(size=(len(labels), 5))).astype(np.float32)
+    p1, mapr, n_q = _brute_retrieval(emb, labels)
+    for chunk in [None, 5, 16]:
+        out = evaluation.retrieval_metrics(emb, labels, chunk_size=chunk)
+        assert out["precision_at_1"] == pytest.approx(p1, abs=1e-6)
+        assert out["mean_average_precision_at_r"] == pytest.approx(mapr, abs=1e-6)
+        assert out["num_queries"] == n_q == len(labels) - 2
+        assert out["num_lone_queries"] == 2
+    assert 0.2 < mapr < 0.95  # a non-trivial case
+
+
+def test_retrieval_metrics_perfect_and_degenerate():
+    labels = np.repeat(np.arange(4), 5)
+    emb = (np.eye(4)[labels] * 100 + np.random.default_rng(0).normal(size=(20, 4))).astype(np.float32)
+    out = evaluation.retrieval_metrics(emb, labels)
+    assert out["precision_at_1"] == 1.0 and out["mean_average_precision_at_r"] == pytest.approx(1.0)
+    lone = evaluation.retrieval_metrics(np.zeros((3, 2), np.float32), [0, 1, 2])
+    assert lone["num_queries"] == 0 and lone["precision_at_1"] == 0.0
+    # max_k caps R (AccuracyCalculator's faiss limit); with perfect clusters MAP@R stays 1.
+    capped = evaluation.retrieval_metrics(emb, labels, max_k=2)
+    assert capped["mean_average_precision_at_r"] == pytest.approx(1.0)

@@ -1,0 +1,417 @@
+"""Losses against plain NumPy loops (float64), plus the edge cases that break naive versions:
+no positive pair, one class only, identical embeddings, B = 2, bfloat16 input, jit vs eager."""
+import inspect
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from siamese_jax import losses as L
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ NumPy references
+
+def np_dist(x, y, squared):
+    d2 = float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+    return d2 if squared else np.sqrt(d2)
+
+
+def np_contrastive(x1, x2, s, margin):
+    out = []
+    for a, b, si in zip(x1, x2, s):
+        d = np_dist(a, b, squared=False)
+        out.append(si * d**2 + (1 - si) * max(margin - d, 0.0) ** 2)
+    return np.mean(out)
+
+
+def np_triplet(a, p, n, margin, squared):
+    return np.mean([max(np_dist(ai, pi, squared) - np_dist(ai, ni, squared) + margin, 0.0)
+                    for ai, pi, ni in zip(a, p, n)])
+
+
+def np_batch_all(e, y, margin, squared):
+    losses = []
+    for a, p, n in itertools.product(range(len(y)), repeat=3):
+        if a != p and y[a] == y[p] and y[a] != y[n]:
+            t = np_dist(e[a], e[p], squared) - np_dist(e[a], e[n], squared) + margin
+            if t > 0:
+                losses.append(t)
+    return np.mean(losses) if losses else 0.0
+
+
+def np_batch_hard(e, y, margin, squared):
+    losses = []
+    for a in range(len(y)):
+        pos = [np_dist(e[a], e[p], squared) for p in range(len(y)) if p != a and y[p] == y[a]]
+        neg = [np_dist(e[a], e[n], squared) for n in range(len(y)) if y[n] != y[a]]
+        if pos and neg:
+            losses.append(max(max(pos) - min(neg) + margin, 0.0))
+    return np.mean(losses) if losses else 0.0
+
+
+def np_semihard(e, y, margin, squared):
+    """Returns (loss, number of pairs that used the fallback)."""
+    losses, fallbacks = [], 0
+    for a in range(len(y)):
+        neg = [np_dist(e[a], e[n], squared) for n in range(len(y)) if y[n] != y[a]]
+        if not neg:
+            continue
+        for p in range(len(y)):
+            if p == a or y[p] != y[a]:
+                continue
+            d_ap = np_dist(e[a], e[p], squared)
+            farther = [d for d in neg if d > d_ap]
+            if farther:
+                d_an = min(farther)
+            else:
+                d_an, fallbacks = max(neg), fallbacks + 1
+            losses.append(max(d_ap - d_an + margin, 0.0))
+    return (np.mean(losses) if losses else 0.0), fallbacks
+
+
+# --------------------------------------------------------------------------------- input drawing
+
+def _embeddings(seed, b, e, scale=1.0):
+    return (np.random.default_rng(seed).normal(size=(b, e)) * scale).astype(np.float32)
+
+
+labelled_batches = st.tuples(
+    st.integers(0, 2**31 - 1),        # seed
+    st.sampled_from([3, 12]),         # batch size (few shapes: each one is a ~0.1 s compile; B=2 is an edge case)
+    st.sampled_from([1, 8]),          # embedding dim
+    st.integers(1, 4),                # number of classes drawn from
+    st.sampled_from([0.1, 0.5, 1.0]),  # embedding scale (small: many margin violations)
+)
+
+
+def _labelled(params):
+    seed, b, e, classes, scale = params
+    emb = _embeddings(seed, b, e, scale)
+    labels = np.random.default_rng(seed + 1).integers(0, classes, size=b).astype(np.int32)
+    return emb, labels
+
+
+MINERS = {
+    "batch_all": (L.batch_all_triplet_loss, L.batch_all_triplet_loss_with_stats, np_batch_all),
+    "batch_hard": (L.batch_hard_triplet_loss, L.batch_hard_triplet_loss_with_stats, np_batch_hard),
+    "semihard": (L.batch_semihard_triplet_loss, L.batch_semihard_triplet_loss_with_stats,
+                 lambda *a: np_semihard(*a)[0]),
+}
+
+
+def _jit(fn):
+    # One compile per shape instead of one per primitive per shape: keeps the property tests fast.
+    # Eager use is covered by the edge-case tests and test_jit_equals_eager.
+    takes_squared = "squared" in inspect.signature(fn).parameters
+    return jax.jit(fn, static_argnames="squared" if takes_squared else ())
+
+
+def _assert_finite_grad(fn, *args):
+    g = jax.jit(jax.grad(fn))(*args)  # jitted: much faster than eager here; eager == jit is tested below
+    assert np.all(np.isfinite(np.asarray(g))), g
+
+
+# ------------------------------------------------------------------------------------- distances
+
+@SETTINGS
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 7]), st.sampled_from([1, 16]))
+def test_pairwise_distances_match_loop(seed, b, e):
+    x = _embeddings(seed, b, e)
+    for squared in (False, True):
+        got = np.asarray(_jit(L.pairwise_distances)(x, squared=squared))
+        want = np.array([[np_dist(x[i], x[j], squared) for j in range(b)] for i in range(b)])
+        np.testing.assert_allclose(got, want, **TOL)
+        assert np.all(np.diag(got) == 0.0)
+        np.testing.assert_allclose(np.asarray(_jit(L.euclidean_distance)(x, x[::-1], squared=squared)),
+                                   np.diag(want[:, ::-1]), **TOL)
+
+
+def test_pairwise_gradient_rule_matches_plain_autodiff():
+    # pairwise_distances has a hand-written (matmul) derivative; it must agree with autodiff of the
+    # plain formula, in reverse and forward mode.
+    x = jnp.asarray(_embeddings(12, 6, 5))
+    weights = jnp.asarray(_embeddings(13, 6, 6))
+
+    def plain(e):
+        return jnp.sum(weights * jnp.sum(jnp.square(e[:, None] - e[None]), -1))
+
+    def ours(e):
+        return jnp.sum(weights * L.pairwise_distances(e, squared=True))
+
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-5, atol=1e-5)
+    tangent = jnp.asarray(_embeddings(14, 6, 5))
+    np.testing.assert_allclose(jax.jvp(ours, (x,), (tangent,))[1], jax.jvp(plain, (x,), (tangent,))[1], rtol=1e-5)
+
+
+def test_distance_gradients_at_zero_are_finite_and_zero():
+    x = jnp.ones((4, 3))
+    for squared in (False, True):
+        g = jax.grad(lambda z: jnp.sum(L.pairwise_distances(z, squared=squared)))(x)
+        np.testing.assert_array_equal(np.asarray(g), 0.0)
+        g = jax.grad(lambda z: jnp.sum(L.euclidean_distance(z, x, squared=squared)))(x)
+        np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+# ---------------------------------------------------------------------------------- contrastive
+
+@SETTINGS
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 16]), st.sampled_from([2, 8]), st.sampled_from([0.5, 1.0, 2.0]))
+def test_contrastive_matches_loop(seed, b, e, margin):
+    rng = np.random.default_rng(seed)
+    x1, x2 = _embeddings(seed, b, e, 0.5), _embeddings(seed + 1, b, e, 0.5)
+    s = rng.integers(0, 2, size=b)
+    want = np_contrastive(x1, x2, s, margin)
+    loss = _jit(L.contrastive_loss)
+    np.testing.assert_allclose(float(loss(x1, x2, is_similar=s, margin=margin)), want, **TOL)
+    # bool and 0/1 labels are the same thing
+    np.testing.assert_allclose(float(loss(x1, x2, is_similar=s.astype(bool), margin=margin)), want, **TOL)
+
+
+def test_contrastive_all_similar_is_mean_squared_distance():
+    x1, x2 = _embeddings(0, 10, 5), _embeddings(1, 10, 5)
+    want = np.mean(np.sum((x1.astype(np.float64) - x2) ** 2, axis=1))
+    for ones in (np.ones(10, np.int32), np.ones(10, bool), np.ones(10, np.float32)):
+        np.testing.assert_allclose(float(L.contrastive_loss(x1, x2, is_similar=ones)), want, rtol=1e-5)
+
+
+def test_contrastive_polarity_and_stats():
+    x = np.zeros((2, 3), np.float32)
+    far = np.array([[3.0, 0, 0], [0, 0, 0]], np.float32)
+    # identical pair labelled "same": no loss; labelled "different": margin² loss
+    assert float(L.contrastive_loss(x, x, is_similar=[1, 1])) == 0.0
+    np.testing.assert_allclose(float(L.contrastive_loss(x, x, is_similar=[0, 0], margin=2.0)), 4.0)
+    # a far pair labelled "different" costs nothing, a far pair labelled "same" costs d² = 9
+    loss, stats = L.contrastive_loss_with_stats(far, x, is_similar=[True, False], margin=1.0)
+    np.testing.assert_allclose(float(loss), (9.0 + 1.0) / 2)
+    np.testing.assert_allclose(float(stats["active_fraction"]), 1.0)
+    np.testing.assert_allclose(float(stats["mean_positive_distance"]), 3.0)
+    np.testing.assert_allclose(float(stats["mean_negative_distance"]), 0.0)
+
+
+# -------------------------------------------------------------------------------------- triplet
+
+@SETTINGS
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 16]), st.sampled_from([2, 8]), st.booleans(),
+       st.sampled_from([0.2, 1.0]))
+def test_triplet_matches_loop(seed, b, e, squared, margin):
+    a, p, n = (_embeddings(seed + i, b, e, 0.5) for i in range(3))
+    want = np_triplet(a, p, n, margin, squared)
+    loss, stats = _jit(L.triplet_loss_with_stats)(a, p, n, margin=margin, squared=squared)
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    np.testing.assert_allclose(float(_jit(L.triplet_loss)(a, p, n, margin=margin, squared=squared)), want, **TOL)
+    active = np.mean([np_dist(ai, pi, squared) - np_dist(ai, ni, squared) + margin > 0 for ai, pi, ni in zip(a, p, n)])
+    np.testing.assert_allclose(float(stats["active_fraction"]), active, atol=1e-6)
+
+
+def test_triplet_default_is_squared():
+    a, p, n = (_embeddings(i, 6, 4) for i in range(3))
+    np.testing.assert_allclose(float(L.triplet_loss(a, p, n)), np_triplet(a, p, n, 0.2, True), **TOL)
+
+
+# ----------------------------------------------------------------------------------- mining
+
+@pytest.mark.parametrize("name", list(MINERS))
+@SETTINGS
+@given(params=labelled_batches, squared=st.booleans(), margin=st.sampled_from([0.2, 1.0]))
+def test_mining_matches_loop(name, params, squared, margin):
+    emb, labels = _labelled(params)
+    _, fn_stats, ref = MINERS[name]
+    want = ref(emb, labels, margin, squared)
+    # (the plain `fn` is `fn_stats(...)[0]`; it is checked in the default-distance and edge-case tests)
+    loss, stats = _jit(fn_stats)(emb, labels, margin=margin, squared=squared)
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    assert 0.0 <= float(stats["active_fraction"]) <= 1.0
+
+
+def test_mining_default_distance_is_not_squared():
+    emb, labels = _embeddings(3, 8, 4), np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    for name, (fn, _, ref) in MINERS.items():
+        np.testing.assert_allclose(float(jax.jit(fn)(emb, labels)), ref(emb, labels, 0.2, False), err_msg=name, **TOL)
+
+
+def test_batch_all_active_fraction():
+    emb, labels = _embeddings(5, 9, 3, 0.3), np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    _, stats = L.batch_all_triplet_loss_with_stats(emb, labels, margin=0.5)
+    valid = active = 0
+    for a, p, n in itertools.product(range(9), repeat=3):
+        if a != p and labels[a] == labels[p] and labels[a] != labels[n]:
+            valid += 1
+            active += np_dist(emb[a], emb[p], False) - np_dist(emb[a], emb[n], False) + 0.5 > 0
+    assert 0 < active < valid  # the check means something
+    np.testing.assert_allclose(float(stats["active_fraction"]), active / valid, atol=1e-6)
+
+
+def test_semihard_fallback_path_is_hit():
+    # 1-D: anchor 0 at 0, its positive at 10, negatives at 1 and 2 are both nearer than the positive,
+    # so pair (0, 1) must fall back to the FARTHEST negative (2): loss = 10 − 2 + m.
+    emb = np.array([[0.0], [10.0], [1.0], [2.0]], np.float32)
+    labels = np.array([0, 0, 1, 1])
+    want, fallbacks = np_semihard(emb, labels, 0.5, False)
+    assert fallbacks > 0
+    loss, stats = L.batch_semihard_triplet_loss_with_stats(emb, labels, margin=0.5)
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    # pairs: (0,1) fallback n=2 -> 8.5; (1,0) d_ap=10, negatives at 9, 8 -> fallback 9 -> 1.5;
+    # (2,3) d_ap=1, negatives at 2, 8 -> 2 -> 0; (3,2) d_ap=1, negatives at 2, 8 -> 2 -> 0.
+    np.testing.assert_allclose(want, (8.5 + 1.5 + 0 + 0) / 4)
+    np.testing.assert_allclose(float(stats["fallback_fraction"]), fallbacks / 4)
+    np.testing.assert_allclose(float(stats["active_fraction"]), 0.5)
+
+
+def test_semihard_prefers_nearest_farther_negative():
+    # 1-D points, margin 0.5; per positive pair (a, p): D(a,p), chosen negative distance -> loss
+    #   (0,1): 1.0, nearest farther of {0.5, 1.2, 3} is 1.2 -> 0.3    (1,0): 1.0, of {0.5, 0.2, 2} -> 2 -> 0
+    #   (2,3): 0.7, none of {0.5, 0.5} farther: max 0.5 -> 0.7       (2,4): 2.5, fallback 0.5 -> 2.5
+    #   (3,2): 0.7, of {1.2, 0.2} -> 1.2 -> 0                          (3,4): 1.8, fallback 1.2 -> 1.1
+    #   (4,2): 2.5, of {3, 2} -> 3 -> 0                                (4,3): 1.8, of {3, 2} -> 2 -> 0.3
+    emb = np.array([[0.0], [1.0], [0.5], [1.2], [3.0]], np.float32)
+    labels = np.array([0, 0, 1, 1, 1])
+    want = (0.3 + 0 + 0.7 + 2.5 + 0 + 1.1 + 0 + 0.3) / 8
+    np.testing.assert_allclose(np_semihard(emb, labels, 0.5, False)[0], want)
+    loss, stats = L.batch_semihard_triplet_loss_with_stats(emb, labels, margin=0.5)
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    np.testing.assert_allclose(float(stats["fallback_fraction"]), 3 / 8)
+    np.testing.assert_allclose(float(stats["active_fraction"]), 5 / 8)
+
+
+# ----------------------------------------------------------------------------------- edge cases
+
+EDGE_BATCHES = {
+    "no_positive_pair": (_embeddings(0, 5, 4), np.arange(5)),
+    "one_class": (_embeddings(1, 5, 4), np.zeros(5, np.int64)),
+    "identical_embeddings": (np.ones((6, 4), np.float32), np.array([0, 0, 1, 1, 2, 2])),
+    "all_zero_embeddings": (np.zeros((4, 3), np.float32), np.array([0, 0, 1, 1])),
+    "b2_same": (_embeddings(2, 2, 4), np.array([7, 7])),
+    "b2_different": (_embeddings(3, 2, 4), np.array([0, 1])),
+    "duplicated_rows": (np.repeat(_embeddings(4, 3, 4), 2, axis=0), np.array([0, 0, 1, 1, 2, 2])),
+}
+
+
+@pytest.mark.parametrize("batch", list(EDGE_BATCHES))
+@pytest.mark.parametrize("name", list(MINERS))
+def test_mining_edge_cases_are_finite(name, batch):
+    emb, labels = EDGE_BATCHES[batch]
+    fn, fn_stats, ref = MINERS[name]
+    for squared in (False, True):
+        loss, stats = _jit(fn_stats)(emb, labels, margin=0.2, squared=squared)
+        np.testing.assert_allclose(float(loss), ref(emb, labels, 0.2, squared), **TOL)
+        assert all(np.isfinite(float(v)) for v in stats.values()), stats
+    # the gradient hazard is the sqrt at 0, i.e. squared=False
+    _assert_finite_grad(lambda e: fn(e, labels, margin=0.2), jnp.asarray(emb))
+    if batch in ("no_positive_pair", "one_class", "b2_same", "b2_different"):
+        assert float(loss) == 0.0  # nothing to mine
+
+
+def test_pair_and_triplet_losses_finite_on_identical_inputs():
+    x = jnp.ones((3, 4))
+    grads = jax.jit(jax.grad(lambda a, b: L.contrastive_loss(a, b, is_similar=jnp.array([1, 0, 1])), argnums=(0, 1)))
+    assert all(np.all(np.isfinite(g)) for g in grads(x, x))
+    for squared in (False, True):
+        f = jax.jit(lambda a, p, n, squared=squared: L.triplet_loss(a, p, n, squared=squared))
+        np.testing.assert_allclose(float(f(x, x, x)), 0.2)
+        assert all(np.all(np.isfinite(g)) for g in jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, x, x))
+    # zero gradient where the distance is exactly 0 (the similar term has no sqrt; the margin term's
+    # gradient at d = 0 is the safe-sqrt's 0)
+    g = jax.grad(lambda a: L.contrastive_loss(a, x, is_similar=jnp.array([0, 0, 0])))(x)
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+# ----------------------------------------------------------------------------------- jit, dtypes
+
+def test_jit_equals_eager():
+    emb, labels = _embeddings(7, 12, 6, 0.5), np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    for name, (_, fn_stats, _) in MINERS.items():
+        for squared in (False, True):
+            eager = fn_stats(emb, labels, margin=0.3, squared=squared)
+            jitted = jax.jit(fn_stats, static_argnames="squared")(emb, labels, margin=0.3, squared=squared)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), eager, jitted)
+    x1, x2, x3 = (_embeddings(i, 8, 5) for i in range(3))
+    s = np.array([1, 0] * 4)
+    for fn, args in ((L.contrastive_loss_with_stats, (x1, x2, s)),
+                     (L.triplet_loss_with_stats, (x1, x2, x3)),
+                     (L.verification_loss_with_stats, (x1[:, 0], s))):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fn(*args), jax.jit(fn)(*args))
+
+
+def test_bfloat16_inputs_compute_in_float32():
+    emb32, labels = _embeddings(8, 8, 4), np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    emb16 = jnp.asarray(emb32, jnp.bfloat16)
+    emb_rounded = np.asarray(emb16.astype(jnp.float32))  # same values the bf16 path sees
+    for name, (fn, _, ref) in MINERS.items():
+        out = jax.jit(fn)(emb16, labels)
+        assert out.dtype == jnp.float32, name
+        np.testing.assert_allclose(float(out), ref(emb_rounded, labels, 0.2, False), err_msg=name, **TOL)
+        g = jax.jit(jax.grad(lambda e, fn=fn: fn(e, labels)))(emb16)
+        assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
+    a, p, n = (jnp.asarray(_embeddings(i, 4, 4), jnp.bfloat16) for i in range(3))
+    assert L.triplet_loss(a, p, n).dtype == jnp.float32
+    assert L.contrastive_loss(a, p, is_similar=[1, 0, 1, 0]).dtype == jnp.float32
+    assert L.verification_logits(a, p, jnp.ones(4, jnp.bfloat16), 0.0).dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------------- verification
+
+def test_verification_logits_and_loss():
+    rng = np.random.default_rng(0)
+    h1, h2 = _embeddings(0, 6, 5), _embeddings(1, 6, 5)
+    w, b = rng.normal(size=(5, 1)).astype(np.float32), np.array([0.3], np.float32)
+    want_logits = np.array([sum(w[k, 0] * abs(h1[i, k] - h2[i, k]) for k in range(5)) + 0.3 for i in range(6)])
+    logits = L.verification_logits(h1, h2, w, b)
+    np.testing.assert_allclose(np.asarray(logits), want_logits, **TOL)
+    np.testing.assert_allclose(np.asarray(L.verification_logits(h1, h2, w[:, 0], 0.3)), want_logits, **TOL)
+
+    s = np.array([1, 0, 1, 1, 0, 0])
+    p = 1 / (1 + np.exp(-want_logits))
+    want = np.mean([-(si * np.log(pi) + (1 - si) * np.log(1 - pi)) for si, pi in zip(s, p)])
+    np.testing.assert_allclose(np.asarray(L.same_probability(logits)), p, **TOL)
+    for labels in (s, s.astype(bool)):
+        loss, stats = L.verification_loss_with_stats(logits, is_similar=labels)
+        np.testing.assert_allclose(float(loss), want, **TOL)
+        np.testing.assert_allclose(float(L.verification_loss(logits, is_similar=labels)), want, **TOL)
+        acc = np.mean((want_logits > 0) == (s == 1))
+        np.testing.assert_allclose(float(stats["accuracy"]), acc)
+        np.testing.assert_allclose(float(stats["active_fraction"]), 1 - acc, atol=1e-6)
+
+
+def test_verification_extreme_logits_and_shape_check():
+    logits = jnp.array([100.0, -100.0, 0.0])
+    loss = L.verification_loss(logits, is_similar=jnp.array([0, 1, 1]))
+    np.testing.assert_allclose(float(loss), (100 + 100 + np.log(2)) / 3, rtol=1e-5)
+    _assert_finite_grad(lambda z: L.verification_loss(z, is_similar=jnp.array([0, 1, 1])), logits)
+    # identical twins: |h1 − h2| = 0, gradient of the head must stay finite
+    h = jnp.ones((2, 3))
+    _assert_finite_grad(lambda a: L.verification_loss(L.verification_logits(a, h, jnp.ones(3), 0.0),
+                                                      is_similar=jnp.array([1, 0])), h)
+    with pytest.raises(ValueError):
+        L.verification_loss(jnp.zeros((3, 1)), is_similar=jnp.zeros(3))
+
+
+# ----------------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("name", ["contrastive", "triplet", "batch_all", "batch_hard", "semihard"])
+def test_gradients_match_finite_differences(name):
+    # Well-spread points, so no hinge or mining choice flips within the finite-difference step.
+    emb = jnp.asarray(_embeddings(11, 8, 3, 2.0))
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    s = jnp.array([1, 0, 1, 0])
+    fns = {
+        "contrastive": lambda e: L.contrastive_loss(e[:4], e[4:], is_similar=s, margin=3.0),
+        "triplet": lambda e: L.triplet_loss(e[:2], e[2:4], e[4:6], margin=3.0, squared=False),
+    }
+    for miner, (fn, _, _) in MINERS.items():
+        fns[miner] = lambda e, fn=fn: fn(e, labels, margin=1.0)
+    f = jax.jit(fns[name])
+    grad = np.asarray(jax.grad(f)(emb), np.float64)
+    assert np.any(grad != 0)
+    eps = 1e-3
+    numeric = np.zeros_like(grad)
+    for i, j in itertools.product(*map(range, emb.shape)):
+        step = jnp.zeros_like(emb).at[i, j].set(eps)
+        numeric[i, j] = (float(f(emb + step)) - float(f(emb - step))) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=2e-2, atol=2e-3)

@@ -1,0 +1,99 @@
+"""Each plot writes a PNG that PIL opens, of a sensible size, without a display."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from siamese_jax import plots
+
+
+def _strokes(rng, n, size=28):
+    """Ink-bright float images in [0, 1]: a few random bright bars on a 0 background."""
+    x = np.zeros((n, size, size), np.float32)
+    for img in x:
+        for _ in range(3):
+            r, c = rng.integers(3, size - 8, 2)
+            if rng.random() < 0.5:
+                img[r:r + 2, c:c + 8] = 1.0
+            else:
+                img[r:r + 8, c:c + 2] = 1.0
+    return x
+
+
+def _check_png(path, min_w=300, min_h=200):
+    assert os.path.getsize(path) > 1000
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        w, h = im.size
+        assert min_w <= w <= 4000 and min_h <= h <= 3000
+        grey = np.asarray(im.convert("L"), np.float32)
+    assert grey.std() > 5  # something was drawn
+    return grey
+
+
+def test_plot_pairs(tmp_path):
+    rng = np.random.default_rng(0)
+    x1, x2 = _strokes(rng, 6), _strokes(rng, 6)[..., None]  # [B,H,W] and [B,H,W,1] both accepted
+    same = np.array([1, 0, 1, 0, 1, 0], bool)
+    d = rng.random(6)
+    path = plots.plot_pairs(str(tmp_path / "sub" / "pairs.png"), x1, x2, same, d, threshold=0.5)
+    grey = _check_png(path)
+    assert grey.mean() > 200  # ink dark on a white page, not white strokes on black
+    _check_png(plots.plot_pairs(str(tmp_path / "pairs_plain.png"), x1, x2, same, d, max_pairs=3))
+
+
+def test_plot_training_curves(tmp_path):
+    history = [{"step": s, "loss": 1.0 / s} for s in range(1, 120)]
+    history += [{"step": s, "val_one_shot_accuracy": 0.5 + s / 400} for s in range(20, 120, 20)]
+    history += [{"step": 5, "steps_per_second": 12.0}, {"step": 7, "loss": float("nan")}, {"note": "text"}]
+    _check_png(plots.plot_training_curves(str(tmp_path / "curves.png"), history), min_w=800)
+    _check_png(plots.plot_training_curves(str(tmp_path / "empty.png"), []), min_w=800)
+
+
+def test_plot_distance_histograms(tmp_path):
+    rng = np.random.default_rng(1)
+    path = plots.plot_distance_histograms(str(tmp_path / "d.png"), rng.normal(1, 0.3, 300).clip(0),
+                                          rng.normal(2, 0.4, 500).clip(0), threshold=1.5)
+    _check_png(path)
+    _check_png(plots.plot_distance_histograms(str(tmp_path / "d1.png"), [0.2, 0.2], []))
+
+
+def test_plot_embedding_map(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(25), 8)  # more classes than max_classes: only the first 20 drawn
+    emb = rng.normal(size=(25, 16))[labels] + 0.3 * rng.normal(size=(200, 16))
+    _check_png(plots.plot_embedding_map(str(tmp_path / "map.png"), emb, labels))
+    _check_png(plots.plot_embedding_map(str(tmp_path / "map1d.png"), emb[:, :1], labels, max_classes=3))
+
+
+def test_plot_episodes(tmp_path):
+    rng = np.random.default_rng(3)
+    support = (_strokes(rng, 20) * 255).astype(np.uint8)  # uint8 accepted too
+    queries = _strokes(rng, 20)
+    true = rng.permutation(20)
+    predicted = true.copy()
+    predicted[[2, 9]] = (predicted[[2, 9]] + 1) % 20
+    path = plots.plot_episodes(str(tmp_path / "ep.png"), support, queries, predicted, true, max_queries=4)
+    grey = _check_png(path, min_w=1000)
+    assert grey.mean() > 200
+    with pytest.raises(ValueError):
+        plots.plot_episodes(str(tmp_path / "bad.png"), support, queries, predicted[:3], true)
+
+
+def test_plots_need_no_pyplot_and_import_lazily(tmp_path):
+    # `import siamese_jax.plots` must not import matplotlib, and plotting must not touch pyplot
+    # (which would pick or switch a global backend under a notebook).
+    code = (
+        "import sys, numpy as np\n"
+        "import siamese_jax.plots as p, siamese_jax.evaluation\n"
+        "assert 'matplotlib' not in sys.modules\n"
+        f"p.plot_distance_histograms({str(tmp_path / 'x.png')!r}, np.ones(3), np.zeros(3))\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLBACKEND", "DISPLAY")}
+    env["JAX_PLATFORMS"] = "cpu"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    assert (tmp_path / "x.png").stat().st_size > 1000
