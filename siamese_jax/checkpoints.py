@@ -102,7 +102,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target):
 def restore_from_directory(directory: str, target, step: Optional[int] = None):
     """(state, meta) from a `checkpoints/` or `best/` directory; newest readable unless `step` is given."""
     manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
-                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+                                    options=ocp.CheckpointManagerOptions(create=False))
     try:
         if step is not None:
             return restore_step(manager, step, target)

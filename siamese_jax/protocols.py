@@ -258,3 +258,10 @@ def balanced_pairs(labels: np.ndarray, num_pairs: int, seed: int) -> tuple[np.nd
             a, b = by_class[c1][rng.integers(counts[classes == c1][0])], by_class[c2][rng.integers(counts[classes == c2][0])]
         first.append(a), second.append(b), same.append(i % 2 == 0)
     return np.array(first), np.array(second), np.array(same)
+
+
+def prepare_dataset_images(ds, size: int) -> np.ndarray:
+    """A dataset's images as the model sees them: float32 [N, size, size, 1] in [0, 1]."""
+    from siamese_jax.augment import resize_uint8
+
+    return (resize_uint8(np.asarray(ds.images), size).astype(np.float32) / 255.0)[..., None]

@@ -66,6 +66,18 @@ def split_train_val(config, ds: ImageDataset) -> tuple[ImageDataset, ImageDatase
     return ds.subset(np.arange(len(ds) - n_val)), ds.subset(np.arange(len(ds) - n_val, len(ds)))
 
 
+def with_rotated_classes(ds: ImageDataset) -> ImageDataset:
+    """Adds the 90/180/270-degree rotations of every image as three NEW classes (Vinyals et al. 2016,
+    ProtoNets): 4x the training classes, from the training alphabets only."""
+    import dataclasses
+
+    rotations = [np.rot90(ds.images, k, axes=(1, 2)) for k in range(4)]
+    stack = lambda a: None if a is None else np.concatenate([a] * 4)
+    labels = np.concatenate([ds.labels * 4 + k for k in range(4)]).astype(np.int32)
+    return dataclasses.replace(ds, images=np.ascontiguousarray(np.concatenate(rotations)), labels=labels,
+                               alphabets=stack(ds.alphabets), drawers=stack(ds.drawers))
+
+
 def augment_config(config) -> Optional[augment_lib.AffineConfig]:
     if not config.augment:
         return None
@@ -76,14 +88,17 @@ def augment_config(config) -> Optional[augment_lib.AffineConfig]:
 
 
 def make_sampler(config, mesh):
-    """Jitted `sample(dds, key, step) -> global batch`, sharded on the batch axis over `data`."""
-    kind = ts.batch_kind(config.loss)
+    """Jitted `sample(dds, key, step) -> global batch`, sharded on the batch axis over `data`.
+
+    `key` is the run's data key, the same at every step: the PK sampler folds the step in itself and
+    derives its per-epoch class permutation from the base key (every class once per epoch)."""
+    kind = ts.batch_kind(config.loss, config.triplet_selection)
     same_alphabet = bool(config.same_alphabet_negatives and config.dataset == "omniglot")
     if kind == "pairs":
-        fn = lambda dds, key, step: sampling.sample_pairs(key, dds, config.batch_size, same_alphabet_negatives=same_alphabet)
+        fn = lambda dds, key, step: sampling.sample_pairs(jax.random.fold_in(key, step), dds, config.batch_size, same_alphabet_negatives=same_alphabet)
         batch_size = config.batch_size
     elif kind == "triplets":
-        fn = lambda dds, key, step: sampling.sample_triplets(key, dds, config.batch_size, same_alphabet_negatives=same_alphabet)
+        fn = lambda dds, key, step: sampling.sample_triplets(jax.random.fold_in(key, step), dds, config.batch_size, same_alphabet_negatives=same_alphabet)
         batch_size = config.batch_size
     else:
         fn = lambda dds, key, step: sampling.sample_pk_batch(key, step, dds, config.classes_per_batch, config.images_per_class)
@@ -187,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from siamese_jax.metrics_writer import MetricsWriter
 
     os.makedirs(workdir, exist_ok=True)
-    ts.batch_kind(config.loss)
+    ts.batch_kind(config.loss, config.triplet_selection)
     mesh = parallel.make_data_mesh()
     is_main = jax.process_index() == 0
     log.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
@@ -195,6 +210,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Data on device (replicated), resized once.
     full = load_split(config, "train" if config.dataset == "mnist" else "background")
     train_ds, val_ds = split_train_val(config, full)
+    if config.get("rotation_classes", False):
+        train_ds = with_rotated_classes(train_ds)
     repl = parallel.replicated(mesh)
     train_dds = sampling.to_device_dataset(train_ds, image_size=config.image_size, sharding=repl)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
@@ -207,9 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     aug = augment_config(config)
     augment_fn = None if aug is None else (lambda key, x: augment_lib.random_affine(key, x, aug))
     train_step = ts.make_train_step(model, tx, mesh, loss=config.loss, margin=margin_of(config),
-                                    squared=config.squared, augment_fn=augment_fn)
+                                    squared=config.squared, augment_fn=augment_fn,
+                                    triplet_selection=config.triplet_selection)
     sample, batch_size = make_sampler(config, mesh)
-    images_per_step = batch_size * {"pairs": 2, "triplets": 3, "classes": 1}[ts.batch_kind(config.loss)]
+    images_per_step = batch_size * {"pairs": 2, "triplets": 3, "classes": 1}[ts.batch_kind(config.loss, config.triplet_selection)]
     embed_fn = ts.make_embed_fn(model, mesh)
 
     # State: own checkpoint -> config.resume -> init.
@@ -241,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stopped_by = None
     with _StopSignal() as stop:
         for step in range(start_step, config.num_steps):
-            batch = sample(train_dds, jax.random.fold_in(data_key, step), step)
+            batch = sample(train_dds, data_key, step)
             state, metrics = train_step(state, batch, step_key)
             if pending is not None:
                 _finish_step(pending, writer, config)

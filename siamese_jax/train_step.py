@@ -43,12 +43,23 @@ def create_train_state(model, tx: optax.GradientTransformation, key, image_size:
                       rng=state_key)
 
 
-def batch_kind(loss: str) -> str:
-    """Which sampler feeds a loss: "pairs", "triplets" or "classes" (P classes x K images)."""
+TRIPLET_SELECTIONS = ("online", "random")
+
+
+def batch_kind(loss: str, triplet_selection: str = "online") -> str:
+    """Which sampler feeds a loss: "pairs", "triplets" or "classes" (P classes x K images).
+
+    The triplet loss takes explicit (anchor, positive, negative) triplets, selected either
+    "online" from each P x K batch (every image an anchor, a random same-class positive and the
+    hardest other-class negative of the batch: FaceNet's online triplet generation) or "random"
+    (independent triplets drawn from the dataset, as the Keras triplet example does).
+    """
     if loss in PAIR_LOSSES:
         return "pairs"
     if loss in TRIPLET_LOSSES:
-        return "triplets"
+        if triplet_selection not in TRIPLET_SELECTIONS:
+            raise ValueError(f"unknown triplet_selection {triplet_selection!r}; expected 'online' or 'random'")
+        return "classes" if triplet_selection == "online" else "triplets"
     if loss in MINING_LOSSES:
         return "classes"
     raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(ALL_LOSSES)}")
@@ -63,9 +74,25 @@ def _tower_inputs(batch, kind):
     return stacked.reshape((-1,) + stacked.shape[2:]), len(names)
 
 
-def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared: bool, train: bool = True):
-    """(loss, (stats, new_batch_stats)) for one global batch."""
-    kind = batch_kind(loss)
+def online_triplets(embeddings, labels, key, squared: bool = False):
+    """Indices (positive, negative) per anchor of a labelled batch: a random other member of the
+    anchor's class, and the other-class image nearest to the anchor. Anchors without a positive
+    or a negative are masked out by the returned `valid`."""
+    D = L.pairwise_distances(jax.lax.stop_gradient(embeddings), squared)
+    same = labels[:, None] == labels[None, :]
+    not_self = ~jnp.eye(labels.shape[0], dtype=bool)
+    pos_mask, neg_mask = same & not_self, ~same
+    noise = jax.random.uniform(key, D.shape)
+    positive = jnp.argmax(jnp.where(pos_mask, noise, -1.0), axis=1)
+    negative = jnp.argmin(jnp.where(neg_mask, D, jnp.inf), axis=1)
+    valid = jnp.any(pos_mask, axis=1) & jnp.any(neg_mask, axis=1)
+    return positive, negative, valid
+
+
+def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared: bool, train: bool = True,
+            key=None, triplet_selection: str = "online"):
+    """(loss, (stats, new_batch_stats)) for one global batch. `key` picks online triplets' positives."""
+    kind = batch_kind(loss, triplet_selection)
     images, towers = _tower_inputs(batch, kind)
     variables = {"params": params}
     if batch_stats:
@@ -82,6 +109,14 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
     elif loss == "verification":
         logits = model.apply(variables, emb_t[:, 0], emb_t[:, 1], method=model.logits)
         value, stats = L.verification_loss_with_stats(logits, is_similar=batch["is_similar"])
+    elif loss == "triplet" and kind == "classes":
+        key = jax.random.PRNGKey(0) if key is None else key
+        positive, negative, valid = online_triplets(emb, batch["labels"], key, squared)
+        dist = L.squared_euclidean_distance if squared else L.euclidean_distance
+        per_anchor = jnp.maximum(dist(emb, emb[positive]) - dist(emb, emb[negative]) + margin, 0.0)
+        w = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1)
+        value = jnp.sum(per_anchor * w)  # = triplet_loss(emb, emb[positive], emb[negative]) over valid anchors
+        stats = {"active_fraction": jnp.sum((per_anchor > 0) * w)}
     elif loss == "triplet":
         value, stats = L.triplet_loss_with_stats(emb_t[:, 0], emb_t[:, 1], emb_t[:, 2], margin=margin, squared=squared)
     else:
@@ -94,13 +129,14 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
 
 
 def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str, margin: float,
-                    squared: bool = False, augment_fn: Optional[Callable] = None):
+                    squared: bool = False, augment_fn: Optional[Callable] = None,
+                    triplet_selection: str = "online"):
     """The jitted data-parallel step. `augment_fn(key, images) -> images` runs on device, per image.
 
     Returns `train_step(state, batch, key) -> (state, metrics)`; metrics are device scalars (loss,
     active_fraction, embedding_norm, grad_norm), read by the caller when it wants, not synced here.
     """
-    batch_kind(loss)  # validates the name early
+    batch_kind(loss, triplet_selection)  # validates the names early
     repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
     def step(state: TrainState, batch, key):
@@ -111,7 +147,8 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str,
                 batch[name] = augment_fn(jax.random.fold_in(key, i), batch[name])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (value, (stats, batch_stats)), grads = grad_fn(
-            state.params, state.batch_stats, model, batch, loss, margin, squared)
+            state.params, state.batch_stats, model, batch, loss, margin, squared, True,
+            jax.random.fold_in(key, 1000), triplet_selection)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(stats, loss=value, grad_norm=optax.tree.norm(grads))

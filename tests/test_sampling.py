@@ -76,7 +76,8 @@ def test_device_dataset_class_and_alphabet_index(omni):
     alpha = _alphabet_of(ds)
     np.testing.assert_array_equal(dds.class_alphabet, [alpha[i] for i in ids])
     np.testing.assert_array_equal(dds.alphabet_count, ALPHABET_SIZES)
-    a_classes, a_start, pos = np.asarray(dds.alphabet_classes), np.asarray(dds.alphabet_start), np.asarray(dds.class_position_in_alphabet)
+    a_classes, a_start = np.asarray(dds.alphabet_classes), np.asarray(dds.alphabet_start)
+    pos = np.asarray(dds.class_position_in_alphabet)
     for c in range(12):
         a = int(dds.class_alphabet_index[c])
         assert a_classes[a_start[a] + pos[c]] == c
@@ -100,7 +101,8 @@ def test_device_dataset_without_alphabets_resize_and_sharding(mnist):
 
 # ------------------------------------------------------------------------------------------------
 _pairs = jax.jit(sampling.sample_pairs, static_argnums=2, static_argnames=("same_alphabet_negatives", "augment_cfg"))
-_triplets = jax.jit(sampling.sample_triplets, static_argnums=2, static_argnames=("same_alphabet_negatives", "augment_cfg"))
+_triplets = jax.jit(sampling.sample_triplets, static_argnums=2,
+                    static_argnames=("same_alphabet_negatives", "augment_cfg"))
 _pk = jax.jit(sampling.sample_pk_batch, static_argnums=(3, 4), static_argnames=("augment_cfg", "within_alphabet"))
 
 
@@ -201,7 +203,8 @@ def test_episode_indices_distinct_classes_disjoint_support_and_query(omni):
     ds, dds = omni
     alpha = _alphabet_of(ds)
     for within, n_way in ((False, 10), (True, 4)):
-        support, query = sampling.sample_episode_indices(jax.random.key(4), dds, 50, n_way, 2, 3, within_alphabet=within)
+        support, query = sampling.sample_episode_indices(jax.random.key(4), dds, 50, n_way, 2, 3,
+                                                         within_alphabet=within)
         assert support.shape == (50, n_way, 2) and query.shape == (50, n_way, 3)
         support, query = np.asarray(support), np.asarray(query)
         s_lab, q_lab = ds.labels[support], ds.labels[query]

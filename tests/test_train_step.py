@@ -22,10 +22,10 @@ def _model(loss, norm="batch"):
     return models.build_model(config)
 
 
-def _batch(loss):
+def _batch(loss, selection="online"):
     rng = np.random.default_rng(0)
     img = lambda: rng.uniform(size=(B, SIZE, SIZE, 1)).astype(np.float32)
-    kind = ts.batch_kind(loss)
+    kind = ts.batch_kind(loss, selection)
     if kind == "pairs":
         return {"x1": img(), "x2": img(), "is_similar": np.array([1, 0] * (B // 2), bool)}
     if kind == "triplets":
@@ -35,14 +35,15 @@ def _batch(loss):
     return {"images": img(), "labels": np.repeat(np.arange(4), 2).astype(np.int32)}
 
 
-def _run(loss, devices, steps=2, norm="batch", augment_fn=None):
+def _run(loss, devices, steps=2, norm="batch", augment_fn=None, selection="online"):
     mesh = parallel.make_data_mesh(devices)
     model = _model(loss, norm)
     tx = optax.sgd(0.1)
     state = ts.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE)
     state = parallel.put_replicated(state, mesh)
-    step = ts.make_train_step(model, tx, mesh, loss=loss, margin=0.5, augment_fn=augment_fn)
-    batch = jax.device_put(_batch(loss), parallel.batch_sharded(mesh))
+    step = ts.make_train_step(model, tx, mesh, loss=loss, margin=0.5, augment_fn=augment_fn,
+                              triplet_selection=selection)
+    batch = jax.device_put(_batch(loss, selection), parallel.batch_sharded(mesh))
     history = []
     for _ in range(steps):
         state, metrics = step(state, batch, jax.random.PRNGKey(1))
@@ -50,11 +51,14 @@ def _run(loss, devices, steps=2, norm="batch", augment_fn=None):
     return jax.device_get(state), history
 
 
-@pytest.mark.parametrize("loss", ["contrastive", "triplet", "batch_hard", "batch_all", "semihard", "verification"])
-def test_four_devices_equal_one_device(loss):
+@pytest.mark.parametrize("loss, selection", [("contrastive", None), ("triplet", "online"), ("triplet", "random"),
+                                             ("batch_hard", None), ("batch_all", None), ("semihard", None),
+                                             ("verification", None)])
+def test_four_devices_equal_one_device(loss, selection):
     assert jax.device_count() >= 4
-    s1, h1 = _run(loss, jax.devices()[:1])
-    s4, h4 = _run(loss, jax.devices()[:4])
+    selection = selection or "online"
+    s1, h1 = _run(loss, jax.devices()[:1], selection=selection)
+    s4, h4 = _run(loss, jax.devices()[:4], selection=selection)
     for m1, m4 in zip(h1, h4):
         assert m1.keys() == m4.keys()
         for k in m1:
@@ -115,3 +119,16 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 def test_unknown_loss_is_rejected():
     with pytest.raises(ValueError, match="unknown loss"):
         ts.batch_kind("arcface")
+    with pytest.raises(ValueError, match="unknown triplet_selection"):
+        ts.batch_kind("triplet", "hardest")
+
+
+def test_online_triplets_pick_a_same_class_positive_and_the_nearest_negative():
+    emb = jnp.array([[0.0], [1.0], [0.2], [5.0], [0.3], [9.5]])
+    labels = jnp.array([0, 0, 1, 1, 2, 2])
+    pos, neg, valid = ts.online_triplets(emb, labels, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(pos), [1, 0, 3, 2, 5, 4])  # the only other member of the class
+    np.testing.assert_array_equal(np.asarray(neg), [2, 4, 4, 1, 2, 3])  # nearest image of another class
+    assert bool(valid.all())
+    _, _, valid = ts.online_triplets(emb[:3], jnp.array([0, 0, 1]), jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(valid), [True, True, False])  # class 1 has no positive

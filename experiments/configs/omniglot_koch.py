@@ -19,7 +19,8 @@ def get_config():
     c.warmup_steps = 500
     c.weight_decay = 1e-4
     c.num_steps = 30000
-    c.augment_translate_px = 2.0
+    c.augment = True
+    c.rotation_classes = False
     c.eval_every_steps = 1000
     c.checkpoint_every_steps = 1000
     return c

@@ -1,0 +1,224 @@
+"""Using a trained model: the shipped pretrained file on real Omniglot evaluation PNGs, the CLI, bad input."""
+import io
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from siamese_jax import images as img_lib
+from siamese_jax import inference
+from siamese_jax.index import EmbeddingIndex, IndexError_, build_index, check_compatible
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return inference.load_model("pretrained")
+
+
+@pytest.fixture(scope="module")
+def eval_pngs(data_dir, tmp_path_factory):
+    """20 evaluation characters x 4 drawings, as the original black-on-white PNG files."""
+    root = tmp_path_factory.mktemp("omniglot_eval")
+    with zipfile.ZipFile(data_dir / "omniglot" / "images_evaluation.zip") as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".png"))
+        chars = sorted({os.path.dirname(n) for n in names})
+        rng = np.random.default_rng(0)
+        picked = [chars[i] for i in sorted(rng.choice(len(chars), 20, replace=False))]
+        for c in picked:
+            files = sorted(n for n in names if os.path.dirname(n) == c)[:4]
+            out = root / c.replace("images_evaluation/", "").replace("/", "__")
+            out.mkdir(parents=True)
+            for f in files:
+                (out / os.path.basename(f)).write_bytes(z.read(f))
+    return root
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_pretrained_model_is_small_and_calibrated(model):
+    assert os.path.getsize(inference.PRETRAINED_FILE) < 5_000_000
+    assert model.calibration is not None and model.calibration.threshold > 0
+    assert model.config.dataset == "omniglot"
+    assert model.provenance.get("lake_20_runs_accuracy", 0) > 0.5
+
+
+def test_same_character_pairs_are_closer_on_real_evaluation_pngs(model, eval_pngs):
+    classes = sorted(os.listdir(eval_pngs))
+    paths = [str(eval_pngs / c / f) for c in classes for f in sorted(os.listdir(eval_pngs / c))]
+    labels = np.repeat(np.arange(len(classes)), 4)
+    emb = model.embed(paths)
+    assert emb.shape == (80, model.config.embedding_dim)
+    d = np.linalg.norm(emb[:, None] - emb[None], axis=-1)
+    same = labels[:, None] == labels[None]
+    off_diag = ~np.eye(80, dtype=bool)
+    # For each anchor: is its mean distance to its own character below that to the others?
+    wins = [d[i][same[i] & off_diag[i]].mean() < d[i][~same[i]].mean() for i in range(80)]
+    assert np.mean(wins) > 0.9
+    # Pairwise: a random same pair closer than a random different pair in most cases (AUC).
+    from siamese_jax.evaluation import roc_auc
+
+    iu = np.triu_indices(80, 1)
+    assert roc_auc(d[iu], same[iu]) > 0.9
+
+
+def test_search_returns_the_same_character_at_rank_1(model, eval_pngs):
+    classes = sorted(os.listdir(eval_pngs))
+    paths = [str(eval_pngs / c / f) for c in classes for f in sorted(os.listdir(eval_pngs / c))]
+    index = build_index(model, paths)
+    dists, idx = index.search(index.embeddings, k=2)
+    assert np.all(idx[:, 0] == np.arange(len(paths)))  # each image finds itself first
+    top1_same = [os.path.dirname(paths[j]) == os.path.dirname(paths[i]) for i, j in enumerate(idx[:, 1])]
+    assert np.mean(top1_same) > 0.8
+
+
+def test_image_modes_give_the_same_embedding(model, eval_pngs, tmp_path):
+    src = next(iter(sorted(eval_pngs.rglob("*.png"))))
+    base = Image.open(src)
+    gray = base.convert("L")
+    variants = {
+        "rgb.png": gray.convert("RGB"),
+        "palette.png": gray.convert("P"),
+        "la.png": gray.convert("LA"),
+        "i16.png": Image.fromarray((np.asarray(gray, np.uint16) * 257).astype(np.uint16)),
+        "q.jpg": gray.convert("RGB"),
+    }
+    rgba = Image.new("RGBA", gray.size, (0, 0, 0, 0))  # ink as opaque black on transparent
+    rgba.putalpha(Image.eval(gray, lambda v: 255 - v))
+    variants["rgba.png"] = rgba
+    paths = []
+    for name, img in variants.items():
+        p = tmp_path / name
+        img.save(p, quality=95) if name.endswith(".jpg") else img.save(p)
+        paths.append(str(p))
+    emb = model.embed([str(src)] + paths)
+    err = np.linalg.norm(emb[1:] - emb[0], axis=-1) / np.linalg.norm(emb[0])
+    assert np.all(err[:4] < 1e-5), err
+    assert np.all(err < 0.1), err  # JPEG and alpha compositing are close, not bit-equal
+    # An ink-bright array (the training polarity) gives the same embedding as the dark-on-white file.
+    arr = 255 - np.asarray(gray)
+    np.testing.assert_allclose(model.embed([arr])[0], emb[0], atol=1e-5)
+
+
+def test_index_save_load_roundtrip_and_model_check(model, eval_pngs, tmp_path):
+    paths = [str(p) for p in sorted(eval_pngs.rglob("*.png"))[:10]]
+    index = build_index(model, paths)
+    index.save(str(tmp_path / "idx.npz"))
+    loaded = EmbeddingIndex.load(str(tmp_path / "idx.npz"))
+    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
+    assert loaded.paths == paths
+    check_compatible(loaded, model)
+    loaded.model_fingerprint = "0" * 16
+    with pytest.raises(IndexError_, match="built by another model"):
+        check_compatible(loaded, model)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(IndexError_, match="not a siamese-jax index"):
+        EmbeddingIndex.load(str(tmp_path / "bad.npz"))
+
+
+def test_calibration_max_accuracy_and_far():
+    rng = np.random.default_rng(0)
+    d = np.concatenate([rng.normal(1, 0.3, 500), rng.normal(2, 0.3, 500)])
+    y = np.arange(1000) < 500
+    cal = inference.fit_calibration(d, y)
+    assert 1.3 < cal.threshold < 1.7 and cal.accuracy > 0.9
+    assert cal.probability(cal.threshold) == pytest.approx(0.5)
+    assert cal.probability(0.5) > 0.95 and cal.probability(2.5) < 0.05
+    strict = inference.fit_calibration(d, y, target_far=0.01)
+    assert strict.false_accept_rate <= 0.01 and strict.threshold < cal.threshold
+    with pytest.raises(ValueError, match="both kinds"):
+        inference.fit_calibration(d[:10], y[:10])
+
+
+def test_decoding_is_bounded_and_names_the_file(tmp_path):
+    big = tmp_path / "bomb.png"
+    Image.new("1", (8000, 8000)).save(big)  # tiny file, 64 M pixels
+    with pytest.raises(img_lib.ImageError, match="bomb.png.*too large"):
+        img_lib.read_image(str(big))
+    trunc = tmp_path / "trunc.png"
+    buf = io.BytesIO()
+    Image.new("L", (50, 50), 128).save(buf, format="PNG")
+    trunc.write_bytes(buf.getvalue()[:60])
+    with pytest.raises(img_lib.ImageError, match="trunc.png"):
+        img_lib.read_image(str(trunc))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_compare_cli_same_and_different(eval_pngs):
+    classes = sorted(os.listdir(eval_pngs))
+    a, b = sorted(os.listdir(eval_pngs / classes[0]))[:2]
+    c = sorted(os.listdir(eval_pngs / classes[1]))[0]
+    same = _cli("experiments.compare", str(eval_pngs / classes[0] / a), str(eval_pngs / classes[0] / b))
+    diff = _cli("experiments.compare", str(eval_pngs / classes[0] / a), str(eval_pngs / classes[1] / c))
+    for r in (same, diff):
+        assert "distance" in r.stdout and "threshold" in r.stdout and "P(same)" in r.stdout, r.stderr
+    assert same.returncode == 0 and "SAME" in same.stdout
+    assert diff.returncode == 1 and "DIFFERENT" in diff.stdout
+
+
+def test_embed_and_search_cli(eval_pngs, tmp_path):
+    out = tmp_path / "index.npz"
+    r = _cli("experiments.embed", str(eval_pngs), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "indexed 80 images" in r.stdout and out.exists()
+    query = sorted(eval_pngs.rglob("*.png"))[5]
+    sheet = tmp_path / "sheet.png"
+    r = _cli("experiments.search", str(out), str(query), "-k", "3", "--sheet", str(sheet))
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(lines) == 3 and lines[0].split()[-1] == str(query) and float(lines[0].split()[1]) < 1e-3
+    assert Image.open(sheet).size[0] > 300
+
+
+def test_calibrate_cli_writes_a_model_that_compare_uses(eval_pngs, tmp_path):
+    out = tmp_path / "calibrated.msgpack"
+    r = _cli("experiments.calibrate", str(eval_pngs), "--far", "0.05", "--pairs", "400", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "far<=0.05" in r.stdout
+    m = inference.load_model(str(out))
+    assert m.calibration.method == "far<=0.05" and m.calibration.false_accept_rate <= 0.05
+
+
+@pytest.mark.parametrize("case", ["missing", "not_image", "truncated", "directory", "empty_folder",
+                                  "bad_index", "wrong_model_index", "bad_model"])
+def test_bad_input_one_line_exit_2(case, tmp_path, eval_pngs):
+    png = str(sorted(eval_pngs.rglob("*.png"))[0])
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    fake_png = tmp_path / "fake.png"
+    fake_png.write_text("not a png")
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(open(png, "rb").read()[:80])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if case == "missing":
+        args, needle = ("experiments.compare", png, str(tmp_path / "nope.png")), "nope.png: no such file"
+    elif case == "not_image":
+        args, needle = ("experiments.compare", png, str(fake_png)), "fake.png: not an image"
+    elif case == "truncated":
+        args, needle = ("experiments.compare", str(trunc), png), "trunc.png"
+    elif case == "directory":
+        args, needle = ("experiments.compare", str(empty), png), "is a directory"
+    elif case == "empty_folder":
+        args, needle = ("experiments.embed", str(empty), "--out", str(tmp_path / "i.npz")), "no image files"
+    elif case == "bad_index":
+        args, needle = ("experiments.search", str(text), png), "not a siamese-jax index"
+    elif case == "wrong_model_index":
+        idx = EmbeddingIndex(np.zeros((1, 4), np.float32), [png], "deadbeefdeadbeef")
+        idx.save(str(tmp_path / "other.npz"))
+        args, needle = ("experiments.search", str(tmp_path / "other.npz"), png), "built by another model"
+    else:
+        args, needle = ("experiments.compare", png, png, "--model", str(text)), "not a siamese-jax model file"
+    r = _cli(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    err_lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err_lines) == 1 and err_lines[0].startswith("error:"), r.stderr
+    assert needle in err_lines[0]

@@ -1,0 +1,51 @@
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_colab_notebook_is_valid_and_its_code_parses():
+    with open(os.path.join(REPO, "experiments", "colab_tpu.ipynb")) as f:
+        nb = json.load(f)
+    assert nb["nbformat"] == 4
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert len(code) >= 3
+    for cell in code:
+        # IPython's `!shell` and `%magic` lines are not Python; everything else must parse.
+        src = "\n".join(line for line in "".join(cell["source"]).splitlines()
+                        if not line.lstrip().startswith(("!", "%")))
+        ast.parse(src)
+    text = "".join("".join(c["source"]) for c in code)
+    assert "omniglot_koch" in text and "train_and_evaluate" in text
+
+
+def test_configs_load_and_koch_config_builds_the_paper_model():
+    import jax
+
+    from experiments.configs import default, omniglot_koch
+    from siamese_jax import models
+
+    for dataset in ("omniglot", "mnist"):
+        c = default.get_config(dataset)
+        assert c.dataset == dataset and c.loss in c.margins
+    koch = omniglot_koch.get_config()
+    model = models.build_model(koch)
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), koch.image_size))
+    assert models.count_params(shapes["params"]) == 38_951_745
+    with pytest.raises(ValueError, match="unknown dataset"):
+        default.get_config("cifar10")
+
+
+def test_library_import_is_light():
+    """`import siamese_jax` and its data/loss modules do not pull TensorFlow, TFDS or matplotlib."""
+    code = ("import sys, siamese_jax, siamese_jax.data, siamese_jax.losses, siamese_jax.train, siamese_jax.plots; "
+            "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'matplotlib') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stdout + r.stderr
