@@ -22,7 +22,12 @@ flags.DEFINE_enum("dataset", None, ("omniglot", "mnist"), "Dataset; picks that d
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>-<loss>).")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: $SIAMESE_DATA_DIR).")
 flags.DEFINE_enum("source", None, ("auto", "archives", "tfds"), "Data source (overrides config.source).")
-config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Config file (a get_config() module).", lock_config=False)
+try:  # ml_collections loads the config file and applies --config.x= overrides right here, at definition
+    config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Config file (a get_config() module).",
+                                    lock_config=False)
+except Exception as e:  # noqa: BLE001 - an unknown key or a bad value is the user's input
+    message = str(e).strip().splitlines()[-1].strip("\"'") if str(e).strip() else type(e).__name__
+    cli.fail(f"bad --config override or file: {type(e).__name__}: {message}")
 
 
 def resolve_config():

@@ -127,7 +127,7 @@ def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> 
     results["retrieval"] = evaluation.retrieval_metrics(ev_emb, ev.labels)
 
     if plots_dir:
-        _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, config)
+        _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, config, loaded)
     return results
 
 
@@ -170,14 +170,22 @@ def evaluate_mnist(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dic
     return out
 
 
-def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, config):
+def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, config, loaded):
     from siamese_jax import plots
 
-    a, b, same = keras_pairs(ev.labels[:2000], config.eval_seed)
-    d = np.linalg.norm(ev_emb[a] - ev_emb[b], axis=-1)
-    threshold = evaluation.best_threshold(d, same)
-    imgs = ev_u8 / 255.0
-    plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), imgs[a[:8]], imgs[b[:8]], same[:8], d[:8], threshold)
+    # Sample *training* pairs (background alphabets) with the learned distances.
+    from siamese_jax.train import load_split
+
+    train = load_split(config, "background")
+    rng = np.random.default_rng(config.eval_seed)
+    sub = train.subset(np.sort(rng.choice(len(train), min(2000, len(train)), replace=False)))
+    tr_u8 = np.asarray(sampling.to_device_dataset(sub, image_size=config.image_size).images)
+    tr_emb = loaded.embed_u8(tr_u8)
+    a, b, same = keras_pairs(sub.labels, config.eval_seed)
+    d = np.linalg.norm(tr_emb[a] - tr_emb[b], axis=-1)
+    show = np.concatenate([[2 * i, 2 * i + 1] for i in rng.choice(len(sub), 4, replace=False)])
+    plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), tr_u8[a[show]] / 255.0, tr_u8[b[show]] / 255.0,
+                     same[show], d[show], evaluation.best_threshold(d, same))
     a, b, same = keras_pairs(ev.labels, config.eval_seed)
     d = np.linalg.norm(ev_emb[a] - ev_emb[b], axis=-1)
     plots.plot_distance_histograms(os.path.join(plots_dir, "distances.png"), d[same], d[~same],
