@@ -86,7 +86,10 @@ def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[Loade
 
 
 def _resized(ds, size):
-    return np.asarray(sampling.to_device_dataset(ds, image_size=size).images)
+    """uint8 images at the model's size, resized exactly as training resized them."""
+    from siamese_jax.augment import resize_uint8
+
+    return resize_uint8(np.asarray(ds.images), size)
 
 
 def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dict:
@@ -163,7 +166,7 @@ def evaluate_mnist(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dic
         from siamese_jax import plots
 
         a, b = dist["test"][2], dist["test"][3]
-        imgs = np.asarray(sampling.to_device_dataset(ds, image_size=config.image_size).images) / 255.0
+        imgs = _resized(ds, config.image_size) / 255.0
         plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), imgs[a[:8]], imgs[b[:8]], same[:8], d[:8], threshold)
         plots.plot_distance_histograms(os.path.join(plots_dir, "distances.png"), d[same], d[~same], threshold)
         plots.plot_embedding_map(os.path.join(plots_dir, "embedding_map.png"), emb[:3000], ds.labels[:3000])
@@ -179,7 +182,7 @@ def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, con
     train = load_split(config, "background")
     rng = np.random.default_rng(config.eval_seed)
     sub = train.subset(np.sort(rng.choice(len(train), min(2000, len(train)), replace=False)))
-    tr_u8 = np.asarray(sampling.to_device_dataset(sub, image_size=config.image_size).images)
+    tr_u8 = _resized(sub, config.image_size)
     tr_emb = loaded.embed_u8(tr_u8)
     a, b, same = keras_pairs(sub.labels, config.eval_seed)
     d = np.linalg.norm(tr_emb[a] - tr_emb[b], axis=-1)
@@ -270,6 +273,4 @@ def balanced_pairs(labels: np.ndarray, num_pairs: int, seed: int) -> tuple[np.nd
 
 def prepare_dataset_images(ds, size: int) -> np.ndarray:
     """A dataset's images as the model sees them: float32 [N, size, size, 1] in [0, 1]."""
-    from siamese_jax.augment import resize_uint8
-
-    return (resize_uint8(np.asarray(ds.images), size).astype(np.float32) / 255.0)[..., None]
+    return (_resized(ds, size).astype(np.float32) / 255.0)[..., None]
