@@ -5,7 +5,6 @@ results.json and plots/ into the workdir (or only prints, with --nowrite) and pr
 """
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

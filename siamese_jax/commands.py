@@ -125,8 +125,6 @@ def _calibrate(argv):
     args = p.parse_args(argv)
     if args.far is not None and not 0 < args.far < 1:
         p.error("--far must be between 0 and 1")
-    import json
-
     import numpy as np
 
     from siamese_jax.files import atomic_write_json

@@ -9,7 +9,7 @@ and decompression bombs are refused before pixels are decoded.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 

@@ -6,7 +6,7 @@ are emulated and slow).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -9,7 +9,6 @@ SIGKILL loses at most the steps since the last save (orbax finalises a step dire
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math

@@ -8,7 +8,6 @@ and key therefore give the same loss and update on 1 device or on many.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import flax
