@@ -11,6 +11,8 @@ included: the square root is taken through a double `where`, so its gradient at 
     batch hard (Hermans et al. 2017):  max(max_p D(a, p) − min_n D(a, n) + m, 0) per anchor
     semihard (FaceNet, TF-Addons rules):  per positive pair, the nearest negative farther than p,
               else the farthest negative
+    hardest negative:  per positive pair, max(D(a, p) − min_n D(a, n) + m, 0)  (the "triplet" loss's
+              `online_all` selection in training)
 - verification (Koch et al. 2015):  logit = Σ_k w_k |h1_k − h2_k| + b;  binary cross-entropy, 1 = same
 
 Each loss `f` has a twin `f_with_stats` returning `(loss, stats)`. `stats` is a dict of float32 scalars,
@@ -28,6 +30,7 @@ __all__ = [
     "batch_all_triplet_loss", "batch_all_triplet_loss_with_stats",
     "batch_hard_triplet_loss", "batch_hard_triplet_loss_with_stats",
     "batch_semihard_triplet_loss", "batch_semihard_triplet_loss_with_stats",
+    "hardest_negative_triplet_loss", "hardest_negative_triplet_loss_with_stats",
     "verification_logits", "verification_loss", "verification_loss_with_stats", "same_probability",
 ]
 
@@ -191,6 +194,31 @@ def batch_hard_triplet_loss(embeddings, labels, margin=0.2, squared=False):
     """Hermans et al. 2017: mean over anchors with ≥1 positive and ≥1 negative of
     max(max_p D(a, p) − min_n D(a, n) + margin, 0); 0 if there is no such anchor."""
     return batch_hard_triplet_loss_with_stats(embeddings, labels, margin, squared)[0]
+
+
+def hardest_negative_triplet_loss_with_stats(embeddings, labels, margin=0.2, squared=False):
+    """(loss, stats) of `hardest_negative_triplet_loss`; stats over the positive pairs considered."""
+    dist = pairwise_distances(embeddings, squared=squared)
+    positive, negative = _label_masks(labels)
+    has_negative = jnp.any(negative, axis=1)
+    considered = positive & has_negative[:, None]
+    hardest_negative = jnp.min(jnp.where(negative, dist, jnp.inf), axis=1)
+    hardest_negative = jnp.where(has_negative, hardest_negative, 0.0)  # no inf in arithmetic or gradient
+    per_pair = jnp.maximum(dist - hardest_negative[:, None] + margin, 0.0)
+    stats = {
+        "active_fraction": _safe_mean((per_pair > 0).astype(jnp.float32), considered),
+        "mean_positive_distance": _safe_mean(dist, considered),
+        "mean_negative_distance": _safe_mean(hardest_negative, has_negative & jnp.any(positive, axis=1)),
+    }
+    return _safe_mean(per_pair, considered), stats
+
+
+def hardest_negative_triplet_loss(embeddings, labels, margin=0.2, squared=False):
+    """Every positive pair (a, p), a ≠ p, with the anchor's hardest negative:
+    max(D(a, p) − min_n D(a, n) + margin, 0), mean over the positive pairs whose anchor has a
+    negative; 0 if there are none. Batch-hard's negatives with batch-all's positives: no plateau at
+    loss ≈ margin early on, and every positive pair of the P×K batch gets a gradient."""
+    return hardest_negative_triplet_loss_with_stats(embeddings, labels, margin, squared)[0]
 
 
 def batch_semihard_triplet_loss_with_stats(embeddings, labels, margin=0.2, squared=False):

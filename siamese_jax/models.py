@@ -15,6 +15,18 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def max_pool_2x2(x):
+    """2x2 max-pool, stride 2, VALID (odd sizes are floored), as a reshape + max.
+
+    Same forward values as `nn.max_pool(x, (2, 2), strides=(2, 2))`. Why not that: its gradient is
+    XLA's select-and-scatter, which on CPU made the whole small-encoder train step ~1.5x slower
+    (measured in experiments/benchmark.py); the gradient of a max-reduction is elementwise.
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class KochEncoder(nn.Module):
     """Koch, Zemel & Salakhutdinov 2015, for 105x105x1 input.
 
@@ -34,21 +46,21 @@ class KochEncoder(nn.Module):
             x = nn.Conv(filters, (size, size), padding="VALID", dtype=self.dtype, param_dtype=jnp.float32)(x)
             x = nn.relu(x)
             if pool:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.Dense(self.features, dtype=self.dtype, param_dtype=jnp.float32)(x)
         return nn.sigmoid(x)
 
 
 class SmallConvEncoder(nn.Module):
-    """The CPU-sized encoder: `num_blocks` x [conv 3x3, norm, ReLU, max-pool 2], then a linear embedding.
+    """The CPU-sized encoder: one [conv 3x3, norm, ReLU, max-pool 2] block per entry of `widths` (its
+    channels), then a linear embedding.
 
     `norm` is "batch" (statistics over the *global* batch: under jit + NamedSharding XLA reduces them
     across devices, so results do not depend on the device count), "layer" or "none".
     """
 
-    width: int = 64
-    num_blocks: int = 4
+    widths: tuple = (16, 32, 64, 128)
     embedding_dim: int = 64
     norm: str = "batch"
     l2_normalize: bool = False
@@ -57,8 +69,8 @@ class SmallConvEncoder(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype)
-        for _ in range(self.num_blocks):
-            x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=self.norm == "none",
+        for width in self.widths:
+            x = nn.Conv(width, (3, 3), padding="SAME", use_bias=self.norm == "none",
                         dtype=self.dtype, param_dtype=jnp.float32)(x)
             if self.norm == "batch":
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
@@ -69,7 +81,7 @@ class SmallConvEncoder(nn.Module):
                 raise ValueError(f"unknown norm {self.norm!r}; expected 'batch', 'layer' or 'none'")
             x = nn.relu(x)
             if x.shape[1] >= 2:  # stop pooling once the map is 1x1 (e.g. 28 -> 14 -> 7 -> 3 -> 1)
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.Dense(self.embedding_dim, dtype=self.dtype, param_dtype=jnp.float32)(x)
         x = x.astype(jnp.float32)
@@ -109,7 +121,9 @@ def build_model(config) -> SiameseNetwork:
         encoder = KochEncoder(features=config.get("embedding_dim", 4096), dtype=dtype)
     elif config.model == "small":
         encoder = SmallConvEncoder(
-            width=config.width, num_blocks=config.num_blocks, embedding_dim=config.embedding_dim,
+            # Configs from before per-block widths said `width` x `num_blocks`.
+            widths=tuple(config.widths) if config.get("widths") else (config.width,) * config.num_blocks,
+            embedding_dim=config.embedding_dim,
             norm=config.norm, l2_normalize=config.l2_normalize, dtype=dtype)
     else:
         raise ValueError(f"unknown model {config.model!r}; expected 'koch' or 'small'")

@@ -100,7 +100,9 @@ def make_sampler(config, mesh):
         fn = lambda dds, key, step: sampling.sample_triplets(jax.random.fold_in(key, step), dds, config.batch_size, same_alphabet_negatives=same_alphabet)
         batch_size = config.batch_size
     else:
-        fn = lambda dds, key, step: sampling.sample_pk_batch(key, step, dds, config.classes_per_batch, config.images_per_class)
+        within = bool(config.get("pk_within_alphabet", False) and config.dataset == "omniglot")
+        fn = lambda dds, key, step: sampling.sample_pk_batch(key, step, dds, config.classes_per_batch, config.images_per_class,
+                                                             within_alphabet=within)
         batch_size = config.classes_per_batch * config.images_per_class
     parallel.check_batch_divisible(batch_size, mesh)
     keep = {"pairs": ("x1", "x2", "is_similar"), "triplets": ("anchor", "positive", "negative"),

@@ -42,7 +42,7 @@ def create_train_state(model, tx: optax.GradientTransformation, key, image_size:
                       rng=state_key)
 
 
-TRIPLET_SELECTIONS = ("online", "random")
+TRIPLET_SELECTIONS = ("online", "online_all", "random")
 
 
 def batch_kind(loss: str, triplet_selection: str = "online") -> str:
@@ -57,8 +57,8 @@ def batch_kind(loss: str, triplet_selection: str = "online") -> str:
         return "pairs"
     if loss in TRIPLET_LOSSES:
         if triplet_selection not in TRIPLET_SELECTIONS:
-            raise ValueError(f"unknown triplet_selection {triplet_selection!r}; expected 'online' or 'random'")
-        return "classes" if triplet_selection == "online" else "triplets"
+            raise ValueError(f"unknown triplet_selection {triplet_selection!r}; expected one of {', '.join(TRIPLET_SELECTIONS)}")
+        return "triplets" if triplet_selection == "random" else "classes"
     if loss in MINING_LOSSES:
         return "classes"
     raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(ALL_LOSSES)}")
@@ -108,6 +108,8 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
     elif loss == "verification":
         logits = model.apply(variables, emb_t[:, 0], emb_t[:, 1], method=model.logits)
         value, stats = L.verification_loss_with_stats(logits, is_similar=batch["is_similar"])
+    elif loss == "triplet" and triplet_selection == "online_all":
+        value, stats = L.hardest_negative_triplet_loss_with_stats(emb, batch["labels"], margin=margin, squared=squared)
     elif loss == "triplet" and kind == "classes":
         key = jax.random.PRNGKey(0) if key is None else key
         positive, negative, valid = online_triplets(emb, batch["labels"], key, squared)

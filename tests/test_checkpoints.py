@@ -15,7 +15,7 @@ SIZE = 16
 
 
 def _setup():
-    config = ml_collections.ConfigDict(dict(model="small", width=8, num_blocks=2, embedding_dim=16, norm="batch",
+    config = ml_collections.ConfigDict(dict(model="small", widths=(8, 8), embedding_dim=16, norm="batch",
                                             l2_normalize=False, loss="batch_hard", compute_dtype="float32"))
     model = models.build_model(config)
     tx = optax.adam(1e-2)

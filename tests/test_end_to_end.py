@@ -13,7 +13,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
-TINY = ["--config.width=8", "--config.embedding_dim=16", "--config.val_episodes=10", "--config.eval_episodes=10",
+TINY = ["--config.widths=(8,8)", "--config.embedding_dim=16", "--config.val_episodes=10", "--config.eval_episodes=10",
         "--config.classes_per_batch=8", "--config.images_per_class=2", "--config.batch_size=16",
         "--config.log_every_seconds=0"]
 

@@ -76,6 +76,18 @@ def np_semihard(e, y, margin, squared):
     return (np.mean(losses) if losses else 0.0), fallbacks
 
 
+def np_hardest_negative(e, y, margin, squared):
+    losses = []
+    for a in range(len(y)):
+        neg = [np_dist(e[a], e[n], squared) for n in range(len(y)) if y[n] != y[a]]
+        if not neg:
+            continue
+        for p in range(len(y)):
+            if p != a and y[p] == y[a]:
+                losses.append(max(np_dist(e[a], e[p], squared) - min(neg) + margin, 0.0))
+    return np.mean(losses) if losses else 0.0
+
+
 # --------------------------------------------------------------------------------- input drawing
 
 def _embeddings(seed, b, e, scale=1.0):
@@ -103,6 +115,8 @@ MINERS = {
     "batch_hard": (L.batch_hard_triplet_loss, L.batch_hard_triplet_loss_with_stats, np_batch_hard),
     "semihard": (L.batch_semihard_triplet_loss, L.batch_semihard_triplet_loss_with_stats,
                  lambda *a: np_semihard(*a)[0]),
+    "hardest_negative": (L.hardest_negative_triplet_loss, L.hardest_negative_triplet_loss_with_stats,
+                         np_hardest_negative),
 }
 
 
@@ -394,7 +408,7 @@ def test_verification_extreme_logits_and_shape_check():
 
 # ----------------------------------------------------------------------------------- gradients
 
-@pytest.mark.parametrize("name", ["contrastive", "triplet", "batch_all", "batch_hard", "semihard"])
+@pytest.mark.parametrize("name", ["contrastive", "triplet", "batch_all", "batch_hard", "semihard", "hardest_negative"])
 def test_gradients_match_finite_differences(name):
     # Well-spread points, so no hinge or mining choice flips within the finite-difference step.
     emb = jnp.asarray(_embeddings(11, 8, 3, 2.0))

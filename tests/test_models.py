@@ -8,7 +8,7 @@ from siamese_jax import models
 
 
 def _config(**kw):
-    c = ml_collections.ConfigDict(dict(model="small", width=16, num_blocks=4, embedding_dim=32, norm="batch",
+    c = ml_collections.ConfigDict(dict(model="small", widths=(16, 16, 16, 16), embedding_dim=32, norm="batch",
                                        l2_normalize=False, loss="triplet", compute_dtype="float32"))
     c.update(kw)
     return c
@@ -43,6 +43,21 @@ def test_small_encoder_shapes_and_l2_normalisation(norm, size):
     np.testing.assert_allclose(np.linalg.norm(np.asarray(h), axis=-1), 1.0, rtol=1e-5)
 
 
+def test_small_encoder_per_block_widths():
+    """`widths` sets each block's channels (and so the number of blocks); the 1x1 map feeds the Dense.
+    Configs from before `widths` (`width` x `num_blocks`) still build the same network."""
+    model = models.build_model(_config(widths=(4, 8, 16, 24, 8)))  # 28 -> 14 -> 7 -> 3 -> 1 -> 1
+    variables = models.init_variables(model, jax.random.PRNGKey(0), 28)
+    enc = variables["params"]["encoder"]
+    assert [enc[f"Conv_{i}"]["kernel"].shape[-1] for i in range(5)] == [4, 8, 16, 24, 8]
+    assert enc["Dense_0"]["kernel"].shape == (8, 32)
+    h = model.apply(variables, jnp.zeros((3, 28, 28, 1)), train=False)
+    assert h.shape == (3, 32)
+    legacy = _config(width=16, num_blocks=3)
+    del legacy["widths"]
+    assert models.build_model(legacy).encoder.widths == (16, 16, 16)
+
+
 def test_bfloat16_compute_keeps_float32_parameters():
     model = models.build_model(_config(compute_dtype="bfloat16", norm="layer"))
     variables = models.init_variables(model, jax.random.PRNGKey(0), 28)
@@ -69,3 +84,16 @@ def test_unknown_model_or_norm_is_a_clear_error():
         models.build_model(_config(model="resnet"))
     with pytest.raises(ValueError, match="unknown norm"):
         models.init_variables(models.build_model(_config(norm="group")), jax.random.PRNGKey(0), 28)
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 28, 3), (1, 7, 7, 2), (3, 3, 5, 1), (2, 96, 96, 4)])
+def test_reshape_max_pool_equals_flax_max_pool(shape):
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    expected = nn.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(models.max_pool_2x2(x), expected)
+    # Gradients agree too where the window maximum is unique (random normals: always).
+    g = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) ** 2))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) ** 2))(x)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6)

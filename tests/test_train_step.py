@@ -17,7 +17,7 @@ B, SIZE = 8, 16
 
 
 def _model(loss, norm="batch"):
-    config = ml_collections.ConfigDict(dict(model="small", width=8, num_blocks=2, embedding_dim=16, norm=norm,
+    config = ml_collections.ConfigDict(dict(model="small", widths=(8, 8), embedding_dim=16, norm=norm,
                                             l2_normalize=False, loss=loss, compute_dtype="float32"))
     return models.build_model(config)
 
@@ -51,7 +51,8 @@ def _run(loss, devices, steps=2, norm="batch", augment_fn=None, selection="onlin
     return jax.device_get(state), history
 
 
-@pytest.mark.parametrize("loss, selection", [("contrastive", None), ("triplet", "online"), ("triplet", "random"),
+@pytest.mark.parametrize("loss, selection", [("contrastive", None), ("triplet", "online"), ("triplet", "online_all"),
+                                             ("triplet", "random"),
                                              ("batch_hard", None), ("batch_all", None), ("semihard", None),
                                              ("verification", None)])
 def test_four_devices_equal_one_device(loss, selection):
