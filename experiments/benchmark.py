@@ -7,7 +7,10 @@
 2. The train step: one jitted call per step (what experiments.train does) vs `lax.scan` over 10
    steps per call (stack-notes §8: slower on CPU; usually faster on GPU/TPU).
 3. Compute dtype: float32 vs bfloat16 train steps (bf16 convolutions are emulated on CPU).
-4. Exact k-NN search: `evaluation.knn` (jitted top-k over chunks) vs NumPy brute force.
+4. Max-pooling in the small encoder's train step: `models.max_pool_2x2` (reshape + max, whose
+   gradient is elementwise) vs `flax.linen.max_pool` (gradient = XLA select-and-scatter).
+5. Encoder shape: the default 16-32-64-128 channels at 35 px vs 4 x 32 channels at 28 px.
+6. Exact k-NN search: `evaluation.knn` (jitted top-k over chunks) vs NumPy brute force.
 """
 import os
 import time
@@ -21,6 +24,7 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
+STEP_IMAGE_SIZE = 35  # the CPU default config's input size (experiments/configs/default.py)
 flags.DEFINE_bool("quick", False, "Fewer repetitions (a smoke run).")
 flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
 
@@ -42,7 +46,7 @@ def _row(name, ours, peer, unit, ours_name, peer_name):
 def bench_sampling(ds, n):
     from siamese_jax import augment, sampling
 
-    P, K, size = 32, 4, 28
+    P, K, size = 32, 4, STEP_IMAGE_SIZE
     dds = sampling.to_device_dataset(ds, image_size=size)
     cfg = augment.AffineConfig()
     on_device = jax.jit(lambda key, step: sampling.sample_pk_batch(key, step, dds, P, K, augment_cfg=cfg)["images"])
@@ -67,19 +71,19 @@ def bench_sampling(ds, n):
     _row("P×K sampling + augmentation", ours, peer, "batch/s", "on device", "host NumPy")
 
 
-def _step_setup(ds, dtype):
+def _step_setup(ds, dtype, widths=(16, 32, 64, 128), image_size=STEP_IMAGE_SIZE):
     import ml_collections
 
     from siamese_jax import models, parallel, sampling
     from siamese_jax import train_step as ts
 
-    config = ml_collections.ConfigDict(dict(model="small", width=32, num_blocks=4, embedding_dim=64, norm="batch",
+    config = ml_collections.ConfigDict(dict(model="small", widths=widths, embedding_dim=64, norm="batch",
                                             l2_normalize=False, loss="batch_hard", compute_dtype=dtype))
     model = models.build_model(config)
     tx = optax.adam(1e-3)
     mesh = parallel.make_data_mesh(jax.devices()[:1])
-    dds = sampling.to_device_dataset(ds, image_size=28)
-    state = ts.create_train_state(model, tx, jax.random.PRNGKey(0), 28)
+    dds = sampling.to_device_dataset(ds, image_size=image_size)
+    state = ts.create_train_state(model, tx, jax.random.PRNGKey(0), image_size)
     batch = jax.jit(lambda k: {k2: v for k2, v in sampling.sample_pk_batch(k, 0, dds, 32, 4).items()
                                if k2 in ("images", "labels")})(jax.random.PRNGKey(1))
     return model, tx, mesh, state, batch
@@ -134,6 +138,50 @@ def bench_dtype(ds, n):
          "float32", "bfloat16")
 
 
+def bench_pooling(ds, n):
+    import flax.linen as nn
+
+    from siamese_jax import models
+    from siamese_jax import train_step as ts
+
+    rates = {}
+    for name, pool in (("reshape", models.max_pool_2x2),
+                       ("nn.max_pool", lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))):
+        original = models.max_pool_2x2
+        models.max_pool_2x2 = pool  # the encoder looks the function up at trace time
+        try:
+            model, tx, mesh, state, batch = _step_setup(ds, "float32")
+            step = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
+            holder = {"s": state}
+
+            def one():
+                holder["s"], m = step(holder["s"], batch, jax.random.PRNGKey(0))
+                return m["loss"]
+
+            rates[name] = _rate(one, n)
+        finally:
+            models.max_pool_2x2 = original
+    _row("max-pool in the train step", rates["reshape"], rates["nn.max_pool"], "step/s", "reshape+max", "nn.max_pool")
+
+
+def bench_encoders(ds, n):
+    """The default encoder against the first sessions' one (4 x 32 channels at 28 px): steps/s."""
+    from siamese_jax import train_step as ts
+
+    rates = {}
+    for name, widths, size in (("default", (16, 32, 64, 128), STEP_IMAGE_SIZE), ("old", (32, 32, 32, 32), 28)):
+        model, tx, mesh, state, batch = _step_setup(ds, "float32", widths, size)
+        step = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
+        holder = {"s": state}
+
+        def one():
+            holder["s"], m = step(holder["s"], batch, jax.random.PRNGKey(0))
+            return m["loss"]
+
+        rates[name] = _rate(one, n)
+    _row("encoder in the train step", rates["default"], rates["old"], "step/s", "16-128@35px", "4x32@28px")
+
+
 def bench_knn(n):
     from siamese_jax import evaluation
 
@@ -163,6 +211,8 @@ def main(argv):
     bench_sampling(ds, 4 * n)
     bench_scan(ds, n)
     bench_dtype(ds, max(3, n // 3))
+    bench_pooling(ds, n)
+    bench_encoders(ds, n)
     bench_knn(max(3, n // 3))
 
 
