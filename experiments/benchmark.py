@@ -120,20 +120,23 @@ def bench_scan(ds, n):
     _row("train step (batch-hard, 128 img)", ours, peer, "step/s", "1 step/call", "lax.scan x10")
 
 
-def bench_dtype(ds, n):
+def _train_step_rate(ds, n, dtype="float32", widths=(16, 32, 64, 128), image_size=STEP_IMAGE_SIZE) -> float:
+    """Steps/s of the jitted batch-hard train step (one call per step) on one fixed P×K batch."""
     from siamese_jax import train_step as ts
 
-    rates = {}
-    for dtype in ("float32", "bfloat16"):
-        model, tx, mesh, state, batch = _step_setup(ds, dtype)
-        step = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
-        holder = {"s": state}
+    model, tx, mesh, state, batch = _step_setup(ds, dtype, widths, image_size)
+    step = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
+    holder = {"s": state}
 
-        def one():
-            holder["s"], m = step(holder["s"], batch, jax.random.PRNGKey(0))
-            return m["loss"]
+    def one():
+        holder["s"], m = step(holder["s"], batch, jax.random.PRNGKey(0))
+        return m["loss"]
 
-        rates[dtype] = _rate(one, n)
+    return _rate(one, n)
+
+
+def bench_dtype(ds, n):
+    rates = {dtype: _train_step_rate(ds, n, dtype) for dtype in ("float32", "bfloat16")}
     _row(f"compute dtype on {jax.devices()[0].platform}", rates["float32"], rates["bfloat16"], "step/s",
          "float32", "bfloat16")
 
@@ -142,7 +145,6 @@ def bench_pooling(ds, n):
     import flax.linen as nn
 
     from siamese_jax import models
-    from siamese_jax import train_step as ts
 
     rates = {}
     for name, pool in (("reshape", models.max_pool_2x2),
@@ -150,36 +152,17 @@ def bench_pooling(ds, n):
         original = models.max_pool_2x2
         models.max_pool_2x2 = pool  # the encoder looks the function up at trace time
         try:
-            model, tx, mesh, state, batch = _step_setup(ds, "float32")
-            step = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
-            holder = {"s": state}
-
-            def one():
-                holder["s"], m = step(holder["s"], batch, jax.random.PRNGKey(0))
-                return m["loss"]
-
-            rates[name] = _rate(one, n)
+            rates[name] = _train_step_rate(ds, n)
         finally:
             models.max_pool_2x2 = original
     _row("max-pool in the train step", rates["reshape"], rates["nn.max_pool"], "step/s", "reshape+max", "nn.max_pool")
 
 
 def bench_encoders(ds, n):
-    """The default encoder against the first sessions' one (4 x 32 channels at 28 px): steps/s."""
-    from siamese_jax import train_step as ts
-
-    rates = {}
-    for name, widths, size in (("default", (16, 32, 64, 128), STEP_IMAGE_SIZE), ("old", (32, 32, 32, 32), 28)):
-        model, tx, mesh, state, batch = _step_setup(ds, "float32", widths, size)
-        step = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
-        holder = {"s": state}
-
-        def one():
-            holder["s"], m = step(holder["s"], batch, jax.random.PRNGKey(0))
-            return m["loss"]
-
-        rates[name] = _rate(one, n)
-    _row("encoder in the train step", rates["default"], rates["old"], "step/s", "16-128@35px", "4x32@28px")
+    """The default encoder against the first sessions' one (4 x 32 channels at 28 px)."""
+    ours = _train_step_rate(ds, n, widths=(16, 32, 64, 128), image_size=STEP_IMAGE_SIZE)
+    peer = _train_step_rate(ds, n, widths=(32, 32, 32, 32), image_size=28)
+    _row("encoder in the train step", ours, peer, "step/s", "16-128@35px", "4x32@28px")
 
 
 def bench_knn(n):
