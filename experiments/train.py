@@ -27,6 +27,7 @@ try:  # ml_collections loads the config file and applies --config.x= overrides r
                                     lock_config=False)
 except Exception as e:  # noqa: BLE001 - an unknown key or a bad value is the user's input
     message = str(e).strip().splitlines()[-1].strip("\"'") if str(e).strip() else type(e).__name__
+    message = message.replace("\\n", " ").replace("\\'", "'")  # ml_collections' KeyError text is a repr
     cli.fail(f"bad --config override or file: {type(e).__name__}: {message}")
 
 

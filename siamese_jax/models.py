@@ -114,6 +114,22 @@ class SiameseNetwork(nn.Module):
         return self.head(jnp.abs(h1.astype(jnp.float32) - h2.astype(jnp.float32)))[..., 0]
 
 
+def encoder_widths(config) -> tuple:
+    """The small encoder's per-block channels: `config.widths`, or `width` x `num_blocks` (configs
+    from before per-block widths). Raises ValueError (one line) for anything but positive integers."""
+    if "widths" in config:
+        widths = config.widths
+    elif "width" in config and "num_blocks" in config:
+        widths = (config.width,) * config.num_blocks
+    else:
+        raise ValueError("the small encoder needs config.widths, e.g. (16, 32, 64, 128)")
+    if (not isinstance(widths, (tuple, list)) or not widths
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)):
+        raise ValueError(f"config.widths must be a non-empty tuple of positive integers, e.g. (16, 32, 64, 128); "
+                         f"got {widths!r}")
+    return tuple(widths)
+
+
 def build_model(config) -> SiameseNetwork:
     """The network a config asks for: `config.model` in {"koch", "small"}."""
     dtype = jnp.dtype(config.get("compute_dtype", "float32"))
@@ -121,9 +137,7 @@ def build_model(config) -> SiameseNetwork:
         encoder = KochEncoder(features=config.get("embedding_dim", 4096), dtype=dtype)
     elif config.model == "small":
         encoder = SmallConvEncoder(
-            # Configs from before per-block widths said `width` x `num_blocks`.
-            widths=tuple(config.widths) if config.get("widths") else (config.width,) * config.num_blocks,
-            embedding_dim=config.embedding_dim,
+            widths=encoder_widths(config), embedding_dim=config.embedding_dim,
             norm=config.norm, l2_normalize=config.l2_normalize, dtype=dtype)
     else:
         raise ValueError(f"unknown model {config.model!r}; expected 'koch' or 'small'")

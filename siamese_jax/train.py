@@ -204,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     os.makedirs(workdir, exist_ok=True)
     ts.batch_kind(config.loss, config.triplet_selection)
+    models.build_model(config)  # a bad model config fails here, before any data is loaded
     mesh = parallel.make_data_mesh()
     is_main = jax.process_index() == 0
     log.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())

@@ -27,7 +27,10 @@ def env(data_dir, tmp_path_factory):
 
 
 def _train(env, workdir, *args, timeout=600):
-    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *TINY, *args]
+    # ml_collections keeps the FIRST of two overrides of one key, so a test's own value replaces TINY's.
+    overridden = {a.split("=")[0] for a in args}
+    tiny = [t for t in TINY if t.split("=")[0] not in overridden]
+    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *tiny, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -128,6 +131,8 @@ def test_mnist_pairs_end_to_end(env, tmp_path):
     (["--config.learning_rate=fast"], "learning_rate"),
     (["--data_dir=/nonexistent/data"], "/nonexistent/data"),
     (["--dataset=cifar"], "dataset"),
+    (["--config.widths=()"], "config.widths"),
+    (["--config.width=64"], "widths"),  # the pre-`widths` key: a hint at the new one
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(env, tmp_path, args, needle):
     e = dict(env, SIAMESE_CACHE_DIR=str(tmp_path / "empty_cache"))

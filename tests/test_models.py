@@ -56,6 +56,9 @@ def test_small_encoder_per_block_widths():
     legacy = _config(width=16, num_blocks=3)
     del legacy["widths"]
     assert models.build_model(legacy).encoder.widths == (16, 16, 16)
+    for bad in ((), (8, 0), (8, "x"), (8, True)):
+        with pytest.raises(ValueError, match="config.widths must be"):
+            models.build_model(_config(widths=bad))
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
