@@ -5,17 +5,31 @@ keeps the one with the best validation metric (evaluation, export). Each step di
 `state` item (params, optimizer state, step, RNG key, BatchNorm statistics) and a `meta` JSON item
 (config, metrics). Orbax writes a step into a temporary directory and renames it when complete, so
 a process killed mid-save leaves the previous steps intact; saves are async and `close()` waits.
+
+Healing: a step of the workdir's own managers that fails to restore is moved aside into
+`<workdir>/unreadable/` (one warning line naming it and the step used instead), so the next save of
+that step writes it afresh. Temporary directories of unfinished saves are removed when the managers
+are opened and closed. `discard_newer_than(step)` moves steps aside (into `<workdir>/diverged/`)
+when a run diverged, so that a re-run resumes from a step before the divergence.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
-from typing import Any, Optional
+import shutil
+import sys
+import threading
+import time
+from typing import Any, Iterable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -26,20 +40,29 @@ def _abstract(target):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
 
 
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
+
+
 class Checkpoints:
     """Periodic (last `keep` steps) and best-by-metric checkpoints of one workdir."""
 
     def __init__(self, workdir: str, keep: int = 2, best_metric: str = "val_one_shot_accuracy",
                  best_mode: str = "max"):
-        workdir = os.path.abspath(workdir)
+        self.workdir = workdir = os.path.abspath(workdir)
         self.best_metric = best_metric
-        self.latest = ocp.CheckpointManager(
-            os.path.join(workdir, "checkpoints"), item_names=("state", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-        self.best = ocp.CheckpointManager(
-            os.path.join(workdir, "best"), item_names=("state", "meta"),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode))
+        for sub in ("checkpoints", "best"):
+            remove_temporary_dirs(os.path.join(workdir, sub))  # unfinished saves of a killed run
+        with quiet_event_loop_tracebacks():  # a step with damaged metadata is reported when restored
+            self.latest = ocp.CheckpointManager(
+                os.path.join(workdir, "checkpoints"), item_names=("state", "meta"),
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.best = ocp.CheckpointManager(
+                os.path.join(workdir, "best"), item_names=("state", "meta"),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode))
+        self._closed = False
 
     # -- saving ---------------------------------------------------------------------------------
     @staticmethod
@@ -65,16 +88,66 @@ class Checkpoints:
         self.best.wait_until_finished()
 
     def close(self):
-        self.latest.close()
-        self.best.close()
+        """Waits for saves in flight (only healthy states are ever saved), closes the managers and
+        removes any temporary directory left behind. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with quiet_event_loop_tracebacks():
+                self.latest.close()
+                self.best.close()
+        finally:
+            for sub in ("checkpoints", "best"):
+                remove_temporary_dirs(os.path.join(self.workdir, sub))
 
     # -- restoring ------------------------------------------------------------------------------
     def restore_latest(self, target) -> Optional[tuple[Any, dict]]:
-        """(state, meta) from the newest readable periodic checkpoint, or None if there is none."""
-        return restore_newest_readable(self.latest, target)
+        """(state, meta) from the newest readable periodic checkpoint, or None if there is none.
+        Unreadable newer steps are moved into `<workdir>/unreadable/`."""
+        return restore_newest_readable(self.latest, target, move_unreadable_to=self._aside_dir("unreadable"))
 
     def restore_best(self, target) -> Optional[tuple[Any, dict]]:
-        return restore_newest_readable(self.best, target)
+        return restore_newest_readable(self.best, target, move_unreadable_to=self._aside_dir("unreadable"))
+
+    # -- divergence -----------------------------------------------------------------------------
+    def discard_newer_than(self, step: int) -> list[str]:
+        """Moves every periodic and best step newer than `step` into `<workdir>/diverged/` (after
+        waiting for saves in flight); returns the paths they were moved to."""
+        self.wait()
+        moved = []
+        for manager, name in ((self.latest, "checkpoints"), (self.best, "best")):
+            for s in manager.all_steps():
+                if s > step:
+                    moved.append(move_step_aside(manager, s, self._aside_dir("diverged"), name))
+            manager.reload()
+        return moved
+
+    def all_periodic_steps(self) -> list[int]:
+        return sorted(self.latest.all_steps())
+
+    def _aside_dir(self, kind: str) -> str:
+        return os.path.join(self.workdir, kind)
+
+
+def remove_temporary_dirs(directory: str) -> list[str]:
+    """Deletes `<step>.orbax-checkpoint-tmp*` directories (saves that never finished)."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(directory), f"*{TMP_MARKER}*")):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def move_step_aside(manager: ocp.CheckpointManager, step: int, aside_dir: str, name: str) -> str:
+    """Renames a step directory to `<aside_dir>/<name>-<step>[-<n>]` (out of the manager's sight)."""
+    source = os.path.join(str(manager.directory), str(step))
+    os.makedirs(aside_dir, exist_ok=True)
+    dest, n = os.path.join(aside_dir, f"{name}-{step}"), 1
+    while os.path.exists(dest):
+        dest, n = os.path.join(aside_dir, f"{name}-{step}-{n}"), n + 1
+    shutil.move(source, dest)
+    return dest
 
 
 def restore_step(manager: ocp.CheckpointManager, step: int, target):
@@ -83,26 +156,42 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target):
     return restored["state"], dict(restored["meta"] or {})
 
 
-def restore_newest_readable(manager: ocp.CheckpointManager, target):
-    """Tries the steps newest first; a truncated or corrupt step is skipped with a warning naming it."""
+def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unreadable_to: Optional[str] = None):
+    """Tries the steps newest first; a truncated or corrupt step is skipped with one warning line
+    naming it (and moved into `move_unreadable_to` if given, so that it is saved afresh later)."""
     steps = sorted(manager.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
-        try:
-            return restore_step(manager, step, target)
-        except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            older = steps[i + 1] if i + 1 < len(steps) else None
-            log.warning("checkpoint step %d in %s is unreadable (%s: %s); %s", step, manager.directory,
-                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
-                        f"falling back to step {older}" if older is not None else "no older checkpoint")
+    moved = False
+    try:
+        for i, step in enumerate(steps):
+            try:
+                with quiet_event_loop_tracebacks(grace_seconds=0.3):
+                    return restore_step(manager, step, target)
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                older = steps[i + 1] if i + 1 < len(steps) else None
+                where = ""
+                if move_unreadable_to is not None and jax.process_index() == 0:
+                    try:
+                        where = f"; moved to {move_step_aside(manager, step, move_unreadable_to, os.path.basename(str(manager.directory)))}"
+                        moved = True
+                    except OSError as move_error:
+                        where = f"; could not move it aside ({_one_line(move_error)})"
+                log.warning("checkpoint step %d in %s is unreadable (%s)%s; %s", step, manager.directory,
+                            _one_line(e), where,
+                            f"falling back to step {older}" if older is not None else "no older checkpoint")
+    finally:
+        if moved:
+            manager.reload()
     if steps:
         raise CheckpointError(f"no readable checkpoint in {manager.directory} (steps tried: {steps})")
     return None
 
 
 def restore_from_directory(directory: str, target, step: Optional[int] = None):
-    """(state, meta) from a `checkpoints/` or `best/` directory; newest readable unless `step` is given."""
-    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
-                                    options=ocp.CheckpointManagerOptions(create=False))
+    """(state, meta) from a `checkpoints/` or `best/` directory; newest readable unless `step` is given.
+    Read-only: unreadable steps are skipped with a warning, never moved."""
+    with quiet_event_loop_tracebacks():
+        manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
+                                        options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     try:
         if step is not None:
             return restore_step(manager, step, target)
@@ -112,3 +201,113 @@ def restore_from_directory(directory: str, target, step: Optional[int] = None):
         return result
     finally:
         manager.close()
+
+
+def restore_first_readable(directories: Iterable[str], target):
+    """(state, meta, directory) from the first of `directories` that holds a readable checkpoint:
+    e.g. `best/`, then `checkpoints/`. A directory with only unreadable steps is one warning line."""
+    directories = list(directories)
+    tried = []
+    for directory in directories:
+        if not (os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))):
+            continue
+        try:
+            state, meta = restore_from_directory(directory, target)
+            return state, meta, directory
+        except CheckpointError as e:
+            tried.append(directory)
+            log.warning("%s; trying the next checkpoint directory", str(e))
+    if tried:
+        raise CheckpointError(f"no readable checkpoint in {', '.join(tried)}")
+    raise CheckpointError(f"no checkpoint in {' or '.join(directories)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# tensorstore's futures that complete after orbax's event loop closed (a restore that failed half
+# way) print "RuntimeError: Event loop is closed" tracebacks through sys.stderr. They carry no
+# information (the failure itself is reported once); this filter drops exactly those blocks.
+# ------------------------------------------------------------------------------------------------
+class _DropEventLoopClosed:
+    """A sys.stderr wrapper; lines are assembled per thread (the callbacks print concurrently)."""
+
+    NOISE = "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._partial: dict[int, str] = {}
+        self._block: dict[int, list[str]] = {}
+
+    def write(self, text):
+        tid = threading.get_ident()
+        with self._lock:
+            buf = self._partial.get(tid, "") + text
+            while "\n" in buf:
+                line, buf = buf.split("\n", 1)
+                self._line(tid, line + "\n")
+            self._partial[tid] = buf
+        return len(text)
+
+    def _line(self, tid, line):
+        block = self._block.get(tid)
+        if block is None:
+            if line.startswith("Traceback (most recent call last):"):
+                self._block[tid] = [line]
+            else:
+                self._stream.write(line)
+            return
+        block.append(line)
+        if not line.startswith((" ", "\t")):
+            del self._block[tid]
+            if line.strip() != self.NOISE:
+                self._stream.write("".join(block))
+
+    def drain(self):
+        with self._lock:
+            for block in self._block.values():
+                self._stream.write("".join(block))
+            self._stream.write("".join(self._partial.values()))
+            self._block.clear()
+            self._partial.clear()
+
+    def flush(self):
+        with self._lock:
+            tid = threading.get_ident()
+            if tid not in self._block and self._partial.get(tid):
+                self._stream.write(self._partial.pop(tid))
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def quiet_event_loop_tracebacks(grace_seconds: float = 0.0):
+    """Within the block (and `grace_seconds` after an exception), drop 'Event loop is closed'
+    tracebacks from sys.stderr and orbax's error lines about unreadable metadata (the caller
+    reports the failure in one line). An already installed filter is left alone."""
+    absl_logger = logging.getLogger("absl")  # orbax logs unreadable metadata files as errors
+    absl_level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    original = sys.stderr
+    filt = None
+    if original is not None and not isinstance(original, _DropEventLoopClosed):
+        sys.stderr = filt = _DropEventLoopClosed(original)
+    try:
+        yield
+    except BaseException:
+        if grace_seconds:
+            time.sleep(grace_seconds)  # callbacks of the cancelled reads arrive within milliseconds
+        raise
+    finally:
+        absl_logger.setLevel(absl_level)
+        if filt is not None:
+            if sys.stderr is filt:
+                sys.stderr = original
+            filt.drain()
+
+
+def install_stderr_filter() -> None:
+    """For command-line processes: keep the filter on sys.stderr for the whole process."""
+    if sys.stderr is not None and not isinstance(sys.stderr, _DropEventLoopClosed):
+        sys.stderr = _DropEventLoopClosed(sys.stderr)

@@ -1,0 +1,197 @@
+"""Checks a training config and its workdir in one place, before any data is loaded.
+
+`validate_config(config)` raises `ConfigError` (a `ValueError`) with one line that names the key,
+the value and what is allowed, e.g. ``config.image_size=0: must be an integer from 8 to 512``.
+Only keys that the chosen loss uses are checked against it (the triplet loss on P x K batches needs
+`images_per_class` >= 2, the pair losses do not look at it). `check_workdir(path)` makes sure the
+workdir is a directory this process can write to.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+DATASETS = ("omniglot", "mnist")
+MODELS = ("small", "koch")
+SOURCES = ("auto", "archives", "tfds")
+NORMS = ("batch", "layer", "none")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+IMAGE_SIZE = (8, 512)
+# Omniglot's background split has 30 alphabets and 20 drawings of each character; MNIST 10 classes.
+OMNIGLOT_BACKGROUND_ALPHABETS = 30
+OMNIGLOT_DRAWINGS = 20
+MNIST_CLASSES = 10
+
+
+class ConfigError(ValueError):
+    """A config value (or workdir) that cannot work; the message is one line naming the key."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _fail(key, value, allowed):
+    raise ConfigError(f"config.{key}={value!r}: {allowed}")
+
+
+def _int_in(config, key, lo, hi=None, why=""):
+    v = config.get(key)
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        _fail(key, v, f"must be an integer {rng}{why}")
+    return v
+
+
+def _float_in(config, key, lo, hi=None, *, lo_open=False, hi_open=False, why=""):
+    v = config.get(key)
+    bad = not _is_number(v) or (v <= lo if lo_open else v < lo)
+    if hi is not None:
+        bad = bad or (v >= hi if hi_open else v > hi)
+    if bad:
+        left = f"> {lo}" if lo_open else f">= {lo}"
+        rng = left if hi is None else f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        _fail(key, v, f"must be a finite number {rng}{why}")
+    return v
+
+
+def _one_of(config, key, choices):
+    v = config.get(key)
+    if v not in choices:
+        _fail(key, v, f"must be one of {', '.join(choices)}")
+    return v
+
+
+def _bool(config, key):
+    v = config.get(key)
+    if not isinstance(v, bool):
+        _fail(key, v, "must be True or False")
+
+
+def validate_model_config(config) -> None:
+    """The keys that define the network: model, widths, embedding_dim, norm, compute_dtype, image_size.
+
+    Builds the network abstractly (`jax.eval_shape`, no memory) so a size the encoder cannot take
+    (Koch et al.'s net needs >= 65 px) is reported here, not as a shape error inside XLA.
+    """
+    from siamese_jax import models
+
+    model = _one_of(config, "model", MODELS)
+    _one_of(config, "compute_dtype", COMPUTE_DTYPES)
+    size = _int_in(config, "image_size", *IMAGE_SIZE, why=" (input side in pixels)")
+    _int_in(config, "embedding_dim", 1, 65536)
+    if model == "small":
+        _one_of(config, "norm", NORMS)
+        _bool(config, "l2_normalize")
+        try:
+            models.encoder_widths(config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    import jax
+
+    try:
+        network = models.build_model(config)
+        jax.eval_shape(lambda: models.init_variables(network, jax.random.PRNGKey(0), size))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to build is this config's fault
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config.image_size={size}: the {model} encoder cannot take this input size "
+                          f"({type(e).__name__}: {first[:160]})") from None
+
+
+def validate_config(config, *, num_devices: int | None = None) -> None:
+    """Raises ConfigError (one line) for the first key whose value cannot work for a training run."""
+    from siamese_jax import train_step as ts
+
+    dataset = _one_of(config, "dataset", DATASETS)
+    loss = _one_of(config, "loss", ts.ALL_LOSSES)
+    _one_of(config, "source", SOURCES)
+    if loss == "triplet":
+        _one_of(config, "triplet_selection", ts.TRIPLET_SELECTIONS)
+    kind = ts.batch_kind(loss, config.get("triplet_selection", "online"))
+    validate_model_config(config)
+
+    if kind == "classes":
+        # P x K batches: mining (and online triplets) need a positive (K >= 2) and a negative (P >= 2).
+        need = " (P x K mining needs 2+ classes per batch for negatives)"
+        hi_p = MNIST_CLASSES if dataset == "mnist" else None
+        _int_in(config, "classes_per_batch", 2, hi_p, why=need if hi_p is None else " (MNIST has 10 classes)")
+        hi_k = OMNIGLOT_DRAWINGS if dataset == "omniglot" else 4096
+        _int_in(config, "images_per_class", 2, hi_k,
+                why=" (P x K mining needs 2+ images per class for positive pairs"
+                    + (f"; Omniglot has {OMNIGLOT_DRAWINGS} per character)" if dataset == "omniglot" else ")"))
+        rows = config.classes_per_batch * config.images_per_class
+        rows_desc = f"classes_per_batch x images_per_class = {rows}"
+    else:
+        rows = _int_in(config, "batch_size", 2, 65536, why=" (pairs/triplets per step)")
+        rows_desc = f"batch_size = {rows}"
+    if num_devices and rows % num_devices:
+        raise ConfigError(f"{rows_desc} is not divisible by the {num_devices} devices "
+                          f"(each device takes an equal share of the batch)")
+
+    _int_in(config, "num_steps", 1, 10**9)
+    _float_in(config, "learning_rate", 0.0, lo_open=True)
+    _int_in(config, "warmup_steps", 0)
+    _float_in(config, "weight_decay", 0.0)
+    margin = config.get("margin")
+    if margin is not None:
+        _float_in(config, "margin", 0.0)
+    elif loss not in (config.get("margins") or {}):
+        _fail("margin", None, f"is unset and config.margins has no entry for loss {loss!r}")
+    _bool(config, "squared")
+    _int_in(config, "seed", 0, 2**31 - 1)
+    for key in ("augment", "rotation_classes", "same_alphabet_negatives", "plots"):
+        if key in config:
+            _bool(config, key)
+    if config.get("augment"):
+        _float_in(config, "augment_rotation_deg", 0.0, 180.0)
+        _float_in(config, "augment_shear", 0.0)
+        _float_in(config, "augment_scale_min", 0.0, lo_open=True)
+        _float_in(config, "augment_scale_max", config.augment_scale_min,
+                  why=" (and >= config.augment_scale_min)")
+        _float_in(config, "augment_translate_px", 0.0)
+        _float_in(config, "augment_prob", 0.0, 1.0)
+
+    if dataset == "omniglot":
+        _int_in(config, "val_alphabets", 1, OMNIGLOT_BACKGROUND_ALPHABETS - 1,
+                why=f" (held-out background alphabets; {OMNIGLOT_BACKGROUND_ALPHABETS} exist)")
+    else:
+        _float_in(config, "val_fraction", 0.0, 1.0, lo_open=True, hi_open=True, why=" (held-out share of the train split)")
+    _int_in(config, "val_episodes", 1)
+    _int_in(config, "eval_episodes", 1)
+    _int_in(config, "eval_every_steps", 1)
+    _int_in(config, "checkpoint_every_steps", 1)
+    _int_in(config, "keep_checkpoints", 1)
+    _float_in(config, "log_every_seconds", 0.0)
+    if "divergence_factor" in config:
+        factor = config.divergence_factor
+        if not (_is_number(factor) and (factor == 0 or factor > 1)):
+            _fail("divergence_factor", factor, "must be a finite number > 1, or 0 to check only for non-finite values")
+        _int_in(config, "divergence_window", 1, 10**6)
+    resume = config.get("resume")
+    if resume is not None and not os.path.isdir(resume):
+        _fail("resume", resume, "must be an existing checkpoint directory (…/checkpoints or …/best)")
+
+
+def check_workdir(workdir: str) -> str:
+    """Creates `workdir` if needed and proves it writable (a file is created and removed); returns
+    its absolute path. Raises ConfigError (one line) if it is a file, cannot be created or written."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"workdir {workdir}: exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir}: cannot create it ({e.strerror or type(e).__name__})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir}: not writable ({e.strerror or type(e).__name__})") from None
+    return path

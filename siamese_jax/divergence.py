@@ -1,0 +1,89 @@
+"""Stops a diverging run: non-finite metrics, and loss / gradient norm / parameter norm that explode.
+
+The rule, in one line (`rule()` returns it with the configured numbers):
+
+    stop when any metric is non-finite, or the loss, gradient norm or parameter norm exceeds
+    FACTOR x max(its first value, its median over the last WINDOW healthy steps)
+
+"First value" anchors the scale, so a loss or gradient that has been near zero for a while (a
+trained model, a batch with no active triplets) cannot trip the rule on ordinary noise; the median
+over recent healthy steps follows the run as it trains. The parameter norm is seeded with the
+norm of the starting state (before the first update), so an update that blows the parameters up in
+the first step is caught at once. Checking is host-side on metrics the train loop reads anyway (one
+step behind the device), so it adds no device synchronisation.
+"""
+from __future__ import annotations
+
+import collections
+import math
+from typing import Mapping, Optional
+
+import numpy as np
+
+WATCHED = ("loss", "grad_norm", "param_norm")
+DEFAULT_FACTOR = 100.0
+DEFAULT_WINDOW = 50
+
+
+class DivergenceError(RuntimeError):
+    """Training diverged at `step`; `metric`, `value` and `reference` say how."""
+
+    def __init__(self, message: str, step: int, metric: str, value: float, reference: Optional[float]):
+        super().__init__(message)
+        self.step, self.metric, self.value, self.reference = step, metric, value, reference
+
+
+def rule(factor: float = DEFAULT_FACTOR, window: int = DEFAULT_WINDOW) -> str:
+    if not factor:
+        return "stop when any metric is non-finite"
+    return (f"stop when any metric is non-finite, or the loss, gradient norm or parameter norm exceeds "
+            f"{factor:g}x max(its first value, its median over the last {window} healthy steps)")
+
+
+class DivergenceDetector:
+    """`check(step, metrics)` raises DivergenceError or records the step as healthy.
+
+    `factor=0` checks only for non-finite values.
+    """
+
+    def __init__(self, factor: float = DEFAULT_FACTOR, window: int = DEFAULT_WINDOW):
+        self.factor, self.window = float(factor), int(window)
+        self._recent = {k: collections.deque(maxlen=self.window) for k in WATCHED}
+        self._first: dict[str, float] = {}
+        self.last_healthy_step: Optional[int] = None
+
+    def seed(self, metric: str, value: float) -> None:
+        """A known-healthy value before the first step (e.g. the starting state's parameter norm)."""
+        value = float(value)
+        if math.isfinite(value):
+            self._first.setdefault(metric, value)
+            self._recent[metric].append(value)
+
+    def reference(self, metric: str) -> Optional[float]:
+        recent = self._recent[metric]
+        if not recent:
+            return None
+        return max(self._first[metric], float(np.median(np.asarray(recent))))
+
+    def check(self, step: int, metrics: Mapping[str, float]) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            k = "loss" if "loss" in bad else bad[0]
+            raise DivergenceError(
+                f"training diverged at step {step}: non-finite {', '.join(bad)} ({k}={values[k]})",
+                step, k, values[k], self.reference(k) if k in WATCHED else None)
+        if self.factor:
+            for k in WATCHED:
+                if k not in values:
+                    continue
+                ref = self.reference(k)
+                if ref is not None and ref > 0 and values[k] > self.factor * ref:
+                    raise DivergenceError(
+                        f"training diverged at step {step}: {k} {values[k]:.3g} is more than "
+                        f"{self.factor:g}x its reference {ref:.3g}", step, k, values[k], ref)
+        for k in WATCHED:
+            if k in values:
+                self._first.setdefault(k, values[k])
+                self._recent[k].append(values[k])
+        self.last_healthy_step = step
