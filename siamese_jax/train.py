@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from siamese_jax import augment as augment_lib
 from siamese_jax import checkpoints as ckpt_lib
-from siamese_jax import models, parallel, sampling
+from siamese_jax import embedding, evaluation, models, parallel, protocols, sampling
+from siamese_jax import input_pipeline as ip
 from siamese_jax import train_step as ts
-from siamese_jax.data import ImageDataset, load
 from siamese_jax.files import atomic_write_json
+from siamese_jax.metrics_writer import MetricsWriter
 
 log = logging.getLogger(__name__)
 
@@ -38,118 +38,15 @@ class TrainingError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data
+# Model selection
 # ------------------------------------------------------------------------------------------------
-def load_split(config, split: str) -> ImageDataset:
-    return load(config.dataset, split, source=config.source, archive_dir=config.archive_dir,
-                data_dir=config.tfds_data_dir, cache_dir=config.cache_dir)
-
-
-def validation_alphabets(alphabet_names, count: int) -> list[int]:
-    """`count` background alphabets held out for validation, evenly spaced in sorted order (deterministic)."""
-    n = len(alphabet_names)
-    if count <= 0:
-        return []
-    if count >= n:
-        raise TrainingError(f"val_alphabets={count} leaves no background alphabet to train on (there are {n})")
-    return sorted({int(round(i)) for i in np.linspace(0, n - 1, count + 2)[1:-1]})
-
-
-def split_train_val(config, ds: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
-    """Training and validation sets, both from the training split (never the evaluation split)."""
-    if config.dataset == "omniglot":
-        held_out = validation_alphabets(ds.alphabet_names, config.val_alphabets)
-        is_val = np.isin(ds.alphabets, held_out)
-        return ds.subset(~is_val), ds.subset(is_val)
-    n_val = int(round(len(ds) * config.val_fraction))
-    return ds.subset(np.arange(len(ds) - n_val)), ds.subset(np.arange(len(ds) - n_val, len(ds)))
-
-
-def with_rotated_classes(ds: ImageDataset) -> ImageDataset:
-    """Adds the 90/180/270-degree rotations of every image as three NEW classes (Vinyals et al. 2016,
-    ProtoNets): 4x the training classes, from the training alphabets only."""
-    import dataclasses
-
-    rotations = [np.rot90(ds.images, k, axes=(1, 2)) for k in range(4)]
-    stack = lambda a: None if a is None else np.concatenate([a] * 4)
-    labels = np.concatenate([ds.labels * 4 + k for k in range(4)]).astype(np.int32)
-    return dataclasses.replace(ds, images=np.ascontiguousarray(np.concatenate(rotations)), labels=labels,
-                               alphabets=stack(ds.alphabets), drawers=stack(ds.drawers))
-
-
-def augment_config(config) -> Optional[augment_lib.AffineConfig]:
-    if not config.augment:
-        return None
-    return augment_lib.AffineConfig(
-        rotation_deg=config.augment_rotation_deg, shear=config.augment_shear,
-        scale=(config.augment_scale_min, config.augment_scale_max),
-        translate_px=config.augment_translate_px, prob=config.augment_prob)
-
-
-def make_sampler(config, mesh):
-    """Jitted `sample(dds, key, step) -> global batch`, sharded on the batch axis over `data`.
-
-    `key` is the run's data key, the same at every step: the PK sampler folds the step in itself and
-    derives its per-epoch class permutation from the base key (every class once per epoch)."""
-    kind = ts.batch_kind(config.loss, config.triplet_selection)
-    same_alphabet = bool(config.same_alphabet_negatives and config.dataset == "omniglot")
-    if kind == "pairs":
-        fn = lambda dds, key, step: sampling.sample_pairs(jax.random.fold_in(key, step), dds, config.batch_size, same_alphabet_negatives=same_alphabet)
-        batch_size = config.batch_size
-    elif kind == "triplets":
-        fn = lambda dds, key, step: sampling.sample_triplets(jax.random.fold_in(key, step), dds, config.batch_size, same_alphabet_negatives=same_alphabet)
-        batch_size = config.batch_size
-    else:
-        within = bool(config.get("pk_within_alphabet", False) and config.dataset == "omniglot")
-        fn = lambda dds, key, step: sampling.sample_pk_batch(key, step, dds, config.classes_per_batch, config.images_per_class,
-                                                             within_alphabet=within)
-        batch_size = config.classes_per_batch * config.images_per_class
-    parallel.check_batch_divisible(batch_size, mesh)
-    keep = {"pairs": ("x1", "x2", "is_similar"), "triplets": ("anchor", "positive", "negative"),
-            "classes": ("images", "labels")}[kind]
-
-    def sample(dds, key, step):
-        batch = fn(dds, key, step)
-        return {k: batch[k] for k in keep}
-
-    return jax.jit(sample, out_shardings=parallel.batch_sharded(mesh)), batch_size
-
-
-# ------------------------------------------------------------------------------------------------
-# Model, optimizer, state
-# ------------------------------------------------------------------------------------------------
-def make_optimizer(config) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=min(config.warmup_steps, config.num_steps),
-        decay_steps=max(config.num_steps, config.warmup_steps + 1), end_value=config.learning_rate * 0.01)
-    if config.weight_decay:
-        return optax.adamw(schedule, weight_decay=config.weight_decay)
-    return optax.adam(schedule)
-
-
 def margin_of(config) -> float:
     return float(config.margin if config.margin is not None else config.margins[config.loss])
 
 
-def embed_images(embed_fn, state, images_u8: np.ndarray, mesh, batch_size: int = 1024) -> np.ndarray:
-    """Embeddings [N, E] of uint8 images [N, H, W] (already at the model's size), in padded batches."""
-    n_dev = mesh.devices.size
-    batch_size = max(n_dev, batch_size // n_dev * n_dev)
-    out = []
-    for start in range(0, len(images_u8), batch_size):
-        chunk = images_u8[start:start + batch_size]
-        pad = (-len(chunk)) % n_dev
-        x = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk
-        x = jnp.asarray(x, jnp.float32)[..., None] / 255.0
-        out.append(np.asarray(embed_fn(state.params, state.batch_stats, x))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 def validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh) -> float:
     """Mean 20-way (or fewer) 1-shot accuracy on episodes from the held-out validation data (fixed seed)."""
-    from siamese_jax import evaluation
-
-    emb = embed_images(embed_fn, state, val_images, mesh)
+    emb = embedding.embed_images(embed_fn, state, val_images, mesh)
     n_classes = int(val_dds.class_count.shape[0])
     n_way = min(20, n_classes)
     within = config.dataset == "omniglot" and sampling.max_classes_per_alphabet(val_dds) >= n_way
@@ -199,9 +96,6 @@ def _check_finite(step: int, metrics: dict):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming if `workdir` has a checkpoint), then evaluates. Returns the results dict."""
-    from siamese_jax import protocols
-    from siamese_jax.metrics_writer import MetricsWriter
-
     os.makedirs(workdir, exist_ok=True)
     ts.batch_kind(config.loss, config.triplet_selection)
     models.build_model(config)  # a bad model config fails here, before any data is loaded
@@ -210,10 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
 
     # Data on device (replicated), resized once.
-    full = load_split(config, "train" if config.dataset == "mnist" else "background")
-    train_ds, val_ds = split_train_val(config, full)
-    if config.get("rotation_classes", False):
-        train_ds = with_rotated_classes(train_ds)
+    train_ds, val_ds = ip.train_val_datasets(config)
     repl = parallel.replicated(mesh)
     train_dds = sampling.to_device_dataset(train_ds, image_size=config.image_size, sharding=repl)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
@@ -222,15 +113,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              len(train_ds), train_ds.num_classes, len(val_ds), val_ds.num_classes)
 
     model = models.build_model(config)
-    tx = make_optimizer(config)
-    aug = augment_config(config)
+    tx = ts.make_optimizer(config)
+    aug = ip.augment_config(config)
     augment_fn = None if aug is None else (lambda key, x: augment_lib.random_affine(key, x, aug))
     train_step = ts.make_train_step(model, tx, mesh, loss=config.loss, margin=margin_of(config),
                                     squared=config.squared, augment_fn=augment_fn,
                                     triplet_selection=config.triplet_selection)
-    sample, batch_size = make_sampler(config, mesh)
-    images_per_step = batch_size * {"pairs": 2, "triplets": 3, "classes": 1}[ts.batch_kind(config.loss, config.triplet_selection)]
-    embed_fn = ts.make_embed_fn(model, mesh)
+    sample, batch_size = ip.make_sampler(config, mesh)
+    images_per_step = ip.images_per_step(config, batch_size)
+    embed_fn = embedding.make_embed_fn(model, mesh)
 
     # State: own checkpoint -> config.resume -> init.
     fresh = ts.create_train_state(model, tx, jax.random.PRNGKey(config.seed), config.image_size)
