@@ -63,6 +63,7 @@ class Checkpoints:
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode))
         self._closed = False
+        _OPEN.append(self)
 
     # -- saving ---------------------------------------------------------------------------------
     @staticmethod
@@ -93,6 +94,8 @@ class Checkpoints:
         if self._closed:
             return
         self._closed = True
+        if self in _OPEN:
+            _OPEN.remove(self)
         try:
             with quiet_event_loop_tracebacks():
                 self.latest.close()
@@ -128,6 +131,24 @@ class Checkpoints:
 
     def _aside_dir(self, kind: str) -> str:
         return os.path.join(self.workdir, kind)
+
+
+_OPEN: list[Checkpoints] = []  # opened and not closed yet
+
+
+@contextlib.contextmanager
+def close_on_exit():
+    """Closes every `Checkpoints` opened inside the block and still open when it exits, whatever
+    the exit (an error in the loop must neither leave an orbax save half-done nor a temp dir)."""
+    mark = len(_OPEN)
+    try:
+        yield
+    finally:
+        for ckpts in reversed(_OPEN[mark:]):
+            try:
+                ckpts.close()
+            except Exception as e:  # noqa: BLE001 - closing must not hide the error that got us here
+                log.warning("closing the checkpoints of %s failed (%s)", ckpts.workdir, _one_line(e))
 
 
 def remove_temporary_dirs(directory: str) -> list[str]:
@@ -167,6 +188,11 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
                 with quiet_event_loop_tracebacks(grace_seconds=0.3):
                     return restore_step(manager, step, target)
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                mismatch = _shape_mismatch(manager, step, target)
+                if mismatch:  # not damage: this workdir belongs to another model, leave it alone
+                    raise CheckpointError(
+                        f"checkpoint step {step} in {manager.directory} was written by a different model "
+                        f"({mismatch}); use that run's config or another workdir") from None
                 older = steps[i + 1] if i + 1 < len(steps) else None
                 where = ""
                 if move_unreadable_to is not None and jax.process_index() == 0:
@@ -183,6 +209,38 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
             manager.reload()
     if steps:
         raise CheckpointError(f"no readable checkpoint in {manager.directory} (steps tried: {steps})")
+    return None
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        out[key] = tuple(getattr(leaf, "shape", ()))
+    return out
+
+
+def _shape_mismatch(manager: ocp.CheckpointManager, step: int, target) -> Optional[str]:
+    """If the step's own metadata is readable and its parameter shapes differ from `target`'s, how
+    (e.g. 'params/encoder/Conv_0/kernel is (3, 3, 1, 8) in the checkpoint, (3, 3, 1, 16) here');
+    None when they agree or the metadata itself is unreadable (then the step is damaged)."""
+    try:
+        from etils import epath
+
+        with quiet_event_loop_tracebacks():
+            md = ocp.StandardCheckpointHandler().metadata(epath.Path(str(manager.directory)) / str(step) / "state")
+        tree = getattr(md, "tree", md)
+        stored = _flat_shapes(tree["params"])
+    except Exception:  # noqa: BLE001 - unreadable metadata: damaged, not a different model
+        return None
+    wanted = _flat_shapes(getattr(target, "params", {}))
+    for key in sorted(set(stored) | set(wanted)):
+        if key not in stored:
+            return f"params/{key} is missing from the checkpoint"
+        if key not in wanted:
+            return f"params/{key} is in the checkpoint but not in this model"
+        if stored[key] != wanted[key]:
+            return f"params/{key} is {stored[key]} in the checkpoint, {wanted[key]} for this config"
     return None
 
 

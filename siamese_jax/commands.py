@@ -5,13 +5,18 @@
     python -m experiments.search index.npz query.png -k 5 [--sheet out.png]
     python -m experiments.calibrate FOLDER --model WORKDIR|FILE [--far 0.01] [--out model.msgpack]
 
-User mistakes (missing file, not an image, wrong index, ...) are one `error:` line and exit code 2.
+Every error (missing file, not an image, wrong index, unusable model file, and unexpected ones)
+is one `error:` line and exit code 2; exit code 1 is only `compare`'s DIFFERENT. `--verbose` (or
+SIAMESE_TRACEBACK=1) prints the traceback of an unexpected error. File names that are not valid in
+the output encoding are printed with backslash escapes.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from siamese_jax import console
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -32,17 +37,19 @@ def _user_errors():
 
 
 def _run(fn, argv):
-    try:
-        return fn(argv)
-    except _user_errors() as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    argv = list(argv)
+    verbose = "--verbose" in argv
+    return console.guarded(lambda: fn([a for a in argv if a != "--verbose"]), _user_errors(), verbose=verbose)
+
+
+def _add_verbose(p):
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an unexpected error")
 
 
 def _model_arg(p):
     p.add_argument("--model", default="pretrained",
                    help="'pretrained' (shipped Omniglot model), a training workdir, or a .msgpack model file")
+    _add_verbose(p)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +86,7 @@ def _embed(argv):
     model = load_model(args.model)
     index = build_index(model, paths)
     index.save(args.out)
-    print(f"indexed {len(index)} images ({index.embeddings.shape[1]}-d) from {args.folder} -> {args.out}")
+    print(console.display(f"indexed {len(index)} images ({index.embeddings.shape[1]}-d) from {args.folder} -> {args.out}"))
     return 0
 
 
@@ -103,12 +110,12 @@ def _search(argv):
     check_compatible(index, model, args.index)
     dists, idx = index.search(model.embed([args.image]), args.k)
     for rank, (d, i) in enumerate(zip(dists[0], idx[0]), 1):
-        print(f"{rank:>3}  {d:8.4f}  {index.paths[i]}")
+        print(console.display(f"{rank:>3}  {d:8.4f}  {index.paths[i]}"))
     if args.sheet:
         from siamese_jax import plots
 
         plots.plot_neighbours(args.sheet, args.image, [index.paths[i] for i in idx[0]], dists[0])
-        print(f"contact sheet -> {args.sheet}")
+        print(console.display(f"contact sheet -> {args.sheet}"))
     return 0
 
 
@@ -125,6 +132,10 @@ def _calibrate(argv):
     args = p.parse_args(argv)
     if args.far is not None and not 0 < args.far < 1:
         p.error("--far must be between 0 and 1")
+    if args.pairs < 2:
+        p.error(f"--pairs must be at least 2 (half same-class, half different-class pairs); got {args.pairs}")
+    if args.model == "pretrained" and not args.out:
+        p.error("--out is required to calibrate the shipped pretrained model (it is not overwritten)")
     import numpy as np
 
     from siamese_jax.files import atomic_write_json
@@ -146,12 +157,10 @@ def _calibrate(argv):
         atomic_write_json(os.path.join(args.model, "calibration.json"), cal.__dict__)
         where = os.path.join(args.model, "calibration.json")
     else:
-        where = args.out or (args.model if args.model != "pretrained" else None)
-        if where is None:
-            p.error("--out is required to calibrate the shipped pretrained model")
+        where = args.out or args.model
         model.save(where)
-    print(f"threshold {cal.threshold:.4f} ({cal.method}) on {cal.num_pairs} pairs from {len(names)} classes: "
-          f"accuracy {cal.accuracy:.3f}, false-accept rate {cal.false_accept_rate:.3f} -> {where}")
+    print(console.display(f"threshold {cal.threshold:.4f} ({cal.method}) on {cal.num_pairs} pairs from {len(names)} classes: "
+                          f"accuracy {cal.accuracy:.3f}, false-accept rate {cal.false_accept_rate:.3f} -> {where}"))
     return 0
 
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 from typing import Mapping, Optional
 
 import numpy as np
+
+from siamese_jax import checkpoints as ckpt_lib
 
 WATCHED = ("loss", "grad_norm", "param_norm")
 DEFAULT_FACTOR = 100.0
@@ -26,11 +29,14 @@ DEFAULT_WINDOW = 50
 
 
 class DivergenceError(RuntimeError):
-    """Training diverged at `step`; `metric`, `value` and `reference` say how."""
+    """Training diverged at `step`; `metric`, `value` and `reference` say how. `start_step` is the
+    step this process started (resumed) from."""
 
-    def __init__(self, message: str, step: int, metric: str, value: float, reference: Optional[float]):
+    def __init__(self, message: str, step: int, metric: str, value: float, reference: Optional[float],
+                 start_step: int = 0):
         super().__init__(message)
         self.step, self.metric, self.value, self.reference = step, metric, value, reference
+        self.start_step = start_step
 
 
 def rule(factor: float = DEFAULT_FACTOR, window: int = DEFAULT_WINDOW) -> str:
@@ -46,8 +52,8 @@ class DivergenceDetector:
     `factor=0` checks only for non-finite values.
     """
 
-    def __init__(self, factor: float = DEFAULT_FACTOR, window: int = DEFAULT_WINDOW):
-        self.factor, self.window = float(factor), int(window)
+    def __init__(self, factor: float = DEFAULT_FACTOR, window: int = DEFAULT_WINDOW, start_step: int = 0):
+        self.factor, self.window, self.start_step = float(factor), int(window), int(start_step)
         self._recent = {k: collections.deque(maxlen=self.window) for k in WATCHED}
         self._first: dict[str, float] = {}
         self.last_healthy_step: Optional[int] = None
@@ -72,7 +78,7 @@ class DivergenceDetector:
             k = "loss" if "loss" in bad else bad[0]
             raise DivergenceError(
                 f"training diverged at step {step}: non-finite {', '.join(bad)} ({k}={values[k]})",
-                step, k, values[k], self.reference(k) if k in WATCHED else None)
+                step, k, values[k], self.reference(k) if k in WATCHED else None, self.start_step)
         if self.factor:
             for k in WATCHED:
                 if k not in values:
@@ -81,9 +87,41 @@ class DivergenceDetector:
                 if ref is not None and ref > 0 and values[k] > self.factor * ref:
                     raise DivergenceError(
                         f"training diverged at step {step}: {k} {values[k]:.3g} is more than "
-                        f"{self.factor:g}x its reference {ref:.3g}", step, k, values[k], ref)
+                        f"{self.factor:g}x its reference {ref:.3g}", step, k, values[k], ref, self.start_step)
         for k in WATCHED:
             if k in values:
                 self._first.setdefault(k, values[k])
                 self._recent[k].append(values[k])
         self.last_healthy_step = step
+
+
+def from_config(config, start_step: int = 0) -> DivergenceDetector:
+    """The detector a config asks for (`divergence_factor`, `divergence_window`; defaults if absent)."""
+    return DivergenceDetector(config.get("divergence_factor", DEFAULT_FACTOR),
+                              config.get("divergence_window", DEFAULT_WINDOW), start_step)
+
+
+def stop_diverged_run(error: DivergenceError, config, workdir: str) -> DivergenceError:
+    """After a divergence (the run's checkpoint managers closed): moves checkpoints saved within
+    `divergence_window` steps before it into `<workdir>/diverged/` (they may hold a state that was
+    already going wrong), and returns the error with one line saying which step a re-run resumes from."""
+    window = int(config.get("divergence_window", DEFAULT_WINDOW))
+    factor = float(config.get("divergence_factor", DEFAULT_FACTOR))
+    keep_up_to = max(error.step - window, error.start_step)
+    ckpts = ckpt_lib.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
+    try:
+        moved = ckpts.discard_newer_than(keep_up_to)
+        steps = ckpts.all_periodic_steps()
+    finally:
+        ckpts.close()
+    lr = config.get("learning_rate")
+    advice = f"lower --config.learning_rate (now {lr:g})" if isinstance(lr, (int, float)) else "lower the learning rate"
+    if steps:
+        resume = (f"{advice} and re-run with the same workdir: it resumes from step {steps[-1]}, saved before "
+                  f"the divergence ({os.path.join(workdir, 'checkpoints', str(steps[-1]))})")
+    else:
+        resume = f"{advice} and re-run: there is no checkpoint from before the divergence, so it starts from scratch"
+    aside = (f"; {len(moved)} checkpoint(s) saved less than {window} steps before it moved to "
+             f"{os.path.join(workdir, 'diverged')}" if moved else "")
+    message = f"{error} (rule: {rule(factor, window)}){aside}; {resume}"
+    return DivergenceError(message, error.step, error.metric, error.value, error.reference, error.start_step)

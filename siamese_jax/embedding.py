@@ -81,8 +81,6 @@ def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[Loade
     model = models.build_model(config)
     target = ts.create_train_state(model, ts.make_optimizer(config), jax.random.PRNGKey(0), config.image_size)
     candidates = [os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")] if which == "best" else [which]
-    for directory in candidates:
-        if os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory)):
-            state, _ = ckpt_lib.restore_from_directory(directory, target)
-            return LoadedModel(config, parallel.put_replicated(state, mesh), mesh), int(state.step)
-    raise ckpt_lib.CheckpointError(f"no checkpoint in {workdir} (looked in {', '.join(candidates)})")
+    # An unreadable best/ (truncated, corrupt) falls back to checkpoints/ with one warning line.
+    state, _, _ = ckpt_lib.restore_first_readable(candidates, target)
+    return LoadedModel(config, parallel.put_replicated(state, mesh), mesh), int(state.step)

@@ -9,6 +9,7 @@ and decompression bombs are refused before pixels are decoded.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Sequence, Union
 
 import numpy as np
@@ -55,7 +56,12 @@ def read_image(path: str) -> np.ndarray:
     if not os.path.exists(path):
         raise ImageError(f"{path}: no such file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # PIL warns (2 lines on stderr) above ~89M pixels; our own limit below is lower and is
+            # reported as one ImageError, so its warning is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             w, h = img.size
             if w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
                 raise ImageError(f"{path}: {w}x{h} pixels is too large (limit {MAX_PIXELS} pixels, {MAX_SIDE} per side)")

@@ -208,9 +208,40 @@ def load_model(source: str = "pretrained") -> SiameseModel:
             raise ValueError(f"unknown format {meta.get('format')!r}")
     except Exception as e:
         raise ModelError(f"{source}: not a siamese-jax model file ({type(e).__name__}: {str(e)[:100]})") from None
-    cal = meta.get("calibration")
-    return SiameseModel(ml_collections.ConfigDict(meta["config"]), blob["params"], blob.get("batch_stats") or {},
-                        Calibration(**cal) if cal else None, meta.get("provenance"))
+    try:
+        if not isinstance(meta.get("config"), dict):
+            raise ValueError("its metadata has no config")
+        config = ml_collections.ConfigDict(meta["config"])
+        cal = meta.get("calibration")
+        calibration = Calibration(**cal) if cal else None
+        if calibration is not None and not all(
+                isinstance(getattr(calibration, f.name), (int, float)) for f in dataclasses.fields(Calibration) if f.name != "method"):
+            raise ValueError("its calibration has non-numeric values")
+        model = SiameseModel(config, blob["params"], blob.get("batch_stats") or {}, calibration, meta.get("provenance"))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelError(f"{source}: unusable model metadata ({type(e).__name__}: {str(e)[:160]})") from None
+    check_weights(model, source)
+    return model
+
+
+def check_weights(model: SiameseModel, source: str) -> None:
+    """Raises ModelError unless the weights have exactly the shapes the metadata's config implies."""
+    try:
+        expected = jax.eval_shape(lambda: models.init_variables(model.network, jax.random.PRNGKey(0), model.image_size))
+    except Exception as e:  # noqa: BLE001 - a config that cannot build a network
+        raise ModelError(f"{source}: its config does not describe a buildable model ({type(e).__name__}: {str(e)[:120]})") from None
+    have = {"params": model.params, **({"batch_stats": model.batch_stats} if expected.get("batch_stats") else {})}
+    want = {k: expected[k] for k in have}
+    def flat(tree):
+        return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(x))
+                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    flat_have, flat_want = flat(have), flat(want)
+    for key in sorted(set(flat_have) | set(flat_want)):
+        if flat_have.get(key) != flat_want.get(key):
+            got = flat_have.get(key, "missing")
+            raise ModelError(f"{source}: its weights do not match its metadata's config ({key} is {got} in the file, "
+                             f"{flat_want.get(key, 'absent')} for the config)")
 
 
 def _load_workdir(workdir: str) -> SiameseModel:

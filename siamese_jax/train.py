@@ -9,9 +9,9 @@ SIGKILL loses at most the steps since the last save (orbax finalises a step dire
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -21,14 +21,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from siamese_jax import augment as augment_lib
 from siamese_jax import checkpoints as ckpt_lib
+from siamese_jax import config_check, divergence
 from siamese_jax import embedding, evaluation, models, parallel, protocols, sampling
 from siamese_jax import input_pipeline as ip
 from siamese_jax import train_step as ts
 from siamese_jax.files import atomic_write_json
 from siamese_jax.metrics_writer import MetricsWriter
+from siamese_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +89,27 @@ def _config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _check_finite(step: int, metrics: dict):
-    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-    if bad:
-        raise TrainingError(
-            f"non-finite {', '.join(bad)} at step {step} (loss={metrics.get('loss')}); stopping. "
-            f"The last good checkpoint is kept; lower --config.learning_rate and re-run to resume from it.")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming if `workdir` has a checkpoint), then evaluates. Returns the results dict."""
+    """Trains (resuming if `workdir` has a checkpoint), then evaluates. Returns the results dict.
+
+    Before any data is loaded: the whole config is validated (`config_check`, one-line
+    `ConfigError`s), the workdir is created and proven writable, and its lock is taken (one run per
+    workdir; `WorkdirLockedError` names the holder). A diverging run (`divergence` states the rule)
+    stops at the step that breaks the rule, saves nothing after it and names the step a re-run
+    resumes from. On any exit the checkpoint managers are closed and their temp dirs removed.
+    """
+    config_check.validate_config(config, num_devices=jax.device_count())
+    config_check.check_workdir(workdir)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        try:
+            with ckpt_lib.close_on_exit():
+                return _train_and_evaluate(config, workdir)
+        except divergence.DivergenceError as e:
+            raise divergence.stop_diverged_run(e, config, workdir) from None
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     ts.batch_kind(config.loss, config.triplet_selection)
     models.build_model(config)  # a bad model config fails here, before any data is loaded
@@ -139,6 +153,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = parallel.put_replicated(state, mesh)
     start_step = int(state.step)
     best_so_far = _best_metric(ckpts)
+    detector = divergence.from_config(config, start_step)
+    detector.seed("param_norm", float(optax.tree.norm(state.params)))  # the starting state's norm
 
     writer = MetricsWriter(workdir, enabled=is_main)
     writer.truncate_after(start_step)
@@ -155,14 +171,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = sample(train_dds, data_key, step)
             state, metrics = train_step(state, batch, step_key)
             if pending is not None:
-                _finish_step(pending, writer, config)
+                _finish_step(pending, writer, detector)
             pending = (step + 1, metrics)
             steps_since_log += 1
             done = step + 1
             now = time.time()
             if now - t_log >= config.log_every_seconds or done == config.num_steps:
-                m = _to_host(metrics)
-                _check_finite(done, m)
+                m = _to_host(metrics)  # checked by _finish_step, one step later
                 rate = steps_since_log / (now - t_log)
                 eta = (config.num_steps - done) / max(rate, 1e-9)
                 log.info("step %d/%d  loss %.4f  active %.3f  %.1f steps/s  %.0f img/s  ETA %s",
@@ -171,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write(done, {"steps_per_second": rate, "images_per_second": rate * images_per_step})
                 t_log, steps_since_log = now, 0
             if done % config.eval_every_steps == 0 or done == config.num_steps:
-                _finish_step(pending, writer, config)
+                _finish_step(pending, writer, detector)
                 pending = None
                 acc = validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh)
                 writer.write(done, {"val_one_shot_accuracy": acc})
@@ -181,12 +196,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     ckpts.save_best(state, dict(meta, step=done, val_one_shot_accuracy=acc),
                                     {"val_one_shot_accuracy": acc})
             if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
+                if pending is not None:  # never save a state whose own metrics are unchecked
+                    _finish_step(pending, writer, detector)
+                    pending = None
                 ckpts.save(state, dict(meta, step=done))
             if stop.received:
                 stopped_by = stop.received
                 break
         if pending is not None:
-            _finish_step(pending, writer, config)
+            _finish_step(pending, writer, detector)
         if stopped_by:
             ckpts.save(state, dict(meta, step=int(state.step)), force=True)
             log.warning("%s received: saved a checkpoint at step %d in %s; re-run to resume",
@@ -215,11 +233,11 @@ def _to_host(metrics) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _finish_step(pending, writer, config):
+def _finish_step(pending, writer, detector):
     step, metrics = pending
     m = _to_host(metrics)
-    _check_finite(step, m)
-    writer.write(step, m)
+    writer.write(step, m)  # written first, so metrics.jsonl shows the values that stopped a run
+    detector.check(step, m)
 
 
 def _fmt_duration(seconds: float) -> str:

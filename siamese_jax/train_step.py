@@ -146,7 +146,8 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str,
     """The jitted data-parallel step. `augment_fn(key, images) -> images` runs on device, per image.
 
     Returns `train_step(state, batch, key) -> (state, metrics)`; metrics are device scalars (loss,
-    active_fraction, embedding_norm, grad_norm), read by the caller when it wants, not synced here.
+    active_fraction, embedding_norm, grad_norm, param_norm of the updated parameters), read by the
+    caller when it wants, not synced here.
     """
     batch_kind(loss, triplet_selection)  # validates the names early
     repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -163,7 +164,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str,
             jax.random.fold_in(key, 1000), triplet_selection)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(stats, loss=value, grad_norm=optax.tree.norm(grads))
+        metrics = dict(stats, loss=value, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         return new_state, metrics
 

@@ -41,7 +41,7 @@ class WorkdirLock:
                     f"wait for it to finish or use another --workdir") from None
             raise
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({self.purpose})\n".encode(), 0)
+        os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()}, {self.purpose}\n".encode(), 0)
         self._fd = fd
         return self
 

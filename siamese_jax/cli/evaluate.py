@@ -1,0 +1,67 @@
+"""Evaluate a trained workdir: `siamese-evaluate --workdir=runs/omniglot-triplet` (in a checkout also
+`python -m experiments.evaluate ...`).
+
+Uses the run's own config.json and its best checkpoint (or --checkpoint=<step dir>); writes
+results.json and plots/ into the workdir (or only prints, with --nowrite) and prints a table.
+"""
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import flags  # noqa: E402
+
+from siamese_jax import cli  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", required=True)
+flags.DEFINE_string("checkpoint", "best", "'best' (default; falls back to the newest) or a checkpoint directory.")
+flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")
+flags.DEFINE_integer("episodes", None, "Episodes per N-way K-shot setting (default: the run's config, 1000).")
+flags.DEFINE_bool("write", True, "Write results.json and plots/ into the workdir.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.setup_logging()
+    import contextlib
+
+    import ml_collections
+
+    from siamese_jax import config_check, protocols
+    from siamese_jax.workdir_lock import WorkdirLock
+
+    workdir = FLAGS.workdir
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        cli.fail(f"{workdir} is not a training workdir (no config.json)")
+    try:
+        with open(path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+        cli.fail(f"{path}: not a valid config.json ({cli.console.one_line(e)})")
+    if FLAGS.data_dir:
+        config.archive_dir = FLAGS.data_dir
+    if FLAGS.episodes is not None:
+        if FLAGS.episodes < 1:
+            cli.fail(f"--episodes={FLAGS.episodes}: must be at least 1")
+        config.eval_episodes = FLAGS.episodes
+    config_check.validate_model_config(config)
+    # Writing results.json and plots/ into the workdir: the workdir's lock, as a training run takes it.
+    lock = contextlib.nullcontext()
+    if FLAGS.write:
+        config_check.check_workdir(workdir)
+        lock = WorkdirLock(workdir, purpose="evaluation")
+    with lock:
+        results = protocols.evaluate_workdir(config, workdir, checkpoint=FLAGS.checkpoint, write=FLAGS.write)
+    print(protocols.format_results_table(results))
+
+
+def run():
+    """The `siamese-evaluate` console script."""
+    cli.run_app(main)
+
+
+if __name__ == "__main__":
+    run()

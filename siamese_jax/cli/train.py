@@ -1,0 +1,87 @@
+"""Train a Siamese network, then evaluate it: `siamese-train --loss=triplet` (or, in a checkout,
+`python -m experiments.train --loss=triplet`).
+
+    siamese-train --loss=batch_hard --dataset=omniglot --workdir=runs/x \
+        --config.num_steps=5000 --config.learning_rate=1e-3
+    siamese-train --config=omniglot_koch          # a shipped config by name, or a path to a config file
+
+Re-running with the same --workdir resumes from its newest checkpoint. Every error is one `error:`
+line and exit code 2 (SIAMESE_TRACEBACK=1 for the traceback of an unexpected one); SIGTERM/SIGINT
+save a checkpoint and exit with code 130.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from siamese_jax import cli  # noqa: E402
+
+LOSSES = ("contrastive", "triplet", "batch_hard", "batch_all", "semihard", "verification")
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("loss", None, LOSSES, "Loss (overrides config.loss).")
+flags.DEFINE_enum("dataset", None, ("omniglot", "mnist"), "Dataset; picks that dataset's default preset.")
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>-<loss>).")
+flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: $SIAMESE_DATA_DIR).")
+flags.DEFINE_enum("source", None, ("auto", "archives", "tfds"), "Data source (overrides config.source).")
+try:  # ml_collections loads the config file and applies --config.x= overrides right here, at definition
+    config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Config file (a get_config() module).",
+                                    lock_config=False)
+except Exception as e:  # noqa: BLE001 - an unknown key or a bad value is the user's input
+    message = str(e).strip().splitlines()[-1].strip("\"'") if str(e).strip() else type(e).__name__
+    message = message.replace("\\n", " ").replace("\\'", "'")  # ml_collections' KeyError text is a repr
+    cli.fail(f"bad --config override or file: {type(e).__name__}: {message}")
+
+
+def resolve_config():
+    """The config after presets and flags: --dataset picks a preset, --config.x= overrides win over it."""
+    from siamese_jax.configs import default
+
+    try:
+        config = FLAGS.config
+        config.get("dataset")  # a config file that failed to load raises here (ml_collections defers it)
+    except Exception as e:  # noqa: BLE001
+        cli.fail(f"--config={config_flags.get_config_filename(FLAGS['config'])}: {cli.config_error_message(e)}")
+    if FLAGS.dataset and FLAGS.dataset != config.dataset:
+        filename = config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]
+        if os.path.basename(filename) != "default.py":  # the shipped default (or the checkout's shim)
+            raise ValueError(f"--dataset={FLAGS.dataset} contradicts the config file's dataset {config.dataset!r}")
+        config = default.get_config(FLAGS.dataset)
+        config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
+    if FLAGS.loss:
+        config.loss = FLAGS.loss
+    if FLAGS.data_dir:
+        config.archive_dir = FLAGS.data_dir
+    if FLAGS.source:
+        config.source = FLAGS.source
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.loss!r}; expected one of {', '.join(LOSSES)}")
+    return config
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.setup_logging()
+    from siamese_jax import protocols
+    from siamese_jax.train import train_and_evaluate
+
+    config = resolve_config()
+    workdir = FLAGS.workdir or os.path.join("runs", f"{config.dataset}-{config.loss}")
+    try:
+        results = train_and_evaluate(config, workdir)
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(130)
+    print(protocols.format_results_table(results))
+
+
+def run():
+    """The `siamese-train` console script."""
+    cli.run_app(main)
+
+
+if __name__ == "__main__":
+    run()

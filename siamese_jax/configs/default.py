@@ -1,0 +1,109 @@
+"""CPU-sized default configs, one per dataset: `--config=default:mnist` (or the path of this file).
+
+`siamese-train --dataset=mnist` picks the `mnist` preset by itself; any `--config.key=value`
+override is applied on top of the preset. `siamese_jax.config_check` says what values are allowed.
+"""
+import ml_collections
+
+# Margins per loss, for the distance each loss uses (see siamese_jax/losses.py).
+MARGINS = {
+    "contrastive": 1.0,   # on d (Hadsell); embeddings unnormalised
+    "triplet": 0.5,       # on d (squared=False below)
+    "batch_hard": 0.5,
+    "batch_all": 0.5,
+    "semihard": 0.5,
+    "verification": 0.0,  # unused (binary cross-entropy)
+}
+
+
+def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.dataset = dataset
+    c.loss = "triplet"
+    c.seed = 0
+
+    # Data: where the original archives are (None: $SIAMESE_DATA_DIR), which loader, TFDS data_dir.
+    c.source = "auto"
+    c.archive_dir = ml_collections.config_dict.placeholder(str)
+    c.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+    c.cache_dir = ml_collections.config_dict.placeholder(str)
+
+    # Model: the small CPU encoder, channels doubling per block (16 -> 128) at 35x35 input:
+    # 35 -> 17 -> 8 -> 4 -> 2, so the embedding sees a 2x2x128 map. Cheaper per step than 4 x 32
+    # channels at 28x28 (the narrow first block is where the pixels are) and +4.5 points on Lake's runs
+    # (BUILD_NOTES, ablations M and N).
+    c.model = "small"
+    c.widths = (16, 32, 64, 128)  # channels of each conv block
+    c.embedding_dim = 64
+    c.norm = "batch"
+    c.l2_normalize = False
+    c.compute_dtype = "float32"  # bfloat16 on GPU/TPU; bf16 convolutions are slow on CPU
+    c.image_size = 35
+
+    # Loss.
+    c.margin = ml_collections.config_dict.placeholder(float)  # None: MARGINS[loss]
+    c.squared = False
+    c.margins = dict(MARGINS)
+
+    # Triplet loss, which triplets: "online_all" = from each P x K batch, every positive pair (a, p)
+    # with the anchor's hardest negative (losses.hardest_negative_triplet_loss); "online" = one random
+    # positive per anchor with its hardest negative; "random" = independent triplets sampled from the
+    # dataset (see train_step.batch_kind).
+    c.triplet_selection = "online_all"
+
+    # Batches: pair/triplet losses draw `batch_size` rows; mining losses P classes x K images.
+    c.batch_size = 128
+    c.classes_per_batch = 32
+    c.images_per_class = 4
+    c.same_alphabet_negatives = True  # Lake-style harder negatives for pairs/triplets (Omniglot)
+    # P x K batches with all P classes from one alphabet (harder negatives). Measured: no gain on
+    # Lake's runs (BUILD_NOTES, ablation L), so off.
+    c.pk_within_alphabet = False
+
+    # 90/180/270-degree rotations of the training characters as new classes (ProtoNets): 4x classes,
+    # from the training alphabets only. Measured: +2.7 points on Lake's runs for batch-hard (BUILD_NOTES).
+    c.rotation_classes = True
+
+    # Koch et al.'s affine augmentation, on device. Off in the CPU default: at this step budget it
+    # slowed learning (BUILD_NOTES, "Ablations"); on for the paper-scale config.
+    c.augment = False
+    c.augment_rotation_deg = 10.0
+    c.augment_shear = 0.3
+    c.augment_scale_min = 0.8
+    c.augment_scale_max = 1.2
+    c.augment_translate_px = 2.0
+    c.augment_prob = 0.5
+
+    # Optimisation: Adam with linear warm-up and cosine decay.
+    c.learning_rate = 3e-3
+    c.warmup_steps = 100
+    c.weight_decay = 0.0
+    c.num_steps = 5500
+
+    # Validation (model selection) from the *background* set only: held-out alphabets.
+    c.val_alphabets = 4           # Omniglot: this many background alphabets never trained on
+    c.val_fraction = 1 / 6        # MNIST: the tail of the train split (10,000 images)
+    c.val_episodes = 200
+    c.eval_every_steps = 500
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 2
+    c.log_every_seconds = 5.0
+
+    # Final evaluation.
+    c.eval_episodes = 1000
+    c.eval_seed = 1234
+    c.plots = True
+
+    # Resume order: the workdir's own checkpoint, else `resume` (a checkpoint dir), else init.
+    c.resume = ml_collections.config_dict.placeholder(str)
+
+    if dataset == "mnist":
+        c.loss = "contrastive"
+        c.same_alphabet_negatives = False
+        c.rotation_classes = False
+        c.image_size = 28  # MNIST's own size
+        c.num_steps = 5000  # 12.8 epochs of 128 pairs; 98.77% test pair accuracy (BUILD_NOTES)
+        c.eval_every_steps = 500
+    elif dataset != "omniglot":
+        raise ValueError(f"unknown dataset {dataset!r}; expected 'omniglot' or 'mnist'")
+    return c

@@ -1,0 +1,90 @@
+"""What every command-line entry point shares: one-line errors with exit code 2, the top-level
+handler for everything else, and printing file names that are not valid in the output encoding.
+
+Exit codes: 0 success, 1 only for `compare`'s DIFFERENT verdict, 2 for every error (bad input,
+bad config, a failed run, and unexpected exceptions too), 130 for an interrupted run.
+Set SIAMESE_TRACEBACK=1 (or pass --verbose to the compare/embed/search/calibrate tools) to get
+the traceback of an unexpected exception instead of the one-line summary.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable, Optional, Sequence
+
+TRACEBACK_ENV = "SIAMESE_TRACEBACK"
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def one_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none)."""
+    for line in str(e).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return type(e).__name__
+
+
+def error(message: str) -> None:
+    """Prints `error: <message>` as one line on stderr (newlines folded)."""
+    text = " ".join(str(message).split()) if "\n" in str(message) else str(message)
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - a closed stdout must not hide the error
+        pass
+    print(display(f"error: {text}", sys.stderr), file=sys.stderr, flush=True)
+
+
+def fail(message: str, code: int = EXIT_ERROR):
+    error(message)
+    sys.exit(code)
+
+
+def wants_traceback(verbose: bool = False) -> bool:
+    return verbose or os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0", "false", "False")
+
+
+def report_unexpected(e: BaseException, verbose: bool = False) -> None:
+    """An exception that is not a known user error: its traceback if asked for, else one line + hint."""
+    if wants_traceback(verbose):
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    error(f"{type(e).__name__}: {one_line(e) if str(e).strip() else 'no message'} "
+          f"(unexpected; set {TRACEBACK_ENV}=1 for the traceback)")
+
+
+def guarded(fn: Callable[[], Optional[int]], user_errors: Sequence[type] = (), verbose: bool = False) -> int:
+    """Runs `fn()` and returns its exit code; every exception becomes one line and code 2 (130 for
+    an interrupt). `user_errors` are reported as their own message, others with a hint."""
+    try:
+        code = fn()
+        return 0 if code is None else int(code)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt as e:
+        error(str(e) or "interrupted")
+        return EXIT_INTERRUPTED
+    except tuple(user_errors) as e:
+        if wants_traceback(verbose):
+            traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+        error(one_line(e))
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - the top-level handler
+        report_unexpected(e, verbose)
+        return EXIT_ERROR
+
+
+def display(text: str, stream=None) -> str:
+    """`text` made printable on `stream` (default stdout): file names with bytes that are not valid
+    UTF-8 (kept by Python as surrogate escapes) or not encodable come out as backslash escapes."""
+    stream = stream or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # surrogate escapes back to the file name's own bytes, shown as \xNN
+        return text.encode(encoding, "surrogateescape").decode(encoding, "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
