@@ -52,6 +52,17 @@ def resolve_config():
     return config
 
 
+def use_cpu_cores(config):
+    """One XLA CPU device per core (or `config.cpu_devices`) before JAX starts: the data-parallel step
+    then runs on every core of a CPU-only machine (no effect on GPU/TPU devices)."""
+    from siamese_jax import parallel
+    from siamese_jax import train_step as ts
+
+    kind = ts.batch_kind(config.loss, config.triplet_selection)
+    batch = config.classes_per_batch * config.images_per_class if kind == "classes" else config.batch_size
+    parallel.use_cpu_cores_as_devices(batch, config.get("cpu_devices"))
+
+
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -61,6 +72,7 @@ def main(argv):
 
     try:
         config = resolve_config()
+        use_cpu_cores(config)
         workdir = FLAGS.workdir or os.path.join("runs", f"{config.dataset}-{config.loss}")
         results = train_and_evaluate(config, workdir)
     except KeyboardInterrupt as e:
