@@ -156,6 +156,7 @@ class SmallConvEncoder(nn.Module):
     norm: str = "batch"
     l2_normalize: bool = False
     dtype: Dtype = jnp.float32
+    fused_batch_norm: bool = True  # False: nn.BatchNorm + nn.relu + max-pool (same math, slower on CPU)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -164,10 +165,13 @@ class SmallConvEncoder(nn.Module):
             x = nn.Conv(width, (3, 3), padding="SAME", use_bias=self.norm == "none",
                         dtype=self.dtype, param_dtype=jnp.float32)(x)
             pool = x.shape[1] >= 2  # stop pooling once the map is 1x1 (e.g. 28 -> 14 -> 7 -> 3 -> 1)
-            if self.norm == "batch":  # BatchNorm + ReLU + pool as one op (same variables as nn.BatchNorm)
+            if self.norm == "batch" and self.fused_batch_norm:  # BatchNorm + ReLU + pool as one op
                 x = BatchNormReLUPool(pool=pool, momentum=0.9, dtype=self.dtype, name=f"BatchNorm_{i}")(x, train)
                 continue
-            if self.norm == "layer":
+            if self.norm == "batch":
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                                 param_dtype=jnp.float32, name=f"BatchNorm_{i}")(x)
+            elif self.norm == "layer":
                 x = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
             elif self.norm != "none":
                 raise ValueError(f"unknown norm {self.norm!r}; expected 'batch', 'layer' or 'none'")
