@@ -17,13 +17,16 @@ flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", 
 flags.DEFINE_string("checkpoint", "best", "'best' (default; falls back to the newest) or a checkpoint directory.")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")
 flags.DEFINE_integer("episodes", None, "Episodes per N-way K-shot setting (default: the run's config, 1000).")
-flags.DEFINE_bool("write", True, "Write results.json and plots/ into the workdir.")
+flags.DEFINE_bool("write", True, "Write results.json and plots/ into the workdir (process 0 writes them).")
+cli.define_distributed_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_logging()
+    process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    cli.setup_logging(process, processes)
     import ml_collections
 
     from siamese_jax import protocols
@@ -41,7 +44,8 @@ def main(argv):
         results = protocols.evaluate_workdir(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, write=FLAGS.write)
     except cli.user_errors() as e:
         cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    print(protocols.format_results_table(results))
+    if process == 0:
+        print(protocols.format_results_table(results))
 
 
 if __name__ == "__main__":

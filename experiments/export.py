@@ -25,17 +25,17 @@ def main(argv):
     cli.setup_logging()
     import numpy as np
 
+    from siamese_jax import input_pipeline as ip
     from siamese_jax import protocols
+    from siamese_jax.embedding import prepare_dataset_images
     from siamese_jax.inference import load_model
-    from siamese_jax.train import load_split, split_train_val
 
     try:
         model = load_model(FLAGS.workdir)
         config = model.config
-        full = load_split(config, "train" if config.dataset == "mnist" else "background")
-        _, val = split_train_val(config, full)
+        _, val = ip.split_train_val(config, ip.load_split(config, ip.train_split_name(config)))
         a, b, same = protocols.balanced_pairs(val.labels, FLAGS.pairs, seed=config.eval_seed)
-        x = protocols.prepare_dataset_images(val, config.image_size)
+        x = prepare_dataset_images(val, config.image_size)
         emb = model.embed_prepared(x)
         cal = model.calibrate(np.linalg.norm(emb[a] - emb[b], axis=-1), same, FLAGS.far)
         results_path = os.path.join(FLAGS.workdir, "results.json")

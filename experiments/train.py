@@ -4,6 +4,13 @@
         --config.num_steps=5000 --config.learning_rate=1e-3
 
 Re-running with the same --workdir resumes from its newest checkpoint.
+
+Several processes (hosts): every process runs the same command with its own --process_id,
+
+    python -m experiments.train ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
+
+or --coordinator_address=auto where JAX can detect the cluster (Cloud TPU VM, SLURM). README,
+"Training on several hosts".
 """
 import os
 import sys
@@ -22,6 +29,7 @@ flags.DEFINE_enum("dataset", None, ("omniglot", "mnist"), "Dataset; picks that d
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>-<loss>).")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: $SIAMESE_DATA_DIR).")
 flags.DEFINE_enum("source", None, ("auto", "archives", "tfds"), "Data source (overrides config.source).")
+cli.define_distributed_flags()
 try:  # ml_collections loads the config file and applies --config.x= overrides right here, at definition
     config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Config file (a get_config() module).",
                                     lock_config=False)
@@ -67,6 +75,9 @@ def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_logging()
+    # Before anything touches a device (importing siamese_jax does not).
+    process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    cli.setup_logging(process, processes)
     from siamese_jax import protocols
     from siamese_jax.train import train_and_evaluate
 
@@ -80,7 +91,8 @@ def main(argv):
         sys.exit(130)
     except cli.user_errors() as e:
         cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    print(protocols.format_results_table(results))
+    if process == 0:
+        print(protocols.format_results_table(results))
 
 
 if __name__ == "__main__":

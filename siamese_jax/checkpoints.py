@@ -22,6 +22,13 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _multiprocessing(name: str) -> ocp.options.MultiprocessingOptions:
+    # With several processes orbax synchronises each save on barriers named after the STEP; the
+    # periodic and the best manager often save the same step at once, and two barriers of one name
+    # fail ("Barrier _async_write_complete.3 is already ongoing"). A prefix per manager keeps them apart.
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 def _abstract(target):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
 
@@ -35,11 +42,13 @@ class Checkpoints:
         self.best_metric = best_metric
         self.latest = ocp.CheckpointManager(
             os.path.join(workdir, "checkpoints"), item_names=("state", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 multiprocessing_options=_multiprocessing("latest")))
         self.best = ocp.CheckpointManager(
             os.path.join(workdir, "best"), item_names=("state", "meta"),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode))
+                max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode,
+                multiprocessing_options=_multiprocessing("best")))
 
     # -- saving ---------------------------------------------------------------------------------
     @staticmethod
@@ -102,7 +111,8 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target):
 def restore_from_directory(directory: str, target, step: Optional[int] = None):
     """(state, meta) from a `checkpoints/` or `best/` directory; newest readable unless `step` is given."""
     manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
-                                    options=ocp.CheckpointManagerOptions(create=False))
+                                    options=ocp.CheckpointManagerOptions(
+                                        create=False, multiprocessing_options=_multiprocessing("restore")))
     try:
         if step is not None:
             return restore_step(manager, step, target)

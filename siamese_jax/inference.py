@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from siamese_jax import evaluation, models
 from siamese_jax import images as img_lib
-from siamese_jax import models
+from siamese_jax.files import atomic_open
 
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 PRETRAINED_FILE = os.path.join(PRETRAINED_DIR, "omniglot_small.msgpack")
@@ -151,8 +152,6 @@ class SiameseModel:
     def save(self, path: str) -> None:
         from flax import serialization
 
-        from siamese_jax.files import atomic_open
-
         meta = {"format": FORMAT, "config": json.loads(self.config.to_json_best_effort()),
                 "calibration": dataclasses.asdict(self.calibration) if self.calibration else None,
                 "provenance": self.provenance}
@@ -164,8 +163,6 @@ class SiameseModel:
 
 
 def fit_calibration(distances, is_similar, target_far: Optional[float] = None) -> Calibration:
-    from siamese_jax import evaluation
-
     d = np.asarray(distances, np.float64)
     y = np.asarray(is_similar, bool)
     if len(d) < 2 or y.all() or not y.any():
@@ -217,14 +214,16 @@ def load_model(source: str = "pretrained") -> SiameseModel:
 
 
 def _load_workdir(workdir: str) -> SiameseModel:
-    from siamese_jax import protocols
+    # Imported here for weight, not for a cycle: orbax (+0.5 s of imports) is only needed to read a
+    # training workdir, and `compare` with the shipped model file should start fast.
+    from siamese_jax.embedding import load_workdir_model
 
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ModelError(f"{workdir}: not a training workdir (no config.json)")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    loaded, step = protocols.load_workdir_model(config, workdir)
+    loaded, step = load_workdir_model(config, workdir)
     state = jax.device_get(loaded.state)
     cal = None
     cal_path = os.path.join(workdir, "calibration.json")

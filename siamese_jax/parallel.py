@@ -64,6 +64,21 @@ def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     return Mesh(np.array(devices), (DATA_AXIS,))
 
 
+def is_main_process() -> bool:
+    """Process 0 writes the files of a run (logs, metrics, results, plots); with one process, always."""
+    return jax.process_index() == 0
+
+
+def host_array_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds in full (same values), as one global array with `sharding`.
+
+    Each process copies only the slices its own devices hold. (`jit` refuses a numpy input with a
+    sharding spanning other processes' devices; a per-process `device_put` of the whole array would
+    copy it everywhere first.)"""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

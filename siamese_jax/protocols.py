@@ -18,9 +18,10 @@ from typing import Optional
 import jax
 import numpy as np
 
-from siamese_jax import checkpoints as ckpt_lib
-from siamese_jax import evaluation, models, parallel, sampling
-from siamese_jax import train_step as ts
+from siamese_jax import evaluation, parallel, plots, sampling
+from siamese_jax import input_pipeline as ip
+from siamese_jax.data import ImageDataset, load_lake_runs
+from siamese_jax.embedding import LoadedModel, load_workdir_model, resized_images
 from siamese_jax.files import atomic_write_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -51,50 +52,7 @@ def keras_pairs(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, 
     return np.array(first), np.array(second), np.array(same)
 
 
-class LoadedModel:
-    """A restored model with a batched embedding function of uint8 [N, H, W] images."""
-
-    def __init__(self, config, state, mesh):
-        self.config, self.state, self.mesh = config, state, mesh
-        self.model = models.build_model(config)
-        self._embed = ts.make_embed_fn(self.model, mesh)
-
-    def embed_u8(self, images_u8: np.ndarray) -> np.ndarray:
-        from siamese_jax.train import embed_images
-
-        return embed_images(self._embed, self.state, images_u8, self.mesh)
-
-    def pair_logits(self, h1, h2) -> Optional[np.ndarray]:
-        if not self.config.loss == "verification":
-            return None
-        return np.asarray(self.model.apply({"params": self.state.params}, h1, h2, method=self.model.logits))
-
-
-def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[LoadedModel, int]:
-    """The workdir's best checkpoint (falling back to the newest periodic one), or `which` = a step dir."""
-    mesh = parallel.make_data_mesh()
-    model = models.build_model(config)
-    from siamese_jax.train import make_optimizer
-
-    target = ts.create_train_state(model, make_optimizer(config), jax.random.PRNGKey(0), config.image_size)
-    candidates = [os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")] if which == "best" else [which]
-    for directory in candidates:
-        if os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory)):
-            state, _ = ckpt_lib.restore_from_directory(directory, target)
-            return LoadedModel(config, parallel.put_replicated(state, mesh), mesh), int(state.step)
-    raise ckpt_lib.CheckpointError(f"no checkpoint in {workdir} (looked in {', '.join(candidates)})")
-
-
-def _resized(ds, size):
-    """uint8 images at the model's size, resized exactly as training resized them."""
-    from siamese_jax.augment import resize_uint8
-
-    return resize_uint8(np.asarray(ds.images), size)
-
-
 def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dict:
-    from siamese_jax.data import ImageDataset, load, load_lake_runs
-
     size = config.image_size
     results = {}
     # Lake et al.'s 20 runs.
@@ -104,7 +62,7 @@ def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> 
     R = len(runs)
     flat = np.concatenate([train_u8.reshape(-1, 105, 105), test_u8.reshape(-1, 105, 105)])
     flat_ds = ImageDataset(images=flat, labels=np.arange(len(flat), dtype=np.int32), name="omniglot", split="lake_runs")
-    emb = loaded.embed_u8(_resized(flat_ds, size))
+    emb = loaded.embed_u8(resized_images(flat_ds, size))
     train_emb = emb[:R * 20].reshape(R, 20, -1)
     test_emb = emb[R * 20:].reshape(R, 20, -1)
     answers = np.stack([r.answers for r in runs])
@@ -112,8 +70,7 @@ def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> 
     results["lake_20_runs"] = lake
 
     # N-way K-shot episodes on the evaluation alphabets.
-    ev = load("omniglot", "evaluation", source=config.source, archive_dir=config.archive_dir,
-              data_dir=config.tfds_data_dir, cache_dir=config.cache_dir)
+    ev = ip.load_split(config, "evaluation")
     dds = sampling.to_device_dataset(ev, image_size=size)
     ev_u8 = np.asarray(dds.images)
     ev_emb = loaded.embed_u8(ev_u8)
@@ -135,18 +92,12 @@ def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> 
 
 
 def evaluate_mnist(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dict:
-    from siamese_jax.data import load
-    from siamese_jax.train import split_train_val
-
-    train = load("mnist", "train", source=config.source, archive_dir=config.archive_dir,
-                 data_dir=config.tfds_data_dir, cache_dir=config.cache_dir)
-    test = load("mnist", "test", source=config.source, archive_dir=config.archive_dir,
-                data_dir=config.tfds_data_dir, cache_dir=config.cache_dir)
-    _, val = split_train_val(config, train)
+    _, val = ip.split_train_val(config, ip.load_split(config, "train"))
+    test = ip.load_split(config, "test")
     out = {}
     dist = {}
     for name, ds, seed in (("validation", val, config.eval_seed), ("test", test, config.eval_seed + 1)):
-        emb = loaded.embed_u8(_resized(ds, config.image_size))
+        emb = loaded.embed_u8(resized_images(ds, config.image_size))
         a, b, same = keras_pairs(ds.labels, seed)
         d = np.linalg.norm(emb[a] - emb[b], axis=-1)
         dist[name] = (d, same, a, b, emb, ds)
@@ -162,11 +113,9 @@ def evaluate_mnist(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dic
     }
     emb, ds = dist["test"][4], dist["test"][5]
     out["retrieval"] = evaluation.retrieval_metrics(emb, ds.labels)
-    if plots_dir:
-        from siamese_jax import plots
-
+    if plots_dir and parallel.is_main_process():
         a, b = dist["test"][2], dist["test"][3]
-        imgs = _resized(ds, config.image_size) / 255.0
+        imgs = resized_images(ds, config.image_size) / 255.0
         plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), imgs[a[:8]], imgs[b[:8]], same[:8], d[:8], threshold)
         plots.plot_distance_histograms(os.path.join(plots_dir, "distances.png"), d[same], d[~same], threshold)
         plots.plot_embedding_map(os.path.join(plots_dir, "embedding_map.png"), emb[:3000], ds.labels[:3000])
@@ -174,16 +123,14 @@ def evaluate_mnist(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dic
 
 
 def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, config, loaded):
-    from siamese_jax import plots
-
     # Sample *training* pairs (background alphabets) with the learned distances.
-    from siamese_jax.train import load_split
-
-    train = load_split(config, "background")
+    train = ip.load_split(config, "background")
     rng = np.random.default_rng(config.eval_seed)
     sub = train.subset(np.sort(rng.choice(len(train), min(2000, len(train)), replace=False)))
-    tr_u8 = _resized(sub, config.image_size)
-    tr_emb = loaded.embed_u8(tr_u8)
+    tr_u8 = resized_images(sub, config.image_size)
+    tr_emb = loaded.embed_u8(tr_u8)  # a collective: every process takes part ...
+    if not parallel.is_main_process():  # ... and process 0 draws the files
+        return
     a, b, same = keras_pairs(sub.labels, config.eval_seed)
     d = np.linalg.norm(tr_emb[a] - tr_emb[b], axis=-1)
     show = np.concatenate([[2 * i, 2 * i + 1] for i in rng.choice(len(sub), 4, replace=False)])
@@ -204,27 +151,30 @@ def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, con
 
 def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_seconds: Optional[float] = None,
                      write: bool = True) -> dict:
-    """Evaluates a workdir's best checkpoint; writes results.json and plots/ (atomically)."""
+    """Evaluates a workdir's best checkpoint; writes results.json and plots/ (atomically).
+
+    With several processes, every process runs this (the embeddings are collectives) and gets the
+    same results; only process 0 writes results.json and the plots."""
     t0 = time.time()
+    main = parallel.is_main_process()
     loaded, step = load_workdir_model(config, workdir, checkpoint)
     plots_dir = os.path.join(workdir, "plots") if (write and config.plots) else None
-    if plots_dir:
+    if plots_dir and main:
         os.makedirs(plots_dir, exist_ok=True)
     if config.dataset == "omniglot":
         results = evaluate_omniglot(config, loaded, plots_dir)
     else:
         results = evaluate_mnist(config, loaded, plots_dir)
     history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    if plots_dir and history:
-        from siamese_jax import plots
-
+    if plots_dir and history and main:
         plots.plot_training_curves(os.path.join(plots_dir, "curves.png"), history)
     results.update(dataset=config.dataset, loss=config.loss, model=config.model, image_size=config.image_size,
                    checkpoint_step=step, num_steps=config.num_steps, devices=jax.device_count(),
-                   platform=jax.devices()[0].platform, eval_seconds=round(time.time() - t0, 1))
+                   processes=jax.process_count(), platform=jax.devices()[0].platform,
+                   eval_seconds=round(time.time() - t0, 1))
     if train_seconds is not None:
         results["train_seconds"] = round(train_seconds, 1)
-    if write:
+    if write and main:
         atomic_write_json(os.path.join(workdir, "results.json"), results)
     return results
 
@@ -246,7 +196,9 @@ def format_results_table(results: dict) -> str:
     if r:
         rows.append(("precision@1 / MAP@R", f"{r['precision_at_1']:.3f} / {r['mean_average_precision_at_r']:.3f}"))
     if "train_seconds" in results:
-        rows.append(("train time", f"{results['train_seconds']:.0f} s on {results['devices']} {results['platform']} device(s)"))
+        processes = results.get("processes", 1)
+        rows.append(("train time", f"{results['train_seconds']:.0f} s on {results['devices']} {results['platform']} device(s)"
+                                   + (f" in {processes} processes" if processes > 1 else "")))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 40)
     return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
@@ -269,8 +221,3 @@ def balanced_pairs(labels: np.ndarray, num_pairs: int, seed: int) -> tuple[np.nd
             a, b = by_class[c1][rng.integers(counts[classes == c1][0])], by_class[c2][rng.integers(counts[classes == c2][0])]
         first.append(a), second.append(b), same.append(i % 2 == 0)
     return np.array(first), np.array(second), np.array(same)
-
-
-def prepare_dataset_images(ds, size: int) -> np.ndarray:
-    """A dataset's images as the model sees them: float32 [N, size, size, 1] in [0, 1]."""
-    return (_resized(ds, size).astype(np.float32) / 255.0)[..., None]

@@ -33,6 +33,17 @@ class TrainState:
     rng: jax.Array  # raw uint32[2] key (checkpointable as a plain array)
 
 
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Adam (AdamW with `weight_decay`) on a warm-up + cosine schedule. The optimizer fixes the shape
+    of `opt_state`, so restoring a checkpoint builds its target with this same function."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=min(config.warmup_steps, config.num_steps),
+        decay_steps=max(config.num_steps, config.warmup_steps + 1), end_value=config.learning_rate * 0.01)
+    if config.weight_decay:
+        return optax.adamw(schedule, weight_decay=config.weight_decay)
+    return optax.adam(schedule)
+
+
 def create_train_state(model, tx: optax.GradientTransformation, key, image_size: int) -> TrainState:
     init_key, state_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros((2, image_size, image_size, 1), jnp.float32), train=False)
@@ -157,18 +168,3 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str,
         return new_state, metrics
 
     return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=(0,))
-
-
-def make_embed_fn(model, mesh=None):
-    """Jitted inference embedding: `embed(params, batch_stats, images [N,H,W,1]) -> [N, E]` (eval-mode BN)."""
-
-    def embed(params, batch_stats, images):
-        variables = {"params": params}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-        return model.apply(variables, images, train=False).astype(jnp.float32)
-
-    if mesh is None:
-        return jax.jit(embed)
-    repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(embed, in_shardings=(repl, repl, data), out_shardings=data)

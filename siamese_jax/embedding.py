@@ -1,0 +1,98 @@
+"""Embedding images with a train state on the `data` mesh, and loading a workdir's checkpoint for that.
+
+Used by the training loop (validation) and by the evaluation protocols, so it sits below both.
+Images come in as uint8 [N, H, W] (ink 255) at the model's size; `resized_images` makes them that
+size exactly as training did.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from siamese_jax import checkpoints as ckpt_lib
+from siamese_jax import models, parallel
+from siamese_jax import train_step as ts
+from siamese_jax.augment import resize_uint8
+
+
+def resized_images(ds, size: int) -> np.ndarray:
+    """A dataset's uint8 images at the model's size, resized exactly as training resized them."""
+    return resize_uint8(np.asarray(ds.images), size)
+
+
+def prepare_dataset_images(ds, size: int) -> np.ndarray:
+    """A dataset's images as the model sees them: float32 [N, size, size, 1] in [0, 1]."""
+    return (resized_images(ds, size).astype(np.float32) / 255.0)[..., None]
+
+
+def make_embed_fn(model, mesh=None):
+    """Jitted inference embedding: `embed(params, batch_stats, images [N,H,W,1]) -> [N, E]` (eval-mode BN)."""
+
+    def embed(params, batch_stats, images):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        return model.apply(variables, images, train=False).astype(jnp.float32)
+
+    if mesh is None:
+        return jax.jit(embed)
+    repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    # Images split over every device of every process; the embeddings come back REPLICATED, so
+    # every process holds (and can read on the host) the whole result: with several processes a
+    # batch-sharded output would span devices this process cannot address.
+    return jax.jit(embed, in_shardings=(repl, repl, data), out_shardings=repl)
+
+
+def embed_images(embed_fn, state, images_u8: np.ndarray, mesh, batch_size: int = 1024) -> np.ndarray:
+    """Embeddings [N, E] of uint8 images [N, H, W] (already at the model's size), in padded batches.
+
+    With several processes every process calls this with the same images (a collective) and gets
+    the same full result."""
+    n_dev = mesh.devices.size
+    batch_size = max(n_dev, batch_size // n_dev * n_dev)
+    sharding = parallel.batch_sharded(mesh)
+    out = []
+    for start in range(0, len(images_u8), batch_size):
+        chunk = images_u8[start:start + batch_size]
+        pad = (-len(chunk)) % n_dev
+        x = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk
+        x = parallel.host_array_to_global((x.astype(np.float32) / 255.0)[..., None], sharding)
+        out.append(np.asarray(embed_fn(state.params, state.batch_stats, x))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+class LoadedModel:
+    """A restored model with a batched embedding function of uint8 [N, H, W] images."""
+
+    def __init__(self, config, state, mesh):
+        self.config, self.state, self.mesh = config, state, mesh
+        self.model = models.build_model(config)
+        self._embed = make_embed_fn(self.model, mesh)
+
+    def embed_u8(self, images_u8: np.ndarray) -> np.ndarray:
+        return embed_images(self._embed, self.state, images_u8, self.mesh)
+
+    def pair_logits(self, h1, h2) -> Optional[np.ndarray]:
+        if not self.config.loss == "verification":
+            return None
+        return np.asarray(self.model.apply({"params": self.state.params}, h1, h2, method=self.model.logits))
+
+
+def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[LoadedModel, int]:
+    """The workdir's best checkpoint (falling back to the newest periodic one), or `which` = a step dir."""
+    mesh = parallel.make_data_mesh()
+    model = models.build_model(config)
+    # The target lives on the mesh (replicated), so orbax restores straight onto every device of
+    # every process, whatever the process count of the run that saved it.
+    target = parallel.put_replicated(
+        ts.create_train_state(model, ts.make_optimizer(config), jax.random.PRNGKey(0), config.image_size), mesh)
+    candidates = [os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")] if which == "best" else [which]
+    for directory in candidates:
+        if os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory)):
+            state, _ = ckpt_lib.restore_from_directory(directory, target)
+            return LoadedModel(config, state, mesh), int(state.step)
+    raise ckpt_lib.CheckpointError(f"no checkpoint in {workdir} (looked in {', '.join(candidates)})")

@@ -1,0 +1,112 @@
+"""Data preparation for training and evaluation: splits, rotation classes, device datasets, samplers.
+
+Everything here is a function of the config (and the mesh); nothing trains or evaluates, so both
+`train.py` (the loop) and `protocols.py` (the evaluation) import it. Layering, bottom to top:
+data/, sampling, augment, parallel, train_step -> input_pipeline, embedding -> protocols -> train.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import numpy as np
+
+from siamese_jax import augment as augment_lib
+from siamese_jax import parallel, sampling
+from siamese_jax import train_step as ts
+from siamese_jax.data import ImageDataset, load
+
+
+def load_split(config, split: str) -> ImageDataset:
+    return load(config.dataset, split, source=config.source, archive_dir=config.archive_dir,
+                data_dir=config.tfds_data_dir, cache_dir=config.cache_dir)
+
+
+def train_split_name(config) -> str:
+    """The split training (and validation) draw from: never the evaluation split."""
+    return "train" if config.dataset == "mnist" else "background"
+
+
+def validation_alphabets(alphabet_names, count: int) -> list[int]:
+    """`count` background alphabets held out for validation, evenly spaced in sorted order (deterministic)."""
+    n = len(alphabet_names)
+    if count <= 0:
+        return []
+    if count >= n:
+        raise ValueError(f"val_alphabets={count} leaves no background alphabet to train on (there are {n})")
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, count + 2)[1:-1]})
+
+
+def split_train_val(config, ds: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+    """Training and validation sets, both from the training split (never the evaluation split)."""
+    if config.dataset == "omniglot":
+        held_out = validation_alphabets(ds.alphabet_names, config.val_alphabets)
+        is_val = np.isin(ds.alphabets, held_out)
+        return ds.subset(~is_val), ds.subset(is_val)
+    n_val = int(round(len(ds) * config.val_fraction))
+    return ds.subset(np.arange(len(ds) - n_val)), ds.subset(np.arange(len(ds) - n_val, len(ds)))
+
+
+def with_rotated_classes(ds: ImageDataset) -> ImageDataset:
+    """Adds the 90/180/270-degree rotations of every image as three NEW classes (Vinyals et al. 2016,
+    ProtoNets): 4x the training classes, from the training alphabets only."""
+    rotations = [np.rot90(ds.images, k, axes=(1, 2)) for k in range(4)]
+    stack = lambda a: None if a is None else np.concatenate([a] * 4)
+    labels = np.concatenate([ds.labels * 4 + k for k in range(4)]).astype(np.int32)
+    return dataclasses.replace(ds, images=np.ascontiguousarray(np.concatenate(rotations)), labels=labels,
+                               alphabets=stack(ds.alphabets), drawers=stack(ds.drawers))
+
+
+def train_val_datasets(config) -> tuple[ImageDataset, ImageDataset]:
+    """(training set, validation set) on the host: the training split, validation held out, then the
+    rotation classes (training only) when the config asks for them."""
+    train_ds, val_ds = split_train_val(config, load_split(config, train_split_name(config)))
+    if config.get("rotation_classes", False):
+        train_ds = with_rotated_classes(train_ds)
+    return train_ds, val_ds
+
+
+def augment_config(config) -> Optional[augment_lib.AffineConfig]:
+    if not config.augment:
+        return None
+    return augment_lib.AffineConfig(
+        rotation_deg=config.augment_rotation_deg, shear=config.augment_shear,
+        scale=(config.augment_scale_min, config.augment_scale_max),
+        translate_px=config.augment_translate_px, prob=config.augment_prob)
+
+
+def make_sampler(config, mesh):
+    """Jitted `sample(dds, key, step) -> global batch`, sharded on the batch axis over `data`.
+
+    `key` is the run's data key, the same at every step: the PK sampler folds the step in itself and
+    derives its per-epoch class permutation from the base key (every class once per epoch).
+    Returns (sample, global batch size)."""
+    kind = ts.batch_kind(config.loss, config.triplet_selection)
+    same_alphabet = bool(config.same_alphabet_negatives and config.dataset == "omniglot")
+    if kind == "pairs":
+        fn = lambda dds, key, step: sampling.sample_pairs(jax.random.fold_in(key, step), dds, config.batch_size, same_alphabet_negatives=same_alphabet)
+        batch_size = config.batch_size
+    elif kind == "triplets":
+        fn = lambda dds, key, step: sampling.sample_triplets(jax.random.fold_in(key, step), dds, config.batch_size, same_alphabet_negatives=same_alphabet)
+        batch_size = config.batch_size
+    else:
+        within = bool(config.get("pk_within_alphabet", False) and config.dataset == "omniglot")
+        fn = lambda dds, key, step: sampling.sample_pk_batch(key, step, dds, config.classes_per_batch, config.images_per_class,
+                                                             within_alphabet=within)
+        batch_size = config.classes_per_batch * config.images_per_class
+    parallel.check_batch_divisible(batch_size, mesh)
+    keep = {"pairs": ("x1", "x2", "is_similar"), "triplets": ("anchor", "positive", "negative"),
+            "classes": ("images", "labels")}[kind]
+
+    def sample(dds, key, step):
+        batch = fn(dds, key, step)
+        return {k: batch[k] for k in keep}
+
+    return jax.jit(sample, out_shardings=parallel.batch_sharded(mesh)), batch_size
+
+
+def images_per_step(config, batch_size: int) -> int:
+    """Images through the encoder per step (pairs count twice, triplets three times)."""
+    kind = ts.batch_kind(config.loss, config.triplet_selection)
+    return batch_size * {"pairs": 2, "triplets": 3, "classes": 1}[kind]
