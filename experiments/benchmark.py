@@ -153,6 +153,7 @@ def _our_step(spec, dtype, fused=True):
         holder["s"], metrics = step(holder["s"], batch, key)
         return metrics["loss"]
 
+    one.compiled_hlo = lambda: step.lower(holder["s"], batch, key).compile().as_text()  # for profile_step
     return one, host
 
 

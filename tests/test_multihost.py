@@ -7,15 +7,19 @@ both processes together. One scenario, in order:
    both processes agree on a step, save one checkpoint together and exit 130.
 2. 2 x 2 again on the same workdir: resumes from that checkpoint, finishes, evaluates; both exit 0;
    metrics.jsonl, results.json, config.json, plots and the results table are written ONCE (process 0).
-3. 1 x 4 (one process, four devices), uninterrupted, same config: the loss at every step equals the
-   2 x 2 run's to rtol 1e-4. Both runs use the same 4-device program; only the collectives differ
-   (XLA's in-process ones vs gloo across processes) and may sum in another order, so results agree
-   to rounding, not bit for bit: on this box the first steps differ by ~1 float32 ulp (~1e-7
-   relative) and Adam lets that grow slowly, to at most 2e-6 over 100 steps (6e-6 over 150). A real
-   data-parallel bug (batch statistics or mining per device, a lost gradient shard) moves the loss by
-   percents. Other metrics are not compared: the embedding's final bias gets a mathematically zero
-   gradient under distance losses, Adam turns its rounding noise into lr-sized steps, and the
-   embedding norm drifts (5e-4 after 6 steps) while every distance, hence the loss, stays equal.
+3. 1 x 4 (one process, four devices), uninterrupted, same config: the same loss at every step. Both
+   runs use the same 4-device program; only the collectives differ (XLA's in-process ones vs gloo
+   across processes) and may sum in another order, so results agree to rounding, not bit for bit:
+   the first steps differ by ~1 float32 ulp (~1e-7 relative), and Adam lets that grow. Usually it
+   stays below 1e-5 over 100 steps, but once the rounding flips a near-tie in batch-hard mining (a
+   discrete choice) the two runs follow slightly different paths: CI saw 2.4e-4 at step 54. So the
+   first EARLY_STEPS steps must agree to EARLY_RTOL, where a flip is very unlikely and where every
+   real data-parallel bug shows at once (batch statistics or mining per device change step 1; a lost
+   or N-times gradient changes step 2 by percents), and the later steps to LATE_RTOL, which still
+   catches a run that drifts away. Other metrics are not compared: the embedding's final bias gets a
+   mathematically zero gradient under distance losses, Adam turns its rounding noise into lr-sized
+   steps, and the embedding norm drifts (5e-4 after 6 steps) while every distance, hence the loss,
+   stays equal.
 4. `experiments.evaluate` on 1 process restores the 2-process checkpoint: same results.
 
 A hung peer cannot hang CI: every wait has a deadline, after which both processes are killed.
@@ -43,7 +47,7 @@ TINY = ["--dataset=mnist", "--loss=batch_hard", "--config.widths=(8,8)", "--conf
         "--config.classes_per_batch=8", "--config.images_per_class=2", "--config.val_episodes=10",
         f"--config.num_steps={STEPS}", "--config.log_every_seconds=1", "--config.eval_every_steps=100000",
         "--config.checkpoint_every_steps=100000"]
-LOSS_RTOL = 1e-4
+EARLY_STEPS, EARLY_RTOL, LATE_RTOL = 20, 1e-4, 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +177,8 @@ def test_two_processes_preempt_resume_and_match_one_process(env, tmp_path):
     one_records, one = _losses(one_dir)
     assert sorted(one) == sorted(two)
     for step in one:
-        assert two[step] == pytest.approx(one[step], rel=LOSS_RTOL), f"step {step}: {two[step]} vs {one[step]}"
+        rtol = EARLY_RTOL if step <= EARLY_STEPS else LATE_RTOL
+        assert two[step] == pytest.approx(one[step], rel=rtol), f"step {step}: {two[step]} vs {one[step]}"
     val = lambda recs: [r["val_one_shot_accuracy"] for r in recs if "val_one_shot_accuracy" in r]
     assert val(records) == pytest.approx(val(one_records), abs=0.02)
     one_results = json.loads((one_dir / "results.json").read_text())
