@@ -11,6 +11,7 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: .venv test train benchmark clean
 
@@ -28,8 +29,10 @@ test: .venv
 train: .venv
 	$(PY) -m experiments.train --loss=triplet $(TRAIN_ARGS)
 
+# The PyTorch peer comes with the `bench` extra (installed here on top of EXTRAS).
 benchmark: .venv
-	$(PY) -m experiments.benchmark
+	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
+	$(PY) -m experiments.benchmark $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,58 +1,337 @@
-"""Speed benchmarks, each against a peer measured in the same run (ratios, not absolute claims).
+"""Speed benchmarks, each row against a peer measured in the same process run (ratios, not claims).
 
-    python -m experiments.benchmark [--quick]
+    python -m experiments.benchmark [--quick] [--out=runs/benchmark-cpu.json] [--cpu_devices=N]
 
-1. P×K batch sampling + affine augmentation: the jitted on-device sampler vs the same batch drawn
-   with NumPy on the host and copied to the device (what a Python data loader does).
-2. The train step: one jitted call per step (what experiments.train does) vs `lax.scan` over 10
-   steps per call (stack-notes §8: slower on CPU; usually faster on GPU/TPU).
-3. Compute dtype: float32 vs bfloat16 train steps (bf16 convolutions are emulated on CPU).
-4. Max-pooling in the small encoder's train step: `models.max_pool_2x2` (reshape + max, whose
-   gradient is elementwise) vs `flax.linen.max_pool` (gradient = XLA select-and-scatter).
-5. Encoder shape: the default 16-32-64-128 channels at 35 px vs 4 x 32 channels at 28 px.
-6. Exact k-NN search: `evaluation.knn` (jitted top-k over chunks) vs NumPy brute force.
+Rows (ours / peer; > 1 means ours is faster):
+1. The train steps against the same network, loss, batch and optimizer (Adam) in PyTorch, the best
+   of eager and `torch.compile` (on CUDA both with bf16 autocast and channels_last; ours in bf16):
+   the CPU default (16-32-64-128 + BatchNorm at 35 px, P×K 32×4, every positive pair with the
+   anchor's hardest negative), Koch et al.'s 105x105 net with its verification loss and with the
+   triplet loss, and 4 x conv-128 + BatchNorm at 56 px with batch-hard (the GPU headline configs;
+   on CPU at small batches). PyTorch is the optional `bench` extra; without it the rows say so.
+2. The fused BatchNorm + ReLU + max-pool op against the same three Flax layers (a lever, kept).
+3. The training loop of `experiments.train` (on-device sampling, metrics, validation, checkpoints)
+   against its bare train step on a fixed batch: the loop's marginal steps/s from two runs that
+   differ only in their number of steps, so data loading, compiles and evaluation cancel out.
+4. Embedding PNG files (decode + resize + encoder) with `inference.SiameseModel.embed`, against
+   the same work in PyTorch (PIL decode, antialiased resize, the same encoder in eval mode).
+5. P×K sampling + augmentation on device against NumPy on the host; exact k-NN (jitted top-k)
+   against NumPy.
+
+Timing: warm-up calls excluded (compiles, torch.compile's codegen), then the median of `repeats`
+timed blocks, each ended by a device synchronisation. The JSON file holds every row and the machine.
 """
+import json
 import os
+import platform
+import statistics
+import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-STEP_IMAGE_SIZE = 35  # the CPU default config's input size (experiments/configs/default.py)
-flags.DEFINE_bool("quick", False, "Fewer repetitions (a smoke run).")
+flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, e.g. in CI).")
 flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
+flags.DEFINE_string("out", None, "JSON file to write (default: runs/benchmark-<platform>.json).")
+flags.DEFINE_integer("cpu_devices", None, "XLA CPU devices (default: one per core, as experiments.train).")
+flags.DEFINE_list("only", None, "Run only these rows (ids: step_cpu_default, step_koch_verification, "
+                  "step_koch_triplet, step_conv128_batch_hard, fused_bn, loop, embed_png, sampling, knn).")
+
+ROWS = []
 
 
-def _rate(fn, n):
-    """Calls per second of `fn()` (blocked on its result), after one warm-up call."""
-    jax.block_until_ready(fn())
-    t = time.perf_counter()
-    for _ in range(n):
-        out = fn()
-    jax.block_until_ready(out)
-    return n / (time.perf_counter() - t)
+def _median_rate(fn, calls_per_block, blocks, sync, warmup=3):
+    """Median over `blocks` of calls/s, each block `calls_per_block` calls ended by `sync(out)`."""
+    for _ in range(warmup):
+        sync(fn())
+    rates = []
+    for _ in range(blocks):
+        t = time.perf_counter()
+        for _ in range(calls_per_block):
+            out = fn()
+        sync(out)
+        rates.append(calls_per_block / (time.perf_counter() - t))
+    return statistics.median(rates)
 
 
-def _row(name, ours, peer, unit, ours_name, peer_name):
-    print(f"{name:<34} {ours_name}: {ours:10.1f} {unit}   {peer_name}: {peer:10.1f} {unit}   ratio {ours / peer:6.2f}x")
+def _row(row_id, name, unit, ours, peer, ours_name, peer_name, **extra):
+    ratio = ours / peer if (ours and peer) else None
+    peer_text = f"{peer:10.1f} {unit}" if peer else f"{'n/a':>10} ({extra.get('peer_note', 'not measured')})"
+    print(f"{name:<38} {ours_name}: {ours:10.1f} {unit}   {peer_name}: {peer_text}   "
+          f"ratio {'%6.2fx' % ratio if ratio else '   n/a'}", flush=True)
+    ROWS.append(dict(id=row_id, name=name, unit=unit, ours=ours, peer=peer, ratio=ratio,
+                     ours_name=ours_name, peer_name=peer_name, **extra))
 
 
+def _torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    from experiments import torch_peer
+
+    return torch_peer
+
+
+# ------------------------------------------------------------------------------------------------
+# Train steps, ours against PyTorch
+# ------------------------------------------------------------------------------------------------
+def _step_specs(quick, on_gpu):
+    """(id, title, ours' config, peer kind, batch description) of the four train-step rows."""
+    pk_default = (32, 4)
+    if on_gpu:
+        koch_pairs, koch_triplets, pk128 = 128, 128, (128, 4)
+    elif quick:
+        koch_pairs, koch_triplets, pk128 = 4, 4, (8, 4)
+    else:
+        koch_pairs, koch_triplets, pk128 = 32, 16, (32, 4)
+    return [
+        ("step_cpu_default", "train step: CPU default (35px, P×K 32×4)",
+         dict(model="small", widths=(16, 32, 64, 128), image_size=35, loss="triplet", triplet_selection="online_all",
+              classes_per_batch=pk_default[0], images_per_class=pk_default[1]), "small_hardest"),
+        ("step_koch_verification", f"train step: Koch-105 verification ({koch_pairs} pairs)",
+         dict(model="koch", embedding_dim=4096, image_size=105, loss="verification", batch_size=koch_pairs), "koch_verification"),
+        ("step_koch_triplet", f"train step: Koch-105 triplet ({koch_triplets} triplets)",
+         dict(model="koch", embedding_dim=4096, image_size=105, loss="triplet", triplet_selection="random",
+              batch_size=koch_triplets),
+         "koch_triplet"),
+        ("step_conv128_batch_hard", f"train step: 4×conv-128@56 batch-hard (P×K {pk128[0]}×{pk128[1]})",
+         dict(model="small", widths=(128, 128, 128, 128), image_size=56, loss="batch_hard",
+              classes_per_batch=pk128[0], images_per_class=pk128[1]), "small_batch_hard"),
+    ]
+
+
+def _our_step(spec, dtype, fused=True):
+    """Ours: (step_fn, fixed global batch as numpy) for a spec, the jitted data-parallel step of
+    experiments.train on the mesh over all devices."""
+    import jax
+    import ml_collections
+    import numpy as np
+    import optax
+
+    from siamese_jax.configs import default
+    from siamese_jax import models, parallel
+    from siamese_jax import train_step as ts
+
+    config = default.get_config("omniglot")
+    config.update(spec)
+    config.compute_dtype = dtype
+    model = models.build_model(config)
+    if not fused and config.model == "small":
+        model = model.clone(encoder=model.encoder.clone(fused_batch_norm=False))
+    tx = optax.adam(1e-3)
+    mesh = parallel.make_data_mesh()
+    rng = np.random.default_rng(0)
+    size = config.image_size
+    kind = ts.batch_kind(config.loss, config.triplet_selection)
+    if kind == "classes":
+        p, k = config.classes_per_batch, config.images_per_class
+        host = {"images": (rng.random((p * k, size, size, 1)) > 0.8).astype(np.float32),
+                "labels": np.repeat(np.arange(p), k).astype(np.int32)}
+    elif kind == "pairs":
+        b = config.batch_size
+        host = {"x1": (rng.random((b, size, size, 1)) > 0.8).astype(np.float32),
+                "x2": (rng.random((b, size, size, 1)) > 0.8).astype(np.float32),
+                "is_similar": (np.arange(b) % 2).astype(np.int32)}
+    else:
+        b = config.batch_size
+        host = {n: (rng.random((b, size, size, 1)) > 0.8).astype(np.float32) for n in ("anchor", "positive", "negative")}
+    parallel.check_batch_divisible(len(next(iter(host.values()))), mesh)
+    batch = jax.device_put(host, parallel.batch_sharded(mesh))
+    state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), size), mesh)
+    margin = 0.5 if config.loss != "verification" else 0.0
+    step = ts.make_train_step(model, tx, mesh, loss=config.loss, margin=margin,
+                              triplet_selection=config.triplet_selection)
+    key = jax.random.PRNGKey(0)
+    holder = {"s": state}
+
+    def one():
+        holder["s"], metrics = step(holder["s"], batch, key)
+        return metrics["loss"]
+
+    one.compiled_hlo = lambda: step.lower(holder["s"], batch, key).compile().as_text()  # for profile_step
+    return one, host
+
+
+def _peer_step_rate(torch_peer, kind, host, image_size, device, calls, blocks, quick=False):
+    """Best of eager and torch.compile, steps/s; and which one won."""
+    import numpy as np
+    import torch
+
+    if "images" in host:
+        x = host["images"]
+        target = torch.from_numpy(host["labels"]).long()
+    elif "x1" in host:
+        x = np.stack([host["x1"], host["x2"]], 1).reshape((-1,) + host["x1"].shape[1:])
+        target = torch.from_numpy(host["is_similar"])
+    else:
+        x = np.stack([host["anchor"], host["positive"], host["negative"]], 1).reshape((-1,) + host["anchor"].shape[1:])
+        target = torch.zeros(len(host["anchor"]))
+    images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    if device.startswith("cuda"):
+        images = images.to(memory_format=torch.channels_last)
+    target = target.to(device)
+    best, best_mode = 0.0, None
+    for compiled in (False,) if quick else (False, True):  # torch.compile's codegen takes minutes on CPU
+        step = torch_peer.make_step(kind, compile=compiled, device=device, image_size=image_size)
+        rate = _median_rate(lambda: step(images, target), calls, blocks, lambda _: torch_peer.synchronize(device),
+                            warmup=3 if not compiled else 4)
+        if rate > best:
+            best, best_mode = rate, "torch.compile" if compiled else "eager"
+    return best, best_mode
+
+
+def bench_steps(quick, only):
+    import jax
+
+    torch_peer = _torch()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    dtype = "bfloat16" if on_gpu else "float32"
+    device = "cuda" if on_gpu else "cpu"
+    if torch_peer is not None and not on_gpu:
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    calls, blocks = (2, 3) if quick else (10, 7)
+    for row_id, title, spec, peer_kind in _step_specs(quick, on_gpu):
+        if only and row_id not in only:
+            continue
+        if spec["model"] == "koch" and not on_gpu and not quick:
+            c, b = 2, 5  # ~1 s per Koch step on 2 CPU cores
+        else:
+            c, b = calls, blocks
+        one, host = _our_step(spec, dtype)
+        ours = _median_rate(one, c, b, jax.block_until_ready)
+        peer, mode, note = None, None, "torch not installed (pip install -e '.[bench]')"
+        if torch_peer is not None:
+            peer, mode = _peer_step_rate(torch_peer, peer_kind, host, spec["image_size"], device, c, b, quick)
+            note = None
+        _row(row_id, title, "step/s", ours, peer, f"ours {dtype}", f"torch {mode or ''}".strip(),
+             peer_mode=mode, peer_note=note, images_per_step=sum(len(v) for k, v in host.items() if v.ndim == 4))
+
+
+def bench_fused_bn(quick):
+    import jax
+
+    spec = _step_specs(quick, False)[0][2]
+    rates = {}
+    for fused in (True, False):
+        one, _ = _our_step(spec, "float32", fused=fused)
+        rates[fused] = _median_rate(one, 2 if quick else 10, 3 if quick else 7, jax.block_until_ready)
+    _row("fused_bn", "BatchNorm+ReLU+pool in the CPU default", "step/s", rates[True], rates[False],
+         "fused op", "Flax layers")
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop against its bare step
+# ------------------------------------------------------------------------------------------------
+def bench_loop(quick, data_dir):
+    """Marginal steps/s of experiments.train's loop (validation and checkpoints on, at make train's
+    relative frequency: every ~9% of the run) against the bare step on a fixed batch."""
+    import jax
+
+    from siamese_jax.configs import default
+    from siamese_jax import train as train_lib
+
+    # make train validates and saves every 500 steps: the two runs differ by 1,000 steps and 2 of each.
+    interval = 20 if quick else 500
+    short, long_ = interval, 3 * interval
+    seconds = {}
+    for steps in (short, long_):
+        config = default.get_config("omniglot")
+        config.archive_dir = data_dir
+        config.num_steps = steps
+        config.eval_every_steps = config.checkpoint_every_steps = interval
+        config.plots = False
+        config.eval_episodes = 20
+        with tempfile.TemporaryDirectory() as workdir:
+            results = train_lib.train_and_evaluate(config, workdir)
+        seconds[steps] = float(results["train_seconds"])
+    loop = (long_ - short) / (seconds[long_] - seconds[short])
+    one, _ = _our_step(_step_specs(quick, False)[0][2], "float32")
+    bare = _median_rate(one, 2 if quick else 10, 3 if quick else 7, jax.block_until_ready)
+    _row("loop", "training loop (val+ckpt on) vs bare step", "step/s", loop, bare, "loop", "bare step",
+         note=f"marginal rate between {short}- and {long_}-step runs")
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedding PNG files
+# ------------------------------------------------------------------------------------------------
+def _png_folder(data_dir, count):
+    import zipfile
+
+    root = tempfile.mkdtemp(prefix="bench_png_")
+    archive = os.path.join(data_dir or os.environ.get("SIAMESE_DATA_DIR", ""), "omniglot", "images_evaluation.zip")
+    with zipfile.ZipFile(archive) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".png"))[:count]
+        for i, n in enumerate(names):
+            with open(os.path.join(root, f"{i:05d}.png"), "wb") as f:
+                f.write(z.read(n))
+    return root, [os.path.join(root, f"{i:05d}.png") for i in range(len(names))]
+
+
+def bench_embed(quick, data_dir):
+    import numpy as np
+
+    from siamese_jax import images as img_lib
+    from siamese_jax.inference import load_model
+
+    count = 256 if quick else 2460
+    root, paths = _png_folder(data_dir, count)
+    model = load_model("pretrained")
+    model.embed(paths[:512])  # warm-up: the padded batch shapes compile once
+    ours = _median_rate(lambda: model.embed(paths), 1, 3 if quick else 5, lambda e: np.asarray(e)) * len(paths)
+
+    peer, note = None, "torch not installed (pip install -e '.[bench]')"
+    torch_peer = _torch()
+    if torch_peer is not None:
+        import torch
+        import torch.nn.functional as F
+        from PIL import Image
+
+        widths = tuple(model.config.widths)
+        encoder = torch_peer.small_encoder(widths, int(model.config.embedding_dim), model.image_size).eval()
+        size = model.image_size
+
+        def embed_torch():
+            gray = []
+            for p in paths:  # the same decode: grayscale, ink bright (Omniglot is black on white)
+                with Image.open(p) as im:
+                    gray.append(255 - np.asarray(im.convert("L"), np.uint8))
+            x = torch.from_numpy(np.stack(gray).astype(np.float32))[:, None]
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = torch.clamp(torch.round(x), 0, 255) / 255.0
+            with torch.inference_mode():
+                return torch.cat([encoder(x[i:i + 512]) for i in range(0, len(x), 512)])
+
+        peer = _median_rate(embed_torch, 1, 3 if quick else 5, lambda e: None) * len(paths)
+        note = None
+    _row("embed_png", f"embed {len(paths)} PNG files (105 px -> {model.image_size} px)", "img/s", ours, peer,
+         "ours", "torch", peer_note=note)
+    del img_lib
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling and k-NN (JAX against NumPy)
+# ------------------------------------------------------------------------------------------------
 def bench_sampling(ds, n):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
     from siamese_jax import augment, sampling
 
-    P, K, size = 32, 4, STEP_IMAGE_SIZE
+    P, K, size = 32, 4, 35
     dds = sampling.to_device_dataset(ds, image_size=size)
     cfg = augment.AffineConfig()
     on_device = jax.jit(lambda key, step: sampling.sample_pk_batch(key, step, dds, P, K, augment_cfg=cfg)["images"])
     key = jax.random.PRNGKey(0)
     counter = iter(range(10 ** 9))
-    ours = _rate(lambda: on_device(key, next(counter)), n)
+    ours = _median_rate(lambda: on_device(key, next(counter)), n, 5, jax.block_until_ready)
 
     images = np.asarray(dds.images)
     labels = np.asarray(ds.labels)
@@ -64,114 +343,21 @@ def bench_sampling(ds, n):
     def host():
         picked = rng.choice(classes, P, replace=False)
         idx = np.concatenate([rng.choice(by_class[c], K, replace=False) for c in picked])
-        x = jnp.asarray(images[idx].astype(np.float32)[..., None] / 255.0)
-        return aug(key, x)
+        return aug(key, jnp.asarray(images[idx].astype(np.float32)[..., None] / 255.0))
 
-    peer = _rate(host, n)
-    _row("P×K sampling + augmentation", ours, peer, "batch/s", "on device", "host NumPy")
-
-
-def _step_setup(ds, dtype, widths=(16, 32, 64, 128), image_size=STEP_IMAGE_SIZE):
-    import ml_collections
-
-    from siamese_jax import models, parallel, sampling
-    from siamese_jax import train_step as ts
-
-    config = ml_collections.ConfigDict(dict(model="small", widths=widths, embedding_dim=64, norm="batch",
-                                            l2_normalize=False, loss="batch_hard", compute_dtype=dtype))
-    model = models.build_model(config)
-    tx = optax.adam(1e-3)
-    mesh = parallel.make_data_mesh(jax.devices()[:1])
-    dds = sampling.to_device_dataset(ds, image_size=image_size)
-    state = ts.create_train_state(model, tx, jax.random.PRNGKey(0), image_size)
-    batch = jax.jit(lambda k: {k2: v for k2, v in sampling.sample_pk_batch(k, 0, dds, 32, 4).items()
-                               if k2 in ("images", "labels")})(jax.random.PRNGKey(1))
-    return model, tx, mesh, state, batch
-
-
-def bench_scan(ds, n):
-    from siamese_jax import train_step as ts
-
-    model, tx, mesh, state, batch = _step_setup(ds, "float32")
-    step = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
-    holder = {"s": jax.tree.map(jnp.copy, state)}
-
-    def per_step():
-        holder["s"], m = step(holder["s"], batch, jax.random.PRNGKey(0))
-        return m["loss"]
-
-    ours = _rate(per_step, n)
-
-    def scan_body(s, _):
-        (value, (stats, bs)), grads = jax.value_and_grad(ts.loss_fn, has_aux=True)(
-            s.params, s.batch_stats, model, batch, "batch_hard", 0.5, False)
-        updates, opt = tx.update(grads, s.opt_state, s.params)
-        return s.replace(params=optax.apply_updates(s.params, updates), batch_stats=bs, opt_state=opt,
-                         step=s.step + 1), value
-
-    scan10 = jax.jit(lambda s: jax.lax.scan(scan_body, s, None, length=10))
-    holder2 = {"s": jax.tree.map(jnp.copy, state)}
-
-    def scanned():
-        holder2["s"], losses = scan10(holder2["s"])
-        return losses
-
-    peer = 10 * _rate(scanned, max(1, n // 10))
-    _row("train step (batch-hard, 128 img)", ours, peer, "step/s", "1 step/call", "lax.scan x10")
-
-
-def _train_step_rate(ds, n, dtype="float32", widths=(16, 32, 64, 128), image_size=STEP_IMAGE_SIZE) -> float:
-    """Steps/s of the jitted batch-hard train step (one call per step) on one fixed P×K batch."""
-    from siamese_jax import train_step as ts
-
-    model, tx, mesh, state, batch = _step_setup(ds, dtype, widths, image_size)
-    step = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
-    holder = {"s": state}
-
-    def one():
-        holder["s"], m = step(holder["s"], batch, jax.random.PRNGKey(0))
-        return m["loss"]
-
-    return _rate(one, n)
-
-
-def bench_dtype(ds, n):
-    rates = {dtype: _train_step_rate(ds, n, dtype) for dtype in ("float32", "bfloat16")}
-    _row(f"compute dtype on {jax.devices()[0].platform}", rates["float32"], rates["bfloat16"], "step/s",
-         "float32", "bfloat16")
-
-
-def bench_pooling(ds, n):
-    import flax.linen as nn
-
-    from siamese_jax import models
-
-    rates = {}
-    for name, pool in (("reshape", models.max_pool_2x2),
-                       ("nn.max_pool", lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))):
-        original = models.max_pool_2x2
-        models.max_pool_2x2 = pool  # the encoder looks the function up at trace time
-        try:
-            rates[name] = _train_step_rate(ds, n)
-        finally:
-            models.max_pool_2x2 = original
-    _row("max-pool in the train step", rates["reshape"], rates["nn.max_pool"], "step/s", "reshape+max", "nn.max_pool")
-
-
-def bench_encoders(ds, n):
-    """The default encoder against the first sessions' one (4 x 32 channels at 28 px)."""
-    ours = _train_step_rate(ds, n, widths=(16, 32, 64, 128), image_size=STEP_IMAGE_SIZE)
-    peer = _train_step_rate(ds, n, widths=(32, 32, 32, 32), image_size=28)
-    _row("encoder in the train step", ours, peer, "step/s", "16-128@35px", "4x32@28px")
+    peer = _median_rate(host, n, 5, jax.block_until_ready)
+    _row("sampling", "P×K sampling + augmentation", "batch/s", ours, peer, "on device", "host NumPy")
 
 
 def bench_knn(n):
+    import numpy as np
+
     from siamese_jax import evaluation
 
     rng = np.random.default_rng(0)
     index = rng.normal(size=(20000, 64)).astype(np.float32)
     query = rng.normal(size=(1000, 64)).astype(np.float32)
-    ours = _rate(lambda: evaluation.knn(query, index, 10)[1], n)
+    ours = _median_rate(lambda: evaluation.knn(query, index, 10)[1], n, 3, lambda x: x)
 
     def numpy_knn():
         d = (query ** 2).sum(1)[:, None] - 2 * query @ index.T + (index ** 2).sum(1)[None]
@@ -179,24 +365,63 @@ def bench_knn(n):
         order = np.take_along_axis(d, part, 1).argsort(1)
         return np.take_along_axis(part, order, 1)
 
-    peer = _rate(numpy_knn, n)
+    peer = _median_rate(numpy_knn, n, 3, lambda x: x)
     np.testing.assert_array_equal(evaluation.knn(query, index, 10)[1], numpy_knn())  # same answer
-    _row("k-NN 1k queries x 20k (k=10)", ours, peer, "call/s", "jitted top-k", "NumPy")
+    _row("knn", "k-NN 1k queries x 20k (k=10)", "call/s", ours, peer, "jitted top-k", "NumPy")
+
+
+def _machine():
+    import jax
+
+    info = {"platform": jax.devices()[0].platform, "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind, "cpu": platform.processor() or platform.machine(),
+            "cores": len(os.sched_getaffinity(0)), "python": sys.version.split()[0], "jax": jax.__version__}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = None
+    return info
 
 
 def main(argv):
     del argv
+    from siamese_jax import cli
+    from siamese_jax import parallel
+    from siamese_jax.files import atomic_write_json
+
+    cli.setup_logging()
+
+    # The same CPU device split as experiments.train (P×K 32×4 = 128 images per step).
+    parallel.use_cpu_cores_as_devices(128, FLAGS.cpu_devices)
+    import jax
+
     from siamese_jax.data import load
 
-    n = 5 if FLAGS.quick else 30
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform})")
-    ds = load("omniglot", "background", archive_dir=FLAGS.data_dir)
-    bench_sampling(ds, 4 * n)
-    bench_scan(ds, n)
-    bench_dtype(ds, max(3, n // 3))
-    bench_pooling(ds, n)
-    bench_encoders(ds, n)
-    bench_knn(max(3, n // 3))
+    only = set(FLAGS.only or [])
+    want = lambda row: not only or row in only  # noqa: E731
+    machine = _machine()
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
+          f"torch {machine['torch'] or 'not installed'}", flush=True)
+    quick = FLAGS.quick
+    bench_steps(quick, only)
+    if want("fused_bn"):
+        bench_fused_bn(quick)
+    if want("loop"):
+        bench_loop(quick, FLAGS.data_dir)
+    if want("embed_png"):
+        bench_embed(quick, FLAGS.data_dir)
+    if want("sampling") or want("knn"):
+        ds = load("omniglot", "background", archive_dir=FLAGS.data_dir)
+        if want("sampling"):
+            bench_sampling(ds, 20 if quick else 100)
+        if want("knn"):
+            bench_knn(3 if quick else 10)
+    out = FLAGS.out or os.path.join("runs", f"benchmark-{machine['platform']}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write_json(out, {"machine": machine, "quick": quick, "command": " ".join(sys.argv), "rows": ROWS})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

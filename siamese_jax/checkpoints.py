@@ -36,6 +36,13 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _multiprocessing(name: str) -> ocp.options.MultiprocessingOptions:
+    # With several processes orbax synchronises each save on barriers named after the STEP; the
+    # periodic and the best manager often save the same step at once, and two barriers of one name
+    # fail ("Barrier _async_write_complete.3 is already ongoing"). A prefix per manager keeps them apart.
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 def _abstract(target):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
 
@@ -52,16 +59,19 @@ class Checkpoints:
                  best_mode: str = "max"):
         self.workdir = workdir = os.path.abspath(workdir)
         self.best_metric = best_metric
-        for sub in ("checkpoints", "best"):
-            remove_temporary_dirs(os.path.join(workdir, sub))  # unfinished saves of a killed run
+        if jax.process_index() == 0:  # one process cleans up; the others may not race it
+            for sub in ("checkpoints", "best"):
+                remove_temporary_dirs(os.path.join(workdir, sub))  # unfinished saves of a killed run
         with quiet_event_loop_tracebacks():  # a step with damaged metadata is reported when restored
             self.latest = ocp.CheckpointManager(
                 os.path.join(workdir, "checkpoints"), item_names=("state", "meta"),
-                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                     multiprocessing_options=_multiprocessing("latest")))
             self.best = ocp.CheckpointManager(
                 os.path.join(workdir, "best"), item_names=("state", "meta"),
                 options=ocp.CheckpointManagerOptions(
-                    max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode))
+                    max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode,
+                    multiprocessing_options=_multiprocessing("best")))
         self._closed = False
         _OPEN.append(self)
 
@@ -101,8 +111,9 @@ class Checkpoints:
                 self.latest.close()
                 self.best.close()
         finally:
-            for sub in ("checkpoints", "best"):
-                remove_temporary_dirs(os.path.join(self.workdir, sub))
+            if jax.process_index() == 0:  # process 0 finalises orbax's saves, so it cleans up
+                for sub in ("checkpoints", "best"):
+                    remove_temporary_dirs(os.path.join(self.workdir, sub))
 
     # -- restoring ------------------------------------------------------------------------------
     def restore_latest(self, target) -> Optional[tuple[Any, dict]]:
@@ -122,7 +133,10 @@ class Checkpoints:
         for manager, name in ((self.latest, "checkpoints"), (self.best, "best")):
             for s in manager.all_steps():
                 if s > step:
-                    moved.append(move_step_aside(manager, s, self._aside_dir("diverged"), name))
+                    if jax.process_index() == 0:  # one process moves; the others only report
+                        moved.append(move_step_aside(manager, s, self._aside_dir("diverged"), name))
+                    else:
+                        moved.append(os.path.join(self._aside_dir("diverged"), f"{name}-{s}"))
             manager.reload()
         return moved
 
@@ -249,7 +263,9 @@ def restore_from_directory(directory: str, target, step: Optional[int] = None):
     Read-only: unreadable steps are skipped with a warning, never moved."""
     with quiet_event_loop_tracebacks():
         manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
-                                        options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+                                        options=ocp.CheckpointManagerOptions(
+                                            create=False, read_only=True,
+                                            multiprocessing_options=_multiprocessing("restore")))
     try:
         if step is not None:
             return restore_step(manager, step, target)

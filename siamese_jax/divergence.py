@@ -111,7 +111,8 @@ def stop_diverged_run(error: DivergenceError, config, workdir: str) -> Divergenc
     ckpts = ckpt_lib.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
     try:
         moved = ckpts.discard_newer_than(keep_up_to)
-        steps = ckpts.all_periodic_steps()
+        # Filtered, not re-listed: with several processes only process 0 moves the newer ones.
+        steps = [s for s in ckpts.all_periodic_steps() if s <= keep_up_to]
     finally:
         ckpts.close()
     lr = config.get("learning_rate")

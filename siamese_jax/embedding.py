@@ -41,19 +41,26 @@ def make_embed_fn(model, mesh=None):
     if mesh is None:
         return jax.jit(embed)
     repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(embed, in_shardings=(repl, repl, data), out_shardings=data)
+    # Images split over every device of every process; the embeddings come back REPLICATED, so
+    # every process holds (and can read on the host) the whole result: with several processes a
+    # batch-sharded output would span devices this process cannot address.
+    return jax.jit(embed, in_shardings=(repl, repl, data), out_shardings=repl)
 
 
 def embed_images(embed_fn, state, images_u8: np.ndarray, mesh, batch_size: int = 1024) -> np.ndarray:
-    """Embeddings [N, E] of uint8 images [N, H, W] (already at the model's size), in padded batches."""
+    """Embeddings [N, E] of uint8 images [N, H, W] (already at the model's size), in padded batches.
+
+    With several processes every process calls this with the same images (a collective) and gets
+    the same full result."""
     n_dev = mesh.devices.size
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
+    sharding = parallel.batch_sharded(mesh)
     out = []
     for start in range(0, len(images_u8), batch_size):
         chunk = images_u8[start:start + batch_size]
         pad = (-len(chunk)) % n_dev
         x = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk
-        x = jnp.asarray(x, jnp.float32)[..., None] / 255.0
+        x = parallel.host_array_to_global((x.astype(np.float32) / 255.0)[..., None], sharding)
         out.append(np.asarray(embed_fn(state.params, state.batch_stats, x))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -79,8 +86,11 @@ def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[Loade
     """The workdir's best checkpoint (falling back to the newest periodic one), or `which` = a step dir."""
     mesh = parallel.make_data_mesh()
     model = models.build_model(config)
-    target = ts.create_train_state(model, ts.make_optimizer(config), jax.random.PRNGKey(0), config.image_size)
+    # The target lives on the mesh (replicated), so orbax restores straight onto every device of
+    # every process, whatever the process count of the run that saved it.
+    target = parallel.put_replicated(
+        ts.create_train_state(model, ts.make_optimizer(config), jax.random.PRNGKey(0), config.image_size), mesh)
     candidates = [os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")] if which == "best" else [which]
     # An unreadable best/ (truncated, corrupt) falls back to checkpoints/ with one warning line.
     state, _, _ = ckpt_lib.restore_first_readable(candidates, target)
-    return LoadedModel(config, parallel.put_replicated(state, mesh), mesh), int(state.step)
+    return LoadedModel(config, state, mesh), int(state.step)

@@ -103,16 +103,22 @@ def as_gray(image) -> np.ndarray:
 
 def prepare(images: Union[Sequence, np.ndarray], size: int) -> np.ndarray:
     """Images -> float32 [N, size, size, 1] in [0, 1], through the training data's own path:
-    ink-bright uint8, antialiased resize to `size` (augment.resize_uint8), then / 255."""
+    ink-bright uint8, antialiased resize to `size` (augment.resize_uint8), then / 255.
+
+    Images of the same shape are resized together (one batched host resize per distinct shape):
+    nothing here compiles, whatever the number and sizes of the images."""
     from siamese_jax.augment import resize_uint8
 
-    out = []
-    for image in images:
-        u8 = np.round(as_gray(image) * 255.0).astype(np.uint8)
-        out.append(resize_uint8(u8[None], size)[0])
-    if not out:
+    gray = [np.round(as_gray(image) * 255.0).astype(np.uint8) for image in images]
+    if not gray:
         raise ImageError("no images given")
-    return (np.stack(out).astype(np.float32) / 255.0)[..., None]
+    out = np.empty((len(gray), size, size), np.uint8)
+    by_shape: dict = {}
+    for i, g in enumerate(gray):
+        by_shape.setdefault(g.shape, []).append(i)
+    for indices in by_shape.values():
+        out[indices] = resize_uint8(np.stack([gray[i] for i in indices]), size)
+    return (out.astype(np.float32) / 255.0)[..., None]
 
 
 def list_images(folder: str) -> list[str]:

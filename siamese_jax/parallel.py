@@ -7,6 +7,9 @@ mining needs. tests/test_train_step.py proves the result equals the 1-device res
 """
 from __future__ import annotations
 
+import logging
+import os
+import re
 from typing import Optional, Sequence
 
 import jax
@@ -14,6 +17,41 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+log = logging.getLogger(__name__)
+
+
+def cpu_device_count(batch_size: int, cores: int, max_devices: int = 8) -> int:
+    """How many XLA CPU devices a data-parallel run should use: one per core, at most `max_devices`,
+    and a divisor of the global batch (the batch is split evenly over the `data` mesh)."""
+    n = max(1, min(cores, max_devices, batch_size))
+    while batch_size % n:
+        n -= 1
+    return n
+
+
+def use_cpu_cores_as_devices(batch_size: int, requested: Optional[int] = None) -> Optional[int]:
+    """Before JAX starts its backends: split the CPU into `requested` (default: one per core) XLA
+    devices, so that the data-parallel step runs on every core.
+
+    Why: XLA:CPU runs most of this model's kernels (YNNPACK convolutions, loop fusions) on one
+    thread, so a single CPU device leaves the other cores idle; with one device per core each core
+    runs its shard of the global batch (BatchNorm statistics and mining stay global, so the math is
+    the 1-device math). Measured 1.6x on the 2-core box (BUILD_NOTES, "Performance").
+    Leaves alone a device count the user chose (XLA_FLAGS' --xla_force_host_platform_device_count
+    or JAX_NUM_CPU_DEVICES), and does nothing once JAX's backends are up. Returns the count set.
+    """
+    from jax._src import xla_bridge
+
+    if re.search(r"xla_force_host_platform_device_count", os.environ.get("XLA_FLAGS", "")) or \
+            os.environ.get("JAX_NUM_CPU_DEVICES") or jax.config.jax_num_cpu_devices != -1:
+        return None
+    if xla_bridge.backends_are_initialized():
+        log.debug("JAX backends already started: keeping the CPU device count")
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = requested if requested else cpu_device_count(batch_size, cores)
+    jax.config.update("jax_num_cpu_devices", int(n))
+    return int(n)
 
 
 def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -24,6 +62,21 @@ def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """
     devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def is_main_process() -> bool:
+    """Process 0 writes the files of a run (logs, metrics, results, plots); with one process, always."""
+    return jax.process_index() == 0
+
+
+def host_array_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds in full (same values), as one global array with `sharding`.
+
+    Each process copies only the slices its own devices hold. (`jit` refuses a numpy input with a
+    sharding spanning other processes' devices; a per-process `device_put` of the whole array would
+    copy it everywhere first.)"""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -18,7 +18,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from siamese_jax import evaluation, plots, sampling
+from siamese_jax import evaluation, parallel, plots, sampling
 from siamese_jax import input_pipeline as ip
 from siamese_jax.data import ImageDataset, load_lake_runs
 from siamese_jax.embedding import LoadedModel, load_workdir_model, resized_images
@@ -113,7 +113,7 @@ def evaluate_mnist(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dic
     }
     emb, ds = dist["test"][4], dist["test"][5]
     out["retrieval"] = evaluation.retrieval_metrics(emb, ds.labels)
-    if plots_dir:
+    if plots_dir and parallel.is_main_process():
         a, b = dist["test"][2], dist["test"][3]
         imgs = resized_images(ds, config.image_size) / 255.0
         plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), imgs[a[:8]], imgs[b[:8]], same[:8], d[:8], threshold)
@@ -128,7 +128,9 @@ def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, con
     rng = np.random.default_rng(config.eval_seed)
     sub = train.subset(np.sort(rng.choice(len(train), min(2000, len(train)), replace=False)))
     tr_u8 = resized_images(sub, config.image_size)
-    tr_emb = loaded.embed_u8(tr_u8)
+    tr_emb = loaded.embed_u8(tr_u8)  # a collective: every process takes part ...
+    if not parallel.is_main_process():  # ... and process 0 draws the files
+        return
     a, b, same = keras_pairs(sub.labels, config.eval_seed)
     d = np.linalg.norm(tr_emb[a] - tr_emb[b], axis=-1)
     show = np.concatenate([[2 * i, 2 * i + 1] for i in rng.choice(len(sub), 4, replace=False)])
@@ -149,25 +151,30 @@ def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, con
 
 def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_seconds: Optional[float] = None,
                      write: bool = True) -> dict:
-    """Evaluates a workdir's best checkpoint; writes results.json and plots/ (atomically)."""
+    """Evaluates a workdir's best checkpoint; writes results.json and plots/ (atomically).
+
+    With several processes, every process runs this (the embeddings are collectives) and gets the
+    same results; only process 0 writes results.json and the plots."""
     t0 = time.time()
+    main = parallel.is_main_process()
     loaded, step = load_workdir_model(config, workdir, checkpoint)
     plots_dir = os.path.join(workdir, "plots") if (write and config.plots) else None
-    if plots_dir:
+    if plots_dir and main:
         os.makedirs(plots_dir, exist_ok=True)
     if config.dataset == "omniglot":
         results = evaluate_omniglot(config, loaded, plots_dir)
     else:
         results = evaluate_mnist(config, loaded, plots_dir)
     history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    if plots_dir and history:
+    if plots_dir and history and main:
         plots.plot_training_curves(os.path.join(plots_dir, "curves.png"), history)
     results.update(dataset=config.dataset, loss=config.loss, model=config.model, image_size=config.image_size,
                    checkpoint_step=step, num_steps=config.num_steps, devices=jax.device_count(),
-                   platform=jax.devices()[0].platform, eval_seconds=round(time.time() - t0, 1))
+                   processes=jax.process_count(), platform=jax.devices()[0].platform,
+                   eval_seconds=round(time.time() - t0, 1))
     if train_seconds is not None:
         results["train_seconds"] = round(train_seconds, 1)
-    if write:
+    if write and main:
         atomic_write_json(os.path.join(workdir, "results.json"), results)
     return results
 
@@ -189,7 +196,9 @@ def format_results_table(results: dict) -> str:
     if r:
         rows.append(("precision@1 / MAP@R", f"{r['precision_at_1']:.3f} / {r['mean_average_precision_at_r']:.3f}"))
     if "train_seconds" in results:
-        rows.append(("train time", f"{results['train_seconds']:.0f} s on {results['devices']} {results['platform']} device(s)"))
+        processes = results.get("processes", 1)
+        rows.append(("train time", f"{results['train_seconds']:.0f} s on {results['devices']} {results['platform']} device(s)"
+                                   + (f" in {processes} processes" if processes > 1 else "")))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 40)
     return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])

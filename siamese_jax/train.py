@@ -6,6 +6,12 @@ loop. Each step samples a global batch on device from `fold_in(key, step)` and r
 train step; the metrics of step t-1 are read while step t runs. Validation (one-shot accuracy on
 held-out *background* alphabets) picks the best checkpoint. SIGTERM/SIGINT save and stop;
 SIGKILL loses at most the steps since the last save (orbax finalises a step directory atomically).
+
+Several processes (JAX's multi-controller runtime, `jax.distributed.initialize` called first): every
+process runs this same function on the same data and config; the mesh spans all their devices, each
+step and each embedding is one collective program, and host-side results (metrics, embeddings) are
+replicated, so every process computes the same numbers. Process 0 writes the files; checkpoints are
+saved and restored by all processes together; a SIGTERM to any process stops all at one agreed step.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from siamese_jax import augment as augment_lib
 from siamese_jax import checkpoints as ckpt_lib
@@ -63,14 +70,23 @@ def validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh) -> f
 # The loop
 # ------------------------------------------------------------------------------------------------
 class _StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and returns at the next step."""
+    """SIGTERM/SIGINT ask the loop to save a checkpoint and return; `should_stop(step)` says when.
 
-    def __init__(self):
+    One process: the handlers set a flag, read at the next step. Several processes: every process
+    must stop at the SAME step (saving is a collective), so the notice goes through JAX's preemption
+    sync service instead: `jax.distributed.initialize` installs its own SIGTERM handler (the default
+    preemption notice), any process's notice reaches all of them, and
+    `multihost_utils.reached_preemption_sync_point(step)` turns True on every process at one agreed
+    step. SIGTERM is left to that handler; SIGINT (Ctrl-C) is re-sent to this process as SIGTERM."""
+
+    def __init__(self, coordinated: bool = False):
+        self.coordinated = coordinated
         self.received = None
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGINT,) if self.coordinated else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
@@ -79,6 +95,16 @@ class _StopSignal:
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if self.coordinated:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def should_stop(self, step: int) -> Optional[str]:
+        """The reason to stop after `step`, or None. Called by every process at every step."""
+        if not self.coordinated:
+            return self.received
+        if multihost_utils.reached_preemption_sync_point(step):
+            return "SIGINT" if self.received else "a preemption notice (SIGTERM to one of the processes)"
+        return None
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -113,9 +139,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     os.makedirs(workdir, exist_ok=True)
     ts.batch_kind(config.loss, config.triplet_selection)
     models.build_model(config)  # a bad model config fails here, before any data is loaded
-    mesh = parallel.make_data_mesh()
-    is_main = jax.process_index() == 0
-    log.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
+    mesh = parallel.make_data_mesh()  # every device of every process
+    is_main = parallel.is_main_process()  # writes the files; every process computes everything
+    log.info("devices: %d (%s), processes: %d (%d devices each)", jax.device_count(), jax.devices()[0].platform,
+             jax.process_count(), jax.local_device_count())
 
     # Data on device (replicated), resized once.
     train_ds, val_ds = ip.train_val_datasets(config)
@@ -137,8 +164,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     images_per_step = ip.images_per_step(config, batch_size)
     embed_fn = embedding.make_embed_fn(model, mesh)
 
-    # State: own checkpoint -> config.resume -> init.
-    fresh = ts.create_train_state(model, tx, jax.random.PRNGKey(config.seed), config.image_size)
+    # State: own checkpoint -> config.resume -> init. The target is already on the mesh, so orbax
+    # restores onto every device of every process (all processes restore together).
+    fresh = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(config.seed), config.image_size), mesh)
     ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
     restored = ckpts.restore_latest(fresh)
     if restored is not None:
@@ -150,7 +178,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         log.info("initialised from %s", config.resume)
     else:
         state = fresh
-    state = parallel.put_replicated(state, mesh)
+    state = parallel.put_replicated(state, mesh)  # fresh buffers: the step donates its state
     start_step = int(state.step)
     best_so_far = _best_metric(ckpts)
     detector = divergence.from_config(config, start_step)
@@ -158,7 +186,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
     writer = MetricsWriter(workdir, enabled=is_main)
     writer.truncate_after(start_step)
-    atomic_write_json(os.path.join(workdir, "config.json"), _config_json(config))
+    if is_main:
+        atomic_write_json(os.path.join(workdir, "config.json"), _config_json(config))
     meta = {"config": _config_json(config)}
     data_key = jax.random.PRNGKey(config.seed + 1)
     step_key = jax.random.PRNGKey(config.seed + 2)
@@ -166,7 +195,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     pending = None  # (step, metrics on device) of the previous step
     t_start, t_log, steps_since_log = time.time(), time.time(), 0
     stopped_by = None
-    with _StopSignal() as stop:
+    with _StopSignal(coordinated=jax.process_count() > 1) as stop:
         for step in range(start_step, config.num_steps):
             batch = sample(train_dds, data_key, step)
             state, metrics = train_step(state, batch, step_key)
@@ -176,6 +205,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             steps_since_log += 1
             done = step + 1
             now = time.time()
+            # Time-based, so processes differ here: nothing in this branch may be a collective or
+            # stop the run (the finiteness check is _finish_step's, at the same step everywhere).
             if now - t_log >= config.log_every_seconds or done == config.num_steps:
                 m = _to_host(metrics)  # checked by _finish_step, one step later
                 rate = steps_since_log / (now - t_log)
@@ -200,8 +231,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     _finish_step(pending, writer, detector)
                     pending = None
                 ckpts.save(state, dict(meta, step=done))
-            if stop.received:
-                stopped_by = stop.received
+            stopped_by = stop.should_stop(done)
+            if stopped_by:
                 break
         if pending is not None:
             _finish_step(pending, writer, detector)

@@ -124,3 +124,17 @@ def test_resize_uint8_round_trips_dtype_and_range():
     assert out.shape == (5, 28, 28) and out.dtype == np.uint8
     np.testing.assert_allclose(out.mean(), x.mean(), atol=2.0)
     assert augment.resize_uint8(x, 105) is not None and np.array_equal(augment.resize_uint8(x, 105), x)
+
+
+@pytest.mark.parametrize("shape,size", [((105, 105), 35), ((105, 105), 28), ((28, 28), 35), ((50, 80), 35), ((300, 200), 105)])
+def test_host_resize_uint8_matches_the_jax_resize(shape, size):
+    """The host resize (cached separable weights, no compile) is the jitted antialiased resize."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((6,) + shape) * 255).astype(np.uint8)
+    wh, ww = augment._triangle_weights(shape[0], size), augment._triangle_weights(shape[1], size)
+    host_float = np.matmul(np.matmul(wh.T, x.astype(np.float32)), ww)
+    np.testing.assert_allclose(host_float, np.asarray(augment.resize(x, size)), atol=2e-3)
+    ref = np.asarray(jnp.clip(jnp.round(augment.resize(x, size)), 0, 255).astype(jnp.uint8)).astype(int)
+    got = augment.resize_uint8(x, size)
+    assert got.dtype == np.uint8 and got.shape == (6, size, size)
+    assert np.abs(got - ref).max() <= 1 and (got != ref).mean() < 1e-3  # only float-rounding ties differ

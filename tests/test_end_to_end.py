@@ -133,6 +133,7 @@ def test_mnist_pairs_end_to_end(env, tmp_path):
     (["--dataset=cifar"], "dataset"),
     (["--config.widths=()"], "config.widths"),
     (["--config.width=64"], "widths"),  # the pre-`widths` key: a hint at the new one
+    (["--process_id=1"], "--coordinator_address"),  # multi-host flags: checked before any device is used
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(env, tmp_path, args, needle):
     e = dict(env, SIAMESE_CACHE_DIR=str(tmp_path / "empty_cache"))

@@ -222,3 +222,33 @@ def test_bad_input_one_line_exit_2(case, tmp_path, eval_pngs):
     err_lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err_lines) == 1 and err_lines[0].startswith("error:"), r.stderr
     assert needle in err_lines[0]
+
+
+def test_embedding_files_of_many_sizes_compiles_a_bounded_number_of_times(model, eval_pngs, tmp_path):
+    """Embedding compiles per padded batch size at most, never per image or per image size: a jitted
+    resize built per call used to compile for every file (stack-notes §11)."""
+    import jax
+
+    paths = sorted(str(p) for p in eval_pngs.rglob("*.png"))[:12]
+    sized = []
+    for i, p in enumerate(paths):  # 12 files of 6 different sizes, PNG and JPEG
+        with Image.open(p) as im:
+            side = 40 + 13 * (i % 6)
+            out = tmp_path / f"{i}.{'jpg' if i % 2 else 'png'}"
+            im.convert("L").resize((side, side + i % 3)).save(out)
+            sized.append(str(out))
+    model.embed(sized[:2])  # warm-up: compiles the batch shape used below
+    compiles = []
+
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        for _ in range(3):
+            emb = np.concatenate([model.embed(sized[i:i + 2]) for i in range(0, len(sized), 2)])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert emb.shape == (12, 64) and np.isfinite(emb).all()
+    assert compiles == [], f"{len(compiles)} compilations while embedding 36 files of 6 sizes"

@@ -3,7 +3,8 @@
 A function-local import can hide a cycle from Python's import machinery but not from this test.
 Layers, bottom to top: data/, losses, models, augment, sampling, parallel, evaluation, plots, files,
 checkpoints -> train_step -> input_pipeline, embedding -> protocols -> train; inference, index and
-commands use a trained model and never reach into training.
+commands use a trained model and never reach into training. On top: the entry points in
+siamese_jax.cli (the installed `siamese-train`/`siamese-evaluate`), which `experiments/*` only wrap.
 """
 import ast
 import pathlib
@@ -106,3 +107,18 @@ def test_layers_import_down_only():
     # Data preparation and embedding sit below both the loop and the protocols.
     for low in ("siamese_jax.input_pipeline", "siamese_jax.embedding"):
         assert not _reachable(graph, low) & {"siamese_jax.train", "siamese_jax.protocols"}, low
+
+
+def test_entry_points_sit_on_top():
+    graph = import_graph()
+    # Nothing in the library imports the command-line layer (it is the top; the library stays usable
+    # from a notebook without absl flags being defined).
+    for mod, deps in graph.items():
+        if mod.startswith("siamese_jax") and not mod.startswith("siamese_jax.cli"):
+            assert not any(d.startswith("siamese_jax.cli") for d in deps), f"{mod} imports the CLI"
+    for cmd in ("train", "evaluate", "export"):
+        assert "siamese_jax.cli" in graph[f"siamese_jax.cli.{cmd}"]
+        # experiments/<cmd>.py is a shim over the installed entry point, not a second copy of it.
+        assert graph[f"experiments.{cmd}"] == {f"siamese_jax.cli.{cmd}"}, graph[f"experiments.{cmd}"]
+    # The configs ship in the package; experiments/configs/* re-export them.
+    assert "siamese_jax.configs.default" in graph["siamese_jax.configs.omniglot_koch"]

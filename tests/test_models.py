@@ -100,3 +100,57 @@ def test_reshape_max_pool_equals_flax_max_pool(shape):
     g = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) ** 2))(x)
     g_ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) ** 2))(x)
     np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+
+
+def _flax_bn_relu_pool(x, scale, bias, pool, train=True, stats=None):
+    """The three layers the fused block replaces, as Flax writes them."""
+    import flax.linen as nn
+
+    c = x.shape[-1]
+    stats = stats or {"mean": jnp.zeros(c), "var": jnp.ones(c)}
+    y, updates = nn.BatchNorm(use_running_average=not train, momentum=0.9).apply(
+        {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x, mutable=["batch_stats"])
+    y = nn.relu(y)
+    return (models.max_pool_2x2(y) if pool else y), updates["batch_stats"]
+
+
+@pytest.mark.parametrize("shape,pool", [((8, 35, 35, 4), True), ((8, 17, 17, 3), True), ((6, 4, 4, 5), True),
+                                        ((6, 1, 1, 5), False)])
+def test_fused_batch_norm_relu_pool_equals_the_flax_layers(shape, pool):
+    """Same values, same gradients (x, scale, bias) and same running statistics as nn.BatchNorm +
+    ReLU + max_pool_2x2, including odd sizes (the floored row/column) and a window with tied maxima."""
+    kx, ks, kb, kg = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(kx, shape)
+    if pool:
+        x = x.at[0, 0, 1, 0].set(x[0, 0, 0, 0])  # a tie inside one 2x2 window
+    scale = 1.0 + 0.5 * jax.random.normal(ks, shape[-1:])
+    bias = 0.3 * jax.random.normal(kb, shape[-1:])
+    out_shape = (shape[0], shape[1] // 2, shape[2] // 2, shape[3]) if pool else shape
+    cot = jax.random.normal(kg, out_shape)
+
+    ref, vjp_ref = jax.vjp(lambda *a: _flax_bn_relu_pool(*a, pool)[0], x, scale, bias)
+    ours, vjp_ours = jax.vjp(lambda *a: models.batch_norm_relu_pool(*a, 1e-5, pool)[0], x, scale, bias)
+    np.testing.assert_allclose(ours, ref, atol=2e-6)
+    for g_ours, g_ref in zip(vjp_ours(cot), vjp_ref(cot)):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
+
+    module = models.BatchNormReLUPool(pool=pool)
+    variables = {"params": {"scale": scale, "bias": bias},
+                 "batch_stats": {"mean": jnp.full(shape[-1:], 0.1), "var": jnp.full(shape[-1:], 2.0)}}
+    out, upd = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, ref_upd = _flax_bn_relu_pool(x, scale, bias, pool, stats=variables["batch_stats"])
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(upd["batch_stats"][k], ref_upd[k], rtol=1e-5, atol=1e-6)
+    eval_ref, _ = _flax_bn_relu_pool(x, scale, bias, pool, train=False, stats=variables["batch_stats"])
+    np.testing.assert_allclose(module.apply(variables, x, train=False), eval_ref, atol=2e-6)
+
+
+def test_fused_block_keeps_nn_batchnorm_variable_names_and_bfloat16():
+    enc = models.SmallConvEncoder(widths=(4, 8), embedding_dim=3, dtype=jnp.bfloat16)
+    v = enc.init(jax.random.PRNGKey(0), jnp.zeros((2, 9, 9, 1)))
+    assert set(v["params"]) == {"Conv_0", "BatchNorm_0", "Conv_1", "BatchNorm_1", "Dense_0"}
+    assert set(v["params"]["BatchNorm_0"]) == {"scale", "bias"} and set(v["batch_stats"]["BatchNorm_1"]) == {"mean", "var"}
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 9, 9, 1))
+    grads = jax.grad(lambda p: jnp.sum(enc.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                                                 mutable=["batch_stats"])[0]))(v["params"])
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))

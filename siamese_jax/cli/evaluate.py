@@ -18,7 +18,8 @@ flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", 
 flags.DEFINE_string("checkpoint", "best", "'best' (default; falls back to the newest) or a checkpoint directory.")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")
 flags.DEFINE_integer("episodes", None, "Episodes per N-way K-shot setting (default: the run's config, 1000).")
-flags.DEFINE_bool("write", True, "Write results.json and plots/ into the workdir.")
+flags.DEFINE_bool("write", True, "Write results.json and plots/ into the workdir (process 0 writes them).")
+cli.define_distributed_flags()
 
 
 def main(argv):
@@ -48,14 +49,19 @@ def main(argv):
             cli.fail(f"--episodes={FLAGS.episodes}: must be at least 1")
         config.eval_episodes = FLAGS.episodes
     config_check.validate_model_config(config)
-    # Writing results.json and plots/ into the workdir: the workdir's lock, as a training run takes it.
+    # Before anything touches a device: every process of a multi-host evaluation joins here.
+    process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    cli.setup_logging(process, processes)
+    # Writing results.json and plots/ into the workdir: the workdir's lock, as a training run takes
+    # it (process 0, the one that writes).
     lock = contextlib.nullcontext()
-    if FLAGS.write:
+    if FLAGS.write and process == 0:
         config_check.check_workdir(workdir)
         lock = WorkdirLock(workdir, purpose="evaluation")
     with lock:
         results = protocols.evaluate_workdir(config, workdir, checkpoint=FLAGS.checkpoint, write=FLAGS.write)
-    print(protocols.format_results_table(results))
+    if process == 0:
+        print(protocols.format_results_table(results))
 
 
 def run():

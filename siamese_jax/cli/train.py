@@ -8,6 +8,13 @@
 Re-running with the same --workdir resumes from its newest checkpoint. Every error is one `error:`
 line and exit code 2 (SIAMESE_TRACEBACK=1 for the traceback of an unexpected one); SIGTERM/SIGINT
 save a checkpoint and exit with code 130.
+
+Several processes (hosts): every process runs the same command with its own --process_id,
+
+    siamese-train ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
+
+or --coordinator_address=auto where JAX can detect the cluster (Cloud TPU VM, SLURM). README,
+"Training on several hosts".
 """
 import os
 import sys
@@ -26,6 +33,7 @@ flags.DEFINE_enum("dataset", None, ("omniglot", "mnist"), "Dataset; picks that d
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>-<loss>).")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: $SIAMESE_DATA_DIR).")
 flags.DEFINE_enum("source", None, ("auto", "archives", "tfds"), "Data source (overrides config.source).")
+cli.define_distributed_flags()
 try:  # ml_collections loads the config file and applies --config.x= overrides right here, at definition
     config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Config file (a get_config() module).",
                                     lock_config=False)
@@ -61,21 +69,40 @@ def resolve_config():
     return config
 
 
+def use_cpu_cores(config):
+    """One XLA CPU device per core (or `config.cpu_devices`) before JAX starts: the data-parallel step
+    then runs on every core of a CPU-only machine (no effect on GPU/TPU devices)."""
+    from siamese_jax import parallel
+    from siamese_jax import train_step as ts
+
+    kind = ts.batch_kind(config.loss, config.triplet_selection)
+    batch = config.classes_per_batch * config.images_per_class if kind == "classes" else config.batch_size
+    parallel.use_cpu_cores_as_devices(batch, config.get("cpu_devices"))
+
+
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_logging()
-    from siamese_jax import protocols
+    from siamese_jax import config_check, protocols
     from siamese_jax.train import train_and_evaluate
 
     config = resolve_config()
+    # The config is checked before anything else happens (no device, no data, no other process),
+    # so a bad value is one line at once; train_and_evaluate checks it again with the device count.
+    config_check.validate_config(config)
+    # Before anything touches a device (importing siamese_jax does not).
+    process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    cli.setup_logging(process, processes)
+    use_cpu_cores(config)
     workdir = FLAGS.workdir or os.path.join("runs", f"{config.dataset}-{config.loss}")
     try:
         results = train_and_evaluate(config, workdir)
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
-    print(protocols.format_results_table(results))
+    if process == 0:
+        print(protocols.format_results_table(results))
 
 
 def run():

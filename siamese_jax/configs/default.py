@@ -39,6 +39,10 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     c.l2_normalize = False
     c.compute_dtype = "float32"  # bfloat16 on GPU/TPU; bf16 convolutions are slow on CPU
     c.image_size = 35
+    # CPU only: how many XLA CPU devices to split the machine into (None: one per core, at most 8 and
+    # a divisor of the batch). XLA:CPU runs this model's kernels mostly on one thread, so one device
+    # per core is what uses the whole CPU (1.6x on 2 cores; BUILD_NOTES, "Performance").
+    c.cpu_devices = ml_collections.config_dict.placeholder(int)
 
     # Loss.
     c.margin = ml_collections.config_dict.placeholder(float)  # None: MARGINS[loss]

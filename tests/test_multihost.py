@@ -1,0 +1,214 @@
+"""`python -m experiments.train` as 2 processes x 2 simulated CPU devices on JAX's distributed runtime.
+
+Real processes, real cross-process collectives (gloo over localhost), real orbax checkpoints written by
+both processes together. One scenario, in order:
+
+1. 2 x 2, a long run; SIGTERM to process 1 only (a pre-empted host) once training is under way:
+   both processes agree on a step, save one checkpoint together and exit 130.
+2. 2 x 2 again on the same workdir: resumes from that checkpoint, finishes, evaluates; both exit 0;
+   metrics.jsonl, results.json, config.json, plots and the results table are written ONCE (process 0).
+3. 1 x 4 (one process, four devices), uninterrupted, same config: the same loss at every step. Both
+   runs use the same 4-device program; only the collectives differ (XLA's in-process ones vs gloo
+   across processes) and may sum in another order, so results agree to rounding, not bit for bit:
+   the first steps differ by ~1 float32 ulp (~1e-7 relative), and Adam lets that grow. Usually it
+   stays below 1e-5 over 100 steps, but once the rounding flips a near-tie in batch-hard mining (a
+   discrete choice) the two runs follow slightly different paths: CI saw 2.4e-4 at step 54. So the
+   first EARLY_STEPS steps must agree to EARLY_RTOL, where a flip is very unlikely and where every
+   real data-parallel bug shows at once (batch statistics or mining per device change step 1; a lost
+   or N-times gradient changes step 2 by percents), and the later steps to LATE_RTOL, which still
+   catches a run that drifts away. Other metrics are not compared: the embedding's final bias gets a
+   mathematically zero gradient under distance losses, Adam turns its rounding noise into lr-sized
+   steps, and the embedding norm drifts (5e-4 after 6 steps) while every distance, hence the loss,
+   stays equal.
+4. `experiments.evaluate` on 1 process restores the 2-process checkpoint: same results.
+
+A hung peer cannot hang CI: every wait has a deadline, after which both processes are killed.
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from siamese_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# MNIST keeps data loading and the evaluation short; batch_hard mines negatives over the GLOBAL batch,
+# so the embeddings are all-gathered across processes inside the step. Every run has the same
+# num_steps (the learning-rate schedule depends on it); the pre-empted run stops long before it.
+STEPS = 100
+TINY = ["--dataset=mnist", "--loss=batch_hard", "--config.widths=(8,8)", "--config.embedding_dim=16",
+        "--config.classes_per_batch=8", "--config.images_per_class=2", "--config.val_episodes=10",
+        f"--config.num_steps={STEPS}", "--config.log_every_seconds=1", "--config.eval_every_steps=100000",
+        "--config.checkpoint_every_steps=100000"]
+EARLY_STEPS, EARLY_RTOL, LATE_RTOL = 20, 1e-4, 1e-2
+
+
+@pytest.fixture(scope="module")
+def env(data_dir, tmp_path_factory):
+    e = dict(os.environ, SIAMESE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             SIAMESE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """`num_processes` processes of one command, each with its own log files; killed on exit."""
+
+    def __init__(self, module, args, env, tmp_path, name, num_processes, devices_per_process):
+        self.logs, self.procs = [], []
+        port = _free_port()
+        for i in range(num_processes):
+            cmd = [sys.executable, "-m", module, *args]
+            if num_processes > 1:
+                cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
+                        f"--process_id={i}"]
+            e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+            out, err = tmp_path / f"{name}.{i}.out", tmp_path / f"{name}.{i}.err"
+            self.logs.append((out, err))
+            with open(out, "w") as fo, open(err, "w") as fe:
+                self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=fo, stderr=fe))
+
+    def wait(self, timeout):
+        deadline = time.time() + timeout
+        try:
+            for p in self.procs:
+                p.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"timed out after {timeout} s; killed all processes. stderr of process 0:\n"
+                        + self.stderr(0)[-3000:])
+        return [p.returncode for p in self.procs]
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def stdout(self, i):
+        # gloo (C++) prints "[Gloo] Rank r is connected to N peer ranks. ..." on stdout when it sets up
+        # a collective, from several threads at once (so lines can be cut in two).
+        return "".join(line for line in self.logs[i][0].read_text().splitlines(keepends=True)
+                       if "[Gloo]" not in line and "peer ranks" not in line)
+
+    def stderr(self, i):
+        return self.logs[i][1].read_text()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+def _train(env, tmp_path, name, workdir, num_processes, devices, *args):
+    return Launch("experiments.train", [f"--workdir={workdir}", *TINY, *args], env, tmp_path, name,
+                  num_processes, devices)
+
+
+def _losses(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return records, {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _fail_msg(run, rcs):
+    return f"exit codes {rcs}\n" + "\n".join(f"--- process {i} stderr:\n{run.stderr(i)[-2500:]}" for i in range(len(rcs)))
+
+
+@pytest.mark.slow
+def test_two_processes_preempt_resume_and_match_one_process(env, tmp_path):
+    workdir = tmp_path / "two"
+
+    # 1. Pre-empt one host of an endless run.
+    with _train(env, tmp_path, "preempted", workdir, 2, 2) as run:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(_losses(workdir)[1] if (workdir / "metrics.jsonl").exists() else ()) < 3:
+            if any(p.poll() is not None for p in run.procs):
+                break
+            time.sleep(0.2)
+        assert all(p.poll() is None for p in run.procs), _fail_msg(run, [p.poll() for p in run.procs])
+        run.procs[1].send_signal(signal.SIGTERM)
+        rcs = run.wait(180)
+        assert rcs == [130, 130], _fail_msg(run, rcs)
+        saved = re.search(r"saved a checkpoint at step (\d+)", run.stderr(0))
+        assert saved, run.stderr(0)[-3000:]
+        assert "saved a checkpoint" in run.stderr(1)  # process 1 warns too (warnings reach every log)
+    stop = int(saved.group(1))
+    assert 3 <= stop < STEPS
+    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [stop]
+
+    # 2. The rerun resumes there, finishes and evaluates.
+    total = STEPS
+    with _train(env, tmp_path, "resumed", workdir, 2, 2) as run:
+        rcs = run.wait(300)
+        assert rcs == [0, 0], _fail_msg(run, rcs)
+        assert f"resuming from step {stop}" in run.stderr(0)
+        assert "pair accuracy (test)" in run.stdout(0) and run.stdout(1).strip() == ""  # one table
+        assert "steps/s" not in run.stderr(1) and "steps/s" in run.stderr(0)  # progress: process 0 only
+    records, two = _losses(workdir)
+    assert sorted(two) == list(range(1, total + 1))  # every step once: only process 0 writes
+    assert sum("val_one_shot_accuracy" in r for r in records) == 1
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["processes"] == 2 and results["devices"] == 4 and results["checkpoint_step"] == total
+    for name in ("pairs", "curves", "distances", "embedding_map"):
+        assert (workdir / "plots" / f"{name}.png").stat().st_size > 1000, name
+    assert sorted(p.name for p in workdir.iterdir() if not p.name.startswith(".")) == [
+        "best", "checkpoints", "config.json", "metrics.jsonl", "plots", "results.json", "tensorboard"]
+    assert len(os.listdir(workdir / "tensorboard")) == 2  # one event file per run, from process 0
+
+    # 3. One process, four devices, uninterrupted: the same losses at every step.
+    one_dir = tmp_path / "one"
+    with _train(env, tmp_path, "one", one_dir, 1, 4) as run:
+        rcs = run.wait(300)
+        assert rcs == [0], _fail_msg(run, rcs)
+    one_records, one = _losses(one_dir)
+    assert sorted(one) == sorted(two)
+    for step in one:
+        rtol = EARLY_RTOL if step <= EARLY_STEPS else LATE_RTOL
+        assert two[step] == pytest.approx(one[step], rel=rtol), f"step {step}: {two[step]} vs {one[step]}"
+    val = lambda recs: [r["val_one_shot_accuracy"] for r in recs if "val_one_shot_accuracy" in r]
+    assert val(records) == pytest.approx(val(one_records), abs=0.02)
+    one_results = json.loads((one_dir / "results.json").read_text())
+    assert results["verification"]["test_accuracy"] == pytest.approx(one_results["verification"]["test_accuracy"], abs=2e-3)
+
+    # 4. The 2-process checkpoint restores in 1 process (another process count).
+    with Launch("experiments.evaluate", [f"--workdir={workdir}", "--nowrite"], env, tmp_path, "eval", 1, 4) as run:
+        rcs = run.wait(300)
+        assert rcs == [0], _fail_msg(run, rcs)
+        assert f"{100 * results['verification']['test_accuracy']:.2f}%" in run.stdout(0)
+
+
+def test_distributed_flags_are_jax_initialize_arguments():
+    assert cli.distributed_init_args(None, None, None) is None  # one process
+    assert cli.distributed_init_args("10.0.0.1:1234", 4, 3) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    assert cli.distributed_init_args("auto", None, None) == {}  # jax.distributed.initialize() detects
+    assert cli.distributed_init_args("auto", 2, 1) == {"num_processes": 2, "process_id": 1}
+
+
+@pytest.mark.parametrize("address, n, i, needle", [
+    (None, None, 1, "--process_id needs --coordinator_address"),
+    (None, 2, None, "--num_processes needs --coordinator_address"),
+    ("localhost:1234", 2, None, "needs --process_id"),
+    ("localhost:1234", None, None, "needs --num_processes and --process_id"),
+    ("localhost:1234", 2, 2, "--process_id=2 must be below --num_processes=2"),
+    ("localhost:1234", 0, 0, "--num_processes=0 must be at least 1"),
+    ("localhost", 2, 0, "is not host:port"),
+    ("localhost:http", 2, 0, "is not host:port"),
+])
+def test_bad_distributed_flags_are_one_line_errors(address, n, i, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        cli.distributed_init_args(address, n, i)
