@@ -117,6 +117,12 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     kind = ts.batch_kind(loss, config.get("triplet_selection", "online"))
     validate_model_config(config)
 
+    # Every size is checked, also the ones this loss does not read: a zero or negative size is never
+    # what the user meant, and the same command with another --loss would fail on it later.
+    batch_size = _int_in(config, "batch_size", 2, 65536, why=" (pairs/triplets per step)")
+    if kind != "classes":
+        _int_in(config, "classes_per_batch", 1)
+        _int_in(config, "images_per_class", 1)
     if kind == "classes":
         # P x K batches: mining (and online triplets) need a positive (K >= 2) and a negative (P >= 2).
         need = " (P x K mining needs 2+ classes per batch for negatives)"
@@ -129,7 +135,7 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         rows = config.classes_per_batch * config.images_per_class
         rows_desc = f"classes_per_batch x images_per_class = {rows}"
     else:
-        rows = _int_in(config, "batch_size", 2, 65536, why=" (pairs/triplets per step)")
+        rows = batch_size
         rows_desc = f"batch_size = {rows}"
     if num_devices and rows % num_devices:
         raise ConfigError(f"{rows_desc} is not divisible by the {num_devices} devices "
@@ -169,6 +175,8 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     _int_in(config, "checkpoint_every_steps", 1)
     _int_in(config, "keep_checkpoints", 1)
     _float_in(config, "log_every_seconds", 0.0)
+    if config.get("cpu_devices") is not None:
+        _int_in(config, "cpu_devices", 1, 1024, why=" (XLA CPU devices; unset: one per core)")
     if "divergence_factor" in config:
         factor = config.divergence_factor
         if not (_is_number(factor) and (factor == 0 or factor > 1)):

@@ -175,12 +175,35 @@ def resolve_config_argument(argv: list[str]) -> list[str]:
     return out
 
 
+HELP_FLAGS = ("--help", "-help", "-?", "--helpshort", "-helpshort")
+
+
+def _show_entry_point_in_help(entry_module: str) -> None:
+    """absl's --help prints `__main__`'s docstring and the flags "of the main module" (keyed by
+    sys.argv[0]); here __main__ is a wrapper (the console script, or an experiments/ shim), so the
+    entry point's docstring and flags are shown in its place."""
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and entry_module in sys.modules:
+        main_module.__doc__ = sys.modules[entry_module].__doc__
+    by_module = flags.FLAGS.flags_by_module_dict()
+    shown = {id(f) for f in by_module.get(sys.argv[0], [])}
+    for module in (entry_module, __name__):  # its own flags, then the shared ones defined here
+        for flag in by_module.get(module, []):
+            if id(flag) not in shown:
+                flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
+                shown.add(id(flag))
+
+
 def run_app(main):
     """absl's app.run, but a bad flag is one line on stderr and exit code 2 (not a usage dump),
-    and `main` runs under the top-level handler (exit 2 and one line for any exception)."""
+    `--help` lists the entry point's flags and exits 0, and `main` runs under the top-level handler
+    (exit 2 and one line for any exception)."""
     from absl import app
 
     def parse(argv):
+        if any(a in HELP_FLAGS for a in argv[1:]):
+            _show_entry_point_in_help(main.__module__)
+            app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1
         given = [a for a in argv if a.startswith("--config=")]
         argv = resolve_config_argument(list(argv))
         which = f"--config={given[-1].split('=', 1)[1]}" if given else "--config"

@@ -1,4 +1,4 @@
-"""Train a Siamese network, then evaluate it: `siamese-train --loss=triplet` (or, in a checkout,
+r"""Train a Siamese network, then evaluate it: `siamese-train --loss=triplet` (or, in a checkout,
 `python -m experiments.train --loss=triplet`).
 
     siamese-train --loss=batch_hard --dataset=omniglot --workdir=runs/x \

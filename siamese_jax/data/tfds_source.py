@@ -6,6 +6,7 @@ without those files we fail at once: TFDS itself would retry the download for mi
 """
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import threading
@@ -30,6 +31,23 @@ _TFDS_FILES = {
 }
 _DOWNLOAD_HOSTS = {"omniglot": "github.com", "mnist": "storage.googleapis.com"}
 _READ_CHUNK = 1024  # records per data-source read: bounds memory of decoded 3-channel images
+
+
+class _DropVariantFolderWarnings(logging.Filter):
+    def filter(self, record):
+        return not str(record.msg).startswith("Variant folder")
+
+
+def _is_prepared(builder) -> bool:
+    """`builder.is_prepared()` without TFDS's "Variant folder ... has no dataset_info.json" warnings:
+    "not prepared" is an ordinary answer here, and the caller says what is missing in one line."""
+    absl_logger = logging.getLogger("absl")  # TFDS logs through absl
+    quiet = _DropVariantFolderWarnings()
+    absl_logger.addFilter(quiet)
+    try:
+        return builder.is_prepared()
+    finally:
+        absl_logger.removeFilter(quiet)
 
 
 def _network_available(host: str, timeout_s: float = 3.0) -> bool:
@@ -109,7 +127,7 @@ def _prepare(tfds, builder, name: str, manual_dir: Optional[Path]) -> None:
 
 def _record_batches(tfds, builder, tfds_split: str, name: str, manual_dir: Optional[Path]) -> Iterator[dict]:
     """Batches of records (dicts of stacked NumPy arrays), preparing the dataset first if needed."""
-    if not builder.is_prepared():
+    if not _is_prepared(builder):
         try:
             # Succeeds only when the data source is mocked (tfds.testing.mock_data); real unprepared
             # data raises here (NotImplementedError: no file format yet, or KeyError: no splits).
@@ -175,7 +193,7 @@ def load_tfds(name: str, split: str, *, archive_dir: Optional[Path], data_dir=No
     builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
 
     def prepared_key() -> Optional[str]:
-        if not builder.is_prepared():
+        if not _is_prepared(builder):
             return None
         files = [p for p in Path(str(builder.data_path)).iterdir() if p.is_file()]
         return cache.fingerprint(files)
