@@ -198,15 +198,17 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
     moved = False
     try:
         for i, step in enumerate(steps):
+            # Shapes first, from the step's small metadata file: a restore into the wrong shapes
+            # fails deep in tensorstore and leaves coroutines that print pages of tracebacks at exit.
+            mismatch = _shape_mismatch(manager, step, target)
+            if mismatch:  # not damage: this workdir belongs to another model, leave it alone
+                raise CheckpointError(
+                    f"checkpoint step {step} in {manager.directory} was written by a different model "
+                    f"({mismatch}); use that run's config or another workdir")
             try:
                 with quiet_event_loop_tracebacks(grace_seconds=0.3):
                     return restore_step(manager, step, target)
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                mismatch = _shape_mismatch(manager, step, target)
-                if mismatch:  # not damage: this workdir belongs to another model, leave it alone
-                    raise CheckpointError(
-                        f"checkpoint step {step} in {manager.directory} was written by a different model "
-                        f"({mismatch}); use that run's config or another workdir") from None
                 older = steps[i + 1] if i + 1 < len(steps) else None
                 where = ""
                 if move_unreadable_to is not None and jax.process_index() == 0:

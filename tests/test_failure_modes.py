@@ -10,8 +10,8 @@
 5. One run per workdir: the second run exits 2 at once naming the holder's PID; SIGKILL frees it.
 6. Entry points after `pip install`: the siamese-train / siamese-evaluate console scripts, from any
    directory (the end-to-end test of section 3 trains and evaluates with them outside the checkout).
-Plus the output hygiene the issue lists: no PIL bomb warning, no absl "Restoring pure python
-logging" line before an error, file names that are not UTF-8 printed escaped.
+7. The output hygiene the issue lists: no PIL bomb warning, no absl "Restoring pure python logging"
+   line before an error (asserted in section 2), file names that are not UTF-8 printed escaped.
 
 Subprocesses only where the exit code and stderr are the point; they get a data root that does not
 exist wherever an error must come before the data is read (had it been read, the error would be the
@@ -207,6 +207,10 @@ def test_config_file_that_does_not_exist_or_does_not_parse_is_one_readable_line(
     broken.write_text("def get_config(:\n    pass\n")
     line = _one_error_line(_train(f"--config={broken}"))
     assert "invalid syntax" in line and "broken.py" in line  # was cut to "Error whilst parsing config file:"
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config():\n    return 1 / 0\n")
+    _one_error_line(_train(f"--config={raising}"), f"--config={raising}: division by zero")
+    _one_error_line(_train(f"--config={tmp_path}"), f"--config={tmp_path}: is a directory, not a config file")
 
 
 def test_workdir_that_is_a_file_is_one_line(tmp_path):
@@ -415,6 +419,25 @@ def test_truncated_best_falls_back_to_the_newest_periodic_checkpoint(tmp_path, c
     _assert_same(model.params, s2.params)
 
 
+def test_checkpoint_of_another_model_is_an_error_and_left_alone(tmp_path):
+    """Not damage: the same workdir re-run with another encoder. Moving the steps aside would throw
+    the other run's work away; the message says what differs."""
+    config = _tiny_config()
+    (s1,), _ = _states(config, 1)
+    ck = C.Checkpoints(str(tmp_path))
+    ck.save(s1, {})
+    ck.close()
+    other = _tiny_config()
+    other.widths = (8, 16)
+    _, other_fresh = _states(other, 0)
+    ck = C.Checkpoints(str(tmp_path))
+    with pytest.raises(C.CheckpointError, match=r"checkpoint step 1 .* was written by a different model "
+                                                r"\(params/.* is \(.*\) in the checkpoint, \(.*\) for this config\)"):
+        ck.restore_latest(other_fresh)
+    ck.close()
+    assert os.listdir(tmp_path / "checkpoints") == ["1"] and not (tmp_path / "unreadable").exists()
+
+
 def test_temporary_dirs_of_unfinished_saves_are_removed(tmp_path):
     leftover = tmp_path / "checkpoints" / f"3{C.TMP_MARKER}-1732"
     leftover.mkdir(parents=True)
@@ -476,7 +499,7 @@ def test_console_scripts_run_outside_the_checkout(tmp_path):
 
 
 # =================================================================================================
-# Output hygiene
+# 7. Output hygiene
 # =================================================================================================
 def _png_header_only(path, width, height):
     """A PNG whose header claims width x height (no pixel data): what a decompression bomb looks like
