@@ -150,7 +150,7 @@ def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, con
 
 
 def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_seconds: Optional[float] = None,
-                     write: bool = True) -> dict:
+                     loop_overhead: Optional[dict] = None, write: bool = True) -> dict:
     """Evaluates a workdir's best checkpoint; writes results.json and plots/ (atomically).
 
     With several processes, every process runs this (the embeddings are collectives) and gets the
@@ -174,6 +174,8 @@ def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_se
                    eval_seconds=round(time.time() - t0, 1))
     if train_seconds is not None:
         results["train_seconds"] = round(train_seconds, 1)
+    if loop_overhead:  # {"validation_seconds": s, "checkpoints_seconds": s} of this run's training
+        results.update(loop_overhead)
     if write and main:
         atomic_write_json(os.path.join(workdir, "results.json"), results)
     return results

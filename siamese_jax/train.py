@@ -194,6 +194,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
     pending = None  # (step, metrics on device) of the previous step
     t_start, t_log, steps_since_log = time.time(), time.time(), 0
+    # Host seconds spent in validation and in checkpoint saves (orbax saves asynchronously: this is
+    # the blocking part), reported against the training time: the loop's overhead over its steps.
+    overhead = {"validation": 0.0, "checkpoints": 0.0}
     stopped_by = None
     with _StopSignal(coordinated=jax.process_count() > 1) as stop:
         for step in range(start_step, config.num_steps):
@@ -217,20 +220,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 writer.write(done, {"steps_per_second": rate, "images_per_second": rate * images_per_step})
                 t_log, steps_since_log = now, 0
             if done % config.eval_every_steps == 0 or done == config.num_steps:
-                _finish_step(pending, writer, detector)
+                _finish_step(pending, writer, detector)  # waits for the step: not counted as validation
                 pending = None
+                t0 = time.time()
                 acc = validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh)
+                t1 = time.time()
+                overhead["validation"] += t1 - t0
                 writer.write(done, {"val_one_shot_accuracy": acc})
                 log.info("step %d  validation one-shot accuracy %.4f", done, acc)
                 if best_so_far is None or acc > best_so_far:
                     best_so_far = acc
                     ckpts.save_best(state, dict(meta, step=done, val_one_shot_accuracy=acc),
                                     {"val_one_shot_accuracy": acc})
+                    overhead["checkpoints"] += time.time() - t1
             if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
                 if pending is not None:  # never save a state whose own metrics are unchecked
-                    _finish_step(pending, writer, detector)
+                    _finish_step(pending, writer, detector)  # (waits for the step: not counted)
                     pending = None
+                t0 = time.time()
                 ckpts.save(state, dict(meta, step=done))
+                overhead["checkpoints"] += time.time() - t0
             stopped_by = stop.should_stop(done)
             if stopped_by:
                 break
@@ -240,14 +249,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             ckpts.save(state, dict(meta, step=int(state.step)), force=True)
             log.warning("%s received: saved a checkpoint at step %d in %s; re-run to resume",
                         stopped_by, int(state.step), workdir)
+    t0 = time.time()
     ckpts.wait()
+    overhead["checkpoints"] += time.time() - t0
     ckpts.close()
-    writer.close()
     if stopped_by:
+        writer.close()
         raise KeyboardInterrupt(f"stopped by {stopped_by} at step {int(state.step)}")
     train_seconds = time.time() - t_start
-    log.info("training done in %s", _fmt_duration(train_seconds))
-    return protocols.evaluate_workdir(config, workdir, train_seconds=train_seconds)
+    overhead = {f"{k}_seconds": round(v, 2) for k, v in overhead.items()}
+    writer.write(int(state.step), overhead)
+    writer.close()
+    log.info("training done in %s; validation %.1f s (%.1f%%), checkpoints %.1f s (%.1f%%)",
+             _fmt_duration(train_seconds), overhead["validation_seconds"],
+             100 * overhead["validation_seconds"] / max(train_seconds, 1e-9), overhead["checkpoints_seconds"],
+             100 * overhead["checkpoints_seconds"] / max(train_seconds, 1e-9))
+    return protocols.evaluate_workdir(config, workdir, train_seconds=train_seconds, loop_overhead=overhead)
 
 
 def _best_metric(ckpts) -> Optional[float]:

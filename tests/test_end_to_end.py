@@ -57,6 +57,11 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {m["step"] for m in metrics if "loss" in m} == set(range(1, 9))
     assert any("val_one_shot_accuracy" in m for m in metrics)
+    # The loop's overhead is measured and reported: validation and checkpoint seconds of this run.
+    overhead = [m for m in metrics if "validation_seconds" in m]
+    assert len(overhead) == 1 and overhead[0]["step"] == 8
+    for key in ("validation_seconds", "checkpoints_seconds"):
+        assert 0 < results[key] == overhead[0][key] < results["train_seconds"], key
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
 
     # Same workdir, more steps: resumes at the saved step.
