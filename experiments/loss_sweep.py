@@ -1,0 +1,287 @@
+"""The loss comparison: every Siamese loss on the same encoder, data and budget, several seeds each.
+
+    python -m experiments.loss_sweep [--quick] [--datasets=omniglot,mnist] [--seeds=0,1,2]
+        [--steps=3000] [--out=runs/loss_sweep] [--rows=contrastive,batch_hard,...]
+
+One training run per (dataset, row, seed), each `python -m experiments.train` in its own process
+(a clean JAX runtime each), with the dataset's default config and only the loss-specific keys
+changed: the encoder, input size, optimizer, schedule, steps and *images per step* are the same for
+every row (pairs carry 2 images, triplets 3, a P x K batch P*K). Each run selects its checkpoint on
+the background validation alphabets (MNIST: the held-out tail of the train split) as `make train`
+does; evaluation data is touched once per run, by the run's own final evaluation.
+
+Runs whose `results.json` exists are not run again, so an interrupted sweep resumes where it stopped.
+At the end (and after every run) the sweep writes `<out>/sweep.json` (every run's numbers and the
+per-row mean, sample standard deviation, min and max over seeds), `<out>/table.md` and
+`<out>/loss_comparison.png`.
+
+`--report_only`: train nothing, rewrite the outputs from the finished runs of `--datasets` (e.g. after
+sweeping omniglot and mnist in two invocations).
+
+`--quick`: one seed, 300 steps, 100 evaluation episodes; a smoke run of the whole pipeline (minutes),
+whose numbers mean nothing.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "One seed, 300 steps, 100 evaluation episodes (a smoke run).")
+flags.DEFINE_list("datasets", ["omniglot"], "Datasets to sweep: omniglot, mnist.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (each row runs once per seed).")
+flags.DEFINE_list("rows", None, "Only these rows (ids below; default: all).")
+flags.DEFINE_integer("steps", 3000, "Training steps of every run.")
+flags.DEFINE_string("out", "runs/loss_sweep", "Directory for the runs, sweep.json, table.md and the plot.")
+flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
+flags.DEFINE_bool("report_only", False, "Train nothing: rewrite sweep.json, table.md and the plot from the finished runs.")
+flags.DEFINE_multi_string("extra", [], "A --config override for every run, as key=value (repeatable).")
+
+# Each row: id, label, config overrides. The same images per step for every row of a dataset:
+# Omniglot 128 (pairs 64 x 2; random triplets 42 x 3 = 126, the nearest multiple of 3 that two
+# devices divide; P x K 32 x 4); MNIST 120 (pairs 60 x 2; triplets 40 x 3; P x K 10 x 12: 10 classes).
+ROWS = (
+    ("contrastive", "contrastive (Hadsell et al.)", {"loss": "contrastive"}),
+    ("triplet_random", "triplet, random triplets", {"loss": "triplet", "triplet_selection": "random"}),
+    ("triplet_online", "triplet, online (random positive, hardest negative)",
+     {"loss": "triplet", "triplet_selection": "online"}),
+    ("triplet_online_all", "triplet, online_all (every positive, hardest negative)",
+     {"loss": "triplet", "triplet_selection": "online_all"}),
+    ("batch_all", "batch-all", {"loss": "batch_all"}),
+    ("batch_hard", "batch-hard", {"loss": "batch_hard"}),
+    ("semihard", "semi-hard", {"loss": "semihard"}),
+    ("verification", "verification (Koch et al.: L1 + sigmoid, BCE)", {"loss": "verification"}),
+)
+BATCH = {  # dataset -> (pair rows, triplet rows, P, K)
+    "omniglot": (64, 42, 32, 4),
+    "mnist": (60, 40, 10, 12),
+}
+PAIR_ROWS = ("contrastive", "verification")
+
+
+def run_overrides(dataset: str, row_id: str, seed: int, steps: int, quick: bool) -> dict:
+    """The --config.* overrides of one run (on top of the dataset's default preset)."""
+    overrides = dict(dict((r[0], r[2]) for r in ROWS)[row_id])
+    pairs, triplets, p, k = BATCH[dataset]
+    if row_id in PAIR_ROWS:
+        overrides["batch_size"] = pairs
+    elif row_id == "triplet_random":
+        overrides["batch_size"] = triplets
+    else:
+        overrides.update(classes_per_batch=p, images_per_class=k)
+    overrides.update(seed=seed, num_steps=steps, plots=False)
+    if quick:
+        overrides.update(eval_episodes=100, val_episodes=50, eval_every_steps=100, checkpoint_every_steps=100)
+    return overrides
+
+
+def images_per_step(dataset: str, row_id: str) -> int:
+    pairs, triplets, p, k = BATCH[dataset]
+    return 2 * pairs if row_id in PAIR_ROWS else 3 * triplets if row_id == "triplet_random" else p * k
+
+
+def _flag_value(v) -> str:
+    return str(v)
+
+
+def run_one(workdir: str, dataset: str, overrides: dict, extra: list, data_dir) -> float:
+    cmd = [sys.executable, "-m", "experiments.train", f"--dataset={dataset}", f"--workdir={workdir}"]
+    if data_dir:
+        cmd.append(f"--data_dir={data_dir}")
+    cmd += [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()]
+    cmd += [f"--config.{e}" for e in extra]
+    os.makedirs(workdir, exist_ok=True)
+    t = time.time()
+    with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"run failed (exit {rc}); see {os.path.join(workdir, 'sweep_log.txt')}")
+    return time.time() - t
+
+
+def _best_validation(workdir: str, step: int):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("step") == step:
+                for key, value in row.items():
+                    if key.startswith("val_"):
+                        return value
+    return None
+
+
+def metrics_of(dataset: str, results: dict) -> dict:
+    """The numbers the table reports for one run, in percent."""
+    if dataset == "omniglot":
+        ep = results["episodes"]
+        return {
+            "lake_20_runs": 100 * results["lake_20_runs"]["accuracy"],
+            "unstructured_20w1s": 100 * ep["unstructured/20-way-1-shot"]["mean"],
+            "within_alphabet_20w1s": 100 * ep["within_alphabet/20-way-1-shot"]["mean"],
+        }
+    v = results["verification"]
+    return {"mnist_test_pair_accuracy": 100 * v["test_accuracy"], "mnist_roc_auc": v["roc_auc"]}
+
+
+def summarize(values: list) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def collect(out: str, datasets, row_ids, seeds) -> dict:
+    """Reads every finished run under `out` into per-run records and per-row summaries."""
+    sweep = {"runs": [], "summary": {}}
+    for dataset in datasets:
+        for row_id in row_ids:
+            per_metric = {}
+            for seed in seeds:
+                workdir = os.path.join(out, dataset, row_id, f"seed{seed}")
+                path = os.path.join(workdir, "results.json")
+                if not os.path.exists(path):
+                    continue
+                with open(path) as f:
+                    results = json.load(f)
+                m = metrics_of(dataset, results)
+                record = {"dataset": dataset, "row": row_id, "seed": seed, **m,
+                          "checkpoint_step": results.get("checkpoint_step"),
+                          "best_validation": _best_validation(workdir, results.get("checkpoint_step")),
+                          "train_seconds": results.get("train_seconds")}
+                sweep["runs"].append(record)
+                for key, value in m.items():
+                    per_metric.setdefault(key, []).append(value)
+            if per_metric:
+                sweep["summary"][f"{dataset}/{row_id}"] = {k: summarize(v) for k, v in per_metric.items()}
+    return sweep
+
+
+def markdown_table(sweep: dict, datasets, row_ids, steps: int) -> str:
+    labels = {r[0]: r[1] for r in ROWS}
+    lines = []
+    for dataset in datasets:
+        if dataset == "omniglot":
+            cols = [("lake_20_runs", "Lake's 20 runs"), ("unstructured_20w1s", "unstructured 20-way 1-shot"),
+                    ("within_alphabet_20w1s", "within-alphabet 20-way 1-shot")]
+        else:
+            cols = [("mnist_test_pair_accuracy", "MNIST test pair accuracy")]
+        lines.append(f"**{dataset}**, {steps} steps, mean ± sd over seeds (min–max):\n")
+        lines.append("| loss | images/step | seeds | " + " | ".join(c[1] for c in cols) + " |")
+        lines.append("| --- | ---: | ---: | " + " | ".join("---:" for _ in cols) + " |")
+        for row_id in row_ids:
+            s = sweep["summary"].get(f"{dataset}/{row_id}")
+            if not s:
+                continue
+            n = s[cols[0][0]]["n"]
+            cells = [f"{s[k]['mean']:.2f} ± {s[k]['sd']:.2f} ({s[k]['min']:.2f}–{s[k]['max']:.2f})" for k, _ in cols]
+            lines.append(f"| {labels[row_id]} | {images_per_step(dataset, row_id)} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(sweep: dict, datasets, row_ids, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from siamese_jax.files import atomic_open
+
+    panels = []
+    if "omniglot" in datasets:
+        panels += [("omniglot", "lake_20_runs", "Omniglot: Lake's 20 runs (%)"),
+                   ("omniglot", "unstructured_20w1s", "Omniglot: unstructured 20-way 1-shot (%)"),
+                   ("omniglot", "within_alphabet_20w1s", "Omniglot: within-alphabet 20-way 1-shot (%)")]
+    if "mnist" in datasets:
+        panels.append(("mnist", "mnist_test_pair_accuracy", "MNIST: test pair accuracy (%)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (dataset, key, title) in zip(axes[0], panels):
+        ids = [r for r in row_ids if f"{dataset}/{r}" in sweep["summary"]]
+        means = [sweep["summary"][f"{dataset}/{r}"][key]["mean"] for r in ids]
+        ax.barh(range(len(ids)), means, color="#4c72b0", alpha=0.6)
+        for i, r in enumerate(ids):
+            pts = [run[key] for run in sweep["runs"] if run["dataset"] == dataset and run["row"] == r]
+            ax.plot(pts, [i] * len(pts), "k.", markersize=6)
+        ax.set_yticks(range(len(ids)))
+        ax.set_yticklabels(ids if ax is axes[0][0] else [""] * len(ids))
+        lo = min(min(run[key] for run in sweep["runs"] if run["dataset"] == dataset), min(means or [0]))
+        ax.set_xlim(max(0.0, lo - 5), 100)
+        ax.set_title(title, fontsize=9)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Siamese losses: same encoder, data and budget (bars: mean; dots: seeds)", fontsize=10)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out, datasets, row_ids, seeds, steps) -> dict:
+    from siamese_jax.files import atomic_open, atomic_write_json
+
+    sweep = collect(out, datasets, row_ids, seeds)
+    sweep["steps"] = steps
+    sweep["seeds"] = seeds
+    atomic_write_json(os.path.join(out, "sweep.json"), sweep)
+    with atomic_open(os.path.join(out, "table.md")) as f:
+        f.write(markdown_table(sweep, datasets, row_ids, steps))
+    if sweep["runs"]:
+        plot(sweep, datasets, row_ids, os.path.join(out, "loss_comparison.png"))
+    return sweep
+
+
+def main(argv):
+    del argv
+    known = [r[0] for r in ROWS]
+    row_ids = FLAGS.rows or known
+    bad = [r for r in row_ids if r not in known]
+    if bad:
+        raise app.UsageError(f"--rows: unknown {', '.join(bad)}; expected some of {', '.join(known)}")
+    for d in FLAGS.datasets:
+        if d not in BATCH:
+            raise app.UsageError(f"--datasets: unknown {d!r}; expected omniglot and/or mnist")
+    try:
+        seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError:
+        raise app.UsageError(f"--seeds: expected integers, got {','.join(FLAGS.seeds)}")
+    steps = FLAGS.steps
+    if FLAGS.quick:
+        seeds, steps = seeds[:1], 300
+    out = FLAGS.out
+    if FLAGS.report_only:
+        seeds_done = []  # every seed that has a finished run, not just --seeds
+        for dataset in FLAGS.datasets:
+            for row_id in row_ids:
+                d = os.path.join(out, dataset, row_id)
+                if os.path.isdir(d):
+                    seeds_done += [int(n[4:]) for n in os.listdir(d) if n.startswith("seed") and n[4:].isdigit()]
+        seeds = sorted(set(seeds_done)) or seeds
+    # Seeds outermost: a sweep stopped half-way has whole seeds of every row, not all seeds of half.
+    for seed in seeds:
+        for dataset in FLAGS.datasets:
+            for row_id in row_ids:
+                workdir = os.path.join(out, dataset, row_id, f"seed{seed}")
+                if FLAGS.report_only or os.path.exists(os.path.join(workdir, "results.json")):
+                    continue
+                overrides = run_overrides(dataset, row_id, seed, steps, FLAGS.quick)
+                print(f"{time.strftime('%H:%M:%S')} {dataset} {row_id} seed {seed} ...", flush=True)
+                seconds = run_one(workdir, dataset, overrides, FLAGS.extra, FLAGS.data_dir)
+                print(f"{time.strftime('%H:%M:%S')}   done in {seconds:.0f} s", flush=True)
+                write_outputs(out, FLAGS.datasets, row_ids, seeds, steps)
+    sweep = write_outputs(out, FLAGS.datasets, row_ids, seeds, steps)
+    print(markdown_table(sweep, FLAGS.datasets, row_ids, steps))
+    print(f"wrote {os.path.join(out, 'sweep.json')}, table.md and loss_comparison.png")
+
+
+if __name__ == "__main__":
+    app.run(main)

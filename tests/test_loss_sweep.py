@@ -1,0 +1,59 @@
+"""experiments.loss_sweep: every row gets the same budget, and the table/summary read the runs right."""
+import json
+import os
+
+import pytest
+
+from experiments import loss_sweep as ls
+
+
+@pytest.mark.parametrize("dataset", ["omniglot", "mnist"])
+def test_every_row_sees_the_same_images_per_step(dataset):
+    counts = {row: ls.images_per_step(dataset, row) for row, _, _ in ls.ROWS}
+    target = counts["batch_hard"]
+    # Random triplets come in threes: the nearest multiple of 3 that 2 devices divide (126 vs 128).
+    for row, n in counts.items():
+        assert abs(n - target) <= 2, (row, n, target)
+
+
+def test_overrides_change_only_the_loss_keys_and_the_shared_budget():
+    base = {"seed", "num_steps", "plots"}
+    o = ls.run_overrides("omniglot", "contrastive", 2, 3000, quick=False)
+    assert o == {"loss": "contrastive", "batch_size": 64, "seed": 2, "num_steps": 3000, "plots": False}
+    o = ls.run_overrides("omniglot", "triplet_random", 0, 3000, quick=False)
+    assert o["triplet_selection"] == "random" and o["batch_size"] == 42
+    o = ls.run_overrides("mnist", "semihard", 1, 500, quick=False)
+    assert set(o) == base | {"loss", "classes_per_batch", "images_per_class"}
+    assert (o["classes_per_batch"], o["images_per_class"]) == (10, 12)
+    assert ls.run_overrides("omniglot", "batch_all", 0, 300, quick=True)["eval_episodes"] == 100
+
+
+def _fake_run(root, dataset, row, seed, lake, val):
+    d = os.path.join(root, dataset, row, f"seed{seed}")
+    os.makedirs(d)
+    ep = {f"{s}/{n}-way-{k}-shot": {"mean": lake / 100 - 0.01, "ci95": 0.01, "num_episodes": 10}
+          for s in ("unstructured", "within_alphabet") for n in (5, 20) for k in (1, 5)}
+    with open(os.path.join(d, "results.json"), "w") as f:
+        json.dump({"lake_20_runs": {"accuracy": lake / 100}, "episodes": ep, "checkpoint_step": 500,
+                   "train_seconds": 12.0}, f)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 500, "val_one_shot_accuracy": val}) + "\n")
+
+
+def test_collect_summarises_seeds_and_writes_table_and_plot(tmp_path):
+    root = str(tmp_path)
+    _fake_run(root, "omniglot", "batch_hard", 0, 90.0, 0.61)
+    _fake_run(root, "omniglot", "batch_hard", 1, 94.0, 0.63)
+    _fake_run(root, "omniglot", "contrastive", 0, 80.0, 0.5)
+    sweep = ls.write_outputs(root, ["omniglot"], ["contrastive", "batch_hard", "semihard"], [0, 1], 3000)
+    s = sweep["summary"]["omniglot/batch_hard"]["lake_20_runs"]
+    assert s["n"] == 2 and s["mean"] == pytest.approx(92.0) and s["sd"] == pytest.approx(2.8284, abs=1e-3)
+    assert (s["min"], s["max"]) == (90.0, 94.0)
+    assert "omniglot/semihard" not in sweep["summary"]  # no run yet: no row
+    runs = {(r["row"], r["seed"]): r for r in sweep["runs"]}
+    assert runs[("batch_hard", 1)]["best_validation"] == 0.63
+    table = open(os.path.join(root, "table.md")).read()
+    assert "| batch-hard | 128 | 2 | 92.00 ± 2.83 (90.00–94.00)" in table
+    assert "| contrastive (Hadsell et al.) | 128 | 1 | 80.00 ± 0.00" in table
+    assert os.path.getsize(os.path.join(root, "loss_comparison.png")) > 1000
+    assert json.load(open(os.path.join(root, "sweep.json")))["steps"] == 3000
