@@ -41,6 +41,23 @@ def test_configs_load_and_koch_config_builds_the_paper_model():
         default.get_config("cifar10")
 
 
+def test_shipped_model_config_is_valid_and_differs_from_the_default_as_documented():
+    from experiments.configs import default, omniglot_pretrained
+    from siamese_jax import augment, config_check, input_pipeline
+
+    c, d = omniglot_pretrained.get_config(), default.get_config("omniglot")
+    config_check.validate_config(c, num_devices=2)
+    changed = {k for k in d.keys() if c[k] != d[k]}
+    assert changed == {"image_size", "embedding_dim", "num_steps", "augment", "augment_rotation_deg", "augment_shear",
+                       "augment_scale_min", "augment_scale_max", "augment_translate_px", "augment_prob",
+                       "eval_every_steps", "checkpoint_every_steps"}
+    # Shifts only, of +-2 px at its 48 px input.
+    aff = input_pipeline.augment_config(c)
+    assert aff.translate_px * c.image_size / aff.translate_reference_size == pytest.approx(2.0, abs=0.02)
+    assert (aff.rotation_deg, aff.shear, aff.scale, aff.prob) == (0.0, 0.0, (1.0, 1.0), 1.0)
+    assert augment.KOCH_IMAGE_SIZE == aff.translate_reference_size
+
+
 def test_library_import_is_light():
     """`import siamese_jax` and its data/loss modules do not pull TensorFlow, TFDS or matplotlib."""
     code = ("import sys, siamese_jax, siamese_jax.data, siamese_jax.losses, siamese_jax.train, siamese_jax.plots; "
