@@ -157,7 +157,7 @@ def _our_step(spec, dtype, fused=True):
     return one, host
 
 
-def _peer_step_rate(torch_peer, kind, host, image_size, device, calls, blocks, quick=False):
+def _peer_step_rate(torch_peer, kind, host, image_size, device, calls, blocks, quick=False, widths=(16, 32, 64, 128)):
     """Best of eager and torch.compile, steps/s; and which one won."""
     import numpy as np
     import torch
@@ -177,7 +177,7 @@ def _peer_step_rate(torch_peer, kind, host, image_size, device, calls, blocks, q
     target = target.to(device)
     best, best_mode = 0.0, None
     for compiled in (False,) if quick else (False, True):  # torch.compile's codegen takes minutes on CPU
-        step = torch_peer.make_step(kind, compile=compiled, device=device, image_size=image_size)
+        step = torch_peer.make_step(kind, compile=compiled, device=device, image_size=image_size, widths=widths)
         rate = _median_rate(lambda: step(images, target), calls, blocks, lambda _: torch_peer.synchronize(device),
                             warmup=3 if not compiled else 4)
         if rate > best:
@@ -208,7 +208,10 @@ def bench_steps(quick, only):
         ours = _median_rate(one, c, b, jax.block_until_ready)
         peer, mode, note = None, None, "torch not installed (pip install -e '.[bench]')"
         if torch_peer is not None:
-            peer, mode = _peer_step_rate(torch_peer, peer_kind, host, spec["image_size"], device, c, b, quick)
+            # The peer gets the row's encoder widths: without them the 4 x conv-128 row once timed the
+            # default 16-32-64-128 network against ours (a 0.06x "ratio" that compared two networks).
+            peer, mode = _peer_step_rate(torch_peer, peer_kind, host, spec["image_size"], device, c, b, quick,
+                                         widths=spec.get("widths", (16, 32, 64, 128)))
             note = None
         _row(row_id, title, "step/s", ours, peer, f"ours {dtype}", f"torch {mode or ''}".strip(),
              peer_mode=mode, peer_note=note, images_per_step=sum(len(v) for k, v in host.items() if v.ndim == 4))

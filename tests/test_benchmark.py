@@ -35,3 +35,48 @@ def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
             assert row["peer_name"].startswith("torch") and "not installed" in row["peer_note"], row
         else:
             assert row["ratio"] == pytest.approx(row["ours"] / row["peer"]), row
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_peer_is_the_same_network_as_ours_in_every_small_step_row(gpu, monkeypatch):
+    """Same parameter count for ours and the PyTorch peer, and the row's widths reach the peer
+    (the 4 x conv-128 row once compared ours against the peer's default 16-32-64-128 network)."""
+    torch = pytest.importorskip("torch")
+    import jax
+    import numpy as np
+
+    from experiments import benchmark, torch_peer
+    from siamese_jax import models
+    from siamese_jax.configs import default
+
+    for row_id, _, spec, peer_kind in benchmark._step_specs(quick=False, on_gpu=gpu):
+        if spec["model"] != "small":
+            continue
+        config = default.get_config("omniglot")
+        config.update(spec)
+        model = models.build_model(config)
+        shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), config.image_size))
+        peer = torch_peer.small_encoder(spec["widths"], config.embedding_dim, spec["image_size"])
+        assert models.count_params(shapes["params"]) == sum(p.numel() for p in peer.parameters()), row_id
+
+
+
+def test_bench_steps_hands_each_rows_widths_to_the_peer(monkeypatch):
+    pytest.importorskip("torch")
+    import numpy as np
+
+    from experiments import benchmark
+
+    seen = {}
+    host = {"images": np.zeros((8, 4, 4, 1), np.float32), "labels": np.zeros(8, np.int32)}
+    monkeypatch.setattr(benchmark, "_our_step", lambda spec, dtype: (lambda: 0.0, host))
+    monkeypatch.setattr(benchmark, "_median_rate", lambda *a, **k: 1.0)
+    monkeypatch.setattr(benchmark, "_row", lambda *a, **k: None)
+
+    def peer_rate(torch_peer, kind, host, image_size, device, calls, blocks, quick=False, widths=None):
+        seen[kind] = widths
+        return 1.0, "eager"
+
+    monkeypatch.setattr(benchmark, "_peer_step_rate", peer_rate)
+    benchmark.bench_steps(quick=True, only=["step_cpu_default", "step_conv128_batch_hard"])
+    assert seen == {"small_hardest": (16, 32, 64, 128), "small_batch_hard": (128, 128, 128, 128)}
