@@ -4,7 +4,9 @@
 
 Where a train-step row of `experiments.benchmark` loses, this says whether the convolutions are why
 (BUILD_NOTES, "Performance"). Shapes: 128 images, NHWC for XLA, NCHW for PyTorch, float32; mean of 5
-calls after one warm-up call.
+calls after one warm-up call. The second table splits XLA's backward into the input gradient and the
+kernel gradient, and times the kernel gradient written as nine matmuls over shifted views of the
+padded input (a lever tried: BUILD_NOTES, "Levers tried").
 """
 import time
 
@@ -49,5 +51,32 @@ def main():
         print(f"{b} x {h}px {ci}->{co:<14}{ours[0]:>10.0f} / {peer[0]:<10.0f}{ours[1]:>12.0f} / {peer[1]:<10.0f}")
 
 
+def kernel_grad_as_matmuls(x, dy):
+    """d(sum(conv(x, w) * dy)) / dw for the 3x3 SAME convolution, as [3, 3, C_in, C_out]."""
+    n, h, w, c_in = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    return jnp.stack([jnp.stack([padded[:, i:i + h, j:j + w, :].reshape(-1, c_in).T @ dy2 for j in range(3)])
+                      for i in range(3)])
+
+
+def backward_split():
+    print(f"{'convolution':<28}{'input grad ms':>14}{'kernel grad ms':>16}{'as 9 matmuls ms':>17}")
+    shapes = SHAPES[1:] + [(128, 35, 16, 32), (128, 17, 32, 64), (128, 8, 64, 128)]
+    for b, h, ci, co in shapes:
+        x = jax.random.normal(jax.random.PRNGKey(0), (b, h, h, ci))
+        w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, ci, co)) * 0.1
+        dy = jax.random.normal(jax.random.PRNGKey(2), (b, h, h, co))
+        dx = jax.jit(lambda x, w, dy: jax.vjp(_conv, x, w)[1](dy)[0])
+        dw = jax.jit(lambda x, w, dy: jax.vjp(_conv, x, w)[1](dy)[1])
+        dw9 = jax.jit(kernel_grad_as_matmuls)
+        ref = dw(x, w, dy)
+        assert float(jnp.max(jnp.abs(ref - dw9(x, dy))) / jnp.max(jnp.abs(ref))) < 1e-4
+        times = [_ms(lambda: f(x, w, dy), jax.block_until_ready) for f in (dx, dw)]
+        times.append(_ms(lambda: dw9(x, dy), jax.block_until_ready))
+        print(f"{b} x {h}px {ci}->{co:<14}{times[0]:>10.0f}{times[1]:>16.0f}{times[2]:>17.0f}")
+
+
 if __name__ == "__main__":
     main()
+    backward_split()
