@@ -159,7 +159,8 @@ def collect(out: str, datasets, row_ids, seeds) -> dict:
                 record = {"dataset": dataset, "row": row_id, "seed": seed, **m,
                           "checkpoint_step": results.get("checkpoint_step"),
                           "best_validation": _best_validation(workdir, results.get("checkpoint_step")),
-                          "train_seconds": results.get("train_seconds")}
+                          "train_seconds": results.get("train_seconds"),
+                          "num_steps": results.get("num_steps")}
                 sweep["runs"].append(record)
                 for key, value in m.items():
                     per_metric.setdefault(key, []).append(value)
@@ -177,7 +178,10 @@ def markdown_table(sweep: dict, datasets, row_ids, steps: int) -> str:
                     ("within_alphabet_20w1s", "within-alphabet 20-way 1-shot")]
         else:
             cols = [("mnist_test_pair_accuracy", "MNIST test pair accuracy")]
-        lines.append(f"**{dataset}**, {steps} steps, mean ± sd over seeds (min–max):\n")
+        # The runs' own step counts (datasets may be swept with different --steps), else --steps.
+        run_steps = sorted({r["num_steps"] for r in sweep["runs"] if r["dataset"] == dataset and r.get("num_steps")})
+        steps_text = "/".join(str(s) for s in run_steps) if run_steps else str(steps)
+        lines.append(f"**{dataset}**, {steps_text} steps, mean ± sd over seeds (min–max):\n")
         lines.append("| loss | images/step | seeds | " + " | ".join(c[1] for c in cols) + " |")
         lines.append("| --- | ---: | ---: | " + " | ".join("---:" for _ in cols) + " |")
         for row_id in row_ids:

@@ -28,14 +28,14 @@ def test_overrides_change_only_the_loss_keys_and_the_shared_budget():
     assert ls.run_overrides("omniglot", "batch_all", 0, 300, quick=True)["eval_episodes"] == 100
 
 
-def _fake_run(root, dataset, row, seed, lake, val):
+def _fake_run(root, dataset, row, seed, lake, val, num_steps=None):
     d = os.path.join(root, dataset, row, f"seed{seed}")
     os.makedirs(d)
     ep = {f"{s}/{n}-way-{k}-shot": {"mean": lake / 100 - 0.01, "ci95": 0.01, "num_episodes": 10}
           for s in ("unstructured", "within_alphabet") for n in (5, 20) for k in (1, 5)}
     with open(os.path.join(d, "results.json"), "w") as f:
         json.dump({"lake_20_runs": {"accuracy": lake / 100}, "episodes": ep, "checkpoint_step": 500,
-                   "train_seconds": 12.0}, f)
+                   "train_seconds": 12.0, **({"num_steps": num_steps} if num_steps else {})}, f)
     with open(os.path.join(d, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 500, "val_one_shot_accuracy": val}) + "\n")
 
@@ -57,3 +57,18 @@ def test_collect_summarises_seeds_and_writes_table_and_plot(tmp_path):
     assert "| contrastive (Hadsell et al.) | 128 | 1 | 80.00 ± 0.00" in table
     assert os.path.getsize(os.path.join(root, "loss_comparison.png")) > 1000
     assert json.load(open(os.path.join(root, "sweep.json")))["steps"] == 3000
+
+
+def test_table_states_the_steps_each_dataset_was_run_with(tmp_path):
+    # Omniglot swept at 2000 steps, MNIST at 1000, reported together: each headline says its own.
+    root = str(tmp_path)
+    _fake_run(root, "omniglot", "batch_hard", 0, 90.0, 0.6, num_steps=2000)
+    d = os.path.join(root, "mnist", "batch_hard", "seed0")
+    os.makedirs(d)
+    with open(os.path.join(d, "results.json"), "w") as f:
+        json.dump({"verification": {"test_accuracy": 0.99, "roc_auc": 0.999}, "num_steps": 1000,
+                   "checkpoint_step": 1000}, f)
+    ls.write_outputs(root, ["omniglot", "mnist"], ["batch_hard"], [0], 3000)
+    table = open(os.path.join(root, "table.md")).read()
+    assert "**omniglot**, 2000 steps" in table and "**mnist**, 1000 steps" in table
+    assert "| batch-hard | 120 | 1 | 99.00 ± 0.00" in table
