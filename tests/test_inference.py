@@ -250,5 +250,5 @@ def test_embedding_files_of_many_sizes_compiles_a_bounded_number_of_times(model,
             emb = np.concatenate([model.embed(sized[i:i + 2]) for i in range(0, len(sized), 2)])
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
-    assert emb.shape == (12, 64) and np.isfinite(emb).all()
+    assert emb.shape == (12, model.config.embedding_dim) and np.isfinite(emb).all()
     assert compiles == [], f"{len(compiles)} compilations while embedding 36 files of 6 sizes"
