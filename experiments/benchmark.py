@@ -244,7 +244,9 @@ def bench_loop(quick, data_dir):
     interval = 20 if quick else 500
     short, long_ = interval, 3 * interval
     seconds = {}
-    for steps in (short, long_):
+    # An untimed run first: both timed runs then find the same warm compilation caches (otherwise
+    # the first pays the compiles and the difference of the two can even come out negative).
+    for steps in (short, short, long_):
         config = default.get_config("omniglot")
         config.archive_dir = data_dir
         config.num_steps = steps
@@ -254,11 +256,14 @@ def bench_loop(quick, data_dir):
         with tempfile.TemporaryDirectory() as workdir:
             results = train_lib.train_and_evaluate(config, workdir)
         seconds[steps] = float(results["train_seconds"])
+    if seconds[long_] <= seconds[short]:
+        raise RuntimeError(f"loop row: the {long_}-step run ({seconds[long_]:.2f} s) was not slower than the "
+                           f"{short}-step run ({seconds[short]:.2f} s); the box is too noisy to measure")
     loop = (long_ - short) / (seconds[long_] - seconds[short])
     one, _ = _our_step(_step_specs(quick, False)[0][2], "float32")
     bare = _median_rate(one, 2 if quick else 10, 3 if quick else 7, jax.block_until_ready)
     _row("loop", "training loop (val+ckpt on) vs bare step", "step/s", loop, bare, "loop", "bare step",
-         note=f"marginal rate between {short}- and {long_}-step runs")
+         note=f"marginal rate between {short}- and {long_}-step runs, after an untimed warm-up run")
 
 
 # ------------------------------------------------------------------------------------------------
