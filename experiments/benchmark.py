@@ -34,12 +34,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, e.g. in CI).")
-flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
-flags.DEFINE_string("out", None, "JSON file to write (default: runs/benchmark-<platform>.json).")
-flags.DEFINE_integer("cpu_devices", None, "XLA CPU devices (default: one per core, as experiments.train).")
-flags.DEFINE_list("only", None, "Run only these rows (ids: step_cpu_default, step_koch_verification, "
-                  "step_koch_triplet, step_conv128_batch_hard, fused_bn, loop, embed_png, sampling, knn).")
+
+
+def define_flags():
+    """The command-line flags, defined when run as a script, not on import: experiments.benchmark
+    and experiments.loss_sweep both have --quick, and a test process imports both."""
+    flags.DEFINE_bool("quick", False, "Small sizes and few repeats (a smoke run, e.g. in CI).")
+    flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
+    flags.DEFINE_string("out", None, "JSON file to write (default: runs/benchmark-<platform>.json).")
+    flags.DEFINE_integer("cpu_devices", None, "XLA CPU devices (default: one per core, as experiments.train).")
+    flags.DEFINE_list("only", None, "Run only these rows (ids: step_cpu_default, step_koch_verification, "
+                      "step_koch_triplet, step_conv128_batch_hard, fused_bn, loop, embed_png, sampling, knn).")
 
 ROWS = []
 
@@ -243,27 +248,44 @@ def bench_loop(quick, data_dir):
     # make train validates and saves every 500 steps: the two runs differ by 1,000 steps and 2 of each.
     interval = 20 if quick else 500
     short, long_ = interval, 3 * interval
+    # The bare step is timed between the runs (before the first timed run, between the two and
+    # after the last: 3 x 10 blocks of 10 steps), so both rates come from the same minutes: this
+    # box's speed drifts by up to 30% from one minute to the next, and a bare step timed once,
+    # minutes away from the runs, gave ratios from 0.68 to 1.29. Blocks of 10 steps: with 100 steps
+    # in flight after a training, XLA:CPU once aborted in an all-gather rendezvous ("only 1 of 2
+    # threads arrived" in 40 s); the training loop keeps at most 2 steps in flight.
+    one, _ = _our_step(_step_specs(quick, False)[0][2], "float32")
+    bare_blocks = []
+
+    def time_bare():
+        for _ in range(3 if quick else 10):
+            bare_blocks.append(_median_rate(one, 2 if quick else 10, 1, jax.block_until_ready, warmup=1))
+
     seconds = {}
     # An untimed run first: both timed runs then find the same warm compilation caches (otherwise
     # the first pays the compiles and the difference of the two can even come out negative).
-    for steps in (short, short, long_):
+    for i, steps in enumerate((short, short, long_)):
         config = default.get_config("omniglot")
         config.archive_dir = data_dir
         config.num_steps = steps
         config.eval_every_steps = config.checkpoint_every_steps = interval
         config.plots = False
         config.eval_episodes = 20
+        if i > 0:
+            time_bare()
         with tempfile.TemporaryDirectory() as workdir:
             results = train_lib.train_and_evaluate(config, workdir)
         seconds[steps] = float(results["train_seconds"])
+    time_bare()
     if seconds[long_] <= seconds[short]:
         raise RuntimeError(f"loop row: the {long_}-step run ({seconds[long_]:.2f} s) was not slower than the "
                            f"{short}-step run ({seconds[short]:.2f} s); the box is too noisy to measure")
     loop = (long_ - short) / (seconds[long_] - seconds[short])
-    one, _ = _our_step(_step_specs(quick, False)[0][2], "float32")
-    bare = _median_rate(one, 2 if quick else 10, 3 if quick else 7, jax.block_until_ready)
+    bare = statistics.median(bare_blocks)
     _row("loop", "training loop (val+ckpt on) vs bare step", "step/s", loop, bare, "loop", "bare step",
-         note=f"marginal rate between {short}- and {long_}-step runs, after an untimed warm-up run")
+         note=f"marginal rate between {short}- and {long_}-step runs, after an untimed warm-up run; "
+              f"bare: median of {len(bare_blocks)} blocks timed before, between and after them",
+         bare_min=min(bare_blocks), bare_max=max(bare_blocks))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,4 +455,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -31,15 +31,20 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "One seed, 300 steps, 100 evaluation episodes (a smoke run).")
-flags.DEFINE_list("datasets", ["omniglot"], "Datasets to sweep: omniglot, mnist.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (each row runs once per seed).")
-flags.DEFINE_list("rows", None, "Only these rows (ids below; default: all).")
-flags.DEFINE_integer("steps", 3000, "Training steps of every run.")
-flags.DEFINE_string("out", "runs/loss_sweep", "Directory for the runs, sweep.json, table.md and the plot.")
-flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
-flags.DEFINE_bool("report_only", False, "Train nothing: rewrite sweep.json, table.md and the plot from the finished runs.")
-flags.DEFINE_multi_string("extra", [], "A --config override for every run, as key=value (repeatable).")
+
+
+def define_flags():
+    """The command-line flags, defined when run as a script, not on import: experiments.benchmark
+    and experiments.loss_sweep both have --quick, and a test process imports both."""
+    flags.DEFINE_bool("quick", False, "One seed, 300 steps, 100 evaluation episodes (a smoke run).")
+    flags.DEFINE_list("datasets", ["omniglot"], "Datasets to sweep: omniglot, mnist.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (each row runs once per seed).")
+    flags.DEFINE_list("rows", None, "Only these rows (ids below; default: all).")
+    flags.DEFINE_integer("steps", 3000, "Training steps of every run.")
+    flags.DEFINE_string("out", "runs/loss_sweep", "Directory for the runs, sweep.json, table.md and the plot.")
+    flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
+    flags.DEFINE_bool("report_only", False, "Train nothing: rewrite sweep.json, table.md and the plot from the finished runs.")
+    flags.DEFINE_multi_string("extra", [], "A --config override for every run, as key=value (repeatable).")
 
 # Each row: id, label, config overrides. The same images per step for every row of a dataset:
 # Omniglot 128 (pairs 64 x 2; random triplets 42 x 3 = 126, the nearest multiple of 3 that two
@@ -288,4 +293,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

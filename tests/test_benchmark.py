@@ -80,3 +80,14 @@ def test_bench_steps_hands_each_rows_widths_to_the_peer(monkeypatch):
     monkeypatch.setattr(benchmark, "_peer_step_rate", peer_rate)
     benchmark.bench_steps(quick=True, only=["step_cpu_default", "step_conv128_batch_hard"])
     assert seen == {"small_hardest": (16, 32, 64, 128), "small_batch_hard": (128, 128, 128, 128)}
+
+
+def test_benchmark_and_loss_sweep_import_together():
+    """Both scripts have --quick: flags defined on import made the second import fail
+    (DuplicateFlagError) in any test process that imported both."""
+    import absl.flags
+
+    from experiments import benchmark, loss_sweep
+
+    assert callable(benchmark.main) and callable(loss_sweep.main)
+    assert "quick" not in absl.flags.FLAGS  # defined only when run as a script
