@@ -205,12 +205,14 @@ def bench_steps(quick, only):
     for row_id, title, spec, peer_kind in _step_specs(quick, on_gpu):
         if only and row_id not in only:
             continue
-        if spec["model"] == "koch" and not on_gpu and not quick:
-            c, b = 2, 5  # ~1 s per Koch step on 2 CPU cores
+        if spec["model"] == "koch" and not on_gpu:
+            # ~1 s per Koch step on 2 CPU cores (~3 s at --quick's 4 pairs in CI, where its 9 steps
+            # were half a minute per row of the test suite's benchmark smoke run).
+            c, b = (1, 2) if quick else (2, 5)
         else:
             c, b = calls, blocks
         one, host = _our_step(spec, dtype)
-        ours = _median_rate(one, c, b, jax.block_until_ready)
+        ours = _median_rate(one, c, b, jax.block_until_ready, warmup=1 if quick else 3)
         peer, mode, note = None, None, "torch not installed (pip install -e '.[bench]')"
         if torch_peer is not None:
             # The peer gets the row's encoder widths: without them the 4 x conv-128 row once timed the

@@ -48,7 +48,8 @@ def _add_verbose(p):
 
 def _model_arg(p):
     p.add_argument("--model", default="pretrained",
-                   help="'pretrained' (shipped Omniglot model), a training workdir, or a .msgpack model file")
+                   help="'pretrained' (shipped Omniglot model), 'pretrained-mnist' (shipped MNIST digits model), "
+                        "a training workdir, or a .msgpack model file")
     _add_verbose(p)
 
 
@@ -134,8 +135,10 @@ def _calibrate(argv):
         p.error("--far must be between 0 and 1")
     if args.pairs < 2:
         p.error(f"--pairs must be at least 2 (half same-class, half different-class pairs); got {args.pairs}")
-    if args.model == "pretrained" and not args.out:
-        p.error("--out is required to calibrate the shipped pretrained model (it is not overwritten)")
+    from siamese_jax.inference import PRETRAINED_FILES
+
+    if args.model in PRETRAINED_FILES and not args.out:
+        p.error(f"--out is required to calibrate the shipped {args.model} model (it is not overwritten)")
     import numpy as np
 
     from siamese_jax.files import atomic_write_json

@@ -25,6 +25,11 @@ from siamese_jax.files import atomic_open
 
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 PRETRAINED_FILE = os.path.join(PRETRAINED_DIR, "omniglot_small.msgpack")
+# The shipped models by name: `load_model(name)` and `--model=name` on the command line.
+PRETRAINED_FILES = {
+    "pretrained": PRETRAINED_FILE,  # Omniglot characters (configs/omniglot_pretrained.py)
+    "pretrained-mnist": os.path.join(PRETRAINED_DIR, "mnist_small.msgpack"),  # digits (configs/mnist_pairs.py)
+}
 FORMAT = "siamese-jax-model/1"
 
 
@@ -189,11 +194,12 @@ def fit_calibration(distances, is_similar, target_far: Optional[float] = None) -
 
 
 def load_model(source: str = "pretrained") -> SiameseModel:
-    """"pretrained" (the file shipped in the package), a .msgpack model file, or a training workdir."""
-    if source == "pretrained":
-        source = PRETRAINED_FILE
+    """A shipped model by name ("pretrained": Omniglot characters; "pretrained-mnist": digits), a
+    .msgpack model file, or a training workdir."""
+    if source in PRETRAINED_FILES:
+        name, source = source, PRETRAINED_FILES[source]
         if not os.path.isfile(source):
-            raise ModelError(f"the pretrained model file is missing from the installation ({source})")
+            raise ModelError(f"the {name} model file is missing from the installation ({source})")
     if os.path.isdir(source):
         return _load_workdir(source)
     if not os.path.exists(source):

@@ -66,3 +66,19 @@ def test_library_import_is_light():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_mnist_pairs_config_is_valid_and_differs_from_the_mnist_preset_as_documented():
+    from experiments.configs import default, mnist_pairs
+    from siamese_jax import config_check, input_pipeline
+
+    c, d = mnist_pairs.get_config(), default.get_config("mnist")
+    config_check.validate_config(c, num_devices=2)
+    changed = {k for k in d.keys() if c[k] != d[k]}
+    assert changed == {"loss", "classes_per_batch", "images_per_class", "embedding_dim", "l2_normalize", "augment",
+                       "augment_shear", "augment_scale_min", "augment_scale_max", "augment_translate_px",
+                       "augment_prob", "num_steps", "val_episodes"}
+    assert c.dataset == "mnist" and c.image_size == 28 and c.loss == "batch_all"
+    # +-2 px shifts at MNIST's 28 px.
+    aff = input_pipeline.augment_config(c)
+    assert aff.translate_px * c.image_size / aff.translate_reference_size == pytest.approx(2.0, abs=0.01)

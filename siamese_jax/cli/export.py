@@ -45,10 +45,17 @@ def main(argv):
     cal = model.calibrate(np.linalg.norm(emb[a] - emb[b], axis=-1), same, FLAGS.far)
     results_path = os.path.join(FLAGS.workdir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    held_out = ("held-out background alphabets" if config.dataset == "omniglot"
+                else "held-out tail of the train split")
     model.provenance.update(
-        calibrated_on=f"{cal.num_pairs} pairs of the run's validation (held-out background) classes",
-        lake_20_runs_accuracy=results.get("lake_20_runs", {}).get("accuracy"),
-        episodes=results.get("episodes"), train_seconds=results.get("train_seconds"))
+        calibrated_on=f"{cal.num_pairs} pairs of the run's validation data ({held_out})",
+        train_seconds=results.get("train_seconds"))
+    if config.dataset == "omniglot":
+        model.provenance.update(lake_20_runs_accuracy=results.get("lake_20_runs", {}).get("accuracy"),
+                                episodes=results.get("episodes"))
+    else:
+        model.provenance.update(test_pair_accuracy=results.get("verification", {}).get("test_accuracy"),
+                                test_precision_at_1=results.get("retrieval", {}).get("precision_at_1"))
     model.provenance.pop("workdir", None)
     model.save(FLAGS.out)
     size = os.path.getsize(FLAGS.out)
