@@ -24,7 +24,6 @@ def get_config():
     c.loss = "batch_all"
     c.classes_per_batch = 10
     c.images_per_class = 16
-    c.widths = (16, 32, 64, 128)
     c.embedding_dim = 128
     c.l2_normalize = True
     c.augment = True
@@ -36,6 +35,4 @@ def get_config():
     c.augment_prob = 1.0
     c.num_steps = 6000  # 19 epochs of the 50,000 training digits at 160 per step
     c.val_episodes = 10000
-    c.eval_every_steps = 500
-    c.checkpoint_every_steps = 500
     return c
