@@ -163,6 +163,9 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
                   why=" (and >= config.augment_scale_min)")
         _float_in(config, "augment_translate_px", 0.0)
         _float_in(config, "augment_prob", 0.0, 1.0)
+        if "augment_elastic_alpha" in config:  # configs written before the elastic distortion lack it
+            _float_in(config, "augment_elastic_alpha", 0.0)
+            _float_in(config, "augment_elastic_sigma", 0.0, lo_open=True)
 
     if dataset == "omniglot":
         _int_in(config, "val_alphabets", 1, OMNIGLOT_BACKGROUND_ALPHABETS - 1,

@@ -73,7 +73,9 @@ def augment_config(config) -> Optional[augment_lib.AffineConfig]:
     return augment_lib.AffineConfig(
         rotation_deg=config.augment_rotation_deg, shear=config.augment_shear,
         scale=(config.augment_scale_min, config.augment_scale_max),
-        translate_px=config.augment_translate_px, prob=config.augment_prob)
+        translate_px=config.augment_translate_px, prob=config.augment_prob,
+        elastic_alpha=float(config.get("augment_elastic_alpha", 0.0)),
+        elastic_sigma=float(config.get("augment_elastic_sigma", 4.0)))
 
 
 def make_sampler(config, mesh):

@@ -138,3 +138,53 @@ def test_host_resize_uint8_matches_the_jax_resize(shape, size):
     got = augment.resize_uint8(x, size)
     assert got.dtype == np.uint8 and got.shape == (6, size, size)
     assert np.abs(got - ref).max() <= 1 and (got != ref).mean() < 1e-3  # only float-rounding ties differ
+
+
+# ----- Simard et al.'s elastic distortion -----------------------------------------------------------
+
+def test_elastic_smoothing_matrix_is_scipys_gaussian_filter_with_zero_outside():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    noise = np.random.default_rng(0).uniform(-1, 1, (28, 28)).astype(np.float32)
+    g = augment._gaussian_smoothing_matrix(28, 4.0)
+    np.testing.assert_allclose(g @ noise @ g.T, ndimage.gaussian_filter(noise, 4.0, mode="constant"), atol=1e-6)
+
+
+def test_elastic_displacement_is_smooth_scaled_by_alpha_and_keyed():
+    field = np.asarray(augment.elastic_displacement(jax.random.key(0), 28, 28, 34.0, 4.0))
+    assert field.shape == (2, 28, 28)
+    # Simard's setting moves pixels by about a pixel, at most a few, not by tens of pixels.
+    assert 0.3 < np.abs(field).mean() < 2.0 and np.abs(field).max() < 8.0
+    # Smooth: neighbouring pixels move together (unsmoothed noise would differ by ~alpha * 0.8).
+    assert np.abs(np.diff(field, axis=1)).mean() < 0.2 * np.abs(field).mean() + 0.1
+    np.testing.assert_allclose(augment.elastic_displacement(jax.random.key(0), 28, 28, 17.0, 4.0), field / 2, atol=1e-5)
+    assert not np.allclose(augment.elastic_displacement(jax.random.key(1), 28, 28, 34.0, 4.0), field)
+
+
+def test_elastic_distortion_moves_strokes_but_keeps_range_and_most_ink():
+    x = jnp.asarray(np.stack([_blob(sigma=3.0)] * 8)[..., None])
+    still = augment.AffineConfig(prob=0.0)  # no affine component: only the elastic field acts
+    np.testing.assert_array_equal(augment.random_affine(jax.random.key(2), x, still), x)
+    out = augment.random_affine(jax.random.key(2), x, dataclasses.replace(still, elastic_alpha=34.0))
+    assert out.shape == x.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    moved = np.abs(np.asarray(out - x)).reshape(8, -1).max(1)
+    assert (moved > 0.05).all()  # every image is distorted (the field is applied to all, not by a coin)
+    ink = np.asarray(out).reshape(8, -1).sum(1) / float(x[0].sum())
+    # A smooth warp stretches or squeezes the blob (ink changes with the field's divergence, measured
+    # 0.79-1.54 here) but does not wipe it out or push it off the image.
+    assert ((ink > 0.5) & (ink < 2.0)).all()
+    np.testing.assert_array_equal(out, augment.random_affine(jax.random.key(2), x, dataclasses.replace(
+        still, elastic_alpha=34.0)))  # same key, same distortion
+
+
+def test_config_check_refuses_a_negative_elastic_alpha_or_zero_sigma():
+    from siamese_jax import config_check
+    from siamese_jax.configs import default
+    c = default.get_config()
+    c.augment = True
+    config_check.validate_config(c)
+    for key, value in (("augment_elastic_alpha", -1.0), ("augment_elastic_sigma", 0.0)):
+        bad = default.get_config()
+        bad.augment = True
+        bad[key] = value
+        with pytest.raises(config_check.ConfigError, match=f"{key}="):
+            config_check.validate_config(bad)

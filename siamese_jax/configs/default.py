@@ -77,6 +77,10 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     c.augment_scale_max = 1.2
     c.augment_translate_px = 2.0
     c.augment_prob = 0.5
+    # Simard et al.'s (2003) elastic distortion on top (augment.AffineConfig): alpha px of smoothed
+    # random displacement, sigma px of smoothing, in pixels of the image drawn. 0: off.
+    c.augment_elastic_alpha = 0.0
+    c.augment_elastic_sigma = 4.0
 
     # Optimisation: Adam with linear warm-up and cosine decay.
     c.learning_rate = 3e-3
