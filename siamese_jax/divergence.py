@@ -17,9 +17,8 @@ from __future__ import annotations
 import collections
 import math
 import os
+import statistics
 from typing import Mapping, Optional
-
-import numpy as np
 
 from siamese_jax import checkpoints as ckpt_lib
 
@@ -69,7 +68,7 @@ class DivergenceDetector:
         recent = self._recent[metric]
         if not recent:
             return None
-        return max(self._first[metric], float(np.median(np.asarray(recent))))
+        return max(self._first[metric], statistics.median(recent))  # 6 us; np.median of a deque: 76 us
 
     def check(self, step: int, metrics: Mapping[str, float]) -> None:
         values = {k: float(v) for k, v in metrics.items()}

@@ -7,9 +7,15 @@ from siamese_jax.files import append_jsonl, read_jsonl, rewrite_jsonl
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, enabled: bool = True):
+    """Every `write` goes to metrics.jsonl; to TensorBoard, the per-step training metrics
+    (`every_step=True`) only every `tensorboard_every_steps` steps: serialising 7 scalars to
+    TensorBoard protos was ~40% of the training loop's host-thread time (py-spy), and on a 2-core
+    machine that thread shares the cores with the step (BUILD_NOTES, "Loop overhead")."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard_every_steps: int = 10):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = enabled
+        self.tensorboard_every_steps = max(int(tensorboard_every_steps), 1)
         self._tb = None
         self._tb_dir = os.path.join(workdir, "tensorboard")
 
@@ -22,11 +28,13 @@ class MetricsWriter:
         if len(kept) != len(records) or (records and not os.path.getsize(self.path)):
             rewrite_jsonl(self.path, kept)
 
-    def write(self, step: int, scalars: dict) -> None:
+    def write(self, step: int, scalars: dict, every_step: bool = False) -> None:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
         append_jsonl(self.path, dict(scalars, step=int(step)))
+        if every_step and step % self.tensorboard_every_steps:
+            return
         if self._tb is None:
             from tensorboardX import SummaryWriter  # lazy: protobuf import cost only when training
 

@@ -189,8 +189,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if is_main:
         atomic_write_json(os.path.join(workdir, "config.json"), _config_json(config))
     meta = {"config": _config_json(config)}
-    data_key = jax.random.PRNGKey(config.seed + 1)
-    step_key = jax.random.PRNGKey(config.seed + 2)
+    # Replicated once here: a key on the default device is copied to every device at each dispatch.
+    data_key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
+    step_key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 2), mesh)
 
     pending = None  # (step, metrics on device) of the previous step
     t_start, t_log, steps_since_log = time.time(), time.time(), 0
@@ -284,7 +285,7 @@ def _to_host(metrics) -> dict:
 def _finish_step(pending, writer, detector):
     step, metrics = pending
     m = _to_host(metrics)
-    writer.write(step, m)  # written first, so metrics.jsonl shows the values that stopped a run
+    writer.write(step, m, every_step=True)  # written first, so metrics.jsonl shows the values that stopped a run
     detector.check(step, m)
 
 

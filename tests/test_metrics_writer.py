@@ -1,0 +1,35 @@
+"""metrics.jsonl gets every write; TensorBoard the per-step training metrics every N steps and
+everything else (validation, speed, overhead) always."""
+import json
+
+from siamese_jax.metrics_writer import MetricsWriter
+
+
+class _RecordingTensorBoard:
+    def __init__(self):
+        self.calls = []
+
+    def add_scalar(self, name, value, step):
+        self.calls.append((name, step))
+
+    def close(self):
+        pass
+
+
+def test_every_step_metrics_reach_tensorboard_every_n_steps_and_the_rest_always(tmp_path):
+    writer = MetricsWriter(str(tmp_path), tensorboard_every_steps=10)
+    writer._tb = tb = _RecordingTensorBoard()
+    for step in range(1, 26):
+        writer.write(step, {"loss": 1.0 / step, "grad_norm": 2.0}, every_step=True)
+    writer.write(7, {"val_one_shot_accuracy": 0.5})
+    writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 26))  # the file keeps every step
+    assert sorted({s for n, s in tb.calls if n == "loss"}) == [10, 20]
+    assert ("val_one_shot_accuracy", 7) in tb.calls
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    writer = MetricsWriter(str(tmp_path), enabled=False)
+    writer.write(10, {"loss": 1.0}, every_step=True)
+    assert not (tmp_path / "metrics.jsonl").exists()
