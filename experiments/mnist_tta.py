@@ -4,9 +4,11 @@ L2-normalised again. A measurement of a lever for the 99.7% target (BUILD_NOTES,
 99.7%"), not part of the shipped evaluation.
 
     python -m experiments.mnist_tta --model=runs/mnist-pairs-s0 [--data_dir=../shared/data]
+    python -m experiments.mnist_tta --model=runs/mnist-pairs-s0 --model=runs/mnist-pairs-s1 ...
 
 Prints the test pair accuracy without and with each shift set; the threshold is chosen on the
-validation pairs for each, as in training.
+validation pairs for each, as in training. Several --model: an ensemble, each digit's embedding the
+concatenation of every model's (unit-length) embedding.
 """
 import os
 
@@ -37,8 +39,12 @@ def shift_tta_embeddings(model, images, shifts):
 
 
 def tta_pair_accuracies(model, data_dir=None, shift_sets=SHIFT_SETS) -> dict:
-    """{shift set: test pair accuracy} on the Keras-protocol pairs, threshold from the validation pairs."""
+    """{shift set: test pair accuracy} on the Keras-protocol pairs, threshold from the validation pairs.
+    `model`: one loaded model, or a list of them (an ensemble: their embeddings concatenated)."""
     import numpy as np
+
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    model = models[0]
 
     from siamese_jax import evaluation, protocols
     from siamese_jax import input_pipeline as ip
@@ -58,7 +64,7 @@ def tta_pair_accuracies(model, data_dir=None, shift_sets=SHIFT_SETS) -> dict:
     for set_name, shifts in shift_sets.items():
         dist = {}
         for name, (x, a, b, same) in data.items():
-            emb = shift_tta_embeddings(model, x, shifts)
+            emb = np.concatenate([shift_tta_embeddings(m, x, shifts) for m in models], axis=-1)
             dist[name] = (np.linalg.norm(emb[a] - emb[b], axis=-1), same)
         threshold = evaluation.best_threshold(*dist["validation"])
         out[set_name] = float(evaluation.verification_accuracy(*dist["test"], threshold))
@@ -73,12 +79,13 @@ def main(argv):
     parallel.use_cpu_cores_as_devices(128, None)
     from siamese_jax.inference import load_model
 
-    model = load_model(FLAGS.model)
-    for name, acc in tta_pair_accuracies(model, FLAGS.data_dir).items():
+    models = [load_model(m) for m in FLAGS.model]
+    for name, acc in tta_pair_accuracies(models, FLAGS.data_dir).items():
         print(f"{name:<8} ({len(SHIFT_SETS[name])} views)  test pair accuracy {100 * acc:.3f}%")
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("model", "pretrained-mnist", "A training workdir, a .msgpack file or pretrained-mnist.")
+    flags.DEFINE_multi_string("model", ["pretrained-mnist"], "A training workdir, a .msgpack file or "
+                              "pretrained-mnist; repeat it for an ensemble.")
     flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
     app.run(main)
