@@ -43,14 +43,12 @@ def tta_pair_accuracies(model, data_dir=None, shift_sets=SHIFT_SETS) -> dict:
     `model`: one loaded model, or a list of them (an ensemble: their embeddings concatenated)."""
     import numpy as np
 
-    models = list(model) if isinstance(model, (list, tuple)) else [model]
-    model = models[0]
-
     from siamese_jax import evaluation, protocols
     from siamese_jax import input_pipeline as ip
     from siamese_jax.embedding import prepare_dataset_images
 
-    config = model.config
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    config = models[0].config
     if config.dataset != "mnist":
         raise ValueError(f"{config.dataset} model: this measures MNIST pairs only")
     if data_dir:

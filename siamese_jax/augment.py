@@ -94,8 +94,9 @@ def _warp_one(image, matrix, displacement=None):
 
 
 @jax.jit
-def apply_affine(images, matrices):
-    """Warps images [B, H, W, C] (or [B, H, W]) with sampling matrices [B, 3, 3] (see module doc).
+def apply_affine(images, matrices, displacements=None):
+    """Warps images [B, H, W, C] (or [B, H, W]) with sampling matrices [B, 3, 3] (see module doc)
+    and, optionally, per-pixel displacements [B, 2, H, W] added to the sampling coordinates.
 
     The identity matrix returns the images unchanged (sampling lands exactly on pixel centres).
     """
@@ -103,7 +104,7 @@ def apply_affine(images, matrices):
     squeeze = images.ndim == 3
     x = images[..., None] if squeeze else images
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-    out = jax.vmap(_warp_one)(x.astype(dtype), jnp.asarray(matrices, jnp.float32).astype(dtype))
+    out = jax.vmap(_warp_one)(x.astype(dtype), jnp.asarray(matrices, jnp.float32).astype(dtype), displacements)
     return out[..., 0] if squeeze else out
 
 
@@ -163,18 +164,12 @@ def _random_affine(key, images, config: AffineConfig):
         translate_limit = config.translate_px * height / config.translate_reference_size
     keys = jax.random.split(key, images.shape[0])
     matrices = jax.vmap(lambda k: _random_matrix(k, config, translate_limit))(keys)
+    fields = None
     if config.elastic_alpha > 0:
-        width = images.shape[2]
-        elastic_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-        fields = jax.vmap(lambda k: elastic_displacement(k, height, width, config.elastic_alpha,
-                                                         config.elastic_sigma))(elastic_keys)
-        x = images if images.ndim == 4 else images[..., None]
-        warped = jax.vmap(_warp_one)(x.astype(jnp.float32), matrices, fields)
-        warped = warped if images.ndim == 4 else warped[..., 0]
-    else:
-        warped = apply_affine(images, matrices)
+        fields = jax.vmap(lambda k: elastic_displacement(jax.random.fold_in(k, 1), height, images.shape[2],
+                                                         config.elastic_alpha, config.elastic_sigma))(keys)
     # Bilinear weights are a convex combination, so [0, 1] is kept up to rounding; the clip makes it exact.
-    return jnp.clip(warped, 0.0, 1.0)
+    return jnp.clip(apply_affine(images, matrices, fields), 0.0, 1.0)
 
 
 def resize(images, size: int):
