@@ -110,9 +110,10 @@ def _step_specs(quick, on_gpu):
     ]
 
 
-def _our_step(spec, dtype, fused=True):
+def _our_step(spec, dtype, fused=True, augment=False):
     """Ours: (step_fn, fixed global batch as numpy) for a spec, the jitted data-parallel step of
-    experiments.train on the mesh over all devices."""
+    experiments.train on the mesh over all devices. `augment`: with the config's on-device
+    augmentation inside the step, as training runs it (off for the peer rows: the peer has none)."""
     import jax
     import ml_collections
     import numpy as np
@@ -149,8 +150,15 @@ def _our_step(spec, dtype, fused=True):
     batch = jax.device_put(host, parallel.batch_sharded(mesh))
     state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), size), mesh)
     margin = 0.5 if config.loss != "verification" else 0.0
+    augment_fn = None
+    if augment and config.augment:
+        from siamese_jax import augment as augment_lib
+        from siamese_jax import input_pipeline
+
+        aff = input_pipeline.augment_config(config)
+        augment_fn = lambda k, x: augment_lib.random_affine(k, x, aff)  # noqa: E731
     step = ts.make_train_step(model, tx, mesh, loss=config.loss, margin=margin,
-                              triplet_selection=config.triplet_selection)
+                              triplet_selection=config.triplet_selection, augment_fn=augment_fn)
     key = jax.random.PRNGKey(0)
     holder = {"s": state}
 
@@ -256,7 +264,8 @@ def bench_loop(quick, data_dir):
     # minutes away from the runs, gave ratios from 0.68 to 1.29. Blocks of 10 steps: with 100 steps
     # in flight after a training, XLA:CPU once aborted in an all-gather rendezvous ("only 1 of 2
     # threads arrived" in 40 s); the training loop keeps at most 2 steps in flight.
-    one, _ = _our_step(_step_specs(quick, False)[0][2], "float32")
+    # The bare step does the same work per step as the loop's: make train's, with its augmentation.
+    one, _ = _our_step(_step_specs(quick, False)[0][2], "float32", augment=True)
     bare_blocks = []
 
     def time_bare():

@@ -78,7 +78,9 @@ def run_overrides(dataset: str, row_id: str, seed: int, steps: int, quick: bool)
         overrides["batch_size"] = triplets
     else:
         overrides.update(classes_per_batch=p, images_per_class=k)
-    overrides.update(seed=seed, num_steps=steps, plots=False)
+    # No augmentation for any loss: the table was measured on the unaugmented images (before the
+    # Omniglot default's shifts + elastic field), and a comparison of losses needs none.
+    overrides.update(seed=seed, num_steps=steps, plots=False, augment=False)
     if quick:
         overrides.update(eval_episodes=100, val_episodes=50, eval_every_steps=100, checkpoint_every_steps=100)
     return overrides

@@ -28,12 +28,16 @@ def test_configs_load_and_koch_config_builds_the_paper_model():
     import jax
 
     from experiments.configs import default, omniglot_koch
-    from siamese_jax import models
+    from siamese_jax import input_pipeline, models
 
     for dataset in ("omniglot", "mnist"):
         c = default.get_config(dataset)
         assert c.dataset == dataset and c.loss in c.margins
     koch = omniglot_koch.get_config()
+    # Koch et al.'s affine ranges, spelled out (the default's augmentation is different), no elastic field.
+    aff = input_pipeline.augment_config(koch)
+    assert (aff.rotation_deg, aff.shear, aff.scale, aff.translate_px, aff.prob, aff.elastic_alpha) == (
+        10.0, 0.3, (0.8, 1.2), 2.0, 0.5, 0.0)
     model = models.build_model(koch)
     shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), koch.image_size))
     assert models.count_params(shapes["params"]) == 38_951_745
@@ -48,14 +52,29 @@ def test_shipped_model_config_is_valid_and_differs_from_the_default_as_documente
     c, d = omniglot_pretrained.get_config(), default.get_config("omniglot")
     config_check.validate_config(c, num_devices=2)
     changed = {k for k in d.keys() if c[k] != d[k]}
-    assert changed == {"image_size", "embedding_dim", "num_steps", "augment", "augment_rotation_deg", "augment_shear",
-                       "augment_scale_min", "augment_scale_max", "augment_translate_px", "augment_prob",
+    assert changed == {"image_size", "embedding_dim", "num_steps", "augment_translate_px", "augment_elastic_alpha",
                        "eval_every_steps", "checkpoint_every_steps"}
-    # Shifts only, of +-2 px at its 48 px input.
+    # Shifts only, of +-2 px at its 48 px input: the default's without its elastic field.
     aff = input_pipeline.augment_config(c)
     assert aff.translate_px * c.image_size / aff.translate_reference_size == pytest.approx(2.0, abs=0.02)
-    assert (aff.rotation_deg, aff.shear, aff.scale, aff.prob) == (0.0, 0.0, (1.0, 1.0), 1.0)
+    assert (aff.rotation_deg, aff.shear, aff.scale, aff.prob, aff.elastic_alpha) == (0.0, 0.0, (1.0, 1.0), 1.0, 0.0)
     assert augment.KOCH_IMAGE_SIZE == aff.translate_reference_size
+
+
+def test_default_augmentation_is_shifts_and_a_mild_elastic_field_and_the_mnist_preset_has_none():
+    """What BUILD_NOTES' "Augmenting make train" chose on validation: +-2 px shifts of every image at
+    35 px and Simard's elastic field (alpha 42, sigma 7.5 px); rotation, shear and scale off."""
+    from experiments.configs import default
+    from siamese_jax import config_check, input_pipeline
+
+    c = default.get_config("omniglot")
+    config_check.validate_config(c, num_devices=2)
+    aff = input_pipeline.augment_config(c)
+    assert aff.translate_px * c.image_size / aff.translate_reference_size == pytest.approx(2.0)
+    assert (aff.rotation_deg, aff.shear, aff.scale, aff.prob) == (0.0, 0.0, (1.0, 1.0), 1.0)
+    assert (aff.elastic_alpha, aff.elastic_sigma) == (42.0, 7.5)
+    m = default.get_config("mnist")
+    assert input_pipeline.augment_config(m) is None and m.augment_elastic_alpha == 0.0
 
 
 def test_library_import_is_light():
@@ -76,8 +95,8 @@ def test_mnist_pairs_config_is_valid_and_differs_from_the_mnist_preset_as_docume
     config_check.validate_config(c, num_devices=2)
     changed = {k for k in d.keys() if c[k] != d[k]}
     assert changed == {"loss", "classes_per_batch", "images_per_class", "embedding_dim", "l2_normalize", "augment",
-                       "augment_shear", "augment_scale_min", "augment_scale_max", "augment_translate_px",
-                       "augment_prob", "num_steps", "val_episodes"}
+                       "augment_rotation_deg", "augment_scale_min", "augment_scale_max", "augment_translate_px",
+                       "num_steps", "val_episodes"}
     assert c.dataset == "mnist" and c.image_size == 28 and c.loss == "batch_all"
     # +-2 px shifts at MNIST's 28 px.
     aff = input_pipeline.augment_config(c)

@@ -20,7 +20,16 @@ def get_config():
     c.warmup_steps = 500
     c.weight_decay = 1e-4
     c.num_steps = 30000
+    # Koch et al.'s affine distortions (translate_px in pixels of the 105-px image), each component
+    # drawn with probability 0.5; no elastic field.
     c.augment = True
+    c.augment_rotation_deg = 10.0
+    c.augment_shear = 0.3
+    c.augment_scale_min = 0.8
+    c.augment_scale_max = 1.2
+    c.augment_translate_px = 2.0
+    c.augment_prob = 0.5
+    c.augment_elastic_alpha = 0.0
     c.rotation_classes = False
     c.eval_every_steps = 1000
     c.checkpoint_every_steps = 1000

@@ -31,6 +31,7 @@ def get_config():
     c.augment_scale_max = 1.0
     c.augment_translate_px = 4.4
     c.augment_prob = 1.0
+    c.augment_elastic_alpha = 0.0  # trained before the elastic field existed; the default's has it
     c.eval_every_steps = 1000
     c.checkpoint_every_steps = 1000
     return c
