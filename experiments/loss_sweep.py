@@ -60,6 +60,8 @@ ROWS = (
     ("batch_hard", "batch-hard", {"loss": "batch_hard"}),
     ("semihard", "semi-hard", {"loss": "semihard"}),
     ("verification", "verification (Koch et al.: L1 + sigmoid, BCE)", {"loss": "verification"}),
+    ("arcface", "ArcFace (Deng et al.: angular margin to learned class centres)",
+     {"loss": "arcface", "l2_normalize": True}),
 )
 BATCH = {  # dataset -> (pair rows, triplet rows, P, K)
     "omniglot": (64, 42, 32, 4),

@@ -151,6 +151,18 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     elif loss not in (config.get("margins") or {}):
         _fail("margin", None, f"is unset and config.margins has no entry for loss {loss!r}")
     _bool(config, "squared")
+    if loss in ts.CLASS_CENTRE_LOSSES:
+        # ArcFace's margin is an angle added to the own-class angle (radians), its scale the
+        # softmax's inverse temperature; its embedding is a direction, so the encoder emits one.
+        if config.get("model") != "small" or not config.get("l2_normalize"):
+            raise ConfigError(f"loss={loss!r} learns a direction: it needs --config.model=small with "
+                              f"--config.l2_normalize=True (got model={config.get('model')!r}, "
+                              f"l2_normalize={config.get('l2_normalize')!r})")
+        if margin is not None:
+            _float_in(config, "margin", 0.0, math.pi / 2, hi_open=True, why=" (radians, for ArcFace)")
+        _float_in(config, "arcface_scale", 0.0, lo_open=True)
+        if config.get("num_classes") is not None:
+            _int_in(config, "num_classes", 2, why=" (class centres; unset: the training classes)")
     _int_in(config, "seed", 0, 2**31 - 1)
     for key in ("augment", "rotation_classes", "same_alphabet_negatives", "plots"):
         if key in config:

@@ -100,6 +100,8 @@ def make_sampler(config, mesh):
     parallel.check_batch_divisible(batch_size, mesh)
     keep = {"pairs": ("x1", "x2", "is_similar"), "triplets": ("anchor", "positive", "negative"),
             "classes": ("images", "labels")}[kind]
+    if config.loss in ts.CLASS_CENTRE_LOSSES:
+        keep += ("class_index",)
 
     def sample(dds, key, step):
         batch = fn(dds, key, step)

@@ -14,6 +14,10 @@ included: the square root is taken through a double `where`, so its gradient at 
     hardest negative:  per positive pair, max(D(a, p) − min_n D(a, n) + m, 0)  (the "triplet" loss's
               `online_all` selection in training)
 - verification (Koch et al. 2015):  logit = Σ_k w_k |h1_k − h2_k| + b;  binary cross-entropy, 1 = same
+- ArcFace (Deng et al. 2019; additive angular margin), on embeddings [B, E] with each image's class
+  index [B] and a learned centre per training class, W [C, E]:  with cos θ_j = ê·ŵ_j (unit vectors),
+  softmax cross-entropy of the logits s·cos(θ_y + m) for the image's own class y and s·cos θ_j for the
+  others. The embedding is learned as a direction; pairs are compared by the distance of unit vectors.
 
 Each loss `f` has a twin `f_with_stats` returning `(loss, stats)`. `stats` is a dict of float32 scalars,
 always with "active_fraction": the share of the triplets / anchors / pairs the loss considers that
@@ -32,6 +36,7 @@ __all__ = [
     "batch_semihard_triplet_loss", "batch_semihard_triplet_loss_with_stats",
     "hardest_negative_triplet_loss", "hardest_negative_triplet_loss_with_stats",
     "verification_logits", "verification_loss", "verification_loss_with_stats", "same_probability",
+    "arcface_logits", "arcface_loss", "arcface_loss_with_stats",
 ]
 
 
@@ -289,3 +294,48 @@ def verification_loss_with_stats(logits, is_similar):
 def verification_loss(logits, is_similar):
     """Mean binary cross-entropy from logits; `is_similar` bool or 0/1, 1 = same class."""
     return verification_loss_with_stats(logits, is_similar)[0]
+
+
+# ---------------------------------------------------------------------------------------- ArcFace
+
+def _unit(x):
+    x = _f32(x)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def arcface_logits(embeddings, class_index, centres, scale=30.0, margin=0.5):
+    """[B, C] logits: s·cos(θ_y + m) at each image's own class y = class_index, s·cos θ_j elsewhere,
+    where cos θ_j is the cosine between the embedding and the class centre j (both L2-normalised).
+
+    cos(θ + m) = cos θ·cos m − sin θ·sin m is the target logit while θ + m ≤ π. Past that point it
+    would rise again as θ grows, so there, as in Deng et al.'s code, the target logit continues as
+    cos θ − m·sin m, which keeps falling as θ grows.
+    """
+    cos = jnp.clip(_unit(embeddings) @ _unit(centres).T, -1.0, 1.0)
+    target = jnp.asarray(class_index)[:, None] == jnp.arange(cos.shape[1])[None, :]
+    # sin θ with a finite gradient at θ = 0 (sqrt'(0) is infinite): clip 1 − cos² away from 0.
+    sin = jnp.sqrt(jnp.maximum(1.0 - cos * cos, 1e-7))
+    cos_m, sin_m = jnp.cos(margin), jnp.sin(margin)
+    with_margin = jnp.where(cos > jnp.cos(jnp.pi - margin), cos * cos_m - sin * sin_m, cos - margin * sin_m)
+    return scale * jnp.where(target, with_margin, cos)
+
+
+def arcface_loss_with_stats(embeddings, class_index, centres, scale=30.0, margin=0.5):
+    """(loss, stats) of `arcface_loss`; stats: active_fraction (the images whose own-class logit, with
+    the margin, is not yet the largest: the ones the margin still pushes) and accuracy (the nearest
+    class centre, without the margin, is the image's own)."""
+    logits = arcface_logits(embeddings, class_index, centres, scale, margin)
+    index = jnp.asarray(class_index)
+    own = jnp.take_along_axis(logits, index[:, None], axis=1)[:, 0]
+    per_image = jax.nn.logsumexp(logits, axis=1) - own
+    others = jnp.where(jnp.arange(logits.shape[1])[None, :] == index[:, None], -jnp.inf, logits)
+    active = own <= jnp.max(others, axis=1)
+    plain = _unit(embeddings) @ _unit(centres).T
+    accuracy = jnp.mean((jnp.argmax(plain, axis=1) == index).astype(jnp.float32))
+    return jnp.mean(per_image), {"active_fraction": jnp.mean(active.astype(jnp.float32)), "accuracy": accuracy}
+
+
+def arcface_loss(embeddings, class_index, centres, scale=30.0, margin=0.5):
+    """ArcFace: mean softmax cross-entropy of `arcface_logits` over the batch. `class_index` [B]
+    int in [0, C) indexes the rows of `centres` [C, E]; `margin` m is in radians."""
+    return arcface_loss_with_stats(embeddings, class_index, centres, scale, margin)[0]

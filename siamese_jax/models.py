@@ -191,19 +191,30 @@ class SiameseNetwork(nn.Module):
 
     `__call__` embeds a batch; `logits(h1, h2)` is the head: w . |h1 - h2| + b, sigmoid of which is
     P(same). Its parameters are created at init whenever `verification_head` is set.
+    `num_class_centres` > 0 adds a learned centre per training class, `params["class_centres"]`
+    [C, embedding_dim], for the ArcFace loss; like the head, training uses it and embedding does not.
     """
 
     encoder: nn.Module
     verification_head: bool = False
+    num_class_centres: int = 0
+    embedding_dim: int = 0  # the encoder's output size, the centres' width
 
     def setup(self):
         if self.verification_head:
             self.head = nn.Dense(1, param_dtype=jnp.float32, name="head")
+        if self.num_class_centres:
+            # Unit-variance directions scaled to norm ~1: Adam's steps of ~lr per coordinate then
+            # turn a centre at the rate they turn the encoder's last layer (ArcFace normalises them).
+            self.class_centres = self.param("class_centres", nn.initializers.normal(self.embedding_dim ** -0.5),
+                                            (self.num_class_centres, self.embedding_dim), jnp.float32)
 
     def __call__(self, x, train: bool = False):
         h = self.encoder(x, train=train)
         if self.verification_head and self.is_initializing():
             self.head(jnp.abs(h - h).astype(jnp.float32))
+        if self.num_class_centres and self.is_initializing():
+            self.class_centres  # noqa: B018 - created at init (setup is lazy)
         return h
 
     def logits(self, h1, h2):
@@ -237,7 +248,11 @@ def build_model(config) -> SiameseNetwork:
             norm=config.norm, l2_normalize=config.l2_normalize, dtype=dtype)
     else:
         raise ValueError(f"unknown model {config.model!r}; expected 'koch' or 'small'")
-    return SiameseNetwork(encoder=encoder, verification_head=config.loss == "verification")
+    # ArcFace's class centres: one per training class, a count train.py writes into the config
+    # (`num_classes`) before building the network, so every checkpoint restores into the same shapes.
+    centres = int(config.get("num_classes") or 0) if config.loss == "arcface" else 0
+    return SiameseNetwork(encoder=encoder, verification_head=config.loss == "verification",
+                          num_class_centres=centres, embedding_dim=int(config.get("embedding_dim", 4096)))
 
 
 def count_params(params) -> int:

@@ -308,7 +308,8 @@ def pk_batch_classes(key, step, num_classes: int, classes_per_batch: int):
 
 def sample_pk_batch(key, step, dds: DeviceDataset, classes_per_batch: int, images_per_class: int, *,
                     augment_cfg: Optional[augment_lib.AffineConfig] = None, within_alphabet: bool = False) -> dict:
-    """P classes x K images for online mining: {"images" [P*K, H, W, 1], "labels" [P*K] int32}.
+    """P classes x K images for online mining: {"images" [P*K, H, W, 1], "labels" [P*K] int32 (class
+    ids), "class_index" [P*K] int32 (the class's position 0..C-1 in `dds`, for class-centre losses)}.
 
     `key` must be the *same* at every step (the run's data key): the step is folded in here. Classes
     follow a per-epoch permutation (epoch = step // ceil(C/P)), so every class is visited in each
@@ -337,6 +338,7 @@ def sample_pk_batch(key, step, dds: DeviceDataset, classes_per_batch: int, image
     return {
         "images": _maybe_augment(k_aug, _float_images(dds, index), augment_cfg),
         "labels": jnp.repeat(dds.class_ids[classes], K),
+        "class_index": jnp.repeat(classes.astype(jnp.int32), K),
         "index": index,
     }
 

@@ -111,6 +111,18 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
+def _set_num_classes(config, count: int) -> None:
+    """Records the training data's class count as the number of class centres (saved with the config,
+    so evaluation and export rebuild the same parameter shapes); a different count set by hand is a
+    one-line error rather than a shape mismatch inside the step."""
+    given = config.get("num_classes")
+    if given is not None and int(given) != count:
+        raise config_check.ConfigError(f"config.num_classes={given}: the training data has {count} classes "
+                                       f"(leave it unset and it is counted)")
+    with config.unlocked():
+        config.num_classes = count
+
+
 def _config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
@@ -153,13 +165,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     log.info("train: %d images of %d classes; validation: %d images of %d classes",
              len(train_ds), train_ds.num_classes, len(val_ds), val_ds.num_classes)
 
+    if config.loss in ts.CLASS_CENTRE_LOSSES:  # one learned centre per training class
+        _set_num_classes(config, int(train_dds.num_classes))
     model = models.build_model(config)
     tx = ts.make_optimizer(config)
     aug = ip.augment_config(config)
     augment_fn = None if aug is None else (lambda key, x: augment_lib.random_affine(key, x, aug))
     train_step = ts.make_train_step(model, tx, mesh, loss=config.loss, margin=margin_of(config),
                                     squared=config.squared, augment_fn=augment_fn,
-                                    triplet_selection=config.triplet_selection)
+                                    triplet_selection=config.triplet_selection,
+                                    arcface_scale=float(config.get("arcface_scale", 30.0)))
     sample, batch_size = ip.make_sampler(config, mesh)
     images_per_step = ip.images_per_step(config, batch_size)
     embed_fn = embedding.make_embed_fn(model, mesh)

@@ -21,7 +21,9 @@ from siamese_jax import parallel
 PAIR_LOSSES = ("contrastive", "verification")
 TRIPLET_LOSSES = ("triplet",)
 MINING_LOSSES = ("batch_all", "batch_hard", "semihard")
-ALL_LOSSES = PAIR_LOSSES + TRIPLET_LOSSES + MINING_LOSSES
+# Losses against a learned centre per training class (P x K batches carry each image's class index).
+CLASS_CENTRE_LOSSES = ("arcface",)
+ALL_LOSSES = PAIR_LOSSES + TRIPLET_LOSSES + MINING_LOSSES + CLASS_CENTRE_LOSSES
 
 
 @flax.struct.dataclass
@@ -70,7 +72,7 @@ def batch_kind(loss: str, triplet_selection: str = "online") -> str:
         if triplet_selection not in TRIPLET_SELECTIONS:
             raise ValueError(f"unknown triplet_selection {triplet_selection!r}; expected one of {', '.join(TRIPLET_SELECTIONS)}")
         return "triplets" if triplet_selection == "random" else "classes"
-    if loss in MINING_LOSSES:
+    if loss in MINING_LOSSES or loss in CLASS_CENTRE_LOSSES:
         return "classes"
     raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(ALL_LOSSES)}")
 
@@ -100,7 +102,7 @@ def online_triplets(embeddings, labels, key, squared: bool = False):
 
 
 def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared: bool, train: bool = True,
-            key=None, triplet_selection: str = "online"):
+            key=None, triplet_selection: str = "online", arcface_scale: float = 30.0):
     """(loss, (stats, new_batch_stats)) for one global batch. `key` picks online triplets' positives."""
     kind = batch_kind(loss, triplet_selection)
     images, towers = _tower_inputs(batch, kind)
@@ -129,6 +131,12 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
         w = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1)
         value = jnp.sum(per_anchor * w)  # = triplet_loss(emb, emb[positive], emb[negative]) over valid anchors
         stats = {"active_fraction": jnp.sum((per_anchor > 0) * w)}
+    elif loss == "arcface":
+        if "class_centres" not in params:
+            raise ValueError("loss='arcface' needs a network with class centres: set config.num_classes "
+                             "(train.py sets it to the training classes)")
+        value, stats = L.arcface_loss_with_stats(emb, batch["class_index"], params["class_centres"],
+                                                 scale=arcface_scale, margin=margin)
     elif loss == "triplet":
         value, stats = L.triplet_loss_with_stats(emb_t[:, 0], emb_t[:, 1], emb_t[:, 2], margin=margin, squared=squared)
     else:
@@ -142,7 +150,7 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
 
 def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str, margin: float,
                     squared: bool = False, augment_fn: Optional[Callable] = None,
-                    triplet_selection: str = "online"):
+                    triplet_selection: str = "online", arcface_scale: float = 30.0):
     """The jitted data-parallel step. `augment_fn(key, images) -> images` runs on device, per image.
 
     Returns `train_step(state, batch, key) -> (state, metrics)`; metrics are device scalars (loss,
@@ -161,7 +169,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str,
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (value, (stats, batch_stats)), grads = grad_fn(
             state.params, state.batch_stats, model, batch, loss, margin, squared, True,
-            jax.random.fold_in(key, 1000), triplet_selection)
+            jax.random.fold_in(key, 1000), triplet_selection, arcface_scale)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(stats, loss=value, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))

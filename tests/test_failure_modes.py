@@ -20,6 +20,7 @@ missing data, not the one asserted). Tests over ~20 s are marked slow (CI runs t
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -182,6 +183,31 @@ def test_bad_config_value_is_one_line_before_any_data_is_read(override, message,
     assert "Restoring pure python logging" not in r.stderr  # absl's line, once printed before the error
     assert time.time() - t0 < 60  # seconds (the imports), not a data load and a compile
     assert not (tmp_path / "run").exists()  # rejected before the workdir was even created
+
+
+def test_arcface_settings_that_cannot_work_are_one_line_config_errors():
+    from siamese_jax import train as train_lib
+
+    c = default.get_config("mnist")
+    c.loss, c.classes_per_batch = "arcface", 10
+    with pytest.raises(config_check.ConfigError, match="l2_normalize=True"):  # it learns directions
+        config_check.validate_config(c)
+    c.l2_normalize = True
+    config_check.validate_config(c)
+    for key, value, message in (("margin", 2.0, "config.margin=2.0: must be a finite number"),
+                                ("arcface_scale", 0.0, "config.arcface_scale=0.0: must be a finite number > 0"),
+                                ("num_classes", 1, "config.num_classes=1: must be an integer >= 2")):
+        bad = c.copy_and_resolve_references()
+        bad[key] = value
+        with pytest.raises(config_check.ConfigError, match=re.escape(message)):
+            config_check.validate_config(bad)
+    # The class-centre count is the training data's; a different one set by hand is refused.
+    c.num_classes = 12
+    with pytest.raises(config_check.ConfigError, match="config.num_classes=12: the training data has 10 classes"):
+        train_lib._set_num_classes(c, 10)
+    c.num_classes = None
+    train_lib._set_num_classes(c, 10)
+    assert c.num_classes == 10
 
 
 def test_triplet_with_one_image_per_class_is_refused_not_trained_at_zero_loss(tmp_path):

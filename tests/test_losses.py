@@ -429,3 +429,89 @@ def test_gradients_match_finite_differences(name):
         step = jnp.zeros_like(emb).at[i, j].set(eps)
         numeric[i, j] = (float(f(emb + step)) - float(f(emb - step))) / (2 * eps)
     np.testing.assert_allclose(grad, numeric, rtol=2e-2, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------------- ArcFace
+
+def np_arcface(emb, index, centres, scale, margin):
+    """Deng et al. 2019, written out per image in float64: softmax cross-entropy of s·cos θ_j, with
+    s·cos(θ_y + m) at the own class while θ_y + m ≤ π (else s·(cos θ_y − m·sin m))."""
+    e = np.asarray(emb, np.float64)
+    w = np.asarray(centres, np.float64)
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    w = w / np.linalg.norm(w, axis=1, keepdims=True)
+    out, active = [], []
+    for x, y in zip(e, index):
+        cos = np.clip(w @ x, -1, 1)
+        theta = np.arccos(cos[y])
+        z = scale * cos.copy()
+        z[y] = scale * (np.cos(theta + margin) if theta + margin <= np.pi else cos[y] - margin * np.sin(margin))
+        out.append(np.log(np.sum(np.exp(z - z.max()))) + z.max() - z[y])
+        active.append(z[y] <= np.max(np.delete(z, y)))
+    return float(np.mean(out)), float(np.mean(active))
+
+
+@pytest.mark.parametrize("scale, margin", [(30.0, 0.5), (16.0, 0.2), (10.0, 0.0)])
+def test_arcface_matches_the_math(scale, margin):
+    rng = np.random.default_rng(3)
+    emb, centres = rng.normal(size=(12, 6)).astype(np.float32), rng.normal(size=(5, 6)).astype(np.float32)
+    index = rng.integers(0, 5, size=12)
+    emb[0] = -centres[index[0]]  # θ = π: the continuation branch
+    want, want_active = np_arcface(emb, index, centres, scale, margin)
+    loss, stats = jax.jit(L.arcface_loss_with_stats)(emb, index, centres, scale, margin)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+    np.testing.assert_allclose(float(stats["active_fraction"]), want_active)
+    nearest = np.argmax((emb / np.linalg.norm(emb, axis=1, keepdims=True)) @
+                        (centres / np.linalg.norm(centres, axis=1, keepdims=True)).T, axis=1)
+    np.testing.assert_allclose(float(stats["accuracy"]), np.mean(nearest == index))
+    # Only directions count: rescaling the embeddings or the centres changes nothing.
+    np.testing.assert_allclose(float(L.arcface_loss(3.0 * emb, index, 0.1 * centres, scale, margin)), want, rtol=1e-4)
+    if margin == 0.0:  # m = 0 is plain softmax cross-entropy over s·cos (the normalised softmax)
+        logits = np.asarray(L.arcface_logits(emb, index, centres, scale, 0.0))
+        e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        np.testing.assert_allclose(logits, scale * e @ (centres / np.linalg.norm(centres, axis=1, keepdims=True)).T,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_arcface_margin_makes_separated_classes_cost_and_gradients_stay_finite():
+    centres = np.eye(4, dtype=np.float32)
+    index = np.array([0, 1, 2, 3])
+    # Every embedding exactly on its own centre (θ = 0, where sqrt(1 − cos²) has an infinite slope).
+    loss0, stats0 = L.arcface_loss_with_stats(centres, index, centres, 4.0, 0.0)
+    loss5, stats5 = L.arcface_loss_with_stats(centres, index, centres, 4.0, 0.5)
+    np.testing.assert_allclose(float(loss0), np.log(1 + 3 * np.exp(-4.0)), rtol=1e-4)
+    # (sin θ is floored at sqrt(1e-7) for a finite gradient at θ = 0: 3e-4 rad, hence rtol 1e-3)
+    np.testing.assert_allclose(float(loss5), np.log(1 + 3 * np.exp(-4.0 * np.cos(0.5))), rtol=1e-3)
+    assert float(stats0["active_fraction"]) == float(stats5["active_fraction"]) == 0.0
+    assert float(stats5["accuracy"]) == 1.0
+    g = jax.grad(lambda e, w: L.arcface_loss(e, index, w, 30.0, 0.5), argnums=(0, 1))(jnp.asarray(centres),
+                                                                                     jnp.asarray(centres))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in g)
+    # Between two centres at 90°, an embedding at 40° from its own class meets a 0.5 rad margin
+    # (40° + 28.6° < 50°) and one at 44° does not: only the second is "active".
+    def at(deg):
+        r = np.deg2rad(deg)
+        return np.array([[np.cos(r), np.sin(r)]], np.float32)
+    two = np.eye(2, dtype=np.float32)
+    assert float(L.arcface_loss_with_stats(at(20), [0], two, 30.0, 0.5)[1]["active_fraction"]) == 0.0
+    assert float(L.arcface_loss_with_stats(at(44), [0], two, 30.0, 0.5)[1]["active_fraction"]) == 1.0
+    # The margin is a penalty: for the same embeddings the loss grows with m.
+    rng = np.random.default_rng(0)
+    emb, idx = rng.normal(size=(16, 4)).astype(np.float32), rng.integers(0, 4, 16)
+    values = [float(L.arcface_loss(emb, idx, centres, 30.0, m)) for m in (0.0, 0.2, 0.5)]
+    assert values[0] < values[1] < values[2]
+
+
+def test_arcface_gradients_match_finite_differences():
+    rng = np.random.default_rng(5)
+    emb = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+    centres = jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)
+    index = np.array([0, 1, 2, 0, 1, 2])
+    f = jax.jit(lambda e: L.arcface_loss(e, index, centres, 4.0, 0.3))
+    grad = np.asarray(jax.grad(f)(emb), np.float64)
+    eps = 1e-3
+    numeric = np.zeros_like(grad)
+    for i, j in itertools.product(*map(range, emb.shape)):
+        step = jnp.zeros_like(emb).at[i, j].set(eps)
+        numeric[i, j] = (float(f(emb + step)) - float(f(emb - step))) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=2e-2, atol=2e-3)

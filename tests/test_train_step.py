@@ -18,7 +18,8 @@ B, SIZE = 8, 16
 
 def _model(loss, norm="batch"):
     config = ml_collections.ConfigDict(dict(model="small", widths=(8, 8), embedding_dim=16, norm=norm,
-                                            l2_normalize=False, loss=loss, compute_dtype="float32"))
+                                            l2_normalize=loss == "arcface", loss=loss, compute_dtype="float32",
+                                            num_classes=4))
     return models.build_model(config)
 
 
@@ -32,7 +33,10 @@ def _batch(loss, selection="online"):
         return {"anchor": img(), "positive": img(), "negative": img()}
     # 4 classes x 2 images, ordered so that each device's shard holds ONE class: local mining would
     # find no negatives at all, global mining finds plenty.
-    return {"images": img(), "labels": np.repeat(np.arange(4), 2).astype(np.int32)}
+    labels = np.repeat(np.arange(4), 2).astype(np.int32)
+    if loss in ts.CLASS_CENTRE_LOSSES:  # ArcFace's class centres are indexed 0..C-1
+        return {"images": img(), "labels": labels + 100, "class_index": labels}
+    return {"images": img(), "labels": labels}
 
 
 def _run(loss, devices, steps=2, norm="batch", augment_fn=None, selection="online"):
@@ -54,7 +58,7 @@ def _run(loss, devices, steps=2, norm="batch", augment_fn=None, selection="onlin
 @pytest.mark.parametrize("loss, selection", [("contrastive", None), ("triplet", "online"), ("triplet", "online_all"),
                                              ("triplet", "random"),
                                              ("batch_hard", None), ("batch_all", None), ("semihard", None),
-                                             ("verification", None)])
+                                             ("verification", None), ("arcface", None)])
 def test_four_devices_equal_one_device(loss, selection):
     assert jax.device_count() >= 4
     selection = selection or "online"
@@ -119,7 +123,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 
 def test_unknown_loss_is_rejected():
     with pytest.raises(ValueError, match="unknown loss"):
-        ts.batch_kind("arcface")
+        ts.batch_kind("cosface")
     with pytest.raises(ValueError, match="unknown triplet_selection"):
         ts.batch_kind("triplet", "hardest")
 

@@ -13,6 +13,7 @@ MARGINS = {
     "batch_all": 0.5,
     "semihard": 0.5,
     "verification": 0.0,  # unused (binary cross-entropy)
+    "arcface": 0.5,       # an angle, radians (Deng et al.'s 0.5)
 }
 
 
@@ -48,6 +49,10 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     c.margin = ml_collections.config_dict.placeholder(float)  # None: MARGINS[loss]
     c.squared = False
     c.margins = dict(MARGINS)
+    # ArcFace (loss="arcface"; needs l2_normalize=True): the softmax's scale s over cosines, and how
+    # many class centres it learns (None: train.py counts the training classes and records it here).
+    c.arcface_scale = 30.0
+    c.num_classes = ml_collections.config_dict.placeholder(int)
 
     # Triplet loss, which triplets: "online_all" = from each P x K batch, every positive pair (a, p)
     # with the anchor's hardest negative (losses.hardest_negative_triplet_loss); "online" = one random
