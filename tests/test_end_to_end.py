@@ -130,8 +130,28 @@ def test_mnist_pairs_end_to_end(env, tmp_path):
     assert "validation" in v["threshold_chosen_on"]
 
 
+def test_arcface_trains_evaluates_and_its_class_centres_restore(env, tmp_path):
+    """ArcFace's class-centre count is counted from the data and saved, so the checkpoint restores."""
+    import ml_collections
+
+    from siamese_jax import embedding
+
+    workdir = tmp_path / "arc"
+    r = _train(env, workdir, "--dataset=mnist", "--loss=arcface", "--config.l2_normalize=True",
+               "--config.classes_per_batch=10", "--config.num_steps=4", "--config.eval_every_steps=2",
+               "--config.checkpoint_every_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["loss"] == "arcface" and results["verification"]["num_test_pairs"] == 20000
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    assert config.num_classes == 10
+    model, step = embedding.load_workdir_model(config, str(workdir))
+    assert step in (2, 4) and model.state.params["class_centres"].shape == (10, 16)
+
+
 @pytest.mark.parametrize("args, needle", [
-    (["--loss=arcface"], "loss"),
+    (["--loss=cosface"], "loss"),
+    (["--loss=arcface"], "l2_normalize"),  # ArcFace compares directions: the config check says so
     (["--config.no_such_key=1"], "no_such_key"),
     (["--config.learning_rate=fast"], "learning_rate"),
     (["--data_dir=/nonexistent/data"], "/nonexistent/data"),
