@@ -1,0 +1,67 @@
+"""Re-check model selection on more validation data: the one-shot accuracy of each workdir's chosen
+checkpoint on fresh within-alphabet 20-way 1-shot episodes of the held-out *background* validation
+alphabets (Omniglot) — not the `val_episodes` episodes that chose the checkpoint, and never the
+evaluation alphabets. For telling apart two configs whose validation curves tie (BUILD_NOTES,
+"Augmenting make train", run J).
+
+    python -m experiments.validation_recheck --workdir=runs/a --workdir=runs/b [--episodes=2000]
+
+Prints, per workdir, the checkpoint step and the mean accuracy over `episodes` episodes for each of
+the `seeds` (default 4242 and 4343) with its 95% interval.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("workdir", [], "A training workdir (repeatable).")
+flags.DEFINE_integer("episodes", 2000, "Episodes per seed.")
+flags.DEFINE_list("seeds", ["4242", "4343"], "Episode seeds (not the training run's validation seed, seed + 777).")
+flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
+
+
+def recheck(workdir: str, episodes: int, seeds) -> dict:
+    import json
+
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from siamese_jax import embedding, evaluation, sampling
+    from siamese_jax import input_pipeline as ip
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if FLAGS.data_dir:
+        config.archive_dir = FLAGS.data_dir
+    _, val_ds = ip.train_val_datasets(config)
+    val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
+    model, step = embedding.load_workdir_model(config, workdir)
+    emb = model.embed_u8(np.asarray(val_dds.images))
+    n_way = min(20, int(val_dds.class_count.shape[0]))
+    within = config.dataset == "omniglot" and sampling.max_classes_per_alphabet(val_dds) >= n_way
+    accs = []
+    for seed in seeds:
+        support, query = sampling.sample_episode_indices(jax.random.PRNGKey(int(seed)), val_dds, episodes,
+                                                         n_way, 1, 1, within_alphabet=within)
+        accs.append(evaluation.one_shot_accuracy(emb[np.asarray(support)], emb[np.asarray(query)]))
+    acc = np.concatenate(accs)
+    return {"step": step, "episodes": len(acc), "accuracy": float(acc.mean()),
+            "ci95": float(1.96 * acc.std() / np.sqrt(len(acc)))}
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
+    if not FLAGS.workdir:
+        raise app.UsageError("give at least one --workdir")
+    for wd in FLAGS.workdir:
+        r = recheck(wd, FLAGS.episodes, FLAGS.seeds)
+        print(f"{wd}: step {r['step']}, {r['episodes']} episodes, validation one-shot accuracy "
+              f"{r['accuracy']:.4f} ± {r['ci95']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
