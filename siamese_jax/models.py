@@ -204,8 +204,9 @@ class SiameseNetwork(nn.Module):
         if self.verification_head:
             self.head = nn.Dense(1, param_dtype=jnp.float32, name="head")
         if self.num_class_centres:
-            # Unit-variance directions scaled to norm ~1: Adam's steps of ~lr per coordinate then
-            # turn a centre at the rate they turn the encoder's last layer (ArcFace normalises them).
+            # Entries of std 1/sqrt(dim): each centre starts at norm ~1, so Adam's ~lr-sized steps
+            # per coordinate turn it by small angles (ArcFace normalises the centres: only their
+            # direction counts, and a large norm would slow its turning).
             self.class_centres = self.param("class_centres", nn.initializers.normal(self.embedding_dim ** -0.5),
                                             (self.num_class_centres, self.embedding_dim), jnp.float32)
 
