@@ -408,6 +408,15 @@ def test_verification_extreme_logits_and_shape_check():
 
 # ----------------------------------------------------------------------------------- gradients
 
+def _assert_grad_matches_finite_differences(f, emb, grad, eps=1e-3):
+    """`grad` (of scalar `f` at `emb` [N, E]) against central differences, entry by entry."""
+    numeric = np.zeros_like(grad)
+    for i, j in itertools.product(*map(range, emb.shape)):
+        step = jnp.zeros_like(emb).at[i, j].set(eps)
+        numeric[i, j] = (float(f(emb + step)) - float(f(emb - step))) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=2e-2, atol=2e-3)
+
+
 @pytest.mark.parametrize("name", ["contrastive", "triplet", "batch_all", "batch_hard", "semihard", "hardest_negative"])
 def test_gradients_match_finite_differences(name):
     # Well-spread points, so no hinge or mining choice flips within the finite-difference step.
@@ -423,12 +432,7 @@ def test_gradients_match_finite_differences(name):
     f = jax.jit(fns[name])
     grad = np.asarray(jax.grad(f)(emb), np.float64)
     assert np.any(grad != 0)
-    eps = 1e-3
-    numeric = np.zeros_like(grad)
-    for i, j in itertools.product(*map(range, emb.shape)):
-        step = jnp.zeros_like(emb).at[i, j].set(eps)
-        numeric[i, j] = (float(f(emb + step)) - float(f(emb - step))) / (2 * eps)
-    np.testing.assert_allclose(grad, numeric, rtol=2e-2, atol=2e-3)
+    _assert_grad_matches_finite_differences(f, emb, grad)
 
 
 # ----------------------------------------------------------------------------------- ArcFace
@@ -509,9 +513,4 @@ def test_arcface_gradients_match_finite_differences():
     index = np.array([0, 1, 2, 0, 1, 2])
     f = jax.jit(lambda e: L.arcface_loss(e, index, centres, 4.0, 0.3))
     grad = np.asarray(jax.grad(f)(emb), np.float64)
-    eps = 1e-3
-    numeric = np.zeros_like(grad)
-    for i, j in itertools.product(*map(range, emb.shape)):
-        step = jnp.zeros_like(emb).at[i, j].set(eps)
-        numeric[i, j] = (float(f(emb + step)) - float(f(emb - step))) / (2 * eps)
-    np.testing.assert_allclose(grad, numeric, rtol=2e-2, atol=2e-3)
+    _assert_grad_matches_finite_differences(f, emb, grad)
