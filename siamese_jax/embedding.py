@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from siamese_jax import checkpoints as ckpt_lib
-from siamese_jax import models, parallel
+from siamese_jax import models, parallel, test_time
 from siamese_jax import train_step as ts
 from siamese_jax.augment import resize_uint8
 
@@ -29,8 +29,9 @@ def prepare_dataset_images(ds, size: int) -> np.ndarray:
     return (resized_images(ds, size).astype(np.float32) / 255.0)[..., None]
 
 
-def make_embed_fn(model, mesh=None):
-    """Jitted inference embedding: `embed(params, batch_stats, images [N,H,W,1]) -> [N, E]` (eval-mode BN)."""
+def make_embed_fn(model, mesh=None, shifts=test_time.SHIFT_SETS["none"], l2_normalize=False):
+    """Jitted inference embedding: `embed(params, batch_stats, images [N,H,W,1]) -> [N, E]` (eval-mode BN),
+    averaged over test-time `shifts` (re-normalised if `l2_normalize`) when there are several."""
 
     def embed(params, batch_stats, images):
         variables = {"params": params}
@@ -38,6 +39,7 @@ def make_embed_fn(model, mesh=None):
             variables["batch_stats"] = batch_stats
         return model.apply(variables, images, train=False).astype(jnp.float32)
 
+    embed = test_time.shift_averaged(embed, shifts, l2_normalize)
     if mesh is None:
         return jax.jit(embed)
     repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -71,7 +73,8 @@ class LoadedModel:
     def __init__(self, config, state, mesh):
         self.config, self.state, self.mesh = config, state, mesh
         self.model = models.build_model(config)
-        self._embed = make_embed_fn(self.model, mesh)
+        # The evaluation protocols embed through here: with the config's test-time shifts.
+        self._embed = make_embed_fn(self.model, mesh, test_time.shifts_of(config), bool(config.get("l2_normalize", False)))
 
     def embed_u8(self, images_u8: np.ndarray) -> np.ndarray:
         return embed_images(self._embed, self.state, images_u8, self.mesh)

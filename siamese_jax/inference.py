@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from siamese_jax import evaluation, models
+from siamese_jax import evaluation, models, test_time
 from siamese_jax import images as img_lib
 from siamese_jax.files import atomic_open
 
@@ -80,20 +80,30 @@ class SiameseModel:
         self.network = models.build_model(config)
         self.image_size = int(config.image_size)
 
-        def embed(params, batch_stats, x):
-            variables = {"params": params}
-            if batch_stats:
-                variables["batch_stats"] = batch_stats
-            return self.network.apply(variables, x, train=False).astype(jnp.float32)
+        self._embed_fns = {}  # test-time shift set -> jitted embedding (one compile each)
+        self.test_time_shifts = config.get("test_time_shifts", "none")
+        test_time.shifts_of(config)  # an unknown set name fails here, at load time
 
-        self._embed = jax.jit(embed)
+    def _embed_fn(self, shift_set: str):
+        if shift_set not in self._embed_fns:
+            def embed(params, batch_stats, x):
+                variables = {"params": params}
+                if batch_stats:
+                    variables["batch_stats"] = batch_stats
+                return self.network.apply(variables, x, train=False).astype(jnp.float32)
+
+            self._embed_fns[shift_set] = jax.jit(test_time.shift_averaged(
+                embed, test_time.SHIFT_SETS[shift_set], bool(self.config.get("l2_normalize", False))))
+        return self._embed_fns[shift_set]
 
     # -- embeddings -------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
         return img_lib.prepare(images, self.image_size)
 
-    def embed_prepared(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """[N, S, S, 1] float in [0, 1] -> [N, E]; fixed-size padded batches (one compile)."""
+    def embed_prepared(self, x: np.ndarray, batch_size: int = 512, test_time_shifts: Optional[str] = None) -> np.ndarray:
+        """[N, S, S, 1] float in [0, 1] -> [N, E]; fixed-size padded batches (one compile). Averaged over
+        the model's test-time shift set (`test_time.SHIFT_SETS`), or over `test_time_shifts` if given."""
+        embed = self._embed_fn(test_time_shifts or self.test_time_shifts)
         out = []
         for start in range(0, len(x), batch_size):
             chunk = x[start:start + batch_size]
@@ -101,7 +111,7 @@ class SiameseModel:
             size = batch_size if len(x) > batch_size else max(1, 1 << (n - 1).bit_length())
             if n < size:
                 chunk = np.concatenate([chunk, np.zeros((size - n,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(self._embed(self.params, self.batch_stats, jnp.asarray(chunk)))[:n])
+            out.append(np.asarray(embed(self.params, self.batch_stats, jnp.asarray(chunk)))[:n])
         return np.concatenate(out)
 
     def embed(self, images, batch_size: int = 512) -> np.ndarray:
@@ -146,12 +156,14 @@ class SiameseModel:
 
     # -- files -------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Identifies the weights: an index built by one model is refused by another."""
+        """Identifies the weights (and a test-time shift set): an index built by one model is refused by another."""
         import hashlib
 
         h = hashlib.sha256()
         for leaf in jax.tree.leaves((self.params, self.batch_stats)):
             h.update(np.asarray(leaf).tobytes())
+        if self.test_time_shifts != "none":  # other embeddings from the same weights
+            h.update(self.test_time_shifts.encode())
         return h.hexdigest()[:16]
 
     def save(self, path: str) -> None:

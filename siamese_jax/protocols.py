@@ -169,6 +169,7 @@ def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_se
     if plots_dir and history and main:
         plots.plot_training_curves(os.path.join(plots_dir, "curves.png"), history)
     results.update(dataset=config.dataset, loss=config.loss, model=config.model, image_size=config.image_size,
+                   test_time_shifts=config.get("test_time_shifts", "none"),
                    checkpoint_step=step, num_steps=config.num_steps, devices=jax.device_count(),
                    processes=jax.process_count(), platform=jax.devices()[0].platform,
                    eval_seconds=round(time.time() - t0, 1))

@@ -118,16 +118,35 @@ def test_sigterm_saves_a_checkpoint_and_exits(env, tmp_path):
     assert any(d.isdigit() for d in os.listdir(workdir / "checkpoints"))
 
 
-def test_mnist_pairs_end_to_end(env, tmp_path):
+def test_mnist_pairs_end_to_end_with_test_time_shifts_and_export(env, tmp_path):
     workdir = tmp_path / "mnist"
     r = _train(env, workdir, "--dataset=mnist", "--config.num_steps=6", "--config.eval_every_steps=3",
-               "--config.checkpoint_every_steps=3")
+               "--config.checkpoint_every_steps=3", "--config.test_time_shifts=cross5")
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     v = results["verification"]
     assert results["loss"] == "contrastive" and v["num_test_pairs"] == 20000
     assert 0.5 <= v["roc_auc"] <= 1.0 and 0.0 <= v["test_accuracy"] <= 1.0
     assert "validation" in v["threshold_chosen_on"]
+    assert results["test_time_shifts"] == "cross5"
+
+    # Export writes one model file that embeds as the run was evaluated, with that run's numbers ...
+    def export(*args):
+        return subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", *args],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    out = tmp_path / "model.msgpack"
+    r = export(f"--out={out}", "--pairs=400")
+    assert r.returncode == 0, r.stderr[-3000:]
+    from siamese_jax import inference
+
+    model = inference.load_model(str(out))
+    assert model.test_time_shifts == "cross5" and model.calibration.num_pairs == 400
+    assert model.provenance["test_pair_accuracy"] == v["test_accuracy"]
+    # ... and refuses to label a one-view model with numbers measured on five views: nothing written.
+    r = export(f"--out={tmp_path / 'other.msgpack'}", "--test_time_shifts=none")
+    assert r.returncode == 2 and not (tmp_path / "other.msgpack").exists()
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "test_time_shifts=cross5" in r.stderr
 
 
 def test_arcface_trains_evaluates_and_its_class_centres_restore(env, tmp_path):

@@ -96,8 +96,9 @@ def test_mnist_pairs_config_is_valid_and_differs_from_the_mnist_preset_as_docume
     changed = {k for k in d.keys() if c[k] != d[k]}
     assert changed == {"loss", "classes_per_batch", "images_per_class", "embedding_dim", "l2_normalize", "augment",
                        "augment_rotation_deg", "augment_scale_min", "augment_scale_max", "augment_translate_px",
-                       "num_steps", "val_episodes"}
+                       "num_steps", "val_episodes", "widths", "test_time_shifts"}
     assert c.dataset == "mnist" and c.image_size == 28 and c.loss == "batch_all"
+    assert tuple(c.widths) == (32, 64, 128, 256) and c.test_time_shifts == "square9"  # run W, 9 views
     # +-2 px shifts at MNIST's 28 px.
     aff = input_pipeline.augment_config(c)
     assert aff.translate_px * c.image_size / aff.translate_reference_size == pytest.approx(2.0, abs=0.01)

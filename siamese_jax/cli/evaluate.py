@@ -18,6 +18,8 @@ flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", 
 flags.DEFINE_string("checkpoint", "best", "'best' (default; falls back to the newest) or a checkpoint directory.")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")
 flags.DEFINE_integer("episodes", None, "Episodes per N-way K-shot setting (default: the run's config, 1000).")
+flags.DEFINE_enum("test_time_shifts", None, ["none", "cross5", "square9"],
+                  "Test-time shift augmentation to evaluate with (default: the run's config.test_time_shifts).")
 flags.DEFINE_bool("write", True, "Write results.json and plots/ into the workdir (process 0 writes them).")
 cli.define_distributed_flags()
 
@@ -48,6 +50,8 @@ def main(argv):
         if FLAGS.episodes < 1:
             cli.fail(f"--episodes={FLAGS.episodes}: must be at least 1")
         config.eval_episodes = FLAGS.episodes
+    if FLAGS.test_time_shifts:
+        config.test_time_shifts = FLAGS.test_time_shifts
     config_check.validate_model_config(config)
     # Before anything touches a device: every process of a multi-host evaluation joins here.
     process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -18,6 +18,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", required=True)
 flags.DEFINE_string("out", None, "Model file to write (.msgpack).", required=True)
 flags.DEFINE_integer("pairs", 4000, "Validation pairs for the threshold (half same, half different).")
+flags.DEFINE_enum("test_time_shifts", None, ["none", "cross5", "square9"],
+                  "Test-time shift augmentation the exported model embeds with (default: the run's config's).")
 flags.DEFINE_float("far", None, "Target false-accept rate (default: the max-accuracy threshold).")
 
 
@@ -38,6 +40,8 @@ def main(argv):
 
     model = load_model(FLAGS.workdir)
     config = model.config
+    if FLAGS.test_time_shifts:
+        config.test_time_shifts = model.test_time_shifts = FLAGS.test_time_shifts
     _, val = ip.split_train_val(config, ip.load_split(config, ip.train_split_name(config)))
     a, b, same = protocols.balanced_pairs(val.labels, FLAGS.pairs, seed=config.eval_seed)
     x = prepare_dataset_images(val, config.image_size)
@@ -45,6 +49,12 @@ def main(argv):
     cal = model.calibrate(np.linalg.norm(emb[a] - emb[b], axis=-1), same, FLAGS.far)
     results_path = os.path.join(FLAGS.workdir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    evaluated_with = results.get("test_time_shifts", "none")
+    if results and evaluated_with != model.test_time_shifts:
+        # The file's provenance numbers must be the exported model's own.
+        cli.fail(f"{results_path} was evaluated with test_time_shifts={evaluated_with}, the model would embed with "
+                 f"{model.test_time_shifts}: export with --test_time_shifts={evaluated_with}, or first run "
+                 f"siamese-evaluate --workdir={FLAGS.workdir} --test_time_shifts={model.test_time_shifts}")
     held_out = ("held-out background alphabets" if config.dataset == "omniglot"
                 else "held-out tail of the train split")
     model.provenance.update(

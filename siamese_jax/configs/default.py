@@ -39,6 +39,10 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     c.norm = "batch"
     c.l2_normalize = False
     c.compute_dtype = "float32"  # bfloat16 on GPU/TPU; bf16 convolutions are slow on CPU
+    # Test-time augmentation of a trained model's embeddings (test_time.SHIFT_SETS: "none", "cross5",
+    # "square9"): the mean over 1-px shifted copies, in inference and the final evaluation; checkpoint
+    # selection during training always uses one view.
+    c.test_time_shifts = "none"
     c.image_size = 35
     # CPU only: how many XLA CPU devices to split the machine into (None: one per core, at most 8 and
     # a divisor of the batch). XLA:CPU runs this model's kernels mostly on one thread, so one device

@@ -1,0 +1,47 @@
+"""Test-time shift augmentation: an image's embedding as the mean of its embeddings shifted by a
+pixel or so, L2-normalised again when the model's embeddings are unit length.
+
+`config.test_time_shifts` names the set of shifts (`SHIFT_SETS`); "none" (the default) is one view.
+It applies wherever a trained model embeds images for use — `inference.SiameseModel` (compare,
+embed, search, calibrate, export's threshold) and the final evaluation protocols — but not to the
+validation that chooses checkpoints during training, which stays one view (cheaper, and a shift
+set is chosen after training, on the same validation data: BUILD_NOTES, "MNIST pairs at 99.7%").
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+# (rows, cols) in pixels of the model's input. Shifting wraps round (`jnp.roll`): the rows that
+# come in at one edge are the background border of the other.
+SHIFT_SETS = {
+    "none": ((0, 0),),
+    "cross5": ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)),
+    "square9": tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)),
+}
+
+
+def shifts_of(config) -> tuple:
+    """The config's shift set (configs written before the key existed: "none")."""
+    name = config.get("test_time_shifts", "none")
+    if name not in SHIFT_SETS:
+        raise ValueError(f"config.test_time_shifts={name!r}: must be one of {', '.join(SHIFT_SETS)}")
+    return SHIFT_SETS[name]
+
+
+def shift_averaged(embed: Callable, shifts: tuple, l2_normalize: bool) -> Callable:
+    """Wraps `embed(params, batch_stats, images [N, H, W, C]) -> [N, E]` (traceable) so that it
+    returns the mean over `shifts` of the embeddings of the shifted images. One view: `embed` itself."""
+    if tuple(shifts) == ((0, 0),):
+        return embed
+
+    def averaged(params, batch_stats, images):
+        # A running sum, one view at a time: the peak memory of one batch, not of len(shifts).
+        total = sum(embed(params, batch_stats, jnp.roll(images, s, axis=(1, 2))) for s in shifts)
+        mean = total / len(shifts)
+        if l2_normalize:
+            mean = mean / jnp.linalg.norm(mean, axis=-1, keepdims=True)
+        return mean
+
+    return averaged

@@ -1,0 +1,65 @@
+"""Test-time shift augmentation (siamese_jax.test_time): the mean over shifted copies, against numpy."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from siamese_jax import config_check, inference, test_time
+from siamese_jax.configs import default
+
+
+def _toy_embed(params, batch_stats, images):
+    """A fixed linear map of the pixels: position-sensitive, so every shift gives another embedding."""
+    del batch_stats
+    return images.reshape(images.shape[0], -1) @ params
+
+
+@pytest.mark.parametrize("name", ["cross5", "square9"])
+@pytest.mark.parametrize("l2_normalize", [False, True])
+def test_shift_averaged_is_the_mean_over_rolled_images(name, l2_normalize):
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 6, 6, 1), np.float32)
+    w = rng.normal(size=(36, 4)).astype(np.float32)
+    shifts = test_time.SHIFT_SETS[name]
+    expected = np.mean([np.asarray(_toy_embed(w, None, np.roll(images, s, axis=(1, 2)))) for s in shifts], axis=0)
+    if l2_normalize:
+        expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
+    got = jax.jit(test_time.shift_averaged(_toy_embed, shifts, l2_normalize))(w, None, jnp.asarray(images))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert len(set(shifts)) == len(shifts) and (0, 0) in shifts
+    # One view is the embedding itself, untouched.
+    assert test_time.shift_averaged(_toy_embed, test_time.SHIFT_SETS["none"], l2_normalize) is _toy_embed
+
+
+def test_unknown_shift_set_is_a_one_line_config_error():
+    c = default.get_config("mnist")
+    assert test_time.shifts_of(c) == ((0, 0),)
+    assert test_time.shifts_of(ml_collections.ConfigDict({})) == ((0, 0),)  # configs written before the key
+    c.test_time_shifts = "square3"
+    with pytest.raises(config_check.ConfigError, match="config.test_time_shifts='square3': must be one of none, cross5, square9"):
+        config_check.validate_model_config(c)
+
+
+def test_pretrained_mnist_embeds_with_its_shift_set():
+    """The shipped digit model averages over the 3 x 3 square (its config); asking for one view gives
+    other embeddings, the same weights under another fingerprint, and each set compiles once."""
+    model = inference.load_model("pretrained-mnist")
+    assert model.test_time_shifts == "square9"
+    x = np.zeros((4, 28, 28, 1), np.float32)
+    x[:, 8:20, 12:16] = 1.0  # a bar, a little different in each image
+    x[1, 8:20, 16] = 1.0
+    x[2, 6:8, 12:16] = 1.0
+    default_emb = model.embed_prepared(x)
+    np.testing.assert_allclose(default_emb, model.embed_prepared(x, test_time_shifts="square9"), rtol=1e-6)
+    one_view = model.embed_prepared(x, test_time_shifts="none")
+    np.testing.assert_allclose(np.linalg.norm(default_emb, axis=-1), 1.0, rtol=1e-5)  # unit length again
+    assert not np.allclose(default_emb, one_view, atol=1e-3)
+    rolled = [model.embed_prepared(np.roll(x, s, axis=(1, 2)), test_time_shifts="none")
+              for s in test_time.SHIFT_SETS["square9"]]
+    mean = np.mean(rolled, axis=0)
+    np.testing.assert_allclose(default_emb, mean / np.linalg.norm(mean, axis=-1, keepdims=True), rtol=1e-4, atol=1e-5)
+    one = inference.load_model("pretrained-mnist")
+    one.test_time_shifts = "none"
+    assert one.fingerprint() != model.fingerprint()  # an index of one-view embeddings is refused
+    assert set(model._embed_fns) == {"square9", "none"}
