@@ -5,9 +5,11 @@ evaluation alphabets. For telling apart two configs whose validation curves tie 
 "Augmenting make train", run J).
 
     python -m experiments.validation_recheck --workdir=runs/a --workdir=runs/b [--episodes=2000]
+    python -m experiments.validation_recheck --workdir=runs/a --test_time_shifts=none,cross5,square9
 
-Prints, per workdir, the checkpoint step and the mean accuracy over `episodes` episodes for each of
-the `seeds` (default 4242 and 4343) with its 95% interval.
+Prints, per workdir (and test-time shift set: `siamese_jax.test_time`; default the run's own), the
+checkpoint step and the mean accuracy over `episodes` episodes for each of the `seeds` (default
+4242 and 4343) with its 95% interval. Shift sets of one workdir are scored on the same episodes.
 """
 import os
 
@@ -20,9 +22,10 @@ flags.DEFINE_multi_string("workdir", [], "A training workdir (repeatable).")
 flags.DEFINE_integer("episodes", 2000, "Episodes per seed.")
 flags.DEFINE_list("seeds", ["4242", "4343"], "Episode seeds (not the training run's validation seed, seed + 777).")
 flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
+flags.DEFINE_list("test_time_shifts", [], "Test-time shift sets to score (default: the run's config's).")
 
 
-def recheck(workdir: str, episodes: int, seeds) -> dict:
+def recheck(workdir: str, episodes: int, seeds, test_time_shifts=None) -> dict:
     import json
 
     import jax
@@ -36,6 +39,8 @@ def recheck(workdir: str, episodes: int, seeds) -> dict:
         config = ml_collections.ConfigDict(json.load(f))
     if FLAGS.data_dir:
         config.archive_dir = FLAGS.data_dir
+    if test_time_shifts:
+        config.test_time_shifts = test_time_shifts
     _, val_ds = ip.train_val_datasets(config)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
     model, step = embedding.load_workdir_model(config, workdir)
@@ -49,7 +54,8 @@ def recheck(workdir: str, episodes: int, seeds) -> dict:
         accs.append(evaluation.one_shot_accuracy(emb[np.asarray(support)], emb[np.asarray(query)]))
     acc = np.concatenate(accs)
     return {"step": step, "episodes": len(acc), "accuracy": float(acc.mean()),
-            "ci95": float(1.96 * acc.std() / np.sqrt(len(acc)))}
+            "ci95": float(1.96 * acc.std() / np.sqrt(len(acc))),
+            "test_time_shifts": config.get("test_time_shifts", "none")}
 
 
 def main(argv):
@@ -58,9 +64,10 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("give at least one --workdir")
     for wd in FLAGS.workdir:
-        r = recheck(wd, FLAGS.episodes, FLAGS.seeds)
-        print(f"{wd}: step {r['step']}, {r['episodes']} episodes, validation one-shot accuracy "
-              f"{r['accuracy']:.4f} ± {r['ci95']:.4f}", flush=True)
+        for shifts in FLAGS.test_time_shifts or [None]:
+            r = recheck(wd, FLAGS.episodes, FLAGS.seeds, shifts)
+            print(f"{wd}: step {r['step']}, shifts {r['test_time_shifts']}, {r['episodes']} episodes, "
+                  f"validation one-shot accuracy {r['accuracy']:.4f} ± {r['ci95']:.4f}", flush=True)
 
 
 if __name__ == "__main__":

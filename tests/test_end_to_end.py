@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 TINY = ["--config.widths=(8,8)", "--config.embedding_dim=16", "--config.val_episodes=10", "--config.eval_episodes=10",
         "--config.classes_per_batch=8", "--config.images_per_class=2", "--config.batch_size=16",
-        "--config.log_every_seconds=0"]
+        "--config.log_every_seconds=0", "--config.test_time_shifts=none"]  # one view: the default's 9 cost time
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,12 @@ def test_every_row_sees_the_same_images_per_step(dataset):
 
 
 def test_overrides_change_only_the_loss_keys_and_the_shared_budget():
-    base = {"seed", "num_steps", "plots", "augment"}
+    base = {"seed", "num_steps", "plots", "augment", "test_time_shifts"}
     o = ls.run_overrides("omniglot", "contrastive", 2, 3000, quick=False)
-    # No augmentation: the table was measured without (the Omniglot default now shifts and bends).
+    # No augmentation, in training or at test time: the table was measured without (the Omniglot
+    # default now shifts and bends its training images and averages 9 shifted views at test time).
     assert o == {"loss": "contrastive", "batch_size": 64, "seed": 2, "num_steps": 3000, "plots": False,
-                 "augment": False}
+                 "augment": False, "test_time_shifts": "none"}
     o = ls.run_overrides("omniglot", "triplet_random", 0, 3000, quick=False)
     assert o["triplet_selection"] == "random" and o["batch_size"] == 42
     o = ls.run_overrides("mnist", "semihard", 1, 500, quick=False)

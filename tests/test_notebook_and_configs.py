@@ -63,8 +63,10 @@ def test_shipped_model_config_is_valid_and_differs_from_the_default_as_documente
 
 def test_default_augmentation_is_shifts_and_a_mild_elastic_field_and_the_mnist_preset_has_none():
     """What BUILD_NOTES' "Augmenting make train" chose on validation: +-2 px shifts of every image at
-    35 px and Simard's elastic field (alpha 42, sigma 7.5 px); rotation, shear and scale off."""
-    from experiments.configs import default
+    35 px and Simard's elastic field (alpha 42, sigma 7.5 px); rotation, shear and scale off. At test
+    time the mean over the 3 x 3 square of 1-px shifts ("Test-time shift averaging on Omniglot");
+    the MNIST preset and Koch et al.'s reproduction, measured with one view, keep one."""
+    from experiments.configs import default, omniglot_koch
     from siamese_jax import config_check, input_pipeline
 
     c = default.get_config("omniglot")
@@ -75,6 +77,8 @@ def test_default_augmentation_is_shifts_and_a_mild_elastic_field_and_the_mnist_p
     assert (aff.elastic_alpha, aff.elastic_sigma) == (42.0, 7.5)
     m = default.get_config("mnist")
     assert input_pipeline.augment_config(m) is None and m.augment_elastic_alpha == 0.0
+    assert (c.test_time_shifts, m.test_time_shifts, omniglot_koch.get_config().test_time_shifts) == (
+        "square9", "none", "none")
 
 
 def test_library_import_is_light():

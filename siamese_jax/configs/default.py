@@ -40,9 +40,11 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     c.l2_normalize = False
     c.compute_dtype = "float32"  # bfloat16 on GPU/TPU; bf16 convolutions are slow on CPU
     # Test-time augmentation of a trained model's embeddings (test_time.SHIFT_SETS: "none", "cross5",
-    # "square9"): the mean over 1-px shifted copies, in inference and the final evaluation; checkpoint
-    # selection during training always uses one view.
-    c.test_time_shifts = "none"
+    # "square9"): the mean over the 3 x 3 square of 1-px shifted copies, in inference and the final
+    # evaluation; checkpoint selection during training always uses one view. Chosen on validation:
+    # +0.023 / +0.028 one-shot accuracy over one view on 4,000 fresh validation episodes for both
+    # seeds of this default (BUILD_NOTES, "Test-time shift averaging on Omniglot").
+    c.test_time_shifts = "square9"
     c.image_size = 35
     # CPU only: how many XLA CPU devices to split the machine into (None: one per core, at most 8 and
     # a divisor of the batch). XLA:CPU runs this model's kernels mostly on one thread, so one device
@@ -127,6 +129,7 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
         c.rotation_classes = False
         c.augment = False  # the preset's 98.77% was measured without; mnist_pairs.py sets its own
         c.augment_elastic_alpha = 0.0
+        c.test_time_shifts = "none"  # likewise; mnist_pairs.py chose its own on validation
         c.image_size = 28  # MNIST's own size
         c.num_steps = 5000  # 12.8 epochs of 128 pairs; 98.77% test pair accuracy (BUILD_NOTES)
         c.eval_every_steps = 500

@@ -30,6 +30,7 @@ def get_config():
     c.augment_translate_px = 2.0
     c.augment_prob = 0.5
     c.augment_elastic_alpha = 0.0
+    c.test_time_shifts = "none"  # the paper's evaluation: one view
     c.rotation_classes = False
     c.eval_every_steps = 1000
     c.checkpoint_every_steps = 1000
