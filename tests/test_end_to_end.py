@@ -77,7 +77,7 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}", "--nowrite"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    lake = f"{100 * results['lake_20_runs']['accuracy']:.1f}%"
+    lake = f"{100 * results['lake_20_runs']['accuracy']:.2f}%"
     assert lake in r.stdout
     assert f"{results['retrieval']['precision_at_1']:.3f}" in r.stdout
 
