@@ -7,8 +7,8 @@ to 1 px, then L2-normalised again), side by side: how the `mnist_pairs` config's
     python -m experiments.mnist_tta --model=runs/mnist-pairs-s0 --model=runs/mnist-pairs-s1 ...
 
 Prints the validation and test pair accuracy with each shift set (a model's own set is ignored
-here); the threshold is chosen on the validation pairs for each, as in training. Several --model: an ensemble, each digit's embedding the
-concatenation of every model's (unit-length) embedding.
+here); the threshold is chosen on the validation pairs for each, as in training. Several --model:
+an ensemble, each digit's embedding the concatenation of every model's (unit-length) embedding.
 """
 import os
 

@@ -42,11 +42,6 @@ def main(argv):
     config = model.config
     if FLAGS.test_time_shifts:
         config.test_time_shifts = model.test_time_shifts = FLAGS.test_time_shifts
-    _, val = ip.split_train_val(config, ip.load_split(config, ip.train_split_name(config)))
-    a, b, same = protocols.balanced_pairs(val.labels, FLAGS.pairs, seed=config.eval_seed)
-    x = prepare_dataset_images(val, config.image_size)
-    emb = model.embed_prepared(x)
-    cal = model.calibrate(np.linalg.norm(emb[a] - emb[b], axis=-1), same, FLAGS.far)
     results_path = os.path.join(FLAGS.workdir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
     evaluated_with = results.get("test_time_shifts", "none")
@@ -55,6 +50,11 @@ def main(argv):
         cli.fail(f"{results_path} was evaluated with test_time_shifts={evaluated_with}, the model would embed with "
                  f"{model.test_time_shifts}: export with --test_time_shifts={evaluated_with}, or first run "
                  f"siamese-evaluate --workdir={FLAGS.workdir} --test_time_shifts={model.test_time_shifts}")
+    _, val = ip.split_train_val(config, ip.load_split(config, ip.train_split_name(config)))
+    a, b, same = protocols.balanced_pairs(val.labels, FLAGS.pairs, seed=config.eval_seed)
+    x = prepare_dataset_images(val, config.image_size)
+    emb = model.embed_prepared(x)
+    cal = model.calibrate(np.linalg.norm(emb[a] - emb[b], axis=-1), same, FLAGS.far)
     held_out = ("held-out background alphabets" if config.dataset == "omniglot"
                 else "held-out tail of the train split")
     model.provenance.update(
