@@ -19,11 +19,14 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 
 
-def tta_pair_accuracies(model, data_dir=None, shift_sets=("none", "cross5", "square9")) -> dict:
+def tta_pair_accuracies(model, data_dir=None, shift_sets=None) -> dict:
     """{shift set: {"validation": v, "test": t}} pair accuracies on the Keras-protocol pairs: `v` at the
     threshold that maximises it (what chooses a shift set), `t` at that same threshold.
-    `model`: one loaded model, or a list of them (an ensemble: their embeddings concatenated)."""
+    `model`: one loaded model, or a list of them (an ensemble: their embeddings concatenated);
+    `shift_sets`: names in `test_time.SHIFT_SETS` (default: all)."""
     import numpy as np
+
+    from siamese_jax.test_time import SHIFT_SETS
 
     from siamese_jax import evaluation, protocols
     from siamese_jax import input_pipeline as ip
@@ -41,7 +44,7 @@ def tta_pair_accuracies(model, data_dir=None, shift_sets=("none", "cross5", "squ
     for name, ds, seed in (("validation", val, config.eval_seed), ("test", test, config.eval_seed + 1)):
         data[name] = (prepare_dataset_images(ds, config.image_size), *protocols.keras_pairs(ds.labels, seed))
     out = {}
-    for set_name in shift_sets:
+    for set_name in shift_sets or SHIFT_SETS:
         dist = {}
         for name, (x, a, b, same) in data.items():
             emb = np.concatenate([m.embed_prepared(x, test_time_shifts=set_name) for m in models], axis=-1)

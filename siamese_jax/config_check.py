@@ -80,14 +80,14 @@ def validate_model_config(config) -> None:
     Builds the network abstractly (`jax.eval_shape`, no memory) so a size the encoder cannot take
     (Koch et al.'s net needs >= 65 px) is reported here, not as a shape error inside XLA.
     """
-    from siamese_jax import models
-
-    from siamese_jax.test_time import SHIFT_SETS
+    from siamese_jax import models, test_time
 
     model = _one_of(config, "model", MODELS)
     _one_of(config, "compute_dtype", COMPUTE_DTYPES)
-    if config.get("test_time_shifts", "none") not in SHIFT_SETS:  # absent in configs written before it
-        _fail("test_time_shifts", config.get("test_time_shifts"), f"must be one of {', '.join(SHIFT_SETS)}")
+    try:
+        test_time.shifts_of(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     size = _int_in(config, "image_size", *IMAGE_SIZE, why=" (input side in pixels)")
     _int_in(config, "embedding_dim", 1, 65536)
     if model == "small":

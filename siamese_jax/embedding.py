@@ -10,7 +10,6 @@ import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from siamese_jax import checkpoints as ckpt_lib
@@ -32,14 +31,7 @@ def prepare_dataset_images(ds, size: int) -> np.ndarray:
 def make_embed_fn(model, mesh=None, shifts=test_time.SHIFT_SETS["none"], l2_normalize=False):
     """Jitted inference embedding: `embed(params, batch_stats, images [N,H,W,1]) -> [N, E]` (eval-mode BN),
     averaged over test-time `shifts` (re-normalised if `l2_normalize`) when there are several."""
-
-    def embed(params, batch_stats, images):
-        variables = {"params": params}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-        return model.apply(variables, images, train=False).astype(jnp.float32)
-
-    embed = test_time.shift_averaged(embed, shifts, l2_normalize)
+    embed = test_time.shift_averaged(models.inference_embed_fn(model), shifts, l2_normalize)
     if mesh is None:
         return jax.jit(embed)
     repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)

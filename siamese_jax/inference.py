@@ -86,14 +86,9 @@ class SiameseModel:
 
     def _embed_fn(self, shift_set: str):
         if shift_set not in self._embed_fns:
-            def embed(params, batch_stats, x):
-                variables = {"params": params}
-                if batch_stats:
-                    variables["batch_stats"] = batch_stats
-                return self.network.apply(variables, x, train=False).astype(jnp.float32)
-
             self._embed_fns[shift_set] = jax.jit(test_time.shift_averaged(
-                embed, test_time.SHIFT_SETS[shift_set], bool(self.config.get("l2_normalize", False))))
+                models.inference_embed_fn(self.network), test_time.SHIFT_SETS[shift_set],
+                bool(self.config.get("l2_normalize", False))))
         return self._embed_fns[shift_set]
 
     # -- embeddings -------------------------------------------------------------------------------

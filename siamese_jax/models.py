@@ -260,6 +260,19 @@ def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
+def inference_embed_fn(model: nn.Module):
+    """The pure embedding a trained model is used with: `(params, batch_stats, images [N, H, W, 1])
+    -> [N, E]` float32, BatchNorm on its running statistics. Jitted by its callers."""
+
+    def embed(params, batch_stats, images):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        return model.apply(variables, images, train=False).astype(jnp.float32)
+
+    return embed
+
+
 def init_variables(model: nn.Module, key, image_size: int) -> dict:
     """Variables ({"params", maybe "batch_stats"}) for [N, image_size, image_size, 1] input."""
     dummy = jnp.zeros((2, image_size, image_size, 1), jnp.float32)

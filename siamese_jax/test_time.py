@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax.numpy as jnp
-
 # (rows, cols) in pixels of the model's input. Shifting wraps round (`jnp.roll`): the rows that
 # come in at one edge are the background border of the other.
 SHIFT_SETS = {
@@ -35,6 +33,7 @@ def shift_averaged(embed: Callable, shifts: tuple, l2_normalize: bool) -> Callab
     returns the mean over `shifts` of the embeddings of the shifted images. One view: `embed` itself."""
     if tuple(shifts) == ((0, 0),):
         return embed
+    import jax.numpy as jnp  # here, so the CLIs can read SHIFT_SETS' names without importing jax
 
     def averaged(params, batch_stats, images):
         # A running sum, one view at a time: the peak memory of one batch, not of len(shifts).

@@ -12,13 +12,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import flags  # noqa: E402
 
 from siamese_jax import cli  # noqa: E402
+from siamese_jax.test_time import SHIFT_SETS  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", required=True)
 flags.DEFINE_string("checkpoint", "best", "'best' (default; falls back to the newest) or a checkpoint directory.")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")
 flags.DEFINE_integer("episodes", None, "Episodes per N-way K-shot setting (default: the run's config, 1000).")
-flags.DEFINE_enum("test_time_shifts", None, ["none", "cross5", "square9"],
+flags.DEFINE_enum("test_time_shifts", None, list(SHIFT_SETS),
                   "Test-time shift augmentation to evaluate with (default: the run's config.test_time_shifts).")
 flags.DEFINE_bool("write", True, "Write results.json and plots/ into the workdir (process 0 writes them).")
 cli.define_distributed_flags()

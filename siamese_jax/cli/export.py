@@ -13,12 +13,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import flags  # noqa: E402
 
 from siamese_jax import cli  # noqa: E402
+from siamese_jax.test_time import SHIFT_SETS  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", required=True)
 flags.DEFINE_string("out", None, "Model file to write (.msgpack).", required=True)
 flags.DEFINE_integer("pairs", 4000, "Validation pairs for the threshold (half same, half different).")
-flags.DEFINE_enum("test_time_shifts", None, ["none", "cross5", "square9"],
+flags.DEFINE_enum("test_time_shifts", None, list(SHIFT_SETS),
                   "Test-time shift augmentation the exported model embeds with (default: the run's config's).")
 flags.DEFINE_float("far", None, "Target false-accept rate (default: the max-accuracy threshold).")
 
