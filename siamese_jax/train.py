@@ -1,4 +1,5 @@
-"""`train_and_evaluate(config, workdir)`: the main job, importable from a notebook.
+"""`train_and_evaluate(config, workdir)`: the main job, importable from a notebook (`train`: the same
+without the final evaluation).
 
 Order of work: data (loaded once, resized and put on every device), model, optimizer, state
 (resume: the workdir's own newest readable checkpoint → `config.resume` → fresh init), then the
@@ -136,18 +137,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stops at the step that breaks the rule, saves nothing after it and names the step a re-run
     resumes from. On any exit the checkpoint managers are closed and their temp dirs removed.
     """
+    return _run_locked(config, workdir, evaluate=True)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`train_and_evaluate` without the final evaluation (the same checks, lock and resume).
+
+    Returns {"train_seconds", "validation_seconds", "checkpoints_seconds"}: what the loop benchmark
+    times, which has no use for the half-minute evaluation on the evaluation alphabets."""
+    return _run_locked(config, workdir, evaluate=False)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool) -> dict:
     config_check.validate_config(config, num_devices=jax.device_count())
     config_check.check_workdir(workdir)
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         try:
             with ckpt_lib.close_on_exit():
-                return _train_and_evaluate(config, workdir)
+                train_seconds, overhead = _train(config, workdir)
+                if not evaluate:
+                    return dict(train_seconds=train_seconds, **overhead)
+                return protocols.evaluate_workdir(config, workdir, train_seconds=train_seconds,
+                                                  loop_overhead=overhead)
         except divergence.DivergenceError as e:
             raise divergence.stop_diverged_run(e, config, workdir) from None
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
+    """The training loop; returns (train_seconds, {"validation_seconds", "checkpoints_seconds"})."""
     os.makedirs(workdir, exist_ok=True)
     ts.batch_kind(config.loss, config.triplet_selection)
     models.build_model(config)  # a bad model config fails here, before any data is loaded
@@ -280,7 +298,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
              _fmt_duration(train_seconds), overhead["validation_seconds"],
              100 * overhead["validation_seconds"] / max(train_seconds, 1e-9), overhead["checkpoints_seconds"],
              100 * overhead["checkpoints_seconds"] / max(train_seconds, 1e-9))
-    return protocols.evaluate_workdir(config, workdir, train_seconds=train_seconds, loop_overhead=overhead)
+    return train_seconds, overhead
 
 
 def _best_metric(ckpts) -> Optional[float]:
