@@ -81,10 +81,11 @@ def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[Loade
     """The workdir's best checkpoint (falling back to the newest periodic one), or `which` = a step dir."""
     mesh = parallel.make_data_mesh()
     model = models.build_model(config)
-    # The target lives on the mesh (replicated), so orbax restores straight onto every device of
-    # every process, whatever the process count of the run that saved it.
-    target = parallel.put_replicated(
-        ts.create_train_state(model, ts.make_optimizer(config), jax.random.PRNGKey(0), config.image_size), mesh)
+    # The target is abstract (shapes, dtypes and a replicated sharding on the mesh: initialising
+    # real parameters only to overwrite them cost seconds of compiles), so orbax restores straight
+    # onto every device of every process, whatever the process count of the run that saved it.
+    target = parallel.abstract_replicated(jax.eval_shape(
+        lambda: ts.create_train_state(model, ts.make_optimizer(config), jax.random.PRNGKey(0), config.image_size)), mesh)
     candidates = [os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")] if which == "best" else [which]
     # An unreadable best/ (truncated, corrupt) falls back to checkpoints/ with one warning line.
     state, _, _ = ckpt_lib.restore_first_readable(candidates, target)

@@ -99,6 +99,13 @@ def put_replicated(tree, mesh: Mesh):
     return jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated(mesh)), tree)
 
 
+def abstract_replicated(tree, mesh: Mesh):
+    """Shapes and dtypes of `tree` (arrays or `jax.eval_shape` output), replicated over the mesh:
+    a restore target that allocates nothing."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def host_batch_to_global(local_batch, mesh: Mesh):
     """Turns each process's own shard of a host batch into one global array per leaf.
 

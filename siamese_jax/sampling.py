@@ -169,10 +169,14 @@ def _without_replacement(bits, n, k: int):
     i = jnp.arange(k)
     upper = n - k + i  # Floyd: for j = n-k .. n-1, t ~ U{0..j}; take t unless taken, else j
     draws = _below(bits[:k], upper + 1)
-    chosen = jnp.zeros((k,), jnp.int32)
-    for step in range(k):  # k is small and static: unrolled
+
+    # A loop rather than k unrolled steps: same values, and a 20-way episode sampler compiles in
+    # about half the time (it dominated an evaluation's compiles).
+    def floyd_step(step, chosen):
         taken = jnp.any((chosen == draws[step]) & (i < step))
-        chosen = chosen.at[step].set(jnp.where(taken, upper[step], draws[step]))
+        return chosen.at[step].set(jnp.where(taken, upper[step], draws[step]))
+
+    chosen = jax.lax.fori_loop(0, k, floyd_step, jnp.zeros((k,), jnp.int32))
     cyclic = (_below(bits[k], n) + i) % jnp.maximum(n, 1)
     picked = jnp.where(n >= k, chosen, cyclic)
     return picked[jnp.argsort(bits[k + 1:])]  # shuffle (ties have probability ~k²/2**33)
@@ -380,7 +384,11 @@ def _many_episode_indices(key, dds, num_episodes, n_way, k_shot, n_query, within
     return jax.vmap(lambda k: _episode_indices(k, dds, n_way, k_shot, n_query, within_alphabet)[:2])(keys)
 
 
-_many_episode_indices_jit = jax.jit(_many_episode_indices, static_argnums=(2, 3, 4, 5, 6))
+# Integer index arithmetic, compiled once per protocol (an evaluation has eight) and run once:
+# without XLA's backend optimisations it compiles in half the time (0.9 -> 0.5 s on CPU), runs in
+# milliseconds all the same and gives the same indices.
+_many_episode_indices_jit = jax.jit(_many_episode_indices, static_argnums=(2, 3, 4, 5, 6),
+                                    compiler_options={"xla_backend_optimization_level": 0})
 
 
 def sample_episode_indices(key, dds: DeviceDataset, num_episodes: int, n_way: int, k_shot: int, n_query: int,

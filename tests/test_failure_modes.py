@@ -445,6 +445,30 @@ def test_truncated_best_falls_back_to_the_newest_periodic_checkpoint(tmp_path, c
     _assert_same(model.params, s2.params)
 
 
+def test_loading_a_workdir_model_initialises_no_parameters(tmp_path, monkeypatch):
+    """evaluate, compare/embed/search and the final evaluation restore into shapes only: building
+    real initial parameters just to overwrite them compiled every initializer (seconds per process)."""
+    config = _tiny_config()
+    (s1,), _ = _states(config, 1)
+    ck = C.Checkpoints(str(tmp_path))
+    ck.save(s1, {})
+    ck.close()
+    traced_only = []
+    real = ts.create_train_state
+
+    def spy(model, tx, key, image_size):
+        traced_only.append(isinstance(key, jax.core.Tracer))
+        return real(model, tx, key, image_size)
+
+    monkeypatch.setattr(ts, "create_train_state", spy)
+    loaded, step = embedding.load_workdir_model(config, str(tmp_path))
+    assert traced_only == [True]  # called once, under jax.eval_shape
+    assert step == 1
+    _assert_same(loaded.state.params, s1.params)
+    _assert_same(loaded.state.batch_stats, s1.batch_stats)
+    assert isinstance(loaded.state.opt_state[0], optax.ScaleByAdamState)  # optax types, not dicts
+
+
 def test_checkpoint_of_another_model_is_an_error_and_left_alone(tmp_path):
     """Not damage: the same workdir re-run with another encoder. Moving the steps aside would throw
     the other run's work away; the message says what differs."""
