@@ -44,7 +44,7 @@ def define_flags():
     flags.DEFINE_string("out", None, "JSON file to write (default: runs/benchmark-<platform>.json).")
     flags.DEFINE_integer("cpu_devices", None, "XLA CPU devices (default: one per core, as experiments.train).")
     flags.DEFINE_list("only", None, "Run only these rows (ids: step_cpu_default, step_koch_verification, "
-                      "step_koch_triplet, step_conv128_batch_hard, fused_bn, loop, embed_png, sampling, knn).")
+                      "step_koch_triplet, step_conv128_batch_hard, fused_bn, loop, embed_png, resize_host, sampling, knn).")
 
 ROWS = []
 
@@ -390,6 +390,28 @@ def bench_sampling(ds, n):
     _row("sampling", "P×K sampling + augmentation", "batch/s", ours, peer, "on device", "host NumPy")
 
 
+def bench_resize(ds, quick):
+    """The host resize every Omniglot start-up and every embedded file goes through, against PIL."""
+    import numpy as np
+    from PIL import Image
+
+    from siamese_jax import augment
+
+    images = np.asarray(ds.images)[:1024] if quick else np.concatenate(
+        [np.rot90(ds.images, k, axes=(1, 2)) for k in range(4)])  # the training start-up's rotated classes
+    size = 48  # the shipped model's input
+    ours = _median_rate(lambda: augment.resize_uint8(images, size), 1, 3 if quick else 5, lambda x: x, warmup=1)
+
+    def pil_resize():  # the same antialiased triangle filter, one image at a time
+        return np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in images])
+
+    peer = _median_rate(pil_resize, 1, 3 if quick else 5, lambda x: x, warmup=1)
+    diff = np.abs(augment.resize_uint8(images, size).astype(int) - pil_resize().astype(int))
+    _row("resize_host", f"resize {len(images)} images 105 -> {size} px", "img/s", ours * len(images),
+         peer * len(images), "ours", "PIL", max_abs_diff_vs_peer=int(diff.max()),
+         mean_abs_diff_vs_peer=float(diff.mean()))
+
+
 def bench_knn(n):
     import numpy as np
 
@@ -453,8 +475,10 @@ def main(argv):
         bench_loop(quick, FLAGS.data_dir)
     if want("embed_png"):
         bench_embed(quick, FLAGS.data_dir)
-    if want("sampling") or want("knn"):
+    if want("sampling") or want("knn") or want("resize_host"):
         ds = load("omniglot", "background", archive_dir=FLAGS.data_dir)
+        if want("resize_host"):
+            bench_resize(ds, quick)
         if want("sampling"):
             bench_sampling(ds, 20 if quick else 100)
         if want("knn"):

@@ -126,6 +126,19 @@ def test_resize_uint8_round_trips_dtype_and_range():
     assert augment.resize_uint8(x, 105) is not None and np.array_equal(augment.resize_uint8(x, 105), x)
 
 
+def test_resize_uint8_in_threads_is_the_serial_resize_and_restores_blas_threads():
+    """Chunks resized in a thread pool (one BLAS thread each) give exactly the one-chunk result, and
+    the process's BLAS thread count is as it was afterwards."""
+    import threadpoolctl
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()]
+    rng = np.random.default_rng(1)
+    x = (rng.random((37, 105, 105)) < 0.15).astype(np.uint8) * 255
+    for size in (35, 48, 56):
+        threaded = augment.resize_uint8(x, size, chunk=4)  # 10 chunks over the pool
+        np.testing.assert_array_equal(threaded, augment.resize_uint8(x, size, chunk=len(x)))
+    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info()] == before
+
+
 @pytest.mark.parametrize("shape,size", [((105, 105), 35), ((105, 105), 28), ((28, 28), 35), ((50, 80), 35), ((300, 200), 105)])
 def test_host_resize_uint8_matches_the_jax_resize(shape, size):
     """The host resize (cached separable weights, no compile) is the jitted antialiased resize."""
