@@ -6,11 +6,14 @@ evaluation alphabets. For telling apart two configs whose validation curves tie 
 
     python -m experiments.validation_recheck --workdir=runs/a --workdir=runs/b [--episodes=2000]
     python -m experiments.validation_recheck --workdir=runs/a --test_time_shifts=none,cross5,square9
+    python -m experiments.validation_recheck --workdir=runs/a --workdir=runs/b --ensemble
 
 Prints, per workdir (and test-time shift set: `siamese_jax.test_time`; default the run's own), the
 checkpoint step and the mean accuracy over `episodes` episodes for each of the `seeds` (default
 4242 and 4343) with its 95% interval. Shift sets of one workdir are scored on the same episodes.
+`--ensemble` also scores the workdirs as one model (embeddings concatenated) on those episodes.
 """
+import functools
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -23,16 +26,18 @@ flags.DEFINE_integer("episodes", 2000, "Episodes per seed.")
 flags.DEFINE_list("seeds", ["4242", "4343"], "Episode seeds (not the training run's validation seed, seed + 777).")
 flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
 flags.DEFINE_list("test_time_shifts", [], "Test-time shift sets to score (default: the run's config's).")
+flags.DEFINE_bool("ensemble", False, "Also score all workdirs together: their embeddings concatenated.")
 
 
-def recheck(workdir: str, episodes: int, seeds, test_time_shifts=None) -> dict:
+@functools.lru_cache(maxsize=None)  # --ensemble reuses each workdir's embeddings
+def _embed_validation(workdir: str, test_time_shifts=None):
+    """The workdir's chosen checkpoint's embeddings of its validation images (and what scoring needs)."""
     import json
 
-    import jax
     import ml_collections
     import numpy as np
 
-    from siamese_jax import embedding, evaluation, sampling
+    from siamese_jax import embedding, sampling
     from siamese_jax import input_pipeline as ip
 
     with open(os.path.join(workdir, "config.json")) as f:
@@ -44,18 +49,48 @@ def recheck(workdir: str, episodes: int, seeds, test_time_shifts=None) -> dict:
     _, val_ds = ip.train_val_datasets(config)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
     model, step = embedding.load_workdir_model(config, workdir)
-    emb = model.embed_u8(np.asarray(val_dds.images))
+    emb = np.asarray(model.embed_u8(np.asarray(val_dds.images)))
+    return {"config": config, "labels": np.asarray(val_ds.labels), "val_dds": val_dds, "embeddings": emb,
+            "step": step, "test_time_shifts": config.get("test_time_shifts", "none")}
+
+
+def _score(embedded: dict, emb, episodes: int, seeds) -> dict:
+    """Mean one-shot accuracy of embeddings `emb` on the fresh within-alphabet 20-way 1-shot episodes."""
+    import jax
+    import numpy as np
+
+    from siamese_jax import evaluation, sampling
+
+    val_dds = embedded["val_dds"]
     n_way = min(20, int(val_dds.class_count.shape[0]))
-    within = config.dataset == "omniglot" and sampling.max_classes_per_alphabet(val_dds) >= n_way
+    within = embedded["config"].dataset == "omniglot" and sampling.max_classes_per_alphabet(val_dds) >= n_way
     accs = []
     for seed in seeds:
         support, query = sampling.sample_episode_indices(jax.random.PRNGKey(int(seed)), val_dds, episodes,
                                                          n_way, 1, 1, within_alphabet=within)
         accs.append(evaluation.one_shot_accuracy(emb[np.asarray(support)], emb[np.asarray(query)]))
     acc = np.concatenate(accs)
-    return {"step": step, "episodes": len(acc), "accuracy": float(acc.mean()),
-            "ci95": float(1.96 * acc.std() / np.sqrt(len(acc))),
-            "test_time_shifts": config.get("test_time_shifts", "none")}
+    return {"episodes": len(acc), "accuracy": float(acc.mean()), "ci95": float(1.96 * acc.std() / np.sqrt(len(acc)))}
+
+
+def recheck(workdir: str, episodes: int, seeds, test_time_shifts=None) -> dict:
+    embedded = _embed_validation(workdir, test_time_shifts)
+    return {"step": embedded["step"], "test_time_shifts": embedded["test_time_shifts"],
+            **_score(embedded, embedded["embeddings"], episodes, seeds)}
+
+
+def recheck_ensemble(workdirs, episodes: int, seeds) -> dict:
+    """The workdirs' embeddings concatenated (so squared distances add up: every model votes with its
+    own scale), scored on the same episodes as each model alone. The runs must share one validation
+    split (same dataset, alphabets and seed), whatever their input sizes."""
+    import numpy as np
+
+    embedded = [_embed_validation(wd) for wd in workdirs]
+    for wd, e in zip(workdirs[1:], embedded[1:]):
+        if not np.array_equal(e["labels"], embedded[0]["labels"]):
+            raise app.UsageError(f"--ensemble: {wd} has another validation split than {workdirs[0]}")
+    emb = np.concatenate([e["embeddings"] for e in embedded], axis=1)
+    return {"steps": [e["step"] for e in embedded], **_score(embedded[0], emb, episodes, seeds)}
 
 
 def main(argv):
@@ -68,6 +103,10 @@ def main(argv):
             r = recheck(wd, FLAGS.episodes, FLAGS.seeds, shifts)
             print(f"{wd}: step {r['step']}, shifts {r['test_time_shifts']}, {r['episodes']} episodes, "
                   f"validation one-shot accuracy {r['accuracy']:.4f} ± {r['ci95']:.4f}", flush=True)
+    if FLAGS.ensemble:
+        r = recheck_ensemble(FLAGS.workdir, FLAGS.episodes, FLAGS.seeds)
+        print(f"ensemble of {len(FLAGS.workdir)} (steps {r['steps']}, each run's own shifts), {r['episodes']} "
+              f"episodes, validation one-shot accuracy {r['accuracy']:.4f} ± {r['ci95']:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,14 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     assert lake in r.stdout
     assert f"{results['retrieval']['precision_at_1']:.3f}" in r.stdout
 
+    # validation_recheck on fresh validation episodes; a model ensembled with itself scores the same.
+    r = subprocess.run([sys.executable, "-m", "experiments.validation_recheck", f"--workdir={workdir}",
+                        f"--workdir={workdir}", "--ensemble", "--episodes=20"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = [line.rsplit("accuracy ", 1)[1] for line in r.stdout.splitlines() if "one-shot accuracy" in line]
+    assert len(scores) == 3 and len(set(scores)) == 1, r.stdout
+
 
 def test_sigkill_mid_run_resumes_cleanly(env, tmp_path):
     workdir = tmp_path / "killed"
