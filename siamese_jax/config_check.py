@@ -202,6 +202,15 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         if not (_is_number(factor) and (factor == 0 or factor > 1)):
             _fail("divergence_factor", factor, "must be a finite number > 1, or 0 to check only for non-finite values")
         _int_in(config, "divergence_window", 1, 10**6)
+    teachers = [w.strip() for w in str(config.get("distill_teachers") or "").split(",") if w.strip()]
+    if teachers:
+        if kind != "classes":
+            _fail("distill_teachers", config.distill_teachers,
+                  f"needs a P x K loss (triplet with online selection, batch_all, batch_hard, semihard; got {loss!r})")
+        for workdir in teachers:
+            if not os.path.isfile(os.path.join(workdir, "config.json")):
+                _fail("distill_teachers", config.distill_teachers, f"must name finished runs' workdirs ({workdir} has no config.json)")
+        _float_in(config, "distill_weight", 0.0)
     resume = config.get("resume")
     if resume is not None and not os.path.isdir(resume):
         _fail("resume", resume, "must be an existing checkpoint directory (…/checkpoints or …/best)")

@@ -79,7 +79,8 @@ def augment_config(config) -> Optional[augment_lib.AffineConfig]:
 
 
 def make_sampler(config, mesh):
-    """Jitted `sample(dds, key, step) -> global batch`, sharded on the batch axis over `data`.
+    """Jitted `sample(dds, key, step, teacher=None) -> global batch`, sharded on the batch axis over `data`.
+    P x K batches given `teacher` ([N, F], a row per training image) carry the sampled rows as "teacher".
 
     `key` is the run's data key, the same at every step: the PK sampler folds the step in itself and
     derives its per-epoch class permutation from the base key (every class once per epoch).
@@ -103,9 +104,12 @@ def make_sampler(config, mesh):
     if config.loss in ts.CLASS_CENTRE_LOSSES:
         keep += ("class_index",)
 
-    def sample(dds, key, step):
+    def sample(dds, key, step, teacher=None):
         batch = fn(dds, key, step)
-        return {k: batch[k] for k in keep}
+        out = {k: batch[k] for k in keep}
+        if teacher is not None:  # distillation: the teacher's embedding of each sampled image
+            out["teacher"] = teacher[batch["index"]]
+        return out
 
     return jax.jit(sample, out_shardings=parallel.batch_sharded(mesh)), batch_size
 

@@ -18,6 +18,9 @@ included: the square root is taken through a double `where`, so its gradient at 
   index [B] and a learned centre per training class, W [C, E]:  with cos θ_j = ê·ŵ_j (unit vectors),
   softmax cross-entropy of the logits s·cos(θ_y + m) for the image's own class y and s·cos θ_j for the
   others. The embedding is learned as a direction; pairs are compared by the distance of unit vectors.
+- relational distillation (Park et al. 2019, RKD-D), student [B, E] against a fixed teacher [B, F]:
+  the mean Huber loss between the two batches' pairwise distances, each divided by its own mean
+  (added to a metric loss with `config.distill_weight` when `config.distill_teachers` is set).
 
 Each loss `f` has a twin `f_with_stats` returning `(loss, stats)`. `stats` is a dict of float32 scalars,
 always with "active_fraction": the share of the triplets / anchors / pairs the loss considers that
@@ -37,6 +40,7 @@ __all__ = [
     "hardest_negative_triplet_loss", "hardest_negative_triplet_loss_with_stats",
     "verification_logits", "verification_loss", "verification_loss_with_stats", "same_probability",
     "arcface_logits", "arcface_loss", "arcface_loss_with_stats",
+    "relational_distance_loss",
 ]
 
 
@@ -339,3 +343,24 @@ def arcface_loss(embeddings, class_index, centres, scale=30.0, margin=0.5):
     """ArcFace: mean softmax cross-entropy of `arcface_logits` over the batch. `class_index` [B]
     int in [0, C) indexes the rows of `centres` [C, E]; `margin` m is in radians."""
     return arcface_loss_with_stats(embeddings, class_index, centres, scale, margin)[0]
+
+
+# ------------------------------------------------------------------------------------ distillation
+
+def relational_distance_loss(student, teacher, delta=1.0):
+    """Park et al. 2019's distance-wise relational knowledge distillation (RKD-D) over a batch:
+
+        ψ(x)_ij = ‖x_i − x_j‖ / μ(x),   μ(x) = mean of ‖x_i − x_j‖ over the pairs i ≠ j,
+        loss = mean over i ≠ j of huber_δ(ψ(student)_ij − ψ(teacher)_ij).
+
+    The student learns the teacher's *relative* distances, so the two may differ in dimension and
+    scale (here: one small encoder against the concatenated embeddings of several trained ones).
+    The teacher is a constant (no gradient flows into it)."""
+    s = pairwise_distances(student)
+    t = pairwise_distances(jax.lax.stop_gradient(_f32(teacher)))
+    off_diagonal = ~jnp.eye(s.shape[0], dtype=bool)
+    psi_s = s / jnp.maximum(_safe_mean(s, off_diagonal), 1e-12)
+    psi_t = t / jnp.maximum(_safe_mean(t, off_diagonal), 1e-12)
+    err = jnp.abs(psi_s - psi_t)
+    huber = jnp.where(err <= delta, 0.5 * jnp.square(err), delta * (err - 0.5 * delta))
+    return _safe_mean(huber, off_diagonal)

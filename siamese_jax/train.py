@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 
 from siamese_jax import augment as augment_lib
 from siamese_jax import checkpoints as ckpt_lib
-from siamese_jax import config_check, divergence
+from siamese_jax import config_check, distillation, divergence
 from siamese_jax import embedding, evaluation, models, parallel, protocols, sampling
 from siamese_jax import input_pipeline as ip
 from siamese_jax import train_step as ts
@@ -182,6 +182,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     val_images = np.asarray(val_dds.images)
     log.info("train: %d images of %d classes; validation: %d images of %d classes",
              len(train_ds), train_ds.num_classes, len(val_ds), val_ds.num_classes)
+    # Distillation: the teachers' embeddings of every training image, on every device (computed
+    # again on resume: a deterministic function of the teachers' checkpoints).
+    teacher = None
+    if distillation.teacher_workdirs(config):
+        teacher = parallel.put_replicated(distillation.teacher_embeddings(config, train_ds), mesh)
 
     if config.loss in ts.CLASS_CENTRE_LOSSES:  # one learned centre per training class
         _set_num_classes(config, int(train_dds.num_classes))
@@ -192,7 +197,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     train_step = ts.make_train_step(model, tx, mesh, loss=config.loss, margin=margin_of(config),
                                     squared=config.squared, augment_fn=augment_fn,
                                     triplet_selection=config.triplet_selection,
-                                    arcface_scale=float(config.get("arcface_scale", 30.0)))
+                                    arcface_scale=float(config.get("arcface_scale", 30.0)),
+                                    distill_weight=float(config.get("distill_weight", 0.0)) if teacher is not None else 0.0)
     sample, batch_size = ip.make_sampler(config, mesh)
     images_per_step = ip.images_per_step(config, batch_size)
     embed_fn = embedding.make_embed_fn(model, mesh)
@@ -238,7 +244,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     stopped_by = None
     with _StopSignal(coordinated=jax.process_count() > 1) as stop:
         for step in range(start_step, config.num_steps):
-            batch = sample(train_dds, data_key, step)
+            batch = sample(train_dds, data_key, step, teacher)
             state, metrics = train_step(state, batch, step_key)
             if pending is not None:
                 _finish_step(pending, writer, detector)

@@ -102,8 +102,10 @@ def online_triplets(embeddings, labels, key, squared: bool = False):
 
 
 def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared: bool, train: bool = True,
-            key=None, triplet_selection: str = "online", arcface_scale: float = 30.0):
-    """(loss, (stats, new_batch_stats)) for one global batch. `key` picks online triplets' positives."""
+            key=None, triplet_selection: str = "online", arcface_scale: float = 30.0, distill_weight: float = 0.0):
+    """(loss, (stats, new_batch_stats)) for one global batch. `key` picks online triplets' positives.
+    A P x K batch with "teacher" embeddings (one row per image) adds `distill_weight` x the relational
+    distillation loss to the metric loss (stats: "distill_loss", unweighted)."""
     kind = batch_kind(loss, triplet_selection)
     images, towers = _tower_inputs(batch, kind)
     variables = {"params": params}
@@ -144,13 +146,17 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
                   "batch_hard": L.batch_hard_triplet_loss_with_stats,
                   "semihard": L.batch_semihard_triplet_loss_with_stats}[loss]
         value, stats = mining(emb, batch["labels"], margin=margin, squared=squared)
+    if "teacher" in batch:
+        distill = L.relational_distance_loss(emb, batch["teacher"])
+        value = value + distill_weight * distill
+        stats = dict(stats, distill_loss=distill)
     stats = dict(stats, embedding_norm=jnp.mean(jnp.linalg.norm(emb, axis=-1)))
     return value, (stats, new_batch_stats)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str, margin: float,
                     squared: bool = False, augment_fn: Optional[Callable] = None,
-                    triplet_selection: str = "online", arcface_scale: float = 30.0):
+                    triplet_selection: str = "online", arcface_scale: float = 30.0, distill_weight: float = 0.0):
     """The jitted data-parallel step. `augment_fn(key, images) -> images` runs on device, per image.
 
     Returns `train_step(state, batch, key) -> (state, metrics)`; metrics are device scalars (loss,
@@ -169,7 +175,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str,
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (value, (stats, batch_stats)), grads = grad_fn(
             state.params, state.batch_stats, model, batch, loss, margin, squared, True,
-            jax.random.fold_in(key, 1000), triplet_selection, arcface_scale)
+            jax.random.fold_in(key, 1000), triplet_selection, arcface_scale, distill_weight)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(stats, loss=value, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))

@@ -89,6 +89,19 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     scores = [line.rsplit("accuracy ", 1)[1] for line in r.stdout.splitlines() if "one-shot accuracy" in line]
     assert len(scores) == 3 and len(set(scores)) == 1, r.stdout
 
+    # That run as a distillation teacher: a student's batches carry its embeddings, the loss its term.
+    student = tmp_path / "student"
+    r = _train(env, student, "--loss=triplet", "--config.num_steps=4", "--config.eval_every_steps=4",
+               f"--config.distill_teachers={workdir}", "--config.plots=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "teacher" in r.stderr and "16-d embeddings of" in r.stderr
+    metrics = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["distill_loss"] > 0 for m in metrics if "loss" in m)
+    # A teacher trained on another training set (here: it saw a validation alphabet) is refused.
+    r = _train(env, tmp_path / "leaky", "--loss=triplet", "--config.num_steps=4", "--config.val_alphabets=5",
+               f"--config.distill_teachers={workdir}")
+    assert r.returncode == 2 and "was trained on another training set" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
 
 def test_sigkill_mid_run_resumes_cleanly(env, tmp_path):
     workdir = tmp_path / "killed"

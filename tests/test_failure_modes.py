@@ -210,6 +210,23 @@ def test_arcface_settings_that_cannot_work_are_one_line_config_errors():
     assert c.num_classes == 10
 
 
+def test_distillation_settings_that_cannot_work_are_one_line_config_errors(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    c = default.get_config("omniglot")
+    c.distill_teachers = str(teacher)
+    config_check.validate_config(c)  # the default triplet loss mines P x K batches: fine
+    for key, value, message in (
+            ("loss", "contrastive", "needs a P x K loss"),  # pair batches carry no image indices
+            ("distill_teachers", f"{teacher},{tmp_path / 'nowhere'}", "has no config.json"),
+            ("distill_weight", -1.0, "config.distill_weight=-1.0: must be a finite number >= 0")):
+        bad = c.copy_and_resolve_references()
+        bad[key] = value
+        with pytest.raises(config_check.ConfigError, match=re.escape(message)):
+            config_check.validate_config(bad)
+
+
 def test_triplet_with_one_image_per_class_is_refused_not_trained_at_zero_loss(tmp_path):
     """P x K mining with K = 1 has no positive pair: loss and gradient 0 at every step, exit 0, before."""
     r = _train("--loss=triplet", "--config.images_per_class=1", f"--workdir={tmp_path / 'run'}")

@@ -514,3 +514,51 @@ def test_arcface_gradients_match_finite_differences():
     f = jax.jit(lambda e: L.arcface_loss(e, index, centres, 4.0, 0.3))
     grad = np.asarray(jax.grad(f)(emb), np.float64)
     _assert_grad_matches_finite_differences(f, emb, grad)
+
+
+# ----- relational distillation (RKD-D) ---------------------------------------------------------------
+
+def _rkd_loop(student, teacher, delta=1.0):
+    """Park et al.'s RKD-D written out pair by pair."""
+    student, teacher = np.asarray(student, np.float64), np.asarray(teacher, np.float64)
+    n = len(student)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    ds = {p: np.linalg.norm(student[p[0]] - student[p[1]]) for p in pairs}
+    dt = {p: np.linalg.norm(teacher[p[0]] - teacher[p[1]]) for p in pairs}
+    mu_s, mu_t = np.mean(list(ds.values())), np.mean(list(dt.values()))
+    total = 0.0
+    for p in pairs:
+        e = abs(ds[p] / mu_s - dt[p] / mu_t)
+        total += 0.5 * e * e if e <= delta else delta * (e - 0.5 * delta)
+    return total / len(pairs)
+
+
+@pytest.mark.parametrize("seed, delta", [(0, 1.0), (1, 0.1), (2, 1.0)])
+def test_relational_distance_loss_matches_loop(seed, delta):
+    rng = np.random.default_rng(seed)
+    student = rng.normal(size=(7, 3)).astype(np.float32)
+    teacher = rng.normal(size=(7, 10)).astype(np.float32) * 5.0  # another dimension and scale
+    got = float(L.relational_distance_loss(student, teacher, delta))
+    np.testing.assert_allclose(got, _rkd_loop(student, teacher, delta), rtol=1e-5)
+    assert got > 0
+
+
+def test_relational_distance_loss_is_zero_for_any_scaled_or_stacked_copy_of_the_teacher():
+    """Only relative distances count: a student at another scale, or a teacher made of several
+    copies of the student (an ensemble of identical models), costs nothing."""
+    rng = np.random.default_rng(3)
+    student = rng.normal(size=(8, 4)).astype(np.float32)
+    for teacher in (3.0 * student, np.concatenate([student, student, student], axis=1)):
+        assert float(L.relational_distance_loss(student, teacher)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_relational_distance_loss_gradients_are_finite_and_never_reach_the_teacher():
+    rng = np.random.default_rng(4)
+    student = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32).at[1].set(0.0).at[2].set(0.0)  # a d = 0 pair
+    teacher = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    g_student, g_teacher = jax.grad(L.relational_distance_loss, argnums=(0, 1))(student, teacher)
+    assert np.all(np.isfinite(g_student)) and np.any(np.asarray(g_student) != 0)
+    assert np.all(np.asarray(g_teacher) == 0)
+    f = jax.jit(lambda s: L.relational_distance_loss(s, teacher))
+    x = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+    _assert_grad_matches_finite_differences(f, x, np.asarray(jax.grad(f)(x), np.float64))
