@@ -202,7 +202,7 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         if not (_is_number(factor) and (factor == 0 or factor > 1)):
             _fail("divergence_factor", factor, "must be a finite number > 1, or 0 to check only for non-finite values")
         _int_in(config, "divergence_window", 1, 10**6)
-    teachers = [w.strip() for w in str(config.get("distill_teachers") or "").split(",") if w.strip()]
+    teachers = distill_teacher_workdirs(config)
     if teachers:
         if kind != "classes":
             _fail("distill_teachers", config.distill_teachers,
@@ -214,6 +214,11 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     resume = config.get("resume")
     if resume is not None and not os.path.isdir(resume):
         _fail("resume", resume, "must be an existing checkpoint directory (…/checkpoints or …/best)")
+
+
+def distill_teacher_workdirs(config) -> list[str]:
+    """The workdirs in `config.distill_teachers`, comma-separated ("" or unset: none)."""
+    return [w.strip() for w in str(config.get("distill_teachers") or "").split(",") if w.strip()]
 
 
 def check_workdir(workdir: str) -> str:

@@ -23,17 +23,12 @@ import numpy as np
 from siamese_jax import embedding
 from siamese_jax import input_pipeline as ip
 from siamese_jax.config_check import ConfigError
+from siamese_jax.config_check import distill_teacher_workdirs as teacher_workdirs  # noqa: F401 (train.py's name)
 
 log = logging.getLogger(__name__)
 
 # What a teacher reads from the student's config: where the data is on *this* machine.
 _DATA_KEYS = ("source", "archive_dir", "tfds_data_dir", "cache_dir")
-
-
-def teacher_workdirs(config) -> list[str]:
-    """The workdirs in `config.distill_teachers` ("" or unset: none)."""
-    value = config.get("distill_teachers") or ""
-    return [w.strip() for w in str(value).split(",") if w.strip()]
 
 
 def teacher_config(config, workdir: str) -> ml_collections.ConfigDict:
