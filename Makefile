@@ -17,7 +17,7 @@ TEST_WORKERS ?= auto
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: .venv test train benchmark clean
+.PHONY: .venv test train benchmark pretrained clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,19 @@ train: .venv
 benchmark: .venv
 	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
 	$(PY) -m experiments.benchmark $(BENCH_ARGS)
+
+# The shipped Omniglot model from scratch (siamese_jax/configs/omniglot_distilled.py): five teacher
+# runs (each skipped once its workdir has results.json), the distilled student, the export. ~6 h on
+# the 2-core CPU box; PRETRAINED_RUNS is where the six workdirs go.
+PRETRAINED_RUNS ?= runs
+DISTILLED := experiments/configs/omniglot_distilled.py
+pretrained: .venv
+	for t in $$($(PY) -c "from siamese_jax.configs.omniglot_distilled import TEACHERS; print(*TEACHERS)"); do \
+	  test -f $(PRETRAINED_RUNS)/$$t/results.json || \
+	  $(PY) -m experiments.train --config=$(DISTILLED):teacher=$$t --workdir=$(PRETRAINED_RUNS)/$$t || exit 1; \
+	done
+	$(PY) -m experiments.train --config=$(DISTILLED):teachers_dir=$(PRETRAINED_RUNS) --workdir=$(PRETRAINED_RUNS)/omni-d-s0
+	$(PY) -m experiments.export --workdir=$(PRETRAINED_RUNS)/omni-d-s0 --out=siamese_jax/pretrained/omniglot_small.msgpack
 
 clean:
 	rm -rf $(VENV) .pytest_cache

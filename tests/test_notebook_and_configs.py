@@ -107,3 +107,39 @@ def test_mnist_pairs_config_is_valid_and_differs_from_the_mnist_preset_as_docume
     # +-2 px shifts at MNIST's 28 px.
     aff = input_pipeline.augment_config(c)
     assert aff.translate_px * c.image_size / aff.translate_reference_size == pytest.approx(2.0, abs=0.01)
+
+
+def test_distilled_config_is_the_shipped_config_plus_its_five_teachers(tmp_path):
+    """omniglot_distilled: the student is omniglot_pretrained with distillation from five teacher
+    workdirs; each teacher is omniglot_pretrained with its documented overrides (BUILD_NOTES runs
+    W, X, 56 and seeds 1, 2), and every one of those configs passes the config check."""
+    from experiments.configs import omniglot_distilled, omniglot_pretrained
+    from siamese_jax import config_check
+    from siamese_jax.cli import resolve_config_argument
+
+    shipped = omniglot_pretrained.get_config()
+    for name, overrides in omniglot_distilled.TEACHERS.items():
+        t = omniglot_distilled.get_config(f"teacher={name}")
+        config_check.validate_config(t, num_devices=2)
+        changed = {k for k in shipped.keys() if t[k] != shipped[k]}
+        assert changed == set(overrides) and not t.distill_teachers, name
+    with pytest.raises(ValueError, match="unknown teacher 'omni-z'"):
+        omniglot_distilled.get_config("teacher=omni-z")
+    with pytest.raises(ValueError, match="unknown argument"):
+        omniglot_distilled.get_config("teachers=runs")
+
+    student = omniglot_distilled.get_config(f"teachers_dir={tmp_path}")
+    assert {k for k in shipped.keys() if student[k] != shipped[k]} == {"distill_teachers", "distill_weight"}
+    assert student.distill_weight == 10.0
+    assert config_check.distill_teacher_workdirs(student) == [str(tmp_path / n) for n in omniglot_distilled.TEACHERS]
+    assert omniglot_distilled.get_config().distill_teachers.startswith("runs/omni-pre-s1,")
+    # The teachers must be finished runs: refused until each workdir has its config.json.
+    with pytest.raises(config_check.ConfigError, match="omni-pre-s1 has no config.json"):
+        config_check.validate_config(student, num_devices=2)
+    for name in omniglot_distilled.TEACHERS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    config_check.validate_config(student, num_devices=2)
+    # By name, as an installed user types it, with the argument kept.
+    (resolved,) = resolve_config_argument(["--config=omniglot_distilled:teacher=omni-w-s0"])
+    assert resolved.endswith(os.path.join("configs", "omniglot_distilled.py") + ":teacher=omni-w-s0")

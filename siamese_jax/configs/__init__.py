@@ -1,2 +1,3 @@
 """Shipped training configs (`get_config()` modules for ml_collections' `--config=`): `default`
-(CPU-sized, `default:mnist` for MNIST) and `omniglot_koch` (Koch et al. at paper scale)."""
+(CPU-sized, `default:mnist` for MNIST), `omniglot_koch` (Koch et al. at paper scale), `mnist_pairs`,
+`omniglot_pretrained` (the shipped config) and `omniglot_distilled` (it, distilled from five variants)."""
