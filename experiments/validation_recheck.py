@@ -7,6 +7,10 @@ evaluation alphabets. For telling apart two configs whose validation curves tie 
     python -m experiments.validation_recheck --workdir=runs/a --workdir=runs/b [--episodes=2000]
     python -m experiments.validation_recheck --workdir=runs/a --test_time_shifts=none,cross5,square9
     python -m experiments.validation_recheck --workdir=runs/a --workdir=runs/b --ensemble
+    python -m experiments.validation_recheck --workdir=pretrained --workdir=old.msgpack --ensemble
+
+`--workdir` also takes an exported model file or a shipped model's name (`pretrained`): its
+metadata's config says which alphabets were held out.
 
 Prints, per workdir (and test-time shift set: `siamese_jax.test_time`; default the run's own), the
 checkpoint step and the mean accuracy over `episodes` episodes for each of the `seeds` (default
@@ -21,7 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("workdir", [], "A training workdir (repeatable).")
+flags.DEFINE_multi_string("workdir", [], "A training workdir, an exported model file or a shipped model's "
+                          "name, e.g. pretrained (repeatable).")
 flags.DEFINE_integer("episodes", 2000, "Episodes per seed.")
 flags.DEFINE_list("seeds", ["4242", "4343"], "Episode seeds (not the training run's validation seed, seed + 777).")
 flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
@@ -40,16 +45,31 @@ def _embed_validation(workdir: str, test_time_shifts=None):
     from siamese_jax import embedding, sampling
     from siamese_jax import input_pipeline as ip
 
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    if os.path.isdir(workdir):
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        model_file = None
+    else:  # an exported model file or a shipped model's name
+        from siamese_jax import inference
+
+        try:
+            model_file = inference.load_model(workdir)
+        except inference.ModelError as e:
+            raise app.UsageError(str(e)) from None
+        config = ml_collections.ConfigDict(model_file.config.to_dict())
     if FLAGS.data_dir:
         config.archive_dir = FLAGS.data_dir
     if test_time_shifts:
         config.test_time_shifts = test_time_shifts
     _, val_ds = ip.train_val_datasets(config)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
-    model, step = embedding.load_workdir_model(config, workdir)
-    emb = np.asarray(model.embed_u8(np.asarray(val_dds.images)))
+    if model_file is None:
+        model, step = embedding.load_workdir_model(config, workdir)
+        emb = np.asarray(model.embed_u8(np.asarray(val_dds.images)))
+    else:
+        step = int(model_file.provenance.get("step", -1))
+        emb = model_file.embed_prepared((np.asarray(val_dds.images).astype(np.float32) / 255.0)[..., None],
+                                        test_time_shifts=config.get("test_time_shifts", "none"))
     return {"config": config, "labels": np.asarray(val_ds.labels), "val_dds": val_dds, "embeddings": emb,
             "step": step, "test_time_shifts": config.get("test_time_shifts", "none")}
 

@@ -18,6 +18,9 @@ SOURCES = ("auto", "archives", "tfds")
 NORMS = ("batch", "layer", "none")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 IMAGE_SIZE = (8, 512)
+# The shipped models' names (`inference.PRETRAINED_FILES`, which a test keeps equal): a teacher
+# for distillation may be one of them; named here so the check does not import jax.
+SHIPPED_MODELS = ("pretrained", "pretrained-mnist")
 # Omniglot's background split has 30 alphabets and 20 drawings of each character; MNIST 10 classes.
 OMNIGLOT_BACKGROUND_ALPHABETS = 30
 OMNIGLOT_DRAWINGS = 20
@@ -207,9 +210,15 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         if kind != "classes":
             _fail("distill_teachers", config.distill_teachers,
                   f"needs a P x K loss (triplet with online selection, batch_all, batch_hard, semihard; got {loss!r})")
-        for workdir in teachers:
-            if not os.path.isfile(os.path.join(workdir, "config.json")):
-                _fail("distill_teachers", config.distill_teachers, f"must name finished runs' workdirs ({workdir} has no config.json)")
+        for source in teachers:
+            if os.path.isdir(source):
+                if not os.path.isfile(os.path.join(source, "config.json")):
+                    _fail("distill_teachers", config.distill_teachers,
+                          f"must name finished runs' workdirs or model files ({source} has no config.json)")
+            elif not (os.path.isfile(source) or source in SHIPPED_MODELS):
+                _fail("distill_teachers", config.distill_teachers,
+                      f"must name finished runs' workdirs, model files or shipped models ({source}: no such "
+                      f"workdir or file; shipped: {', '.join(SHIPPED_MODELS)})")
         _float_in(config, "distill_weight", 0.0)
     resume = config.get("resume")
     if resume is not None and not os.path.isdir(resume):
@@ -217,7 +226,8 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
 
 
 def distill_teacher_workdirs(config) -> list[str]:
-    """The workdirs in `config.distill_teachers`, comma-separated ("" or unset: none)."""
+    """The teachers in `config.distill_teachers`, comma-separated: workdirs, model files or shipped
+    model names ("" or unset: none)."""
     return [w.strip() for w in str(config.get("distill_teachers") or "").split(",") if w.strip()]
 
 

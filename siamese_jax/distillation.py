@@ -1,8 +1,10 @@
 """Teachers for relational distillation: trained runs whose embeddings a student learns to reproduce.
 
-`config.distill_teachers` names workdirs of earlier runs (comma-separated). Before training, each
-teacher's selected checkpoint embeds every training image (at the teacher's own input size and
-test-time shifts); the rows are concatenated, so the teachers act as one ensemble whose squared
+`config.distill_teachers` names earlier runs (comma-separated): training workdirs, exported model
+files (`.msgpack`, `experiments/export.py`) or a shipped model by name (`pretrained`), so a run whose
+workdir is gone still teaches through its exported file. Before training, each teacher's selected
+checkpoint embeds every training image (at the teacher's own input size and test-time shifts); the
+rows are concatenated, so the teachers act as one ensemble whose squared
 distances add up. Every P x K batch then carries its images' teacher rows, and the step adds
 `config.distill_weight` x `losses.relational_distance_loss` (Park et al. 2019, RKD-D) to the metric
 loss: the student keeps its own size and speed and learns the ensemble's relative distances.
@@ -40,24 +42,47 @@ def teacher_config(config, workdir: str) -> ml_collections.ConfigDict:
     except (OSError, ValueError) as e:
         raise ConfigError(f"config.distill_teachers: {workdir} has no readable config.json "
                           f"({getattr(e, 'strerror', None) or type(e).__name__}); give workdirs of finished runs") from None
-    with teacher.unlocked():
-        for key in _DATA_KEYS:
-            if key in config:
-                teacher[key] = config[key]
+    return _with_student_data_keys(config, teacher)
+
+
+def _with_student_data_keys(config, teacher: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    teacher = ml_collections.ConfigDict(teacher.to_dict())
+    for key in _DATA_KEYS:
+        if key in config:
+            teacher[key] = config[key]
     return teacher
+
+
+def _teacher_train_images(config, teacher, source: str, train_ds) -> np.ndarray:
+    """The training images at the teacher's input size, after checking that the teacher was trained
+    on the student's training set (image by image, through the labels' order)."""
+    teacher_train, _ = ip.train_val_datasets(teacher)
+    if teacher.dataset != config.dataset or not np.array_equal(teacher_train.labels, train_ds.labels):
+        raise ConfigError(f"config.distill_teachers: {source} was trained on another training set "
+                          f"(dataset, val_alphabets / val_fraction or rotation_classes differ)")
+    return embedding.resized_images(teacher_train, teacher.image_size)
 
 
 def teacher_embeddings(config, train_ds) -> np.ndarray:
     """[N, F] float32: the teachers' embeddings of the N training images, concatenated over teachers."""
     rows = []
-    for workdir in teacher_workdirs(config):
-        teacher = teacher_config(config, workdir)
-        teacher_train, _ = ip.train_val_datasets(teacher)
-        if teacher.dataset != config.dataset or not np.array_equal(teacher_train.labels, train_ds.labels):
-            raise ConfigError(f"config.distill_teachers: {workdir} was trained on another training set "
-                              f"(dataset, val_alphabets / val_fraction or rotation_classes differ)")
-        model, step = embedding.load_workdir_model(teacher, workdir)
-        rows.append(np.asarray(model.embed_u8(embedding.resized_images(teacher_train, teacher.image_size)), np.float32))
+    for source in teacher_workdirs(config):
+        if os.path.isdir(source):  # a training workdir: its best checkpoint, on the data mesh
+            teacher = teacher_config(config, source)
+            images = _teacher_train_images(config, teacher, source, train_ds)
+            model, step = embedding.load_workdir_model(teacher, source)
+            rows.append(np.asarray(model.embed_u8(images), np.float32))
+        else:  # a model file or a shipped model's name (config_check has checked it exists)
+            from siamese_jax import inference  # here: the workdir path does not need it
+
+            try:
+                model = inference.load_model(source)
+            except inference.ModelError as e:
+                raise ConfigError(f"config.distill_teachers: {e}") from None
+            teacher = _with_student_data_keys(config, model.config)
+            images = _teacher_train_images(config, teacher, source, train_ds)
+            step = int(model.provenance.get("step", -1))
+            rows.append(np.asarray(model.embed_prepared((images.astype(np.float32) / 255.0)[..., None]), np.float32))
         log.info("teacher %s (step %d, %d px): %d-d embeddings of %d training images",
-                 workdir, step, teacher.image_size, rows[-1].shape[1], len(rows[-1]))
+                 source, step, teacher.image_size, rows[-1].shape[1], len(rows[-1]))
     return np.concatenate(rows, axis=1)

@@ -81,9 +81,13 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     assert lake in r.stdout
     assert f"{results['retrieval']['precision_at_1']:.3f}" in r.stdout
 
-    # validation_recheck on fresh validation episodes; a model ensembled with itself scores the same.
+    # validation_recheck on fresh validation episodes; the run's exported model file scores as its
+    # workdir does, and a model ensembled with itself scores the same.
+    from siamese_jax import inference
+    teacher_file = tmp_path / "teacher.msgpack"
+    inference.load_model(str(workdir)).save(str(teacher_file))
     r = subprocess.run([sys.executable, "-m", "experiments.validation_recheck", f"--workdir={workdir}",
-                        f"--workdir={workdir}", "--ensemble", "--episodes=20"],
+                        f"--workdir={teacher_file}", "--ensemble", "--episodes=20"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     scores = [line.rsplit("accuracy ", 1)[1] for line in r.stdout.splitlines() if "one-shot accuracy" in line]
@@ -97,9 +101,19 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     assert "teacher" in r.stderr and "16-d embeddings of" in r.stderr
     metrics = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
     assert all(m["distill_loss"] > 0 for m in metrics if "loss" in m)
-    # A teacher trained on another training set (here: it saw a validation alphabet) is refused.
+    # The same teacher as its exported model file (its workdir may be gone): the same embeddings,
+    # so the same student, step for step.
+    r = _train(env, tmp_path / "student_of_file", "--loss=triplet", "--config.num_steps=4", "--config.eval_every_steps=4",
+               f"--config.distill_teachers={teacher_file}", "--config.plots=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"teacher {teacher_file}" in r.stderr and "16-d embeddings of" in r.stderr
+    of_file = [json.loads(line) for line in (tmp_path / "student_of_file" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "distill_loss"):
+        assert [m[key] for m in of_file if "loss" in m] == pytest.approx([m[key] for m in metrics if "loss" in m], rel=1e-4), key
+    # A teacher trained on another training set (here: it saw a validation alphabet) is refused,
+    # a model file as a workdir (the same check, on the file's own config).
     r = _train(env, tmp_path / "leaky", "--loss=triplet", "--config.num_steps=4", "--config.val_alphabets=5",
-               f"--config.distill_teachers={workdir}")
+               f"--config.distill_teachers={teacher_file}")
     assert r.returncode == 2 and "was trained on another training set" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 

@@ -217,9 +217,20 @@ def test_distillation_settings_that_cannot_work_are_one_line_config_errors(tmp_p
     c = default.get_config("omniglot")
     c.distill_teachers = str(teacher)
     config_check.validate_config(c)  # the default triplet loss mines P x K batches: fine
+    # A teacher may also be an exported model file or a shipped model by name (its workdir gone).
+    model_file = tmp_path / "teacher.msgpack"
+    model_file.write_bytes(b"")
+    for teachers in (f"{teacher},{model_file}", "pretrained", f"pretrained,{teacher}"):
+        ok = c.copy_and_resolve_references()
+        ok.distill_teachers = teachers
+        config_check.validate_config(ok)
+    from siamese_jax import inference
+    assert set(config_check.SHIPPED_MODELS) == set(inference.PRETRAINED_FILES)
     for key, value, message in (
             ("loss", "contrastive", "needs a P x K loss"),  # pair batches carry no image indices
-            ("distill_teachers", f"{teacher},{tmp_path / 'nowhere'}", "has no config.json"),
+            ("distill_teachers", f"{teacher},{tmp_path}", f"({tmp_path} has no config.json)"),
+            ("distill_teachers", f"{teacher},{tmp_path / 'nowhere.msgpack'}", "nowhere.msgpack: no such workdir or file; "
+                                                                               "shipped: pretrained, pretrained-mnist)"),
             ("distill_weight", -1.0, "config.distill_weight=-1.0: must be a finite number >= 0")):
         bad = c.copy_and_resolve_references()
         bad[key] = value
