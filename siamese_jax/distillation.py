@@ -56,8 +56,11 @@ def _with_student_data_keys(config, teacher: ml_collections.ConfigDict) -> ml_co
 def _teacher_train_images(config, teacher, source: str, train_ds) -> np.ndarray:
     """The training images at the teacher's input size, after checking that the teacher was trained
     on the student's training set (image by image, through the labels' order)."""
-    teacher_train, _ = ip.train_val_datasets(teacher)
-    if teacher.dataset != config.dataset or not np.array_equal(teacher_train.labels, train_ds.labels):
+    same = teacher.dataset == config.dataset  # checked first: another dataset's files need not be here
+    if same:
+        teacher_train, _ = ip.train_val_datasets(teacher)
+        same = np.array_equal(teacher_train.labels, train_ds.labels)
+    if not same:
         raise ConfigError(f"config.distill_teachers: {source} was trained on another training set "
                           f"(dataset, val_alphabets / val_fraction or rotation_classes differ)")
     return embedding.resized_images(teacher_train, teacher.image_size)

@@ -238,6 +238,19 @@ def test_distillation_settings_that_cannot_work_are_one_line_config_errors(tmp_p
             config_check.validate_config(bad)
 
 
+def test_a_shipped_teacher_of_another_dataset_is_refused_before_any_data_loads(tmp_path):
+    """An Omniglot student told to learn from the shipped MNIST model: one config error naming the
+    teacher, raised before the teacher's (here: absent) data would be read."""
+    from siamese_jax import distillation
+    c = default.get_config("omniglot")
+    c.distill_teachers = "pretrained-mnist"
+    c.archive_dir = str(tmp_path / "no-data-here")
+    config_check.validate_config(c)
+    with pytest.raises(config_check.ConfigError, match=re.escape(
+            "config.distill_teachers: pretrained-mnist was trained on another training set")):
+        distillation.teacher_embeddings(c, train_ds=None)
+
+
 def test_triplet_with_one_image_per_class_is_refused_not_trained_at_zero_loss(tmp_path):
     """P x K mining with K = 1 has no positive pair: loss and gradient 0 at every step, exit 0, before."""
     r = _train("--loss=triplet", "--config.images_per_class=1", f"--workdir={tmp_path / 'run'}")
