@@ -133,11 +133,14 @@ def test_distilled_config_is_the_shipped_config_plus_its_five_teachers(tmp_path)
     assert student.distill_weight == 10.0
     assert config_check.distill_teacher_workdirs(student) == [str(tmp_path / n) for n in omniglot_distilled.TEACHERS]
     assert omniglot_distilled.get_config().distill_teachers.startswith("runs/omni-pre-s1,")
-    # The teachers must be finished runs: refused until each workdir has its config.json.
-    with pytest.raises(config_check.ConfigError, match="omni-pre-s1 has no config.json"):
+    # The teachers must be finished runs: refused until each workdir exists and has its config.json.
+    with pytest.raises(config_check.ConfigError, match="omni-pre-s1: no such workdir or file"):
         config_check.validate_config(student, num_devices=2)
     for name in omniglot_distilled.TEACHERS:
         (tmp_path / name).mkdir()
+    with pytest.raises(config_check.ConfigError, match="omni-pre-s1 has no config.json"):
+        config_check.validate_config(student, num_devices=2)
+    for name in omniglot_distilled.TEACHERS:
         (tmp_path / name / "config.json").write_text("{}")
     config_check.validate_config(student, num_devices=2)
     # By name, as an installed user types it, with the argument kept.
