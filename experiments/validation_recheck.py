@@ -68,8 +68,7 @@ def _embed_validation(workdir: str, test_time_shifts=None):
         emb = np.asarray(model.embed_u8(np.asarray(val_dds.images)))
     else:
         step = int(model_file.provenance.get("step", -1))
-        emb = model_file.embed_prepared((np.asarray(val_dds.images).astype(np.float32) / 255.0)[..., None],
-                                        test_time_shifts=config.get("test_time_shifts", "none"))
+        emb = model_file.embed_u8(np.asarray(val_dds.images), config.get("test_time_shifts", "none"))
     return {"config": config, "labels": np.asarray(val_ds.labels), "val_dds": val_dds, "embeddings": emb,
             "step": step, "test_time_shifts": config.get("test_time_shifts", "none")}
 

@@ -85,7 +85,7 @@ def teacher_embeddings(config, train_ds) -> np.ndarray:
             teacher = _with_student_data_keys(config, model.config)
             images = _teacher_train_images(config, teacher, source, train_ds)
             step = int(model.provenance.get("step", -1))
-            rows.append(np.asarray(model.embed_prepared((images.astype(np.float32) / 255.0)[..., None]), np.float32))
+            rows.append(np.asarray(model.embed_u8(images), np.float32))
         log.info("teacher %s (step %d, %d px): %d-d embeddings of %d training images",
                  source, step, teacher.image_size, rows[-1].shape[1], len(rows[-1]))
     return np.concatenate(rows, axis=1)

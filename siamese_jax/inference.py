@@ -109,6 +109,11 @@ class SiameseModel:
             out.append(np.asarray(embed(self.params, self.batch_stats, jnp.asarray(chunk)))[:n])
         return np.concatenate(out)
 
+    def embed_u8(self, images_u8: np.ndarray, test_time_shifts: Optional[str] = None) -> np.ndarray:
+        """uint8 [N, S, S] (ink 255, already at the model's size, as `embedding.resized_images`) -> [N, E]."""
+        return self.embed_prepared((np.asarray(images_u8).astype(np.float32) / 255.0)[..., None],
+                                   test_time_shifts=test_time_shifts)
+
     def embed(self, images, batch_size: int = 512) -> np.ndarray:
         """Paths, PIL images or arrays (any number) -> embeddings [N, E]."""
         if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 2):
