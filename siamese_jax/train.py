@@ -144,7 +144,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """`train_and_evaluate` without the final evaluation (the same checks, lock and resume).
 
     Returns {"train_seconds", "validation_seconds", "checkpoints_seconds"}: what the loop benchmark
-    times, which has no use for the half-minute evaluation on the evaluation alphabets."""
+    times, which has no use for the half-minute evaluation on the evaluation alphabets; also
+    `siamese-train --noevaluate`."""
     return _run_locked(config, workdir, evaluate=False)
 
 

@@ -1,11 +1,28 @@
 """Test set-up: 4 simulated CPU devices (the data-parallel proof needs them) and the real data."""
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# One persistent XLA compilation cache for the whole session, shared by the xdist workers and by
+# every process the tests start (trainings, CLIs): ~70 processes compile the same tiny programs,
+# and a training that finds its step and evaluation compiled starts in half the time. Created by
+# the first process to import this file (pytest's controller; workers and subprocesses inherit the
+# variable) and removed when that process exits; a cache a developer already set is kept. Entries
+# are keyed on the program, XLA flags and versions, so a hit is the executable a compile would give.
+# No size limit, so no lock: a reader that meets an entry being written gets a warning and compiles.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _xla_cache = tempfile.mkdtemp(prefix="siamese-jax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+    atexit.register(shutil.rmtree, _xla_cache, True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pytest  # noqa: E402
 

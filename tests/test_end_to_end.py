@@ -94,17 +94,20 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     assert len(scores) == 3 and len(set(scores)) == 1, r.stdout
 
     # That run as a distillation teacher: a student's batches carry its embeddings, the loss its term.
+    # (--noevaluate: the students' final evaluation would add nothing here.)
     student = tmp_path / "student"
     r = _train(env, student, "--loss=triplet", "--config.num_steps=4", "--config.eval_every_steps=4",
-               f"--config.distill_teachers={workdir}", "--config.plots=False")
+               f"--config.distill_teachers={workdir}", "--noevaluate")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "teacher" in r.stderr and "16-d embeddings of" in r.stderr
+    assert f"not evaluated (--noevaluate); evaluate with: siamese-evaluate --workdir={student}" in r.stdout
+    assert not (student / "results.json").exists() and os.listdir(student / "best")  # trained, checkpoint chosen
     metrics = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
     assert all(m["distill_loss"] > 0 for m in metrics if "loss" in m)
     # The same teacher as its exported model file (its workdir may be gone): the same embeddings,
     # so the same student, step for step.
     r = _train(env, tmp_path / "student_of_file", "--loss=triplet", "--config.num_steps=4", "--config.eval_every_steps=4",
-               f"--config.distill_teachers={teacher_file}", "--config.plots=False")
+               f"--config.distill_teachers={teacher_file}", "--noevaluate")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"teacher {teacher_file}" in r.stderr and "16-d embeddings of" in r.stderr
     of_file = [json.loads(line) for line in (tmp_path / "student_of_file" / "metrics.jsonl").read_text().splitlines()]

@@ -33,6 +33,9 @@ flags.DEFINE_enum("dataset", None, ("omniglot", "mnist"), "Dataset; picks that d
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>-<loss>).")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: $SIAMESE_DATA_DIR).")
 flags.DEFINE_enum("source", None, ("auto", "archives", "tfds"), "Data source (overrides config.source).")
+flags.DEFINE_bool("evaluate", True, "After training, evaluate the best checkpoint on the evaluation split and write "
+                  "results.json. --noevaluate trains only (same checks, resume, checkpoints); "
+                  "`siamese-evaluate --workdir=...` evaluates later.")
 cli.define_distributed_flags()
 try:  # ml_collections loads the config file and applies --config.x= overrides right here, at definition
     config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Config file (a get_config() module).",
@@ -85,7 +88,7 @@ def main(argv):
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_logging()
     from siamese_jax import config_check, protocols
-    from siamese_jax.train import train_and_evaluate
+    from siamese_jax.train import train, train_and_evaluate
 
     config = resolve_config()
     # The config is checked before anything else happens (no device, no data, no other process),
@@ -97,12 +100,15 @@ def main(argv):
     use_cpu_cores(config)
     workdir = FLAGS.workdir or os.path.join("runs", f"{config.dataset}-{config.loss}")
     try:
-        results = train_and_evaluate(config, workdir)
+        results = (train_and_evaluate if FLAGS.evaluate else train)(config, workdir)
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
-    if process == 0:
+    if process == 0 and FLAGS.evaluate:
         print(protocols.format_results_table(results))
+    elif process == 0:
+        print(f"trained in {results['train_seconds']:.0f} s, not evaluated (--noevaluate); "
+              f"evaluate with: siamese-evaluate --workdir={workdir}")
 
 
 def run():
