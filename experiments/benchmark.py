@@ -460,6 +460,11 @@ def main(argv):
     parallel.use_cpu_cores_as_devices(128, FLAGS.cpu_devices)
     import jax
 
+    # Every compile happens here, whatever JAX_COMPILATION_CACHE_DIR says (the test suite sets one):
+    # the loop row's runs of different lengths compile different programs, and a cache that served
+    # only the short one would bias its marginal rate.
+    jax.config.update("jax_enable_compilation_cache", False)
+
     from siamese_jax.data import load
 
     only = set(FLAGS.only or [])
