@@ -623,3 +623,17 @@ def test_non_utf8_file_names_are_searched_and_printed_escaped(pngs, tmp_path):
     assert r.returncode == 0, r.stderr  # was a UnicodeEncodeError traceback
     first = r.stdout.splitlines()[0]
     assert first.endswith("caf\\xe9-\\xff.png") and float(first.split()[1]) < 1e-2, r.stdout
+
+
+def test_noevaluate_names_a_results_json_left_from_an_earlier_evaluation(tmp_path):
+    """`siamese-train --noevaluate` on a workdir an evaluated run left: its results.json describes an
+    earlier checkpoint, and the run says so instead of leaving it to look current."""
+    from siamese_jax import cli
+
+    assert cli.stale_results_warning(str(tmp_path)) is None
+    (tmp_path / "results.json").write_text(json.dumps({"checkpoint_step": 8}))
+    assert cli.stale_results_warning(str(tmp_path)) == (
+        f"warning: {tmp_path / 'results.json'} is from an earlier evaluation (checkpoint step 8); "
+        "--noevaluate did not update it")
+    (tmp_path / "results.json").write_text("{truncated")
+    assert cli.stale_results_warning(str(tmp_path)).startswith(f"warning: {tmp_path / 'results.json'} is from an earlier evaluation;")

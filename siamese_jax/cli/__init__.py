@@ -9,6 +9,7 @@ name (`--config=omniglot_koch`, `--config=default:mnist`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -220,3 +221,17 @@ def run_app(main):
         sys.exit(console.guarded(lambda: main(argv), user_errors()))
 
     app.run(guarded_main, flags_parser=parse)
+
+
+def stale_results_warning(workdir):
+    """After --noevaluate: a results.json already in the workdir describes an earlier checkpoint."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            step = json.load(f).get("checkpoint_step")
+    except (OSError, ValueError, AttributeError):
+        step = None
+    where = f" (checkpoint step {step})" if step is not None else ""
+    return f"warning: {path} is from an earlier evaluation{where}; --noevaluate did not update it"

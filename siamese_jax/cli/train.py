@@ -109,6 +109,10 @@ def main(argv):
     elif process == 0:
         print(f"trained in {results['train_seconds']:.0f} s, not evaluated (--noevaluate); "
               f"evaluate with: siamese-evaluate --workdir={workdir}")
+        stale = cli.stale_results_warning(workdir)
+        if stale:
+            print(stale, file=sys.stderr)
+
 
 
 def run():
