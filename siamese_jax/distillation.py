@@ -74,7 +74,6 @@ def teacher_embeddings(config, train_ds) -> np.ndarray:
             teacher = teacher_config(config, source)
             images = _teacher_train_images(config, teacher, source, train_ds)
             model, step = embedding.load_workdir_model(teacher, source)
-            rows.append(np.asarray(model.embed_u8(images), np.float32))
         else:  # a model file or a shipped model's name (config_check has checked it exists)
             from siamese_jax import inference  # here: the workdir path does not need it
 
@@ -85,7 +84,7 @@ def teacher_embeddings(config, train_ds) -> np.ndarray:
             teacher = _with_student_data_keys(config, model.config)
             images = _teacher_train_images(config, teacher, source, train_ds)
             step = int(model.provenance.get("step", -1))
-            rows.append(np.asarray(model.embed_u8(images), np.float32))
+        rows.append(np.asarray(model.embed_u8(images), np.float32))
         log.info("teacher %s (step %d, %d px): %d-d embeddings of %d training images",
                  source, step, teacher.image_size, rows[-1].shape[1], len(rows[-1]))
     return np.concatenate(rows, axis=1)

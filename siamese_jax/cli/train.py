@@ -114,7 +114,6 @@ def main(argv):
             print(stale, file=sys.stderr)
 
 
-
 def run():
     """The `siamese-train` console script."""
     cli.run_app(main)
