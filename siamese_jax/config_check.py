@@ -153,6 +153,8 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     _float_in(config, "learning_rate", 0.0, lo_open=True)
     _int_in(config, "warmup_steps", 0)
     _float_in(config, "weight_decay", 0.0)
+    if "ema_decay" in config:  # configs written before the moving average lack it
+        _float_in(config, "ema_decay", 0.0, 1.0, hi_open=True, why=" (0: no moving average of the weights)")
     margin = config.get("margin")
     if margin is not None:
         _float_in(config, "margin", 0.0)

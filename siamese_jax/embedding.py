@@ -89,4 +89,7 @@ def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[Loade
     candidates = [os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")] if which == "best" else [which]
     # An unreadable best/ (truncated, corrupt) falls back to checkpoints/ with one warning line.
     state, _, _ = ckpt_lib.restore_first_readable(candidates, target)
+    # A run with a moving average of its weights is its average (best/ already holds it; a periodic
+    # checkpoint holds the live weights, and the average in its optimizer state).
+    state = ts.averaged_state(state)
     return LoadedModel(config, state, mesh), int(state.step)

@@ -268,14 +268,24 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                 _finish_step(pending, writer, detector)  # waits for the step: not counted as validation
                 pending = None
                 t0 = time.time()
-                acc = validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh)
+                # With a moving average of the weights (config.ema_decay), the average is the model:
+                # validated, selected and saved as best. The live weights are scored too, on the same
+                # episodes, so each run measures what the average buys at every validation.
+                selected = ts.averaged_state(state)
+                acc = validation_accuracy(config, selected, embed_fn, val_dds, val_images, mesh)
+                scores = {"val_one_shot_accuracy": acc}
+                if selected is not state:
+                    scores["val_one_shot_accuracy_live"] = validation_accuracy(
+                        config, state, embed_fn, val_dds, val_images, mesh)
                 t1 = time.time()
                 overhead["validation"] += t1 - t0
-                writer.write(done, {"val_one_shot_accuracy": acc})
-                log.info("step %d  validation one-shot accuracy %.4f", done, acc)
+                writer.write(done, scores)
+                log.info("step %d  validation one-shot accuracy %.4f%s", done, acc,
+                         f" (moving average; live weights {scores['val_one_shot_accuracy_live']:.4f})"
+                         if selected is not state else "")
                 if best_so_far is None or acc > best_so_far:
                     best_so_far = acc
-                    ckpts.save_best(state, dict(meta, step=done, val_one_shot_accuracy=acc),
+                    ckpts.save_best(selected, dict(meta, step=done, val_one_shot_accuracy=acc),
                                     {"val_one_shot_accuracy": acc})
                     overhead["checkpoints"] += time.time() - t1
             if done % config.checkpoint_every_steps == 0 or done == config.num_steps:

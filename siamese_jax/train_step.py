@@ -8,7 +8,7 @@ and key therefore give the same loss and update on 1 device or on many.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import jax
@@ -41,9 +41,51 @@ def make_optimizer(config) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate, warmup_steps=min(config.warmup_steps, config.num_steps),
         decay_steps=max(config.num_steps, config.warmup_steps + 1), end_value=config.learning_rate * 0.01)
-    if config.weight_decay:
-        return optax.adamw(schedule, weight_decay=config.weight_decay)
-    return optax.adam(schedule)
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay) if config.weight_decay else optax.adam(schedule)
+    decay = float(config.get("ema_decay") or 0.0)  # configs written before the average lack it
+    return optax.chain(tx, params_moving_average(decay)) if decay else tx
+
+
+class ParamsAverageState(NamedTuple):
+    count: jax.Array  # int32 scalar: updates averaged so far
+    average: Any  # the exponential moving average of the parameters, same tree as params
+
+
+def params_moving_average(decay: float) -> optax.GradientTransformation:
+    """Keeps an exponential moving average of the parameters in the optimizer state; the updates
+    pass through unchanged, so training follows exactly the trajectory it would without it.
+
+    Chained last (after Adam), it sees the final update u_t and the parameters p_{t-1}:
+        p_t = p_{t-1} + u_t,   avg_t = d_t avg_{t-1} + (1 - d_t) p_t,   avg_0 = p_0,
+    with d_t = min(decay, (1 + t) / (10 + t)) (TensorFlow's ExponentialMovingAverage with
+    num_updates), so the early average is not dominated by the random initialisation. Living in
+    `opt_state`, the average is checkpointed, restored and replicated with it, and every restore
+    target built by `make_optimizer(config)` has its shape."""
+    def init(params):
+        return ParamsAverageState(count=jnp.zeros((), jnp.int32),
+                                  average=jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("params_moving_average needs the parameters: tx.update(grads, opt_state, params)")
+        count = state.count + 1
+        d = jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+        average = jax.tree.map(lambda a, p, u: a + (1.0 - d) * (p + u - a), state.average, params, updates)
+        return updates, ParamsAverageState(count=count, average=average)
+
+    return optax.GradientTransformation(init, update)
+
+
+def averaged_state(state: TrainState) -> TrainState:
+    """The state with its parameters replaced by their moving average when the optimizer keeps one
+    (`config.ema_decay` > 0), else the state itself: what validation scores and the best checkpoint,
+    evaluation and export hold. BatchNorm's running statistics stay the live network's (momentum 0.9:
+    the last ~10 steps), a mismatch that shrinks with the learning rate (BUILD_NOTES, "Run EMA")."""
+    parts = state.opt_state if isinstance(state.opt_state, tuple) else (state.opt_state,)
+    for part in parts:
+        if isinstance(part, ParamsAverageState):
+            return state.replace(params=part.average)
+    return state
 
 
 def create_train_state(model, tx: optax.GradientTransformation, key, image_size: int) -> TrainState:

@@ -125,3 +125,42 @@ def test_empty_workdir_restores_nothing(tmp_path):
     ck = C.Checkpoints(str(tmp_path))
     assert ck.restore_latest(fresh()) is None
     ck.close()
+
+
+def test_a_run_with_a_moving_average_validates_saves_and_loads_the_average(tmp_path, data_dir):
+    """config.ema_decay: the average (kept in opt_state) is what validation scores, best/ holds and
+    load_workdir_model returns; periodic checkpoints hold the live weights, and the average restores
+    as its optax type; metrics.jsonl has the live weights' score beside it."""
+    import json
+
+    from siamese_jax import embedding
+    from siamese_jax import train as train_lib
+    from siamese_jax.configs import default
+
+    c = default.get_config("mnist")
+    c.update(dict(archive_dir=str(data_dir), widths=(8, 8), embedding_dim=16, val_episodes=10, batch_size=16,
+                  log_every_seconds=0.0, test_time_shifts="none", plots=False, num_steps=4, eval_every_steps=2,
+                  checkpoint_every_steps=2, keep_checkpoints=2, ema_decay=0.5))
+    workdir = str(tmp_path / "run")
+    train_lib.train(c, workdir)
+
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    scored = [r for r in rows if "val_one_shot_accuracy" in r]
+    assert [r["step"] for r in scored] == [2, 4] and all("val_one_shot_accuracy_live" in r for r in scored)
+
+    model = models.build_model(c)
+    target = ts.create_train_state(model, ts.make_optimizer(c), jax.random.PRNGKey(0), c.image_size)
+    ck = C.Checkpoints(workdir)
+    best, _ = ck.restore_best(target)
+    periodic = {step: C.restore_step(ck.latest, step, target)[0] for step in (2, 4)}
+    ck.close()
+    assert isinstance(periodic[4].opt_state[1], ts.ParamsAverageState)  # restored as its type, not a dict
+    leaves = lambda tree: jax.tree.leaves(jax.device_get(tree))
+    average = {step: leaves(s.opt_state[1].average) for step, s in periodic.items()}
+    for b, a in zip(leaves(best.params), average[int(best.step)]):
+        np.testing.assert_array_equal(b, a)  # best/ holds the average of its step
+    assert not all(np.array_equal(a, p) for a, p in zip(average[4], leaves(periodic[4].params)))  # not the live weights
+    loaded, step = embedding.load_workdir_model(c, workdir, which=os.path.join(workdir, "checkpoints"))
+    assert step == 4
+    for a, b in zip(average[4], leaves(loaded.state.params)):
+        np.testing.assert_array_equal(a, b)  # a periodic checkpoint loads as its average

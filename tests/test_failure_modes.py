@@ -637,3 +637,15 @@ def test_noevaluate_names_a_results_json_left_from_an_earlier_evaluation(tmp_pat
         "--noevaluate did not update it")
     (tmp_path / "results.json").write_text("{truncated")
     assert cli.stale_results_warning(str(tmp_path)).startswith(f"warning: {tmp_path / 'results.json'} is from an earlier evaluation;")
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, float("nan")])
+def test_a_moving_average_decay_outside_0_1_is_a_one_line_config_error(decay):
+    c = default.get_config("omniglot")
+    c.ema_decay = 0.999
+    config_check.validate_config(c)
+    bad = c.copy_and_resolve_references()
+    with bad.unlocked():
+        bad.ema_decay = decay
+    with pytest.raises(config_check.ConfigError, match=re.escape(f"config.ema_decay={decay!r}: must be a finite number in [0.0, 1.0)")):
+        config_check.validate_config(bad)

@@ -137,3 +137,46 @@ def test_online_triplets_pick_a_same_class_positive_and_the_nearest_negative():
     assert bool(valid.all())
     _, _, valid = ts.online_triplets(emb[:3], jnp.array([0, 0, 1]), jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(valid), [True, True, False])  # class 1 has no positive
+
+
+def test_moving_average_of_the_weights_is_the_math_and_leaves_training_unchanged():
+    """config.ema_decay: avg_t = d_t avg_{t-1} + (1 - d_t) p_t with d_t = min(decay, (1+t)/(10+t)),
+    avg_0 = p_0; the live parameters are bit-identical to a run without the average."""
+    loss, decay, steps = "batch_hard", 0.5, 3
+    mesh = parallel.make_data_mesh(jax.devices()[:4])
+    model = _model(loss)
+    batch = jax.device_put(_batch(loss), parallel.batch_sharded(mesh))
+
+    def run(tx):
+        step = ts.make_train_step(model, tx, mesh, loss=loss, margin=0.5)
+        state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE), mesh)
+        params = [jax.device_get(state.params)]
+        for _ in range(steps):
+            state, _ = step(state, batch, jax.random.PRNGKey(1))
+            params.append(jax.device_get(state.params))
+        return jax.device_get(state), params
+
+    plain, trajectory = run(optax.sgd(0.1))
+    averaged, live = run(optax.chain(optax.sgd(0.1), ts.params_moving_average(decay)))
+    for a, b in zip(jax.tree.leaves(trajectory), jax.tree.leaves(live)):
+        np.testing.assert_array_equal(a, b)  # the average is a read-out, not a change of the updates
+    expected = trajectory[0]
+    for t in range(1, steps + 1):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = jax.tree.map(lambda a, p: d * a + (1 - d) * p, expected, trajectory[t])
+    assert ts.averaged_state(plain) is plain  # no average kept: the state itself
+    average = ts.averaged_state(averaged)
+    assert int(averaged.opt_state[1].count) == steps
+    jax.tree.map(lambda e, a: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6), expected, average.params)
+    assert not np.allclose(jax.tree.leaves(average.params)[0], jax.tree.leaves(averaged.params)[0])
+    assert average.batch_stats is averaged.batch_stats and average.step is averaged.step
+
+
+def test_make_optimizer_keeps_an_average_only_when_asked():
+    c = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=1, num_steps=10, weight_decay=0.0))
+    params = {"w": jnp.ones(3)}
+    assert not isinstance(ts.make_optimizer(c).init(params)[-1], ts.ParamsAverageState)  # old configs: no key
+    c.ema_decay = 0.0
+    assert not isinstance(ts.make_optimizer(c).init(params)[-1], ts.ParamsAverageState)
+    c.ema_decay = 0.999
+    assert isinstance(ts.make_optimizer(c).init(params)[-1], ts.ParamsAverageState)

@@ -101,6 +101,9 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     c.learning_rate = 3e-3
     c.warmup_steps = 100
     c.weight_decay = 0.0
+    # An exponential moving average of the weights (train_step.params_moving_average), validated,
+    # selected and shipped in place of the live weights; 0: off (BUILD_NOTES, "Run EMA").
+    c.ema_decay = 0.0
     # 12,000 steps: what the faster step (one XLA device per core, fused BatchNorm; issue #9) buys
     # within make train's 10 minutes on 2 cores. Lake's 20 runs 96.5 / 97.25% for seeds 0 and 1
     # (without the augmentation 97.0 / 97.0%); BUILD_NOTES, "Omniglot, the CPU default".
