@@ -151,8 +151,8 @@ def _no_data(ax, message: str) -> None:
 
 def plot_training_curves(path: str, history: Sequence[dict],
                          loss_keys: Sequence[str] = ("loss", "val_loss"),
-                         accuracy_keys: Sequence[str] = ("val_one_shot_accuracy", "val_accuracy",
-                                                         "val_verification_accuracy")) -> str:
+                         accuracy_keys: Sequence[str] = ("val_one_shot_accuracy", "val_one_shot_accuracy_live",
+                                                         "val_accuracy", "val_verification_accuracy")) -> str:
     """Two panels from metrics.jsonl records: losses vs step, validation accuracies vs step.
 
     Each key present with numeric values becomes a series (records without it are skipped, as

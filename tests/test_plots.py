@@ -47,7 +47,8 @@ def test_plot_pairs(tmp_path):
 
 def test_plot_training_curves(tmp_path):
     history = [{"step": s, "loss": 1.0 / s} for s in range(1, 120)]
-    history += [{"step": s, "val_one_shot_accuracy": 0.5 + s / 400} for s in range(20, 120, 20)]
+    history += [{"step": s, "val_one_shot_accuracy": 0.5 + s / 400, "val_one_shot_accuracy_live": 0.5 + s / 500}
+                for s in range(20, 120, 20)]
     history += [{"step": 5, "steps_per_second": 12.0}, {"step": 7, "loss": float("nan")}, {"note": "text"}]
     _check_png(plots.plot_training_curves(str(tmp_path / "curves.png"), history), min_w=800)
     _check_png(plots.plot_training_curves(str(tmp_path / "empty.png"), []), min_w=800)
