@@ -302,17 +302,17 @@ def bench_loop(quick, data_dir):
 # ------------------------------------------------------------------------------------------------
 # Embedding PNG files
 # ------------------------------------------------------------------------------------------------
-def _png_folder(data_dir, count):
+def _png_folder(root, data_dir, count):
+    """Writes the first `count` evaluation PNGs into `root`; returns their paths."""
     import zipfile
 
-    root = tempfile.mkdtemp(prefix="bench_png_")
     archive = os.path.join(data_dir or os.environ.get("SIAMESE_DATA_DIR", ""), "omniglot", "images_evaluation.zip")
     with zipfile.ZipFile(archive) as z:
         names = sorted(n for n in z.namelist() if n.endswith(".png"))[:count]
         for i, n in enumerate(names):
             with open(os.path.join(root, f"{i:05d}.png"), "wb") as f:
                 f.write(z.read(n))
-    return root, [os.path.join(root, f"{i:05d}.png") for i in range(len(names))]
+    return [os.path.join(root, f"{i:05d}.png") for i in range(len(names))]
 
 
 def bench_embed(quick, data_dir):
@@ -322,37 +322,38 @@ def bench_embed(quick, data_dir):
     from siamese_jax.inference import load_model
 
     count = 256 if quick else 2460
-    root, paths = _png_folder(data_dir, count)
-    model = load_model("pretrained")
-    model.embed(paths[:512])  # warm-up: the padded batch shapes compile once
-    ours = _median_rate(lambda: model.embed(paths), 1, 3 if quick else 5, lambda e: np.asarray(e)) * len(paths)
+    with tempfile.TemporaryDirectory(prefix="bench_png_") as root:  # removed with its PNGs
+        paths = _png_folder(root, data_dir, count)
+        model = load_model("pretrained")
+        model.embed(paths[:512])  # warm-up: the padded batch shapes compile once
+        ours = _median_rate(lambda: model.embed(paths), 1, 3 if quick else 5, lambda e: np.asarray(e)) * len(paths)
 
-    peer, note = None, "torch not installed (pip install -e '.[bench]')"
-    torch_peer = _torch()
-    if torch_peer is not None:
-        import torch
-        import torch.nn.functional as F
-        from PIL import Image
+        peer, note = None, "torch not installed (pip install -e '.[bench]')"
+        torch_peer = _torch()
+        if torch_peer is not None:
+            import torch
+            import torch.nn.functional as F
+            from PIL import Image
 
-        widths = tuple(model.config.widths)
-        encoder = torch_peer.small_encoder(widths, int(model.config.embedding_dim), model.image_size).eval()
-        size = model.image_size
+            widths = tuple(model.config.widths)
+            encoder = torch_peer.small_encoder(widths, int(model.config.embedding_dim), model.image_size).eval()
+            size = model.image_size
 
-        def embed_torch():
-            gray = []
-            for p in paths:  # the same decode: grayscale, ink bright (Omniglot is black on white)
-                with Image.open(p) as im:
-                    gray.append(255 - np.asarray(im.convert("L"), np.uint8))
-            x = torch.from_numpy(np.stack(gray).astype(np.float32))[:, None]
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            x = torch.clamp(torch.round(x), 0, 255) / 255.0
-            with torch.inference_mode():
-                return torch.cat([encoder(x[i:i + 512]) for i in range(0, len(x), 512)])
+            def embed_torch():
+                gray = []
+                for p in paths:  # the same decode: grayscale, ink bright (Omniglot is black on white)
+                    with Image.open(p) as im:
+                        gray.append(255 - np.asarray(im.convert("L"), np.uint8))
+                x = torch.from_numpy(np.stack(gray).astype(np.float32))[:, None]
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                x = torch.clamp(torch.round(x), 0, 255) / 255.0
+                with torch.inference_mode():
+                    return torch.cat([encoder(x[i:i + 512]) for i in range(0, len(x), 512)])
 
-        peer = _median_rate(embed_torch, 1, 3 if quick else 5, lambda e: None) * len(paths)
-        note = None
-    _row("embed_png", f"embed {len(paths)} PNG files (105 px -> {model.image_size} px)", "img/s", ours, peer,
-         "ours", "torch", peer_note=note)
+            peer = _median_rate(embed_torch, 1, 3 if quick else 5, lambda e: None) * len(paths)
+            note = None
+        _row("embed_png", f"embed {len(paths)} PNG files (105 px -> {model.image_size} px)", "img/s", ours, peer,
+             "ours", "torch", peer_note=note)
     del img_lib
 
 

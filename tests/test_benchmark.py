@@ -18,7 +18,9 @@ ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "s
 
 
 def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", SIAMESE_CACHE_DIR=str(tmp_path))
+    scratch = tmp_path / "tmp"  # the benchmark's own temporary files go here, and must be gone after
+    scratch.mkdir()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SIAMESE_CACHE_DIR=str(tmp_path), TMPDIR=str(scratch))
     env.pop("XLA_FLAGS", None)  # the benchmark picks its CPU devices as experiments.train does
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--quick", f"--data_dir={data_dir}",
@@ -35,6 +37,9 @@ def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
             assert row["peer_name"].startswith("torch") and "not installed" in row["peer_note"], row
         else:
             assert row["ratio"] == pytest.approx(row["ours"] / row["peer"]), row
+    # The embedding row's PNG folder is removed: every benchmark run
+    # used to leave a 1 MB folder of PNGs in /tmp.
+    assert not list(scratch.glob("bench_png_*")), sorted(p.name for p in scratch.iterdir())
 
 
 @pytest.mark.parametrize("gpu", [False, True])
