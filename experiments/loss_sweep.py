@@ -59,6 +59,7 @@ ROWS = (
     ("batch_all", "batch-all", {"loss": "batch_all"}),
     ("batch_hard", "batch-hard", {"loss": "batch_hard"}),
     ("semihard", "semi-hard", {"loss": "semihard"}),
+    ("prototypical", "prototypical (Snell et al.: softmax over the batch's class means)", {"loss": "prototypical"}),
     ("verification", "verification (Koch et al.: L1 + sigmoid, BCE)", {"loss": "verification"}),
     ("arcface", "ArcFace (Deng et al.: angular margin to learned class centres)",
      {"loss": "arcface", "l2_normalize": True}),

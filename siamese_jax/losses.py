@@ -13,6 +13,9 @@ included: the square root is taken through a double `where`, so its gradient at 
               else the farthest negative
     hardest negative:  per positive pair, max(D(a, p) − min_n D(a, n) + m, 0)  (the "triplet" loss's
               `online_all` selection in training)
+- prototypical (Snell et al. 2017) on a labelled batch [B, E]: each image against the class means
+  ("prototypes") of the batch, its own class's mean taken over the *other* images of its class
+  (leave-one-out): softmax cross-entropy of the logits −‖e − c_k‖² over the batch's classes
 - verification (Koch et al. 2015):  logit = Σ_k w_k |h1_k − h2_k| + b;  binary cross-entropy, 1 = same
 - ArcFace (Deng et al. 2019; additive angular margin), on embeddings [B, E] with each image's class
   index [B] and a learned centre per training class, W [C, E]:  with cos θ_j = ê·ŵ_j (unit vectors),
@@ -40,6 +43,7 @@ __all__ = [
     "hardest_negative_triplet_loss", "hardest_negative_triplet_loss_with_stats",
     "verification_logits", "verification_loss", "verification_loss_with_stats", "same_probability",
     "arcface_logits", "arcface_loss", "arcface_loss_with_stats",
+    "prototypical_loss", "prototypical_loss_with_stats",
     "relational_distance_loss",
 ]
 
@@ -264,6 +268,68 @@ def batch_semihard_triplet_loss(embeddings, labels, margin=0.2, squared=False):
     D(a, n); loss max(D(a, p) − D(a, n) + margin, 0). Mean over the positive pairs whose anchor has a
     negative; 0 if there are none."""
     return batch_semihard_triplet_loss_with_stats(embeddings, labels, margin, squared)[0]
+
+
+# ----------------------------------------------------------------------------------- prototypical
+
+def prototypical_logits(embeddings, labels):
+    """([B, B] logits, [B, B] own, [B] valid) of `prototypical_loss`.
+
+    Column j stands for the class of image j, and only the first image of each class in the batch
+    keeps its column (the others are −inf), so row i is a softmax over the batch's distinct classes:
+    −‖e_i − c‖², with c the mean of that class's images — for image i's own class, the mean of its
+    *other* images (Snell et al.'s support/query split, every image a query once). `own[i, j]` marks
+    row i's own-class column; `valid[i]`: image i has another image of its class and another class.
+    """
+    e = _f32(embeddings)
+    labels = jnp.asarray(labels)
+    same = labels[:, None] == labels[None, :]
+    index = jnp.arange(labels.shape[0])
+    # The first image of each class represents it: no same-class image before it.
+    first = ~jnp.any(same & (index[None, :] < index[:, None]), axis=1)
+    count = jnp.sum(same, axis=1).astype(jnp.float32)           # images of the class of j
+    class_sum = same.astype(jnp.float32) @ e                      # row j: sum over the class of j
+    prototype = class_sum / count[:, None]                        # row j: the mean of the class of j
+    own_prototype = (class_sum - e) / jnp.maximum(count - 1.0, 1.0)[:, None]  # row i: leave-one-out mean
+    # ‖e_i − c_j‖² as |e_i|² − 2 e_i·c_j + |c_j|² (one matmul), clipped at 0 against rounding.
+    d_other = jnp.maximum(jnp.sum(e * e, 1)[:, None] - 2.0 * e @ prototype.T + jnp.sum(prototype * prototype, 1)[None, :], 0.0)
+    d_own = jnp.sum(jnp.square(e - own_prototype), axis=1)
+    own = same & first[None, :]
+    logits = jnp.where(own, -d_own[:, None], -d_other)
+    logits = jnp.where(first[None, :], logits, -jnp.inf)
+    valid = (count > 1.0) & jnp.any(~same, axis=1)
+    return logits, own, valid
+
+
+def prototypical_loss_with_stats(embeddings, labels):
+    """(loss, stats) of `prototypical_loss`; stats over the valid images: active_fraction (the share
+    whose own-class prototype is not the nearest: misclassified), mean_positive_distance (squared
+    distance to the own prototype) and mean_negative_distance (to the nearest other prototype)."""
+    logits, own, valid = prototypical_logits(embeddings, labels)
+    own_logit = jnp.sum(jnp.where(own, logits, 0.0), axis=1)
+    others = jnp.where(own, -jnp.inf, logits)
+    nearest_other = jnp.max(others, axis=1)
+    # No −inf reaches the arithmetic where a row has no other class (valid is False there).
+    nearest_other = jnp.where(valid, nearest_other, 0.0)
+    per_image = jax.nn.logsumexp(jnp.where(valid[:, None], logits, 0.0), axis=1) - own_logit
+    stats = {
+        "active_fraction": _safe_mean((own_logit <= nearest_other).astype(jnp.float32), valid),
+        "mean_positive_distance": _safe_mean(-own_logit, valid),
+        "mean_negative_distance": _safe_mean(-nearest_other, valid),
+    }
+    return _safe_mean(per_image, valid), stats
+
+
+def prototypical_loss(embeddings, labels):
+    """Prototypical networks' loss (Snell et al. 2017) on a labelled batch (P classes x K images):
+    mean over the images i with a same-class and an other-class image of
+
+        −log softmax_k(−‖e_i − c_k‖²)[y_i],
+
+    k over the batch's classes, c_k the mean embedding of class k's images in the batch, and for the
+    image's own class y_i the mean of its other images (leave-one-out). 0 if no image is valid.
+    Squared Euclidean distances, no temperature, as in the paper."""
+    return prototypical_loss_with_stats(embeddings, labels)[0]
 
 
 # ----------------------------------------------------------------------------------- verification

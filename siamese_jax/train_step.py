@@ -21,9 +21,11 @@ from siamese_jax import parallel
 PAIR_LOSSES = ("contrastive", "verification")
 TRIPLET_LOSSES = ("triplet",)
 MINING_LOSSES = ("batch_all", "batch_hard", "semihard")
+# Softmax over the class means of the P x K batch (Snell et al.'s prototypes; no margin).
+PROTOTYPE_LOSSES = ("prototypical",)
 # Losses against a learned centre per training class (P x K batches carry each image's class index).
 CLASS_CENTRE_LOSSES = ("arcface",)
-ALL_LOSSES = PAIR_LOSSES + TRIPLET_LOSSES + MINING_LOSSES + CLASS_CENTRE_LOSSES
+ALL_LOSSES = PAIR_LOSSES + TRIPLET_LOSSES + MINING_LOSSES + PROTOTYPE_LOSSES + CLASS_CENTRE_LOSSES
 
 
 @flax.struct.dataclass
@@ -114,7 +116,7 @@ def batch_kind(loss: str, triplet_selection: str = "online") -> str:
         if triplet_selection not in TRIPLET_SELECTIONS:
             raise ValueError(f"unknown triplet_selection {triplet_selection!r}; expected one of {', '.join(TRIPLET_SELECTIONS)}")
         return "triplets" if triplet_selection == "random" else "classes"
-    if loss in MINING_LOSSES or loss in CLASS_CENTRE_LOSSES:
+    if loss in MINING_LOSSES or loss in PROTOTYPE_LOSSES or loss in CLASS_CENTRE_LOSSES:
         return "classes"
     raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(ALL_LOSSES)}")
 
@@ -181,6 +183,8 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
                              "(train.py sets it to the training classes)")
         value, stats = L.arcface_loss_with_stats(emb, batch["class_index"], params["class_centres"],
                                                  scale=arcface_scale, margin=margin)
+    elif loss == "prototypical":
+        value, stats = L.prototypical_loss_with_stats(emb, batch["labels"])
     elif loss == "triplet":
         value, stats = L.triplet_loss_with_stats(emb_t[:, 0], emb_t[:, 1], emb_t[:, 2], margin=margin, squared=squared)
     else:

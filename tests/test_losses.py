@@ -516,6 +516,76 @@ def test_arcface_gradients_match_finite_differences():
     _assert_grad_matches_finite_differences(f, emb, grad)
 
 
+# ----- prototypical (Snell et al. 2017) ---------------------------------------------------------------
+
+def np_prototypical(emb, labels):
+    """Snell et al.'s loss written out image by image: every image a query against the class means of
+    the batch, its own class's mean over its other images. (loss, misclassified share)."""
+    emb, labels = np.asarray(emb, np.float64), np.asarray(labels)
+    classes = list(dict.fromkeys(labels.tolist()))  # in order of first appearance
+    losses, wrong = [], []
+    for i, (e, y) in enumerate(zip(emb, labels)):
+        others_of_y = [j for j in range(len(labels)) if labels[j] == y and j != i]
+        if not others_of_y or len(classes) < 2:
+            continue
+        d = {}
+        for c in classes:
+            members = others_of_y if c == y else [j for j in range(len(labels)) if labels[j] == c]
+            d[c] = float(np.sum((e - emb[members].mean(axis=0)) ** 2))
+        logits = np.array([-d[c] for c in classes])
+        own = logits[classes.index(y)]
+        losses.append(np.log(np.sum(np.exp(logits - logits.max()))) + logits.max() - own)
+        wrong.append(own <= max(v for c, v in zip(classes, logits) if c != y))
+    return (float(np.mean(losses)) if losses else 0.0), (float(np.mean(wrong)) if wrong else 0.0)
+
+
+@pytest.mark.parametrize("seed, p, k", [(0, 4, 2), (1, 3, 4), (2, 8, 3)])
+def test_prototypical_matches_the_math(seed, p, k):
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(rng.choice(100, p, replace=False), k))  # classes interleaved
+    emb = rng.normal(size=(p * k, 5)).astype(np.float32)
+    want, want_wrong = np_prototypical(emb, labels)
+    loss, stats = jax.jit(L.prototypical_loss_with_stats)(emb, labels)
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    np.testing.assert_allclose(float(stats["active_fraction"]), want_wrong, **TOL)
+    assert float(L.prototypical_loss(emb, labels)) == pytest.approx(float(loss))
+
+
+def test_prototypical_uses_the_leave_one_out_mean_and_ignores_unusable_images():
+    # Class 0 at 0 and 2 (the image at 0 sees its class's prototype at 2, not at their mean 1), class 1
+    # at 4 and 5, and a lone image of class 2 at 3: not a query (no other image of its class), but a
+    # prototype for the others.
+    emb = np.array([[0.0], [2.0], [4.0], [5.0], [3.0]], np.float32)
+    labels = np.array([0, 0, 1, 1, 2])
+    lse = lambda *d2: np.log(np.sum(np.exp(-np.array(d2))))  # noqa: E731
+    by_hand = [lse(4, 20.25, 9) + 4, lse(4, 6.25, 1) + 4,   # class 0: own d² 4; class 1 at 4.5; class 2 at 3
+               lse(1, 9, 1) + 1, lse(1, 16, 4) + 1]         # class 1: own d² 1; class 0 at 1; class 2 at 3
+    assert np_prototypical(emb, labels)[0] == pytest.approx(np.mean(by_hand), rel=1e-9)
+    np.testing.assert_allclose(float(L.prototypical_loss(emb, labels)), np.mean(by_hand), **TOL)
+    # Misclassified: the image at 2 (class 2's prototype d² 1 < own 4) and the one at 4 (a tie, 1 = 1).
+    assert float(L.prototypical_loss_with_stats(emb, labels)[1]["active_fraction"]) == pytest.approx(2 / 4)
+
+
+@pytest.mark.parametrize("batch", list(EDGE_BATCHES))
+def test_prototypical_edge_cases_are_finite(batch):
+    emb, labels = EDGE_BATCHES[batch]
+    loss, stats = jax.jit(L.prototypical_loss_with_stats)(emb, labels)
+    np.testing.assert_allclose(float(loss), np_prototypical(emb, labels)[0], **TOL)
+    assert all(np.isfinite(float(v)) for v in stats.values()), stats
+    _assert_finite_grad(lambda e: L.prototypical_loss(e, labels), jnp.asarray(emb))
+    if batch in ("no_positive_pair", "one_class", "b2_same", "b2_different"):
+        assert float(loss) == 0.0  # no image has both another of its class and another class
+
+
+def test_prototypical_gradients_match_finite_differences():
+    rng = np.random.default_rng(7)
+    emb = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    f = jax.jit(lambda e: L.prototypical_loss(e, labels))
+    grad = np.asarray(jax.grad(f)(emb), np.float64)
+    _assert_grad_matches_finite_differences(f, emb, grad)
+
+
 # ----- relational distillation (RKD-D) ---------------------------------------------------------------
 
 def _rkd_loop(student, teacher, delta=1.0):

@@ -45,6 +45,30 @@ def test_configs_load_and_koch_config_builds_the_paper_model():
         default.get_config("cifar10")
 
 
+def test_every_loss_is_a_valid_choice_on_both_presets():
+    """`--loss=X` with a preset works for every loss the step knows: a margin entry, the config check,
+    and the command line's list of choices (read from its source: importing it defines absl flags)."""
+    import ast
+    import pathlib
+
+    from experiments.configs import default
+    from siamese_jax import config_check, train
+    from siamese_jax import train_step as ts
+
+    cli_source = (pathlib.Path(__file__).resolve().parent.parent / "siamese_jax" / "cli" / "train.py").read_text()
+    cli_losses = next(ast.literal_eval(node.value) for node in ast.walk(ast.parse(cli_source))
+                      if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "LOSSES")
+    assert sorted(cli_losses) == sorted(ts.ALL_LOSSES)
+    for dataset in ("omniglot", "mnist"):
+        for loss in ts.ALL_LOSSES:
+            c = default.get_config(dataset)
+            c.loss, c.l2_normalize = loss, loss in ts.CLASS_CENTRE_LOSSES
+            if dataset == "mnist":
+                c.classes_per_batch = 10  # P x K batches: MNIST has 10 classes (the check says so otherwise)
+            config_check.validate_config(c)
+            assert train.margin_of(c) >= 0.0
+
+
 def test_shipped_model_config_is_valid_and_differs_from_the_default_as_documented():
     from experiments.configs import default, omniglot_pretrained
     from siamese_jax import augment, config_check, input_pipeline

@@ -55,10 +55,14 @@ def _run(loss, devices, steps=2, norm="batch", augment_fn=None, selection="onlin
     return jax.device_get(state), history
 
 
+def _initial_params(loss):
+    return ts.create_train_state(_model(loss), optax.sgd(0.1), jax.random.PRNGKey(0), SIZE).params
+
+
 @pytest.mark.parametrize("loss, selection", [("contrastive", None), ("triplet", "online"), ("triplet", "online_all"),
                                              ("triplet", "random"),
                                              ("batch_hard", None), ("batch_all", None), ("semihard", None),
-                                             ("verification", None), ("arcface", None)])
+                                             ("prototypical", None), ("verification", None), ("arcface", None)])
 def test_four_devices_equal_one_device(loss, selection):
     assert jax.device_count() >= 4
     selection = selection or "online"
@@ -69,7 +73,14 @@ def test_four_devices_equal_one_device(loss, selection):
         for k in m1:
             np.testing.assert_allclose(m4[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=f"{loss}: metric {k}")
     assert h1[0]["loss"] > 0
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6), s1.params, s4.params)
+    # Float32 rounding grows with the step's size: the prototypical loss (squared distances in a
+    # softmax) moves the parameters ~10x further than the margin losses in these two steps (0.58 vs
+    # 0.06-0.09), and the 4-device sums round differently by up to ~3e-6. A gradient counted N times
+    # would differ by the size of the step itself.
+    moved = max(float(np.max(np.abs(np.asarray(p) - np.asarray(q))))
+                for p, q in zip(jax.tree.leaves(s1.params), jax.tree.leaves(_initial_params(loss))))
+    atol = max(1e-6, 1e-5 * moved)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-5, atol=atol), s1.params, s4.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6), s1.batch_stats, s4.batch_stats)
     assert int(s1.step) == int(s4.step) == 2
 

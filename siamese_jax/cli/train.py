@@ -26,7 +26,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from siamese_jax import cli  # noqa: E402
 
-LOSSES = ("contrastive", "triplet", "batch_hard", "batch_all", "semihard", "verification", "arcface")
+LOSSES = ("contrastive", "triplet", "batch_hard", "batch_all", "semihard", "prototypical", "verification", "arcface")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("loss", None, LOSSES, "Loss (overrides config.loss).")
 flags.DEFINE_enum("dataset", None, ("omniglot", "mnist"), "Dataset; picks that dataset's default preset.")

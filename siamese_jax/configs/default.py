@@ -13,6 +13,7 @@ MARGINS = {
     "batch_all": 0.5,
     "semihard": 0.5,
     "verification": 0.0,  # unused (binary cross-entropy)
+    "prototypical": 0.0,  # unused (softmax over the batch's class means)
     "arcface": 0.5,       # an angle, radians (Deng et al.'s 0.5)
 }
 
