@@ -150,6 +150,9 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
                           f"(each device takes an equal share of the batch)")
 
     _int_in(config, "num_steps", 1, 10**9)
+    if config.get("lr_schedule_steps") is not None:  # unset: the schedule is num_steps long
+        _int_in(config, "lr_schedule_steps", config.num_steps, 10**9,
+                why=" (the learning-rate schedule's length: at least num_steps; unset: num_steps)")
     _float_in(config, "learning_rate", 0.0, lo_open=True)
     _int_in(config, "warmup_steps", 0)
     _float_in(config, "weight_decay", 0.0)

@@ -38,11 +38,13 @@ class TrainState:
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """Adam (AdamW with `weight_decay`) on a warm-up + cosine schedule. The optimizer fixes the shape
-    of `opt_state`, so restoring a checkpoint builds its target with this same function."""
+    """Adam (AdamW with `weight_decay`) on a warm-up + cosine schedule over `lr_schedule_steps` (unset:
+    `num_steps`). The optimizer fixes the shape of `opt_state`, so restoring a checkpoint builds its
+    target with this same function."""
+    schedule_steps = int(config.get("lr_schedule_steps") or config.num_steps)  # configs before it lack it
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=min(config.warmup_steps, config.num_steps),
-        decay_steps=max(config.num_steps, config.warmup_steps + 1), end_value=config.learning_rate * 0.01)
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=min(config.warmup_steps, schedule_steps),
+        decay_steps=max(schedule_steps, config.warmup_steps + 1), end_value=config.learning_rate * 0.01)
     tx = optax.adamw(schedule, weight_decay=config.weight_decay) if config.weight_decay else optax.adam(schedule)
     decay = float(config.get("ema_decay") or 0.0)  # configs written before the average lack it
     return optax.chain(tx, params_moving_average(decay)) if decay else tx

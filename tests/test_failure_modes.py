@@ -649,3 +649,17 @@ def test_a_moving_average_decay_outside_0_1_is_a_one_line_config_error(decay):
         bad.ema_decay = decay
     with pytest.raises(config_check.ConfigError, match=re.escape(f"config.ema_decay={decay!r}: must be a finite number in [0.0, 1.0)")):
         config_check.validate_config(bad)
+
+
+@pytest.mark.parametrize("steps", [11999, 0, 10**10])
+def test_a_learning_rate_schedule_shorter_than_the_training_is_a_one_line_config_error(steps):
+    c = default.get_config("omniglot")  # num_steps 12000
+    c.lr_schedule_steps = 300000
+    config_check.validate_config(c)
+    bad = c.copy_and_resolve_references()
+    with bad.unlocked():
+        bad.lr_schedule_steps = steps
+    with pytest.raises(config_check.ConfigError, match=re.escape(
+            f"config.lr_schedule_steps={steps!r}: must be an integer from 12000 to 1000000000 (the learning-rate "
+            "schedule's length: at least num_steps; unset: num_steps)")):
+        config_check.validate_config(bad)

@@ -191,3 +191,23 @@ def test_make_optimizer_keeps_an_average_only_when_asked():
     assert not isinstance(ts.make_optimizer(c).init(params)[-1], ts.ParamsAverageState)
     c.ema_decay = 0.999
     assert isinstance(ts.make_optimizer(c).init(params)[-1], ts.ParamsAverageState)
+
+
+def test_a_run_stopped_early_on_a_longer_schedule_takes_that_schedules_first_steps():
+    """config.lr_schedule_steps: training 20 steps of a 200-step schedule makes exactly the first 20
+    updates of the 200-step run (same rates), and not those of a 20-step run."""
+    base = dict(learning_rate=1e-2, warmup_steps=3, weight_decay=0.0)
+    short_on_long = ml_collections.ConfigDict(dict(base, num_steps=20, lr_schedule_steps=200))
+    long = ml_collections.ConfigDict(dict(base, num_steps=200))
+    short = ml_collections.ConfigDict(dict(base, num_steps=20))  # configs before the key: no entry at all
+
+    def updates(config):
+        tx, params = ts.make_optimizer(config), {"w": jnp.zeros(2)}
+        state, out = tx.init(params), []
+        for t in range(20):
+            u, state = tx.update({"w": jnp.array([1.0, -2.0]) * (t + 1)}, state, params)
+            out.append(np.asarray(u["w"]))
+        return np.stack(out)
+
+    np.testing.assert_array_equal(updates(short_on_long), updates(long))
+    assert not np.allclose(updates(short)[-5:], updates(long)[-5:])  # the 20-step cosine has decayed by then

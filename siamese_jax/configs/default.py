@@ -109,6 +109,10 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     # within make train's 10 minutes on 2 cores. Lake's 20 runs 96.5 / 97.25% for seeds 0 and 1
     # (without the augmentation 97.0 / 97.0%); BUILD_NOTES, "Omniglot, the CPU default".
     c.num_steps = 12000
+    # The cosine's length, when it should outlast the training (None: num_steps). Training stops at
+    # num_steps on a schedule that would decay over lr_schedule_steps: e.g. 30,000 steps of a
+    # 300,000-step cosine keep the rate at 98-100% of its peak (BUILD_NOTES, "Run EMA-C2").
+    c.lr_schedule_steps = ml_collections.config_dict.placeholder(int)
 
     # Validation (model selection) from the *background* set only: held-out alphabets.
     c.val_alphabets = 4           # Omniglot: this many background alphabets never trained on
