@@ -111,7 +111,7 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     c.num_steps = 12000
     # The cosine's length, when it should outlast the training (None: num_steps). Training stops at
     # num_steps on a schedule that would decay over lr_schedule_steps: e.g. 30,000 steps of a
-    # 300,000-step cosine keep the rate at 98-100% of its peak (BUILD_NOTES, "Run EMA-C2").
+    # 300,000-step cosine keep the rate at 97.6-100% of its peak (BUILD_NOTES, "Run EMA-C2").
     c.lr_schedule_steps = ml_collections.config_dict.placeholder(int)
 
     # Validation (model selection) from the *background* set only: held-out alphabets.
