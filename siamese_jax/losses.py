@@ -43,7 +43,7 @@ __all__ = [
     "hardest_negative_triplet_loss", "hardest_negative_triplet_loss_with_stats",
     "verification_logits", "verification_loss", "verification_loss_with_stats", "same_probability",
     "arcface_logits", "arcface_loss", "arcface_loss_with_stats",
-    "prototypical_loss", "prototypical_loss_with_stats",
+    "prototypical_logits", "prototypical_loss", "prototypical_loss_with_stats",
     "relational_distance_loss",
 ]
 
