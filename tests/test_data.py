@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import shutil
+import tempfile
 import zipfile
 
 import numpy as np
@@ -270,6 +271,9 @@ def test_tfds_mock_mnist_conversion(tmp_path):
 
 def test_tfds_offline_without_files_fails_fast(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
+    temp_root = tmp_path / "tmp"  # TFDS's builder left an empty tmp*tfds folder here on every load
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
     monkeypatch.setattr(tfds_source, "_network_available", lambda host: False)
     empty_root = tmp_path / "archives"
     (empty_root / "mnist").mkdir(parents=True)
@@ -279,6 +283,7 @@ def test_tfds_offline_without_files_fails_fast(tmp_path, monkeypatch):
     assert isinstance(info.value, FileNotFoundError) and "\n" not in message
     assert "t10k-images-idx3-ubyte.gz" in message and str(empty_root / "mnist") in message
     assert "network access" in message
+    assert not list(temp_root.iterdir())
 
 
 # --- errors ------------------------------------------------------------------------------------------

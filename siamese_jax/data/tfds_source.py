@@ -6,9 +6,11 @@ without those files we fail at once: TFDS itself would retry the download for mi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator, Optional
@@ -48,6 +50,20 @@ def _is_prepared(builder) -> bool:
         return builder.is_prepared()
     finally:
         absl_logger.removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def _tfds_scratch_tempdir():
+    """Point `tempfile` at a folder of our own, removed afterwards. TFDS's builder, for a dataset not
+    yet prepared, calls `DatasetInfo.initialize_from_bucket`, which makes a `tmp*tfds` folder in the
+    temp dir and never removes it (with GCS off it stays empty): one leaked folder in /tmp per load."""
+    with tempfile.TemporaryDirectory(prefix="siamese_tfds_") as scratch:
+        saved = tempfile.tempdir
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
 
 
 def _network_available(host: str, timeout_s: float = 3.0) -> bool:
@@ -190,7 +206,8 @@ def load_tfds(name: str, split: str, *, archive_dir: Optional[Path], data_dir=No
     manual_dir = Path(archive_dir) / name if archive_dir is not None else None
     # No file_format here: the builder would refuse data already prepared as TFRecord. _prepare asks
     # for ArrayRecord (random access, what as_data_source reads without TensorFlow).
-    builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
+    with _tfds_scratch_tempdir():
+        builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
 
     def prepared_key() -> Optional[str]:
         if not _is_prepared(builder):
