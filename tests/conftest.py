@@ -49,25 +49,3 @@ def data_dir() -> pathlib.Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return root
-
-
-# The longest tests (each a subprocess that trains; seconds on the idle 2-core box, stop 27's
-# `--durations`), then the rest of the slow set, then everything else. pytest-xdist's `load`
-# scheduler hands tests out in this order, round robin: started first, the long ones overlap the
-# many short ones instead of leaving one worker alone with a 3-minute test at the end.
-_LONGEST_FIRST = (
-    "tests/test_end_to_end.py::test_train_resume_and_evaluate_omniglot",  # ~190 s
-    "tests/test_benchmark.py::test_benchmark_quick_prints_and_writes_every_row",  # ~190 s
-    "tests/test_multihost.py::test_two_processes_preempt_resume_and_match_one_process",  # ~120 s
-    "tests/test_failure_modes.py::test_learning_rate_1e6_stops_in_seconds_and_the_named_checkpoint_resumes",
-    "tests/test_end_to_end.py::test_sigkill_mid_run_resumes_cleanly",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        if item.nodeid in _LONGEST_FIRST:
-            return _LONGEST_FIRST.index(item.nodeid)
-        return len(_LONGEST_FIRST) + (0 if item.get_closest_marker("slow") else 1)
-
-    items.sort(key=rank)  # stable: collection order within each rank
