@@ -1,6 +1,7 @@
 """One 3x3 convolution, XLA:CPU against PyTorch's CPU kernels: forward, and forward + both gradients.
 
     python -m experiments.conv_microbench        # needs the optional `bench` extra (torch)
+    python -m experiments.conv_microbench threads  # XLA only: how many cores each convolution uses
 
 Where a train-step row of `experiments.benchmark` loses, this says whether the convolutions are why
 (BUILD_NOTES, "Performance"). Shapes: 128 images, NHWC for XLA, NCHW for PyTorch, float32; mean of 5
@@ -8,6 +9,8 @@ calls after one warm-up call. The second table splits XLA's backward into the in
 kernel gradient, and times the kernel gradient written as nine matmuls over shifted views of the
 padded input (a lever tried: BUILD_NOTES, "Levers tried").
 """
+import resource
+import sys
 import time
 
 import jax
@@ -77,6 +80,39 @@ def backward_split():
         print(f"{b} x {h}px {ci}->{co:<14}{times[0]:>10.0f}{times[1]:>16.0f}{times[2]:>17.0f}")
 
 
+def _ms_and_cores(fn, n=50):
+    """Wall ms per call and the process's CPU time / wall time over n calls (1.0: one core busy)."""
+    jax.block_until_ready(fn())
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(n):
+        jax.block_until_ready(fn())
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return wall / n * 1e3, (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / wall
+
+
+def threads_per_convolution():
+    """On one XLA CPU device, which convolutions YNNPACK spreads over the cores, and whether two
+    independent convolutions in one program run side by side (they would let one device use every
+    core without the cross-device collectives of the data mesh)."""
+    print(f"{jax.device_count()} XLA device(s), {len(__import__('os').sched_getaffinity(0))} cores")
+    print(f"{'convolution (forward)':<28}{'ms':>8}{'cores busy':>12}")
+    # The CPU default encoder's four convolutions at its 35 px input, then wider ones.
+    shapes = [(128, 35, 1, 16), (128, 17, 16, 32), (128, 8, 32, 64), (128, 4, 64, 128),
+              (128, 17, 64, 64), (128, 17, 128, 128), (128, 8, 128, 128)]
+    fwd = jax.jit(_conv)
+    for b, h, ci, co in shapes:
+        x, w = jnp.ones((b, h, h, ci)), jnp.full((3, 3, ci, co), 0.01)
+        ms, cores = _ms_and_cores(lambda: fwd(x, w))
+        print(f"{b} x {h}px {ci}->{co:<14}{ms:>8.2f}{cores:>12.2f}")
+    x1, x2, w = jnp.ones((128, 17, 17, 16)), jnp.full((128, 17, 17, 16), 2.0), jnp.full((3, 3, 16, 32), 0.01)
+    two = jax.jit(lambda a, b, w: (_conv(a, w), _conv(b, w)))
+    ms, cores = _ms_and_cores(lambda: two(x1, x2, w))
+    print(f"{'two independent 16->32':<28}{ms:>8.2f}{cores:>12.2f}")
+
+
 if __name__ == "__main__":
-    main()
-    backward_split()
+    if sys.argv[1:] == ["threads"]:
+        threads_per_convolution()
+    else:
+        main()
+        backward_split()
