@@ -37,38 +37,22 @@ flags.DEFINE_bool("ensemble", False, "Also score all workdirs together: their em
 @functools.lru_cache(maxsize=None)  # --ensemble reuses each workdir's embeddings
 def _embed_validation(workdir: str, test_time_shifts=None):
     """The workdir's chosen checkpoint's embeddings of its validation images (and what scoring needs)."""
-    import json
-
-    import ml_collections
     import numpy as np
 
-    from siamese_jax import embedding, sampling
+    from siamese_jax import embedding, inference, sampling
     from siamese_jax import input_pipeline as ip
 
-    if os.path.isdir(workdir):
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = ml_collections.ConfigDict(json.load(f))
-        model_file = None
-    else:  # an exported model file or a shipped model's name
-        from siamese_jax import inference
-
-        try:
-            model_file = inference.load_model(workdir)
-        except inference.ModelError as e:
-            raise app.UsageError(str(e)) from None
-        config = ml_collections.ConfigDict(model_file.config.to_dict())
-    if FLAGS.data_dir:
-        config.archive_dir = FLAGS.data_dir
+    overrides = {"archive_dir": FLAGS.data_dir} if FLAGS.data_dir else {}
     if test_time_shifts:
-        config.test_time_shifts = test_time_shifts
+        overrides["test_time_shifts"] = test_time_shifts
+    try:  # a workdir's chosen checkpoint, a model file or a shipped model, on the data mesh
+        model, step = embedding.load_run(workdir, overrides)
+    except inference.ModelError as e:
+        raise app.UsageError(str(e)) from None
+    config = model.config
     _, val_ds = ip.train_val_datasets(config)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
-    if model_file is None:
-        model, step = embedding.load_workdir_model(config, workdir)
-        emb = np.asarray(model.embed_u8(np.asarray(val_dds.images)))
-    else:
-        step = int(model_file.provenance.get("step", -1))
-        emb = model_file.embed_u8(np.asarray(val_dds.images), config.get("test_time_shifts", "none"))
+    emb = np.asarray(model.embed_u8(np.asarray(val_dds.images)))
     return {"config": config, "labels": np.asarray(val_ds.labels), "val_dds": val_dds, "embeddings": emb,
             "step": step, "test_time_shifts": config.get("test_time_shifts", "none")}
 

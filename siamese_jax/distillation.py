@@ -15,14 +15,11 @@ them into model selection.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 
-import ml_collections
 import numpy as np
 
-from siamese_jax import embedding
+from siamese_jax import embedding, inference
 from siamese_jax import input_pipeline as ip
 from siamese_jax.config_check import ConfigError
 from siamese_jax.config_check import distill_teacher_workdirs as teacher_workdirs  # noqa: F401 (train.py's name)
@@ -33,24 +30,8 @@ log = logging.getLogger(__name__)
 _DATA_KEYS = ("source", "archive_dir", "tfds_data_dir", "cache_dir")
 
 
-def teacher_config(config, workdir: str) -> ml_collections.ConfigDict:
-    """The teacher run's own config (its config.json), reading the data where the student does."""
-    path = os.path.join(workdir, "config.json")
-    try:
-        with open(path) as f:
-            teacher = ml_collections.ConfigDict(json.load(f))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"config.distill_teachers: {workdir} has no readable config.json "
-                          f"({getattr(e, 'strerror', None) or type(e).__name__}); give workdirs of finished runs") from None
-    return _with_student_data_keys(config, teacher)
-
-
-def _with_student_data_keys(config, teacher: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    teacher = ml_collections.ConfigDict(teacher.to_dict())
-    for key in _DATA_KEYS:
-        if key in config:
-            teacher[key] = config[key]
-    return teacher
+def _student_data_keys(config) -> dict:
+    return {key: config[key] for key in _DATA_KEYS if key in config}
 
 
 def _teacher_train_images(config, teacher, source: str, train_ds) -> np.ndarray:
@@ -70,20 +51,12 @@ def teacher_embeddings(config, train_ds) -> np.ndarray:
     """[N, F] float32: the teachers' embeddings of the N training images, concatenated over teachers."""
     rows = []
     for source in teacher_workdirs(config):
-        if os.path.isdir(source):  # a training workdir: its best checkpoint, on the data mesh
-            teacher = teacher_config(config, source)
-            images = _teacher_train_images(config, teacher, source, train_ds)
-            model, step = embedding.load_workdir_model(teacher, source)
-        else:  # a model file or a shipped model's name (config_check has checked it exists)
-            from siamese_jax import inference  # here: the workdir path does not need it
-
-            try:
-                model = inference.load_model(source)
-            except inference.ModelError as e:
-                raise ConfigError(f"config.distill_teachers: {e}") from None
-            teacher = _with_student_data_keys(config, model.config)
-            images = _teacher_train_images(config, teacher, source, train_ds)
-            step = int(model.provenance.get("step", -1))
+        try:  # a workdir's selected checkpoint, a model file or a shipped model, on the data mesh
+            model, step = embedding.load_run(source, _student_data_keys(config))
+        except inference.ModelError as e:
+            raise ConfigError(f"config.distill_teachers: {e}") from None
+        teacher = model.config
+        images = _teacher_train_images(config, teacher, source, train_ds)
         rows.append(np.asarray(model.embed_u8(images), np.float32))
         log.info("teacher %s (step %d, %d px): %d-d embeddings of %d training images",
                  source, step, teacher.image_size, rows[-1].shape[1], len(rows[-1]))
