@@ -39,14 +39,14 @@ def _embed_validation(workdir: str, test_time_shifts=None):
     """The workdir's chosen checkpoint's embeddings of its validation images (and what scoring needs)."""
     import numpy as np
 
-    from siamese_jax import embedding, inference, sampling
+    from siamese_jax import inference, sampling
     from siamese_jax import input_pipeline as ip
 
     overrides = {"archive_dir": FLAGS.data_dir} if FLAGS.data_dir else {}
     if test_time_shifts:
         overrides["test_time_shifts"] = test_time_shifts
     try:  # a workdir's chosen checkpoint, a model file or a shipped model, on the data mesh
-        model, step = embedding.load_run(workdir, overrides)
+        model, step = inference.load_run(workdir, overrides)
     except inference.ModelError as e:
         raise app.UsageError(str(e)) from None
     config = model.config

@@ -52,7 +52,7 @@ def teacher_embeddings(config, train_ds) -> np.ndarray:
     rows = []
     for source in teacher_workdirs(config):
         try:  # a workdir's selected checkpoint, a model file or a shipped model, on the data mesh
-            model, step = embedding.load_run(source, _student_data_keys(config))
+            model, step = inference.load_run(source, _student_data_keys(config))
         except inference.ModelError as e:
             raise ConfigError(f"config.distill_teachers: {e}") from None
         teacher = model.config

@@ -6,17 +6,14 @@ size exactly as training did.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import ml_collections
 import numpy as np
 
 from siamese_jax import checkpoints as ckpt_lib
-from siamese_jax import inference, models, parallel, test_time
+from siamese_jax import models, parallel, test_time
 from siamese_jax import train_step as ts
 from siamese_jax.augment import resize_uint8
 
@@ -96,36 +93,3 @@ def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[Loade
     # checkpoint holds the live weights, and the average in its optimizer state).
     state = ts.averaged_state(state)
     return LoadedModel(config, state, mesh), int(state.step)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Weights:
-    """What `LoadedModel` reads of a train state, for weights that come from a model file."""
-    params: Any
-    batch_stats: Any
-
-
-jax.tree_util.register_dataclass(_Weights, data_fields=["params", "batch_stats"], meta_fields=[])
-
-
-def load_run(source: str, overrides: Optional[dict] = None) -> tuple[LoadedModel, int]:
-    """A trained model from any of `inference.load_model`'s sources (a training workdir's selected
-    checkpoint, an exported .msgpack file or a shipped model's name) as a LoadedModel on the data
-    mesh, so that embedding many images uses every device; and its training step (-1 if unknown).
-    `overrides` replace keys of its config first (where the data is on this machine, a test-time
-    shift set). Raises `inference.ModelError` (one line) for a source that is none of these."""
-    if os.path.isdir(source):
-        try:
-            with open(os.path.join(source, "config.json")) as f:
-                config = ml_collections.ConfigDict(json.load(f))
-        except (OSError, ValueError) as e:
-            raise inference.ModelError(f"{source}: not a finished training workdir (no readable config.json: "
-                                       f"{getattr(e, 'strerror', None) or type(e).__name__})") from None
-        config.update(overrides or {})
-        return load_workdir_model(config, source)
-    model = inference.load_model(source)
-    config = ml_collections.ConfigDict(model.config.to_dict())
-    config.update(overrides or {})
-    mesh = parallel.make_data_mesh()
-    weights = parallel.put_replicated(_Weights(model.params, model.batch_stats), mesh)
-    return LoadedModel(config, weights, mesh), int(model.provenance.get("step", -1))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -280,3 +280,39 @@ def _load_workdir(workdir: str) -> SiameseModel:
         with open(cal_path) as f:
             cal = Calibration(**json.load(f))
     return SiameseModel(config, state.params, state.batch_stats, cal, {"workdir": os.path.abspath(workdir), "step": step})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weights:
+    """What `embedding.LoadedModel` reads of a train state, for weights from a model file."""
+    params: Any
+    batch_stats: Any
+
+
+jax.tree_util.register_dataclass(_Weights, data_fields=["params", "batch_stats"], meta_fields=[])
+
+
+def load_run(source: str, overrides: Optional[dict] = None):
+    """(`embedding.LoadedModel` on the data mesh, training step or -1) for any of `load_model`'s
+    sources: a training workdir's selected checkpoint, an exported .msgpack file or a shipped model's
+    name. For embedding many images (distillation teachers, validation_recheck): the work is spread
+    over every device, where a SiameseModel embeds on one. `overrides` replace keys of the model's
+    config first (where the data is on this machine, a test-time shift set). Raises ModelError (one
+    line) for a source that is none of these."""
+    from siamese_jax import embedding, parallel  # as in _load_workdir: orbax only when needed
+
+    if os.path.isdir(source):
+        try:
+            with open(os.path.join(source, "config.json")) as f:
+                config = ml_collections.ConfigDict(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{source}: not a finished training workdir (no readable config.json: "
+                             f"{getattr(e, 'strerror', None) or type(e).__name__})") from None
+        config.update(overrides or {})
+        return embedding.load_workdir_model(config, source)
+    model = load_model(source)
+    config = ml_collections.ConfigDict(model.config.to_dict())
+    config.update(overrides or {})
+    mesh = parallel.make_data_mesh()
+    weights = parallel.put_replicated(_Weights(model.params, model.batch_stats), mesh)
+    return embedding.LoadedModel(config, weights, mesh), int(model.provenance.get("step", -1))

@@ -523,8 +523,8 @@ def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):
     (workdir / "config.json").write_text(config.to_json_best_effort())
     inference.load_model(str(workdir)).save(str(tmp_path / "run.msgpack"))
     images = np.random.default_rng(0).integers(0, 256, (6, config.image_size, config.image_size), dtype=np.uint8)
-    from_dir, step_dir = embedding.load_run(str(workdir), {"archive_dir": "/elsewhere"})
-    from_file, step_file = embedding.load_run(str(tmp_path / "run.msgpack"), {"archive_dir": "/elsewhere"})
+    from_dir, step_dir = inference.load_run(str(workdir), {"archive_dir": "/elsewhere"})
+    from_file, step_file = inference.load_run(str(tmp_path / "run.msgpack"), {"archive_dir": "/elsewhere"})
     assert step_dir == step_file == 1
     assert from_dir.config.archive_dir == from_file.config.archive_dir == "/elsewhere"
     np.testing.assert_allclose(from_file.embed_u8(images), from_dir.embed_u8(images), rtol=1e-5, atol=1e-6)
@@ -532,7 +532,7 @@ def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):
     for source, message in ((tmp_path / "empty", "not a finished training workdir (no readable config.json"),
                             (tmp_path / "nowhere.msgpack", "no such model file or workdir")):
         with pytest.raises(inference.ModelError, match=re.escape(message)):
-            embedding.load_run(str(source))
+            inference.load_run(str(source))
 
 
 def test_checkpoint_of_another_model_is_an_error_and_left_alone(tmp_path):
