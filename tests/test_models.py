@@ -154,3 +154,54 @@ def test_fused_block_keeps_nn_batchnorm_variable_names_and_bfloat16():
     grads = jax.grad(lambda p: jnp.sum(enc.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
                                                  mutable=["batch_stats"])[0]))(v["params"])
     assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+
+
+def _lax_conv(x, kernel, strides=(1, 1), padding="SAME"):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("shape,channels", [((8, 35, 35, 1), 16), ((3, 7, 6, 1), 5), ((2, 1, 1, 1), 4)])
+def test_one_channel_conv3x3_equals_the_library_convolution(shape, channels):
+    """The first layer's convolution on CPU: the values and both gradients of lax's, odd sizes and a
+    1x1 image (where only the centre tap sees the image) included."""
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.uniform(kx, shape)
+    kernel = 0.5 * jax.random.normal(kw, (3, 3, 1, channels))
+    cot = jax.random.normal(kg, shape[:3] + (channels,))
+    ref, vjp_ref = jax.vjp(_lax_conv, x, kernel)
+    ours, vjp_ours = jax.vjp(jax.jit(models.one_channel_conv3x3), x, kernel)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    for g_ours, g_ref in zip(vjp_ours(cot), vjp_ref(cot)):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_first_layer_uses_the_one_channel_convolution_only_where_it_applies(monkeypatch):
+    """SmallConvEncoder's first convolution (one input channel, 3x3, stride 1, SAME) takes the
+    one-channel path on CPU; every other convolution is lax's own, called with nn.Conv's arguments.
+    The encoder's embeddings and gradients are those of lax convolutions throughout."""
+    calls = []
+    real = models.one_channel_conv3x3
+    monkeypatch.setattr(models, "one_channel_conv3x3", lambda x, k: calls.append(x.shape) or real(x, k))
+    enc = models.SmallConvEncoder(widths=(4, 8), embedding_dim=3)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 9, 9, 1))
+    v = enc.init(jax.random.PRNGKey(0), x)
+
+    def loss(params):
+        return jnp.sum(enc.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                                 mutable=["batch_stats"])[0] ** 2)
+
+    ours = jax.value_and_grad(loss)(v["params"])
+    assert calls and all(shape[-1] == 1 for shape in calls)  # the first layer only
+    # Shapes it does not handle (two channels; stride 2) are lax's, exactly.
+    cgd, calls[:] = models.conv_general_dilated_cpu, []
+    x2 = jax.random.uniform(jax.random.PRNGKey(2), (2, 9, 9, 2))
+    k2 = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 2, 4))
+    for lhs, rhs, strides in ((x2, k2, (1, 1)), (x, k2[:, :, :1], (2, 2))):
+        dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+        np.testing.assert_array_equal(cgd(lhs, rhs, strides, "SAME", dimension_numbers=dn),
+                                      jax.lax.conv_general_dilated(lhs, rhs, strides, "SAME", dimension_numbers=dn))
+    assert not calls
+    monkeypatch.setattr(models, "conv_general_dilated_cpu", jax.lax.conv_general_dilated)
+    ref = jax.value_and_grad(loss)(v["params"])
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):  # BatchNorm's gradient amplifies rounding
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
