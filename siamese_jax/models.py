@@ -133,9 +133,11 @@ one_channel_conv3x3.defvjp(_one_channel_conv3x3_fwd, _one_channel_conv3x3_bwd)
 def conv_general_dilated_cpu(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                              dimension_numbers=None, feature_group_count=1, precision=None, **kw):
     """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`, except that on CPU a 3x3,
-    stride 1, SAME convolution of a one-channel NHWC input runs as `one_channel_conv3x3` (the CPU
-    default encoder's first layer: +19% steps/s, BUILD_NOTES "Levers tried"). GPU and TPU keep the
-    library convolution (not measured there)."""
+    stride 1, SAME convolution of a one-channel NHWC input runs as `one_channel_conv3x3`.
+    SmallConvEncoder uses it in training only, where it was measured (BUILD_NOTES, "Levers tried"):
+    the CPU default step +16–19% steps/s on the 2-device data mesh, even on one device. Embedding
+    keeps the library convolution, which on one device spreads over the cores (there the shifted
+    multiply-adds embedded 25–40% fewer images/s). GPU and TPU keep it too (not measured there)."""
     nhwc = (dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
             and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1) and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
     if (nhwc and jax.default_backend() == "cpu" and lhs.ndim == 4 and lhs.shape[-1] == 1
@@ -221,8 +223,9 @@ class SmallConvEncoder(nn.Module):
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
+            # Training only: see conv_general_dilated_cpu (embedding keeps the library convolution).
             x = nn.Conv(width, (3, 3), padding="SAME", use_bias=self.norm == "none", dtype=self.dtype,
-                        param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated_cpu)(x)
+                        param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated_cpu if train else None)(x)
             pool = x.shape[1] >= 2  # stop pooling once the map is 1x1 (e.g. 28 -> 14 -> 7 -> 3 -> 1)
             if self.norm == "batch" and self.fused_batch_norm:  # BatchNorm + ReLU + pool as one op
                 x = BatchNormReLUPool(pool=pool, momentum=0.9, dtype=self.dtype, name=f"BatchNorm_{i}")(x, train)
