@@ -218,14 +218,17 @@ class SmallConvEncoder(nn.Module):
     l2_normalize: bool = False
     dtype: Dtype = jnp.float32
     fused_batch_norm: bool = True  # False: nn.BatchNorm + nn.relu + max-pool (same math, slower on CPU)
+    # False: the library convolution in training too (same math, slower on CPU; conv_general_dilated_cpu).
+    one_channel_first_conv: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
             # Training only: see conv_general_dilated_cpu (embedding keeps the library convolution).
+            conv = conv_general_dilated_cpu if train and self.one_channel_first_conv else None
             x = nn.Conv(width, (3, 3), padding="SAME", use_bias=self.norm == "none", dtype=self.dtype,
-                        param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated_cpu if train else None)(x)
+                        param_dtype=jnp.float32, conv_general_dilated=conv)(x)
             pool = x.shape[1] >= 2  # stop pooling once the map is 1x1 (e.g. 28 -> 14 -> 7 -> 3 -> 1)
             if self.norm == "batch" and self.fused_batch_norm:  # BatchNorm + ReLU + pool as one op
                 x = BatchNormReLUPool(pool=pool, momentum=0.9, dtype=self.dtype, name=f"BatchNorm_{i}")(x, train)

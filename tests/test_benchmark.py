@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "step_conv128_batch_hard",
-           "fused_bn", "loop", "embed_png", "resize_host", "sampling", "knn"]
+           "fused_bn", "first_conv", "loop", "embed_png", "resize_host", "sampling", "knn"]
 
 
 def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
@@ -40,6 +40,19 @@ def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
     # The embedding row's PNG folder is removed: every benchmark run
     # used to leave a 1 MB folder of PNGs in /tmp.
     assert not list(scratch.glob("bench_png_*")), sorted(p.name for p in scratch.iterdir())
+
+
+def test_an_unknown_row_is_a_one_line_error():
+    r = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--only=step_cpu_default,fused-bn"],
+                       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "--only: unknown row fused-bn (rows: step_cpu_default," in r.stderr
+
+
+def test_row_ids_are_the_benchmarks_own():
+    from experiments import benchmark
+
+    assert ROW_IDS == benchmark.ROW_IDS
 
 
 @pytest.mark.parametrize("gpu", [False, True])
