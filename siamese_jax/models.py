@@ -134,10 +134,12 @@ def conv_general_dilated_cpu(lhs, rhs, window_strides, padding, lhs_dilation=Non
                              dimension_numbers=None, feature_group_count=1, precision=None, **kw):
     """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`, except that on CPU a 3x3,
     stride 1, SAME convolution of a one-channel NHWC input runs as `one_channel_conv3x3`.
-    SmallConvEncoder uses it in training only, where it was measured (BUILD_NOTES, "Levers tried"):
-    the CPU default step +16–19% steps/s on the 2-device data mesh, even on one device. Embedding
-    keeps the library convolution, which on one device spreads over the cores (there the shifted
-    multiply-adds embedded 25–40% fewer images/s). GPU and TPU keep it too (not measured there)."""
+    SmallConvEncoder uses it where it was measured to win (BUILD_NOTES, "Levers tried"): in
+    training with the fused BatchNorm op, +9–19% steps/s on the CPU default's 2-device data mesh
+    (even on one device). Elsewhere the library convolution stays: embedding, which on one device
+    spreads it over the cores (the shifted form embedded 25–40% fewer images/s), and the Flax
+    BatchNorm layers (fused_batch_norm=False: 22.5 → 16.3 steps/s with it). GPU and TPU keep the
+    library convolution too (not measured there)."""
     nhwc = (dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
             and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1) and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
     if (nhwc and jax.default_backend() == "cpu" and lhs.ndim == 4 and lhs.shape[-1] == 1
@@ -218,15 +220,17 @@ class SmallConvEncoder(nn.Module):
     l2_normalize: bool = False
     dtype: Dtype = jnp.float32
     fused_batch_norm: bool = True  # False: nn.BatchNorm + nn.relu + max-pool (same math, slower on CPU)
-    # False: the library convolution in training too (same math, slower on CPU; conv_general_dilated_cpu).
+    # False: the library convolution in training too (same math; conv_general_dilated_cpu says when it is slower).
     one_channel_first_conv: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
-            # Training only: see conv_general_dilated_cpu (embedding keeps the library convolution).
-            conv = conv_general_dilated_cpu if train and self.one_channel_first_conv else None
+            # Training with the fused BatchNorm op only, where it was measured to win (see
+            # conv_general_dilated_cpu); embedding keeps the library convolution.
+            fused = self.norm == "batch" and self.fused_batch_norm
+            conv = conv_general_dilated_cpu if train and fused and self.one_channel_first_conv else None
             x = nn.Conv(width, (3, 3), padding="SAME", use_bias=self.norm == "none", dtype=self.dtype,
                         param_dtype=jnp.float32, conv_general_dilated=conv)(x)
             pool = x.shape[1] >= 2  # stop pooling once the map is 1x1 (e.g. 28 -> 14 -> 7 -> 3 -> 1)

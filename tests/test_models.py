@@ -176,8 +176,8 @@ def test_one_channel_conv3x3_equals_the_library_convolution(shape, channels):
 
 
 def test_encoder_first_layer_uses_the_one_channel_convolution_only_where_it_applies(monkeypatch):
-    """In training, SmallConvEncoder's first convolution (one input channel, 3x3, stride 1, SAME)
-    takes the one-channel path on CPU; every other convolution, and embedding, is lax's own, called with nn.Conv's arguments.
+    """In training with the fused BatchNorm op, SmallConvEncoder's first convolution (one input
+    channel, 3x3, stride 1, SAME) takes the one-channel path on CPU; every other convolution, and embedding, is lax's own, called with nn.Conv's arguments.
     The encoder's embeddings and gradients are those of lax convolutions throughout."""
     calls = []
     real = models.one_channel_conv3x3
@@ -193,7 +193,8 @@ def test_encoder_first_layer_uses_the_one_channel_convolution_only_where_it_appl
     ours = jax.value_and_grad(loss)(v["params"])
     assert calls and all(shape[-1] == 1 for shape in calls)  # the first layer only
     calls.clear()
-    enc.apply(v, x, train=False)  # embedding keeps the library convolution
+    enc.apply(v, x, train=False)  # embedding keeps the library convolution, and so do the Flax layers
+    enc.clone(fused_batch_norm=False).apply(v, x, train=True, mutable=["batch_stats"])
     assert not calls
     # Shapes it does not handle (two channels; stride 2) are lax's, exactly.
     cgd, calls[:] = models.conv_general_dilated_cpu, []
