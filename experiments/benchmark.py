@@ -36,7 +36,7 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 # Every row, in the order a full run prints them (`--only` takes these ids).
 ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "step_conv128_batch_hard",
-           "fused_bn", "first_conv", "loop", "embed_png", "resize_host", "sampling", "knn"]
+           "fused_bn", "loop", "embed_png", "resize_host", "sampling", "knn"]
 
 
 def define_flags():
@@ -112,7 +112,7 @@ def _step_specs(quick, on_gpu):
     ]
 
 
-def _our_step(spec, dtype, fused=True, augment=False, one_channel_conv=True):
+def _our_step(spec, dtype, fused=True, augment=False):
     """Ours: (step_fn, fixed global batch as numpy) for a spec, the jitted data-parallel step of
     experiments.train on the mesh over all devices. `augment`: with the config's on-device
     augmentation inside the step, as training runs it (off for the peer rows: the peer has none)."""
@@ -131,8 +131,6 @@ def _our_step(spec, dtype, fused=True, augment=False, one_channel_conv=True):
     model = models.build_model(config)
     if not fused and config.model == "small":
         model = model.clone(encoder=model.encoder.clone(fused_batch_norm=False))
-    if not one_channel_conv and config.model == "small":
-        model = model.clone(encoder=model.encoder.clone(one_channel_first_conv=False))
     tx = optax.adam(1e-3)
     mesh = parallel.make_data_mesh()
     rng = np.random.default_rng(0)
@@ -246,26 +244,6 @@ def bench_fused_bn(quick):
         rates[fused] = _median_rate(one, 2 if quick else 10, 3 if quick else 7, jax.block_until_ready)
     _row("fused_bn", "BatchNorm+ReLU+pool in the CPU default", "step/s", rates[True], rates[False],
          "fused op", "Flax layers")
-
-
-def bench_first_conv(quick):
-    """The CPU default step with its first convolution (one input channel) as shifted multiply-adds
-    (`models.one_channel_conv3x3`, what training runs on CPU) against the library convolution. Both
-    steps are compiled first and their blocks alternate, so the box's drift (a third, minute to
-    minute) falls on both alike; each rate is the median of its blocks."""
-    import jax
-
-    spec = _step_specs(quick, False)[0][2]
-    steps = {flag: _our_step(spec, "float32", one_channel_conv=flag)[0] for flag in (True, False)}
-    for one in steps.values():
-        for _ in range(1 if quick else 3):
-            jax.block_until_ready(one())
-    rates = {flag: [] for flag in steps}
-    for _ in range(3 if quick else 12):
-        for flag, one in steps.items():
-            rates[flag].append(_median_rate(one, 2 if quick else 10, 1, jax.block_until_ready, warmup=0))
-    _row("first_conv", "first convolution (1 channel) in the CPU default", "step/s",
-         statistics.median(rates[True]), statistics.median(rates[False]), "shifted multiply-adds", "library conv")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -504,8 +482,6 @@ def main(argv):
     bench_steps(quick, only)
     if want("fused_bn"):
         bench_fused_bn(quick)
-    if want("first_conv"):
-        bench_first_conv(quick)
     if want("loop"):
         bench_loop(quick, FLAGS.data_dir)
     if want("embed_png"):

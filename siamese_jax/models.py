@@ -89,69 +89,6 @@ def _bn_relu_pool_bwd(epsilon, pool, residuals, cotangents):
 batch_norm_relu_pool.defvjp(_bn_relu_pool_fwd, _bn_relu_pool_bwd)
 
 
-def _shifted_views(x):
-    """The 9 views x[n, y + i - 1, x + j - 1] (zero outside) of NHWC x, i, j in 0..2 (row-major)."""
-    h, w = x.shape[1], x.shape[2]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return [padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
-
-
-def _one_channel_conv3x3_forward(x, kernel):
-    return sum(view * kernel[i // 3, i % 3, 0] for i, view in enumerate(_shifted_views(x)))
-
-
-@jax.custom_vjp
-def one_channel_conv3x3(x, kernel):
-    """3x3 SAME convolution of a one-channel NHWC image: x [N, H, W, 1], kernel [3, 3, 1, C] (HWIO).
-
-    The values of `lax.conv_general_dilated` (summed in another order: ~1e-7 apart). Why: XLA:CPU
-    runs a convolution with one input channel through YNNPACK at ~7 GFLOP/s on both cores, which
-    on the data mesh stalls the other device's thread (BUILD_NOTES, "Levers tried"). Here the
-    forward pass is nine multiply-adds of shifted views, one elementwise fusion on one core; the
-    kernel gradient one matrix product of the 9 stacked views with the output gradient (autodiff of
-    the multiply-adds would make nine reductions over the full-resolution gradient, 2.3x slower in
-    the step). The input gradient, which training never uses (the input is the data), is autodiff's
-    and left to XLA to drop."""
-    return _one_channel_conv3x3_forward(x, kernel)
-
-
-def _one_channel_conv3x3_fwd(x, kernel):
-    return _one_channel_conv3x3_forward(x, kernel), (x, kernel)
-
-
-def _one_channel_conv3x3_bwd(residuals, dy):
-    x, kernel = residuals
-    views = jnp.concatenate(_shifted_views(x), axis=-1).reshape(-1, 9)  # [N·H·W, 9]
-    d_kernel = (views.T @ dy.reshape(-1, dy.shape[-1]).astype(views.dtype)).reshape(kernel.shape)
-    dx = jax.vjp(lambda x: _one_channel_conv3x3_forward(x, kernel), x)[1](dy)[0]
-    return dx, d_kernel.astype(kernel.dtype)
-
-
-one_channel_conv3x3.defvjp(_one_channel_conv3x3_fwd, _one_channel_conv3x3_bwd)
-
-
-def conv_general_dilated_cpu(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                             dimension_numbers=None, feature_group_count=1, precision=None, **kw):
-    """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`, except that on CPU a 3x3,
-    stride 1, SAME convolution of a one-channel NHWC input runs as `one_channel_conv3x3`.
-    SmallConvEncoder uses it where it was measured to win (BUILD_NOTES, "Levers tried"): in
-    training with the fused BatchNorm op, +9–19% steps/s on the CPU default's 2-device data mesh
-    (even on one device). Elsewhere the library convolution stays: embedding, which on one device
-    spreads it over the cores (the shifted form embedded 25–40% fewer images/s), and the Flax
-    BatchNorm layers (fused_batch_norm=False: 22.5 → 16.3 steps/s with it). GPU and TPU keep the
-    library convolution too (not measured there)."""
-    nhwc = (dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
-            and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1) and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
-    if (nhwc and jax.default_backend() == "cpu" and lhs.ndim == 4 and lhs.shape[-1] == 1
-            and rhs.shape[:3] == (3, 3, 1) and tuple(window_strides) == (1, 1)
-            and padding in ("SAME", ((1, 1), (1, 1))) and tuple(lhs_dilation or (1, 1)) == (1, 1)
-            and tuple(rhs_dilation or (1, 1)) == (1, 1) and feature_group_count == 1 and not kw):
-        return one_channel_conv3x3(lhs, rhs.astype(lhs.dtype))
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                        feature_group_count=feature_group_count, precision=precision, **kw)
-
-
 class BatchNormReLUPool(nn.Module):
     """`nn.BatchNorm` → ReLU → optional 2x2 max-pool with the same variables as `nn.BatchNorm`
     (params scale/bias, batch_stats mean/var, momentum, epsilon), so checkpoints and the shipped
@@ -220,19 +157,13 @@ class SmallConvEncoder(nn.Module):
     l2_normalize: bool = False
     dtype: Dtype = jnp.float32
     fused_batch_norm: bool = True  # False: nn.BatchNorm + nn.relu + max-pool (same math, slower on CPU)
-    # False: the library convolution in training too (same math; conv_general_dilated_cpu says when it is slower).
-    one_channel_first_conv: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
-            # Training with the fused BatchNorm op only, where it was measured to win (see
-            # conv_general_dilated_cpu); embedding keeps the library convolution.
-            fused = self.norm == "batch" and self.fused_batch_norm
-            conv = conv_general_dilated_cpu if train and fused and self.one_channel_first_conv else None
-            x = nn.Conv(width, (3, 3), padding="SAME", use_bias=self.norm == "none", dtype=self.dtype,
-                        param_dtype=jnp.float32, conv_general_dilated=conv)(x)
+            x = nn.Conv(width, (3, 3), padding="SAME", use_bias=self.norm == "none",
+                        dtype=self.dtype, param_dtype=jnp.float32)(x)
             pool = x.shape[1] >= 2  # stop pooling once the map is 1x1 (e.g. 28 -> 14 -> 7 -> 3 -> 1)
             if self.norm == "batch" and self.fused_batch_norm:  # BatchNorm + ReLU + pool as one op
                 x = BatchNormReLUPool(pool=pool, momentum=0.9, dtype=self.dtype, name=f"BatchNorm_{i}")(x, train)

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "step_conv128_batch_hard",
-           "fused_bn", "first_conv", "loop", "embed_png", "resize_host", "sampling", "knn"]
+           "fused_bn", "loop", "embed_png", "resize_host", "sampling", "knn"]
 
 
 def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
