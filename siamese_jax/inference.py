@@ -267,11 +267,7 @@ def _load_workdir(workdir: str) -> SiameseModel:
     # training workdir, and `compare` with the shipped model file should start fast.
     from siamese_jax.embedding import load_workdir_model
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ModelError(f"{workdir}: not a training workdir (no config.json)")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = _workdir_config(workdir)
     loaded, step = load_workdir_model(config, workdir)
     state = jax.device_get(loaded.state)
     cal = None
@@ -280,6 +276,16 @@ def _load_workdir(workdir: str) -> SiameseModel:
         with open(cal_path) as f:
             cal = Calibration(**json.load(f))
     return SiameseModel(config, state.params, state.batch_stats, cal, {"workdir": os.path.abspath(workdir), "step": step})
+
+
+def _workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """A training workdir's config.json; ModelError (one line) if it has none that reads."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{workdir}: not a finished training workdir (no readable config.json: "
+                         f"{getattr(e, 'strerror', None) or type(e).__name__})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,12 +308,7 @@ def load_run(source: str, overrides: Optional[dict] = None):
     from siamese_jax import embedding, parallel  # as in _load_workdir: orbax only when needed
 
     if os.path.isdir(source):
-        try:
-            with open(os.path.join(source, "config.json")) as f:
-                config = ml_collections.ConfigDict(json.load(f))
-        except (OSError, ValueError) as e:
-            raise ModelError(f"{source}: not a finished training workdir (no readable config.json: "
-                             f"{getattr(e, 'strerror', None) or type(e).__name__})") from None
+        config = _workdir_config(source)
         config.update(overrides or {})
         return embedding.load_workdir_model(config, source)
     model = load_model(source)

@@ -511,7 +511,7 @@ def test_loading_a_workdir_model_initialises_no_parameters(tmp_path, monkeypatch
 
 
 def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):
-    """`embedding.load_run` is how distillation teachers and validation_recheck read a run: its
+    """`inference.load_run` is how distillation teachers and validation_recheck read a run: its
     workdir and its exported model file give the same embeddings and step; anything else is one
     ModelError line."""
     config = _tiny_config()
