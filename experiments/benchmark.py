@@ -9,6 +9,8 @@ Rows (ours / peer; > 1 means ours is faster):
    anchor's hardest negative), Koch et al.'s 105x105 net with its verification loss and with the
    triplet loss, and 4 x conv-128 + BatchNorm at 56 px with batch-hard (the GPU headline configs;
    on CPU at small batches). PyTorch is the optional `bench` extra; without it the rows say so.
+   The CPU default also as training runs it: with its on-device augmentation (a random ±2 px shift
+   and Simard's elastic field, bilinear) inside the step, the peer doing the same with `grid_sample`.
 2. The fused BatchNorm + ReLU + max-pool op against the same three Flax layers (a lever, kept).
 3. The training loop of `experiments.train` (on-device sampling, metrics, validation, checkpoints)
    against its bare train step on a fixed batch: the loop's marginal steps/s from two runs that
@@ -36,7 +38,7 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 # Every row, in the order a full run prints them (`--only` takes these ids).
 ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "step_conv128_batch_hard",
-           "fused_bn", "loop", "embed_png", "resize_host", "sampling", "knn"]
+           "step_cpu_default_augmented", "fused_bn", "loop", "embed_png", "resize_host", "sampling", "knn"]
 
 
 def define_flags():
@@ -172,8 +174,29 @@ def _our_step(spec, dtype, fused=True, augment=False):
     return one, host
 
 
-def _peer_step_rate(torch_peer, kind, host, image_size, device, calls, blocks, quick=False, widths=(16, 32, 64, 128)):
-    """Best of eager and torch.compile, steps/s; and which one won."""
+def _interleaved_rates(contestants, calls, blocks, warmup=3):
+    """{name: calls/s} for contestants {name: (fn, sync)}: each warmed up, then `blocks` rounds that
+    time one block of `calls` calls of every contestant in turn; the median block per contestant.
+    Interleaved so that ours and the peers share the same minutes: this box's speed drifts by up to
+    30% from one minute to the next, and timing ours, then the peer, moved ratios by as much."""
+    for fn, sync in contestants.values():
+        for _ in range(warmup):
+            sync(fn())
+    rates = {name: [] for name in contestants}
+    for _ in range(blocks):
+        for name, (fn, sync) in contestants.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                out = fn()
+            sync(out)
+            rates[name].append(calls / (time.perf_counter() - t))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def _peer_steps(torch_peer, kind, host, image_size, device, quick=False, widths=(16, 32, 64, 128), augment=None):
+    """{"eager": (fn, sync), "torch.compile": (fn, sync)} (eager only with `quick`: torch.compile's
+    codegen takes minutes on CPU): the peer's train step on the row's batch. `augment`: see
+    torch_peer.make_step."""
     import numpy as np
     import torch
 
@@ -190,14 +213,20 @@ def _peer_step_rate(torch_peer, kind, host, image_size, device, calls, blocks, q
     if device.startswith("cuda"):
         images = images.to(memory_format=torch.channels_last)
     target = target.to(device)
-    best, best_mode = 0.0, None
-    for compiled in (False,) if quick else (False, True):  # torch.compile's codegen takes minutes on CPU
-        step = torch_peer.make_step(kind, compile=compiled, device=device, image_size=image_size, widths=widths)
-        rate = _median_rate(lambda: step(images, target), calls, blocks, lambda _: torch_peer.synchronize(device),
-                            warmup=3 if not compiled else 4)
-        if rate > best:
-            best, best_mode = rate, "torch.compile" if compiled else "eager"
-    return best, best_mode
+    sync = lambda _: torch_peer.synchronize(device)  # noqa: E731
+    steps = {}
+    for compiled in (False,) if quick else (False, True):
+        step = torch_peer.make_step(kind, compile=compiled, device=device, image_size=image_size, widths=widths,
+                                    augment=augment)
+        steps["torch.compile" if compiled else "eager"] = ((lambda step=step: step(images, target)), sync)
+    return steps
+
+
+def _best_peer(rates):
+    """(rate, mode) of the fastest peer among interleaved rates {"ours...": r, "eager": r, ...}."""
+    peers = {name: r for name, r in rates.items() if not name.startswith("ours")}
+    mode = max(peers, key=peers.get)
+    return peers[mode], mode
 
 
 def bench_steps(quick, only):
@@ -222,26 +251,83 @@ def bench_steps(quick, only):
         else:
             c, b = calls, blocks
         one, host = _our_step(spec, dtype)
-        ours = _median_rate(one, c, b, jax.block_until_ready, warmup=1 if quick else 3)
+        contestants = {"ours": (one, jax.block_until_ready)}
         peer, mode, note = None, None, "torch not installed (pip install -e '.[bench]')"
         if torch_peer is not None:
             # The peer gets the row's encoder widths: without them the 4 x conv-128 row once timed the
             # default 16-32-64-128 network against ours (a 0.06x "ratio" that compared two networks).
-            peer, mode = _peer_step_rate(torch_peer, peer_kind, host, spec["image_size"], device, c, b, quick,
-                                         widths=spec.get("widths", (16, 32, 64, 128)))
+            contestants.update(_peer_steps(torch_peer, peer_kind, host, spec["image_size"], device, quick,
+                                           widths=spec.get("widths", (16, 32, 64, 128))))
             note = None
-        _row(row_id, title, "step/s", ours, peer, f"ours {dtype}", f"torch {mode or ''}".strip(),
-             peer_mode=mode, peer_note=note, images_per_step=sum(len(v) for k, v in host.items() if v.ndim == 4))
+        rates = _interleaved_rates(contestants, c, b, warmup=1 if quick else 4)
+        if torch_peer is not None:
+            peer, mode = _best_peer(rates)
+        _row(row_id, title, "step/s", rates["ours"], peer, f"ours {dtype}", f"torch {mode or ''}".strip(),
+             peer_mode=mode, peer_note=note, peer_rates={k: v for k, v in rates.items() if k != "ours"},
+             images_per_step=sum(len(v) for k, v in host.items() if v.ndim == 4))
+
+
+def _peer_augmentation(spec):
+    """The default config's augmentation as torch_peer.make_step's `augment` dict (shift + elastic
+    field in pixels of the image drawn); an error if the config asks for more than the peer does."""
+    from siamese_jax import input_pipeline
+    from siamese_jax.configs import default
+
+    config = default.get_config("omniglot")
+    config.update(spec)
+    aff = input_pipeline.augment_config(config)
+    if aff is None or (aff.rotation_deg, aff.shear, tuple(aff.scale), aff.prob) != (0.0, 0.0, (1.0, 1.0), 1.0):
+        raise ValueError(f"the peer augments with shifts and the elastic field only, not {aff}")
+    limit = aff.translate_px * (config.image_size / aff.translate_reference_size if aff.translate_reference_size else 1.0)
+    return dict(translate_limit=limit, alpha=aff.elastic_alpha, sigma=aff.elastic_sigma)
+
+
+def bench_augmented_step(quick):
+    """The CPU default's step with the on-device augmentation inside, as experiments.train runs it,
+    against the peer augmenting the same way inside its step; ours on the fixed batch is timed in
+    the same run, so the row also says what the augmentation costs us."""
+    import jax
+
+    torch_peer = _torch()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    dtype, device = ("bfloat16", "cuda") if on_gpu else ("float32", "cpu")
+    if torch_peer is not None and not on_gpu:
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    calls, blocks = (2, 3) if quick else (10, 7)
+    spec = _step_specs(quick, on_gpu)[0][2]
+    augment = _peer_augmentation(spec)
+    contestants = {}
+    for with_augment in (True, False):
+        one, host = _our_step(spec, dtype, augment=with_augment)
+        contestants["ours" if with_augment else "ours, fixed batch"] = (one, jax.block_until_ready)
+    peer, mode, note = None, None, "torch not installed (pip install -e '.[bench]')"
+    if torch_peer is not None:
+        contestants.update(_peer_steps(torch_peer, "small_hardest", host, spec["image_size"], device, quick,
+                                       widths=spec["widths"], augment=augment))
+        note = None
+    rates = _interleaved_rates(contestants, calls, blocks, warmup=1 if quick else 4)
+    if torch_peer is not None:
+        peer, mode = _best_peer(rates)
+    fixed = rates["ours, fixed batch"]
+    print(f"  (ours on the fixed batch, same rounds: {fixed:.1f} step/s; the augmentation costs "
+          f"{100 * (1 - rates['ours'] / fixed):.0f}% of our step)", flush=True)
+    _row("step_cpu_default_augmented", "train step: CPU default + augmentation", "step/s", rates["ours"], peer,
+         f"ours {dtype}", f"torch {mode or ''}".strip(), peer_mode=mode, peer_note=note,
+         peer_rates={k: v for k, v in rates.items() if not k.startswith("ours")}, ours_fixed_batch=fixed,
+         peer_augment=augment)
 
 
 def bench_fused_bn(quick):
     import jax
 
     spec = _step_specs(quick, False)[0][2]
-    rates = {}
+    contestants = {}
     for fused in (True, False):
         one, _ = _our_step(spec, "float32", fused=fused)
-        rates[fused] = _median_rate(one, 2 if quick else 10, 3 if quick else 7, jax.block_until_ready)
+        contestants[fused] = (one, jax.block_until_ready)
+    rates = _interleaved_rates(contestants, 2 if quick else 10, 3 if quick else 7)
     _row("fused_bn", "BatchNorm+ReLU+pool in the CPU default", "step/s", rates[True], rates[False],
          "fused op", "Flax layers")
 
@@ -480,6 +566,8 @@ def main(argv):
           f"torch {machine['torch'] or 'not installed'}", flush=True)
     quick = FLAGS.quick
     bench_steps(quick, only)
+    if want("step_cpu_default_augmented"):
+        bench_augmented_step(quick)
     if want("fused_bn"):
         bench_fused_bn(quick)
     if want("loop"):

@@ -8,8 +8,12 @@ Optional: needs `torch` (`pip install -e ".[bench]"`); nothing in `siamese_jax` 
   then a linear embedding). `koch_encoder()`: `models.KochEncoder` (105x105, 4096-d sigmoid).
 - `hardest_negative_triplet_loss`, `batch_hard_triplet_loss`, `verification_loss`: the formulas of
   `siamese_jax.losses` (unsquared Euclidean distances with the same gradient-safe sqrt).
+- `shift_elastic(...)` / `random_shift_elastic(...)`: the CPU default's on-device augmentation
+  (`siamese_jax.augment` with the default config: a random shift plus Simard et al.'s elastic field,
+  bilinear, zero outside) written with `F.grid_sample`; the same pixels as ours for the same draws.
 - `make_step(...)`: one Adam train step, eager or `torch.compile`d; on CUDA bf16 autocast and
-  channels_last, as a PyTorch user would write it.
+  channels_last, as a PyTorch user would write it. `augment=` puts the augmentation inside the step,
+  as `experiments.train` does.
 """
 from __future__ import annotations
 
@@ -81,13 +85,46 @@ class _VerificationHead(nn.Module):
         return self.head((h1.float() - h2.float()).abs())[:, 0]
 
 
+def gaussian_smoothing_matrix(size: int, sigma: float, device="cpu") -> torch.Tensor:
+    """[size, size] Gaussian filter of one axis, zero outside the image, truncated at 4 sigma, the
+    full kernel normalised to 1 (scipy.ndimage.gaussian_filter's mode="constant")."""
+    offsets = torch.arange(size)[:, None] - torch.arange(size)[None, :]
+    radius = int(4.0 * sigma + 0.5)
+    kernel = lambda d: torch.exp(-0.5 * (d.double() / sigma) ** 2)  # noqa: E731
+    norm = kernel(torch.arange(-radius, radius + 1)).sum()
+    return torch.where(offsets.abs() <= radius, kernel(offsets) / norm, 0.0).float().to(device)
+
+
+def shift_elastic(images, shifts, noise, alpha: float, g_rows, g_cols):
+    """images [B, 1, H, W] moved by `shifts` [B, 2] px (rows down, cols right) and bent by the
+    displacement field alpha * G_rows @ noise @ G_cols^T (noise [B, 2, H, W] in [-1, 1]): the output
+    pixel o reads the input at o - shift + field(o), bilinear, zero outside, clipped to [0, 1]."""
+    b, _, h, w = images.shape
+    field = alpha * (g_rows @ noise @ g_cols.T)  # [B, 2, H, W]; half einsum's time on CPU
+    rows = torch.arange(h, dtype=images.dtype, device=images.device)[None, :, None] - shifts[:, 0, None, None] + field[:, 0]
+    cols = torch.arange(w, dtype=images.dtype, device=images.device)[None, None, :] - shifts[:, 1, None, None] + field[:, 1]
+    grid = torch.stack([2.0 * cols / (w - 1) - 1.0, 2.0 * rows / (h - 1) - 1.0], dim=-1)  # (x, y) in [-1, 1]
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.clamp(0.0, 1.0)
+
+
+def random_shift_elastic(images, translate_limit: float, alpha: float, g_rows, g_cols):
+    """`shift_elastic` with shifts ~ U(-translate_limit, translate_limit) and noise ~ U(-1, 1)."""
+    b, _, h, w = images.shape
+    shifts = (2.0 * torch.rand(b, 2, device=images.device) - 1.0) * translate_limit
+    noise = 2.0 * torch.rand(b, 2, h, w, device=images.device) - 1.0
+    return shift_elastic(images, shifts, noise, alpha, g_rows, g_cols)
+
+
 def make_step(kind: str, *, compile: bool, device: str = "cpu", image_size: int, widths=(16, 32, 64, 128),
-              lr: float = 1e-3):
+              lr: float = 1e-3, augment: dict | None = None):
     """`step(images, labels_or_is_similar) -> loss` for kind in
     {"small_hardest" (the CPU default), "small_batch_hard", "koch_verification", "koch_triplet"}.
 
     Pair kinds take images [2B, 1, H, W] (x1 and x2 interleaved) and is_similar [B]; triplet kinds
     [3B, 1, H, W] (anchor, positive, negative interleaved); P×K kinds images [B, 1, H, W] and labels [B].
+    `augment`: dict(translate_limit, alpha, sigma) (px of the image drawn) to shift and bend every
+    image inside the step (`random_shift_elastic`), as experiments.train does with the default config.
     """
     if kind.startswith("small"):
         encoder = small_encoder(widths, 64, image_size)
@@ -101,7 +138,12 @@ def make_step(kind: str, *, compile: bool, device: str = "cpu", image_size: int,
         modules = modules.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(modules.parameters(), lr=lr)
 
+    if augment is not None:
+        g = gaussian_smoothing_matrix(image_size, float(augment["sigma"]), device)
+
     def loss_of(images, target):
+        if augment is not None:
+            images = random_shift_elastic(images, float(augment["translate_limit"]), float(augment["alpha"]), g, g)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             emb = encoder(images)
             if kind == "small_hardest":

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "step_conv128_batch_hard",
-           "fused_bn", "loop", "embed_png", "resize_host", "sampling", "knn"]
+           "step_cpu_default_augmented", "fused_bn", "loop", "embed_png", "resize_host", "sampling", "knn"]
 
 
 def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
@@ -88,14 +88,13 @@ def test_bench_steps_hands_each_rows_widths_to_the_peer(monkeypatch):
     seen = {}
     host = {"images": np.zeros((8, 4, 4, 1), np.float32), "labels": np.zeros(8, np.int32)}
     monkeypatch.setattr(benchmark, "_our_step", lambda spec, dtype: (lambda: 0.0, host))
-    monkeypatch.setattr(benchmark, "_median_rate", lambda *a, **k: 1.0)
     monkeypatch.setattr(benchmark, "_row", lambda *a, **k: None)
 
-    def peer_rate(torch_peer, kind, host, image_size, device, calls, blocks, quick=False, widths=None):
+    def peer_steps(torch_peer, kind, host, image_size, device, quick=False, widths=None, augment=None):
         seen[kind] = widths
-        return 1.0, "eager"
+        return {"eager": (lambda: 0.0, lambda _: None)}
 
-    monkeypatch.setattr(benchmark, "_peer_step_rate", peer_rate)
+    monkeypatch.setattr(benchmark, "_peer_steps", peer_steps)
     benchmark.bench_steps(quick=True, only=["step_cpu_default", "step_conv128_batch_hard"])
     assert seen == {"small_hardest": (16, 32, 64, 128), "small_batch_hard": (128, 128, 128, 128)}
 
@@ -109,3 +108,53 @@ def test_benchmark_and_loss_sweep_import_together():
 
     assert callable(benchmark.main) and callable(loss_sweep.main)
     assert "quick" not in absl.flags.FLAGS  # defined only when run as a script
+
+
+def test_peer_augmentation_is_ours_pixel_for_pixel():
+    """The augmented-step row's peer does the same work as our on-device augmentation: for the same
+    shifts and elastic noise, `torch_peer.shift_elastic` gives our `augment.apply_affine` pixels."""
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments import benchmark, torch_peer
+    from siamese_jax import augment
+
+    spec = benchmark._step_specs(quick=False, on_gpu=False)[0][2]
+    aug = benchmark._peer_augmentation(spec)
+    assert aug["translate_limit"] == pytest.approx(2.0) and aug["alpha"] > 0  # the default: ±2 px at 35 px
+    rng = np.random.default_rng(0)
+    size = spec["image_size"]
+    images = (rng.random((6, size, size)) > 0.7).astype(np.float32)
+    shifts = rng.uniform(-aug["translate_limit"], aug["translate_limit"], (6, 2)).astype(np.float32)
+    noise = rng.uniform(-1, 1, (6, 2, size, size)).astype(np.float32)
+    g = augment._gaussian_smoothing_matrix(size, aug["sigma"])
+    fields = aug["alpha"] * np.einsum("ij,bcjk,lk->bcil", g, noise, g)
+    matrices = jnp.stack([augment.affine_matrix(translate=tuple(s)) for s in shifts])
+    ours = np.clip(np.asarray(augment.apply_affine(images[..., None], matrices, jnp.asarray(fields)))[..., 0], 0, 1)
+    g_peer = torch_peer.gaussian_smoothing_matrix(size, aug["sigma"])
+    np.testing.assert_allclose(g_peer.numpy(), g, atol=1e-7)
+    peer = torch_peer.shift_elastic(torch.from_numpy(images)[:, None], torch.from_numpy(shifts),
+                                    torch.from_numpy(noise), aug["alpha"], g_peer, g_peer)[:, 0].numpy()
+    assert np.abs(ours - images).max() > 0.5  # the images did move
+    np.testing.assert_allclose(peer, ours, atol=1e-4)
+
+
+def test_the_peer_refuses_an_augmentation_it_does_not_do():
+    from experiments import benchmark
+
+    spec = dict(benchmark._step_specs(quick=False, on_gpu=False)[0][2], augment_rotation_deg=10.0)
+    with pytest.raises(ValueError, match="shifts and the elastic field only"):
+        benchmark._peer_augmentation(spec)
+
+
+def test_interleaved_rates_alternate_the_contestants_block_by_block():
+    """Ours and the peers are timed in alternating blocks, so a drift of the box's speed hits both."""
+    from experiments import benchmark
+
+    calls = []
+    contestants = {name: ((lambda name=name: calls.append(name)), lambda _: None) for name in ("ours", "eager")}
+    rates = benchmark._interleaved_rates(contestants, calls=2, blocks=3, warmup=1)
+    assert calls == ["ours", "eager"] + ["ours", "ours", "eager", "eager"] * 3
+    assert set(rates) == {"ours", "eager"} and all(r > 0 for r in rates.values())
+    assert benchmark._best_peer({"ours": 3.0, "eager": 1.0, "torch.compile": 2.0}) == (2.0, "torch.compile")
