@@ -1,6 +1,6 @@
 """Where a train step's time goes: a `jax.profiler` trace of N steps, summed per XLA op.
 
-    python -m experiments.profile_step [--steps=20] [--cpu_devices=N] [--unfused] [--trace_dir=/tmp/x]
+    python -m experiments.profile_step [--steps=20] [--cpu_devices=N] [--unfused] [--augment] [--trace_dir=/tmp/x]
 
 Runs the CPU default's train step (the `step_cpu_default` row of experiments/benchmark.py) on a fixed
 batch, traces `--steps` steps, and prints a table: milliseconds per step spent in each XLA op
@@ -24,6 +24,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 20, "Steps to trace (after warm-up).")
 flags.DEFINE_integer("cpu_devices", None, "XLA CPU devices (default: one per core, as experiments.train).")
 flags.DEFINE_bool("unfused", False, "Flax's BatchNorm/ReLU/max-pool layers instead of the fused op.")
+flags.DEFINE_bool("augment", False, "With the default's on-device augmentation inside the step, as training runs it.")
 flags.DEFINE_string("trace_dir", None, "Keep the trace here (default: a temporary directory).")
 flags.DEFINE_integer("top", 30, "Rows to print.")
 
@@ -39,10 +40,13 @@ def layers_by_op(hlo_text: str) -> dict:
             current += re.findall(r'op_name="([^"]+)"', line)
     layers = {}
     for line in hlo_text.splitlines():
-        m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?(?:calls=%?([\w.\-]+))?(?:, |$).*?(?:op_name="([^"]+)")?', line)
+        # Three separate searches: one regex with optional groups after a lazy `.*?` matched them
+        # empty, and the layers column came out blank.
+        m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = ', line)
         if not m:
             continue
-        names = bodies.get(m.group(2) or "", []) or ([m.group(3)] if m.group(3) else [])
+        calls, op_name = re.search(r'calls=%?([\w.\-]+)', line), re.search(r'op_name="([^"]+)"', line)
+        names = bodies.get(calls.group(1) if calls else "", []) or ([op_name.group(1)] if op_name else [])
         short = sorted({"/".join(n.split("/")[-2:]) for n in names})
         layers.setdefault(m.group(1), " ".join(short[:3]))
     return layers
@@ -72,7 +76,7 @@ def main(argv):
     from experiments import benchmark
 
     spec = benchmark._step_specs(False, False)[0][2]
-    one, _ = benchmark._our_step(spec, "float32", fused=not FLAGS.unfused)
+    one, _ = benchmark._our_step(spec, "float32", fused=not FLAGS.unfused, augment=FLAGS.augment)
     for _ in range(5):
         jax.block_until_ready(one())
     trace_dir = FLAGS.trace_dir or tempfile.mkdtemp(prefix="profile_step_")

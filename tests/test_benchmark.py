@@ -158,3 +158,27 @@ def test_interleaved_rates_alternate_the_contestants_block_by_block():
     assert calls == ["ours", "eager"] + ["ours", "ours", "eager", "eager"] * 3
     assert set(rates) == {"ours", "eager"} and all(r > 0 for r in rates.values())
     assert benchmark._best_peer({"ours": 3.0, "eager": 1.0, "torch.compile": 2.0}) == (2.0, "torch.compile")
+
+
+def test_profile_step_names_the_layers_each_fused_op_runs():
+    """experiments.profile_step's `layers` column: an op's layers come from the fused computation it
+    calls (or its own metadata). A regex with optional groups once matched them empty, so the column
+    was blank for every op."""
+    from experiments import profile_step
+
+    hlo = "\n".join([
+        '%fused_computation.51 (param_0: f32[2,3]) -> f32[2,3] {',
+        '  %p = f32[2,3]{1,0} parameter(0)',
+        '  ROOT %c = f32[2,3]{1,0} convolution(%p), metadata={op_name="jit(step)/jvp(Net)/encoder/Conv_1/conv_general_dilated"}',
+        '}',
+        '',
+        'ENTRY %main (a: f32[2,3]) -> f32[2,3] {',
+        '  %a = f32[2,3]{1,0} parameter(0)',
+        '  %ynn_fusion.51 = f32[2,3]{1,0} fusion(%a), kind=kCustom, calls=%fused_computation.51, '
+        'metadata={op_name="jit(step)/jvp(Net)/encoder/Conv_1/conv_general_dilated" stack_frame_id=69}, backend_config={}',
+        '  ROOT %copy.7 = f32[2,3]{1,0} copy(%ynn_fusion.51), metadata={op_name="jit(step)/transpose(jvp(Net))/Dense_0/dot_general"}',
+        '}',
+    ])
+    layers = profile_step.layers_by_op(hlo)
+    assert layers["ynn_fusion.51"] == "Conv_1/conv_general_dilated"
+    assert layers["copy.7"] == "Dense_0/dot_general"
