@@ -170,3 +170,29 @@ def test_distilled_config_is_the_shipped_config_plus_its_five_teachers(tmp_path)
     # By name, as an installed user types it, with the argument kept.
     (resolved,) = resolve_config_argument(["--config=omniglot_distilled:teacher=omni-w-s0"])
     assert resolved.endswith(os.path.join("configs", "omniglot_distilled.py") + ":teacher=omni-w-s0")
+
+
+def test_gpu_config_is_the_recipe_the_issues_quote():
+    """omniglot_gpu: 4 x conv-128 + BatchNorm at 56 px, batch-hard on P x K 128 x 4, 6,000 steps,
+    rotation classes and +-2 px shifts (no elastic field), bf16 compute; valid for 1 and 8 devices."""
+    import jax
+
+    from experiments.configs import default, omniglot_gpu
+    from siamese_jax import config_check, input_pipeline, models
+
+    c, d = omniglot_gpu.get_config(), default.get_config("omniglot")
+    for devices in (1, 8):
+        config_check.validate_config(c, num_devices=devices)
+    changed = {k for k in d.keys() if c[k] != d[k]}
+    assert changed == {"loss", "widths", "image_size", "embedding_dim", "compute_dtype", "classes_per_batch",
+                       "num_steps", "augment_translate_px", "augment_elastic_alpha"}
+    assert (c.loss, tuple(c.widths), c.image_size, c.classes_per_batch, c.images_per_class, c.num_steps) == (
+        "batch_hard", (128, 128, 128, 128), 56, 128, 4, 6000)
+    assert c.rotation_classes and c.compute_dtype == "bfloat16"
+    aff = input_pipeline.augment_config(c)
+    assert aff.translate_px * c.image_size / aff.translate_reference_size == pytest.approx(2.0)
+    assert (aff.rotation_deg, aff.shear, aff.scale, aff.prob, aff.elastic_alpha) == (0.0, 0.0, (1.0, 1.0), 1.0, 0.0)
+    model = models.build_model(c)
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), c.image_size))
+    # 4 x (3x3 conv + BatchNorm scale/bias) + Dense(3*3*128 -> 128)
+    assert models.count_params(shapes["params"]) == 9 * 128 + 3 * 9 * 128 * 128 + 4 * 2 * 128 + 1152 * 128 + 128
