@@ -269,7 +269,7 @@ def test_triplet_with_one_image_per_class_is_refused_not_trained_at_zero_loss(tm
 
 def test_config_file_that_does_not_exist_or_does_not_parse_is_one_readable_line(tmp_path):
     _one_error_line(_train("--config=/path/that/does/not/exist.py"),
-                    "--config=/path/that/does/not/exist.py: no such file (shipped configs: default, mnist_pairs, omniglot_distilled, omniglot_koch, omniglot_pretrained)")
+                    "--config=/path/that/does/not/exist.py: no such file (shipped configs: default, mnist_pairs, omniglot_distilled, omniglot_gpu, omniglot_koch, omniglot_pretrained)")
     broken = tmp_path / "broken.py"
     broken.write_text("def get_config(:\n    pass\n")
     line = _one_error_line(_train(f"--config={broken}"))
