@@ -229,17 +229,24 @@ def _best_peer(rates):
     return peers[mode], mode
 
 
-def bench_steps(quick, only):
+def _step_setting():
+    """(torch_peer or None, on_gpu, our dtype, torch device) for the train-step rows; on CPU the peer
+    gets one torch thread per core, as ours gets one XLA device per core."""
     import jax
 
     torch_peer = _torch()
     on_gpu = jax.devices()[0].platform == "gpu"
-    dtype = "bfloat16" if on_gpu else "float32"
-    device = "cuda" if on_gpu else "cpu"
     if torch_peer is not None and not on_gpu:
         import torch
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))
+    return torch_peer, on_gpu, "bfloat16" if on_gpu else "float32", "cuda" if on_gpu else "cpu"
+
+
+def bench_steps(quick, only):
+    import jax
+
+    torch_peer, on_gpu, dtype, device = _step_setting()
     calls, blocks = (2, 3) if quick else (10, 7)
     for row_id, title, spec, peer_kind in _step_specs(quick, on_gpu):
         if only and row_id not in only:
@@ -288,13 +295,7 @@ def bench_augmented_step(quick):
     the same run, so the row also says what the augmentation costs us."""
     import jax
 
-    torch_peer = _torch()
-    on_gpu = jax.devices()[0].platform == "gpu"
-    dtype, device = ("bfloat16", "cuda") if on_gpu else ("float32", "cpu")
-    if torch_peer is not None and not on_gpu:
-        import torch
-
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch_peer, on_gpu, dtype, device = _step_setting()
     calls, blocks = (2, 3) if quick else (10, 7)
     spec = _step_specs(quick, on_gpu)[0][2]
     augment = _peer_augmentation(spec)

@@ -35,16 +35,9 @@ def get_config():
     c.classes_per_batch = 128
     c.images_per_class = 4
     c.num_steps = 6000
-    # Shifts only: translate_px is in pixels of a 105-px image (augment.AffineConfig), so 3.75 is
-    # +-2 px at 56 px; no elastic field (the recipe had none).
-    c.augment = True
-    c.augment_rotation_deg = 0.0
-    c.augment_shear = 0.0
-    c.augment_scale_min = 1.0
-    c.augment_scale_max = 1.0
+    # The default's augmentation (shifts of every image; rotation, shear and scale off) without its
+    # elastic field, as the recipe had none. translate_px is in pixels of a 105-px image
+    # (augment.AffineConfig), so 3.75 is +-2 px at 56 px.
     c.augment_translate_px = 3.75
-    c.augment_prob = 1.0
     c.augment_elastic_alpha = 0.0
-    c.eval_every_steps = 500
-    c.checkpoint_every_steps = 500
     return c
