@@ -40,17 +40,19 @@ def use_cpu_cores_as_devices(batch_size: int, requested: Optional[int] = None) -
     Leaves alone a device count the user chose (XLA_FLAGS' --xla_force_host_platform_device_count
     or JAX_NUM_CPU_DEVICES), and does nothing once JAX's backends are up. Returns the count set.
     """
-    from jax._src import xla_bridge
-
     if re.search(r"xla_force_host_platform_device_count", os.environ.get("XLA_FLAGS", "")) or \
             os.environ.get("JAX_NUM_CPU_DEVICES") or jax.config.jax_num_cpu_devices != -1:
         return None
-    if xla_bridge.backends_are_initialized():
-        log.debug("JAX backends already started: keeping the CPU device count")
-        return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = requested if requested else cpu_device_count(batch_size, cores)
-    jax.config.update("jax_num_cpu_devices", int(n))
+    try:
+        jax.config.update("jax_num_cpu_devices", int(n))
+    except RuntimeError:
+        # JAX refuses the change once its backends are up. Asked this way, not through the private
+        # jax._src.xla_bridge.backends_are_initialized, which every `train` would then depend on
+        # (also on the GPU image, whose jax is a version newer than this box's).
+        log.debug("JAX backends already started: keeping the CPU device count")
+        return None
     return int(n)
 
 

@@ -1,0 +1,50 @@
+"""How many XLA CPU devices a run splits the CPU into, and when it leaves the count alone.
+
+`use_cpu_cores_as_devices` must run before JAX starts its backends, so each case runs in a fresh
+Python process (this test process's JAX is already up, with the conftest's device count)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from siamese_jax import parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("batch, cores, want", [
+    (128, 2, 2), (128, 16, 8), (128, 1, 1), (6, 4, 3), (7, 4, 1), (3, 8, 3),
+])
+def test_cpu_device_count_is_a_divisor_of_the_batch_up_to_one_per_core(batch, cores, want):
+    assert parallel.cpu_device_count(batch, cores) == want
+
+
+def _fresh_process(code: str, **env) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    environ.update(env, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", "import json, jax\nfrom siamese_jax import parallel\n" + code],
+                         env=environ, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_use_cpu_cores_as_devices_splits_the_cpu_before_jax_starts():
+    got = _fresh_process("n = parallel.use_cpu_cores_as_devices(128, 3)\n"
+                         "print(json.dumps({'n': n, 'devices': jax.device_count()}))")
+    assert got == {"n": 3, "devices": 3}
+
+
+def test_use_cpu_cores_as_devices_leaves_a_started_jax_alone():
+    # JAX refuses the change once a computation has run; the function says so with None, no error.
+    got = _fresh_process("jax.numpy.ones(2).sum().block_until_ready()\n"
+                         "n = parallel.use_cpu_cores_as_devices(128, 2)\n"
+                         "print(json.dumps({'n': n, 'devices': jax.device_count()}))")
+    assert got == {"n": None, "devices": 1}
+
+
+def test_use_cpu_cores_as_devices_leaves_the_users_device_count_alone():
+    got = _fresh_process("n = parallel.use_cpu_cores_as_devices(128, 2)\n"
+                         "print(json.dumps({'n': n, 'devices': jax.device_count()}))",
+                         XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    assert got == {"n": None, "devices": 4}
