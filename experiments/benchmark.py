@@ -51,6 +51,9 @@ def define_flags():
     flags.DEFINE_list("only", None, f"Run only these rows (ids: {', '.join(ROW_IDS)}).")
 
 ROWS = []
+# Rows that read the Omniglot archives (images_background.zip; the embedding row the PNGs of
+# images_evaluation.zip), checked before anything is timed.
+DATA_ROWS = ("loop", "embed_png", "resize_host", "sampling", "knn")
 
 
 def _median_rate(fn, calls_per_block, blocks, sync, warmup=3):
@@ -556,36 +559,63 @@ def main(argv):
     jax.config.update("jax_enable_compilation_cache", False)
 
     from siamese_jax.data import load
+    from siamese_jax.data.errors import DataError
 
     only = set(FLAGS.only or [])
     unknown = sorted(only - set(ROW_IDS))
     if unknown:
         cli.fail(f"--only: unknown row {', '.join(unknown)} (rows: {', '.join(ROW_IDS)})")
     want = lambda row: not only or row in only  # noqa: E731
+    data_rows = [row for row in DATA_ROWS if want(row)]
+    if data_rows:  # a missing archive used to surface as a traceback after ~20 min of step rows
+        from siamese_jax.data import archives, sources
+
+        root = sources.resolve_archive_dir(FLAGS.data_dir)
+        files = [archives.OMNIGLOT_FILES["background"], archives.OMNIGLOT_FILES["evaluation"]]
+        missing = files if root is None else [f for f in files if not (root / f).is_file()]
+        if missing:
+            where = "no data folder given" if root is None else f"{', '.join(missing)} not in {root}"
+            cli.fail(f"the rows {', '.join(data_rows)} read the Omniglot archives: {where}; give --data_dir "
+                     f"(or $SIAMESE_DATA_DIR) the folder holding omniglot/, or leave those rows out of --only")
     machine = _machine()
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
           f"torch {machine['torch'] or 'not installed'}", flush=True)
     quick = FLAGS.quick
-    bench_steps(quick, only)
-    if want("step_cpu_default_augmented"):
-        bench_augmented_step(quick)
-    if want("fused_bn"):
-        bench_fused_bn(quick)
-    if want("loop"):
-        bench_loop(quick, FLAGS.data_dir)
-    if want("embed_png"):
-        bench_embed(quick, FLAGS.data_dir)
-    if want("sampling") or want("knn") or want("resize_host"):
-        ds = load("omniglot", "background", archive_dir=FLAGS.data_dir)
-        if want("resize_host"):
-            bench_resize(ds, quick)
-        if want("sampling"):
-            bench_sampling(ds, 20 if quick else 100)
-        if want("knn"):
-            bench_knn(3 if quick else 10)
     out = FLAGS.out or os.path.join("runs", f"benchmark-{machine['platform']}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    atomic_write_json(out, {"machine": machine, "quick": quick, "command": " ".join(sys.argv), "rows": ROWS})
+    report = {"machine": machine, "quick": quick, "command": " ".join(sys.argv), "rows": ROWS}
+    try:
+        bench_steps(quick, only)
+        if want("step_cpu_default_augmented"):
+            bench_augmented_step(quick)
+        if want("fused_bn"):
+            bench_fused_bn(quick)
+        if want("loop"):
+            bench_loop(quick, FLAGS.data_dir)
+        if want("embed_png"):
+            bench_embed(quick, FLAGS.data_dir)
+        if want("sampling") or want("knn") or want("resize_host"):
+            ds = load("omniglot", "background", archive_dir=FLAGS.data_dir)
+            if want("resize_host"):
+                bench_resize(ds, quick)
+            if want("sampling"):
+                bench_sampling(ds, 20 if quick else 100)
+            if want("knn"):
+                bench_knn(3 if quick else 10)
+    except BaseException as e:
+        # Keep the rows already measured (minutes of them), beside `out`: a complete earlier report
+        # there is not replaced by a partial one.
+        kept = ""
+        if ROWS:
+            partial = os.path.splitext(out)[0] + ".incomplete.json"
+            atomic_write_json(partial, {**report, "incomplete": f"{type(e).__name__}: {e}"})
+            kept = f" (the {len(ROWS)} row{'s' * (len(ROWS) > 1)} measured before it: {partial})"
+        if isinstance(e, DataError):  # bad data is the user's to fix: one line, not a traceback
+            cli.fail(f"{e}{kept}")
+        if kept:
+            print(kept.strip(" ()"), file=sys.stderr)
+        raise
+    atomic_write_json(out, report)
     print(f"wrote {out}")
 
 

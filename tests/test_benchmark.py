@@ -49,6 +49,39 @@ def test_an_unknown_row_is_a_one_line_error():
     assert "--only: unknown row fused-bn (rows: step_cpu_default," in r.stderr
 
 
+def test_rows_without_their_data_are_a_one_line_error_before_anything_is_timed(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SIAMESE_DATA_DIR"}
+    r = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--only=step_cpu_default,knn",
+                        f"--data_dir={tmp_path}", f"--out={tmp_path / 'b.json'}"],
+                       cwd=REPO, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "the rows knn read the Omniglot archives: omniglot/images_background.zip, " \
+           f"omniglot/images_evaluation.zip not in {tmp_path}" in r.stderr
+    assert "ratio" not in r.stdout and not list(tmp_path.iterdir())
+
+
+def test_a_row_that_fails_keeps_the_rows_measured_before_it(data_dir, tmp_path):
+    # The embedding row reads images_evaluation.zip (real); the rows after it load
+    # images_background.zip, here not a zip: the run fails after one measured row.
+    root = tmp_path / "data"
+    (root / "omniglot").mkdir(parents=True)
+    (root / "omniglot" / "images_evaluation.zip").symlink_to(data_dir / "omniglot" / "images_evaluation.zip")
+    (root / "omniglot" / "images_background.zip").write_bytes(b"not a zip")
+    out = tmp_path / "bench.json"
+    out.write_text('{"rows": "an earlier complete report"}')
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SIAMESE_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--quick", "--only=embed_png,knn",
+                        f"--data_dir={root}", f"--out={out}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "images_background.zip is not a readable zip archive" in r.stderr
+    assert f"(the 1 row measured before it: {tmp_path / 'bench.incomplete.json'})" in r.stderr
+    assert out.read_text() == '{"rows": "an earlier complete report"}'  # not replaced by a partial one
+    partial = json.loads((tmp_path / "bench.incomplete.json").read_text())
+    assert [row["id"] for row in partial["rows"]] == ["embed_png"] and partial["rows"][0]["ours"] > 0
+    assert partial["incomplete"].startswith("DataError: ") and "not a readable zip" in partial["incomplete"]
+
+
 def test_row_ids_are_the_benchmarks_own():
     from experiments import benchmark
 
