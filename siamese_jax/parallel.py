@@ -41,17 +41,18 @@ def use_cpu_cores_as_devices(batch_size: int, requested: Optional[int] = None) -
     or JAX_NUM_CPU_DEVICES), and does nothing once JAX's backends are up. Returns the count set.
     """
     if re.search(r"xla_force_host_platform_device_count", os.environ.get("XLA_FLAGS", "")) or \
-            os.environ.get("JAX_NUM_CPU_DEVICES") or jax.config.jax_num_cpu_devices != -1:
+            os.environ.get("JAX_NUM_CPU_DEVICES") or getattr(jax.config, "jax_num_cpu_devices", -1) != -1:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = requested if requested else cpu_device_count(batch_size, cores)
     try:
         jax.config.update("jax_num_cpu_devices", int(n))
-    except RuntimeError:
-        # JAX refuses the change once its backends are up. Asked this way, not through the private
-        # jax._src.xla_bridge.backends_are_initialized, which every `train` would then depend on
-        # (also on the GPU image, whose jax is a version newer than this box's).
-        log.debug("JAX backends already started: keeping the CPU device count")
+    except (RuntimeError, AttributeError) as e:
+        # RuntimeError: JAX refuses the change once its backends are up (asked this way, not through
+        # the private jax._src.xla_bridge.backends_are_initialized, which every `train` would then
+        # depend on, also on the GPU image, whose jax is a version newer than this box's).
+        # AttributeError: a JAX without the option; its default device split stays.
+        log.debug("keeping JAX's CPU device count: %s", e)
         return None
     return int(n)
 

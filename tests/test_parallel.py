@@ -48,3 +48,14 @@ def test_use_cpu_cores_as_devices_leaves_the_users_device_count_alone():
                          "print(json.dumps({'n': n, 'devices': jax.device_count()}))",
                          XLA_FLAGS="--xla_force_host_platform_device_count=4")
     assert got == {"n": None, "devices": 4}
+
+
+def test_use_cpu_cores_as_devices_leaves_a_jax_without_the_option_alone():
+    # A JAX version without jax_num_cpu_devices (the GPU image's is newer than this box's) must not
+    # stop a run: the update is refused with AttributeError, as an unknown option is.
+    got = _fresh_process("def refuse(name, value):\n"
+                         "    raise AttributeError(f'Unrecognized config option: {name}')\n"
+                         "jax.config.update = refuse\n"
+                         "n = parallel.use_cpu_cores_as_devices(128, 2)\n"
+                         "print(json.dumps({'n': n, 'devices': jax.device_count()}))")
+    assert got == {"n": None, "devices": 1}
