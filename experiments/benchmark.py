@@ -571,8 +571,8 @@ def main(argv):
         from siamese_jax.data import archives, sources
 
         root = sources.resolve_archive_dir(FLAGS.data_dir)
-        files = [archives.OMNIGLOT_FILES["background"], archives.OMNIGLOT_FILES["evaluation"]]
-        missing = files if root is None else [f for f in files if not (root / f).is_file()]
+        missing = [archives.OMNIGLOT_FILES[split] for split in ("background", "evaluation")
+                   if not sources.has_archives(root, "omniglot", split)]
         if missing:
             where = "no data folder given" if root is None else f"{', '.join(missing)} not in {root}"
             cli.fail(f"the rows {', '.join(data_rows)} read the Omniglot archives: {where}; give --data_dir "
