@@ -23,6 +23,16 @@ IMAGE_SIZE = (8, 512)
 SHIPPED_MODELS = ("pretrained", "pretrained-mnist")
 # Omniglot's background split has 30 alphabets and 20 drawings of each character; MNIST 10 classes.
 OMNIGLOT_BACKGROUND_ALPHABETS = 30
+# Their names (the folders of images_background.zip; a test keeps them equal): the only alphabets
+# `val_alphabet_names` may hold out. An evaluation alphabet there would be trained or selected on.
+OMNIGLOT_BACKGROUND_ALPHABET_NAMES = (
+    "Alphabet_of_the_Magi", "Anglo-Saxon_Futhorc", "Arcadian", "Armenian", "Asomtavruli_(Georgian)",
+    "Balinese", "Bengali", "Blackfoot_(Canadian_Aboriginal_Syllabics)", "Braille", "Burmese_(Myanmar)",
+    "Cyrillic", "Early_Aramaic", "Futurama", "Grantha", "Greek", "Gujarati", "Hebrew",
+    "Inuktitut_(Canadian_Aboriginal_Syllabics)", "Japanese_(hiragana)", "Japanese_(katakana)", "Korean",
+    "Latin", "Malay_(Jawi_-_Arabic)", "Mkhedruli_(Georgian)", "N_Ko", "Ojibwe_(Canadian_Aboriginal_Syllabics)",
+    "Sanskrit", "Syriac_(Estrangelo)", "Tagalog", "Tifinagh",
+)
 OMNIGLOT_DRAWINGS = 20
 MNIST_CLASSES = 10
 
@@ -195,6 +205,17 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     if dataset == "omniglot":
         _int_in(config, "val_alphabets", 1, OMNIGLOT_BACKGROUND_ALPHABETS - 1,
                 why=f" (held-out background alphabets; {OMNIGLOT_BACKGROUND_ALPHABETS} exist)")
+        names = config.get("val_alphabet_names", None)
+        if names is not None:  # configs written before 2026-12-04 lack it (input_pipeline.held_out_alphabets)
+            if not isinstance(names, str):
+                _fail("val_alphabet_names", names, "must be a comma-separated string of background alphabet names")
+            listed = [n.strip() for n in names.split(",")] if names else []
+            for name in listed:
+                if name not in OMNIGLOT_BACKGROUND_ALPHABET_NAMES:
+                    _fail("val_alphabet_names", names, f"{name!r} is not a background alphabet (one of "
+                          f"{', '.join(OMNIGLOT_BACKGROUND_ALPHABET_NAMES)})")
+            if len(set(listed)) >= OMNIGLOT_BACKGROUND_ALPHABETS:
+                _fail("val_alphabet_names", names, "leaves no background alphabet to train on")
     else:
         _float_in(config, "val_fraction", 0.0, 1.0, lo_open=True, hi_open=True, why=" (held-out share of the train split)")
     _int_in(config, "val_episodes", 1)

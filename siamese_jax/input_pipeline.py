@@ -28,21 +28,50 @@ def train_split_name(config) -> str:
     return "train" if config.dataset == "mnist" else "background"
 
 
-def validation_alphabets(alphabet_names, count: int) -> list[int]:
-    """`count` background alphabets held out for validation, evenly spaced in sorted order (deterministic)."""
-    n = len(alphabet_names)
-    if count <= 0:
-        return []
+def evenly_spaced(n: int, count: int) -> list[int]:
+    """`count` distinct indices into n sorted items, evenly spaced, none at either end (deterministic)."""
     if count >= n:
         raise ValueError(f"val_alphabets={count} leaves no background alphabet to train on (there are {n})")
-    return sorted({int(round(i)) for i in np.linspace(0, n - 1, count + 2)[1:-1]})
+    return [(k * n) // (count + 1) for k in range(1, count + 1)]
+
+
+def _legacy_validation_ids(alphabet_names, count: int) -> list[int]:
+    """The rule before 2026-12-04, kept for the configs written then (held_out_alphabets)."""
+    n = len(alphabet_names)
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, count + 2)[1:-1]}) if count > 0 else []
+
+
+def held_out_alphabets(config, ds: ImageDataset) -> list[int]:
+    """Alphabet ids (into `ds.alphabet_names`) of the background alphabets held out for validation.
+
+    `config.val_alphabet_names` ("A,B,..."): those alphabets. "" (the default): `config.val_alphabets`
+    of the alphabets present in `ds`, evenly spaced in sorted order. A config without the key (a run's
+    config.json or a model file written before 2026-12-04) gets the rule of its time, so that its
+    evaluation, calibration, recheck and distillation see the split it was trained on: `val_alphabets`
+    ids evenly spaced over all 50 Omniglot alphabets, of which only those in the background split
+    were held out (for 4: ids 10, 20, 29, 39, i.e. Balinese and Grantha: 2 alphabets, 67 classes).
+    """
+    present = [int(a) for a in np.unique(ds.alphabets)]
+    names = config.get("val_alphabet_names", None)
+    if names is None:
+        legacy = _legacy_validation_ids(ds.alphabet_names, config.val_alphabets)
+        return [a for a in legacy if a in present]
+    if names:
+        ids = []
+        for name in (n.strip() for n in names.split(",")):
+            if name not in ds.alphabet_names or ds.alphabet_names.index(name) not in present:
+                raise ValueError(f"config.val_alphabet_names: {name!r} is not an alphabet of the training split")
+            ids.append(ds.alphabet_names.index(name))
+        if len(set(ids)) >= len(present):
+            raise ValueError(f"config.val_alphabet_names={names!r} leaves no background alphabet to train on")
+        return sorted(set(ids))
+    return [present[i] for i in evenly_spaced(len(present), config.val_alphabets)]
 
 
 def split_train_val(config, ds: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
     """Training and validation sets, both from the training split (never the evaluation split)."""
     if config.dataset == "omniglot":
-        held_out = validation_alphabets(ds.alphabet_names, config.val_alphabets)
-        is_val = np.isin(ds.alphabets, held_out)
+        is_val = np.isin(ds.alphabets, held_out_alphabets(config, ds))
         return ds.subset(~is_val), ds.subset(is_val)
     n_val = int(round(len(ds) * config.val_fraction))
     return ds.subset(np.arange(len(ds) - n_val)), ds.subset(np.arange(len(ds) - n_val, len(ds)))

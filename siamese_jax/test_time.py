@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-# (rows, cols) in pixels of the model's input. Shifting wraps round (`jnp.roll`): the rows that
-# come in at one edge are the background border of the other.
+# (rows, cols) in pixels of the model's input. The rows and columns that come in at an edge are
+# background (0: the model's input has ink = 1). Until 2026-12-04 they wrapped round from the other
+# edge (`jnp.roll`), which brought ink in wherever a character touches the border (5% of the
+# evaluation images at 35 px, 3.7% at 48).
 SHIFT_SETS = {
     "none": ((0, 0),),
     "cross5": ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)),
@@ -28,6 +30,16 @@ def shifts_of(config) -> tuple:
     return SHIFT_SETS[name]
 
 
+def shifted(images, dy: int, dx: int):
+    """images [N, H, W, C] moved dy rows down and dx columns right, background (0) coming in."""
+    import jax.numpy as jnp
+
+    h, w = images.shape[1:3]
+    m = max(abs(dy), abs(dx))
+    padded = jnp.pad(images, ((0, 0), (m, m), (m, m), (0, 0)))
+    return padded[:, m - dy:m - dy + h, m - dx:m - dx + w, :]
+
+
 def shift_averaged(embed: Callable, shifts: tuple, l2_normalize: bool) -> Callable:
     """Wraps `embed(params, batch_stats, images [N, H, W, C]) -> [N, E]` (traceable) so that it
     returns the mean over `shifts` of the embeddings of the shifted images. One view: `embed` itself."""
@@ -37,7 +49,7 @@ def shift_averaged(embed: Callable, shifts: tuple, l2_normalize: bool) -> Callab
 
     def averaged(params, batch_stats, images):
         # A running sum, one view at a time: the peak memory of one batch, not of len(shifts).
-        total = sum(embed(params, batch_stats, jnp.roll(images, s, axis=(1, 2))) for s in shifts)
+        total = sum(embed(params, batch_stats, shifted(images, dy, dx)) for dy, dx in shifts)
         mean = total / len(shifts)
         if l2_normalize:
             mean = mean / jnp.linalg.norm(mean, axis=-1, keepdims=True)

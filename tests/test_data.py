@@ -446,3 +446,95 @@ def test_tfds_prepare_without_tensorflow_says_so(data_dir, tmp_path, monkeypatch
     monkeypatch.setattr(tfds_source, "_import_tensorflow", no_tensorflow)
     one_line_error(lambda: data.load("mnist", "test", source="tfds", archive_dir=data_dir, data_dir=tmp_path / "tfds",
                                      cache_dir=tmp_path), match=["needs TensorFlow", "source='archives'"])
+
+
+# --- The validation split: held-out background alphabets ----------------------------------------
+
+def _split_config(**overrides):
+    from siamese_jax.configs import default
+
+    c = default.get_config("omniglot")
+    c.update(overrides)
+    return c
+
+
+def test_background_alphabet_names_are_the_background_archives_folders(data_dir):
+    from siamese_jax import config_check
+
+    folders = zip_folder_names(os.path.join(data_dir, archives.OMNIGLOT_FILES["background"]), 1)
+    assert config_check.OMNIGLOT_BACKGROUND_ALPHABET_NAMES == tuple(sorted(folders))
+    assert len(folders) == config_check.OMNIGLOT_BACKGROUND_ALPHABETS
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 7, 29])
+def test_val_alphabets_holds_out_that_many_background_alphabets(omniglot, count):
+    """The bug this guards: ids were spread over all 50 alphabets, so val_alphabets=4 held out the
+    2 of its 4 picks that are background alphabets (Balinese, Grantha) and trained on 28."""
+    from siamese_jax import input_pipeline as ip
+
+    ds = omniglot("background")
+    train, val = ip.split_train_val(_split_config(val_alphabets=count), ds)
+    assert len(np.unique(val.alphabets)) == count
+    assert len(np.unique(train.alphabets)) == 30 - count
+    assert not set(np.unique(val.alphabets)) & set(np.unique(train.alphabets))
+    assert len(train) + len(val) == len(ds)
+
+
+def test_default_split_and_the_shipped_models_split(omniglot):
+    from siamese_jax import input_pipeline as ip
+    from siamese_jax.configs import omniglot_pretrained
+
+    ds = omniglot("background")
+    names = lambda val: [ds.alphabet_names[a] for a in np.unique(val.alphabets)]  # noqa: E731
+    _, val = ip.split_train_val(_split_config(), ds)
+    assert names(val) == ["Bengali", "Futurama", "Japanese_(hiragana)", "N_Ko"]
+    _, shipped = ip.split_train_val(omniglot_pretrained.get_config(), ds)
+    assert names(shipped) == ["Balinese", "Grantha"] and len(np.unique(shipped.labels)) == 67
+    # A config written before the key existed (old config.json, the shipped model files' metadata)
+    # gets the split its run was trained on, not today's rule.
+    legacy = _split_config().to_dict()
+    del legacy["val_alphabet_names"]
+    import ml_collections
+
+    _, old = ip.split_train_val(ml_collections.ConfigDict(legacy), ds)
+    assert np.array_equal(old.labels, shipped.labels)
+
+
+def test_shipped_model_files_carry_the_split_they_were_trained_on(omniglot):
+    from siamese_jax import inference
+    from siamese_jax import input_pipeline as ip
+
+    ds = omniglot("background")
+    model = inference.load_model("pretrained")
+    _, val = ip.split_train_val(model.config, ds)
+    assert [ds.alphabet_names[a] for a in np.unique(val.alphabets)] == ["Balinese", "Grantha"]
+
+
+@pytest.mark.parametrize("names, message", [
+    ("Tengwar", "'Tengwar' is not a background alphabet"),  # an evaluation alphabet
+    ("Latin,Nonsense", "'Nonsense' is not a background alphabet"),
+    (3, "must be a comma-separated string"),
+])
+def test_val_alphabet_names_refuses_what_is_not_a_background_alphabet(names, message):
+    from siamese_jax import config_check
+
+    with pytest.raises(config_check.ConfigError, match=message):
+        config_check.validate_config(_split_config(val_alphabet_names=names) if not isinstance(names, int)
+                                     else _bad_type_config(names))
+
+
+def _bad_type_config(value):
+    c = _split_config().to_dict()
+    c["val_alphabet_names"] = value
+    import ml_collections
+
+    return ml_collections.ConfigDict(c)
+
+
+def test_val_alphabet_names_holds_out_the_named_alphabets(omniglot):
+    from siamese_jax import input_pipeline as ip
+
+    ds = omniglot("background")
+    train, val = ip.split_train_val(_split_config(val_alphabet_names="Latin, Greek", val_alphabets=9), ds)
+    assert sorted(ds.alphabet_names[a] for a in np.unique(val.alphabets)) == ["Greek", "Latin"]
+    assert len(np.unique(train.alphabets)) == 28

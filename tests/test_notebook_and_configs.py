@@ -77,7 +77,7 @@ def test_shipped_model_config_is_valid_and_differs_from_the_default_as_documente
     config_check.validate_config(c, num_devices=2)
     changed = {k for k in d.keys() if c[k] != d[k]}
     assert changed == {"image_size", "embedding_dim", "num_steps", "augment_translate_px", "augment_elastic_alpha",
-                       "eval_every_steps", "checkpoint_every_steps", "test_time_shifts"}
+                       "eval_every_steps", "checkpoint_every_steps", "test_time_shifts", "val_alphabet_names"}
     assert c.test_time_shifts == "none"  # the shipped model embeds one view: 6x faster than nine
     # Shifts only, of +-2 px at its 48 px input: the default's without its elastic field.
     aff = input_pipeline.augment_config(c)
