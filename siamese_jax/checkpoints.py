@@ -191,11 +191,16 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target):
     return restored["state"], dict(restored["meta"] or {})
 
 
+# What orbax says when the restore target's tree differs from the one saved (e.g. an optimizer
+# state with a moving average restored into one without): a config mismatch, not damage.
+_STRUCTURE_MISMATCH = "tree structures do not match"
+
+
 def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unreadable_to: Optional[str] = None):
     """Tries the steps newest first; a truncated or corrupt step is skipped with one warning line
     naming it (and moved into `move_unreadable_to` if given, so that it is saved afresh later)."""
     steps = sorted(manager.all_steps(), reverse=True)
-    moved = False
+    moved = failed = False
     try:
         for i, step in enumerate(steps):
             # Shapes first, from the step's small metadata file: a restore into the wrong shapes
@@ -209,6 +214,12 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
                 with quiet_event_loop_tracebacks(grace_seconds=0.3):
                     return restore_step(manager, step, target)
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                if _STRUCTURE_MISMATCH in str(e):  # not damage either: another optimizer state
+                    raise CheckpointError(
+                        f"checkpoint step {step} in {manager.directory} holds another state structure than "
+                        f"this config's (a different optimizer config: weight_decay, ema_decay, ...); use "
+                        f"that run's config or another workdir") from None
+                failed = True
                 older = steps[i + 1] if i + 1 < len(steps) else None
                 where = ""
                 if move_unreadable_to is not None and jax.process_index() == 0:
@@ -221,7 +232,16 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
                             _one_line(e), where,
                             f"falling back to step {older}" if older is not None else "no older checkpoint")
     finally:
-        if moved:
+        if failed and move_unreadable_to is not None and jax.process_count() > 1:
+            # Only process 0 moves a step aside; every process's manager must then forget it, or the
+            # next save of that step number is skipped where the step is still listed, and process 0
+            # waits for the others in orbax's barrier for ever. Every process read the same damaged
+            # files, so all of them get here.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"siamese_jax: unreadable steps moved aside in {manager.directory}")
+            manager.reload()
+        elif moved:
             manager.reload()
     if steps:
         raise CheckpointError(f"no readable checkpoint in {manager.directory} (steps tried: {steps})")

@@ -6,6 +6,14 @@ import os
 from siamese_jax.files import append_jsonl, read_jsonl, rewrite_jsonl
 
 
+def _has_unparsed_lines(path: str, parsed: int) -> bool:
+    if not os.path.exists(path):
+        return False
+    with open(path, "rb") as f:
+        data = f.read()
+    return data.count(b"\n") != parsed or (bool(data) and not data.endswith(b"\n"))
+
+
 class MetricsWriter:
     """Every `write` goes to metrics.jsonl; to TensorBoard, the per-step training metrics
     (`every_step=True`) only every `tensorboard_every_steps` steps: serialising 7 scalars to
@@ -25,7 +33,9 @@ class MetricsWriter:
             return
         records = read_jsonl(self.path)
         kept = [r for r in records if r.get("step", 0) <= step]
-        if len(kept) != len(records) or (records and not os.path.getsize(self.path)):
+        # Rewritten also when a line did not parse (a torn last line from a kill mid-write): the next
+        # append would otherwise be glued onto it and lost with it.
+        if len(kept) != len(records) or _has_unparsed_lines(self.path, len(records)):
             rewrite_jsonl(self.path, kept)
 
     def write(self, step: int, scalars: dict, every_step: bool = False) -> None:

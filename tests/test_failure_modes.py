@@ -535,6 +535,21 @@ def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):
             inference.load_run(str(source))
 
 
+@pytest.mark.parametrize("content", ['{"threshold": 1.0}', '{"threshold": "x", "slope": 1, "method": "m", '
+                                     '"accuracy": 1, "false_accept_rate": 0, "num_pairs": 2}', "[1, 2]", "{not json"])
+def test_a_damaged_calibration_json_is_one_model_error_naming_it(tmp_path, content):
+    config = _tiny_config()
+    (s1,), _ = _states(config, 1)
+    workdir = tmp_path / "run"
+    ck = C.Checkpoints(str(workdir))
+    ck.save_best(s1, {}, {"val_one_shot_accuracy": 0.5})
+    ck.close()
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    (workdir / "calibration.json").write_text(content)
+    with pytest.raises(inference.ModelError, match=r"calibration.json: unusable calibration \(.*\); run `calibrate` again"):
+        inference.load_model(str(workdir))
+
+
 def test_checkpoint_of_another_model_is_an_error_and_left_alone(tmp_path):
     """Not damage: the same workdir re-run with another encoder. Moving the steps aside would throw
     the other run's work away; the message says what differs."""
@@ -552,6 +567,32 @@ def test_checkpoint_of_another_model_is_an_error_and_left_alone(tmp_path):
         ck.restore_latest(other_fresh)
     ck.close()
     assert os.listdir(tmp_path / "checkpoints") == ["1"] and not (tmp_path / "unreadable").exists()
+
+
+@pytest.mark.parametrize("change", ["weight_decay", "ema_decay"])
+def test_checkpoint_of_another_optimizer_state_is_an_error_and_left_alone(tmp_path, change):
+    """The same model re-run on its workdir with an optimizer whose state has another tree (AdamW's
+    or the weight average's): orbax's "tree structures do not match" is a config mismatch, not
+    damage. It used to be read as damage, so every step was moved aside and the next run started
+    again from step 0."""
+    config = _tiny_config()
+    (s1,), _ = _states(config, 1)
+    ck = C.Checkpoints(str(tmp_path))
+    ck.save(s1, {})
+    ck.close()
+    other = _tiny_config()
+    other[change] = 1e-4 if change == "weight_decay" else 0.99
+    _, other_fresh = _states(other, 0)
+    ck = C.Checkpoints(str(tmp_path))
+    with pytest.raises(C.CheckpointError, match=r"checkpoint step 1 .* holds another state structure than this "
+                                                r"config's \(a different optimizer config"):
+        ck.restore_latest(other_fresh)
+    ck.close()
+    assert os.listdir(tmp_path / "checkpoints") == ["1"] and not (tmp_path / "unreadable").exists()
+    ck = C.Checkpoints(str(tmp_path))  # the run's own config still resumes
+    state, _ = ck.restore_latest(_states(config, 0)[1])
+    ck.close()
+    assert int(state.step) == 1
 
 
 def test_temporary_dirs_of_unfinished_saves_are_removed(tmp_path):

@@ -33,3 +33,16 @@ def test_disabled_writer_writes_nothing(tmp_path):
     writer = MetricsWriter(str(tmp_path), enabled=False)
     writer.write(10, {"loss": 1.0}, every_step=True)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resume_after_a_torn_last_line_keeps_the_next_record(tmp_path):
+    """Killed mid-write: the last line has no newline. Resuming at a step after every parsed record
+    must not append the next record onto the torn line (both were lost to read_jsonl before)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"loss": 0.1, "step": s}) + "\n" for s in range(1, 11)) + '{"loss": 0.09, "st')
+    writer = MetricsWriter(str(tmp_path), tensorboard_every_steps=1000)
+    writer.truncate_after(10)
+    writer.write(11, {"loss": 0.0909})
+    writer.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 12))

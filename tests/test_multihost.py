@@ -220,3 +220,29 @@ def test_distributed_flags_are_jax_initialize_arguments():
 def test_bad_distributed_flags_are_one_line_errors(address, n, i, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         cli.distributed_init_args(address, n, i)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_past_a_damaged_newest_checkpoint(env, tmp_path):
+    """The newest checkpoint is damaged (its state files cut to a third): process 0 moves it aside,
+    both fall back to the step before and train on. Both managers must forget the moved step:
+    where only process 0's did, process 1 skipped the re-save of that step number and process 0
+    waited for it in orbax's barrier for ever (a hang, found by review on 2026-12-04)."""
+    workdir = tmp_path / "run"
+    args = ["--config.num_steps=10", "--config.checkpoint_every_steps=5", "--config.test_time_shifts=none",
+            "--noevaluate"]
+    with _train(env, tmp_path, "first", workdir, 2, 2, *args) as run:
+        rcs = run.wait(240)
+        assert rcs == [0, 0], _fail_msg(run, rcs)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "5"]
+    for root, _, files in os.walk(workdir / "checkpoints" / "10"):  # what a crash mid-copy leaves
+        for name in files:
+            path = os.path.join(root, name)
+            if "state" in path and os.path.getsize(path) > 0:
+                os.truncate(path, os.path.getsize(path) // 3)
+    with _train(env, tmp_path, "second", workdir, 2, 2, *args) as run:
+        rcs = run.wait(240)
+        assert rcs == [0, 0], _fail_msg(run, rcs)
+        assert "falling back to step 5" in run.stderr(0)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "5"]  # step 10 saved afresh
+    assert os.listdir(workdir / "unreadable") == ["checkpoints-10"]
