@@ -79,8 +79,11 @@ def _embed(argv):
     p.add_argument("--out", required=True, help="index file to write (.npz)")
     _model_arg(p)
     args = p.parse_args(argv)
+    from siamese_jax.files import check_output_file
     from siamese_jax.images import list_images
     from siamese_jax.index import build_index
+
+    check_output_file(args.out)
     from siamese_jax.inference import load_model
 
     paths = list_images(args.folder)
@@ -101,6 +104,10 @@ def _search(argv):
     args = p.parse_args(argv)
     if args.k < 1:
         p.error("-k must be at least 1")
+    if args.sheet:
+        from siamese_jax.files import check_output_file
+
+        check_output_file(args.sheet, "--sheet")
     from siamese_jax.images import read_image
     from siamese_jax.index import EmbeddingIndex, check_compatible
     from siamese_jax.inference import load_model
@@ -111,11 +118,11 @@ def _search(argv):
     check_compatible(index, model, args.index)
     dists, idx = index.search(model.embed([args.image]), args.k)
     for rank, (d, i) in enumerate(zip(dists[0], idx[0]), 1):
-        print(console.display(f"{rank:>3}  {d:8.4f}  {index.paths[i]}"))
+        print(console.display(f"{rank:>3}  {d:8.4f}  {index.file_path(i)}"))
     if args.sheet:
         from siamese_jax import plots
 
-        plots.plot_neighbours(args.sheet, args.image, [index.paths[i] for i in idx[0]], dists[0])
+        plots.plot_neighbours(args.sheet, args.image, [index.file_path(i) for i in idx[0]], dists[0])
         print(console.display(f"contact sheet -> {args.sheet}"))
     return 0
 
@@ -139,6 +146,10 @@ def _calibrate(argv):
 
     if args.model in PRETRAINED_FILES and not args.out:
         p.error(f"--out is required to calibrate the shipped {args.model} model (it is not overwritten)")
+    if args.out:
+        from siamese_jax.files import check_output_file
+
+        check_output_file(args.out)
     import numpy as np
 
     from siamese_jax.files import atomic_write_json

@@ -11,9 +11,17 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def check_output_file(path: str, flag: str = "--out") -> None:
+    """Before any work: an output path that is a folder fails now, in one line naming it, instead of
+    at the final rename (whose message names the temporary file)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag}={path}: is a folder; give a file name")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w"):
     """Writes to a temporary file in the same directory, then `os.replace`s it over `path`."""
+    check_output_file(path, "output")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")

@@ -75,6 +75,8 @@ def read_image(path: str) -> np.ndarray:
         raise ImageError(f"{path}: not an image (PIL cannot identify it)") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: refused as a decompression bomb ({e})") from None
+    except PermissionError as e:
+        raise ImageError(f"{path}: cannot read it ({e.strerror})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot decode ({str(e).splitlines()[0] if str(e) else type(e).__name__}; truncated or corrupt?)") from None
 
@@ -127,8 +129,21 @@ def list_images(folder: str) -> list[str]:
         raise ImageError(f"{folder}: no such folder")
     if not os.path.isdir(folder):
         raise ImageError(f"{folder}: not a folder")
-    found = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    def unreadable(error: OSError):  # os.walk skips a folder it cannot list, silently, by default
+        raise ImageError(f"{error.filename}: cannot list this folder ({error.strerror})")
+
+    # Linked folders are followed (a folder of links to class folders is a common layout), each real
+    # folder once, so a link cycle ends.
+    seen: set = set()
+    found = []
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    found.sort()
     if not found:
         raise ImageError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
     return found

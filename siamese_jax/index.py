@@ -28,18 +28,37 @@ class EmbeddingIndex:
     paths: list[str]  # what each row is (file path, or "split:i" for a dataset)
     model_fingerprint: str
     labels: Optional[np.ndarray] = None  # int [N] if known (dataset indexes)
+    # The directory relative paths were given from (`embed` run there); None: indexes written before
+    # 2026-12-04, whose relative paths resolve from the current directory.
+    root: Optional[str] = None
 
     def __len__(self):
         return len(self.paths)
 
+    def file_path(self, i: int) -> str:
+        """Row i's file, usable from any current directory (`search` run elsewhere than `embed`)."""
+        path = self.paths[i]
+        if self.root is None or os.path.isabs(path) or os.path.abspath(os.getcwd()) == self.root:
+            return path
+        return os.path.join(self.root, path)
+
     def search(self, query_embeddings: np.ndarray, k: int = 5, chunk_size: int = 1024):
         """(distances [Q, k], indices [Q, k]) of the k nearest rows, nearest first."""
         k = min(int(k), len(self))
-        return evaluation.knn(np.asarray(query_embeddings, np.float32), self.embeddings, k, chunk_size=chunk_size)
+        queries = np.asarray(query_embeddings, np.float32)
+        _, indices = evaluation.knn(queries, self.embeddings, k, chunk_size=chunk_size)
+        indices = np.asarray(indices)
+        # The k distances again, directly: knn ranks by |q|^2 - 2 q.e + |e|^2 in float32, whose
+        # cancellation reads an identical image as ~0.002 instead of 0 (after the square root).
+        diff = self.embeddings[indices].astype(np.float64) - queries[:, None, :].astype(np.float64)
+        exact = np.sqrt(np.sum(diff * diff, axis=-1))
+        order = np.argsort(exact, axis=1, kind="stable")  # near-ties the float32 ranking swapped
+        return (np.take_along_axis(exact, order, 1).astype(np.float32), np.take_along_axis(indices, order, 1))
 
     def save(self, path: str) -> None:
         """Writes `path` (.npz arrays) atomically; metadata is JSON inside the archive, not pickle."""
-        meta = {"format": INDEX_FORMAT, "model_fingerprint": self.model_fingerprint, "paths": self.paths}
+        meta = {"format": INDEX_FORMAT, "model_fingerprint": self.model_fingerprint, "paths": self.paths,
+                "root": self.root}
         arrays = {"embeddings": self.embeddings.astype(np.float32),
                   "meta_json": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
         if self.labels is not None:
@@ -52,6 +71,9 @@ class EmbeddingIndex:
         if not os.path.isfile(path):
             raise IndexError_(f"{path}: no such index file")
         try:
+            with open(path, "rb") as f:
+                if f.read(4) != b"PK\x03\x04":  # np.load reads other bytes as a pickle or a .npy
+                    raise ValueError("not an .npz archive")
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(z["meta_json"].tobytes().decode())
                 emb = z["embeddings"]
@@ -62,13 +84,16 @@ class EmbeddingIndex:
             raise IndexError_(f"{path}: not a siamese-jax index ({type(e).__name__}: {str(e)[:80]})") from None
         if emb.ndim != 2 or len(emb) != len(meta["paths"]):
             raise IndexError_(f"{path}: inconsistent index ({emb.shape} embeddings for {len(meta['paths'])} paths)")
-        return EmbeddingIndex(emb.astype(np.float32), list(meta["paths"]), meta["model_fingerprint"], labels)
+        root = meta.get("root")
+        return EmbeddingIndex(emb.astype(np.float32), list(meta["paths"]), meta["model_fingerprint"], labels,
+                              root if isinstance(root, str) else None)
 
 
 def build_index(model, paths: Sequence[str], batch_size: int = 256) -> EmbeddingIndex:
     """Embeds image files (in batches, so a large folder never sits in memory as pixels)."""
     chunks = [model.embed(list(paths[i:i + batch_size])) for i in range(0, len(paths), batch_size)]
-    return EmbeddingIndex(np.concatenate(chunks).astype(np.float32), [os.fspath(p) for p in paths], model.fingerprint())
+    return EmbeddingIndex(np.concatenate(chunks).astype(np.float32), [os.fspath(p) for p in paths], model.fingerprint(),
+                          root=os.path.abspath(os.getcwd()))
 
 
 def check_compatible(index: EmbeddingIndex, model, index_path: str = "index") -> None:

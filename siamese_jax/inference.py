@@ -54,7 +54,11 @@ class Verdict:
 class Calibration:
     """Same/different decision on distances: `same` iff distance <= threshold.
 
-    P(same | distance) = sigmoid(slope * (threshold - distance)) (Platt scaling fitted on the same pairs).
+    P(same | distance) = sigmoid(slope * (midpoint - distance)), Platt scaling fitted on the same
+    pairs. For the max-accuracy threshold the midpoint is the threshold (P = 0.5 where the verdict
+    flips); for a false-accept-rate threshold it is fitted too, since P(same) there is not 0.5 (a
+    strict threshold sits where most pairs are still the same class). Files written before
+    2026-12-04 have no midpoint: the threshold, as they were fitted.
     """
 
     threshold: float
@@ -63,9 +67,11 @@ class Calibration:
     accuracy: float
     false_accept_rate: float
     num_pairs: int
+    midpoint: Optional[float] = None
 
     def probability(self, distance):
-        return 1.0 / (1.0 + np.exp(-self.slope * (self.threshold - np.asarray(distance, np.float64))))
+        mid = self.threshold if self.midpoint is None else self.midpoint
+        return 1.0 / (1.0 + np.exp(-self.slope * (mid - np.asarray(distance, np.float64))))
 
 
 class SiameseModel:
@@ -115,8 +121,10 @@ class SiameseModel:
                                    test_time_shifts=test_time_shifts)
 
     def embed(self, images, batch_size: int = 512) -> np.ndarray:
-        """Paths, PIL images or arrays (any number) -> embeddings [N, E]."""
-        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 2):
+        """Paths, PIL images or arrays (any number) -> embeddings [N, E]. One image (a path, a PIL
+        image, an [H, W] array or an [H, W, C] array with C = 1, 3 or 4) gives one row; an array
+        [N, H, W] or [N, H, W, C] is N images."""
+        if _is_one_image(images):
             images = [images]
         return self.embed_prepared(self.preprocess(list(images)), batch_size)
 
@@ -179,6 +187,34 @@ class SiameseModel:
             f.write(blob)
 
 
+def calibration_from_dict(d) -> Calibration:
+    """A Calibration from its JSON form (a model file's metadata, a workdir's calibration.json);
+    ValueError or TypeError for anything else."""
+    if not isinstance(d, dict):
+        raise ValueError("its calibration is not a JSON object")
+    calibration = Calibration(**d)
+    for f in dataclasses.fields(Calibration):
+        value = getattr(calibration, f.name)
+        if f.name == "method" or (f.name == "midpoint" and value is None):
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError("its calibration has non-numeric values")
+    return calibration
+
+
+def _is_one_image(images) -> bool:
+    if isinstance(images, (str, os.PathLike)):
+        return True
+    if isinstance(images, np.ndarray):
+        return images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4))
+    try:
+        from PIL import Image
+
+        return isinstance(images, Image.Image)
+    except ImportError:  # pragma: no cover
+        return False
+
+
 def fit_calibration(distances, is_similar, target_far: Optional[float] = None) -> Calibration:
     d = np.asarray(distances, np.float64)
     y = np.asarray(is_similar, bool)
@@ -188,21 +224,43 @@ def fit_calibration(distances, is_similar, target_far: Optional[float] = None) -
         threshold, method = float(evaluation.best_threshold(d, y)), "max_accuracy"
     else:
         threshold, method = float(evaluation.threshold_for_far(d, y, target_far)), f"far<={target_far}"
-    # Platt scaling on (threshold - d): one-parameter logistic fit by Newton's method.
-    x = threshold - d
-    slope = 1.0 / max(np.std(d), 1e-6)
-    for _ in range(50):
-        p = 1.0 / (1.0 + np.exp(-slope * x))
-        grad = np.sum((p - y) * x)
-        hess = np.sum(p * (1 - p) * x * x) + 1e-9
-        step = grad / hess
-        slope = max(slope - step, 1e-6)
-        if abs(step) < 1e-8 * max(slope, 1.0):
-            break
+    slope, midpoint = _platt_fit(d, y, threshold if target_far is None else None)
     pred = d <= threshold
-    return Calibration(threshold=threshold, slope=float(slope), method=method,
+    return Calibration(threshold=threshold, slope=slope, method=method,
                        accuracy=float(np.mean(pred == y)), false_accept_rate=float(np.mean(pred[~y])),
-                       num_pairs=int(len(d)))
+                       num_pairs=int(len(d)), midpoint=midpoint)
+
+
+def _platt_fit(d: np.ndarray, y: np.ndarray, midpoint: Optional[float]) -> tuple[float, float]:
+    """(slope, midpoint) of P(same | d) = sigmoid(slope * (midpoint - d)) by Newton's method on the
+    logistic log-likelihood; `midpoint` given: only the slope is fitted."""
+    scale = max(float(np.std(d)), 1e-6)
+    z = (d - np.mean(d)) / scale  # standardised: Newton's steps well conditioned whatever the units
+    # logit = a - b * z; a free (midpoint fitted) or pinned so that the logit is 0 at `midpoint`.
+    pinned = None if midpoint is None else (midpoint - np.mean(d)) / scale
+    a, b = 0.0, 1.0
+    for _ in range(100):
+        if pinned is not None:
+            a = b * pinned
+        logit = a - b * z
+        p = 1.0 / (1.0 + np.exp(-np.clip(logit, -60, 60)))
+        w = p * (1 - p) + 1e-12
+        if pinned is None:  # two parameters: (a, b), dlogit/da = 1, dlogit/db = -z
+            feats = np.stack([np.ones_like(z), -z], axis=1)
+            grad = feats.T @ (p - y)
+            hess = feats.T @ (feats * w[:, None]) + 1e-9 * np.eye(2)
+            step = np.linalg.solve(hess, grad)
+            a, b = a - step[0], max(b - step[1], 1e-6)
+        else:  # one: b, dlogit/db = pinned - z
+            x = pinned - z
+            step = np.sum((p - y) * x) / (np.sum(w * x * x) + 1e-9)
+            b = max(b - step, 1e-6)
+            step = np.array([step])
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    slope = b / scale
+    mid = midpoint if midpoint is not None else float(np.mean(d) + scale * a / b)
+    return float(slope), float(mid)
 
 
 def load_model(source: str = "pretrained") -> SiameseModel:
@@ -231,10 +289,7 @@ def load_model(source: str = "pretrained") -> SiameseModel:
             raise ValueError("its metadata has no config")
         config = ml_collections.ConfigDict(meta["config"])
         cal = meta.get("calibration")
-        calibration = Calibration(**cal) if cal else None
-        if calibration is not None and not all(
-                isinstance(getattr(calibration, f.name), (int, float)) for f in dataclasses.fields(Calibration) if f.name != "method"):
-            raise ValueError("its calibration has non-numeric values")
+        calibration = calibration_from_dict(cal) if cal else None
         model = SiameseModel(config, blob["params"], blob.get("batch_stats") or {}, calibration, meta.get("provenance"))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ModelError(f"{source}: unusable model metadata ({type(e).__name__}: {str(e)[:160]})") from None
@@ -273,8 +328,12 @@ def _load_workdir(workdir: str) -> SiameseModel:
     cal = None
     cal_path = os.path.join(workdir, "calibration.json")
     if os.path.isfile(cal_path):
-        with open(cal_path) as f:
-            cal = Calibration(**json.load(f))
+        try:
+            with open(cal_path) as f:
+                cal = calibration_from_dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelError(f"{cal_path}: unusable calibration ({type(e).__name__}: {str(e)[:160]}); "
+                             f"run `calibrate` again or remove it") from None
     return SiameseModel(config, state.params, state.batch_stats, cal, {"workdir": os.path.abspath(workdir), "step": step})
 
 

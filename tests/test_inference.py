@@ -1,6 +1,7 @@
 """Using a trained model: the shipped pretrained file on real Omniglot evaluation PNGs, the CLI, bad input."""
 import io
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -76,6 +77,9 @@ def test_search_returns_the_same_character_at_rank_1(model, eval_pngs):
     index = build_index(model, paths)
     dists, idx = index.search(index.embeddings, k=2)
     assert np.all(idx[:, 0] == np.arange(len(paths)))  # each image finds itself first
+    assert np.all(dists[:, 0] == 0.0) and np.all(np.diff(dists, axis=1) >= 0)  # at distance 0, exactly
+    np.testing.assert_allclose(dists[:, 1], np.linalg.norm(index.embeddings[idx[:, 1]] - index.embeddings, axis=-1),
+                               rtol=1e-6)
     top1_same = [os.path.dirname(paths[j]) == os.path.dirname(paths[i]) for i, j in enumerate(idx[:, 1])]
     assert np.mean(top1_same) > 0.8
 
@@ -106,6 +110,16 @@ def test_image_modes_give_the_same_embedding(model, eval_pngs, tmp_path):
     # An ink-bright array (the training polarity) gives the same embedding as the dark-on-white file.
     arr = 255 - np.asarray(gray)
     np.testing.assert_allclose(model.embed([arr])[0], emb[0], atol=1e-5)
+    # One image on its own, not in a list: one row each (an RGB array was read as 105 one-row
+    # images, a PIL image was refused as not iterable). A stack of arrays is that many images.
+    rgb = np.asarray(gray.convert("RGB"))
+    for one in (arr, rgb, rgb[..., :1], Image.open(src), str(src)):
+        got = model.embed(one)
+        assert got.shape == (1, emb.shape[1]), type(one)
+        np.testing.assert_allclose(got[0], emb[0], atol=1e-5)
+    assert model.embed(np.stack([arr, arr, arr])).shape == (3, emb.shape[1])
+    assert model.embed(np.stack([rgb, rgb])).shape == (2, emb.shape[1])
+    assert model.distance(str(src), rgb).shape == (1,)
 
 
 def test_index_save_load_roundtrip_and_model_check(model, eval_pngs, tmp_path):
@@ -134,6 +148,17 @@ def test_calibration_max_accuracy_and_far():
     assert cal.probability(0.5) > 0.95 and cal.probability(2.5) < 0.05
     strict = inference.fit_calibration(d, y, target_far=0.01)
     assert strict.false_accept_rate <= 0.01 and strict.threshold < cal.threshold
+    # P(same) is the same curve whatever threshold was chosen: a strict threshold moves the verdict,
+    # not the probabilities (it used to pin P = 0.5 at the strict threshold: 0.65 where 0.96 of the
+    # pairs were the same class).
+    assert abs(strict.midpoint - cal.threshold) < 0.1 and strict.probability(strict.threshold) > 0.9
+    # Against the truth of these two Gaussians (equal priors): P(same | d) = 1 / (1 + exp((d - 1.5) * 1 / 0.09)).
+    for dist in (1.2, 1.4, 1.6, 1.8):
+        assert strict.probability(dist) == pytest.approx(1 / (1 + np.exp((dist - 1.5) / 0.09)), abs=0.05)
+    # A file written before the midpoint existed reads as it was fitted: P = 0.5 at its threshold.
+    old = inference.Calibration(threshold=1.2, slope=5.0, method="far<=0.01", accuracy=0.9,
+                                false_accept_rate=0.01, num_pairs=10)
+    assert old.probability(1.2) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="both kinds"):
         inference.fit_calibration(d[:10], y[:10])
 
@@ -178,6 +203,28 @@ def test_embed_and_search_cli(eval_pngs, tmp_path):
     assert Image.open(sheet).size[0] > 300
 
 
+def test_an_index_of_relative_paths_is_searched_from_another_directory(eval_pngs, tmp_path):
+    """`embed imgs --out idx.npz` in one directory, `search` (with a contact sheet, which opens the
+    neighbours' files) from another: the index's relative paths resolve where embed ran."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    shutil.copytree(sorted(eval_pngs.iterdir())[0], here / "imgs")
+    elsewhere.mkdir()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+
+    def run(cwd, main, *args):
+        return subprocess.run([sys.executable, "-c", f"from siamese_jax.commands import {main}; {main}()", *args],
+                              cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+    r = run(here, "embed_main", "imgs", "--out", "idx.npz")
+    assert r.returncode == 0, r.stderr
+    query = sorted((here / "imgs").iterdir())[0]
+    r = run(elsewhere, "search_main", "../here/idx.npz", str(query), "-k", "2", "--sheet", "sheet.png")
+    assert r.returncode == 0, r.stderr
+    first = [line for line in r.stdout.splitlines() if line.strip()[:1].isdigit()][0].split()
+    assert float(first[1]) == 0.0 and os.path.samefile(first[-1], query)
+    assert (elsewhere / "sheet.png").exists()
+
+
 def test_calibrate_cli_writes_a_model_that_compare_uses(eval_pngs, tmp_path):
     out = tmp_path / "calibrated.msgpack"
     r = _cli("experiments.calibrate", str(eval_pngs), "--far", "0.05", "--pairs", "400", "--out", str(out))
@@ -188,7 +235,8 @@ def test_calibrate_cli_writes_a_model_that_compare_uses(eval_pngs, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_image", "truncated", "directory", "empty_folder",
-                                  "bad_index", "wrong_model_index", "bad_model"])
+                                  "bad_index", "png_as_index", "wrong_model_index", "bad_model", "out_is_folder",
+                                  "sheet_is_folder"])
 def test_bad_input_one_line_exit_2(case, tmp_path, eval_pngs):
     png = str(sorted(eval_pngs.rglob("*.png"))[0])
     text = tmp_path / "notes.txt"
@@ -211,6 +259,14 @@ def test_bad_input_one_line_exit_2(case, tmp_path, eval_pngs):
         args, needle = ("experiments.embed", str(empty), "--out", str(tmp_path / "i.npz")), "no image files"
     elif case == "bad_index":
         args, needle = ("experiments.search", str(text), png), "not a siamese-jax index"
+    elif case == "png_as_index":  # np.load read it as a pickle: "This file contains pickled (object) data"
+        args, needle = ("experiments.search", png, png), "not a siamese-jax index (ValueError: not an .npz archive)"
+    elif case == "out_is_folder":  # failed at the final rename, naming the temporary file, after the work
+        args, needle = ("experiments.embed", str(eval_pngs), "--out", str(empty)), f"--out={empty}: is a folder"
+    elif case == "sheet_is_folder":
+        idx = EmbeddingIndex(np.zeros((1, 4), np.float32), [png], "deadbeefdeadbeef")
+        idx.save(str(tmp_path / "other.npz"))
+        args, needle = ("experiments.search", str(tmp_path / "other.npz"), png, "--sheet", str(empty)), "--sheet="
     elif case == "wrong_model_index":
         idx = EmbeddingIndex(np.zeros((1, 4), np.float32), [png], "deadbeefdeadbeef")
         idx.save(str(tmp_path / "other.npz"))
@@ -252,3 +308,26 @@ def test_embedding_files_of_many_sizes_compiles_a_bounded_number_of_times(model,
         jax.monitoring.unregister_event_duration_listener(count)
     assert emb.shape == (12, model.config.embedding_dim) and np.isfinite(emb).all()
     assert compiles == [], f"{len(compiles)} compilations while embedding 36 files of 6 sizes"
+
+
+def test_list_images_follows_linked_folders_once_and_names_an_unreadable_one(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    Image.new("L", (8, 8), 255).save(root / "a" / "1.png")
+    elsewhere = tmp_path / "elsewhere" / "b"
+    elsewhere.mkdir(parents=True)
+    Image.new("L", (8, 8), 255).save(elsewhere / "2.png")
+    (root / "b").symlink_to(elsewhere, target_is_directory=True)  # a class folder linked in
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # and a cycle
+    found = img_lib.list_images(str(root))
+    assert found == [str(root / "a" / "1.png"), str(root / "b" / "2.png")]
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith(os.sep + "a"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(img_lib.ImageError, match=r"data/a: cannot list this folder \(Permission denied\)"):
+        img_lib.list_images(str(root))
