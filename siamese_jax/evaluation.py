@@ -60,6 +60,8 @@ def one_shot_predictions(support_emb, query_emb, rule: str = "nearest") -> np.nd
     if support.shape[0] != query.shape[0] or support.shape[1] != query.shape[1] or support.shape[3] != query.shape[3]:
         raise ValueError(f"support {support.shape} and query {query.shape} disagree on episodes/n_way/E")
     t, n_way, k_shot, e = support.shape
+    if t == 0:
+        raise ValueError("no episodes to score")
     n_query = query.shape[2]
     per_episode = n_way * n_query * (n_way * k_shot) * e
     chunk = max(1, min(t, _CHUNK_FLOATS // max(per_episode, 1)))
@@ -360,6 +362,8 @@ def retrieval_metrics(embeddings, labels, chunk_size: Optional[int] = None, max_
     emb = np.asarray(embeddings, np.float32)
     if emb.ndim != 2 or len(emb) != len(labels):
         raise ValueError(f"embeddings {emb.shape} and labels {labels.shape} disagree")
+    if len(emb) == 0:
+        raise ValueError("no embeddings to score")
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     label_ids = inverse.reshape(-1).astype(np.int32)
     r = (counts[label_ids] - 1).astype(np.int32)

@@ -52,6 +52,16 @@ def keras_pairs(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, 
     return np.array(first), np.array(second), np.array(same)
 
 
+def _finite(emb: np.ndarray, what: str) -> np.ndarray:
+    """Embeddings a protocol may score. NaN distances compare false, so a diverged checkpoint's NaN
+    embeddings would be scored as chance (every query "nearest" to class 0), not refused."""
+    bad = ~np.isfinite(emb).all(axis=-1)
+    if bad.any():
+        raise ValueError(f"the model embeds {int(bad.sum())} of {len(emb)} images of {what} as NaN or Inf "
+                         f"(a diverged checkpoint?); nothing was scored")
+    return emb
+
+
 def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dict:
     size = config.image_size
     results = {}
@@ -62,7 +72,7 @@ def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> 
     R = len(runs)
     flat = np.concatenate([train_u8.reshape(-1, 105, 105), test_u8.reshape(-1, 105, 105)])
     flat_ds = ImageDataset(images=flat, labels=np.arange(len(flat), dtype=np.int32), name="omniglot", split="lake_runs")
-    emb = loaded.embed_u8(resized_images(flat_ds, size))
+    emb = _finite(loaded.embed_u8(resized_images(flat_ds, size)), "Lake's runs")
     train_emb = emb[:R * 20].reshape(R, 20, -1)
     test_emb = emb[R * 20:].reshape(R, 20, -1)
     answers = np.stack([r.answers for r in runs])
@@ -73,7 +83,7 @@ def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> 
     ev = ip.load_split(config, "evaluation")
     dds = sampling.to_device_dataset(ev, image_size=size)
     ev_u8 = np.asarray(dds.images)
-    ev_emb = loaded.embed_u8(ev_u8)
+    ev_emb = _finite(loaded.embed_u8(ev_u8), "the evaluation alphabets")
     episodes = {}
     key = jax.random.PRNGKey(config.eval_seed)
     for structure, within in (("unstructured", False), ("within_alphabet", True)):
@@ -97,7 +107,7 @@ def evaluate_mnist(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dic
     out = {}
     dist = {}
     for name, ds, seed in (("validation", val, config.eval_seed), ("test", test, config.eval_seed + 1)):
-        emb = loaded.embed_u8(resized_images(ds, config.image_size))
+        emb = _finite(loaded.embed_u8(resized_images(ds, config.image_size)), f"the {name} images")
         a, b, same = keras_pairs(ds.labels, seed)
         d = np.linalg.norm(emb[a] - emb[b], axis=-1)
         dist[name] = (d, same, a, b, emb, ds)

@@ -291,3 +291,20 @@ def test_retrieval_metrics_perfect_and_degenerate():
     # max_k caps R (AccuracyCalculator's faiss limit); with perfect clusters MAP@R stays 1.
     capped = evaluation.retrieval_metrics(emb, labels, max_k=2)
     assert capped["mean_average_precision_at_r"] == pytest.approx(1.0)
+
+
+def test_nothing_to_score_and_non_finite_embeddings_are_errors_not_numbers():
+    """A diverged checkpoint's NaN embeddings used to be scored as chance level (NaN distances
+    compare false, so every query went to class 0); empty inputs crashed or returned 0."""
+    from siamese_jax import protocols
+
+    with pytest.raises(ValueError, match="no episodes to score"):
+        evaluation.one_shot_predictions(np.zeros((0, 5, 1, 4)), np.zeros((0, 5, 1, 4)))
+    with pytest.raises(ValueError, match="no embeddings to score"):
+        evaluation.retrieval_metrics(np.zeros((0, 4), np.float32), np.zeros(0, np.int32))
+    emb = np.ones((6, 4), np.float32)
+    assert protocols._finite(emb, "x") is emb
+    emb[2, 1] = np.nan
+    emb[4, 0] = np.inf
+    with pytest.raises(ValueError, match=r"embeds 2 of 6 images of Lake's runs as NaN or Inf \(a diverged checkpoint\?\)"):
+        protocols._finite(emb, "Lake's runs")
