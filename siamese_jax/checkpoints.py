@@ -185,7 +185,20 @@ def move_step_aside(manager: ocp.CheckpointManager, step: int, aside_dir: str, n
     return dest
 
 
-def restore_step(manager: ocp.CheckpointManager, step: int, target):
+def restore_step(manager: ocp.CheckpointManager, step: int, target, weights_only: bool = False):
+    """(state, meta) of a step. `weights_only`: only `params` and `batch_stats` are read (orbax's
+    partial restore) into `target`, whose step and optimizer state are kept: initialising from
+    another run (`config.resume`) needs its weights, whatever optimizer state it was saved with."""
+    if weights_only:
+        weights = {"params": target.params, "batch_stats": target.batch_stats}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding) if isinstance(x, jax.Array) else ocp.RestoreArgs(),
+            weights)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=_abstract(weights), restore_args=restore_args, partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+        got = restored["state"]
+        return target.replace(params=got["params"], batch_stats=got["batch_stats"]), dict(restored["meta"] or {})
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"] or {})
@@ -196,7 +209,8 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target):
 _STRUCTURE_MISMATCH = "tree structures do not match"
 
 
-def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unreadable_to: Optional[str] = None):
+def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unreadable_to: Optional[str] = None,
+                            weights_only: bool = False):
     """Tries the steps newest first; a truncated or corrupt step is skipped with one warning line
     naming it (and moved into `move_unreadable_to` if given, so that it is saved afresh later)."""
     steps = sorted(manager.all_steps(), reverse=True)
@@ -212,7 +226,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
                     f"({mismatch}); use that run's config or another workdir")
             try:
                 with quiet_event_loop_tracebacks(grace_seconds=0.3):
-                    return restore_step(manager, step, target)
+                    return restore_step(manager, step, target, weights_only)
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 if _STRUCTURE_MISMATCH in str(e):  # not damage either: another optimizer state
                     raise CheckpointError(
@@ -280,9 +294,9 @@ def _shape_mismatch(manager: ocp.CheckpointManager, step: int, target) -> Option
     return None
 
 
-def restore_from_directory(directory: str, target, step: Optional[int] = None):
+def restore_from_directory(directory: str, target, step: Optional[int] = None, weights_only: bool = False):
     """(state, meta) from a `checkpoints/` or `best/` directory; newest readable unless `step` is given.
-    Read-only: unreadable steps are skipped with a warning, never moved."""
+    Read-only: unreadable steps are skipped with a warning, never moved. `weights_only`: restore_step's."""
     with quiet_event_loop_tracebacks():
         manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
                                         options=ocp.CheckpointManagerOptions(
@@ -290,8 +304,8 @@ def restore_from_directory(directory: str, target, step: Optional[int] = None):
                                             multiprocessing_options=_multiprocessing("restore")))
     try:
         if step is not None:
-            return restore_step(manager, step, target)
-        result = restore_newest_readable(manager, target)
+            return restore_step(manager, step, target, weights_only)
+        result = restore_newest_readable(manager, target, weights_only=weights_only)
         if result is None:
             raise CheckpointError(f"no checkpoint found in {directory}")
         return result

@@ -216,7 +216,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         state, meta = restored
         log.info("resuming from step %d of %s", int(state.step), workdir)
     elif config.resume:
-        state, _ = ckpt_lib.restore_from_directory(config.resume, fresh)
+        # Its weights only: the optimizer state starts afresh below, so another optimizer config
+        # (AdamW, the weight average) may fine-tune it.
+        state, _ = ckpt_lib.restore_from_directory(config.resume, fresh, weights_only=True)
         state = state.replace(step=jnp.zeros((), jnp.int32), opt_state=tx.init(state.params))
         log.info("initialised from %s", config.resume)
     else:

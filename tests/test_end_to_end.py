@@ -72,6 +72,13 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(m["step"] for m in metrics if "loss" in m) == list(range(1, 13))  # no duplicates
 
+    # Another workdir starting from this run's weights with another optimizer state (the weight
+    # average): config.resume reads the weights only.
+    r = _train(env, tmp_path / "fine_tuned", "--loss=triplet", "--config.num_steps=2", "--config.eval_every_steps=2",
+               f"--config.resume={workdir / 'checkpoints'}", "--config.ema_decay=0.99", "--noevaluate")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"initialised from {workdir / 'checkpoints'}" in r.stderr
+
     # evaluate.py on the best checkpoint reproduces results.json.
     results = json.loads((workdir / "results.json").read_text())
     r = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}", "--nowrite"],

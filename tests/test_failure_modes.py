@@ -595,6 +595,25 @@ def test_checkpoint_of_another_optimizer_state_is_an_error_and_left_alone(tmp_pa
     assert int(state.step) == 1
 
 
+def test_config_resume_reads_the_weights_whatever_optimizer_state_they_were_saved_with(tmp_path):
+    """`config.resume` (start from another run's weights) keeps only params and batch_stats, so a
+    run with another optimizer (AdamW, the weight average) can start from them; it used to restore
+    the whole state and fail ("tree structures do not match") when the optimizer state differed."""
+    config = _tiny_config()
+    (s1,), _ = _states(config, 1)
+    ck = C.Checkpoints(str(tmp_path / "first"))
+    ck.save(s1, {})
+    ck.close()
+    other = _tiny_config()
+    other.ema_decay = 0.99
+    _, fresh = _states(other, 0)
+    state, _ = C.restore_from_directory(str(tmp_path / "first" / "checkpoints"), fresh, weights_only=True)
+    _assert_same(state.params, s1.params)
+    _assert_same(state.batch_stats, s1.batch_stats)
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(fresh.opt_state)  # the new optimizer's
+    assert os.listdir(tmp_path / "first" / "checkpoints") == ["1"]
+
+
 def test_temporary_dirs_of_unfinished_saves_are_removed(tmp_path):
     leftover = tmp_path / "checkpoints" / f"3{C.TMP_MARKER}-1732"
     leftover.mkdir(parents=True)

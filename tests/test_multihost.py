@@ -229,8 +229,13 @@ def test_two_processes_resume_past_a_damaged_newest_checkpoint(env, tmp_path):
     where only process 0's did, process 1 skipped the re-save of that step number and process 0
     waited for it in orbax's barrier for ever (a hang, found by review on 2026-12-04)."""
     workdir = tmp_path / "run"
-    args = ["--config.num_steps=10", "--config.checkpoint_every_steps=5", "--config.test_time_shifts=none",
-            "--noevaluate"]
+    own = ["--config.num_steps=10", "--config.checkpoint_every_steps=5", "--config.test_time_shifts=none"]
+    keys = {a.split("=")[0] for a in own}
+    args = [a for a in TINY if a.split("=")[0] not in keys] + own + ["--noevaluate"]
+
+    def _train(env, tmp_path, name, workdir, n, devices, *args):  # TINY's values of these keys left out
+        return Launch("experiments.train", [f"--workdir={workdir}", *args], env, tmp_path, name, n, devices)
+
     with _train(env, tmp_path, "first", workdir, 2, 2, *args) as run:
         rcs = run.wait(240)
         assert rcs == [0, 0], _fail_msg(run, rcs)
