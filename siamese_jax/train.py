@@ -112,6 +112,18 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
+def _check_validation_set(config, val_ds) -> None:
+    """Before any step: validation's 1-shot episodes need every held-out class to have 2 images and
+    2 classes at least (it failed at the first validation, after those steps had trained)."""
+    _, counts = np.unique(val_ds.labels, return_counts=True)
+    if len(counts) < 2 or counts.min() < 2:
+        key = "val_alphabets" if config.dataset == "omniglot" else "val_fraction"
+        raise config_check.ConfigError(
+            f"config.{key}={config[key]!r}: the validation set ({len(val_ds)} images of {len(counts)} classes, "
+            f"the smallest with {int(counts.min()) if len(counts) else 0}) needs 2 classes and 2 images of every "
+            f"class for its 1-shot episodes; hold out more")
+
+
 def _set_num_classes(config, count: int) -> None:
     """Records the training data's class count as the number of class centres (saved with the config,
     so evaluation and export rebuild the same parameter shapes); a different count set by hand is a
@@ -177,6 +189,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
 
     # Data on device (replicated), resized once.
     train_ds, val_ds = ip.train_val_datasets(config)
+    _check_validation_set(config, val_ds)
     repl = parallel.replicated(mesh)
     train_dds = sampling.to_device_dataset(train_ds, image_size=config.image_size, sharding=repl)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)

@@ -223,6 +223,9 @@ def test_arcface_trains_evaluates_and_its_class_centres_restore(env, tmp_path):
     (["--config.widths=()"], "config.widths"),
     (["--config.width=64"], "widths"),  # the pre-`widths` key: a hint at the new one
     (["--process_id=1"], "--coordinator_address"),  # multi-host flags: checked before any device is used
+    # A validation set its episodes cannot use: before training (it failed at the first validation).
+    (["--dataset=mnist", "--loss=batch_hard", "--config.classes_per_batch=10", "--config.val_fraction=0.0001"],
+     "config.val_fraction=0.0001: the validation set (6 images of"),
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(env, tmp_path, args, needle):
     e = dict(env, SIAMESE_CACHE_DIR=str(tmp_path / "empty_cache"))
