@@ -82,9 +82,9 @@ def _embed(argv):
     from siamese_jax.files import check_output_file
     from siamese_jax.images import list_images
     from siamese_jax.index import build_index
+    from siamese_jax.inference import load_model
 
     check_output_file(args.out)
-    from siamese_jax.inference import load_model
 
     paths = list_images(args.folder)
     model = load_model(args.model)
