@@ -169,10 +169,15 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     if "ema_decay" in config:  # configs written before the moving average lack it
         _float_in(config, "ema_decay", 0.0, 1.0, hi_open=True, why=" (0: no moving average of the weights)")
     margin = config.get("margin")
+    margins = config.get("margins") or {}
     if margin is not None:
         _float_in(config, "margin", 0.0)
-    elif loss not in (config.get("margins") or {}):
+    elif loss not in margins:
         _fail("margin", None, f"is unset and config.margins has no entry for loss {loss!r}")
+    else:  # the loss's default margin is the margin: the same range as an explicit one
+        margin_key, margin = f"margins.{loss}", margins[loss]
+        if not _is_number(margin) or margin < 0:
+            _fail(margin_key, margin, "must be a number >= 0")
     _bool(config, "squared")
     if loss in ts.CLASS_CENTRE_LOSSES:
         # ArcFace's margin is an angle added to the own-class angle (radians), its scale the
@@ -181,8 +186,10 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
             raise ConfigError(f"loss={loss!r} learns a direction: it needs --config.model=small with "
                               f"--config.l2_normalize=True (got model={config.get('model')!r}, "
                               f"l2_normalize={config.get('l2_normalize')!r})")
-        if margin is not None:
+        if config.get("margin") is not None:
             _float_in(config, "margin", 0.0, math.pi / 2, hi_open=True, why=" (radians, for ArcFace)")
+        elif not margin < math.pi / 2:
+            _fail(f"margins.{loss}", margin, f"must be a number from 0.0 to below {math.pi / 2} (radians, for ArcFace)")
         _float_in(config, "arcface_scale", 0.0, lo_open=True)
         if config.get("num_classes") is not None:
             _int_in(config, "num_classes", 2, why=" (class centres; unset: the training classes)")

@@ -174,8 +174,9 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
     elif loss == "triplet" and kind == "classes":
         key = jax.random.PRNGKey(0) if key is None else key
         positive, negative, valid = online_triplets(emb, batch["labels"], key, squared)
-        dist = L.squared_euclidean_distance if squared else L.euclidean_distance
-        per_anchor = jnp.maximum(dist(emb, emb[positive]) - dist(emb, emb[negative]) + margin, 0.0)
+        d_pos = L.euclidean_distance(emb, emb[positive], squared=squared)
+        d_neg = L.euclidean_distance(emb, emb[negative], squared=squared)
+        per_anchor = jnp.maximum(d_pos - d_neg + margin, 0.0)
         w = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1)
         value = jnp.sum(per_anchor * w)  # = triplet_loss(emb, emb[positive], emb[negative]) over valid anchors
         stats = {"active_fraction": jnp.sum((per_anchor > 0) * w)}

@@ -748,3 +748,23 @@ def test_a_learning_rate_schedule_shorter_than_the_training_is_a_one_line_config
             f"config.lr_schedule_steps={steps!r}: must be an integer from 12000 to 1000000000 (the learning-rate "
             "schedule's length: at least num_steps; unset: num_steps)")):
         config_check.validate_config(bad)
+
+
+@pytest.mark.parametrize("loss, value, message", [
+    ("triplet", -0.5, r"config.margins.triplet=-0.5: must be a number >= 0"),
+    ("arcface", 3.0, r"config.margins.arcface=3.0: must be a number from 0.0 to below 1.57"),
+])
+def test_a_loss_default_margin_out_of_range_is_refused_like_an_explicit_one(loss, value, message):
+    """The margin a loss takes from config.margins was never range-checked (an explicit --config.margin
+    was): ArcFace trained on a degenerate objective with margins.arcface=3.0 rad."""
+    from siamese_jax.configs import default
+
+    c = default.get_config("omniglot")
+    c.loss = loss
+    if loss == "arcface":
+        c.l2_normalize = True
+    c.margins[loss] = value
+    with pytest.raises(config_check.ConfigError, match=message):
+        config_check.validate_config(c)
+    c.margins[loss] = 0.3
+    config_check.validate_config(c)

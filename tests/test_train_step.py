@@ -211,3 +211,21 @@ def test_a_run_stopped_early_on_a_longer_schedule_takes_that_schedules_first_ste
 
     np.testing.assert_array_equal(updates(short_on_long), updates(long))
     assert not np.allclose(updates(short)[-5:], updates(long)[-5:])  # the 20-step cosine has decayed by then
+
+
+@pytest.mark.parametrize("selection", ["online", "online_all", "random"])
+def test_triplet_loss_with_squared_distances_for_every_selection(selection):
+    """`squared=True` with online selection used to fail at the first step (it named a distance
+    function losses.py does not have); the per-anchor loss must be the hinge on squared distances."""
+    model = _model("triplet", norm="layer")  # no batch statistics: the loss alone, in eval mode
+    params = ts.create_train_state(model, optax.sgd(0.1), jax.random.PRNGKey(0), SIZE).params
+    batch = _batch("triplet", selection)
+    key = jax.random.PRNGKey(3)
+    value, _ = ts.loss_fn(params, {}, model, batch, "triplet", 0.5, True, False, key, selection)
+    assert np.isfinite(float(value))
+    if selection == "online":
+        emb = np.asarray(model.apply({"params": params}, jnp.asarray(batch["images"]), train=False), np.float64)
+        pos, neg, valid = (np.asarray(a) for a in ts.online_triplets(jnp.asarray(emb, jnp.float32), batch["labels"], key, True))
+        d = lambda a, b: np.sum((a - b) ** 2, axis=-1)  # noqa: E731
+        per_anchor = np.maximum(d(emb, emb[pos]) - d(emb, emb[neg]) + 0.5, 0.0)
+        np.testing.assert_allclose(float(value), np.sum(per_anchor * valid) / max(valid.sum(), 1), rtol=1e-5)
