@@ -17,8 +17,9 @@ Rows (ours / peer; > 1 means ours is faster):
    differ only in their number of steps, so data loading, compiles and evaluation cancel out.
 4. Embedding PNG files (decode + resize + encoder) with `inference.SiameseModel.embed`, against
    the same work in PyTorch (PIL decode, antialiased resize, the same encoder in eval mode).
-5. P×K sampling + augmentation on device against NumPy on the host; exact k-NN (jitted top-k)
-   against NumPy.
+5. P×K sampling + augmentation on device against the P×K sampling in NumPy on the host followed by
+   the same jitted augmentation (after the host-to-device copy); exact k-NN (jitted top-k) against
+   NumPy.
 
 Timing: warm-up calls excluded (compiles, torch.compile's codegen), then the median of `repeats`
 timed blocks, each ended by a device synchronisation. The JSON file holds every row and the machine.
@@ -425,6 +426,8 @@ def bench_embed(quick, data_dir):
         if torch_peer is not None:
             import torch
             import torch.nn.functional as F
+
+            torch.set_num_threads(len(os.sched_getaffinity(0)))  # as the step rows: one thread per core
             from PIL import Image
 
             widths = tuple(model.config.widths)
@@ -480,7 +483,9 @@ def bench_sampling(ds, n):
         return aug(key, jnp.asarray(images[idx].astype(np.float32)[..., None] / 255.0))
 
     peer = _median_rate(host, n, 5, jax.block_until_ready)
-    _row("sampling", "P×K sampling + augmentation", "batch/s", ours, peer, "on device", "host NumPy")
+    _row("sampling", "P×K sampling + augmentation", "batch/s", ours, peer, "on device", "host NumPy",
+         note="the peer samples the indices with NumPy on the host, copies the batch to the device and "
+              "runs the same jitted augmentation: sampling on device against sampling on the host")
 
 
 def bench_resize(ds, quick):
