@@ -22,7 +22,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", [], "A training workdir, an exported model file or a shipped model's "
@@ -48,7 +48,7 @@ def _embed_validation(workdir: str, test_time_shifts=None):
     try:  # a workdir's chosen checkpoint, a model file or a shipped model, on the data mesh
         model, step = inference.load_run(workdir, overrides)
     except inference.ModelError as e:
-        raise app.UsageError(str(e)) from None
+        raise ValueError(str(e)) from None  # one error line and exit 2 (cli.run_app)
     config = model.config
     _, val_ds = ip.train_val_datasets(config)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
@@ -91,7 +91,7 @@ def recheck_ensemble(workdirs, episodes: int, seeds) -> dict:
     embedded = [_embed_validation(wd) for wd in workdirs]
     for wd, e in zip(workdirs[1:], embedded[1:]):
         if not np.array_equal(e["labels"], embedded[0]["labels"]):
-            raise app.UsageError(f"--ensemble: {wd} has another validation split than {workdirs[0]}")
+            raise ValueError(f"--ensemble: {wd} has another validation split than {workdirs[0]}")
     emb = np.concatenate([e["embeddings"] for e in embedded], axis=1)
     return {"steps": [e["step"] for e in embedded], **_score(embedded[0], emb, episodes, seeds)}
 
@@ -99,8 +99,12 @@ def recheck_ensemble(workdirs, episodes: int, seeds) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
+    from siamese_jax import cli
+
     if not FLAGS.workdir:
-        raise app.UsageError("give at least one --workdir")
+        cli.fail("give at least one --workdir")
+    if FLAGS.episodes < 1:
+        cli.fail(f"--episodes={FLAGS.episodes}: must be at least 1")
     for wd in FLAGS.workdir:
         for shifts in FLAGS.test_time_shifts or [None]:
             r = recheck(wd, FLAGS.episodes, FLAGS.seeds, shifts)
@@ -113,4 +117,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from siamese_jax import cli
+
+    cli.run_app(main)

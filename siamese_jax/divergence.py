@@ -5,8 +5,9 @@ The rule, in one line (`rule()` returns it with the configured numbers):
     stop when any metric is non-finite, or the loss, gradient norm or parameter norm exceeds
     FACTOR x max(its first value, its median over the last WINDOW healthy steps)
 
-"First value" anchors the scale, so a loss or gradient that has been near zero for a while (a
-trained model, a batch with no active triplets) cannot trip the rule on ordinary noise; the median
+"First value" (the first positive one; on resume, the run's own first recorded value) anchors the
+scale, so a loss or gradient that has been near zero for a while (a trained model, a batch with no
+active triplets) cannot trip the rule on ordinary noise; the median
 over recent healthy steps follows the run as it trains. The parameter norm is seeded with the
 norm of the starting state (before the first update), so an update that blows the parameters up in
 the first step is caught at once. Checking is host-side on metrics the train loop reads anyway (one
@@ -61,14 +62,28 @@ class DivergenceDetector:
         """A known-healthy value before the first step (e.g. the starting state's parameter norm)."""
         value = float(value)
         if math.isfinite(value):
-            self._first.setdefault(metric, value)
+            self._note_first(metric, value)
             self._recent[metric].append(value)
+
+    def seed_first(self, metric: str, value: float) -> None:
+        """The run's own first value, from before a resume (metrics.jsonl): the scale anchor, not a
+        recent value. Resumed without it, a well-trained run's tiny first loss anchored the scale and
+        ordinary noise could trip the rule."""
+        value = float(value)
+        if math.isfinite(value) and value > 0:
+            self._first[metric] = value
+
+    def _note_first(self, metric: str, value: float) -> None:
+        # The first POSITIVE value: a first loss of exactly 0 (no active triplet in the batch) would
+        # anchor nothing, and the noise of the next near-zero losses would read as an explosion.
+        if value > 0:
+            self._first.setdefault(metric, value)
 
     def reference(self, metric: str) -> Optional[float]:
         recent = self._recent[metric]
         if not recent:
             return None
-        return max(self._first[metric], statistics.median(recent))  # 6 us; np.median of a deque: 76 us
+        return max(self._first.get(metric, 0.0), statistics.median(recent))  # 6 us; np.median of a deque: 76 us
 
     def check(self, step: int, metrics: Mapping[str, float]) -> None:
         values = {k: float(v) for k, v in metrics.items()}
@@ -89,7 +104,7 @@ class DivergenceDetector:
                         f"{self.factor:g}x its reference {ref:.3g}", step, k, values[k], ref, self.start_step)
         for k in WATCHED:
             if k in values:
-                self._first.setdefault(k, values[k])
+                self._note_first(k, values[k])
                 self._recent[k].append(values[k])
         self.last_healthy_step = step
 

@@ -37,7 +37,7 @@ from siamese_jax import config_check, distillation, divergence
 from siamese_jax import embedding, evaluation, models, parallel, protocols, sampling
 from siamese_jax import input_pipeline as ip
 from siamese_jax import train_step as ts
-from siamese_jax.files import atomic_write_json
+from siamese_jax.files import atomic_write_json, read_jsonl
 from siamese_jax.metrics_writer import MetricsWriter
 from siamese_jax.workdir_lock import WorkdirLock
 
@@ -245,6 +245,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
 
     writer = MetricsWriter(workdir, enabled=is_main)
     writer.truncate_after(start_step)
+    if start_step > 0:  # resumed: the run's own first values anchor the divergence rule's scale
+        history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        for metric in divergence.WATCHED:
+            first = next((r[metric] for r in history if metric in r and r[metric] > 0), None)
+            if first is not None:
+                detector.seed_first(metric, first)
     if is_main:
         atomic_write_json(os.path.join(workdir, "config.json"), _config_json(config))
     meta = {"config": _config_json(config)}

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +31,9 @@ def _train(env, workdir, *args, timeout=600):
     # ml_collections keeps the FIRST of two overrides of one key, so a test's own value replaces TINY's.
     overridden = {a.split("=")[0] for a in args}
     tiny = [t for t in TINY if t.split("=")[0] not in overridden]
-    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *tiny, *args]
+    first = [a for a in args if a.startswith("--config=")]  # ml_collections: the file before its overrides
+    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *first, *tiny,
+           *[a for a in args if a not in first]]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -87,6 +90,16 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     lake = f"{100 * results['lake_20_runs']['accuracy']:.2f}%"
     assert lake in r.stdout
     assert f"{results['retrieval']['precision_at_1']:.3f}" in r.stdout
+    # Re-evaluating (writing, on a copy) keeps the training's own timings in results.json (they were
+    # dropped, and export then recorded train_seconds as None).
+    copy = tmp_path / "re_evaluated"
+    shutil.copytree(workdir, copy)
+    r = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={copy}", "--episodes=5"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((copy / "results.json").read_text())
+    for key in ("train_seconds", "validation_seconds", "checkpoints_seconds"):
+        assert again[key] == results[key] is not None, key
 
     # validation_recheck on fresh validation episodes; the run's exported model file scores as its
     # workdir does, and a model ensembled with itself scores the same.
@@ -98,6 +111,11 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     scores = [line.rsplit("accuracy ", 1)[1] for line in r.stdout.splitlines() if "one-shot accuracy" in line]
+    for bad, needle in (("--episodes=0", "--episodes=0: must be at least 1"), (f"--workdir={tmp_path / 'nowhere'}", "nowhere")):
+        b = subprocess.run([sys.executable, "-m", "experiments.validation_recheck", f"--workdir={workdir}", bad],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        lines = [line for line in b.stderr.splitlines() if line.startswith("error:")]
+        assert b.returncode == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in b.stderr, b.stderr[-2000:]
     assert len(scores) == 3 and len(set(scores)) == 1, r.stdout
 
     # That run as a distillation teacher: a student's batches carry its embeddings, the loss its term.
@@ -223,6 +241,8 @@ def test_arcface_trains_evaluates_and_its_class_centres_restore(env, tmp_path):
     (["--config.widths=()"], "config.widths"),
     (["--config.width=64"], "widths"),  # the pre-`widths` key: a hint at the new one
     (["--process_id=1"], "--coordinator_address"),  # multi-host flags: checked before any device is used
+    # The default config's own dataset argument against --dataset (the argument was dropped silently).
+    (["--config=experiments/configs/default.py:mnist", "--dataset=omniglot"], "contradicts the config file's dataset"),
     # A validation set its episodes cannot use: before training (it failed at the first validation).
     (["--dataset=mnist", "--loss=batch_hard", "--config.classes_per_batch=10", "--config.val_fraction=0.0001"],
      "config.val_fraction=0.0001: the validation set (6 images of"),

@@ -314,6 +314,30 @@ def test_read_only_workdir_is_one_line_before_any_data_is_read(tmp_path):
 # =================================================================================================
 # 3. Divergence: detected, stopped within seconds, nothing diverged saved, a resume that works
 # =================================================================================================
+def test_divergence_scale_is_the_first_positive_value_and_survives_a_resume():
+    """A first loss of exactly 0 (no active triplet) anchored nothing: 0.05 after losses of 1e-4
+    read as a 500x explosion. A resumed run's detector starts from the run's own first values
+    (metrics.jsonl), not from the well-trained loss at the resume step."""
+    det = divergence.DivergenceDetector(factor=100, window=50)
+    det.check(1, {"loss": 0.0})
+    det.check(2, {"loss": 0.9})  # the first positive loss: the scale
+    for step in range(3, 42):
+        det.check(step, {"loss": 1e-4})
+    det.check(42, {"loss": 0.05})  # noise, not divergence
+    with pytest.raises(divergence.DivergenceError, match="loss 1e\\+03 is more than 100x its reference 0.9"):
+        det.check(43, {"loss": 1e3})
+    resumed = divergence.DivergenceDetector(factor=100, window=50, start_step=9000)
+    resumed.seed_first("loss", 1.2)  # step 1's loss, from metrics.jsonl
+    for step in range(9001, 9020):
+        resumed.check(step, {"loss": 1e-4})
+    resumed.check(9020, {"loss": 0.05})
+    fresh = divergence.DivergenceDetector(factor=100, window=50, start_step=9000)  # without it: a false stop
+    for step in range(9001, 9020):
+        fresh.check(step, {"loss": 1e-4})
+    with pytest.raises(divergence.DivergenceError):
+        fresh.check(9020, {"loss": 0.05})
+
+
 def test_divergence_rule_catches_non_finite_and_exploding_values_but_not_noise():
     det = divergence.DivergenceDetector(factor=100, window=5)
     det.seed("param_norm", 7.0)  # the starting state's norm

@@ -63,8 +63,20 @@ def main(argv):
     if FLAGS.write and process == 0:
         config_check.check_workdir(workdir)
         lock = WorkdirLock(workdir, purpose="evaluation")
+    # The training's own timings are not the evaluation's to measure: kept from the results.json they
+    # were written to (re-evaluating dropped them, and export then recorded them as None).
+    trained = {}
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            trained = json.load(f)
+    except (OSError, ValueError):
+        pass
+    train_seconds = trained.get("train_seconds") if isinstance(trained, dict) else None
+    overhead = {k: trained[k] for k in ("validation_seconds", "checkpoints_seconds")
+                if isinstance(trained, dict) and trained.get(k) is not None}
     with lock:
-        results = protocols.evaluate_workdir(config, workdir, checkpoint=FLAGS.checkpoint, write=FLAGS.write)
+        results = protocols.evaluate_workdir(config, workdir, checkpoint=FLAGS.checkpoint, write=FLAGS.write,
+                                             train_seconds=train_seconds, loop_overhead=overhead)
     if process == 0:
         print(protocols.format_results_table(results))
 

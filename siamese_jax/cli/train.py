@@ -56,8 +56,10 @@ def resolve_config():
     except Exception as e:  # noqa: BLE001
         cli.fail(f"--config={config_flags.get_config_filename(FLAGS['config'])}: {cli.config_error_message(e)}")
     if FLAGS.dataset and FLAGS.dataset != config.dataset:
-        filename = config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]
-        if os.path.basename(filename) != "default.py":  # the shipped default (or the checkout's shim)
+        filename, _, arg = config_flags.get_config_filename(FLAGS["config"]).partition(":")
+        # The shipped default (or the checkout's shim) without its own dataset argument: --dataset
+        # picks its preset. `default:mnist` with --dataset=omniglot is a contradiction like any other.
+        if os.path.basename(filename) != "default.py" or arg:
             raise ValueError(f"--dataset={FLAGS.dataset} contradicts the config file's dataset {config.dataset!r}")
         config = default.get_config(FLAGS.dataset)
         config.update_from_flattened_dict(config_flags.get_override_values(FLAGS["config"]))
