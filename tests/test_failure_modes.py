@@ -534,17 +534,22 @@ def test_loading_a_workdir_model_initialises_no_parameters(tmp_path, monkeypatch
     assert isinstance(loaded.state.opt_state[0], optax.ScaleByAdamState)  # optax types, not dicts
 
 
+def _finished_workdir(workdir, config):
+    """A training workdir as `load_model` reads it: a best checkpoint (one real step) and config.json."""
+    (s1,), _ = _states(config, 1)
+    ck = C.Checkpoints(str(workdir))
+    ck.save_best(s1, {}, {"val_one_shot_accuracy": 0.5})
+    ck.close()
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    return workdir
+
+
 def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):
     """`inference.load_run` is how distillation teachers and validation_recheck read a run: its
     workdir and its exported model file give the same embeddings and step; anything else is one
     ModelError line."""
     config = _tiny_config()
-    (s1,), _ = _states(config, 1)
-    workdir = tmp_path / "run"
-    ck = C.Checkpoints(str(workdir))
-    ck.save_best(s1, {}, {"val_one_shot_accuracy": 0.5})
-    ck.close()
-    (workdir / "config.json").write_text(config.to_json_best_effort())
+    workdir = _finished_workdir(tmp_path / "run", config)
     inference.load_model(str(workdir)).save(str(tmp_path / "run.msgpack"))
     images = np.random.default_rng(0).integers(0, 256, (6, config.image_size, config.image_size), dtype=np.uint8)
     from_dir, step_dir = inference.load_run(str(workdir), {"archive_dir": "/elsewhere"})
@@ -563,12 +568,7 @@ def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):
                                      '"accuracy": 1, "false_accept_rate": 0, "num_pairs": 2}', "[1, 2]", "{not json"])
 def test_a_damaged_calibration_json_is_one_model_error_naming_it(tmp_path, content):
     config = _tiny_config()
-    (s1,), _ = _states(config, 1)
-    workdir = tmp_path / "run"
-    ck = C.Checkpoints(str(workdir))
-    ck.save_best(s1, {}, {"val_one_shot_accuracy": 0.5})
-    ck.close()
-    (workdir / "config.json").write_text(config.to_json_best_effort())
+    workdir = _finished_workdir(tmp_path / "run", config)
     (workdir / "calibration.json").write_text(content)
     with pytest.raises(inference.ModelError, match=r"calibration.json: unusable calibration \(.*\); run `calibrate` again"):
         inference.load_model(str(workdir))

@@ -233,10 +233,10 @@ def test_two_processes_resume_past_a_damaged_newest_checkpoint(env, tmp_path):
     keys = {a.split("=")[0] for a in own}
     args = [a for a in TINY if a.split("=")[0] not in keys] + own + ["--noevaluate"]
 
-    def _train(env, tmp_path, name, workdir, n, devices, *args):  # TINY's values of these keys left out
-        return Launch("experiments.train", [f"--workdir={workdir}", *args], env, tmp_path, name, n, devices)
+    def launch(name):  # not _train: TINY's values of this test's keys are left out above
+        return Launch("experiments.train", [f"--workdir={workdir}", *args], env, tmp_path, name, 2, 2)
 
-    with _train(env, tmp_path, "first", workdir, 2, 2, *args) as run:
+    with launch("first") as run:
         rcs = run.wait(240)
         assert rcs == [0, 0], _fail_msg(run, rcs)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "5"]
@@ -245,7 +245,7 @@ def test_two_processes_resume_past_a_damaged_newest_checkpoint(env, tmp_path):
             path = os.path.join(root, name)
             if "state" in path and os.path.getsize(path) > 0:
                 os.truncate(path, os.path.getsize(path) // 3)
-    with _train(env, tmp_path, "second", workdir, 2, 2, *args) as run:
+    with launch("second") as run:
         rcs = run.wait(240)
         assert rcs == [0, 0], _fail_msg(run, rcs)
         assert "falling back to step 5" in run.stderr(0)
