@@ -77,8 +77,35 @@ class LoadedModel:
         return np.asarray(self.model.apply({"params": self.state.params}, h1, h2, method=self.model.logits))
 
 
+def checkpoint_location(workdir: str, which: str) -> tuple[Optional[str], Optional[int]]:
+    """(checkpoint directory, step or None for its newest) that `which` names; (None, None) = "best".
+
+    `which` is "best" (the best checkpoint, falling back to the newest periodic one), a step number
+    (looked up in the workdir's best/ then checkpoints/, not in the current directory), a step
+    directory (`.../checkpoints/5000`) or a checkpoint directory (`.../checkpoints`: its newest step).
+    """
+    which = str(which).strip()
+    if which in ("", "best"):
+        return None, None
+    if which.isdigit():
+        for kind in ("best", "checkpoints"):
+            if os.path.isdir(os.path.join(workdir, kind, str(int(which)))):
+                return os.path.join(workdir, kind), int(which)
+        have = sorted({int(d) for kind in ("best", "checkpoints") if os.path.isdir(os.path.join(workdir, kind))
+                       for d in os.listdir(os.path.join(workdir, kind)) if d.isdigit()})
+        raise ckpt_lib.CheckpointError(f"no checkpoint of step {int(which)} in {workdir} (steps there: "
+                                       f"{', '.join(map(str, have)) or 'none'})")
+    path = os.path.normpath(which)
+    if not os.path.isdir(path):
+        raise ckpt_lib.CheckpointError(f"checkpoint {which!r} is not a directory (give 'best', a step number "
+                                       f"or a checkpoint directory)")
+    if os.path.basename(path).isdigit():  # a step directory inside checkpoints/ or best/
+        return os.path.dirname(path) or ".", int(os.path.basename(path))
+    return path, None
+
+
 def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[LoadedModel, int]:
-    """The workdir's best checkpoint (falling back to the newest periodic one), or `which` = a step dir."""
+    """The checkpoint `which` names (`checkpoint_location`): by default the best one."""
     mesh = parallel.make_data_mesh()
     model = models.build_model(config)
     # The target is abstract (shapes, dtypes and a replicated sharding on the mesh: initialising
@@ -86,9 +113,15 @@ def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[Loade
     # onto every device of every process, whatever the process count of the run that saved it.
     target = parallel.abstract_replicated(jax.eval_shape(
         lambda: ts.create_train_state(model, ts.make_optimizer(config), jax.random.PRNGKey(0), config.image_size)), mesh)
-    candidates = [os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")] if which == "best" else [which]
-    # An unreadable best/ (truncated, corrupt) falls back to checkpoints/ with one warning line.
-    state, _, _ = ckpt_lib.restore_first_readable(candidates, target)
+    directory, step = checkpoint_location(workdir, which)
+    if directory is None:
+        # An unreadable best/ (truncated, corrupt) falls back to checkpoints/ with one warning line.
+        state, _, _ = ckpt_lib.restore_first_readable(
+            [os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")], target)
+    elif step is None:
+        state, _, _ = ckpt_lib.restore_first_readable([directory], target)
+    else:
+        state, _ = ckpt_lib.restore_from_directory(directory, target, step=step)
     # A run with a moving average of its weights is its average (best/ already holds it; a periodic
     # checkpoint holds the live weights, and the average in its optimizer state).
     state = ts.averaged_state(state)

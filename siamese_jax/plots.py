@@ -263,6 +263,9 @@ def plot_embedding_map(path: str, embeddings, labels, max_classes: int = 20) -> 
     labels = np.asarray(labels).reshape(-1)
     if emb.ndim != 2 or len(emb) != len(labels) or len(emb) == 0:
         raise ValueError(f"embeddings {emb.shape} and labels {labels.shape} disagree or are empty")
+    if not np.isfinite(emb).all():  # the SVD would fail with LinAlgError (all NaN) or draw nothing
+        raise ValueError(f"{int((~np.isfinite(emb).all(axis=1)).sum())} of {len(emb)} embeddings are NaN or "
+                         f"infinite (a diverged model?); no embedding map drawn")
     classes = np.unique(labels)[:max_classes]
     keep = np.isin(labels, classes)
     x, y = emb[keep], labels[keep]

@@ -574,6 +574,36 @@ def test_a_damaged_calibration_json_is_one_model_error_naming_it(tmp_path, conte
         inference.load_model(str(workdir))
 
 
+def test_evaluate_checkpoint_names_a_step_of_the_workdir_not_a_path_in_the_current_directory(tmp_path, monkeypatch):
+    """`siamese-evaluate --checkpoint=2`, `--checkpoint=<workdir>/checkpoints/2` (the step directory
+    the help names) and `--checkpoint=<workdir>/checkpoints` load the step they name; both of the first
+    two used to fail ("no checkpoint in 2"), the number being read as a path relative to the caller's
+    directory, the step directory as a checkpoint directory."""
+    from siamese_jax import embedding
+
+    config = _tiny_config()
+    s1, s2 = _states(config, 2)[0]
+    workdir = tmp_path / "run"
+    ck = C.Checkpoints(str(workdir), keep=3)
+    ck.save(s1, {})
+    ck.save(s2, {})
+    ck.save_best(s1, {}, {"val_one_shot_accuracy": 0.5})
+    ck.close()
+    monkeypatch.chdir(tmp_path)  # not the workdir: a step number must not be a path from here
+    for which, step in (("best", 1), ("2", 2), ("1", 1), (str(workdir / "checkpoints" / "2"), 2),
+                        (str(workdir / "checkpoints" / "1"), 1), (str(workdir / "checkpoints"), 2),
+                        (str(workdir / "best"), 1)):
+        loaded, got = embedding.load_workdir_model(config, str(workdir), which)
+        assert got == step, which
+        want = s1 if step == 1 else s2
+        np.testing.assert_array_equal(jax.tree.leaves(jax.device_get(loaded.state.params))[0],
+                                      jax.tree.leaves(jax.device_get(want.params))[0])
+    with pytest.raises(C.CheckpointError, match=r"no checkpoint of step 7 in .*run \(steps there: 1, 2\)"):
+        embedding.load_workdir_model(config, str(workdir), "7")
+    with pytest.raises(C.CheckpointError, match=r"checkpoint 'elsewhere' is not a directory"):
+        embedding.load_workdir_model(config, str(workdir), "elsewhere")
+
+
 def test_checkpoint_of_another_model_is_an_error_and_left_alone(tmp_path):
     """Not damage: the same workdir re-run with another encoder. Moving the steps aside would throw
     the other run's work away; the message says what differs."""

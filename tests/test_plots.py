@@ -68,6 +68,12 @@ def test_plot_embedding_map(tmp_path):
     emb = rng.normal(size=(25, 16))[labels] + 0.3 * rng.normal(size=(200, 16))
     _check_png(plots.plot_embedding_map(str(tmp_path / "map.png"), emb, labels))
     _check_png(plots.plot_embedding_map(str(tmp_path / "map1d.png"), emb[:, :1], labels, max_classes=3))
+    bad = emb.copy()
+    bad[3, 0] = np.nan
+    for broken in (bad, np.full_like(emb, np.nan)):  # was a LinAlgError traceback (all NaN)
+        with pytest.raises(ValueError, match=r"embeddings are NaN or infinite"):
+            plots.plot_embedding_map(str(tmp_path / "nan.png"), broken, labels)
+    assert not (tmp_path / "nan.png").exists()
 
 
 def test_plot_episodes(tmp_path):

@@ -1,7 +1,7 @@
 """Evaluate a trained workdir: `siamese-evaluate --workdir=runs/omniglot-triplet` (in a checkout also
 `python -m experiments.evaluate ...`).
 
-Uses the run's own config.json and its best checkpoint (or --checkpoint=<step dir>); writes
+Uses the run's own config.json and its best checkpoint (or --checkpoint=<step number or step dir>); writes
 results.json and plots/ into the workdir (or only prints, with --nowrite) and prints a table.
 """
 import json
@@ -16,7 +16,8 @@ from siamese_jax.test_time import SHIFT_SETS  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", required=True)
-flags.DEFINE_string("checkpoint", "best", "'best' (default; falls back to the newest) or a checkpoint directory.")
+flags.DEFINE_string("checkpoint", "best", "'best' (default; falls back to the newest), a step number of the "
+                    "workdir's, a step directory (.../checkpoints/5000) or a checkpoint directory (its newest step).")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")
 flags.DEFINE_integer("episodes", None, "Episodes per N-way K-shot setting (default: the run's config, 1000).")
 flags.DEFINE_enum("test_time_shifts", None, list(SHIFT_SETS),
