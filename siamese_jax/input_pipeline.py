@@ -87,10 +87,18 @@ def with_rotated_classes(ds: ImageDataset) -> ImageDataset:
                                alphabets=stack(ds.alphabets), drawers=stack(ds.drawers))
 
 
-def train_val_datasets(config) -> tuple[ImageDataset, ImageDataset]:
-    """(training set, validation set) on the host: the training split, validation held out, then the
-    rotation classes (training only) when the config asks for them."""
-    train_ds, val_ds = split_train_val(config, load_split(config, train_split_name(config)))
+def held_out_alphabet_names(config, ds: ImageDataset) -> list[str]:
+    """`held_out_alphabets` as names, in id order."""
+    return [ds.alphabet_names[a] for a in held_out_alphabets(config, ds)]
+
+
+def train_val_datasets(config, training_split: Optional[ImageDataset] = None) -> tuple[ImageDataset, ImageDataset]:
+    """(training set, validation set) on the host: the training split (`training_split` when the caller
+    has loaded it already), validation held out, then the rotation classes (training only) when the
+    config asks for them."""
+    if training_split is None:
+        training_split = load_split(config, train_split_name(config))
+    train_ds, val_ds = split_train_val(config, training_split)
     if config.get("rotation_classes", False):
         train_ds = with_rotated_classes(train_ds)
     return train_ds, val_ds

@@ -177,6 +177,64 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool)
             raise divergence.stop_diverged_run(e, config, workdir) from None
 
 
+def _has_checkpoint(workdir: str) -> bool:
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
+def _keep_the_runs_split(config, workdir: str, training_split) -> None:
+    """Resuming an Omniglot run: validate on the alphabets its weights were trained without.
+
+    The rule that turns `val_alphabets` into alphabets changed on 2026-12-04 (held_out_alphabets); a
+    config.json without `val_alphabet_names` is a run of the old rule. Resumed with today's default it
+    would validate on alphabets it had trained on and rewrite its config.json to the new split, so it
+    keeps its own split (named in config.json from then on). Any other change of the held-out
+    alphabets on resume is refused."""
+    path = os.path.join(workdir, "config.json")
+    if config.dataset != "omniglot" or not _has_checkpoint(workdir) or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            previous = ml_collections.ConfigDict(json.load(f))
+    except ValueError:
+        return  # unreadable: nothing to compare against (config_check reports a bad config.json elsewhere)
+    if previous.get("dataset") != "omniglot" or "val_alphabets" not in previous:
+        return
+    before = ip.held_out_alphabet_names(previous, training_split)
+    now = ip.held_out_alphabet_names(config, training_split)
+    if before == now:
+        return
+    if ("val_alphabet_names" not in previous and not config.get("val_alphabet_names", "")
+            and config.val_alphabets == previous.val_alphabets):
+        log.warning("%s was started before 2026-12-04 (its config.json has no val_alphabet_names): resuming "
+                    "with its own validation alphabets %s", workdir, ", ".join(before))
+        config.val_alphabet_names = ",".join(before)
+        return
+    raise config_check.ConfigError(
+        f"{workdir} was trained holding out {', '.join(before) or 'no alphabet'} for validation; this config "
+        f"holds out {', '.join(now)}: resuming would validate on alphabets its weights were trained on "
+        f"(use a new --workdir, or --config.val_alphabet_names={','.join(before)})")
+
+
+def _check_resume_source_split(config, source_meta, training_split) -> None:
+    """config.resume: the weights must not have been trained on this run's validation alphabets (the
+    leak distillation refuses for its teachers)."""
+    source = (source_meta or {}).get("config") if isinstance(source_meta, dict) else None
+    if config.dataset != "omniglot" or not isinstance(source, dict) or source.get("dataset") != "omniglot":
+        return
+    source = ml_collections.ConfigDict(source)
+    if "val_alphabets" not in source:
+        return
+    trained_on = set(training_split.alphabet_names[a] for a in np.unique(training_split.alphabets)) - set(
+        ip.held_out_alphabet_names(source, training_split))
+    leaked = [a for a in ip.held_out_alphabet_names(config, training_split) if a in trained_on]
+    if leaked:
+        raise config_check.ConfigError(
+            f"config.resume: {config.resume} was trained on {', '.join(leaked)}, which this run holds out for "
+            f"validation; model selection would see trained alphabets (hold out its validation alphabets: "
+            f"--config.val_alphabet_names={','.join(ip.held_out_alphabet_names(source, training_split))})")
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     """The training loop; returns (train_seconds, {"validation_seconds", "checkpoints_seconds"})."""
     os.makedirs(workdir, exist_ok=True)
@@ -187,8 +245,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     log.info("devices: %d (%s), processes: %d (%d devices each)", jax.device_count(), jax.devices()[0].platform,
              jax.process_count(), jax.local_device_count())
 
-    # Data on device (replicated), resized once.
-    train_ds, val_ds = ip.train_val_datasets(config)
+    # Data on device (replicated), resized once. A resumed run keeps the validation alphabets it was
+    # trained without (the rule that picks them changed once; `_keep_the_runs_split`).
+    training_split = ip.load_split(config, ip.train_split_name(config))
+    _keep_the_runs_split(config, workdir, training_split)
+    train_ds, val_ds = ip.train_val_datasets(config, training_split)
     _check_validation_set(config, val_ds)
     repl = parallel.replicated(mesh)
     train_dds = sampling.to_device_dataset(train_ds, image_size=config.image_size, sharding=repl)
@@ -231,7 +292,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     elif config.resume:
         # Its weights only: the optimizer state starts afresh below, so another optimizer config
         # (AdamW, the weight average) may fine-tune it.
-        state, _ = ckpt_lib.restore_from_directory(config.resume, fresh, weights_only=True)
+        state, source_meta = ckpt_lib.restore_from_directory(config.resume, fresh, weights_only=True)
+        _check_resume_source_split(config, source_meta, training_split)
         state = state.replace(step=jnp.zeros((), jnp.int32), opt_state=tx.init(state.params))
         log.info("initialised from %s", config.resume)
     else:

@@ -538,3 +538,68 @@ def test_val_alphabet_names_holds_out_the_named_alphabets(omniglot):
     train, val = ip.split_train_val(_split_config(val_alphabet_names="Latin, Greek", val_alphabets=9), ds)
     assert sorted(ds.alphabet_names[a] for a in np.unique(val.alphabets)) == ["Greek", "Latin"]
     assert len(np.unique(train.alphabets)) == 28
+
+
+def _workdir_of_a_run(path, config_dict, checkpoint=True):
+    """What `_keep_the_runs_split` reads of a previous run: its config.json and a checkpoint step."""
+    import json
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config_dict))
+    if checkpoint:
+        (path / "checkpoints" / "8").mkdir(parents=True)
+    return str(path)
+
+
+def test_a_run_started_before_the_split_fix_resumes_on_its_own_split(omniglot, tmp_path):
+    """Resuming a workdir whose config.json has no val_alphabet_names (the rule before 2026-12-04:
+    Balinese and Grantha held out) with today's default config used to switch it to today's split:
+    validation on Bengali, Futurama, Japanese (hiragana) and N'Ko, which its weights had trained on,
+    and a config.json rewritten so that evaluate and export used the new split too."""
+    from siamese_jax import config_check
+    from siamese_jax import train as train_lib
+
+    ds = omniglot("background")
+    legacy = _split_config().to_dict()
+    del legacy["val_alphabet_names"]
+    workdir = _workdir_of_a_run(tmp_path / "old", legacy)
+    config = _split_config()
+    train_lib._keep_the_runs_split(config, workdir, ds)
+    assert config.val_alphabet_names == "Balinese,Grantha"  # written to config.json from then on
+    # Asked for another split explicitly, or a count that differs: refused, the workdir untouched.
+    for override in (dict(val_alphabet_names="Latin"), dict(val_alphabets=5)):
+        with pytest.raises(config_check.ConfigError, match=r"was trained holding out Balinese, Grantha for "
+                                                           r"validation; this config holds out .*--config.val_alphabet_names=Balinese,Grantha"):
+            train_lib._keep_the_runs_split(_split_config(**override), workdir, ds)
+    # A run of today's rule resumed with another split: refused; with its own: nothing changes.
+    today = _workdir_of_a_run(tmp_path / "new", _split_config().to_dict())
+    with pytest.raises(config_check.ConfigError, match=r"holding out Bengali, Futurama, Japanese_\(hiragana\), N_Ko"):
+        train_lib._keep_the_runs_split(_split_config(val_alphabets=3), today, ds)
+    same = _split_config()
+    train_lib._keep_the_runs_split(same, today, ds)
+    assert same.val_alphabet_names == ""
+    # No checkpoint yet (nothing trained): the new command's split stands.
+    fresh = _split_config(val_alphabets=3)
+    train_lib._keep_the_runs_split(fresh, _workdir_of_a_run(tmp_path / "empty", legacy, checkpoint=False), ds)
+    assert fresh.val_alphabet_names == ""
+
+
+def test_resume_from_weights_trained_on_the_validation_alphabets_is_refused(omniglot):
+    """config.resume from a run whose training set held this run's validation alphabets (e.g. any
+    run made before the split fix, fine-tuned with today's default) leaks them into model selection;
+    distillation refuses the same for its teachers."""
+    from siamese_jax import config_check
+    from siamese_jax import train as train_lib
+
+    ds = omniglot("background")
+    legacy = _split_config().to_dict()
+    del legacy["val_alphabet_names"]
+    config = _split_config(resume="runs/old/checkpoints")
+    with pytest.raises(config_check.ConfigError, match=r"config.resume: runs/old/checkpoints was trained on Bengali, "
+                                                       r"Futurama, Japanese_\(hiragana\), N_Ko, which this run holds out"):
+        train_lib._check_resume_source_split(config, {"config": legacy}, ds)
+    # The source's own split, or a subset of what it held out: fine; so is MNIST or a meta without a config.
+    train_lib._check_resume_source_split(_split_config(val_alphabet_names="Balinese,Grantha"), {"config": legacy}, ds)
+    train_lib._check_resume_source_split(_split_config(val_alphabet_names="Grantha"), {"config": legacy}, ds)
+    train_lib._check_resume_source_split(config, {"config": _split_config().to_dict()}, ds)
+    train_lib._check_resume_source_split(config, {}, ds)

@@ -82,6 +82,20 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"initialised from {workdir / 'checkpoints'}" in r.stderr
 
+    # A workdir from before the split fix (config.json without val_alphabet_names) resumes on its
+    # own split, Balinese and Grantha (it switched to today's and rewrote config.json), and says so.
+    legacy = tmp_path / "legacy"
+    shutil.copytree(workdir, legacy)
+    old_config = json.loads((legacy / "config.json").read_text())
+    del old_config["val_alphabet_names"]
+    (legacy / "config.json").write_text(json.dumps(old_config))
+    r = _train(env, legacy, "--loss=triplet", "--config.num_steps=13", "--config.eval_every_steps=4",
+               "--config.checkpoint_every_steps=4", "--noevaluate")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming with its own validation alphabets Balinese, Grantha" in r.stderr
+    assert "validation: 1340 images of 67 classes" in r.stderr and "resuming from step 12" in r.stderr
+    assert json.loads((legacy / "config.json").read_text())["val_alphabet_names"] == "Balinese,Grantha"
+
     # evaluate.py on the best checkpoint reproduces results.json.
     results = json.loads((workdir / "results.json").read_text())
     r = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}", "--nowrite"],
