@@ -251,3 +251,24 @@ def test_two_processes_resume_past_a_damaged_newest_checkpoint(env, tmp_path):
         assert "falling back to step 5" in run.stderr(0)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "5"]  # step 10 saved afresh
     assert os.listdir(workdir / "unreadable") == ["checkpoints-10"]
+
+
+@pytest.mark.slow
+def test_one_failed_process_ends_the_job_within_seconds(env, tmp_path):
+    """Process 0 alone fails (here: it cannot write its TensorBoard log, a file is in the way) while
+    process 1 waits in the next collective. The failed process used to run jax's atexit shutdown,
+    whose barrier waited 300 s for process 1 and then aborted both with a C++ stack dump; now it
+    exits 2 with its one-line error at once and process 1 fails as soon as its peer is gone."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "tensorboard").write_text("")
+    args = [a for a in TINY if not a.startswith("--config.num_steps=")] + ["--config.num_steps=100000"]
+    started = time.time()
+    with Launch("experiments.train", [f"--workdir={workdir}", *args], env, tmp_path, "fail", 2, 1) as run:
+        rcs = run.wait(200)
+    assert time.time() - started < 150, "the job took as long as jax's shutdown barrier"
+    assert rcs[0] == 2, _fail_msg(run, rcs)
+    assert rcs[1] != 0, _fail_msg(run, rcs)
+    last = run.stderr(0).strip().splitlines()[-1]
+    assert last.startswith("error: ") and "tensorboard" in last, _fail_msg(run, rcs)
+    assert "Barrier timed out" not in run.stderr(0) + run.stderr(1)

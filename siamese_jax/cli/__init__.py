@@ -218,7 +218,17 @@ def run_app(main):
             fail(f"{which}: {config_error_message(e)}")
 
     def guarded_main(argv):
-        sys.exit(console.guarded(lambda: main(argv), user_errors()))
+        code = console.guarded(lambda: main(argv), user_errors())
+        jax = sys.modules.get("jax")
+        if code and jax is not None and jax.distributed.is_initialized():
+            # One failed process of a multi-process job (e.g. process 0 alone could not write a
+            # file): its peers wait in a collective for it, and jax's atexit shutdown would wait for
+            # them in a barrier for 300 s, then abort every process with a C++ stack dump. Leaving
+            # at once ends the peers' collectives within seconds and keeps this process's exit code.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        sys.exit(code)
 
     app.run(guarded_main, flags_parser=parse)
 
