@@ -10,7 +10,9 @@ every row (pairs carry 2 images, triplets 3, a P x K batch P*K). Each run select
 the background validation alphabets (MNIST: the held-out tail of the train split) as `make train`
 does; evaluation data is touched once per run, by the run's own final evaluation.
 
-Runs whose `results.json` exists are not run again, so an interrupted sweep resumes where it stopped.
+Runs whose `results.json` exists are not run again, so an interrupted sweep resumes where it stopped;
+a run in `--out` started with other settings (another --steps or --extra, or a --quick run) is an
+error, never averaged in or resumed.
 At the end (and after every run) the sweep writes `<out>/sweep.json` (every run's numbers and the
 per-row mean, sample standard deviation, min and max over seeds), `<out>/table.md` and
 `<out>/loss_comparison.png`.
@@ -19,7 +21,7 @@ per-row mean, sample standard deviation, min and max over seeds), `<out>/table.m
 sweeping omniglot and mnist in two invocations).
 
 `--quick`: one seed, 300 steps, 100 evaluation episodes; a smoke run of the whole pipeline (minutes),
-whose numbers mean nothing.
+whose numbers mean nothing (written to runs/loss_sweep_quick unless --out is given).
 """
 import json
 import os
@@ -33,6 +35,9 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 
 
+QUICK_OUT_FROM, QUICK_OUT = "runs/loss_sweep", "runs/loss_sweep_quick"
+
+
 def define_flags():
     """The command-line flags, defined when run as a script, not on import: experiments.benchmark
     and experiments.loss_sweep both have --quick, and a test process imports both."""
@@ -41,7 +46,8 @@ def define_flags():
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (each row runs once per seed).")
     flags.DEFINE_list("rows", None, "Only these rows (ids below; default: all).")
     flags.DEFINE_integer("steps", 3000, "Training steps of every run.")
-    flags.DEFINE_string("out", "runs/loss_sweep", "Directory for the runs, sweep.json, table.md and the plot.")
+    flags.DEFINE_string("out", QUICK_OUT_FROM, f"Directory for the runs, sweep.json, table.md and the plot "
+                        f"(with --quick and no --out: {QUICK_OUT}).")
     flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
     flags.DEFINE_bool("report_only", False, "Train nothing: rewrite sweep.json, table.md and the plot from the finished runs.")
     flags.DEFINE_multi_string("extra", [], "A --config override for every run, as key=value (repeatable).")
@@ -97,6 +103,45 @@ def images_per_step(dataset: str, row_id: str) -> int:
 
 def _flag_value(v) -> str:
     return str(v)
+
+
+def _comparable(value):
+    """A config value as config.json and a --config override both spell it: "(8,8)", (8, 8) and
+    [8, 8] alike; "none" and "True" as what absl parses them to."""
+    import ast
+
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def check_workdir_matches(workdir: str, dataset: str, overrides: dict, extra: list) -> None:
+    """A sweep resumes a workdir (or counts its results.json) only if the run there was started with
+    this sweep's settings: a `--quick` run, or one of another --steps or --extra, in the same --out
+    would otherwise be averaged into the table, or resumed with its own schedule."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        have = json.load(f)
+    want = {"dataset": dataset, **overrides, **dict(e.split("=", 1) for e in extra)}
+
+    def value_of(key):  # "margins.triplet" is config.json's {"margins": {"triplet": ...}}
+        node = have
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    differ = [f"{k}={value_of(k)!r} (this sweep: {v!r})" for k, v in want.items()
+              if _comparable(value_of(k)) != _comparable(v)]
+    if differ:
+        raise SystemExit(f"error: {workdir} holds a run with other settings: {', '.join(differ)}; "
+                         f"give this sweep another --out (or remove that run)")
 
 
 def run_one(workdir: str, dataset: str, overrides: dict, extra: list, data_dir) -> float:
@@ -219,6 +264,11 @@ def plot(sweep: dict, datasets, row_ids, path: str) -> None:
                    ("omniglot", "within_alphabet_20w1s", "Omniglot: within-alphabet 20-way 1-shot (%)")]
     if "mnist" in datasets:
         panels.append(("mnist", "mnist_test_pair_accuracy", "MNIST: test pair accuracy (%)"))
+    # A dataset with no finished run yet has no panel (seeds are the outer loop, so a sweep of
+    # omniglot,mnist writes its outputs after each Omniglot run of seed 0 before any MNIST run).
+    panels = [p for p in panels if any(run["dataset"] == p[0] for run in sweep["runs"])]
+    if not panels:
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, (dataset, key, title) in zip(axes[0], panels):
         ids = [r for r in row_ids if f"{dataset}/{r}" in sweep["summary"]]
@@ -273,6 +323,11 @@ def main(argv):
     if FLAGS.quick:
         seeds, steps = seeds[:1], 300
     out = FLAGS.out
+    if FLAGS.quick and out == QUICK_OUT_FROM:
+        out = QUICK_OUT  # the smoke run's numbers mean nothing: never in the real sweep's directory
+    for e in FLAGS.extra:
+        if "=" not in e:
+            raise app.UsageError(f"--extra={e}: expected key=value")
     if FLAGS.report_only:
         seeds_done = []  # every seed that has a finished run, not just --seeds
         for dataset in FLAGS.datasets:
@@ -286,9 +341,12 @@ def main(argv):
         for dataset in FLAGS.datasets:
             for row_id in row_ids:
                 workdir = os.path.join(out, dataset, row_id, f"seed{seed}")
-                if FLAGS.report_only or os.path.exists(os.path.join(workdir, "results.json")):
+                if FLAGS.report_only:
                     continue
                 overrides = run_overrides(dataset, row_id, seed, steps, FLAGS.quick)
+                check_workdir_matches(workdir, dataset, overrides, FLAGS.extra)
+                if os.path.exists(os.path.join(workdir, "results.json")):
+                    continue
                 print(f"{time.strftime('%H:%M:%S')} {dataset} {row_id} seed {seed} ...", flush=True)
                 seconds = run_one(workdir, dataset, overrides, FLAGS.extra, FLAGS.data_dir)
                 print(f"{time.strftime('%H:%M:%S')}   done in {seconds:.0f} s", flush=True)

@@ -1,6 +1,7 @@
 """experiments.loss_sweep: every row gets the same budget, and the table/summary read the runs right."""
 import json
 import os
+import re
 
 import pytest
 
@@ -75,3 +76,30 @@ def test_table_states_the_steps_each_dataset_was_run_with(tmp_path):
     table = open(os.path.join(root, "table.md")).read()
     assert "**omniglot**, 2000 steps" in table and "**mnist**, 1000 steps" in table
     assert "| batch-hard | 120 | 1 | 99.00 ± 0.00" in table
+
+
+def test_plot_skips_a_dataset_with_no_finished_run(tmp_path):
+    """`--datasets=omniglot,mnist` writes its outputs after each run; seeds are the outer loop, so
+    after the first Omniglot run MNIST has none: the plot used to crash (min() of nothing)."""
+    root = str(tmp_path)
+    _fake_run(root, "omniglot", "batch_hard", 0, 90.0, 0.61)
+    ls.write_outputs(root, ["omniglot", "mnist"], ["batch_hard"], [0], 3000)
+    assert os.path.getsize(os.path.join(root, "loss_comparison.png")) > 1000
+
+
+def test_a_run_with_other_settings_in_out_is_an_error_not_averaged_in(tmp_path):
+    """A `--quick` run (or another --steps / --extra) left in --out was counted as finished and its
+    numbers averaged into the table; a half-finished one would have been resumed on its schedule."""
+    workdir = tmp_path / "omniglot" / "batch_hard" / "seed0"
+    workdir.mkdir(parents=True)
+    config = {"dataset": "omniglot", **ls.run_overrides("omniglot", "batch_hard", 0, 3000, quick=False),
+              "widths": [8, 8], "margins": {"batch_hard": 0.5}}
+    (workdir / "config.json").write_text(json.dumps(config))
+    same = ls.run_overrides("omniglot", "batch_hard", 0, 3000, quick=False)
+    ls.check_workdir_matches(str(workdir), "omniglot", same, ["widths=(8,8)", "margins.batch_hard=0.5"])
+    for overrides, extra, needle in ((ls.run_overrides("omniglot", "batch_hard", 0, 300, quick=True), [], "num_steps=3000 (this sweep: 300)"),
+                                     (same, ["margins.batch_hard=0.3"], "margins.batch_hard=0.5 (this sweep: '0.3')"),
+                                     (same, ["widths=(16,16)"], "widths=[8, 8]")):
+        with pytest.raises(SystemExit, match=r"holds a run with other settings: .*" + re.escape(needle)):
+            ls.check_workdir_matches(str(workdir), "omniglot", overrides, extra)
+    ls.check_workdir_matches(str(tmp_path / "nothing_here"), "omniglot", same, [])  # not started: fine
