@@ -93,14 +93,19 @@ def as_gray(image) -> np.ndarray:
     except ImportError:  # pragma: no cover
         pass
     a = np.asarray(image)
-    if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
-        a = a[..., :3].mean(-1) if a.shape[-1] != 1 else a[..., 0]
-    if a.ndim != 2:
-        raise ImageError(f"array of shape {a.shape} is not an image (expected [H, W] or [H, W, C])")
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 2, 3, 4)):
+        raise ImageError(f"array of shape {a.shape} is not an image (expected [H, W] or [H, W, C], C = 1 to 4)")
     a = a.astype(np.float32)
-    if a.max(initial=0) > 1.0:
+    if a.max(initial=0) > 1.0:  # 8- or 16-bit values
         a = a / (65535.0 if a.max() > 255 else 255.0)
-    return ink_bright(np.clip(a, 0, 1))
+    a = np.clip(a, 0, 1)
+    if a.ndim == 3:
+        # As a PIL image of the same pixels reads (`_to_gray_float`): ITU-R 601 luma, and the
+        # transparency of gray + alpha (C = 2) or RGBA (C = 4) composited onto white.
+        colour, alpha = (a[..., :-1], a[..., -1]) if a.shape[-1] in (2, 4) else (a, None)
+        gray = colour[..., 0] if colour.shape[-1] == 1 else colour @ np.float32([0.299, 0.587, 0.114])
+        a = gray if alpha is None else gray * alpha + (1.0 - alpha)
+    return ink_bright(np.clip(a, 0, 1).astype(np.float32))
 
 
 def prepare(images: Union[Sequence, np.ndarray], size: int) -> np.ndarray:

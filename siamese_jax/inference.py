@@ -122,8 +122,10 @@ class SiameseModel:
 
     def embed(self, images, batch_size: int = 512) -> np.ndarray:
         """Paths, PIL images or arrays (any number) -> embeddings [N, E]. One image (a path, a PIL
-        image, an [H, W] array or an [H, W, C] array with C = 1, 3 or 4) gives one row; an array
-        [N, H, W] or [N, H, W, C] is N images."""
+        image, an [H, W] array or an [H, W, C] array with C = 1, 2, 3 or 4) gives one row; an array
+        [N, H, W] or [N, H, W, C] is N images. Arrays may be NumPy's, JAX's or any that converts."""
+        if not isinstance(images, (list, tuple, np.ndarray, str, os.PathLike)) and hasattr(images, "__array__"):
+            images = np.asarray(images)  # a jax.Array or a tensor: as NumPy's, not iterated row by row
         if _is_one_image(images):
             images = [images]
         return self.embed_prepared(self.preprocess(list(images)), batch_size)
@@ -172,6 +174,9 @@ class SiameseModel:
             h.update(np.asarray(leaf).tobytes())
         if self.test_time_shifts != "none":  # other embeddings from the same weights
             h.update(self.test_time_shifts.encode())
+            # ... and of how a shift fills the edge it uncovers: zeros since 2026-12-04 (a wrap-around
+            # roll before), so an index of the rolled views is refused, not silently stale.
+            h.update(b"zero-fill")
         return h.hexdigest()[:16]
 
     def save(self, path: str) -> None:
@@ -206,7 +211,7 @@ def _is_one_image(images) -> bool:
     if isinstance(images, (str, os.PathLike)):
         return True
     if isinstance(images, np.ndarray):
-        return images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4))
+        return images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 2, 3, 4))
     try:
         from PIL import Image
 

@@ -120,6 +120,19 @@ def test_image_modes_give_the_same_embedding(model, eval_pngs, tmp_path):
     assert model.embed(np.stack([arr, arr, arr])).shape == (3, emb.shape[1])
     assert model.embed(np.stack([rgb, rgb])).shape == (2, emb.shape[1])
     assert model.distance(str(src), rgb).shape == (1,)
+    # Every mode's pixels as an array embed as its PIL image does: gray + alpha (C = 2) was a batch
+    # of pixel rows, and the alpha of RGBA was dropped (ink on transparent embedded as a blank image).
+    for name in ("la.png", "rgba.png", "rgb.png"):
+        img = Image.open(tmp_path / name)
+        np.testing.assert_allclose(model.embed(np.asarray(img)), model.embed(img), atol=1e-5, err_msg=name)
+    # A JAX array is an array, not a sequence of rows (an RGB jax.Array gave 105 rows).
+    import jax.numpy as jnp
+
+    for one in (jnp.asarray(rgb), jnp.asarray(arr)):
+        got = model.embed(one)
+        assert got.shape == (1, emb.shape[1])
+        np.testing.assert_allclose(got[0], emb[0], atol=1e-5)
+    assert model.embed(jnp.asarray(np.stack([arr, arr]))).shape == (2, emb.shape[1])
 
 
 def test_index_save_load_roundtrip_and_model_check(model, eval_pngs, tmp_path):

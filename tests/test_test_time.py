@@ -85,4 +85,19 @@ def test_pretrained_mnist_embeds_with_its_shift_set():
     one = inference.load_model("pretrained-mnist")
     one.test_time_shifts = "none"
     assert one.fingerprint() != model.fingerprint()  # an index of one-view embeddings is refused
+    # An index built before the shifts filled their edge with zeros (a roll wrapped ink round) holds
+    # other embeddings of border-touching images: its fingerprint, the weights + the set's name, is
+    # refused too. The one-view fingerprint is unchanged (its embeddings are).
+    import hashlib
+
+    def fingerprint_before_zero_fill(m, name):
+        h = hashlib.sha256()
+        for leaf in jax.tree.leaves((m.params, m.batch_stats)):
+            h.update(np.asarray(leaf).tobytes())
+        if name != "none":
+            h.update(name.encode())
+        return h.hexdigest()[:16]
+
+    assert model.fingerprint() != fingerprint_before_zero_fill(model, "square9")
+    assert one.fingerprint() == fingerprint_before_zero_fill(one, "none")
     assert set(model._embed_fns) == {"square9", "none"}
