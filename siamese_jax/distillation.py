@@ -9,6 +9,14 @@ distances add up. Every P x K batch then carries its images' teacher rows, and t
 `config.distill_weight` x `losses.relational_distance_loss` (Park et al. 2019, RKD-D) to the metric
 loss: the student keeps its own size and speed and learns the ensemble's relative distances.
 
+The teacher rows are embeddings of the *unaugmented* training images, while the student embeds the
+batch after the step's on-device augmentation (±2 px shifts in the shipped config): the term also
+asks the student for distances that do not move with the shift, and even a student equal to its
+teacher does not reach zero (0.0005 on the shipped model's batches, ~20% of the term's value late in
+training; BUILD_NOTES, "Run D"). Embedding the augmented batch with the teachers inside the step
+would remove that floor at the price of the teachers' forward passes in every step; the shipped
+model was trained as described here.
+
 Teachers must have been trained on the same training set (dataset, held-out validation alphabets,
 rotation classes), checked image by image: a teacher that saw the validation alphabets would leak
 them into model selection.
