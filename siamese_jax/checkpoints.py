@@ -25,6 +25,7 @@ import time
 from typing import Any, Iterable, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -212,9 +213,14 @@ _STRUCTURE_MISMATCH = "tree structures do not match"
 def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unreadable_to: Optional[str] = None,
                             weights_only: bool = False):
     """Tries the steps newest first; a truncated or corrupt step is skipped with one warning line
-    naming it (and moved into `move_unreadable_to` if given, so that it is saved afresh later)."""
+    naming it (and moved into `move_unreadable_to` if given, so that it is saved afresh later).
+
+    With `move_unreadable_to` and several processes (a training run resuming), every process takes
+    part in one barrier and one all-gather of the step it restored, and they must agree."""
     steps = sorted(manager.all_steps(), reverse=True)
-    moved = failed = False
+    collective = move_unreadable_to is not None and jax.process_count() > 1
+    moved = False
+    restored = None  # (step, (state, meta))
     try:
         for i, step in enumerate(steps):
             # Shapes first, from the step's small metadata file: a restore into the wrong shapes
@@ -226,14 +232,14 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
                     f"({mismatch}); use that run's config or another workdir")
             try:
                 with quiet_event_loop_tracebacks(grace_seconds=0.3):
-                    return restore_step(manager, step, target, weights_only)
+                    restored = step, restore_step(manager, step, target, weights_only)
+                break
             except Exception as e:  # orbax/tensorstore raise many types for damaged files
                 if _STRUCTURE_MISMATCH in str(e):  # not damage either: another optimizer state
                     raise CheckpointError(
                         f"checkpoint step {step} in {manager.directory} holds another state structure than "
                         f"this config's (a different optimizer config: weight_decay, ema_decay, ...); use "
                         f"that run's config or another workdir") from None
-                failed = True
                 older = steps[i + 1] if i + 1 < len(steps) else None
                 where = ""
                 if move_unreadable_to is not None and jax.process_index() == 0:
@@ -246,17 +252,30 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
                             _one_line(e), where,
                             f"falling back to step {older}" if older is not None else "no older checkpoint")
     finally:
-        if failed and move_unreadable_to is not None and jax.process_count() > 1:
+        if collective:
             # Only process 0 moves a step aside; every process's manager must then forget it, or the
             # next save of that step number is skipped where the step is still listed, and process 0
-            # waits for the others in orbax's barrier for ever. Every process read the same damaged
-            # files, so all of them get here.
+            # waits for the others in orbax's barrier for ever. Every process meets here, whether or
+            # not it read a damaged step itself: a read error on one host only (a transient one) used
+            # to leave that process alone in this barrier.
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"siamese_jax: unreadable steps moved aside in {manager.directory}")
             manager.reload()
         elif moved:
             manager.reload()
+    if collective:
+        from jax.experimental import multihost_utils
+
+        each = np.asarray(multihost_utils.process_allgather(np.int32(-1 if restored is None else restored[0]))).ravel()
+        if len(set(each.tolist())) > 1:  # the processes would train on from different states
+            raise CheckpointError(
+                f"the processes read different checkpoint steps in {manager.directory} "
+                f"({', '.join(f'process {p}: {s if s >= 0 else None}' for p, s in enumerate(each.tolist()))}): "
+                f"a step unreadable on one host only (a transient read error, or hosts that see different "
+                f"files); run again, and check that every host sees the same workdir")
+    if restored is not None:
+        return restored[1]
     if steps:
         raise CheckpointError(f"no readable checkpoint in {manager.directory} (steps tried: {steps})")
     return None

@@ -272,3 +272,63 @@ def test_one_failed_process_ends_the_job_within_seconds(env, tmp_path):
     last = run.stderr(0).strip().splitlines()[-1]
     assert last.startswith("error: ") and "tensorboard" in last, _fail_msg(run, rcs)
     assert "Barrier timed out" not in run.stderr(0) + run.stderr(1)
+
+
+_FLAKY_RESTORE = r'''
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+address, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(address, 2, pid)
+import jax.numpy as jnp
+from siamese_jax import checkpoints as C, models, parallel, train_step as ts
+from siamese_jax.configs import default
+
+c = default.get_config("omniglot")
+c.widths, c.embedding_dim, c.image_size = (8, 8), 16, 16
+mesh = parallel.make_data_mesh()
+model, tx = models.build_model(c), ts.make_optimizer(c)
+state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), 16), mesh)
+ck = C.Checkpoints(workdir)
+for step in (1, 2):
+    ck.save(state.replace(step=parallel.put_replicated(jnp.int32(step), mesh)), {})
+    ck.wait()
+ck.close()
+real = C.restore_step
+def flaky(manager, step, target, weights_only=False):  # a read error on process 1 only
+    if pid == 1 and step == 2:
+        raise OSError("injected transient read error")
+    return real(manager, step, target, weights_only)
+C.restore_step = flaky
+ck = C.Checkpoints(workdir)
+try:
+    got, _ = ck.restore_latest(state)
+    print("RESTORED", int(got.step), flush=True)
+except C.CheckpointError as e:
+    print("ERROR", e, flush=True)
+ck.close()
+'''
+
+
+@pytest.mark.slow
+def test_a_step_unreadable_on_one_process_only_is_an_error_on_every_process(env, tmp_path):
+    """Process 1 cannot read the newest step (a transient error) while process 0 can. Process 1 used
+    to fall back to the older step and then wait alone in the barrier meant for moved-aside steps (a
+    hang); had it not waited, the two would have trained on from different states. Now every process
+    meets in that barrier and they compare the step each restored: one CheckpointError everywhere."""
+    script = tmp_path / "flaky_restore.py"
+    script.write_text(_FLAKY_RESTORE)
+    port = _free_port()
+    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO)  # this checkout
+    procs = [subprocess.Popen([sys.executable, str(script), f"localhost:{port}", str(i), str(tmp_path / "run")],
+                              cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("hung: a process waited alone in the restore barrier")
+    for i, (out, err) in enumerate(outs):
+        assert "ERROR the processes read different checkpoint steps" in out, f"process {i}:\n{out}\n{err[-2000:]}"
+        assert "process 0: 2, process 1: 1" in out
