@@ -148,6 +148,10 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
         c.augment_elastic_alpha = 0.0
         c.test_time_shifts = "none"  # likewise; mnist_pairs.py chose its own on validation
         c.image_size = 28  # MNIST's own size
+        # P x K losses: all 10 classes x 12 images (120 images per step, the loss comparison's MNIST
+        # batch); Omniglot's 32 classes do not exist here.
+        c.classes_per_batch = 10
+        c.images_per_class = 12
         c.num_steps = 5000  # 12.8 epochs of 128 pairs; 98.77% test pair accuracy (BUILD_NOTES)
         c.eval_every_steps = 500
     elif dataset != "omniglot":
