@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 
 DATASETS = ("omniglot", "mnist")
@@ -242,7 +243,8 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     if teachers:
         if kind != "classes":
             _fail("distill_teachers", config.distill_teachers,
-                  f"needs a P x K loss (triplet with online selection, batch_all, batch_hard, semihard; got {loss!r})")
+                  f"needs a P x K loss (triplet with online or online_all selection, batch_all, batch_hard, "
+                  f"semihard, prototypical, arcface; got {loss!r})")
         for source in teachers:
             if os.path.isdir(source):
                 if not os.path.isfile(os.path.join(source, "config.json")):
@@ -266,7 +268,11 @@ def distill_teacher_workdirs(config) -> list[str]:
 
 def check_workdir(workdir: str) -> str:
     """Creates `workdir` if needed and proves it writable (a file is created and removed); returns
-    its absolute path. Raises ConfigError (one line) if it is a file, cannot be created or written."""
+    its absolute path. Raises ConfigError (one line) if it is a file, cannot be created or written,
+    or is a URL (`gs://...`: the workdir, its lock and metrics are local files; use a mounted path)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(workdir)):
+        raise ConfigError(f"workdir {workdir}: URLs are not supported (the lock, metrics and checkpoints are "
+                          f"written as local files); use a mounted path, e.g. gcsfuse or NFS")
     path = os.path.abspath(workdir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"workdir {workdir}: exists and is not a directory")

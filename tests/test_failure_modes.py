@@ -286,6 +286,14 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path):
     _one_error_line(_train(f"--workdir={a_file}"), f"workdir {a_file}: exists and is not a directory")
 
 
+def test_a_url_workdir_is_one_line_and_creates_nothing(tmp_path):
+    """`--workdir=gs://bucket/run` used to load the data, train, and fail at the first TensorBoard
+    write with a traceback, leaving a local `gs:/bucket/run/` with a lock and checkpoints behind."""
+    r = _run([_script("siamese-train"), "--workdir=gs://bucket/run"], cwd=tmp_path)
+    _one_error_line(r, "workdir gs://bucket/run: URLs are not supported")
+    assert os.listdir(tmp_path) == []
+
+
 def _read_only_dir_command(path, argv):
     """`argv` run where `path` is a directory this process cannot write to. Root writes through
     permission bits, so as root the directory is a read-only tmpfs in a private mount namespace."""
