@@ -53,8 +53,24 @@ def _embed_validation(workdir: str, test_time_shifts=None):
     _, val_ds = ip.train_val_datasets(config)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
     emb = np.asarray(model.embed_u8(np.asarray(val_dds.images)))
+    held_out = (", ".join(val_ds.alphabet_names[a] for a in np.unique(val_ds.alphabets))
+                if val_ds.alphabets is not None and val_ds.alphabet_names else f"{len(val_ds)} {config.dataset} images")
     return {"config": config, "labels": np.asarray(val_ds.labels), "val_dds": val_dds, "embeddings": emb,
-            "step": step, "test_time_shifts": config.get("test_time_shifts", "none")}
+            "step": step, "test_time_shifts": config.get("test_time_shifts", "none"), "held_out": held_out}
+
+
+def check_same_split(workdirs) -> None:
+    """--ensemble needs one validation split: checked before anything is scored (it used to fail
+    only after printing each run's score, on splits that differ, as if they were comparable)."""
+    import numpy as np
+
+    first = _embed_validation(workdirs[0])
+    for wd in workdirs[1:]:
+        e = _embed_validation(wd)
+        if not np.array_equal(e["labels"], first["labels"]):
+            raise ValueError(f"--ensemble: {wd} holds out {e['held_out']} for validation, {workdirs[0]} holds out "
+                             f"{first['held_out']}: one split is needed (the shipped `pretrained` holds out "
+                             f"Balinese, Grantha, as runs of --config=omniglot_pretrained do)")
 
 
 def _score(embedded: dict, emb, episodes: int, seeds) -> dict:
@@ -88,10 +104,8 @@ def recheck_ensemble(workdirs, episodes: int, seeds) -> dict:
     split (same dataset, alphabets and seed), whatever their input sizes."""
     import numpy as np
 
+    check_same_split(workdirs)
     embedded = [_embed_validation(wd) for wd in workdirs]
-    for wd, e in zip(workdirs[1:], embedded[1:]):
-        if not np.array_equal(e["labels"], embedded[0]["labels"]):
-            raise ValueError(f"--ensemble: {wd} has another validation split than {workdirs[0]}")
     emb = np.concatenate([e["embeddings"] for e in embedded], axis=1)
     return {"steps": [e["step"] for e in embedded], **_score(embedded[0], emb, episodes, seeds)}
 
@@ -105,6 +119,14 @@ def main(argv):
         cli.fail("give at least one --workdir")
     if FLAGS.episodes < 1:
         cli.fail(f"--episodes={FLAGS.episodes}: must be at least 1")
+    if FLAGS.ensemble:
+        check_same_split(FLAGS.workdir)
+    splits = {}
+    for wd in FLAGS.workdir:
+        splits.setdefault(_embed_validation(wd)["held_out"], []).append(wd)
+    if len(splits) > 1:  # each run is scored on its own validation alphabets
+        print("note: these runs hold out different validation alphabets, so their scores are not comparable: "
+              + "; ".join(f"{', '.join(wds)}: {held}" for held, wds in splits.items()), flush=True)
     for wd in FLAGS.workdir:
         for shifts in FLAGS.test_time_shifts or [None]:
             r = recheck(wd, FLAGS.episodes, FLAGS.seeds, shifts)

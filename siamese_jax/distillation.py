@@ -45,14 +45,36 @@ def _student_data_keys(config) -> dict:
 def _teacher_train_images(config, teacher, source: str, train_ds) -> np.ndarray:
     """The training images at the teacher's input size, after checking that the teacher was trained
     on the student's training set (image by image, through the labels' order)."""
-    same = teacher.dataset == config.dataset  # checked first: another dataset's files need not be here
-    if same:
-        teacher_train, _ = ip.train_val_datasets(teacher)
-        same = np.array_equal(teacher_train.labels, train_ds.labels)
-    if not same:
+    if teacher.dataset != config.dataset:  # checked first: another dataset's files need not be here
         raise ConfigError(f"config.distill_teachers: {source} was trained on another training set "
-                          f"(dataset, val_alphabets / val_fraction or rotation_classes differ)")
+                          f"({teacher.dataset}, this run {config.dataset})")
+    teacher_train, _ = ip.train_val_datasets(teacher)
+    if not np.array_equal(teacher_train.labels, train_ds.labels):
+        raise ConfigError(f"config.distill_teachers: {source} was trained on another training set "
+                          f"({_training_set_difference(config, teacher, train_ds, teacher_train)})")
     return embedding.resized_images(teacher_train, teacher.image_size)
+
+
+def _training_set_difference(config, teacher, train_ds, teacher_train) -> str:
+    """What differs between the student's and a teacher's training sets, in words."""
+    if config.dataset == "omniglot":
+        def alphabets(ds):
+            return sorted({ds.alphabet_names[a] for a in np.unique(ds.alphabets)})
+
+        mine, theirs = set(alphabets(train_ds)), set(alphabets(teacher_train))
+        parts = []
+        if theirs - mine:
+            parts.append(f"it trained on {', '.join(sorted(theirs - mine))}, which this run holds out for validation")
+        if mine - theirs:
+            parts.append(f"it held out {', '.join(sorted(mine - theirs))}, which this run trains on")
+        if parts:
+            return "; ".join(parts) + (" — the shipped `pretrained` and runs of --config=omniglot_pretrained hold "
+                                       "out Balinese, Grantha: --config.val_alphabet_names=Balinese,Grantha")
+    if bool(teacher.get("rotation_classes", False)) != bool(config.get("rotation_classes", False)):
+        return f"rotation_classes={teacher.get('rotation_classes', False)}, this run {config.get('rotation_classes', False)}"
+    if config.dataset == "mnist" and teacher.get("val_fraction") != config.get("val_fraction"):
+        return f"val_fraction={teacher.get('val_fraction')}, this run {config.get('val_fraction')}"
+    return "another order or subset of its images"
 
 
 def teacher_embeddings(config, train_ds) -> np.ndarray:

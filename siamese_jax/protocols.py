@@ -160,7 +160,8 @@ def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, con
 
 
 def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_seconds: Optional[float] = None,
-                     loop_overhead: Optional[dict] = None, write: bool = True) -> dict:
+                     loop_overhead: Optional[dict] = None, training_setup: Optional[dict] = None,
+                     write: bool = True) -> dict:
     """Evaluates a workdir's best checkpoint; writes results.json and plots/ (atomically).
 
     With several processes, every process runs this (the embeddings are collectives) and gets the
@@ -187,6 +188,8 @@ def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_se
         results["train_seconds"] = round(train_seconds, 1)
     if loop_overhead:  # {"validation_seconds": s, "checkpoints_seconds": s} of this run's training
         results.update(loop_overhead)
+    if training_setup:  # re-evaluating: train_seconds were spent on the training's devices, not these
+        results.update({k: training_setup[k] for k in ("devices", "processes", "platform") if k in training_setup})
     if write and main:
         atomic_write_json(os.path.join(workdir, "results.json"), results)
     return results

@@ -108,12 +108,17 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     # dropped, and export then recorded train_seconds as None).
     copy = tmp_path / "re_evaluated"
     shutil.copytree(workdir, copy)
+    # ... and what they were measured on: trained on 8 TPU devices, say, re-evaluated on this CPU.
+    trained = dict(results, devices=8, processes=2, platform="tpu")
+    (copy / "results.json").write_text(json.dumps(trained))
     r = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={copy}", "--episodes=5"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((copy / "results.json").read_text())
     for key in ("train_seconds", "validation_seconds", "checkpoints_seconds"):
         assert again[key] == results[key] is not None, key
+    assert (again["devices"], again["processes"], again["platform"]) == (8, 2, "tpu")
+    assert "on 8 tpu device(s) in 2 processes" in r.stdout
 
     # validation_recheck on fresh validation episodes; the run's exported model file scores as its
     # workdir does, and a model ensembled with itself scores the same.
@@ -131,6 +136,18 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
         lines = [line for line in b.stderr.splitlines() if line.startswith("error:")]
         assert b.returncode == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in b.stderr, b.stderr[-2000:]
     assert len(scores) == 3 and len(set(scores)) == 1, r.stdout
+    # The shipped model holds out other alphabets (Balinese, Grantha): an ensemble with this run is
+    # refused before any score is printed (the scores printed before were on different splits), and
+    # without --ensemble the two scores come with a note that they are not comparable.
+    r = subprocess.run([sys.executable, "-m", "experiments.validation_recheck", f"--workdir={workdir}",
+                        "--workdir=pretrained", "--ensemble", "--episodes=5"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "one-shot accuracy" not in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "pretrained holds out Balinese, Grantha for validation" in r.stderr.strip().splitlines()[-1]
+    r = subprocess.run([sys.executable, "-m", "experiments.validation_recheck", f"--workdir={workdir}",
+                        "--workdir=pretrained", "--episodes=5"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "note: these runs hold out different validation alphabets" in r.stdout, r.stderr[-2000:]
 
     # That run as a distillation teacher: a student's batches carry its embeddings, the loss its term.
     # (--noevaluate: the students' final evaluation would add nothing here.)
@@ -156,7 +173,9 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     # a model file as a workdir (the same check, on the file's own config).
     r = _train(env, tmp_path / "leaky", "--loss=triplet", "--config.num_steps=4", "--config.val_alphabets=5",
                f"--config.distill_teachers={teacher_file}")
-    assert r.returncode == 2 and "was trained on another training set" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "was trained on another training set" in last, r.stderr[-2000:]
+    assert "which this run holds out for validation" in last  # what differs, by name
 
 
 def test_sigkill_mid_run_resumes_cleanly(env, tmp_path):

@@ -75,9 +75,13 @@ def main(argv):
     train_seconds = trained.get("train_seconds") if isinstance(trained, dict) else None
     overhead = {k: trained[k] for k in ("validation_seconds", "checkpoints_seconds")
                 if isinstance(trained, dict) and trained.get(k) is not None}
+    # ... and so is what they were measured on (this process may split the CPU otherwise).
+    setup = {k: trained[k] for k in ("devices", "processes", "platform")
+             if isinstance(trained, dict) and trained.get(k) is not None} if train_seconds is not None else {}
     with lock:
         results = protocols.evaluate_workdir(config, workdir, checkpoint=FLAGS.checkpoint, write=FLAGS.write,
-                                             train_seconds=train_seconds, loop_overhead=overhead)
+                                             train_seconds=train_seconds, loop_overhead=overhead,
+                                             training_setup=setup)
     if process == 0:
         print(protocols.format_results_table(results))
 
