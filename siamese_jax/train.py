@@ -182,6 +182,29 @@ def _has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
 
+# Keys a resumed run may change without changing what it trains (where data is, how often it logs).
+_RESUME_NEUTRAL_KEYS = {"archive_dir", "tfds_data_dir", "cache_dir", "source", "log_every_seconds", "plots",
+                        "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_episodes"}
+
+
+def _log_resume_changes(config, workdir: str) -> None:
+    """Resuming with another config trains on from the checkpoint under the new one (more steps is
+    the usual case), and config.json / results.json then describe the whole run by the new one: one
+    warning line names what changed, so that a changed loss or schedule is not silent."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return
+    now = _config_json(config)
+    changed = [f"{k} {previous.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(previous) | set(now))
+               if k not in _RESUME_NEUTRAL_KEYS and previous.get(k) != now.get(k)]
+    if changed:
+        log.warning("resuming %s with a changed config (config.json and results.json will describe the whole "
+                    "run by the new one): %s", workdir, "; ".join(changed))
+
+
 def _keep_the_runs_split(config, workdir: str, training_split) -> None:
     """Resuming an Omniglot run: validate on the alphabets its weights were trained without.
 
@@ -289,6 +312,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     if restored is not None:
         state, meta = restored
         log.info("resuming from step %d of %s", int(state.step), workdir)
+        _log_resume_changes(config, workdir)
     elif config.resume:
         # Its weights only: the optimizer state starts afresh below, so another optimizer config
         # (AdamW, the weight average) may fine-tune it.

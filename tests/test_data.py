@@ -603,3 +603,25 @@ def test_resume_from_weights_trained_on_the_validation_alphabets_is_refused(omni
     train_lib._check_resume_source_split(_split_config(val_alphabet_names="Grantha"), {"config": legacy}, ds)
     train_lib._check_resume_source_split(config, {"config": _split_config().to_dict()}, ds)
     train_lib._check_resume_source_split(config, {}, ds)
+
+
+def test_resuming_with_a_changed_config_says_what_changed(tmp_path, caplog):
+    """A workdir resumed with another loss (same shapes) trained on silently, and its config.json and
+    results.json then described the whole run by the new loss: one warning line names the changes;
+    where the data is and how often it logs are not changes of the run."""
+    import logging
+
+    from siamese_jax import train as train_lib
+
+    workdir = _workdir_of_a_run(tmp_path / "run", _split_config().to_dict())
+    config = _split_config(loss="batch_hard", num_steps=20000, archive_dir="/elsewhere", log_every_seconds=1.0)
+    with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
+        train_lib._log_resume_changes(config, workdir)
+    [record] = [r for r in caplog.records if "changed config" in r.getMessage()]
+    message = record.getMessage()
+    assert "loss 'triplet' -> 'batch_hard'" in message and "num_steps 12000 -> 20000" in message
+    assert "archive_dir" not in message and "log_every_seconds" not in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
+        train_lib._log_resume_changes(_split_config(), workdir)
+    assert not caplog.records
