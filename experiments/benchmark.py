@@ -625,5 +625,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from siamese_jax import cli
+
     define_flags()
-    app.run(main)
+    cli.run_app(main)  # --help exits 0; a bad flag is one error line, exit 2

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FLAGS
 
@@ -44,7 +44,7 @@ def define_flags():
     flags.DEFINE_bool("quick", False, "One seed, 300 steps, 100 evaluation episodes (a smoke run).")
     flags.DEFINE_list("datasets", ["omniglot"], "Datasets to sweep: omniglot, mnist.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (each row runs once per seed).")
-    flags.DEFINE_list("rows", None, "Only these rows (ids below; default: all).")
+    flags.DEFINE_list("rows", None, "Only these rows (default: all): " + ", ".join(r[0] for r in ROWS) + ".")
     flags.DEFINE_integer("steps", 3000, "Training steps of every run.")
     flags.DEFINE_string("out", QUICK_OUT_FROM, f"Directory for the runs, sweep.json, table.md and the plot "
                         f"(with --quick and no --out: {QUICK_OUT}).")
@@ -140,8 +140,10 @@ def check_workdir_matches(workdir: str, dataset: str, overrides: dict, extra: li
     differ = [f"{k}={value_of(k)!r} (this sweep: {v!r})" for k, v in want.items()
               if _comparable(value_of(k)) != _comparable(v)]
     if differ:
-        raise SystemExit(f"error: {workdir} holds a run with other settings: {', '.join(differ)}; "
-                         f"give this sweep another --out (or remove that run)")
+        from siamese_jax import console
+
+        console.fail(f"{workdir} holds a run with other settings: {', '.join(differ)}; "
+                     f"give this sweep another --out (or remove that run)")
 
 
 def run_one(workdir: str, dataset: str, overrides: dict, extra: list, data_dir) -> float:
@@ -307,18 +309,20 @@ def write_outputs(out, datasets, row_ids, seeds, steps) -> dict:
 
 def main(argv):
     del argv
+    from siamese_jax import console
+
     known = [r[0] for r in ROWS]
     row_ids = FLAGS.rows or known
     bad = [r for r in row_ids if r not in known]
     if bad:
-        raise app.UsageError(f"--rows: unknown {', '.join(bad)}; expected some of {', '.join(known)}")
+        console.fail(f"--rows: unknown {', '.join(bad)}; expected some of {', '.join(known)}")
     for d in FLAGS.datasets:
         if d not in BATCH:
-            raise app.UsageError(f"--datasets: unknown {d!r}; expected omniglot and/or mnist")
+            console.fail(f"--datasets: unknown {d!r}; expected omniglot and/or mnist")
     try:
         seeds = [int(s) for s in FLAGS.seeds]
     except ValueError:
-        raise app.UsageError(f"--seeds: expected integers, got {','.join(FLAGS.seeds)}")
+        console.fail(f"--seeds: expected integers, got {','.join(FLAGS.seeds)}")
     steps = FLAGS.steps
     if FLAGS.quick:
         seeds, steps = seeds[:1], 300
@@ -327,7 +331,7 @@ def main(argv):
         out = QUICK_OUT  # the smoke run's numbers mean nothing: never in the real sweep's directory
     for e in FLAGS.extra:
         if "=" not in e:
-            raise app.UsageError(f"--extra={e}: expected key=value")
+            console.fail(f"--extra={e}: expected key=value")
     if FLAGS.report_only:
         seeds_done = []  # every seed that has a finished run, not just --seeds
         for dataset in FLAGS.datasets:
@@ -357,5 +361,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from siamese_jax import cli
+
     define_flags()
-    app.run(main)
+    cli.run_app(main)  # --help exits 0; a bad flag or input is one error line, exit 2

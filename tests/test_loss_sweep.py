@@ -87,7 +87,7 @@ def test_plot_skips_a_dataset_with_no_finished_run(tmp_path):
     assert os.path.getsize(os.path.join(root, "loss_comparison.png")) > 1000
 
 
-def test_a_run_with_other_settings_in_out_is_an_error_not_averaged_in(tmp_path):
+def test_a_run_with_other_settings_in_out_is_an_error_not_averaged_in(tmp_path, capsys):
     """A `--quick` run (or another --steps / --extra) left in --out was counted as finished and its
     numbers averaged into the table; a half-finished one would have been resumed on its schedule."""
     workdir = tmp_path / "omniglot" / "batch_hard" / "seed0"
@@ -100,6 +100,22 @@ def test_a_run_with_other_settings_in_out_is_an_error_not_averaged_in(tmp_path):
     for overrides, extra, needle in ((ls.run_overrides("omniglot", "batch_hard", 0, 300, quick=True), [], "num_steps=3000 (this sweep: 300)"),
                                      (same, ["margins.batch_hard=0.3"], "margins.batch_hard=0.5 (this sweep: '0.3')"),
                                      (same, ["widths=(16,16)"], "widths=[8, 8]")):
-        with pytest.raises(SystemExit, match=r"holds a run with other settings: .*" + re.escape(needle)):
+        with pytest.raises(SystemExit) as stopped:
             ls.check_workdir_matches(str(workdir), "omniglot", overrides, extra)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and re.search(r"^error: .* holds a run with other settings: .*" + re.escape(needle), err), err
     ls.check_workdir_matches(str(tmp_path / "nothing_here"), "omniglot", same, [])  # not started: fine
+
+
+def test_help_exits_0_and_lists_the_rows():
+    """absl's own --help exited 1 with "Try --helpfull"; the other entry points exit 0."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "experiments.loss_sweep", "--help"], cwd=repo, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "triplet_online_all" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "experiments.loss_sweep", "--rows=nonsense"], cwd=repo,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --rows: unknown nonsense")
