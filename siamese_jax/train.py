@@ -16,7 +16,6 @@ saved and restored by all processes together; a SIGTERM to any process stops all
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from siamese_jax import input_pipeline as ip
 from siamese_jax import train_step as ts
 from siamese_jax.files import atomic_write_json, read_jsonl
 from siamese_jax.metrics_writer import MetricsWriter
-from siamese_jax.workdir_lock import WorkdirLock
+from siamese_jax.workdir_lock import lock_workdir
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool) -> dict:
     config_check.validate_config(config, num_devices=jax.device_count())
     config_check.check_workdir(workdir)
-    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
+    with lock_workdir(workdir):
         try:
             with ckpt_lib.close_on_exit():
                 train_seconds, overhead = _train(config, workdir)

@@ -70,3 +70,48 @@ def _read_holder(fd) -> str:
         return os.pread(fd, 200, 0).decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+class _HeldByProcessZero:
+    """The workdir lock of a multi-process job (see `lock_workdir`)."""
+
+    def __init__(self, workdir: str, purpose: str):
+        self.lock = WorkdirLock(workdir, purpose)
+
+    def __enter__(self):
+        import jax
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        message = b""
+        if jax.process_index() == 0:
+            try:
+                self.lock.acquire()
+            except (WorkdirLockedError, OSError) as e:
+                message = (str(e) or type(e).__name__).encode()[:_MESSAGE_BYTES]
+        buffer = np.zeros(_MESSAGE_BYTES, np.uint8)
+        buffer[:len(message)] = np.frombuffer(message, np.uint8)
+        # Every process learns process 0's outcome: all of them raise the same error, instead of
+        # process 1 failing later at its first collective with a message about a lost peer.
+        shared = np.asarray(multihost_utils.broadcast_one_to_all(buffer)).astype(np.uint8)
+        text = shared.tobytes().rstrip(b"\0").decode(errors="replace")
+        if text:
+            raise WorkdirLockedError(text)
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+_MESSAGE_BYTES = 1024
+
+
+def lock_workdir(workdir: str, purpose: str = "training"):
+    """`with lock_workdir(workdir): ...` — the workdir's lock for this job. One process: a
+    WorkdirLock. Several (a multi-host job): process 0 holds the lock, and every process raises the
+    same WorkdirLockedError if it could not be taken."""
+    import jax
+
+    if jax.process_count() == 1:
+        return WorkdirLock(workdir, purpose)
+    return _HeldByProcessZero(workdir, purpose)

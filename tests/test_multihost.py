@@ -332,3 +332,24 @@ def test_a_step_unreadable_on_one_process_only_is_an_error_on_every_process(env,
     for i, (out, err) in enumerate(outs):
         assert "ERROR the processes read different checkpoint steps" in out, f"process {i}:\n{out}\n{err[-2000:]}"
         assert "process 0: 2, process 1: 1" in out
+
+
+@pytest.mark.slow
+def test_a_workdir_in_use_is_the_same_one_line_error_on_every_process(env, tmp_path):
+    """Another run holds the workdir's lock. Process 0 alone took the lock and failed; process 1
+    failed later at its first collective with an "unexpected" gloo error about its peer. Now every
+    process learns process 0's outcome and exits 2 naming the holder."""
+    import fcntl
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("PID 4242 on host elsewhere, training\n")
+        held.flush()
+        with _train(env, tmp_path, "locked", workdir, 2, 1) as run:
+            rcs = run.wait(120)
+    assert rcs == [2, 2], _fail_msg(run, rcs)
+    for i in range(2):
+        last = run.stderr(i).strip().splitlines()[-1]
+        assert last.startswith("error: workdir") and "is in use by another run (PID 4242 on host elsewhere" in last, last

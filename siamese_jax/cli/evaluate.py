@@ -35,7 +35,7 @@ def main(argv):
     import ml_collections
 
     from siamese_jax import config_check, protocols
-    from siamese_jax.workdir_lock import WorkdirLock
+    from siamese_jax.workdir_lock import lock_workdir
 
     workdir = FLAGS.workdir
     path = os.path.join(workdir, "config.json")
@@ -61,9 +61,10 @@ def main(argv):
     # Writing results.json and plots/ into the workdir: the workdir's lock, as a training run takes
     # it (process 0, the one that writes).
     lock = contextlib.nullcontext()
-    if FLAGS.write and process == 0:
-        config_check.check_workdir(workdir)
-        lock = WorkdirLock(workdir, purpose="evaluation")
+    if FLAGS.write:
+        if process == 0:
+            config_check.check_workdir(workdir)
+        lock = lock_workdir(workdir, purpose="evaluation")  # every process learns whether it was taken
     # The training's own timings are not the evaluation's to measure: kept from the results.json they
     # were written to (re-evaluating dropped them, and export then recorded them as None).
     trained = {}
