@@ -87,6 +87,49 @@ def _translation_only(**kw):
     return augment.AffineConfig(rotation_deg=0.0, shear=0.0, scale=(1.0, 1.0), prob=1.0, **kw)
 
 
+def test_shear_convention_adds_rho_times_the_other_coordinate():
+    """`shear=(ρ_row, ρ_col)` adds ρ_row·col to the row and ρ_col·row to the column (the docstring):
+    an off-centre blob's centroid moves by exactly that (bilinear warps keep centroids of a linear map)."""
+    size, centre = 29, 14.0
+    right = jnp.asarray(_blob(size, (centre, centre + 5))[None, ..., None])  # 5 px right of the centre
+    below = jnp.asarray(_blob(size, (centre + 5, centre))[None, ..., None])  # 5 px below
+    out = augment.apply_affine(right, augment.affine_matrix(shear=(0.3, 0.0))[None])
+    np.testing.assert_allclose(_centroid(out[0]), [centre + 1.5, centre + 5], atol=0.02)
+    out = augment.apply_affine(below, augment.affine_matrix(shear=(0.0, 0.3))[None])
+    np.testing.assert_allclose(_centroid(out[0]), [centre + 5, centre + 1.5], atol=0.02)
+
+
+def _only(**kw):
+    """An AffineConfig with every component off except those in `kw`, applied to every image."""
+    base = dict(rotation_deg=0.0, shear=0.0, scale=(1.0, 1.0), translate_px=0.0, prob=1.0)
+    return augment.AffineConfig(**{**base, **kw})
+
+
+def test_random_rotation_shear_and_scale_stay_in_their_ranges_and_span_them():
+    """Koch's ranges, measured on the warped images: rotation ±10°, shear ±0.3, scale 0.8–1.2 per
+    axis. (Only shapes, range and determinism were checked before: a ±50° rotation, swapped shear
+    entries or a 0.5–1.5 scale passed every test.)"""
+    size, centre, n = 41, 20.0, 128
+    off = jnp.asarray(np.stack([_blob(size, (centre, centre + 8))] * n)[..., None])  # 8 px right
+    mid = jnp.asarray(np.stack([_blob(size, (centre, centre), sigma=4.0)] * n)[..., None])
+    key = jax.random.key(11)
+
+    rotated = np.stack([_centroid(im) for im in augment.random_affine(key, off, _only(rotation_deg=10.0))])
+    angles = np.degrees(np.arctan2(rotated[:, 0] - centre, rotated[:, 1] - centre))
+    assert np.abs(angles).max() <= 10.3 and np.abs(angles).max() > 8.5, angles
+    assert angles.min() < 0 < angles.max()
+
+    sheared = np.stack([_centroid(im) for im in augment.random_affine(key, off, _only(shear=0.3))])
+    rows = sheared[:, 0] - centre  # ρ_row · 8: within ±2.4 px; the column does not move (row offset 0)
+    assert np.abs(rows).max() <= 2.45 and np.abs(rows).max() > 2.0, rows
+    np.testing.assert_allclose(sheared[:, 1], centre + 8, atol=0.05)
+
+    scaled = augment.random_affine(key, mid, _only(scale=(0.8, 1.2)))
+    ink = np.asarray(scaled.sum(axis=(1, 2, 3)) / mid[0].sum())  # s_row · s_col in [0.64, 1.44]
+    assert ink.min() >= 0.62 and ink.max() <= 1.47, (ink.min(), ink.max())
+    assert ink.min() < 0.75 and ink.max() > 1.3
+
+
 def test_translation_is_scaled_to_the_image_size_relative_to_koch_105px():
     x = jnp.asarray(np.stack([_blob()] * 64)[..., None])
     c0 = _centroid(x[0])

@@ -32,7 +32,12 @@ def _brute_one_shot(support, query, rule):
 
 
 @pytest.mark.parametrize("rule", ["nearest", "prototype"])
-def test_one_shot_accuracy_matches_brute_force(rule):
+@pytest.mark.parametrize("chunk_floats", [None, 1300])
+def test_one_shot_accuracy_matches_brute_force(rule, chunk_floats, monkeypatch):
+    # chunk_floats=1300: 2 episodes per chunk, the last chunk padded (7 episodes) — the path every
+    # real evaluation takes (20-way, E=128: 655 episodes per chunk) and the default sizes here skip.
+    if chunk_floats is not None:
+        monkeypatch.setattr(evaluation, "_CHUNK_FLOATS", chunk_floats)
     rng = np.random.default_rng(0)
     T, n_way, k_shot, n_query, E = 7, 5, 3, 2, 4
     centres = rng.normal(size=(T, n_way, 1, E))
@@ -246,7 +251,7 @@ def test_retrieval_per_query_on_pml_worked_example():
     assert ap.mean() == pytest.approx(np.mean([1, 0.25, 1 / 16, 1 / 6, 1 / 8]))
 
 
-def _brute_retrieval(emb, labels):
+def _brute_retrieval(emb, labels, max_k=None):
     n = len(emb)
     d = np.sqrt(((emb[:, None].astype(np.float64) - emb[None].astype(np.float64)) ** 2).sum(-1))
     p1, aps = [], []
@@ -254,6 +259,8 @@ def _brute_retrieval(emb, labels):
         r = int((labels == labels[i]).sum()) - 1
         if r == 0:
             continue
+        if max_k is not None:
+            r = min(r, max_k)
         others = [j for j in np.argsort(d[i], kind="stable") if j != i]
         rel = [labels[j] == labels[i] for j in others[:r]]
         p1.append(rel[0])
@@ -279,6 +286,12 @@ def test_retrieval_metrics_match_brute_force():
         assert out["num_queries"] == n_q == len(labels) - 2
         assert out["num_lone_queries"] == 2
     assert 0.2 < mapr < 0.95  # a non-trivial case
+    # max_k caps R (AccuracyCalculator's faiss limit): on noisy clusters the capped MAP differs.
+    p1_capped, mapr_capped, _ = _brute_retrieval(emb, labels, max_k=2)
+    capped = evaluation.retrieval_metrics(emb, labels, max_k=2)
+    assert capped["mean_average_precision_at_r"] == pytest.approx(mapr_capped, abs=1e-6)
+    assert capped["precision_at_1"] == pytest.approx(p1_capped, abs=1e-6)
+    assert abs(mapr_capped - mapr) > 0.01
 
 
 def test_retrieval_metrics_perfect_and_degenerate():

@@ -52,6 +52,24 @@ def test_pretrained_model_is_small_and_calibrated(model):
     assert model.provenance.get("lake_20_runs_accuracy", 0) > 0.5
 
 
+def test_pretrained_model_reproduces_its_lake_score(model, data_dir):
+    """The score the shipped file states (and README quotes) is measured here, not read back: its
+    embeddings of Lake's 20 runs, scored as the final evaluation scores them (391 of 400: 97.75%)."""
+    from siamese_jax import evaluation, protocols
+    from siamese_jax.data import ImageDataset
+
+    runs = protocols.load_lake_runs(str(data_dir))
+    flat = np.concatenate([np.stack([r.train_images for r in runs]).reshape(-1, 105, 105),
+                           np.stack([r.test_images for r in runs]).reshape(-1, 105, 105)])
+    flat_ds = ImageDataset(images=flat, labels=np.arange(len(flat), dtype=np.int32), name="omniglot", split="lake_runs")
+    emb = model.embed_u8(protocols.resized_images(flat_ds, model.config.image_size))
+    lake = evaluation.lake_run_errors(emb[:400].reshape(20, 20, -1), emb[400:].reshape(20, 20, -1),
+                                      np.stack([r.answers for r in runs]))
+    assert lake["num_trials"] == 400
+    assert lake["accuracy"] == pytest.approx(model.provenance["lake_20_runs_accuracy"], abs=1e-9)
+    assert lake["accuracy"] == pytest.approx(0.9775, abs=1e-9)
+
+
 def test_same_character_pairs_are_closer_on_real_evaluation_pngs(model, eval_pngs):
     classes = sorted(os.listdir(eval_pngs))
     paths = [str(eval_pngs / c / f) for c in classes for f in sorted(os.listdir(eval_pngs / c))]
@@ -245,6 +263,19 @@ def test_calibrate_cli_writes_a_model_that_compare_uses(eval_pngs, tmp_path):
     assert "far<=0.05" in r.stdout
     m = inference.load_model(str(out))
     assert m.calibration.method == "far<=0.05" and m.calibration.false_accept_rate <= 0.05
+    # compare uses the written threshold (not the shipped one) ...
+    pngs = sorted(str(p) for p in eval_pngs.rglob("*.png"))
+    r = _cli("experiments.compare", pngs[0], pngs[1], "--model", str(out))
+    assert r.returncode in (0, 1), r.stderr
+    assert f"threshold     {m.calibration.threshold:.4f} (far<=0.05" in r.stdout, r.stdout
+    assert abs(m.calibration.threshold - inference.load_model("pretrained").calibration.threshold) > 1e-3
+    # ... and the threshold holds its false-accept rate on every different-character pair of these
+    # images, not only on the 400 pairs it was chosen on (within sampling noise).
+    labels = np.array([os.path.dirname(p) for p in pngs])
+    emb = m.embed(pngs)
+    d = np.linalg.norm(emb[:, None] - emb[None], axis=-1)
+    different = labels[:, None] != labels[None]
+    assert np.mean(d[different] <= m.calibration.threshold) <= 0.08
 
 
 @pytest.mark.parametrize("case", ["missing", "not_image", "truncated", "directory", "empty_folder",

@@ -62,9 +62,13 @@ def test_every_loss_is_a_valid_choice_on_both_presets():
     for dataset in ("omniglot", "mnist"):
         for loss in ts.ALL_LOSSES:
             c = default.get_config(dataset)
-            c.loss, c.l2_normalize = loss, loss in ts.CLASS_CENTRE_LOSSES
-            # As given, with no override: the MNIST preset kept Omniglot's 32 classes per batch, so
-            # `--dataset=mnist` failed with every P x K loss (the check: "MNIST has 10 classes").
+            c.loss = loss
+            if loss in ts.CLASS_CENTRE_LOSSES:  # documented: --loss=arcface needs l2_normalize=True
+                with pytest.raises(config_check.ConfigError, match="l2_normalize"):
+                    config_check.validate_config(c, num_devices=2)
+                c.l2_normalize = True
+            # Otherwise as given, with no override: the MNIST preset kept Omniglot's 32 classes per
+            # batch, so `--dataset=mnist` failed with every P x K loss ("MNIST has 10 classes").
             config_check.validate_config(c, num_devices=2)
             assert train.margin_of(c) >= 0.0
 

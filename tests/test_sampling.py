@@ -141,6 +141,19 @@ def test_triplets_anchor_positive_same_class_negative_other(omni):
     assert all(alpha[a] == alpha[n] for a, n in zip(la, ln) if alpha[a] != 19)
 
 
+def test_pairs_and_triplets_draw_classes_uniformly_not_by_image_count(mnist):
+    """The module's promise: classes are drawn uniformly, not in proportion to their image counts.
+    The Omniglot-like set has 6 images in every class, where the two cannot be told apart; here the
+    classes hold 3 to 15 images (by image count the shares would run from 0.056 to 0.278)."""
+    _, dds = mnist
+    labels = np.arange(7) * 2 + 1
+    b = _pairs(jax.random.key(7), dds, 4096)
+    t = _triplets(jax.random.key(8), dds, 4096)
+    for name, drawn in (("pair first image", b["label1"]), ("triplet anchor", t["anchor_label"])):
+        share = np.array([(np.asarray(drawn) == c).mean() for c in labels])
+        np.testing.assert_allclose(share, 1 / 7, atol=0.03, err_msg=name)
+
+
 def test_pk_batch_has_p_distinct_classes_of_k_distinct_images(omni, mnist):
     for (ds, dds), P, K in ((omni, 4, 5), (mnist, 5, 4)):
         b = _pk(jax.random.key(2), 3, dds, P, K)
