@@ -33,9 +33,13 @@ test: .venv
 train: .venv
 	$(PY) -m experiments.train --loss=triplet $(TRAIN_ARGS)
 
-# The PyTorch peer comes with the `bench` extra (installed here on top of EXTRAS).
+# The PyTorch peer: installed only if the venv has no torch yet (a GPU box keeps its CUDA build).
+# TORCH is what pip then installs: the `bench` extra's plain `torch>=2.4` resolves to the CUDA build
+# on Linux (~1.5 GB of wheels); torch==2.13.0 is the CPU wheel on this project's machines. Elsewhere,
+# for a CPU build: TORCH=torch PIP_INDEX_URL=https://download.pytorch.org/whl/cpu make benchmark.
+TORCH ?= torch==2.13.0
 benchmark: .venv
-	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m experiments.benchmark $(BENCH_ARGS)
 
 # The shipped Omniglot model from scratch (siamese_jax/configs/omniglot_distilled.py): five teacher

@@ -55,7 +55,7 @@ def _model_arg(p):
 
 # ------------------------------------------------------------------------------------------------
 def _compare(argv):
-    p = _Parser(prog="compare", description="Are these two images the same class?")
+    p = _Parser(prog="siamese-compare", description="Are these two images the same class?")
     p.add_argument("image_a")
     p.add_argument("image_b")
     _model_arg(p)
@@ -74,7 +74,7 @@ def _compare(argv):
 
 
 def _embed(argv):
-    p = _Parser(prog="embed", description="Embed every image of a folder into a searchable index (.npz).")
+    p = _Parser(prog="siamese-embed", description="Embed every image of a folder into a searchable index (.npz).")
     p.add_argument("folder")
     p.add_argument("--out", required=True, help="index file to write (.npz)")
     _model_arg(p)
@@ -95,7 +95,7 @@ def _embed(argv):
 
 
 def _search(argv):
-    p = _Parser(prog="search", description="The k images of an index nearest to a query image.")
+    p = _Parser(prog="siamese-search", description="The k images of an index nearest to a query image.")
     p.add_argument("index")
     p.add_argument("image")
     p.add_argument("-k", type=int, default=5)
@@ -128,7 +128,7 @@ def _search(argv):
 
 
 def _calibrate(argv):
-    p = _Parser(prog="calibrate", description=(
+    p = _Parser(prog="siamese-calibrate", description=(
         "Choose the same/different distance threshold on labelled pairs drawn from FOLDER, whose "
         "sub-folders are the classes (images in one sub-folder are the same class)."))
     p.add_argument("folder")

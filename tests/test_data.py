@@ -625,3 +625,20 @@ def test_resuming_with_a_changed_config_says_what_changed(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
         train_lib._log_resume_changes(_split_config(), workdir)
     assert not caplog.records
+
+
+def test_auto_source_without_tfds_says_what_is_missing_where(tmp_path, monkeypatch):
+    """source='auto' with no tensorflow-datasets installed (a plain `pip install`): a mistyped or
+    missing data root said "source='tfds' needs tensorflow-datasets ...; pip install ...", pointing
+    the user at installing TFDS when the fix is --data_dir. Now the archives' own message."""
+    from siamese_jax.data import sources
+
+    monkeypatch.setattr(sources, "_tfds_installed", lambda: False)
+    monkeypatch.delenv("SIAMESE_DATA_DIR", raising=False)
+    with pytest.raises(data.DataError, match=r"archive directory .*nowhere does not exist"):
+        data.load("omniglot", "background", archive_dir=tmp_path / "nowhere", cache_dir=tmp_path / "c")
+    with pytest.raises(data.DataError, match=r"no archive directory for mnist/train: pass --data_dir"):
+        data.load("mnist", "train", cache_dir=tmp_path / "c")
+    (tmp_path / "root" / "omniglot").mkdir(parents=True)
+    with pytest.raises(data.DataError, match=r"missing images_background.zip in .*root/omniglot"):
+        data.load("omniglot", "background", archive_dir=tmp_path / "root", cache_dir=tmp_path / "c")

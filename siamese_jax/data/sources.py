@@ -50,8 +50,8 @@ def require_files(root: Optional[Path], relative: list[str], what: str) -> list[
     """root/relative for each file, or a one-line MissingDataError/DataError saying what is missing where."""
     if root is None:
         raise MissingDataError(
-            f"no archive directory for {what}: pass archive_dir or set {DATA_DIR_ENV} to a folder holding"
-            f" omniglot/ and mnist/ ({_NO_ARCHIVES_HINT})"
+            f"no archive directory for {what}: pass --data_dir (archive_dir) or set {DATA_DIR_ENV} to a folder"
+            f" holding omniglot/ and mnist/ ({_NO_ARCHIVES_HINT})"
         )
     if not root.is_dir():
         raise MissingDataError(f"archive directory {root} does not exist (needed for {what}; {_NO_ARCHIVES_HINT})")
@@ -83,6 +83,12 @@ def _load_archives(name: str, split: str, root: Optional[Path], cache_dir) -> Im
     return ds
 
 
+def _tfds_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow_datasets") is not None
+
+
 def load(name: str, split: str, *, source: str = "auto", archive_dir=None, data_dir=None, cache_dir=None) -> ImageDataset:
     """Dataset `name` ("omniglot" | "mnist"), split in our names (omniglot also takes TFDS's train/test).
 
@@ -96,7 +102,9 @@ def load(name: str, split: str, *, source: str = "auto", archive_dir=None, data_
     split = canonical_split(name, split)
     root = resolve_archive_dir(archive_dir)
     if source == "auto":
-        source = "archives" if has_archives(root, name, split) else "tfds"
+        # TFDS only when it is installed: without it, the archives' own error says what is missing
+        # where (it used to say "install tensorflow-datasets" for a mistyped SIAMESE_DATA_DIR).
+        source = "archives" if has_archives(root, name, split) or not _tfds_installed() else "tfds"
     if source == "archives":
         return _load_archives(name, split, root, cache_dir)
     if source == "tfds":
