@@ -227,7 +227,7 @@ def test_mnist_pairs_end_to_end_with_test_time_shifts_and_export(env, tmp_path):
     assert results["test_time_shifts"] == "cross5"
 
     # Export writes one model file that embeds as the run was evaluated, with that run's numbers ...
-    def export(*args):
+    def export(*args, env=env):
         return subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", *args],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -243,6 +243,12 @@ def test_mnist_pairs_end_to_end_with_test_time_shifts_and_export(env, tmp_path):
     r = export(f"--out={tmp_path / 'other.msgpack'}", "--test_time_shifts=none")
     assert r.returncode == 2 and not (tmp_path / "other.msgpack").exists()
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "test_time_shifts=cross5" in r.stderr
+    # Without SIAMESE_DATA_DIR the validation pairs' data comes from --data_dir (export had no such flag).
+    bare = {k: v for k, v in env.items() if k != "SIAMESE_DATA_DIR"}
+    r = export(f"--out={tmp_path / 'from_flag.msgpack'}", "--pairs=400", f"--data_dir={env['SIAMESE_DATA_DIR']}", env=bare)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert inference.load_model(str(tmp_path / "from_flag.msgpack")).calibration.threshold == pytest.approx(
+        model.calibration.threshold)
 
 
 def test_arcface_trains_evaluates_and_its_class_centres_restore(env, tmp_path):

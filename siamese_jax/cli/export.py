@@ -22,6 +22,7 @@ flags.DEFINE_integer("pairs", 4000, "Validation pairs for the threshold (half sa
 flags.DEFINE_enum("test_time_shifts", None, list(SHIFT_SETS),
                   "Test-time shift augmentation the exported model embeds with (default: the run's config's).")
 flags.DEFINE_float("far", None, "Target false-accept rate (default: the max-accuracy threshold).")
+flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")
 
 
 def main(argv):
@@ -41,6 +42,8 @@ def main(argv):
 
     model = load_model(FLAGS.workdir)
     config = model.config
+    if FLAGS.data_dir:  # the validation pairs are read from here (as siamese-evaluate --data_dir)
+        config.archive_dir = FLAGS.data_dir
     if FLAGS.test_time_shifts:
         config.test_time_shifts = model.test_time_shifts = FLAGS.test_time_shifts
     results_path = os.path.join(FLAGS.workdir, "results.json")
