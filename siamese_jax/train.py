@@ -181,19 +181,29 @@ def _has_checkpoint(workdir: str) -> bool:
 
 
 # Keys a resumed run may change without changing what it trains (where data is, how often it logs).
+# `val_alphabet_names` is not compared here: `_keep_the_runs_split` keeps a resumed run's held-out
+# alphabets (naming them in config.json) and refuses any change of them.
 _RESUME_NEUTRAL_KEYS = {"archive_dir", "tfds_data_dir", "cache_dir", "source", "log_every_seconds", "plots",
-                        "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_episodes"}
+                        "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_episodes",
+                        "val_alphabet_names"}
+
+
+def _previous_config(workdir: str) -> Optional[dict]:
+    """The workdir's config.json as a dict, or None (absent, unreadable, or not a JSON object)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return previous if isinstance(previous, dict) else None
 
 
 def _log_resume_changes(config, workdir: str) -> None:
     """Resuming with another config trains on from the checkpoint under the new one (more steps is
     the usual case), and config.json / results.json then describe the whole run by the new one: one
     warning line names what changed, so that a changed loss or schedule is not silent."""
-    path = os.path.join(workdir, "config.json")
-    try:
-        with open(path) as f:
-            previous = json.load(f)
-    except (OSError, ValueError):
+    previous = _previous_config(workdir)
+    if previous is None:
         return
     now = _config_json(config)
     changed = [f"{k} {previous.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(previous) | set(now))
@@ -209,26 +219,24 @@ def _keep_the_runs_split(config, workdir: str, training_split) -> None:
     The rule that turns `val_alphabets` into alphabets changed on 2026-12-04 (held_out_alphabets); a
     config.json without `val_alphabet_names` is a run of the old rule. Resumed with today's default it
     would validate on alphabets it had trained on and rewrite its config.json to the new split, so it
-    keeps its own split (named in config.json from then on). Any other change of the held-out
-    alphabets on resume is refused."""
-    path = os.path.join(workdir, "config.json")
-    if config.dataset != "omniglot" or not _has_checkpoint(workdir) or not os.path.isfile(path):
+    keeps its own split, named in config.json from then on; so does a run whose config.json names its
+    alphabets, resumed by a command that names none (the same command, after that first resume).
+    Asking for other held-out alphabets on resume is refused."""
+    if config.dataset != "omniglot" or not _has_checkpoint(workdir):
         return
-    try:
-        with open(path) as f:
-            previous = ml_collections.ConfigDict(json.load(f))
-    except ValueError:
-        return  # unreadable: nothing to compare against (config_check reports a bad config.json elsewhere)
-    if previous.get("dataset") != "omniglot" or "val_alphabets" not in previous:
+    previous = _previous_config(workdir)  # None: nothing to compare against
+    if previous is None or previous.get("dataset") != "omniglot" or "val_alphabets" not in previous:
         return
+    previous = ml_collections.ConfigDict(previous)
     before = ip.held_out_alphabet_names(previous, training_split)
     now = ip.held_out_alphabet_names(config, training_split)
     if before == now:
         return
-    if ("val_alphabet_names" not in previous and not config.get("val_alphabet_names", "")
-            and config.val_alphabets == previous.val_alphabets):
-        log.warning("%s was started before 2026-12-04 (its config.json has no val_alphabet_names): resuming "
-                    "with its own validation alphabets %s", workdir, ", ".join(before))
+    asks_for_none = not config.get("val_alphabet_names", "") and config.val_alphabets == previous.val_alphabets
+    if asks_for_none and (previous.get("val_alphabet_names", None) is None or previous.val_alphabet_names):
+        if previous.get("val_alphabet_names", None) is None:
+            log.warning("%s was started before 2026-12-04 (its config.json has no val_alphabet_names): resuming "
+                        "with its own validation alphabets %s", workdir, ", ".join(before))
         config.val_alphabet_names = ",".join(before)
         return
     raise config_check.ConfigError(
@@ -328,103 +336,108 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     detector.seed("param_norm", float(jax.jit(optax.tree.norm)(state.params)))
 
     writer = MetricsWriter(workdir, enabled=is_main)
-    writer.truncate_after(start_step)
-    if start_step > 0:  # resumed: the run's own first values anchor the divergence rule's scale
-        history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-        for metric in divergence.WATCHED:
-            first = next((r[metric] for r in history if metric in r and r[metric] > 0), None)
-            if first is not None:
-                detector.seed_first(metric, first)
-    if is_main:
-        atomic_write_json(os.path.join(workdir, "config.json"), _config_json(config))
-    meta = {"config": _config_json(config)}
-    # Replicated once here: a key on the default device is copied to every device at each dispatch.
-    data_key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
-    step_key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 2), mesh)
+    # Closed on every exit (an error, a divergence): TensorBoard events are buffered, and a failed
+    # process of a multi-process job leaves with os._exit, past tensorboardX's own atexit flush.
+    try:
+        writer.truncate_after(start_step)
+        if start_step > 0:  # resumed: the run's own first values anchor the divergence rule's scale
+            history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            for metric in divergence.WATCHED:
+                first = next((r[metric] for r in history if metric in r and r[metric] > 0), None)
+                if first is not None:
+                    detector.seed_first(metric, first)
+        if is_main:
+            atomic_write_json(os.path.join(workdir, "config.json"), _config_json(config))
+        meta = {"config": _config_json(config)}
+        # Replicated once here: a key on the default device is copied to every device at each dispatch.
+        data_key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
+        step_key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 2), mesh)
 
-    pending = None  # (step, metrics on device) of the previous step
-    t_start, t_log, steps_since_log = time.time(), time.time(), 0
-    # Host seconds spent in validation and in checkpoint saves (orbax saves asynchronously: this is
-    # the blocking part), reported against the training time: the loop's overhead over its steps.
-    overhead = {"validation": 0.0, "checkpoints": 0.0}
-    stopped_by = None
-    with _StopSignal(coordinated=jax.process_count() > 1) as stop:
-        for step in range(start_step, config.num_steps):
-            batch = sample(train_dds, data_key, step, teacher)
-            state, metrics = train_step(state, batch, step_key)
+        pending = None  # (step, metrics on device) of the previous step
+        t_start, t_log, steps_since_log = time.time(), time.time(), 0
+        # Host seconds spent in validation and in checkpoint saves (orbax saves asynchronously: this is
+        # the blocking part), reported against the training time: the loop's overhead over its steps.
+        overhead = {"validation": 0.0, "checkpoints": 0.0}
+        stopped_by = None
+        with _StopSignal(coordinated=jax.process_count() > 1) as stop:
+            for step in range(start_step, config.num_steps):
+                batch = sample(train_dds, data_key, step, teacher)
+                state, metrics = train_step(state, batch, step_key)
+                if pending is not None:
+                    _finish_step(pending, writer, detector)
+                pending = (step + 1, metrics)
+                steps_since_log += 1
+                done = step + 1
+                now = time.time()
+                # Time-based, so processes differ here: nothing in this branch may be a collective or
+                # stop the run (the finiteness check is _finish_step's, at the same step everywhere).
+                if now - t_log >= config.log_every_seconds or done == config.num_steps:
+                    m = _to_host(metrics)  # checked by _finish_step, one step later
+                    rate = steps_since_log / (now - t_log)
+                    eta = (config.num_steps - done) / max(rate, 1e-9)
+                    log.info("step %d/%d  loss %.4f  active %.3f  %.1f steps/s  %.0f img/s  ETA %s",
+                             done, config.num_steps, m["loss"], m.get("active_fraction", float("nan")), rate,
+                             rate * images_per_step, _fmt_duration(eta))
+                    writer.write(done, {"steps_per_second": rate, "images_per_second": rate * images_per_step})
+                    t_log, steps_since_log = now, 0
+                if done % config.eval_every_steps == 0 or done == config.num_steps:
+                    _finish_step(pending, writer, detector)  # waits for the step: not counted as validation
+                    pending = None
+                    t0 = time.time()
+                    # With a moving average of the weights (config.ema_decay), the average is the model:
+                    # validated, selected and saved as best. The live weights are scored too, on the same
+                    # episodes, so each run measures what the average buys at every validation.
+                    selected = ts.averaged_state(state)
+                    acc = validation_accuracy(config, selected, embed_fn, val_dds, val_images, mesh)
+                    scores = {"val_one_shot_accuracy": acc}
+                    if selected is not state:
+                        scores["val_one_shot_accuracy_live"] = validation_accuracy(
+                            config, state, embed_fn, val_dds, val_images, mesh)
+                    t1 = time.time()
+                    overhead["validation"] += t1 - t0
+                    writer.write(done, scores)
+                    log.info("step %d  validation one-shot accuracy %.4f%s", done, acc,
+                             f" (moving average; live weights {scores['val_one_shot_accuracy_live']:.4f})"
+                             if selected is not state else "")
+                    if best_so_far is None or acc > best_so_far:
+                        best_so_far = acc
+                        ckpts.save_best(selected, dict(meta, step=done, val_one_shot_accuracy=acc),
+                                        {"val_one_shot_accuracy": acc})
+                        overhead["checkpoints"] += time.time() - t1
+                if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
+                    if pending is not None:  # never save a state whose own metrics are unchecked
+                        _finish_step(pending, writer, detector)  # (waits for the step: not counted)
+                        pending = None
+                    t0 = time.time()
+                    ckpts.save(state, dict(meta, step=done))
+                    overhead["checkpoints"] += time.time() - t0
+                stopped_by = stop.should_stop(done)
+                if stopped_by:
+                    break
             if pending is not None:
                 _finish_step(pending, writer, detector)
-            pending = (step + 1, metrics)
-            steps_since_log += 1
-            done = step + 1
-            now = time.time()
-            # Time-based, so processes differ here: nothing in this branch may be a collective or
-            # stop the run (the finiteness check is _finish_step's, at the same step everywhere).
-            if now - t_log >= config.log_every_seconds or done == config.num_steps:
-                m = _to_host(metrics)  # checked by _finish_step, one step later
-                rate = steps_since_log / (now - t_log)
-                eta = (config.num_steps - done) / max(rate, 1e-9)
-                log.info("step %d/%d  loss %.4f  active %.3f  %.1f steps/s  %.0f img/s  ETA %s",
-                         done, config.num_steps, m["loss"], m.get("active_fraction", float("nan")), rate,
-                         rate * images_per_step, _fmt_duration(eta))
-                writer.write(done, {"steps_per_second": rate, "images_per_second": rate * images_per_step})
-                t_log, steps_since_log = now, 0
-            if done % config.eval_every_steps == 0 or done == config.num_steps:
-                _finish_step(pending, writer, detector)  # waits for the step: not counted as validation
-                pending = None
-                t0 = time.time()
-                # With a moving average of the weights (config.ema_decay), the average is the model:
-                # validated, selected and saved as best. The live weights are scored too, on the same
-                # episodes, so each run measures what the average buys at every validation.
-                selected = ts.averaged_state(state)
-                acc = validation_accuracy(config, selected, embed_fn, val_dds, val_images, mesh)
-                scores = {"val_one_shot_accuracy": acc}
-                if selected is not state:
-                    scores["val_one_shot_accuracy_live"] = validation_accuracy(
-                        config, state, embed_fn, val_dds, val_images, mesh)
-                t1 = time.time()
-                overhead["validation"] += t1 - t0
-                writer.write(done, scores)
-                log.info("step %d  validation one-shot accuracy %.4f%s", done, acc,
-                         f" (moving average; live weights {scores['val_one_shot_accuracy_live']:.4f})"
-                         if selected is not state else "")
-                if best_so_far is None or acc > best_so_far:
-                    best_so_far = acc
-                    ckpts.save_best(selected, dict(meta, step=done, val_one_shot_accuracy=acc),
-                                    {"val_one_shot_accuracy": acc})
-                    overhead["checkpoints"] += time.time() - t1
-            if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
-                if pending is not None:  # never save a state whose own metrics are unchecked
-                    _finish_step(pending, writer, detector)  # (waits for the step: not counted)
-                    pending = None
-                t0 = time.time()
-                ckpts.save(state, dict(meta, step=done))
-                overhead["checkpoints"] += time.time() - t0
-            stopped_by = stop.should_stop(done)
             if stopped_by:
-                break
-        if pending is not None:
-            _finish_step(pending, writer, detector)
+                ckpts.save(state, dict(meta, step=int(state.step)), force=True)
+                log.warning("%s received: saved a checkpoint at step %d in %s; re-run to resume",
+                            stopped_by, int(state.step), workdir)
+        t0 = time.time()
+        ckpts.wait()
+        overhead["checkpoints"] += time.time() - t0
+        ckpts.close()
         if stopped_by:
-            ckpts.save(state, dict(meta, step=int(state.step)), force=True)
-            log.warning("%s received: saved a checkpoint at step %d in %s; re-run to resume",
-                        stopped_by, int(state.step), workdir)
-    t0 = time.time()
-    ckpts.wait()
-    overhead["checkpoints"] += time.time() - t0
-    ckpts.close()
-    if stopped_by:
+            writer.close()
+            raise KeyboardInterrupt(f"stopped by {stopped_by} at step {int(state.step)}")
+        train_seconds = time.time() - t_start
+        overhead = {f"{k}_seconds": round(v, 2) for k, v in overhead.items()}
+        writer.write(int(state.step), overhead)
         writer.close()
-        raise KeyboardInterrupt(f"stopped by {stopped_by} at step {int(state.step)}")
-    train_seconds = time.time() - t_start
-    overhead = {f"{k}_seconds": round(v, 2) for k, v in overhead.items()}
-    writer.write(int(state.step), overhead)
-    writer.close()
-    log.info("training done in %s; validation %.1f s (%.1f%%), checkpoints %.1f s (%.1f%%)",
-             _fmt_duration(train_seconds), overhead["validation_seconds"],
-             100 * overhead["validation_seconds"] / max(train_seconds, 1e-9), overhead["checkpoints_seconds"],
-             100 * overhead["checkpoints_seconds"] / max(train_seconds, 1e-9))
-    return train_seconds, overhead
+        log.info("training done in %s; validation %.1f s (%.1f%%), checkpoints %.1f s (%.1f%%)",
+                 _fmt_duration(train_seconds), overhead["validation_seconds"],
+                 100 * overhead["validation_seconds"] / max(train_seconds, 1e-9), overhead["checkpoints_seconds"],
+                 100 * overhead["checkpoints_seconds"] / max(train_seconds, 1e-9))
+        return train_seconds, overhead
+    finally:
+        writer.close()
 
 
 def _best_metric(ckpts) -> Optional[float]:

@@ -566,6 +566,18 @@ def test_a_run_started_before_the_split_fix_resumes_on_its_own_split(omniglot, t
     config = _split_config()
     train_lib._keep_the_runs_split(config, workdir, ds)
     assert config.val_alphabet_names == "Balinese,Grantha"  # written to config.json from then on
+    # ... so the same command resumes that run again (it was refused the second time: the names in
+    # config.json took it out of the legacy case), and so does any run whose config.json names them.
+    import json
+
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config.to_dict()))
+    again = _split_config()
+    train_lib._keep_the_runs_split(again, workdir, ds)
+    assert again.val_alphabet_names == "Balinese,Grantha"
+    named = _workdir_of_a_run(tmp_path / "named", _split_config(val_alphabet_names="Latin").to_dict())
+    plain = _split_config()
+    train_lib._keep_the_runs_split(plain, named, ds)
+    assert plain.val_alphabet_names == "Latin"
     # Asked for another split explicitly, or a count that differs: refused, the workdir untouched.
     for override in (dict(val_alphabet_names="Latin"), dict(val_alphabets=5)):
         with pytest.raises(config_check.ConfigError, match=r"was trained holding out Balinese, Grantha for "
@@ -578,6 +590,10 @@ def test_a_run_started_before_the_split_fix_resumes_on_its_own_split(omniglot, t
     same = _split_config()
     train_lib._keep_the_runs_split(same, today, ds)
     assert same.val_alphabet_names == ""
+    # A config.json that is not a JSON object: nothing to compare against (it crashed).
+    odd = _workdir_of_a_run(tmp_path / "odd", [1, 2])
+    train_lib._keep_the_runs_split(_split_config(), odd, ds)
+    train_lib._log_resume_changes(_split_config(), odd)
     # No checkpoint yet (nothing trained): the new command's split stands.
     fresh = _split_config(val_alphabets=3)
     train_lib._keep_the_runs_split(fresh, _workdir_of_a_run(tmp_path / "empty", legacy, checkpoint=False), ds)

@@ -95,6 +95,12 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     assert "resuming with its own validation alphabets Balinese, Grantha" in r.stderr
     assert "validation: 1340 images of 67 classes" in r.stderr and "resuming from step 12" in r.stderr
     assert json.loads((legacy / "config.json").read_text())["val_alphabet_names"] == "Balinese,Grantha"
+    assert "val_alphabet_names" not in "".join(line for line in r.stderr.splitlines() if "changed config" in line)
+    # ... and the same command resumes it again (the second resume was refused once).
+    r = _train(env, legacy, "--loss=triplet", "--config.num_steps=14", "--config.eval_every_steps=4",
+               "--config.checkpoint_every_steps=4", "--noevaluate")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "validation: 1340 images of 67 classes" in r.stderr
 
     # evaluate.py on the best checkpoint reproduces results.json.
     results = json.loads((workdir / "results.json").read_text())

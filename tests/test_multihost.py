@@ -353,3 +353,20 @@ def test_a_workdir_in_use_is_the_same_one_line_error_on_every_process(env, tmp_p
     for i in range(2):
         last = run.stderr(i).strip().splitlines()[-1]
         assert last.startswith("error: workdir") and "is in use by another run (PID 4242 on host elsewhere" in last, last
+
+
+@pytest.mark.slow
+def test_a_diverged_multi_process_run_keeps_its_tensorboard_events(env, tmp_path):
+    """A run that diverges (here: learning rate 30) stops on every process with exit 2. Since a failed
+    process of a distributed job leaves with os._exit, tensorboardX's atexit flush no longer ran and
+    the events file was empty: the curve was lost exactly when it was needed. The writer is now
+    closed on every exit."""
+    workdir = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("--config.num_steps=")] + ["--config.num_steps=100000",
+                                                                          "--config.learning_rate=30"]
+    with Launch("experiments.train", [f"--workdir={workdir}", *args], env, tmp_path, "diverge", 2, 1) as run:
+        rcs = run.wait(200)
+    assert rcs == [2, 2], _fail_msg(run, rcs)
+    assert "diverged" in run.stderr(0).strip().splitlines()[-1]
+    events = list((workdir / "tensorboard").glob("events.out.tfevents*"))
+    assert events and sum(e.stat().st_size for e in events) > 500, [(e.name, e.stat().st_size) for e in events]
