@@ -162,8 +162,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool) -> dict:
     config_check.validate_config(config, num_devices=jax.device_count())
-    config_check.check_workdir(workdir)
-    with lock_workdir(workdir):
+    # The workdir is proven writable on every process, and every process learns the outcome.
+    with lock_workdir(workdir, check=lambda: config_check.check_workdir(workdir)):
         try:
             with ckpt_lib.close_on_exit():
                 train_seconds, overhead = _train(config, workdir)

@@ -75,28 +75,39 @@ def _read_holder(fd) -> str:
 class _HeldByProcessZero:
     """The workdir lock of a multi-process job (see `lock_workdir`)."""
 
-    def __init__(self, workdir: str, purpose: str):
+    def __init__(self, workdir: str, purpose: str, check=None):
         self.lock = WorkdirLock(workdir, purpose)
+        self.check = check
 
     def __enter__(self):
         import jax
         import numpy as np
         from jax.experimental import multihost_utils
 
-        message = b""
-        if jax.process_index() == 0:
-            try:
+        message, error = b"", None
+        try:
+            if self.check is not None:
+                self.check()  # every process: a host whose mount is read-only fails here alone
+            if jax.process_index() == 0:
                 self.lock.acquire()
-            except (WorkdirLockedError, OSError) as e:
-                message = (str(e) or type(e).__name__).encode()[:_MESSAGE_BYTES]
+        except (ValueError, WorkdirLockedError, OSError) as e:  # ConfigError is a ValueError
+            error = e
+            # Any path encodes (a non-UTF-8 name as \x escapes); never cut inside a character.
+            text = (str(e) or type(e).__name__).encode("utf-8", "backslashreplace")
+            message = text[:_MESSAGE_BYTES].decode("utf-8", "ignore").encode("utf-8")
         buffer = np.zeros(_MESSAGE_BYTES, np.uint8)
         buffer[:len(message)] = np.frombuffer(message, np.uint8)
-        # Every process learns process 0's outcome: all of them raise the same error, instead of
-        # process 1 failing later at its first collective with a message about a lost peer.
-        shared = np.asarray(multihost_utils.broadcast_one_to_all(buffer)).astype(np.uint8)
-        text = shared.tobytes().rstrip(b"\0").decode(errors="replace")
-        if text:
-            raise WorkdirLockedError(text)
+        # Every process learns every process's outcome, so all of them stop with the same error
+        # before any collective of the run (a process that failed alone used to leave the others
+        # waiting in their first collective, to abort with a message about a lost peer).
+        gathered = np.asarray(multihost_utils.process_allgather(buffer)).reshape(-1, _MESSAGE_BYTES)
+        for process, row in enumerate(gathered.astype(np.uint8)):
+            text = row.tobytes().rstrip(b"\0").decode("utf-8", "replace")
+            if text:
+                self.lock.release()
+                if error is not None and process == jax.process_index():
+                    raise error
+                raise WorkdirLockedError(f"process {process}: {text}")  # another process's failure
         return self
 
     def __exit__(self, *exc):
@@ -106,12 +117,16 @@ class _HeldByProcessZero:
 _MESSAGE_BYTES = 1024
 
 
-def lock_workdir(workdir: str, purpose: str = "training"):
-    """`with lock_workdir(workdir): ...` — the workdir's lock for this job. One process: a
-    WorkdirLock. Several (a multi-host job): process 0 holds the lock, and every process raises the
-    same WorkdirLockedError if it could not be taken."""
+def lock_workdir(workdir: str, purpose: str = "training", check=None):
+    """`with lock_workdir(workdir, check=...): ...` — the workdir's lock for this job, after
+    `check()` (e.g. that the workdir is writable) ran on every process. One process: a WorkdirLock.
+    Several (a multi-host job): process 0 holds the lock, and if the check failed on any process or
+    the lock could not be taken, every process raises that error (the others prefixed with the
+    process it came from)."""
     import jax
 
     if jax.process_count() == 1:
+        if check is not None:
+            check()
         return WorkdirLock(workdir, purpose)
-    return _HeldByProcessZero(workdir, purpose)
+    return _HeldByProcessZero(workdir, purpose, check)

@@ -335,13 +335,14 @@ def test_a_step_unreadable_on_one_process_only_is_an_error_on_every_process(env,
 
 
 @pytest.mark.slow
-def test_a_workdir_in_use_is_the_same_one_line_error_on_every_process(env, tmp_path):
+@pytest.mark.parametrize("name", ["run", "run\udcff"])  # the second: a workdir whose name is not UTF-8
+def test_a_workdir_in_use_is_the_same_one_line_error_on_every_process(env, tmp_path, name):
     """Another run holds the workdir's lock. Process 0 alone took the lock and failed; process 1
     failed later at its first collective with an "unexpected" gloo error about its peer. Now every
     process learns process 0's outcome and exits 2 naming the holder."""
     import fcntl
 
-    workdir = tmp_path / "run"
+    workdir = tmp_path / name
     workdir.mkdir()
     with open(workdir / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -350,9 +351,9 @@ def test_a_workdir_in_use_is_the_same_one_line_error_on_every_process(env, tmp_p
         with _train(env, tmp_path, "locked", workdir, 2, 1) as run:
             rcs = run.wait(120)
     assert rcs == [2, 2], _fail_msg(run, rcs)
-    for i in range(2):
+    for i, prefix in enumerate(("error: workdir", "error: process 0: workdir")):
         last = run.stderr(i).strip().splitlines()[-1]
-        assert last.startswith("error: workdir") and "is in use by another run (PID 4242 on host elsewhere" in last, last
+        assert last.startswith(prefix) and "is in use by another run (PID 4242 on host elsewhere" in last, last
 
 
 @pytest.mark.slow
@@ -370,3 +371,48 @@ def test_a_diverged_multi_process_run_keeps_its_tensorboard_events(env, tmp_path
     assert "diverged" in run.stderr(0).strip().splitlines()[-1]
     events = list((workdir / "tensorboard").glob("events.out.tfevents*"))
     assert events and sum(e.stat().st_size for e in events) > 500, [(e.name, e.stat().st_size) for e in events]
+
+
+_CHECK_FAILS_ON_PROCESS_0 = r'''
+import sys
+from siamese_jax import config_check
+real = config_check.check_workdir
+def check_workdir(workdir):  # as on a host whose mount of the workdir is read-only
+    import jax
+    if jax.process_index() == 0:
+        raise config_check.ConfigError(f"workdir {workdir}: not writable (Read-only file system)")
+    return real(workdir)
+config_check.check_workdir = check_workdir
+from siamese_jax.cli import evaluate
+evaluate.run()
+'''
+
+
+@pytest.mark.slow
+def test_a_workdir_check_failing_on_one_host_only_is_one_error_on_every_process(env, tmp_path):
+    """`siamese-evaluate` as 2 processes; the workdir is not writable from process 0's host only.
+    Process 0 failed alone and process 1 aborted (exit 134) in the collective that followed; now
+    every process checks, the outcomes are gathered, and both exit 2 naming the failure."""
+    from siamese_jax.configs import default
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(default.get_config("mnist").to_json_best_effort())
+    script = tmp_path / "evaluate_read_only_on_0.py"
+    script.write_text(_CHECK_FAILS_ON_PROCESS_0)
+    port = _free_port()
+    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO)
+    procs = [subprocess.Popen([sys.executable, str(script), f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+                               "--num_processes=2", f"--process_id={i}"], cwd=REPO, env=e,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("hung")
+    rcs = [p.returncode for p in procs]
+    assert rcs == [2, 2], (rcs, [o[1][-1500:] for o in outs])
+    last = [o[1].strip().splitlines()[-1] for o in outs]
+    assert last[0] == f"error: workdir {workdir}: not writable (Read-only file system)", last
+    assert last[1] == f"error: process 0: workdir {workdir}: not writable (Read-only file system)", last

@@ -62,9 +62,9 @@ def main(argv):
     # it (process 0, the one that writes).
     lock = contextlib.nullcontext()
     if FLAGS.write:
-        if process == 0:
-            config_check.check_workdir(workdir)
-        lock = lock_workdir(workdir, purpose="evaluation")  # every process learns whether it was taken
+        # Every process checks the workdir and every process learns every outcome (a check on process
+        # 0 alone left process 1 waiting in a collective for a peer that had already failed).
+        lock = lock_workdir(workdir, purpose="evaluation", check=lambda: config_check.check_workdir(workdir))
     # The training's own timings are not the evaluation's to measure: kept from the results.json they
     # were written to (re-evaluating dropped them, and export then recorded them as None).
     trained = {}
