@@ -111,6 +111,8 @@ def _comparable(value):
     import ast
 
     if isinstance(value, str):
+        if value.strip().lower() in ("true", "false", "t", "f"):  # as absl parses a boolean override
+            return value.strip().lower() in ("true", "t")
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -327,7 +329,7 @@ def main(argv):
     if FLAGS.quick:
         seeds, steps = seeds[:1], 300
     out = FLAGS.out
-    if FLAGS.quick and out == QUICK_OUT_FROM:
+    if FLAGS.quick and not FLAGS["out"].present:
         out = QUICK_OUT  # the smoke run's numbers mean nothing: never in the real sweep's directory
     for e in FLAGS.extra:
         if "=" not in e:

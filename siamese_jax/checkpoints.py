@@ -210,60 +210,54 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target, weights_only
 _STRUCTURE_MISMATCH = "tree structures do not match"
 
 
+def _move_aside(manager, step: int, aside_dir: str) -> str:
+    """Moves an unreadable step aside (process 0 only); '; moved to ...' or why it could not be."""
+    if jax.process_index() != 0:
+        return ""
+    try:
+        return f"; moved to {move_step_aside(manager, step, aside_dir, os.path.basename(str(manager.directory)))}"
+    except OSError as move_error:
+        return f"; could not move it aside ({_one_line(move_error)})"
+
+
 def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unreadable_to: Optional[str] = None,
                             weights_only: bool = False):
     """Tries the steps newest first; a truncated or corrupt step is skipped with one warning line
     naming it (and moved into `move_unreadable_to` if given, so that it is saved afresh later).
 
     With `move_unreadable_to` and several processes (a training run resuming), every process takes
-    part in one barrier and one all-gather of the step it restored, and they must agree."""
+    part in one all-gather of the step it restored, and they must agree before anything is moved:
+    a step that one process could not read (a transient error there) stays where it is."""
     steps = sorted(manager.all_steps(), reverse=True)
     collective = move_unreadable_to is not None and jax.process_count() > 1
-    moved = False
-    restored = None  # (step, (state, meta))
-    try:
-        for i, step in enumerate(steps):
-            # Shapes first, from the step's small metadata file: a restore into the wrong shapes
-            # fails deep in tensorstore and leaves coroutines that print pages of tracebacks at exit.
-            mismatch = _shape_mismatch(manager, step, target)
-            if mismatch:  # not damage: this workdir belongs to another model, leave it alone
+    restored, unreadable, moved = None, [], False  # (step, (state, meta)); failed steps (several processes)
+    for i, step in enumerate(steps):
+        # Shapes first, from the step's small metadata file: a restore into the wrong shapes
+        # fails deep in tensorstore and leaves coroutines that print pages of tracebacks at exit.
+        mismatch = _shape_mismatch(manager, step, target)
+        if mismatch:  # not damage: this workdir belongs to another model, leave it alone
+            raise CheckpointError(
+                f"checkpoint step {step} in {manager.directory} was written by a different model "
+                f"({mismatch}); use that run's config or another workdir")
+        try:
+            with quiet_event_loop_tracebacks(grace_seconds=0.3):
+                restored = step, restore_step(manager, step, target, weights_only)
+            break
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            if _STRUCTURE_MISMATCH in str(e):  # not damage either: another optimizer state
                 raise CheckpointError(
-                    f"checkpoint step {step} in {manager.directory} was written by a different model "
-                    f"({mismatch}); use that run's config or another workdir")
-            try:
-                with quiet_event_loop_tracebacks(grace_seconds=0.3):
-                    restored = step, restore_step(manager, step, target, weights_only)
-                break
-            except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                if _STRUCTURE_MISMATCH in str(e):  # not damage either: another optimizer state
-                    raise CheckpointError(
-                        f"checkpoint step {step} in {manager.directory} holds another state structure than "
-                        f"this config's (a different optimizer config: weight_decay, ema_decay, ...); use "
-                        f"that run's config or another workdir") from None
-                older = steps[i + 1] if i + 1 < len(steps) else None
-                where = ""
-                if move_unreadable_to is not None and jax.process_index() == 0:
-                    try:
-                        where = f"; moved to {move_step_aside(manager, step, move_unreadable_to, os.path.basename(str(manager.directory)))}"
-                        moved = True
-                    except OSError as move_error:
-                        where = f"; could not move it aside ({_one_line(move_error)})"
-                log.warning("checkpoint step %d in %s is unreadable (%s)%s; %s", step, manager.directory,
-                            _one_line(e), where,
-                            f"falling back to step {older}" if older is not None else "no older checkpoint")
-    finally:
-        if collective:
-            # Only process 0 moves a step aside; every process's manager must then forget it, or the
-            # next save of that step number is skipped where the step is still listed, and process 0
-            # waits for the others in orbax's barrier for ever. Every process meets here, whether or
-            # not it read a damaged step itself: a read error on one host only (a transient one) used
-            # to leave that process alone in this barrier.
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"siamese_jax: unreadable steps moved aside in {manager.directory}")
-            manager.reload()
-        elif moved:
-            manager.reload()
+                    f"checkpoint step {step} in {manager.directory} holds another state structure than "
+                    f"this config's (a different optimizer config: weight_decay, ema_decay, ...); use "
+                    f"that run's config or another workdir") from None
+            older = steps[i + 1] if i + 1 < len(steps) else None
+            where = ""
+            if move_unreadable_to is not None and not collective:  # one process: moved at once
+                where = _move_aside(manager, step, move_unreadable_to)
+                moved = moved or where.startswith("; moved")
+            else:
+                unreadable.append(step)  # several: moved once the processes agree (below)
+            log.warning("checkpoint step %d in %s is unreadable (%s)%s; %s", step, manager.directory, _one_line(e),
+                        where, f"falling back to step {older}" if older is not None else "no older checkpoint")
     if collective:
         from jax.experimental import multihost_utils
 
@@ -273,7 +267,22 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
                 f"the processes read different checkpoint steps in {manager.directory} "
                 f"({', '.join(f'process {p}: {s if s >= 0 else None}' for p, s in enumerate(each.tolist()))}): "
                 f"a step unreadable on one host only (a transient read error, or hosts that see different "
-                f"files); run again, and check that every host sees the same workdir")
+                f"files); nothing was moved aside: run again, and check that every host sees the same workdir")
+    if collective:
+        # Agreed: the steps newer than the restored one failed on every process. Only process 0
+        # moves them aside; every process's manager must then forget them, or the next save of that
+        # step number is skipped where the step is still listed, and process 0 waits for the others
+        # in orbax's barrier for ever.
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            for step in unreadable:
+                log.warning("checkpoint step %d in %s is unreadable on every process%s", step, manager.directory,
+                            _move_aside(manager, step, move_unreadable_to))
+        multihost_utils.sync_global_devices(f"siamese_jax: unreadable steps moved aside in {manager.directory}")
+        manager.reload()
+    elif moved:
+        manager.reload()
     if restored is not None:
         return restored[1]
     if steps:

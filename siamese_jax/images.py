@@ -95,10 +95,7 @@ def as_gray(image) -> np.ndarray:
     a = np.asarray(image)
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 2, 3, 4)):
         raise ImageError(f"array of shape {a.shape} is not an image (expected [H, W] or [H, W, C], C = 1 to 4)")
-    a = a.astype(np.float32)
-    if a.max(initial=0) > 1.0:  # 8- or 16-bit values
-        a = a / (65535.0 if a.max() > 255 else 255.0)
-    a = np.clip(a, 0, 1)
+    a = _unit_range(a)
     if a.ndim == 3:
         # As a PIL image of the same pixels reads (`_to_gray_float`): ITU-R 601 luma, and the
         # transparency of gray + alpha (C = 2) or RGBA (C = 4) composited onto white.
@@ -106,6 +103,23 @@ def as_gray(image) -> np.ndarray:
         gray = colour[..., 0] if colour.shape[-1] == 1 else colour @ np.float32([0.299, 0.587, 0.114])
         a = gray if alpha is None else gray * alpha + (1.0 - alpha)
     return ink_bright(np.clip(a, 0, 1).astype(np.float32))
+
+
+def _unit_range(a: np.ndarray) -> np.ndarray:
+    """Pixel values -> float32 in [0, 1], by the array's type: uint8 / 255 and uint16 / 65535 (as PIL
+    reads those files, so a dark 16-bit image stays dark); a 0/1 mask and floats in [0, 1] as they
+    are, a resize's overshoot past 1 clipped (it used to be divided by 255: a blank image); other
+    integer types and floats well above 1 by their range (≤ 255: 8-bit values, else 16-bit)."""
+    peak = a.max(initial=0)
+    if a.dtype == np.bool_ or peak <= 1 or (np.issubdtype(a.dtype, np.floating) and peak <= 1.5):
+        top = 1.0  # a 0/1 mask of any type, or floats in [0, 1]
+    elif a.dtype in (np.uint8, np.int8):
+        top = 255.0
+    elif a.dtype in (np.uint16, np.int16):
+        top = 65535.0
+    else:
+        top = 65535.0 if peak > 255.5 else 255.0
+    return np.clip(a.astype(np.float32) / np.float32(top), 0, 1)
 
 
 def prepare(images: Union[Sequence, np.ndarray], size: int) -> np.ndarray:

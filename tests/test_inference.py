@@ -143,6 +143,18 @@ def test_image_modes_give_the_same_embedding(model, eval_pngs, tmp_path):
     for name in ("la.png", "rgba.png", "rgb.png"):
         img = Image.open(tmp_path / name)
         np.testing.assert_allclose(model.embed(np.asarray(img)), model.embed(img), atol=1e-5, err_msg=name)
+    # Values are read by the array's type, as PIL reads the file: a dark 16-bit image stays dark
+    # (it was divided by 255, 257x too bright), and floats in [0, 1] whose resize overshot 1 a
+    # little are not divided by 255 (a blank image).
+    from siamese_jax import images as images_lib
+
+    dark16 = (np.asarray(gray, np.uint16) // 2)  # values <= 127 in a 16-bit image
+    np.testing.assert_allclose(images_lib.as_gray(dark16), images_lib.as_gray(Image.fromarray(dark16)), atol=1e-6)
+    unit = np.asarray(gray, np.float32) / 255.0
+    overshoot = unit.copy()
+    overshoot[0, 0] = 1.0001
+    np.testing.assert_allclose(images_lib.as_gray(overshoot), images_lib.as_gray(unit), atol=1e-3)
+    np.testing.assert_allclose(images_lib.as_gray(unit), images_lib.as_gray(np.asarray(gray)), atol=1e-6)
     # A JAX array is an array, not a sequence of rows (an RGB jax.Array gave 105 rows).
     import jax.numpy as jnp
 

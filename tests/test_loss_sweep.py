@@ -97,6 +97,8 @@ def test_a_run_with_other_settings_in_out_is_an_error_not_averaged_in(tmp_path, 
     (workdir / "config.json").write_text(json.dumps(config))
     same = ls.run_overrides("omniglot", "batch_hard", 0, 3000, quick=False)
     ls.check_workdir_matches(str(workdir), "omniglot", same, ["widths=(8,8)", "margins.batch_hard=0.5"])
+    # Spelled as absl accepts it: `augment=false` is config.json's false (it was a false mismatch).
+    ls.check_workdir_matches(str(workdir), "omniglot", same, ["augment=false", "plots=False"])
     for overrides, extra, needle in ((ls.run_overrides("omniglot", "batch_hard", 0, 300, quick=True), [], "num_steps=3000 (this sweep: 300)"),
                                      (same, ["margins.batch_hard=0.3"], "margins.batch_hard=0.5 (this sweep: '0.3')"),
                                      (same, ["widths=(16,16)"], "widths=[8, 8]")):
@@ -119,3 +121,16 @@ def test_help_exits_0_and_lists_the_rows():
     r = subprocess.run([sys.executable, "-m", "experiments.loss_sweep", "--rows=nonsense"], cwd=repo,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --rows: unknown nonsense")
+
+
+def test_quick_honours_an_explicit_out(tmp_path):
+    """--quick writes to runs/loss_sweep_quick unless --out is given, even --out=runs/loss_sweep."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "experiments.loss_sweep", "--quick", "--report_only",
+                        "--out=runs/loss_sweep"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=repo),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wrote runs/loss_sweep/sweep.json" in r.stdout and (tmp_path / "runs" / "loss_sweep" / "sweep.json").exists()

@@ -278,7 +278,7 @@ _FLAKY_RESTORE = r'''
 import sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-address, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+address, pid, workdir, failing = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 jax.distributed.initialize(address, 2, pid)
 import jax.numpy as jnp
 from siamese_jax import checkpoints as C, models, parallel, train_step as ts
@@ -295,8 +295,8 @@ for step in (1, 2):
     ck.wait()
 ck.close()
 real = C.restore_step
-def flaky(manager, step, target, weights_only=False):  # a read error on process 1 only
-    if pid == 1 and step == 2:
+def flaky(manager, step, target, weights_only=False):  # a read error on one process only
+    if pid == failing and step == 2:
         raise OSError("injected transient read error")
     return real(manager, step, target, weights_only)
 C.restore_step = flaky
@@ -311,16 +311,20 @@ ck.close()
 
 
 @pytest.mark.slow
-def test_a_step_unreadable_on_one_process_only_is_an_error_on_every_process(env, tmp_path):
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_step_unreadable_on_one_process_only_is_an_error_on_every_process(env, tmp_path, failing):
     """Process 1 cannot read the newest step (a transient error) while process 0 can. Process 1 used
     to fall back to the older step and then wait alone in the barrier meant for moved-aside steps (a
     hang); had it not waited, the two would have trained on from different states. Now every process
-    meets in that barrier and they compare the step each restored: one CheckpointError everywhere."""
+    meets in that barrier and they compare the step each restored: one CheckpointError everywhere.
+    With the error on process 0, the step process 1 read used to be moved aside before the
+    comparison, so "run again" lost it: nothing is moved until the processes agree."""
     script = tmp_path / "flaky_restore.py"
     script.write_text(_FLAKY_RESTORE)
     port = _free_port()
     e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO)  # this checkout
-    procs = [subprocess.Popen([sys.executable, str(script), f"localhost:{port}", str(i), str(tmp_path / "run")],
+    procs = [subprocess.Popen([sys.executable, str(script), f"localhost:{port}", str(i), str(tmp_path / "run"),
+                               str(failing)],
                               cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     try:
@@ -331,7 +335,9 @@ def test_a_step_unreadable_on_one_process_only_is_an_error_on_every_process(env,
         pytest.fail("hung: a process waited alone in the restore barrier")
     for i, (out, err) in enumerate(outs):
         assert "ERROR the processes read different checkpoint steps" in out, f"process {i}:\n{out}\n{err[-2000:]}"
-        assert "process 0: 2, process 1: 1" in out
+        assert ("process 0: 2, process 1: 1" if failing == 1 else "process 0: 1, process 1: 2") in out
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
+    assert not (tmp_path / "run" / "unreadable").exists()
 
 
 @pytest.mark.slow
