@@ -341,13 +341,21 @@ def restore_from_directory(directory: str, target, step: Optional[int] = None, w
         manager.close()
 
 
+def saved_steps(directory: str) -> list[int]:
+    """The step numbers saved in a `checkpoints/` or `best/` directory (its numbered folders), sorted;
+    [] when it does not exist. Read from the directory listing, without opening a manager."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
 def restore_first_readable(directories: Iterable[str], target):
     """(state, meta, directory) from the first of `directories` that holds a readable checkpoint:
     e.g. `best/`, then `checkpoints/`. A directory with only unreadable steps is one warning line."""
     directories = list(directories)
     tried = []
     for directory in directories:
-        if not (os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))):
+        if not saved_steps(directory):
             continue
         try:
             state, meta = restore_from_directory(directory, target)

@@ -91,8 +91,7 @@ def checkpoint_location(workdir: str, which: str) -> tuple[Optional[str], Option
         for kind in ("best", "checkpoints"):
             if os.path.isdir(os.path.join(workdir, kind, str(int(which)))):
                 return os.path.join(workdir, kind), int(which)
-        have = sorted({int(d) for kind in ("best", "checkpoints") if os.path.isdir(os.path.join(workdir, kind))
-                       for d in os.listdir(os.path.join(workdir, kind)) if d.isdigit()})
+        have = sorted({s for kind in ("best", "checkpoints") for s in ckpt_lib.saved_steps(os.path.join(workdir, kind))})
         raise ckpt_lib.CheckpointError(f"no checkpoint of step {int(which)} in {workdir} (steps there: "
                                        f"{', '.join(map(str, have)) or 'none'})")
     path = os.path.normpath(which)

@@ -175,11 +175,6 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool)
             raise divergence.stop_diverged_run(e, config, workdir) from None
 
 
-def _has_checkpoint(workdir: str) -> bool:
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
-
-
 # Keys a resumed run may change without changing what it trains (where data is, how often it logs).
 # `val_alphabet_names` is not compared here: `_keep_the_runs_split` keeps a resumed run's held-out
 # alphabets (naming them in config.json) and refuses any change of them.
@@ -222,7 +217,7 @@ def _keep_the_runs_split(config, workdir: str, training_split) -> None:
     keeps its own split, named in config.json from then on; so does a run whose config.json names its
     alphabets, resumed by a command that names none (the same command, after that first resume).
     Asking for other held-out alphabets on resume is refused."""
-    if config.dataset != "omniglot" or not _has_checkpoint(workdir):
+    if config.dataset != "omniglot" or not ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")):
         return
     previous = _previous_config(workdir)  # None: nothing to compare against
     if previous is None or previous.get("dataset") != "omniglot" or "val_alphabets" not in previous:
@@ -232,8 +227,8 @@ def _keep_the_runs_split(config, workdir: str, training_split) -> None:
     now = ip.held_out_alphabet_names(config, training_split)
     if before == now:
         return
-    asks_for_none = not config.get("val_alphabet_names", "") and config.val_alphabets == previous.val_alphabets
-    if asks_for_none and (previous.get("val_alphabet_names", None) is None or previous.val_alphabet_names):
+    # The command names no alphabets (and keeps the count): the run's own split, whichever rule made it.
+    if not config.get("val_alphabet_names", "") and config.val_alphabets == previous.val_alphabets:
         if previous.get("val_alphabet_names", None) is None:
             log.warning("%s was started before 2026-12-04 (its config.json has no val_alphabet_names): resuming "
                         "with its own validation alphabets %s", workdir, ", ".join(before))

@@ -615,23 +615,28 @@ def test_evaluate_checkpoint_names_a_step_of_the_workdir_not_a_path_in_the_curre
         embedding.load_workdir_model(config, str(workdir), "elsewhere")
 
 
-def test_checkpoint_of_another_model_is_an_error_and_left_alone(tmp_path):
-    """Not damage: the same workdir re-run with another encoder. Moving the steps aside would throw
-    the other run's work away; the message says what differs."""
-    config = _tiny_config()
-    (s1,), _ = _states(config, 1)
+def _restore_one_step_with(tmp_path, other, message):
+    """One step of the tiny config saved in `tmp_path`, restored with the config `other`: a
+    CheckpointError matching `message`, and the step left where it was (nothing moved aside)."""
+    (s1,), _ = _states(_tiny_config(), 1)
     ck = C.Checkpoints(str(tmp_path))
     ck.save(s1, {})
     ck.close()
-    other = _tiny_config()
-    other.widths = (8, 16)
     _, other_fresh = _states(other, 0)
     ck = C.Checkpoints(str(tmp_path))
-    with pytest.raises(C.CheckpointError, match=r"checkpoint step 1 .* was written by a different model "
-                                                r"\(params/.* is \(.*\) in the checkpoint, \(.*\) for this config\)"):
+    with pytest.raises(C.CheckpointError, match=message):
         ck.restore_latest(other_fresh)
     ck.close()
     assert os.listdir(tmp_path / "checkpoints") == ["1"] and not (tmp_path / "unreadable").exists()
+
+
+def test_checkpoint_of_another_model_is_an_error_and_left_alone(tmp_path):
+    """Not damage: the same workdir re-run with another encoder. Moving the steps aside would throw
+    the other run's work away; the message says what differs."""
+    other = _tiny_config()
+    other.widths = (8, 16)
+    _restore_one_step_with(tmp_path, other, r"checkpoint step 1 .* was written by a different model "
+                                            r"\(params/.* is \(.*\) in the checkpoint, \(.*\) for this config\)")
 
 
 @pytest.mark.parametrize("change", ["weight_decay", "ema_decay"])
@@ -640,22 +645,12 @@ def test_checkpoint_of_another_optimizer_state_is_an_error_and_left_alone(tmp_pa
     or the weight average's): orbax's "tree structures do not match" is a config mismatch, not
     damage. It used to be read as damage, so every step was moved aside and the next run started
     again from step 0."""
-    config = _tiny_config()
-    (s1,), _ = _states(config, 1)
-    ck = C.Checkpoints(str(tmp_path))
-    ck.save(s1, {})
-    ck.close()
     other = _tiny_config()
     other[change] = 1e-4 if change == "weight_decay" else 0.99
-    _, other_fresh = _states(other, 0)
-    ck = C.Checkpoints(str(tmp_path))
-    with pytest.raises(C.CheckpointError, match=r"checkpoint step 1 .* holds another state structure than this "
-                                                r"config's \(a different optimizer config"):
-        ck.restore_latest(other_fresh)
-    ck.close()
-    assert os.listdir(tmp_path / "checkpoints") == ["1"] and not (tmp_path / "unreadable").exists()
+    _restore_one_step_with(tmp_path, other, r"checkpoint step 1 .* holds another state structure than this "
+                                            r"config's \(a different optimizer config")
     ck = C.Checkpoints(str(tmp_path))  # the run's own config still resumes
-    state, _ = ck.restore_latest(_states(config, 0)[1])
+    state, _ = ck.restore_latest(_states(_tiny_config(), 0)[1])
     ck.close()
     assert int(state.step) == 1
 

@@ -274,6 +274,24 @@ def test_one_failed_process_ends_the_job_within_seconds(env, tmp_path):
     assert "Barrier timed out" not in run.stderr(0) + run.stderr(1)
 
 
+def _two_processes_of_script(source, argv_of, env, tmp_path, timeout):
+    """`source` written to a file and run as 2 processes of 1 CPU device each, with this checkout's
+    code; argv_of(process, port) is each one's arguments. Returns (exit codes, [(stdout, stderr)])."""
+    script = tmp_path / "two_process_script.py"
+    script.write_text(source)
+    port = _free_port()
+    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO)
+    procs = [subprocess.Popen([sys.executable, str(script), *argv_of(i, port)], cwd=REPO, env=e,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"hung: killed both processes after {timeout} s")
+    return [p.returncode for p in procs], outs
+
+
 _FLAKY_RESTORE = r'''
 import sys
 import jax
@@ -319,20 +337,9 @@ def test_a_step_unreadable_on_one_process_only_is_an_error_on_every_process(env,
     meets in that barrier and they compare the step each restored: one CheckpointError everywhere.
     With the error on process 0, the step process 1 read used to be moved aside before the
     comparison, so "run again" lost it: nothing is moved until the processes agree."""
-    script = tmp_path / "flaky_restore.py"
-    script.write_text(_FLAKY_RESTORE)
-    port = _free_port()
-    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO)  # this checkout
-    procs = [subprocess.Popen([sys.executable, str(script), f"localhost:{port}", str(i), str(tmp_path / "run"),
-                               str(failing)],
-                              cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=150) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("hung: a process waited alone in the restore barrier")
+    _, outs = _two_processes_of_script(
+        _FLAKY_RESTORE, lambda i, port: [f"localhost:{port}", str(i), str(tmp_path / "run"), str(failing)],
+        env, tmp_path, timeout=150)
     for i, (out, err) in enumerate(outs):
         assert "ERROR the processes read different checkpoint steps" in out, f"process {i}:\n{out}\n{err[-2000:]}"
         assert ("process 0: 2, process 1: 1" if failing == 1 else "process 0: 1, process 1: 2") in out
@@ -404,20 +411,9 @@ def test_a_workdir_check_failing_on_one_host_only_is_one_error_on_every_process(
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(default.get_config("mnist").to_json_best_effort())
-    script = tmp_path / "evaluate_read_only_on_0.py"
-    script.write_text(_CHECK_FAILS_ON_PROCESS_0)
-    port = _free_port()
-    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO)
-    procs = [subprocess.Popen([sys.executable, str(script), f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
-                               "--num_processes=2", f"--process_id={i}"], cwd=REPO, env=e,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("hung")
-    rcs = [p.returncode for p in procs]
+    rcs, outs = _two_processes_of_script(
+        _CHECK_FAILS_ON_PROCESS_0, lambda i, port: [f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+                                                    "--num_processes=2", f"--process_id={i}"], env, tmp_path, timeout=120)
     assert rcs == [2, 2], (rcs, [o[1][-1500:] for o in outs])
     last = [o[1].strip().splitlines()[-1] for o in outs]
     assert last[0] == f"error: workdir {workdir}: not writable (Read-only file system)", last
