@@ -46,9 +46,7 @@ class MetricsWriter:
         if every_step and step % self.tensorboard_every_steps:
             return
         if self._tb is None:
-            from tensorboardX import SummaryWriter  # lazy: protobuf import cost only when training
-
-            self._tb = SummaryWriter(self._tb_dir, flush_secs=10)
+            self._tb = _summary_writer_class()(self._tb_dir, flush_secs=10)
         for k, v in scalars.items():
             self._tb.add_scalar(k, v, int(step))
 
@@ -56,3 +54,22 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported lazily (protobuf's import cost only when training) and
+    without PyTorch: tensorboardX imports torch at module level when it is installed (the `bench`
+    extra, CI), only to accept torch tensors, which nothing here passes; that import was ~1 s of every
+    training's start-up. `None` in `sys.modules` makes `import torch` raise ImportError, which
+    tensorboardX catches; the entry is removed at once, so a later `import torch` works as usual."""
+    import sys
+
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter

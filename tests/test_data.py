@@ -658,3 +658,21 @@ def test_auto_source_without_tfds_says_what_is_missing_where(tmp_path, monkeypat
     (tmp_path / "root" / "omniglot").mkdir(parents=True)
     with pytest.raises(data.DataError, match=r"missing images_background.zip in .*root/omniglot"):
         data.load("omniglot", "background", archive_dir=tmp_path / "root", cache_dir=tmp_path / "c")
+
+
+def test_rotated_classes_are_each_image_turned_by_k_quarter_turns_as_class_4l_plus_k():
+    from siamese_jax.data.dataset import ImageDataset
+    from siamese_jax.input_pipeline import with_rotated_classes
+
+    rng = np.random.default_rng(0)
+    ds = ImageDataset(images=rng.integers(0, 256, (5, 7, 7), dtype=np.uint8), labels=np.array([3, 0, 3, 1, 2], np.int32),
+                      name="omniglot", split="background", alphabets=np.array([0, 0, 0, 1, 1], np.int32),
+                      alphabet_names=("a", "b"), drawers=np.arange(1, 6, dtype=np.int32))
+    out = with_rotated_classes(ds)
+    assert len(out) == 20 and out.images.flags.c_contiguous
+    for k in range(4):
+        for i in range(5):
+            np.testing.assert_array_equal(out.images[5 * k + i], np.rot90(ds.images[i], k))  # counter-clockwise
+            assert out.labels[5 * k + i] == 4 * ds.labels[i] + k
+            assert (out.alphabets[5 * k + i], out.drawers[5 * k + i]) == (ds.alphabets[i], ds.drawers[i])
+    assert out.labels.dtype == np.int32

@@ -46,3 +46,22 @@ def test_resume_after_a_torn_last_line_keeps_the_next_record(tmp_path):
     writer.close()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 12))
+
+
+def test_the_tensorboard_writer_does_not_import_pytorch(tmp_path):
+    # tensorboardX imports torch at module level when it is installed (~1 s of every training's start);
+    # the writer keeps it out, and torch stays importable after.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, importlib.util\n"
+        "from siamese_jax.metrics_writer import MetricsWriter\n"
+        f"w = MetricsWriter({str(tmp_path)!r}); w.write(1, {{'loss': 1.0}}); w.close()\n"
+        "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)[:5]\n"
+        "if importlib.util.find_spec('torch') is not None:\n"
+        "    import torch; torch.zeros(1)\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tensorboard").iterdir())
