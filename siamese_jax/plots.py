@@ -356,11 +356,19 @@ def plot_neighbours(path: str, query_path: str, neighbour_paths: Sequence[str], 
     from matplotlib import rc_context
     from PIL import Image
 
+    from PIL import ImageOps
+
     def thumbnail(p):
-        with Image.open(p) as img:
-            img = img.convert("RGBA")
-            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            return np.asarray(Image.alpha_composite(white, img).convert("RGB"))
+        """The file as a viewer shows it (EXIF orientation applied, transparency on white); a file gone
+        or unreadable since it was indexed is a grey tile, its name below it (the ranks are printed)."""
+        try:
+            with Image.open(p) as img:
+                img = ImageOps.exif_transpose(img)
+                img = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")
+                white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                return np.asarray(Image.alpha_composite(white, img).convert("RGB"))
+        except (OSError, ValueError, SyntaxError):
+            return np.full((8, 8, 3), 200, np.uint8)
 
     with rc_context(_RC):
         n = len(neighbour_paths)

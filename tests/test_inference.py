@@ -387,3 +387,107 @@ def test_list_images_follows_linked_folders_once_and_names_an_unreadable_one(tmp
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(img_lib.ImageError, match=r"data/a: cannot list this folder \(Permission denied\)"):
         img_lib.list_images(str(root))
+
+
+def _glyphs(eval_pngs, n=2):
+    """The first drawing of the first `n` characters: binary ink-bright float arrays."""
+    folders = sorted(p for p in eval_pngs.iterdir() if p.is_dir())[:n]
+    return [img_lib.read_image(str(sorted(f.glob("*.png"))[0])) for f in folders]
+
+
+def test_paper_and_ink_levels_are_stretched_so_a_grey_scan_reads_as_the_clean_drawing(model, eval_pngs):
+    # A scan's off-white paper used to reach the network as a grey field: two different characters on
+    # paper at 0.9 were 2.7 apart, below the shipped threshold (the clean drawings: > 6).
+    a, b = _glyphs(eval_pngs)
+    assert set(np.unique(a)) == {0.0, 1.0}  # Omniglot's PNGs are binary: unchanged by the stretch
+    np.testing.assert_array_equal(img_lib.as_gray(a), a)
+    variants = {
+        "off-white paper, grey ink": lambda g: 0.9 - 0.8 * g,          # dark on light, inverted
+        "chalk on a blackboard": lambda g: 0.25 + 0.6 * g,             # light on dark, kept
+        "faint pencil": lambda g: 1.0 - 0.15 * g,
+    }
+    clean = model.embed([a, b])
+    for name, look in variants.items():
+        for g, e in ((a, clean[0]), (b, clean[1])):
+            np.testing.assert_allclose(img_lib.as_gray(look(g).astype(np.float32)), g, atol=1e-5, err_msg=name)
+            assert np.linalg.norm(model.embed([look(g)])[0] - e) < 0.05, name
+        assert model.compare(look(a), look(b)).distance > model.calibration.threshold, name
+    # Speckled noise does not set the ink level: a 99th percentile of the ink pixels does.
+    noisy = 0.9 - 0.8 * a
+    noisy[0, 0] = 0.0
+    np.testing.assert_allclose(img_lib.as_gray(noisy)[1:, 1:], a[1:, 1:], atol=1e-5)
+    # A blank page stays blank (no noise stretched into strokes).
+    page = np.full((50, 50), 0.93, np.float32)
+    page[10, 10] = 0.92
+    assert img_lib.as_gray(page).max() < 0.05
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_the_file(eval_pngs, tmp_path):
+    upright_path = sorted(sorted(p for p in eval_pngs.iterdir() if p.is_dir())[0].glob("*.png"))[0]
+    with Image.open(upright_path) as img:
+        upright = img.convert("L")
+    # A phone stores the pixels sideways and says "rotate 90° clockwise to view" (Orientation 6).
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for name, kwargs in (("sideways.png", {}), ("sideways.jpg", {"quality": 100})):
+        stored.save(tmp_path / name, exif=exif, **kwargs)
+        expected = img_lib.read_image(str(upright_path))
+        got = img_lib.read_image(str(tmp_path / name))
+        assert got.shape == expected.shape
+        assert np.mean(np.abs(got - expected)) < 0.02, name
+        with Image.open(tmp_path / name) as img:  # a PIL image the user opened: the same
+            np.testing.assert_allclose(img_lib.as_gray(img), got, atol=1e-6)
+
+
+def test_premultiplied_alpha_modes_read_like_their_plain_modes():
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[5:15, 8:12] = (0, 0, 0, 255)  # black ink on a transparent page
+    plain = img_lib.as_gray(Image.fromarray(rgba, "RGBA"))
+    assert plain[10, 10] == 1.0 and plain[0, 0] == 0.0
+    np.testing.assert_allclose(img_lib.as_gray(Image.fromarray(rgba, "RGBA").convert("RGBa")), plain, atol=1e-6)
+    np.testing.assert_allclose(img_lib.as_gray(Image.fromarray(rgba, "RGBA").convert("LA").convert("La")), plain, atol=1e-6)
+
+
+def test_a_photo_sized_image_is_resized_when_read_to_the_same_pixels(model):
+    rng = np.random.default_rng(0)
+    photos = [(rng.random((900, 700)) > 0.97).astype(np.float32) for _ in range(2)]
+    small = [(rng.random((60, 60)) > 0.9).astype(np.float32)]
+    from siamese_jax.augment import resize_uint8
+
+    got = img_lib.prepare(photos + small, model.image_size)
+    u8 = lambda g: np.round(img_lib.as_gray(g) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(got[:2, ..., 0], resize_uint8(np.stack([u8(p) for p in photos]), model.image_size) / np.float32(255))
+    np.testing.assert_array_equal(got[2, ..., 0], resize_uint8(u8(small[0])[None], model.image_size)[0] / np.float32(255))
+
+
+def test_folders_skip_hidden_files_mac_clutter_and_special_files_and_read_netpbm(tmp_path):
+    img = Image.fromarray(np.pad(np.full((6, 6), 255, np.uint8), 4))
+    (tmp_path / "cls").mkdir()
+    img.save(tmp_path / "cls" / "a.png")
+    img.save(tmp_path / "cls" / "b.pgm")
+    img.save(tmp_path / "cls" / "c.JFIF", format="JPEG")
+    (tmp_path / "cls" / "._a.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS resource fork
+    (tmp_path / "cls" / ".DS_Store").write_bytes(b"\x00")
+    for hidden in ("__MACOSX/cls", ".thumbnails", ".git/objects"):
+        (tmp_path / hidden).mkdir(parents=True)
+        img.save(tmp_path / hidden / "x.png")
+    os.mkfifo(tmp_path / "cls" / "pipe.png")
+    found = [os.path.relpath(p, tmp_path) for p in img_lib.list_images(str(tmp_path))]
+    assert found == ["cls/a.png", "cls/b.pgm", "cls/c.JFIF"]
+    with pytest.raises(img_lib.ImageError, match="pipe.png: not a regular file"):
+        img_lib.read_image(str(tmp_path / "cls" / "pipe.png"))  # not a read that blocks for ever
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(img_lib.ImageError, match="empty.png: empty file"):
+        img_lib.read_image(str(tmp_path / "empty.png"))
+
+
+def test_the_contact_sheet_shows_a_file_gone_since_indexing_as_a_tile(tmp_path):
+    from siamese_jax import plots
+
+    img = Image.fromarray(np.pad(np.full((6, 6), 0, np.uint8), 4, constant_values=255))
+    img.save(tmp_path / "q.png")
+    img.save(tmp_path / "kept.png")
+    sheet = plots.plot_neighbours(str(tmp_path / "sheet.png"), str(tmp_path / "q.png"),
+                                  [str(tmp_path / "kept.png"), str(tmp_path / "deleted.png")], [0.5, 1.0])
+    assert Image.open(sheet).size[0] > 300
