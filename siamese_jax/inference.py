@@ -177,6 +177,9 @@ class SiameseModel:
             # ... and of how a shift fills the edge it uncovers: zeros since 2026-12-04 (a wrap-around
             # roll before), so an index of the rolled views is refused, not silently stale.
             h.update(b"zero-fill")
+        # Files are read with their levels stretched and EXIF orientation applied since 2026-12-04
+        # (`images.ink_bright`): an index of a grey scan built before is refused, not silently stale.
+        h.update(b"levels-stretched")
         return h.hexdigest()[:16]
 
     def save(self, path: str) -> None:
