@@ -111,8 +111,14 @@ def threads_per_convolution():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["threads"]:
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+        print(__doc__)
+    elif sys.argv[1:] == ["threads"]:
         threads_per_convolution()
+    elif sys.argv[1:]:
+        print(f"error: unknown argument {' '.join(sys.argv[1:])!r} (usage: python -m experiments.conv_microbench [threads])",
+              file=sys.stderr)
+        sys.exit(2)
     else:
         main()
         backward_split()

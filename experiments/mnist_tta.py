@@ -14,7 +14,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -73,4 +73,6 @@ if __name__ == "__main__":
     flags.DEFINE_multi_string("model", ["pretrained-mnist"], "A training workdir, a .msgpack file or "
                               "pretrained-mnist; repeat it for an ensemble.")
     flags.DEFINE_string("data_dir", None, "Data root (default: $SIAMESE_DATA_DIR).")
-    app.run(main)
+    from siamese_jax import cli
+
+    cli.run_app(main)  # --help exits 0; a bad flag or input is one error line, exit 2

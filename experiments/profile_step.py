@@ -18,7 +18,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 20, "Steps to trace (after warm-up).")
@@ -101,4 +101,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from siamese_jax import cli
+
+    cli.run_app(main)  # --help exits 0; a bad flag or input is one error line, exit 2
