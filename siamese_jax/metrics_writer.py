@@ -1,7 +1,9 @@
 """Training metrics to `metrics.jsonl` and TensorBoard event files (tensorboardX: no TensorFlow)."""
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 from siamese_jax.files import append_jsonl, read_jsonl, rewrite_jsonl
 
@@ -25,6 +27,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.tensorboard_every_steps = max(int(tensorboard_every_steps), 1)
         self._tb = None
+        self._tb_off = False  # set when tensorboardX's writer thread died (e.g. a full disk)
         self._tb_dir = os.path.join(workdir, "tensorboard")
 
     def truncate_after(self, step: int) -> None:
@@ -43,16 +46,23 @@ class MetricsWriter:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
         append_jsonl(self.path, dict(scalars, step=int(step)))
-        if every_step and step % self.tensorboard_every_steps:
+        if (every_step and step % self.tensorboard_every_steps) or self._tb_off:
             return
         if self._tb is None:
-            self._tb = _summary_writer_class()(self._tb_dir, flush_secs=10)
+            self._tb = _summary_writer_class()(self._tb_dir, flush_secs=10, max_queue=100)
+        if not _tensorboard_has_room(self._tb, len(scalars)):
+            self._tb_off, self._tb = True, None
+            logging.getLogger(__name__).warning(
+                "TensorBoard's event writer stopped (its error is printed above; a full disk?): TensorBoard is "
+                "off for the rest of this run, metrics.jsonl keeps every value")
+            return
         for k, v in scalars.items():
             self._tb.add_scalar(k, v, int(step))
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            if _tensorboard_has_room(self._tb, 1):  # close() queues one more item and waits for the thread
+                self._tb.close()
             self._tb = None
 
 
@@ -73,3 +83,32 @@ def _summary_writer_class():
     finally:
         del sys.modules["torch"]
     return SummaryWriter
+
+
+def _tensorboard_has_room(tb, events: int) -> bool:
+    """Waits until tensorboardX's event queue has room for `events` more; False if its writer thread
+    has died instead.
+
+    An OSError in that thread (a full disk) ends it and nothing reports it; the writes after it then
+    blocked for ever on its full queue, and so did `close` and tensorboardX's own atexit close, so
+    the run ignored SIGINT and SIGTERM (found by the review of 2026-12-04). Checking the thread only
+    before a write was not enough: it can die while a put waits for room. So a put is made only when
+    it cannot wait. A dead writer is marked closed, which makes its `add_event`, `flush` and `close`
+    no-ops. Reads tensorboardX's private fields; with another layout nothing is checked."""
+    try:
+        event_writer = tb._get_file_writer().event_writer
+        worker, queue = event_writer._worker, event_writer._event_queue
+        capacity = queue._maxsize
+    except AttributeError:
+        return True
+    if worker is None or queue is None:  # closed already
+        return True
+    while worker.is_alive():
+        try:
+            if queue.qsize() + min(events, capacity) <= capacity:
+                return True
+        except NotImplementedError:  # macOS has no qsize: the thread's liveness is all we check
+            return True
+        time.sleep(0.01)
+    event_writer._closed = True
+    return False

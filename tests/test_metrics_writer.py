@@ -65,3 +65,30 @@ def test_the_tensorboard_writer_does_not_import_pytorch(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
     assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tensorboard").iterdir())
+
+
+def test_a_dead_tensorboard_writer_turns_tensorboard_off_instead_of_blocking_for_ever(tmp_path):
+    # A full disk ends tensorboardX's writer thread with an OSError; the writes after it used to block
+    # for ever on its full queue (and SIGTERM with them). Here the thread's file write fails the same way.
+    import subprocess
+    import sys
+
+    script = (
+        "import errno, time, logging\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from siamese_jax.metrics_writer import MetricsWriter\n"
+        f"w = MetricsWriter({str(tmp_path)!r}, tensorboard_every_steps=1)\n"
+        "w.write(1, {'loss': 1.0})\n"
+        "def full(*a):  # slow, then failing: the writes fill the queue while the thread still lives\n"
+        "    time.sleep(0.3)\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "w._tb._get_file_writer().event_writer._ev_writer.write_event = full\n"
+        "for step in range(2, 2000):\n"
+        "    w.write(step, {'loss': 1.0 / step, 'a': 1.0, 'b': 2.0, 'c': 3.0, 'd': 4.0, 'e': 5.0, 'f': 6.0})\n"
+        "w.close()\n"
+        "print('done')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-2000:]
+    assert "TensorBoard is off for the rest of this run" in r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 2000))  # metrics.jsonl kept every value
