@@ -285,4 +285,9 @@ def check_workdir(workdir: str) -> str:
             pass
     except OSError as e:
         raise ConfigError(f"workdir {workdir}: not writable ({e.strerror or type(e).__name__})") from None
+    # The files a run writes at its end: one that is a folder failed only after the training or the
+    # evaluation it was to record (the review of 2026-12-04).
+    for name in ("config.json", "metrics.jsonl", "results.json"):
+        if os.path.isdir(os.path.join(path, name)):
+            raise ConfigError(f"workdir {workdir}: {name} is a folder; move it away (the run writes {name} there)")
     return path

@@ -24,18 +24,29 @@ def atomic_open(path: str, mode: str = "w"):
     check_output_file(path, "output")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:  # its message named the temporary file, which the user never asked for
+        raise _naming(path, e) from None
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:  # a full disk shows here: say which file could not be written
+                raise _naming(path, e) from None
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _naming(path: str, e: OSError) -> OSError:
+    """The same error (type and errno), its message naming `path`."""
+    return type(e)(e.errno, f"cannot write {path}: {e.strerror or e}")
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -46,8 +57,11 @@ def atomic_write_json(path: str, obj) -> None:
 
 def append_jsonl(path: str, record: dict) -> None:
     """One line per record; a torn last line (killed mid-write) is skipped by `read_jsonl`."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+    except OSError as e:
+        raise _naming(path, e) from None
 
 
 def read_jsonl(path: str) -> list[dict]:

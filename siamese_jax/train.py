@@ -259,6 +259,16 @@ def _check_resume_source_split(config, source_meta, training_split) -> None:
             f"--config.val_alphabet_names={','.join(ip.held_out_alphabet_names(source, training_split))})")
 
 
+def _elapsed_of(meta) -> dict:
+    """{"train", "validation", "checkpoints"} seconds recorded in a checkpoint's metadata (none in a
+    checkpoint from before they were recorded: the resumed run then counts from its resume)."""
+    recorded = meta.get("elapsed") if isinstance(meta, dict) else None
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: float(v) for k, v in recorded.items() if k in ("train", "validation", "checkpoints")
+            and isinstance(v, (int, float)) and v >= 0}
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     """The training loop; returns (train_seconds, {"validation_seconds", "checkpoints_seconds"})."""
     os.makedirs(workdir, exist_ok=True)
@@ -310,8 +320,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     fresh = parallel.put_replicated(init(jax.random.PRNGKey(config.seed)), mesh)
     ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
     restored = ckpts.restore_latest(fresh)
+    earlier = {"train": 0.0, "validation": 0.0, "checkpoints": 0.0}  # seconds of the legs before a resume
     if restored is not None:
-        state, meta = restored
+        state, restored_meta = restored
+        earlier.update(_elapsed_of(restored_meta))
         log.info("resuming from step %d of %s", int(state.step), workdir)
         _log_resume_changes(config, workdir)
     elif config.resume:
@@ -353,6 +365,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         # Host seconds spent in validation and in checkpoint saves (orbax saves asynchronously: this is
         # the blocking part), reported against the training time: the loop's overhead over its steps.
         overhead = {"validation": 0.0, "checkpoints": 0.0}
+        # Each checkpoint records the seconds that led to it, this leg's added to those of the legs
+        # before a resume: a resumed run reports its whole training time, not its last leg's (a rerun
+        # after a failed final evaluation recorded 0 s; the review of 2026-12-04).
+        elapsed = lambda: {"train": earlier["train"] + time.time() - t_start,
+                           **{k: earlier[k] + v for k, v in overhead.items()}}
         stopped_by = None
         with _StopSignal(coordinated=jax.process_count() > 1) as stop:
             for step in range(start_step, config.num_steps):
@@ -404,7 +421,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                         _finish_step(pending, writer, detector)  # (waits for the step: not counted)
                         pending = None
                     t0 = time.time()
-                    ckpts.save(state, dict(meta, step=done))
+                    ckpts.save(state, dict(meta, step=done, elapsed=elapsed()))
                     overhead["checkpoints"] += time.time() - t0
                 stopped_by = stop.should_stop(done)
                 if stopped_by:
@@ -412,7 +429,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
             if pending is not None:
                 _finish_step(pending, writer, detector)
             if stopped_by:
-                ckpts.save(state, dict(meta, step=int(state.step)), force=True)
+                ckpts.save(state, dict(meta, step=int(state.step), elapsed=elapsed()), force=True)
                 log.warning("%s received: saved a checkpoint at step %d in %s; re-run to resume",
                             stopped_by, int(state.step), workdir)
         t0 = time.time()
@@ -422,9 +439,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         if stopped_by:
             writer.close()
             raise KeyboardInterrupt(f"stopped by {stopped_by} at step {int(state.step)}")
-        train_seconds = time.time() - t_start
-        overhead = {f"{k}_seconds": round(v, 2) for k, v in overhead.items()}
-        writer.write(int(state.step), overhead)
+        total = elapsed()
+        train_seconds = total.pop("train")
+        overhead = {f"{k}_seconds": round(v, 2) for k, v in total.items()}
+        if int(state.step) > start_step:  # a rerun that trained nothing has its row already
+            writer.write(int(state.step), overhead)
         writer.close()
         log.info("training done in %s; validation %.1f s (%.1f%%), checkpoints %.1f s (%.1f%%)",
                  _fmt_duration(train_seconds), overhead["validation_seconds"],

@@ -310,6 +310,18 @@ def _read_only_dir_command(path, argv):
     return ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs '{path}' && exec {quoted}"]
 
 
+def test_a_results_file_that_is_a_folder_is_an_error_before_any_work(tmp_path):
+    # It failed only after the run: evaluate spent its whole evaluation, rewrote plots/, then said so.
+    from siamese_jax import config_check
+
+    for name in ("results.json", "metrics.jsonl", "config.json"):
+        workdir = tmp_path / name.split(".")[0]
+        (workdir / name).mkdir(parents=True)
+        with pytest.raises(config_check.ConfigError, match=f"{name} is a folder"):
+            config_check.check_workdir(str(workdir))
+    assert config_check.check_workdir(str(tmp_path / "fresh")) == str(tmp_path / "fresh")
+
+
 def test_read_only_workdir_is_one_line_before_any_data_is_read(tmp_path):
     workdir = tmp_path / "ro"
     workdir.mkdir()
@@ -838,3 +850,35 @@ def test_a_loss_default_margin_out_of_range_is_refused_like_an_explicit_one(loss
         config_check.validate_config(c)
     c.margins[loss] = 0.3
     config_check.validate_config(c)
+
+
+def test_a_write_that_fails_names_the_file_not_its_temporary_and_keeps_the_old_one(tmp_path, monkeypatch):
+    # A full disk or a read-only folder said "[Errno 28] No space left on device" (which disk?) or
+    # named `.calibration.json.g6zfdbmd.tmp`, a file the user never asked for.
+    import errno
+
+    from siamese_jax import files
+
+    target = tmp_path / "results.json"
+    files.atomic_write_json(str(target), {"good": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=f"cannot write {target}: No space left on device") as caught:
+        files.atomic_write_json(str(target), {"good": 0})
+    assert caught.value.errno == errno.ENOSPC
+    assert json.loads(target.read_text()) == {"good": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    with pytest.raises(PermissionError, match=f"cannot write {tmp_path / 'calibration.json'}: Read-only file system"):
+        files.atomic_write_json(str(tmp_path / "calibration.json"), {})
+    monkeypatch.undo()
+    (tmp_path / "metrics.jsonl").mkdir()  # appending where a folder is: named too
+    with pytest.raises(OSError, match="cannot write .*metrics.jsonl"):
+        files.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1})
