@@ -882,3 +882,25 @@ def test_a_write_that_fails_names_the_file_not_its_temporary_and_keeps_the_old_o
     (tmp_path / "metrics.jsonl").mkdir()  # appending where a folder is: named too
     with pytest.raises(OSError, match="cannot write .*metrics.jsonl"):
         files.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1})
+
+
+def test_library_error_records_keep_their_line_and_lose_their_traceback():
+    # A full disk during a checkpoint save: orbax's background threads logged ~430 lines of stacks
+    # before the run's one error line. Their message lines stay; our own records keep tracebacks.
+    script = (
+        "import logging\n"
+        "from siamese_jax import cli\n"
+        "cli.setup_logging()\n"
+        "try:\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "except OSError:\n"
+        "    logging.getLogger('absl').error('Failed to run 4 Handler Commit operations', exc_info=True)\n"
+        "    logging.getLogger('orbax.checkpoint').error('save failed', exc_info=True)\n"
+        "    logging.getLogger('siamese_jax.train').error('ours', exc_info=True)\n")
+    r = _run([sys.executable, "-c", script])
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stderr.splitlines()
+    assert any(line.endswith("Failed to run 4 Handler Commit operations") for line in lines)
+    assert any(line.endswith("save failed") for line in lines)
+    assert r.stderr.count("Traceback (most recent call last)") == 1  # ours only
+    assert r.stderr.index("Traceback") > r.stderr.index(" ours")

@@ -39,6 +39,20 @@ def user_errors():
             ValueError, OSError)
 
 
+class _LibraryErrorsWithoutTracebacks(logging.Filter):
+    """Keeps the libraries' error lines and drops their tracebacks. A full disk during a checkpoint
+    save made orbax's background threads log each failure with its stack (~430 lines before the
+    run's one `error:` line; the review of 2026-12-04); the message line names the file and the
+    error already. Our own records keep theirs."""
+
+    LIBRARIES = ("absl", "jax", "orbax", "tensorstore", "etils")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.split(".")[0] in self.LIBRARIES:
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
 def setup_logging(process_index: int = 0, process_count: int = 1):
     """Plain timestamped lines on stderr (absl's default prefix is noisy for a CLI).
 
@@ -51,6 +65,8 @@ def setup_logging(process_index: int = 0, process_count: int = 1):
     logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("absl", "jax", "orbax", "tensorstore", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_LibraryErrorsWithoutTracebacks())
     from siamese_jax.checkpoints import install_stderr_filter
 
     install_stderr_filter()  # tensorstore's "Event loop is closed" tracebacks after a failed restore
