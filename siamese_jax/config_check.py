@@ -290,4 +290,7 @@ def check_workdir(workdir: str) -> str:
     for name in ("config.json", "metrics.jsonl", "results.json"):
         if os.path.isdir(os.path.join(path, name)):
             raise ConfigError(f"workdir {workdir}: {name} is a folder; move it away (the run writes {name} there)")
+    for name in ("plots", "tensorboard", "checkpoints", "best"):
+        if os.path.lexists(os.path.join(path, name)) and not os.path.isdir(os.path.join(path, name)):
+            raise ConfigError(f"workdir {workdir}: {name} is a file; move it away (the run writes the folder {name}/ there)")
     return path

@@ -30,13 +30,15 @@ def atomic_open(path: str, mode: str = "w"):
         raise _naming(path, e) from None
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            try:
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
-            except OSError as e:  # a full disk shows here: say which file could not be written
-                raise _naming(path, e) from None
+        except OSError as e:  # a full disk shows in a write or the flush: say which file it was
+            if e.filename is not None:  # an error that names its own file keeps it
+                raise
+            raise _naming(path, e) from None
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -99,5 +99,5 @@ def build_index(model, paths: Sequence[str], batch_size: int = 256) -> Embedding
 def check_compatible(index: EmbeddingIndex, model, index_path: str = "index") -> None:
     if index.model_fingerprint != model.fingerprint():
         raise IndexError_(f"{index_path} was built by another model (fingerprint {index.model_fingerprint}, "
-                          f"this model is {model.fingerprint()}); pass the --model it was built with, or rebuild it with "
-                          f"`embed`")
+                          f"this model is {model.fingerprint()}), or before 2026-12-05, when reading image files "
+                          f"changed (levels, EXIF); pass the --model it was built with, or rebuild it with `embed`")

@@ -319,6 +319,12 @@ def test_a_results_file_that_is_a_folder_is_an_error_before_any_work(tmp_path):
         (workdir / name).mkdir(parents=True)
         with pytest.raises(config_check.ConfigError, match=f"{name} is a folder"):
             config_check.check_workdir(str(workdir))
+    for name in ("plots", "tensorboard", "checkpoints", "best"):  # and the run's folders as files
+        workdir = tmp_path / f"{name}_file"
+        workdir.mkdir()
+        (workdir / name).write_text("")
+        with pytest.raises(config_check.ConfigError, match=f"{name} is a file"):
+            config_check.check_workdir(str(workdir))
     assert config_check.check_workdir(str(tmp_path / "fresh")) == str(tmp_path / "fresh")
 
 
@@ -882,6 +888,14 @@ def test_a_write_that_fails_names_the_file_not_its_temporary_and_keeps_the_old_o
     (tmp_path / "metrics.jsonl").mkdir()  # appending where a folder is: named too
     with pytest.raises(OSError, match="cannot write .*metrics.jsonl"):
         files.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1})
+    # A write larger than the buffer fails inside the caller's block (a model file, an index, a plot).
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'model.msgpack'}: File too large"):
+        with files.atomic_open(str(tmp_path / "model.msgpack"), "wb"):
+            raise OSError(errno.EFBIG, "File too large")
+    with pytest.raises(FileNotFoundError, match="elsewhere.bin"):  # an error naming its own file keeps it
+        with files.atomic_open(str(tmp_path / "model.msgpack"), "wb"):
+            open(tmp_path / "elsewhere.bin", "rb")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "results.json"]
 
 
 def test_library_error_records_keep_their_line_and_lose_their_traceback():
@@ -904,3 +918,6 @@ def test_library_error_records_keep_their_line_and_lose_their_traceback():
     assert any(line.endswith("save failed") for line in lines)
     assert r.stderr.count("Traceback (most recent call last)") == 1  # ours only
     assert r.stderr.index("Traceback") > r.stderr.index(" ours")
+    # SIAMESE_TRACEBACK=1 (the debugging switch of every command) keeps every stack.
+    r = _run([sys.executable, "-c", script], env=dict(_env(), SIAMESE_TRACEBACK="1"))
+    assert r.stderr.count("Traceback (most recent call last)") == 3, r.stderr[-2000:]

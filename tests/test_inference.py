@@ -401,25 +401,41 @@ def test_paper_and_ink_levels_are_stretched_so_a_grey_scan_reads_as_the_clean_dr
     a, b = _glyphs(eval_pngs)
     assert set(np.unique(a)) == {0.0, 1.0}  # Omniglot's PNGs are binary: unchanged by the stretch
     np.testing.assert_array_equal(img_lib.as_gray(a), a)
+    def dusty(g):  # faint pencil with a 2x2 black speck of dust: the speck must not set the ink level
+        out = 1.0 - 0.15 * g
+        out[3:5, 3:5] = 0.0
+        return out
+
     variants = {
         "off-white paper, grey ink": lambda g: 0.9 - 0.8 * g,          # dark on light, inverted
         "chalk on a blackboard": lambda g: 0.25 + 0.6 * g,             # light on dark, kept
         "faint pencil": lambda g: 1.0 - 0.15 * g,
+        "dim photo of paper": lambda g: 0.45 - 0.35 * g,               # dark ink on a border < 0.5
+        "white chalk on a light grey board": lambda g: 0.6 + 0.4 * g,  # light ink on a border > 0.5
+        "faint pencil and a speck of dust": dusty,
     }
-    clean = model.embed([a, b])
+    speck = np.zeros_like(a, dtype=bool)
+    speck[3:5, 3:5] = True
     for name, look in variants.items():
-        for g, e in ((a, clean[0]), (b, clean[1])):
-            np.testing.assert_allclose(img_lib.as_gray(look(g).astype(np.float32)), g, atol=1e-5, err_msg=name)
-            assert np.linalg.norm(model.embed([look(g)])[0] - e) < 0.05, name
+        for g in (a, b):
+            got = img_lib.as_gray(look(g).astype(np.float32))
+            np.testing.assert_allclose(got[~speck], g[~speck], atol=1e-5, err_msg=name)
+            drawn = np.where(speck, 1.0, g).astype(np.float32) if "dust" in name else g  # the speck is ink
+            assert np.linalg.norm(model.embed([look(g)])[0] - model.embed([drawn])[0]) < 0.05, name
         assert model.compare(look(a), look(b)).distance > model.calibration.threshold, name
     # Speckled noise does not set the ink level: a 99th percentile of the ink pixels does.
     noisy = 0.9 - 0.8 * a
     noisy[0, 0] = 0.0
     np.testing.assert_allclose(img_lib.as_gray(noisy)[1:, 1:], a[1:, 1:], atol=1e-5)
-    # A blank page stays blank (no noise stretched into strokes).
+    # A blank page stays blank (no noise stretched into strokes), with 1% noise too.
     page = np.full((50, 50), 0.93, np.float32)
     page[10, 10] = 0.92
     assert img_lib.as_gray(page).max() < 0.05
+    noisy_page = (0.93 + 0.01 * np.random.default_rng(0).standard_normal((60, 60))).astype(np.float32)
+    assert img_lib.as_gray(noisy_page).max() < 0.05
+    # Not-a-number pixels (a float TIFF's "no data") are an error naming the file, not an IndexError.
+    with pytest.raises(img_lib.ImageError, match="not numbers"):
+        img_lib.as_gray(np.where(a > 0, np.nan, 0.0).astype(np.float32))
 
 
 def test_exif_orientation_is_applied_as_a_viewer_shows_the_file(eval_pngs, tmp_path):
@@ -436,8 +452,9 @@ def test_exif_orientation_is_applied_as_a_viewer_shows_the_file(eval_pngs, tmp_p
         got = img_lib.read_image(str(tmp_path / name))
         assert got.shape == expected.shape
         assert np.mean(np.abs(got - expected)) < 0.02, name
-        with Image.open(tmp_path / name) as img:  # a PIL image the user opened: the same
-            np.testing.assert_allclose(img_lib.as_gray(img), got, atol=1e-6)
+        with Image.open(tmp_path / name) as img:  # a PIL image is its pixels, as its array is (a photo
+            np.testing.assert_allclose(img_lib.as_gray(img), img_lib.as_gray(np.asarray(img)), atol=1e-6)
+            assert img_lib.as_gray(img).shape == expected.shape[::-1]  # turned by hand is not turned twice
 
 
 def test_premultiplied_alpha_modes_read_like_their_plain_modes():
@@ -491,3 +508,24 @@ def test_the_contact_sheet_shows_a_file_gone_since_indexing_as_a_tile(tmp_path):
     sheet = plots.plot_neighbours(str(tmp_path / "sheet.png"), str(tmp_path / "q.png"),
                                   [str(tmp_path / "kept.png"), str(tmp_path / "deleted.png")], [0.5, 1.0])
     assert Image.open(sheet).size[0] > 300
+
+
+
+def test_a_malformed_exif_block_is_read_as_stored_by_the_model_and_the_contact_sheet(tmp_path, monkeypatch):
+    # 4 in 3,000 byte flips of a JPEG's EXIF block raise struct.error in PIL's exif_transpose: the
+    # sheet, which called it directly, ended `search --sheet` with an "unexpected" error.
+    import struct
+
+    from PIL import ImageOps
+
+    from siamese_jax import plots
+
+    Image.fromarray(np.pad(np.full((6, 6), 0, np.uint8), 4, constant_values=255)).save(tmp_path / "q.png")
+
+    def malformed(img, *args, **kwargs):
+        raise struct.error("required argument is not an integer")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", malformed)
+    assert img_lib.read_image(str(tmp_path / "q.png")).shape == (14, 14)
+    sheet = plots.plot_neighbours(str(tmp_path / "sheet.png"), str(tmp_path / "q.png"), [str(tmp_path / "q.png")], [0.0])
+    assert Image.open(sheet).size[0] > 200

@@ -65,8 +65,9 @@ def setup_logging(process_index: int = 0, process_count: int = 1):
     logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("absl", "jax", "orbax", "tensorstore", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_LibraryErrorsWithoutTracebacks())
+    if not os.environ.get(console.TRACEBACK_ENV):  # SIAMESE_TRACEBACK=1: every stack, for debugging
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_LibraryErrorsWithoutTracebacks())
     from siamese_jax.checkpoints import install_stderr_filter
 
     install_stderr_filter()  # tensorstore's "Event loop is closed" tracebacks after a failed restore
