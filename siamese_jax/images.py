@@ -67,12 +67,30 @@ def ink_bright(gray: np.ndarray) -> np.ndarray:
         raise ImageError("the image has pixels that are not numbers (NaN or infinite)")
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = _upper_median(border)
-    noise = max(8.0 / 255.0, 6.0 * 1.4826 * _upper_median(np.abs(border - np.float32(background))))
+    spread = 1.4826 * _upper_median(np.abs(border - np.float32(background)))
+    noise = max(8.0 / 255.0, 6.0 * spread)
     deviation = gray - np.float32(background)
+    surface = None
+    if noise > 8.0 / 255.0 and min(gray.shape) >= 8:
+        # An uneven border: a shadow or a vignette across the page (then no one level is its
+        # background, and the border's spread lifts the noise floor above faint ink), or only noise.
+        # A smooth surface fitted to the border takes the page's shading out when it explains most
+        # of that spread; plain noise it does not explain, and the flat background stays.
+        fitted, residual_spread = _border_surface(gray, border)
+        if residual_spread < spread / 2:
+            surface = fitted
+            deviation = gray - surface
+            noise = max(8.0 / 255.0, 6.0 * residual_spread)
+            background = float("nan")  # no single level: no identity shortcut below
     above, below = deviation[deviation > noise], deviation[deviation < -noise]
     up, down = float(above.sum()), -float(below.sum())
-    if down > up or (down == up and background > 0.5):
+    if down > up or (down == up and background > 0.5):  # (a NaN background: a shaded page, not blank)
         gray, background, deviation, ink_pixels = 1.0 - gray, 1.0 - background, -deviation, -below
+        if surface is not None:
+            # Dark ink on a shaded page: light reflected is shade x reflectance, so the ink's contrast
+            # fades with the shade; dividing by the page's level gives every stroke its own contrast.
+            deviation = deviation / np.maximum(surface, np.float32(8.0 / 255.0))
+            ink_pixels = deviation[deviation > noise / max(float(surface.max()), 8.0 / 255.0)]
     else:
         ink_pixels = above
     if ink_pixels.size == 0:  # a blank page: made black, its noise not stretched into strokes
@@ -82,6 +100,27 @@ def ink_bright(gray: np.ndarray) -> np.ndarray:
     if background == 0.0 and ink == 1.0:
         return gray.astype(np.float32, copy=False)
     return np.clip(deviation / np.float32(ink), 0, 1).astype(np.float32, copy=False)
+
+
+def _border_surface(gray: np.ndarray, border: np.ndarray) -> tuple[np.ndarray, float]:
+    """A quadratic surface in (x, y) fitted to the border pixels (in `ink_bright`'s border order),
+    refitted once without the pixels it fits worst (ink touching the edge), and the robust standard
+    deviation of the border around it. Returns (surface [H, W], spread)."""
+    h, w = gray.shape
+    x, y = np.linspace(-1, 1, w, dtype=np.float32), np.linspace(-1, 1, h, dtype=np.float32)
+    bx = np.concatenate([x, x, np.full(h, -1, np.float32), np.full(h, 1, np.float32)])
+    by = np.concatenate([np.full(w, -1, np.float32), np.full(w, 1, np.float32), y, y])
+    design = np.stack([np.ones_like(bx), bx, by, bx * bx, by * by, bx * by], axis=1)
+    keep = np.ones(border.size, bool)
+    for _ in range(2):
+        coef = np.linalg.lstsq(design[keep], border[keep], rcond=None)[0].astype(np.float32)
+        residual = border - design @ coef
+        spread = 1.4826 * _upper_median(np.abs(residual[keep]))
+        keep = np.abs(residual) <= max(3.0 * spread, 1.0 / 255.0)
+    a, b, c, d, e, f = coef
+    surface = (a + b * x[None, :] + c * y[:, None] + d * (x * x)[None, :] + e * (y * y)[:, None]
+               + f * y[:, None] * x[None, :])
+    return surface.astype(np.float32), float(spread)
 
 
 def _upper_median(a: np.ndarray) -> float:

@@ -413,6 +413,12 @@ def test_paper_and_ink_levels_are_stretched_so_a_grey_scan_reads_as_the_clean_dr
         "dim photo of paper": lambda g: 0.45 - 0.35 * g,               # dark ink on a border < 0.5
         "white chalk on a light grey board": lambda g: 0.6 + 0.4 * g,  # light ink on a border > 0.5
         "faint pencil and a speck of dust": dusty,
+        # Shading across the page (a quadratic surface fitted to the border takes it out; dark ink's
+        # contrast is divided by the page's level, as light reflected is shade x reflectance):
+        "a shadow from the left": lambda g: (1.0 - 0.8 * g) * (1.0 - 0.45 * np.linspace(0, 1, g.shape[1])[None, :]),
+        "a vignette": lambda g: (1.0 - 0.8 * g) * (1.0 - 0.25 * (np.linspace(-1, 1, g.shape[1])[None, :] ** 2
+                                                                 + np.linspace(-1, 1, g.shape[0])[:, None] ** 2)),
+        "chalk on an unevenly lit board": lambda g: 0.2 + 0.2 * np.linspace(0, 1, g.shape[1])[None, :] + 0.6 * g,
     }
     speck = np.zeros_like(a, dtype=bool)
     speck[3:5, 3:5] = True
@@ -433,6 +439,8 @@ def test_paper_and_ink_levels_are_stretched_so_a_grey_scan_reads_as_the_clean_dr
     assert img_lib.as_gray(page).max() < 0.05
     noisy_page = (0.93 + 0.01 * np.random.default_rng(0).standard_normal((60, 60))).astype(np.float32)
     assert img_lib.as_gray(noisy_page).max() < 0.05
+    shaded_page = (0.93 * (1.0 - 0.4 * np.linspace(0, 1, 60))[None, :] * np.ones((60, 1))).astype(np.float32)
+    assert img_lib.as_gray(shaded_page).max() < 0.05  # a shadow alone is not ink
     # Not-a-number pixels (a float TIFF's "no data") are an error naming the file, not an IndexError.
     with pytest.raises(img_lib.ImageError, match="not numbers"):
         img_lib.as_gray(np.where(a > 0, np.nan, 0.0).astype(np.float32))
