@@ -61,8 +61,10 @@ def ink_bright(gray: np.ndarray) -> np.ndarray:
     inverted; which side is ink is decided by the ink's mass (area x contrast) on each side, so a
     speck of dust does not decide it. Then the levels are stretched: background to 0, the ink's 90th
     percentile to 1 (a dust speck brighter than faint pencil set the level at the 99th percentile of
-    the brightest pixels; review of 2026-12-05). A binary image (Omniglot's PNGs) comes out unchanged;
-    a blank page (nothing beyond its noise) comes out black, its noise not stretched."""
+    the brightest pixels; review of 2026-12-05). A page shaded across (a shadow, a vignette) has no
+    one background level: there a quadratic surface fitted to the border is the background, and dark
+    ink's contrast is taken relative to it. A binary image (Omniglot's PNGs) comes out unchanged; a
+    blank page (nothing beyond its noise) comes out black, its noise not stretched."""
     if not np.isfinite(gray.sum()):  # one pass: a NaN or an infinity anywhere makes the sum one
         raise ImageError("the image has pixels that are not numbers (NaN or infinite)")
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
