@@ -91,8 +91,12 @@ def ink_bright(gray: np.ndarray) -> np.ndarray:
         if surface is not None:
             # Dark ink on a shaded page: light reflected is shade x reflectance, so the ink's contrast
             # fades with the shade; dividing by the page's level gives every stroke its own contrast.
-            deviation = deviation / np.maximum(surface, np.float32(8.0 / 255.0))
-            ink_pixels = deviation[deviation > noise / max(float(surface.max()), 8.0 / 255.0)]
+            # Ink is chosen on the raw deviation (beyond the noise in grey levels: divided first,
+            # deep-shadow noise passed for ink), and the page's level is floored at 0.1, so noise
+            # next to black is not amplified without bound (review of 2026-12-05).
+            shade = np.maximum(surface, np.float32(0.1))
+            ink_pixels = deviation[deviation > noise] / shade[deviation > noise]
+            deviation = deviation / shade
     else:
         ink_pixels = above
     if ink_pixels.size == 0:  # a blank page: made black, its noise not stretched into strokes

@@ -441,6 +441,13 @@ def test_paper_and_ink_levels_are_stretched_so_a_grey_scan_reads_as_the_clean_dr
     assert img_lib.as_gray(noisy_page).max() < 0.05
     shaded_page = (0.93 * (1.0 - 0.4 * np.linspace(0, 1, 60))[None, :] * np.ones((60, 1))).astype(np.float32)
     assert img_lib.as_gray(shaded_page).max() < 0.05  # a shadow alone is not ink
+    # ... nor is the noise in its dark part, next to a speck of dust (it was chosen as ink after the
+    # division by the page's level, and stretched: 15% of the darkest third above 0.3).
+    dusty_shade = (np.linspace(0.93, 0.28, 90)[None, :] * np.ones((90, 1))
+                   + 0.02 * np.random.default_rng(1).standard_normal((90, 90))).astype(np.float32)
+    dusty_shade[40:42, 40:42] = 0.0
+    read = img_lib.as_gray(dusty_shade)
+    assert read[40:42, 40:42].min() > 0.9 and np.mean(read[:, 60:] > 0.3) < 0.01
     # Not-a-number pixels (a float TIFF's "no data") are an error naming the file, not an IndexError.
     with pytest.raises(img_lib.ImageError, match="not numbers"):
         img_lib.as_gray(np.where(a > 0, np.nan, 0.0).astype(np.float32))
