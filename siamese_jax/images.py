@@ -87,7 +87,7 @@ def ink_bright(gray: np.ndarray) -> np.ndarray:
     above, below = deviation[deviation > noise], deviation[deviation < -noise]
     up, down = float(above.sum()), -float(below.sum())
     if down > up or (down == up and background > 0.5):  # (a NaN background: a shaded page, not blank)
-        gray, background, deviation, ink_pixels = 1.0 - gray, 1.0 - background, -deviation, -below
+        background, deviation, ink_pixels = 1.0 - background, -deviation, -below
         if surface is not None:
             # Dark ink on a shaded page: light reflected is shade x reflectance, so the ink's contrast
             # fades with the shade; dividing by the page's level gives every stroke its own contrast.
@@ -95,7 +95,8 @@ def ink_bright(gray: np.ndarray) -> np.ndarray:
             # deep-shadow noise passed for ink), and the page's level is floored at 0.1, so noise
             # next to black is not amplified without bound (review of 2026-12-05).
             shade = np.maximum(surface, np.float32(0.1))
-            ink_pixels = deviation[deviation > noise] / shade[deviation > noise]
+            is_ink = deviation > noise
+            ink_pixels = deviation[is_ink] / shade[is_ink]
             deviation = deviation / shade
     else:
         ink_pixels = above
@@ -103,8 +104,8 @@ def ink_bright(gray: np.ndarray) -> np.ndarray:
         return np.clip(deviation, 0, 1).astype(np.float32, copy=False)
     k = (9 * (ink_pixels.size - 1)) // 10  # the 90th percentile, as an order statistic
     ink = float(np.partition(ink_pixels, k)[k])
-    if background == 0.0 and ink == 1.0:
-        return gray.astype(np.float32, copy=False)
+    if background == 0.0 and ink == 1.0:  # already 0 and 1 (the deviation is the image, or 1 - it)
+        return deviation.astype(np.float32, copy=False)
     return np.clip(deviation / np.float32(ink), 0, 1).astype(np.float32, copy=False)
 
 
@@ -135,7 +136,7 @@ def _upper_median(a: np.ndarray) -> float:
     return float(np.partition(a, a.size // 2)[a.size // 2])
 
 
-def _upright(img):
+def upright(img):
     """A PIL image turned as its EXIF orientation tag says (phone photos are stored sideways)."""
     from PIL import ImageOps
 
@@ -173,7 +174,7 @@ def read_image(path: str) -> np.ndarray:
             # A file is read as a viewer shows it, its EXIF orientation applied. A PIL image or an
             # array passed in is taken as its pixels: PIL keeps the tag through `transpose`, so a
             # photo turned by hand would be turned twice.
-            return ink_bright(_to_gray_float(_upright(img)))
+            return ink_bright(_to_gray_float(upright(img)))
     except ImageError as e:
         if str(e).startswith(f"{path}:"):
             raise

@@ -356,14 +356,14 @@ def plot_neighbours(path: str, query_path: str, neighbour_paths: Sequence[str], 
     from matplotlib import rc_context
     from PIL import Image
 
-    from siamese_jax.images import _upright
+    from siamese_jax.images import upright
 
     def thumbnail(p):
         """The file as a viewer shows it (EXIF orientation applied, transparency on white); a file gone
         or unreadable since it was indexed is a grey tile, its name below it (the ranks are printed)."""
         try:
             with Image.open(p) as img:
-                img = _upright(img)  # a malformed EXIF block (struct.error, ...): as stored
+                img = upright(img)  # a malformed EXIF block (struct.error, ...): as stored
                 img = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")
                 white = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 return np.asarray(Image.alpha_composite(white, img).convert("RGB"))

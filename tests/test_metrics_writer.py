@@ -48,12 +48,17 @@ def test_resume_after_a_torn_last_line_keeps_the_next_record(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 12))
 
 
-def test_the_tensorboard_writer_does_not_import_pytorch(tmp_path):
-    # tensorboardX imports torch at module level when it is installed (~1 s of every training's start);
-    # the writer keeps it out, and torch stays importable after.
+def _python(script):
+    """`script` in a fresh interpreter (what it imports, or a hang, stays out of this process)."""
     import subprocess
     import sys
 
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_the_tensorboard_writer_does_not_import_pytorch(tmp_path):
+    # tensorboardX imports torch at module level when it is installed (~1 s of every training's start);
+    # the writer keeps it out, and torch stays importable after.
     script = (
         "import sys, importlib.util\n"
         "from siamese_jax.metrics_writer import MetricsWriter\n"
@@ -62,7 +67,7 @@ def test_the_tensorboard_writer_does_not_import_pytorch(tmp_path):
         "if importlib.util.find_spec('torch') is not None:\n"
         "    import torch; torch.zeros(1)\n"
         "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    r = _python(script)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
     assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tensorboard").iterdir())
 
@@ -70,9 +75,6 @@ def test_the_tensorboard_writer_does_not_import_pytorch(tmp_path):
 def test_a_dead_tensorboard_writer_turns_tensorboard_off_instead_of_blocking_for_ever(tmp_path):
     # A full disk ends tensorboardX's writer thread with an OSError; the writes after it used to block
     # for ever on its full queue (and SIGTERM with them). Here the thread's file write fails the same way.
-    import subprocess
-    import sys
-
     script = (
         "import errno, time, logging\n"
         "logging.basicConfig(level=logging.WARNING)\n"
@@ -87,7 +89,7 @@ def test_a_dead_tensorboard_writer_turns_tensorboard_off_instead_of_blocking_for
         "    w.write(step, {'loss': 1.0 / step, 'a': 1.0, 'b': 2.0, 'c': 3.0, 'd': 4.0, 'e': 5.0, 'f': 6.0})\n"
         "w.close()\n"
         "print('done')\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    r = _python(script)
     assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-2000:]
     assert "TensorBoard is off for the rest of this run" in r.stderr
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
