@@ -37,6 +37,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class ProcessesDisagreeError(CheckpointError):
+    """The processes of one job restored different checkpoints: never fall back from this one."""
+
+
 def _multiprocessing(name: str) -> ocp.options.MultiprocessingOptions:
     # With several processes orbax synchronises each save on barriers named after the STEP; the
     # periodic and the best manager often save the same step at once, and two barriers of one name
@@ -225,11 +229,12 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
     """Tries the steps newest first; a truncated or corrupt step is skipped with one warning line
     naming it (and moved into `move_unreadable_to` if given, so that it is saved afresh later).
 
-    With `move_unreadable_to` and several processes (a training run resuming), every process takes
-    part in one all-gather of the step it restored, and they must agree before anything is moved:
-    a step that one process could not read (a transient error there) stays where it is."""
+    With several processes (a training run resuming, an evaluation, an export), every process takes
+    part in one all-gather of the step it restored, and they must agree before anything is moved or
+    used: a step that one process could not read (a transient error there) stays where it is, and
+    no process goes on from a state the others do not have."""
     steps = sorted(manager.all_steps(), reverse=True)
-    collective = move_unreadable_to is not None and jax.process_count() > 1
+    collective = jax.process_count() > 1
     restored, unreadable, moved = None, [], False  # (step, (state, meta)); failed steps (several processes)
     for i, step in enumerate(steps):
         # Shapes first, from the step's small metadata file: a restore into the wrong shapes
@@ -262,13 +267,13 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
         from jax.experimental import multihost_utils
 
         each = np.asarray(multihost_utils.process_allgather(np.int32(-1 if restored is None else restored[0]))).ravel()
-        if len(set(each.tolist())) > 1:  # the processes would train on from different states
-            raise CheckpointError(
+        if len(set(each.tolist())) > 1:  # the processes would go on from different states
+            raise ProcessesDisagreeError(
                 f"the processes read different checkpoint steps in {manager.directory} "
                 f"({', '.join(f'process {p}: {s if s >= 0 else None}' for p, s in enumerate(each.tolist()))}): "
                 f"a step unreadable on one host only (a transient read error, or hosts that see different "
                 f"files); nothing was moved aside: run again, and check that every host sees the same workdir")
-    if collective:
+    if collective and move_unreadable_to is not None:
         # Agreed: the steps newer than the restored one failed on every process. Only process 0
         # moves them aside; every process's manager must then forget them, or the next save of that
         # step number is skipped where the step is still listed, and process 0 waits for the others
@@ -341,6 +346,21 @@ def restore_from_directory(directory: str, target, step: Optional[int] = None, w
         manager.close()
 
 
+def _check_processes_agree(index: int, step: int, directories: list[str]) -> None:
+    """With several processes: every one restored from the same directory, the same step (hosts
+    that list different files could otherwise each take the first directory they see)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    each = np.asarray(multihost_utils.process_allgather(np.array([index, step], np.int32))).reshape(-1, 2)
+    if len({tuple(row) for row in each.tolist()}) > 1:
+        raise ProcessesDisagreeError(
+            "the processes restored different checkpoints (" + ", ".join(
+                f"process {p}: {directories[i]} step {s}" for p, (i, s) in enumerate(each.tolist()))
+            + "): check that every host sees the same workdir")
+
+
 def saved_steps(directory: str) -> list[int]:
     """The step numbers saved in a `checkpoints/` or `best/` directory (its numbered folders), sorted;
     [] when it does not exist. Read from the directory listing, without opening a manager."""
@@ -359,7 +379,10 @@ def restore_first_readable(directories: Iterable[str], target):
             continue
         try:
             state, meta = restore_from_directory(directory, target)
+            _check_processes_agree(directories.index(directory), int(state.step), directories)
             return state, meta, directory
+        except ProcessesDisagreeError:
+            raise  # falling back would only hide it: another host may have read this directory
         except CheckpointError as e:
             tried.append(directory)
             log.warning("%s; trying the next checkpoint directory", str(e))

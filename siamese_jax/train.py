@@ -455,13 +455,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
 
 
 def _best_metric(ckpts) -> Optional[float]:
-    steps = ckpts.best.all_steps()
-    if not steps:
-        return None
-    try:
-        return ckpts.best.metrics(ckpts.best.best_step())["val_one_shot_accuracy"]
-    except Exception:  # metrics unreadable: any new validation result counts as best
-        return None
+    """The validation score of the run's `best/` checkpoint; None if it has none (or it is unreadable:
+    then any new validation result counts as best). Process 0's reading, on every process: each
+    process decides alone whether a validation is a new best and saves it, and orbax's save waits
+    for every process, so a process that read another value (a read error on one host) would hang
+    the job at the next best."""
+    value = None
+    if ckpts.best.all_steps():
+        try:
+            value = float(ckpts.best.metrics(ckpts.best.best_step())["val_one_shot_accuracy"])
+        except Exception:  # noqa: BLE001 - metrics unreadable
+            value = None
+    if jax.process_count() > 1:  # (validation scores are float32 values: nothing lost in the broadcast)
+        value = float(multihost_utils.broadcast_one_to_all(np.float32(np.nan if value is None else value)))
+        value = None if np.isnan(value) else value
+    return value
 
 
 def _to_host(metrics) -> dict:

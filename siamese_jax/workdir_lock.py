@@ -4,6 +4,11 @@ The kernel drops a flock when its file descriptor is closed, which happens on ev
 SIGKILL included, so a stale lock file never blocks the next run: what counts is the lock, not the
 file's existence. The holder writes its PID (and host) into the file so a second run can say who
 holds it. The descriptor is not inherited by child processes (Python opens files non-inheritable).
+
+The holder removes the file when it lets go (a run that failed on its data before writing anything
+left a workdir holding only an empty `.lock`). That is safe because a run that got the lock checks
+that the file it locked is still the one at the path: one that opened the file just before the
+holder removed it has locked a file nobody else can see, and tries again.
 """
 from __future__ import annotations
 
@@ -29,17 +34,23 @@ class WorkdirLock:
         self._fd = None
 
     def acquire(self) -> "WorkdirLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise WorkdirLockedError(
-                    f"workdir {self.workdir} is in use by another run ({holder or 'PID unknown'}); "
-                    f"wait for it to finish or use another --workdir") from None
-            raise
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise WorkdirLockedError(
+                        f"workdir {self.workdir} is in use by another run ({holder or 'PID unknown'}); "
+                        f"wait for it to finish or use another --workdir") from None
+                raise
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder removed this file as we opened it: lock the one there now
+        else:
+            raise WorkdirLockedError(f"workdir {self.workdir}: its lock file {LOCK_NAME} keeps being replaced")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()}, {self.purpose}\n".encode(), 0)
         self._fd = fd
@@ -48,9 +59,13 @@ class WorkdirLock:
     def release(self) -> None:
         if self._fd is not None:
             try:
-                os.ftruncate(self._fd, 0)
+                if _same_file(self._fd, self.path):  # (a user may have replaced the workdir meanwhile)
+                    os.unlink(self.path)  # still locked: a run that opens it now sees it gone (acquire)
             except OSError:
-                pass
+                try:
+                    os.ftruncate(self._fd, 0)  # it stays: at least without a holder's PID in it
+                except OSError:
+                    pass
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
@@ -63,6 +78,14 @@ class WorkdirLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        mine, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _read_holder(fd) -> str:

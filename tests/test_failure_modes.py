@@ -736,6 +736,43 @@ def test_second_run_on_a_workdir_exits_2_at_once_naming_the_holder_and_sigkill_f
             WorkdirLock(str(workdir)).acquire()
 
 
+def test_a_run_that_fails_on_its_data_leaves_no_lock_file(tmp_path):
+    # The run takes the workdir's lock before it reads its data; it used to leave a workdir that held
+    # nothing but an empty `.lock` behind.
+    workdir = tmp_path / "run"
+    r = _train(*TINY, f"--workdir={workdir}")  # _env's SIAMESE_DATA_DIR does not exist
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert not (workdir / ".lock").exists()
+
+
+def test_a_contender_that_locked_the_lock_file_as_its_holder_removed_it_locks_the_new_one(tmp_path, monkeypatch):
+    # The holder removes `.lock` when it lets go. A contender that opened the file just before that
+    # gets its flock on a file no one else can see any more; a third run would then create and lock
+    # a new `.lock` too, and two runs would share the workdir. The contender must notice and retry.
+    from siamese_jax import workdir_lock
+
+    holder = WorkdirLock(str(tmp_path)).acquire()
+    real_open = os.open
+    opened = []
+
+    def open_then_holder_lets_go(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        opened.append(fd)
+        if len(opened) == 1:
+            holder.release()  # between the contender's open and its flock
+        return fd
+
+    monkeypatch.setattr(workdir_lock.os, "open", open_then_holder_lets_go)
+    contender = WorkdirLock(str(tmp_path)).acquire()
+    monkeypatch.undo()
+    assert len(opened) == 2  # it opened the file again: the new one
+    with pytest.raises(WorkdirLockedError, match=f"PID {os.getpid()}"):
+        WorkdirLock(str(tmp_path)).acquire()  # one holder only
+    contender.release()
+    assert not (tmp_path / ".lock").exists()
+    WorkdirLock(str(tmp_path)).acquire().release()
+
+
 # =================================================================================================
 # 6. Entry points after `pip install`
 # =================================================================================================
@@ -896,6 +933,26 @@ def test_a_write_that_fails_names_the_file_not_its_temporary_and_keeps_the_old_o
         with files.atomic_open(str(tmp_path / "model.msgpack"), "wb"):
             open(tmp_path / "elsewhere.bin", "rb")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "results.json"]
+
+
+def test_jax_logging_level_is_kept_and_each_jax_record_printed_once():
+    # JAX_LOGGING_LEVEL=INFO: JAX adds its own stderr handler to its logger, so each of its records
+    # was printed twice (once unformatted), and the commands then raised the logger to WARNING,
+    # hiding the INFO records the user asked for.
+    script = (
+        "import logging\n"
+        "from siamese_jax import cli\n"
+        "cli.setup_logging()\n"
+        "logging.getLogger('jax._src.dispatch').warning('a jax warning')\n"
+        "logging.getLogger('jax._src.dispatch').info('a jax info record')\n"
+        "logging.getLogger('orbax.checkpoint').info('an orbax info record')\n")
+    r = _run([sys.executable, "-c", script], env=dict(_env(), JAX_LOGGING_LEVEL="INFO"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("a jax warning") == 1, r.stderr
+    assert r.stderr.count("a jax info record") == 1, r.stderr
+    assert "an orbax info record" not in r.stderr  # the other libraries stay quiet
+    r = _run([sys.executable, "-c", script])  # no JAX_LOGGING_LEVEL: JAX's records from WARNING up
+    assert r.stderr.count("a jax warning") == 1 and "a jax info record" not in r.stderr, r.stderr
 
 
 def test_library_error_records_keep_their_line_and_lose_their_traceback():

@@ -347,6 +347,69 @@ def test_a_step_unreadable_on_one_process_only_is_an_error_on_every_process(env,
     assert not (tmp_path / "run" / "unreadable").exists()
 
 
+_FLAKY_EVALUATION_READS = r'''
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+address, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(address, 2, pid)
+import os
+import jax.numpy as jnp
+from siamese_jax import checkpoints as C, models, parallel, train as T, train_step as ts
+from siamese_jax.configs import default
+
+c = default.get_config("omniglot")
+c.widths, c.embedding_dim, c.image_size = (8, 8), 16, 16
+mesh = parallel.make_data_mesh()
+model, tx = models.build_model(c), ts.make_optimizer(c)
+state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), 16), mesh)
+ck = C.Checkpoints(workdir)
+for step, score in ((1, 0.25), (2, 0.5)):
+    s = state.replace(step=parallel.put_replicated(jnp.int32(step), mesh))
+    ck.save(s, {})
+    ck.save_best(s, {}, {"val_one_shot_accuracy": score})
+    ck.wait()
+real_metrics = ck.best.metrics
+def flaky_metrics(step):  # process 1 cannot read best/'s metrics
+    if pid == 1:
+        raise OSError("injected transient read error")
+    return real_metrics(step)
+ck.best.metrics = flaky_metrics
+print("BEST", T._best_metric(ck), flush=True)
+ck.close()
+
+real = C.restore_step
+def flaky(manager, step, target, weights_only=False):  # process 1 cannot read the newest step
+    if pid == 1 and step == 2:
+        raise OSError("injected transient read error")
+    return real(manager, step, target, weights_only)
+C.restore_step = flaky
+try:  # what siamese-evaluate and export restore from: read-only, nothing moved aside
+    got, _, where = C.restore_first_readable([os.path.join(workdir, "checkpoints")], state)
+    print("RESTORED", int(got.step), flush=True)
+except C.CheckpointError as e:
+    print("ERROR", e, flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_evaluation_reads_on_several_processes_agree_or_fail_everywhere(env, tmp_path):
+    """Two reads that went on separately on each process. (a) The best validation score so far,
+    read from `best/` on each process: process 1 could not read it and took None, so at the next
+    validation it alone would save a new best and wait in orbax's barrier for ever; now every
+    process uses process 0's reading. (b) `siamese-evaluate` and `export` restore read-only, and
+    there the processes never compared steps: process 1 evaluated step 1 while process 0 evaluated
+    step 2, silently. Now both stop with one error."""
+    _, outs = _two_processes_of_script(
+        _FLAKY_EVALUATION_READS, lambda i, port: [f"localhost:{port}", str(i), str(tmp_path / "run")],
+        env, tmp_path, timeout=150)
+    for i, (out, err) in enumerate(outs):
+        assert "BEST 0.5" in out, f"process {i}:\n{out}\n{err[-2000:]}"
+        assert "ERROR the processes read different checkpoint steps" in out, f"process {i}:\n{out}\n{err[-2000:]}"
+        assert "process 0: 2, process 1: 1" in out
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["run", "run\udcff"])  # the second: a workdir whose name is not UTF-8
 def test_a_workdir_in_use_is_the_same_one_line_error_on_every_process(env, tmp_path, name):

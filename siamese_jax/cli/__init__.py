@@ -65,6 +65,18 @@ def setup_logging(process_index: int = 0, process_count: int = 1):
     logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("absl", "jax", "orbax", "tensorstore", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # JAX_LOGGING_LEVEL (or --jax_logging_level) is the user asking for JAX's records at that level:
+    # keep it. JAX then also adds its own stderr handler to the `jax` and `jaxlib` loggers, whose
+    # records reach the root handler too, so each was printed twice (the second time unformatted).
+    import jax
+
+    asked = jax.config.jax_logging_level
+    for name in ("jax", "jaxlib"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]:
+            logger.removeHandler(handler)
+        if asked and asked != "NOTSET":
+            logger.setLevel(asked)
     if not os.environ.get(console.TRACEBACK_ENV):  # SIAMESE_TRACEBACK=1: every stack, for debugging
         for handler in logging.getLogger().handlers:
             handler.addFilter(_LibraryErrorsWithoutTracebacks())
