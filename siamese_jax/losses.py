@@ -28,10 +28,15 @@ included: the square root is taken through a double `where`, so its gradient at 
 Each loss `f` has a twin `f_with_stats` returning `(loss, stats)`. `stats` is a dict of float32 scalars,
 always with "active_fraction": the share of the triplets / anchors / pairs the loss considers that
 have a loss > 0 (for verification: the share misclassified at logit 0). Mean distances in `stats`
-are in the distance the loss uses (D). Empty averages are 0, never NaN.
+are in the distance the loss uses (D). Empty averages are 0, never NaN (a batch with no valid
+triplet, pair or anchor); an empty batch is a ValueError.
+
+Shapes are checked when a loss is traced: labels and `is_similar` must have exactly the batch's
+shape [B] (a [B, 1] column would broadcast against [B] into a [B, B] loss: a wrong number, silently).
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "pairwise_distances", "euclidean_distance",
@@ -64,6 +69,28 @@ def _safe_mean(values, mask):
     """Mean of `values` where `mask`; 0 when the mask is empty (no NaN, no 0/0 in the gradient)."""
     mask = mask.astype(jnp.float32)
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _check_pairs(what, x1, x2, is_similar=None, names=("x1", "x2")):
+    """x1 and x2 [..., E] of one shape, not empty; `is_similar` of their shape without E."""
+    s1, s2 = tuple(jnp.shape(x1)), tuple(jnp.shape(x2))
+    if len(s1) < 2 or s1 != s2:
+        raise ValueError(f"{what}: {names[0]} {s1} and {names[1]} {s2} must be embeddings of one shape [B, E]")
+    if 0 in s1[:-1]:
+        raise ValueError(f"{what}: the batch is empty ({names[0]} {s1})")
+    if is_similar is not None and tuple(jnp.shape(is_similar)) != s1[:-1]:
+        raise ValueError(f"{what}: is_similar {tuple(jnp.shape(is_similar))} must have shape {s1[:-1]}, one "
+                         f"0/1 per pair (a [B, 1] column would broadcast into a wrong loss)")
+
+
+def _check_labelled(what, embeddings, labels, label_name="labels"):
+    """embeddings [B, E] (B ≥ 1) and integer labels [B]."""
+    e, l = tuple(jnp.shape(embeddings)), tuple(jnp.shape(labels))
+    if len(e) != 2 or e[0] == 0:
+        raise ValueError(f"{what}: embeddings {e} must be a non-empty batch [B, E]")
+    if l != e[:1]:
+        raise ValueError(f"{what}: {label_name} {l} must have shape ({e[0]},), one per embedding "
+                         f"(a [B, 1] column would broadcast into a wrong loss)")
 
 
 def _as_weight(is_similar):
@@ -109,6 +136,7 @@ def pairwise_distances(embeddings, squared=False):
 
 def contrastive_loss_with_stats(x1, x2, is_similar, margin=1.0):
     """(loss, stats) of `contrastive_loss`; stats: active_fraction, mean_positive/negative_distance (d)."""
+    _check_pairs("contrastive_loss", x1, x2, is_similar)
     s = _as_weight(is_similar)
     d2 = euclidean_distance(x1, x2, squared=True)
     d = _safe_sqrt(d2)
@@ -135,6 +163,8 @@ def contrastive_loss(x1, x2, is_similar, margin=1.0):
 
 def triplet_loss_with_stats(anchor, positive, negative, margin=0.2, squared=True):
     """(loss, stats) of `triplet_loss`; stats: active_fraction, mean_positive/negative_distance (D)."""
+    _check_pairs("triplet_loss", anchor, positive, None, ("anchor", "positive"))
+    _check_pairs("triplet_loss", anchor, negative, None, ("anchor", "negative"))
     d_ap = euclidean_distance(anchor, positive, squared=squared)
     d_an = euclidean_distance(anchor, negative, squared=squared)
     per_triplet = jnp.maximum(d_ap - d_an + margin, 0.0)
@@ -163,6 +193,7 @@ def _label_masks(labels):
 
 def batch_all_triplet_loss_with_stats(embeddings, labels, margin=0.2, squared=False):
     """(loss, stats) of `batch_all_triplet_loss`; active_fraction = positive-loss triplets / valid triplets."""
+    _check_labelled("batch_all_triplet_loss", embeddings, labels)
     dist = pairwise_distances(embeddings, squared=squared)
     positive, negative = _label_masks(labels)
     # [a, p, n]: B³ entries, fine for mining batches (B ~ 100s).
@@ -186,6 +217,7 @@ def batch_all_triplet_loss(embeddings, labels, margin=0.2, squared=False):
 
 def batch_hard_triplet_loss_with_stats(embeddings, labels, margin=0.2, squared=False):
     """(loss, stats) of `batch_hard_triplet_loss`; stats over the anchors with a positive and a negative."""
+    _check_labelled("batch_hard_triplet_loss", embeddings, labels)
     dist = pairwise_distances(embeddings, squared=squared)
     positive, negative = _label_masks(labels)
     valid_anchor = jnp.any(positive, axis=1) & jnp.any(negative, axis=1)
@@ -211,6 +243,7 @@ def batch_hard_triplet_loss(embeddings, labels, margin=0.2, squared=False):
 
 def hardest_negative_triplet_loss_with_stats(embeddings, labels, margin=0.2, squared=False):
     """(loss, stats) of `hardest_negative_triplet_loss`; stats over the positive pairs considered."""
+    _check_labelled("hardest_negative_triplet_loss", embeddings, labels)
     dist = pairwise_distances(embeddings, squared=squared)
     positive, negative = _label_masks(labels)
     has_negative = jnp.any(negative, axis=1)
@@ -239,6 +272,7 @@ def batch_semihard_triplet_loss_with_stats(embeddings, labels, margin=0.2, squar
 
     Extra stat "fallback_fraction": share of those pairs with no negative farther than the positive.
     """
+    _check_labelled("batch_semihard_triplet_loss", embeddings, labels)
     dist = pairwise_distances(embeddings, squared=squared)
     positive, negative = _label_masks(labels)
     d_ap = dist[:, :, None]                     # [a, p, 1]
@@ -281,6 +315,7 @@ def prototypical_logits(embeddings, labels):
     *other* images (Snell et al.'s support/query split, every image a query once). `own[i, j]` marks
     row i's own-class column; `valid[i]`: image i has another image of its class and another class.
     """
+    _check_labelled("prototypical_loss", embeddings, labels)
     e = _f32(embeddings)
     labels = jnp.asarray(labels)
     same = labels[:, None] == labels[None, :]
@@ -354,6 +389,8 @@ def verification_loss_with_stats(logits, is_similar):
     s = _as_weight(is_similar)
     if z.shape != s.shape:  # a [B, 1] vs [B] mix-up would silently broadcast to [B, B]
         raise ValueError(f"logits {z.shape} and is_similar {s.shape} must have the same shape")
+    if z.size == 0:
+        raise ValueError(f"verification_loss: the batch is empty (logits {z.shape})")
     # −[s·log σ(z) + (1 − s)·log(1 − σ(z))], with log(1 − σ(z)) = log σ(−z): stable for any z.
     per_pair = -(s * jax.nn.log_sigmoid(z) + (1.0 - s) * jax.nn.log_sigmoid(-z))
     correct = (z > 0) == (s > 0.5)
@@ -381,6 +418,15 @@ def arcface_logits(embeddings, class_index, centres, scale=30.0, margin=0.5):
     would rise again as θ grows, so there, as in Deng et al.'s code, the target logit continues as
     cos θ − m·sin m, which keeps falling as θ grows.
     """
+    _check_labelled("arcface_loss", embeddings, class_index, "class_index")
+    c = tuple(jnp.shape(centres))
+    if len(c) != 2 or c[1] != jnp.shape(embeddings)[1]:
+        raise ValueError(f"arcface_loss: centres {c} must be [C, E] with the embeddings' E = {jnp.shape(embeddings)[1]}")
+    if not isinstance(class_index, jax.core.Tracer):  # under jit the values are unknown here
+        index = np.asarray(class_index)  # NumPy: jnp ops would be traced inside an outer jit
+        if not np.issubdtype(index.dtype, np.integer) or bool(np.any((index < 0) | (index >= c[0]))):
+            raise ValueError(f"arcface_loss: class_index must be integers in [0, {c[0]}) (rows of centres), "
+                             f"got {index.dtype} values from {index.min()} to {index.max()}")
     cos = jnp.clip(_unit(embeddings) @ _unit(centres).T, -1.0, 1.0)
     target = jnp.asarray(class_index)[:, None] == jnp.arange(cos.shape[1])[None, :]
     # sin θ with a finite gradient at θ = 0 (sqrt'(0) is infinite): clip 1 − cos² away from 0.
@@ -407,7 +453,9 @@ def arcface_loss_with_stats(embeddings, class_index, centres, scale=30.0, margin
 
 def arcface_loss(embeddings, class_index, centres, scale=30.0, margin=0.5):
     """ArcFace: mean softmax cross-entropy of `arcface_logits` over the batch. `class_index` [B]
-    int in [0, C) indexes the rows of `centres` [C, E]; `margin` m is in radians."""
+    int in [0, C) indexes the rows of `centres` [C, E]; `margin` m is in radians. An index outside
+    [0, C) is a ValueError when called eagerly; under `jax.jit` it cannot be checked and gives a NaN
+    or wrong loss (map dataset labels to 0..C-1 first: `sampling` does, as `class_index`)."""
     return arcface_loss_with_stats(embeddings, class_index, centres, scale, margin)[0]
 
 
@@ -422,6 +470,10 @@ def relational_distance_loss(student, teacher, delta=1.0):
     The student learns the teacher's *relative* distances, so the two may differ in dimension and
     scale (here: one small encoder against the concatenated embeddings of several trained ones).
     The teacher is a constant (no gradient flows into it)."""
+    sb, tb = tuple(jnp.shape(student)), tuple(jnp.shape(teacher))
+    if len(sb) != 2 or len(tb) != 2 or sb[0] != tb[0] or sb[0] < 2:
+        raise ValueError(f"relational_distance_loss: student {sb} and teacher {tb} must be batches [B, E] "
+                         f"and [B, F] of the same B ≥ 2")
     s = pairwise_distances(student)
     t = pairwise_distances(jax.lax.stop_gradient(_f32(teacher)))
     off_diagonal = ~jnp.eye(s.shape[0], dtype=bool)

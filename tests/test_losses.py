@@ -680,3 +680,48 @@ def test_relational_distance_loss_gradients_are_finite_and_never_reach_the_teach
     f = jax.jit(lambda s: L.relational_distance_loss(s, teacher))
     x = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
     _assert_grad_matches_finite_differences(f, x, np.asarray(jax.grad(f)(x), np.float64))
+
+
+# ----- shapes a student passes by mistake (the Python-API review of 2026-12-05) --------------------
+
+def test_a_label_column_or_an_empty_batch_is_a_value_error_not_a_broadcast_loss():
+    # labels[:, None] (Keras and PyTorch pipelines hand labels as [B, 1]) broadcast against [B] into a
+    # [B, B] loss: contrastive gave 3.454 for 2.131, batch-hard 2.113 for 0.499, with no error.
+    rng = np.random.default_rng(0)
+    x1, x2 = (jnp.asarray(rng.normal(size=(8, 4)), jnp.float32) for _ in range(2))
+    s = jnp.asarray(rng.integers(0, 2, 8))
+    labels = jnp.asarray([0, 0, 1, 1, 2, 2, 3, 3])
+    with pytest.raises(ValueError, match=r"is_similar \(8, 1\) must have shape \(8,\)"):
+        L.contrastive_loss(x1, x2, s[:, None])
+    with pytest.raises(ValueError, match="is_similar"):
+        L.contrastive_loss(x1, x2, s[:1])  # one label for the whole batch broadcast too
+    for loss in (L.batch_all_triplet_loss, L.batch_hard_triplet_loss, L.batch_semihard_triplet_loss,
+                 L.hardest_negative_triplet_loss, L.prototypical_loss):
+        with pytest.raises(ValueError, match=r"labels \(8, 1\) must have shape \(8,\)"):
+            loss(x1, labels[:, None])
+        with pytest.raises(ValueError, match="empty"):
+            loss(x1[:0], labels[:0])
+        assert np.isfinite(float(jax.jit(loss)(x1, labels)))  # the checks are on shapes: jit is fine
+    with pytest.raises(ValueError, match="anchor"):
+        L.triplet_loss(x1, x2, x2[:, :3])
+    for empty in (lambda: L.contrastive_loss(x1[:0], x2[:0], s[:0]), lambda: L.triplet_loss(x1[:0], x1[:0], x1[:0]),
+                  lambda: L.verification_loss(jnp.zeros(0), jnp.zeros(0))):
+        with pytest.raises(ValueError, match="empty"):
+            empty()  # they returned NaN though the module promises "never NaN"
+    with pytest.raises(ValueError, match="same B"):
+        L.relational_distance_loss(x1, x2[:5])
+
+
+def test_arcface_class_index_outside_the_centres_is_a_value_error_eagerly():
+    # Passing dataset label ids instead of class_index: index C gave a NaN loss, −1 a finite but wrong
+    # one (the gather wrapped round; the margin's mask never matched).
+    rng = np.random.default_rng(1)
+    emb = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    centres = jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)
+    for bad in ([0, 1, 2, 3], [0, 1, 2, -1]):
+        with pytest.raises(ValueError, match=r"class_index must be integers in \[0, 3\)"):
+            L.arcface_loss(emb, np.array(bad), centres)
+    with pytest.raises(ValueError, match="centres"):
+        L.arcface_loss(emb, np.array([0, 1, 2, 0]), centres[:, :2])
+    good = np.array([0, 1, 2, 0])
+    assert float(L.arcface_loss(emb, good, centres)) == pytest.approx(float(jax.jit(L.arcface_loss)(emb, good, centres)), rel=1e-5)
