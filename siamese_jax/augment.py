@@ -152,8 +152,12 @@ def _random_matrix(key, config: AffineConfig, translate_limit: float):
 def random_affine(key, images, config: AffineConfig = AffineConfig()):
     """Koch's random affine distortion of each image of [B, H, W, C] floats in [0, 1]; same shape.
 
-    One key per image (split from `key`), so the result is independent of sharding.
+    One key per image (split from `key`), so the result is independent of sharding. Integer images
+    (the uint8 0..255 of `data.load`) are refused: clipped to [0, 1] they came back binarised.
     """
+    if not jnp.issubdtype(jnp.result_type(images), jnp.floating):
+        raise ValueError(f"random_affine takes float images in [0, 1]; got {jnp.result_type(images)} "
+                         f"(divide uint8 images by 255 first)")
     if not config.enabled:
         return images
     return _random_affine(key, images, config)

@@ -118,6 +118,19 @@ class BatchNormReLUPool(nn.Module):
         return out
 
 
+def _check_images(x, who: str, min_size: int = 1) -> None:
+    """NHWC floats in [0, 1]: an NCHW batch ran through silently (its rows read as channels) and
+    0..255 integers gave embeddings ~250x too large. Shapes and dtypes only: free under jit."""
+    shape, dtype = tuple(jnp.shape(x)), jnp.result_type(x)
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise ValueError(f"{who} takes NHWC images [N, H, W, 1] (grayscale) or [N, H, W, 3]; got shape {shape}"
+                         + (" (NCHW? move the channels last)" if len(shape) == 4 and shape[1] in (1, 3) else ""))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{who} takes float images in [0, 1]; got {dtype} (divide uint8 images by 255 first)")
+    if min(shape[1:3]) < min_size:
+        raise ValueError(f"{who} needs images of at least {min_size}x{min_size} pixels; got {shape[1]}x{shape[2]}")
+
+
 class KochEncoder(nn.Module):
     """Koch, Zemel & Salakhutdinov 2015, for 105x105x1 input.
 
@@ -132,6 +145,8 @@ class KochEncoder(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train  # no batch-dependent layers
+        # 65 px is the least input whose map survives the four valid convolutions and three pools.
+        _check_images(x, "KochEncoder", min_size=65)
         x = x.astype(self.dtype)
         for filters, size, pool in ((64, 10, True), (128, 7, True), (128, 4, True), (256, 4, False)):
             x = nn.Conv(filters, (size, size), padding="VALID", dtype=self.dtype, param_dtype=jnp.float32)(x)
@@ -160,6 +175,7 @@ class SmallConvEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        _check_images(x, "SmallConvEncoder")
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
             x = nn.Conv(width, (3, 3), padding="SAME", use_bias=self.norm == "none",
@@ -204,6 +220,8 @@ class SiameseNetwork(nn.Module):
         if self.verification_head:
             self.head = nn.Dense(1, param_dtype=jnp.float32, name="head")
         if self.num_class_centres:
+            if self.embedding_dim <= 0:
+                raise ValueError("SiameseNetwork: num_class_centres needs embedding_dim (the encoder's output size)")
             # Entries of std 1/sqrt(dim): each centre starts at norm ~1, so Adam's ~lr-sized steps
             # per coordinate turn it by small angles (ArcFace normalises the centres: only their
             # direction counts, and a large norm would slow its turning).

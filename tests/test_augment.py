@@ -244,3 +244,14 @@ def test_config_check_refuses_a_negative_elastic_alpha_or_zero_sigma():
         bad[key] = value
         with pytest.raises(config_check.ConfigError, match=f"{key}="):
             config_check.validate_config(bad)
+
+
+def test_random_affine_refuses_integer_images_instead_of_binarising_them():
+    # `data.load(...).images` is uint8 0..255: cast to float and clipped to [0, 1], every pixel with
+    # any ink came back 1 (2 distinct values of 222), even with every distortion off.
+    images = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8, 1)
+    for config in (augment.AffineConfig(), augment.AffineConfig(prob=0.0)):
+        with pytest.raises(ValueError, match="float images in \\[0, 1\\]; got uint8"):
+            augment.random_affine(jax.random.PRNGKey(0), images, config)
+    out = augment.random_affine(jax.random.PRNGKey(0), images / 255.0, augment.AffineConfig(prob=0.0))
+    np.testing.assert_allclose(np.asarray(out), images / 255.0, atol=1e-6)

@@ -154,3 +154,21 @@ def test_fused_block_keeps_nn_batchnorm_variable_names_and_bfloat16():
     grads = jax.grad(lambda p: jnp.sum(enc.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
                                                  mutable=["batch_stats"])[0]))(v["params"])
     assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+
+
+def test_encoders_refuse_nchw_integer_and_too_small_input_with_one_clear_error():
+    # The Python-API review (2026-12-05): an NCHW batch [8, 1, 35, 35] initialised and trained (the
+    # 35 rows read as channels, H = 1 switched every pool off); uint8 0..255 input gave embeddings of
+    # norm ~600; Koch's encoder below 65 px failed in JAX's initializer with a bare ZeroDivisionError.
+    key = jax.random.PRNGKey(0)
+    small = models.SmallConvEncoder(widths=(8, 8), embedding_dim=4)
+    with pytest.raises(ValueError, match=r"NHWC.*\(NCHW\? move the channels last\)"):
+        small.init(key, jnp.zeros((8, 1, 35, 35)))
+    with pytest.raises(ValueError, match="float images in \\[0, 1\\]; got uint8"):
+        small.init(key, jnp.zeros((8, 35, 35, 1), jnp.uint8))
+    for size in (28, 64):
+        with pytest.raises(ValueError, match="KochEncoder needs images of at least 65x65 pixels"):
+            models.KochEncoder(features=8).init(key, jnp.zeros((1, size, size, 1)))
+    models.KochEncoder(features=8).init(key, jnp.zeros((1, 65, 65, 1)))  # the least that works
+    with pytest.raises(ValueError, match="num_class_centres needs embedding_dim"):
+        models.SiameseNetwork(encoder=small, num_class_centres=10).init(key, jnp.zeros((2, 35, 35, 1)))
