@@ -46,6 +46,17 @@ def _episode_predictions(support, query, rule: str):
     return owner[nearest].reshape(query.shape[:3])
 
 
+def _require_finite(x: np.ndarray, what: str) -> None:
+    """NaN compares false with everything: a diverged model's NaN embeddings were scored as chance
+    (every query "nearest" to the first class) and NaN distances ranked as the largest."""
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} hold NaN or Inf (a diverged model?); nothing was scored")
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def one_shot_predictions(support_emb, query_emb, rule: str = "nearest") -> np.ndarray:
     """Predicted class (index into n_way) for every query; shapes as in `one_shot_accuracy`."""
     if rule not in ("nearest", "prototype"):
@@ -62,14 +73,17 @@ def one_shot_predictions(support_emb, query_emb, rule: str = "nearest") -> np.nd
     t, n_way, k_shot, e = support.shape
     if t == 0:
         raise ValueError("no episodes to score")
+    _require_finite(support, "the support embeddings")
+    _require_finite(query, "the query embeddings")
     n_query = query.shape[2]
     per_episode = n_way * n_query * (n_way * k_shot) * e
-    chunk = max(1, min(t, _CHUNK_FLOATS // max(per_episode, 1)))
+    # Chunks of a power-of-two size (padded): one compilation per size class, not per episode count.
+    chunk = max(1, min(_power_of_two_at_least(t), _CHUNK_FLOATS // max(per_episode, 1)))
     out = []
     for start in range(0, t, chunk):
         s, q = support[start:start + chunk], query[start:start + chunk]
         pad = chunk - len(s)
-        if pad:  # fixed chunk shape: one compilation however many episodes there are
+        if pad:  # fixed chunk shape: the same compilation for any episode count up to the chunk
             s = np.concatenate([s, np.zeros((pad,) + s.shape[1:], s.dtype)])
             q = np.concatenate([q, np.zeros((pad,) + q.shape[1:], q.dtype)])
         out.append(np.asarray(_episode_predictions(s, q, rule))[:chunk - pad])
@@ -144,6 +158,7 @@ def _pairs(distances, is_similar):
         raise ValueError(f"distances {d.shape} and is_similar {same.shape} differ in length")
     if d.size == 0:
         raise ValueError("no pairs")
+    _require_finite(d, "the distances")
     return d, same
 
 
@@ -273,7 +288,9 @@ def _query_chunks(query: np.ndarray, n_index: int, chunk_size: Optional[int]):
     n = len(query)
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_FLOATS // max(n_index, 1))
-    chunk = max(1, min(int(chunk_size), n))
+    # A power-of-two chunk (padded) for a short query list: `search` of 1, 3, 7 ... queries compiled
+    # once per size class instead of once per count (~0.2 s each).
+    chunk = max(1, min(int(chunk_size), _power_of_two_at_least(n)))
     for start in range(0, n, chunk):
         q = query[start:start + chunk]
         ids = np.arange(start, start + len(q), dtype=np.int32)
@@ -289,6 +306,8 @@ def _prepare(query_emb, index_emb):
     query = np.asarray(query_emb, np.float32)
     if index.ndim != 2 or query.ndim != 2 or index.shape[1] != query.shape[1]:
         raise ValueError(f"expected [Q, E] and [N, E] embeddings, got {query.shape} and {index.shape}")
+    _require_finite(index, "the index embeddings")
+    _require_finite(query, "the query embeddings")
     # Centre on the index mean: distances are unchanged, but the |a|^2+|b|^2-2ab expansion loses
     # far less precision when embeddings share a large common offset.
     centre = index.mean(axis=0, keepdims=True) if len(index) else 0.0
@@ -364,6 +383,7 @@ def retrieval_metrics(embeddings, labels, chunk_size: Optional[int] = None, max_
         raise ValueError(f"embeddings {emb.shape} and labels {labels.shape} disagree")
     if len(emb) == 0:
         raise ValueError("no embeddings to score")
+    _require_finite(emb, "the embeddings")
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     label_ids = inverse.reshape(-1).astype(np.int32)
     r = (counts[label_ids] - 1).astype(np.int32)

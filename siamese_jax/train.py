@@ -55,8 +55,12 @@ def margin_of(config) -> float:
 
 
 def validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh) -> float:
-    """Mean 20-way (or fewer) 1-shot accuracy on episodes from the held-out validation data (fixed seed)."""
+    """Mean 20-way (or fewer) 1-shot accuracy on episodes from the held-out validation data (fixed seed).
+    NaN when the model embeds any validation image as NaN or Inf: the loop's divergence check stops
+    the run there (scored, NaN embeddings read as chance and could be saved as the best model)."""
     emb = embedding.embed_images(embed_fn, state, val_images, mesh)
+    if not np.isfinite(emb).all():
+        return float("nan")
     n_classes = int(val_dds.class_count.shape[0])
     n_way = min(20, n_classes)
     within = config.dataset == "omniglot" and sampling.max_classes_per_alphabet(val_dds) >= n_way
@@ -408,6 +412,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                     t1 = time.time()
                     overhead["validation"] += t1 - t0
                     writer.write(done, scores)
+                    detector.check(done, scores)  # NaN: the model embeds validation images as NaN/Inf
                     log.info("step %d  validation one-shot accuracy %.4f%s", done, acc,
                              f" (moving average; live weights {scores['val_one_shot_accuracy_live']:.4f})"
                              if selected is not state else "")

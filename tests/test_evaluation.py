@@ -321,3 +321,41 @@ def test_nothing_to_score_and_non_finite_embeddings_are_errors_not_numbers():
     emb[4, 0] = np.inf
     with pytest.raises(ValueError, match=r"embeds 2 of 6 images of Lake's runs as NaN or Inf \(a diverged checkpoint\?\)"):
         protocols._finite(emb, "Lake's runs")
+
+
+def test_knn_and_episode_scoring_compile_once_per_power_of_two_size_class():
+    # `search` with 9, 10, 11, 12 queries (or 5, 6, 7 episodes) compiled once per count (~0.2 s each).
+    rng = np.random.default_rng(0)
+    index = rng.normal(size=(300, 8)).astype(np.float32)
+    before = evaluation._knn_chunk._cache_size()
+    for q in (9, 10, 11, 12, 16):
+        d, i = evaluation.knn(index[:q], index, 3)
+        assert d.shape == (q, 3) and (i[:, 0] == np.arange(q)).all()  # padding rows are dropped
+    assert evaluation._knn_chunk._cache_size() - before == 1
+    before = evaluation._episode_predictions._cache_size()
+    for t in (5, 6, 7, 8):
+        s = rng.normal(size=(t, 5, 1, 4)).astype(np.float32)
+        np.testing.assert_array_equal(evaluation.one_shot_accuracy(s, s), np.ones(t))
+    assert evaluation._episode_predictions._cache_size() - before == 1
+
+
+def test_the_scoring_functions_refuse_nan_instead_of_scoring_it():
+    # A diverged model's NaN embeddings scored exactly chance (one_shot_accuracy 0.2 at 5-way, Lake's
+    # runs 0.05), and roc_auc / best_threshold ranked a NaN distance as the largest.
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(3, 5, 1, 4)).astype(np.float32)
+    s[1, 2, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        evaluation.one_shot_accuracy(s, s)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        evaluation.lake_run_errors(s[:, :, 0], s[:, :, 0], np.zeros((3, 5), int))
+    d, same = np.array([0.1, np.nan, 2.0, 3.0]), np.array([1, 1, 0, 0])
+    for f in (evaluation.roc_auc, evaluation.best_threshold, lambda d, s: evaluation.verification_accuracy(d, s, 1.0)):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            f(d, same)
+    emb = rng.normal(size=(10, 4)).astype(np.float32)
+    emb[3, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        evaluation.knn(emb[:2], emb, 2)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        evaluation.retrieval_metrics(emb, np.arange(10) % 2)

@@ -367,6 +367,34 @@ def test_divergence_scale_is_the_first_positive_value_and_survives_a_resume():
         fresh.check(9020, {"loss": 0.05})
 
 
+def test_a_model_that_embeds_validation_images_as_nan_stops_as_diverged_not_scored_as_chance():
+    # NaN embeddings (e.g. a BatchNorm statistic gone to Inf while the loss stayed finite) were scored
+    # as chance, 1/20, and the first such validation was saved as the best model.
+    import types
+
+    import jax.numpy as jnp
+
+    from siamese_jax import parallel, sampling, train
+    from siamese_jax.data.dataset import ImageDataset
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(25, dtype=np.int32), 2)
+    ds = ImageDataset(images=rng.integers(0, 255, (50, 8, 8), dtype=np.uint8), labels=labels, name="mnist", split="test")
+    dds = sampling.to_device_dataset(ds, image_size=8)
+    config = default.get_config("mnist")
+    config.val_episodes = 4
+    state = types.SimpleNamespace(params=None, batch_stats=None)
+    mesh = parallel.make_data_mesh()
+    nan_model = lambda params, stats, x: jnp.full((x.shape[0], 4), jnp.nan)
+    acc = train.validation_accuracy(config, state, nan_model, dds, np.asarray(dds.images), mesh)
+    assert np.isnan(acc)
+    detector = divergence.DivergenceDetector()
+    with pytest.raises(divergence.DivergenceError, match="non-finite val_one_shot_accuracy"):
+        detector.check(3000, {"val_one_shot_accuracy": acc})
+    finite_model = lambda params, stats, x: x.reshape(x.shape[0], -1)[:, :4]
+    assert 0.0 <= train.validation_accuracy(config, state, finite_model, dds, np.asarray(dds.images), mesh) <= 1.0
+
+
 def test_divergence_rule_catches_non_finite_and_exploding_values_but_not_noise():
     det = divergence.DivergenceDetector(factor=100, window=5)
     det.seed("param_norm", 7.0)  # the starting state's norm
