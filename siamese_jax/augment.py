@@ -16,9 +16,11 @@ output pixel at o reads the input at M @ o. `affine_matrix` builds that matrix f
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import os
+import threading
 from typing import Optional
 
 import jax
@@ -234,13 +236,37 @@ def resize_uint8(images: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
         out[start:start + chunk] = y
 
     starts = range(0, len(images), chunk)
-    with _blas_libraries().limit(limits=1, user_api="blas"):
+    with _one_blas_thread():
         if len(starts) == 1:
             resize_chunk(0)
         else:  # NumPy releases the GIL inside matmul, so the threads run in parallel
             with concurrent.futures.ThreadPoolExecutor(min(len(starts), _resize_threads())) as pool:
                 list(pool.map(resize_chunk, starts))
     return out
+
+
+_blas_limit_lock = threading.Lock()
+_blas_limit = {"users": 0, "limiter": None}
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """BLAS limited to one thread while any `resize_uint8` runs. The limit is process-wide, so calls
+    from several Python threads share one: the first sets it and the last restores it. (Each call
+    setting and restoring its own, overlapping calls restored each other's "1", and NumPy stayed on
+    one BLAS thread for the rest of the process; the Python-API review of 2026-12-05.)"""
+    with _blas_limit_lock:
+        if _blas_limit["users"] == 0:
+            _blas_limit["limiter"] = _blas_libraries().limit(limits=1, user_api="blas")
+        _blas_limit["users"] += 1
+    try:
+        yield
+    finally:
+        with _blas_limit_lock:
+            _blas_limit["users"] -= 1
+            if _blas_limit["users"] == 0:
+                _blas_limit["limiter"].restore_original_limits()
+                _blas_limit["limiter"] = None
 
 
 @functools.cache

@@ -33,6 +33,8 @@ def keras_pairs(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, 
     """The Keras contrastive example's pairs: for each image, one same-class and one other-class partner.
 
     Returns (first, second, is_similar) index arrays of length 2N, pairs interleaved (same, different).
+    The same-class partner is any image of the class, the image itself included (as in the Keras
+    example), so a class with one image gives a pair of the image with itself.
     """
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)

@@ -232,7 +232,9 @@ def sample_pairs(key, dds: DeviceDataset, batch_size: int, *, same_alphabet_nega
     """Pairs for contrastive / verification losses: even rows are same-class pairs, odd rows
     different-class pairs (exactly half each for an even batch, and so on every device's shard).
 
-    Positives are two *different* images of a class. Negatives come from a different class; with
+    Positives are two *different* images of a class, when it has two or more: a class with one image
+    is paired with itself, a "same" pair at distance 0 that teaches nothing (`dds.min_class_count`
+    says whether the data has such classes; the CLI refuses them for the triplet losses). Negatives come from a different class; with
     `same_alphabet_negatives`, from the same alphabet (Lake-style hard pairs) unless the alphabet
     has only one class. Returns x1, x2 [B, H, W, 1] float32, is_similar bool [B], label1, label2.
     """

@@ -255,3 +255,29 @@ def test_random_affine_refuses_integer_images_instead_of_binarising_them():
             augment.random_affine(jax.random.PRNGKey(0), images, config)
     out = augment.random_affine(jax.random.PRNGKey(0), images / 255.0, augment.AffineConfig(prob=0.0))
     np.testing.assert_allclose(np.asarray(out), images / 255.0, atol=1e-6)
+
+
+def test_resizing_from_several_threads_at_once_leaves_blas_threads_as_they_were():
+    # Each resize limited BLAS (process-wide) to one thread and restored what it had saved; calls
+    # overlapping from several Python threads saved each other's "1", and NumPy then ran on one BLAS
+    # thread for the rest of the process (embedding from a thread pool in a notebook did this).
+    import threading
+
+    import threadpoolctl
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    images = np.random.default_rng(0).integers(0, 255, (32, 30, 30), dtype=np.uint8)
+    start = threading.Barrier(4)
+
+    def work():
+        start.wait()
+        for _ in range(300):
+            augment.resize_uint8(images, 20, chunk=16)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert blas_threads() == before
