@@ -128,6 +128,8 @@ class SiameseModel:
             images = np.asarray(images)  # a jax.Array or a tensor: as NumPy's, not iterated row by row
         if _is_one_image(images):
             images = [images]
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         return self.embed_prepared(self.preprocess(list(images)), batch_size)
 
     # -- pairs -------------------------------------------------------------------------------------
@@ -224,8 +226,15 @@ def _is_one_image(images) -> bool:
 
 
 def fit_calibration(distances, is_similar, target_far: Optional[float] = None) -> Calibration:
-    d = np.asarray(distances, np.float64)
-    y = np.asarray(is_similar, bool)
+    d = np.asarray(distances, np.float64).reshape(-1)
+    y = np.asarray(is_similar)
+    if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():  # strings such as "same" were all True
+        raise ValueError(f"is_similar must be bool or 0/1 per pair, got {y.dtype} values")
+    y = y.astype(bool).reshape(-1)
+    if len(d) != len(y):
+        raise ValueError(f"{len(d)} distances but {len(y)} is_similar labels")
+    if not np.isfinite(d).all():
+        raise ValueError("the distances hold NaN or Inf (a diverged model?); nothing was calibrated")
     if len(d) < 2 or y.all() or not y.any():
         raise ValueError("calibration needs labelled pairs of both kinds (same and different)")
     if target_far is None:

@@ -353,6 +353,9 @@ def sample_pk_batch(key, step, dds: DeviceDataset, classes_per_batch: int, image
 # Evaluation episodes
 # ------------------------------------------------------------------------------------------------
 def _check_episode(dds: DeviceDataset, n_way: int, k_shot: int, n_query: int):
+    for name, value, least in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("n_query", n_query, 1)):
+        if int(value) != value or value < least:  # k_shot=-1 gave an empty support set, silently
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if k_shot + n_query > dds.min_class_count:
         raise ValueError(f"k_shot + n_query = {k_shot + n_query} exceeds the smallest class "
                          f"({dds.min_class_count} images): support and query could not be disjoint")

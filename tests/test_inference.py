@@ -6,6 +6,7 @@ import subprocess
 import sys
 import zipfile
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -544,3 +545,27 @@ def test_a_malformed_exif_block_is_read_as_stored_by_the_model_and_the_contact_s
     assert img_lib.read_image(str(tmp_path / "q.png")).shape == (14, 14)
     sheet = plots.plot_neighbours(str(tmp_path / "sheet.png"), str(tmp_path / "q.png"), [str(tmp_path / "q.png")], [0.0])
     assert Image.open(sheet).size[0] > 200
+
+
+def test_library_arguments_out_of_range_are_value_errors_not_silent_or_obscure():
+    # The Python-API review (2026-12-05): k_shot=-1 gave an empty support set silently; embed's
+    # batch_size=0 "range() arg 3 must not be zero"; fit_calibration with a NaN distance returned a
+    # NaN slope, with string labels "needs labelled pairs of both kinds".
+    from siamese_jax import sampling
+    from siamese_jax.data.dataset import ImageDataset
+
+    ds = ImageDataset(images=np.zeros((12, 8, 8), np.uint8), labels=np.repeat(np.arange(4, dtype=np.int32), 3),
+                      name="mnist", split="test")
+    dds = sampling.to_device_dataset(ds, image_size=8)
+    for n_way, k_shot, n_query in ((3, -1, 2), (3, 0, 1), (1, 1, 1), (3, 1, 0), (3, 1.5, 1)):
+        with pytest.raises(ValueError, match="must be an integer >="):
+            sampling.sample_episode_indices(jax.random.PRNGKey(0), dds, 2, n_way, k_shot, n_query)
+    support, query = sampling.sample_episode_indices(jax.random.PRNGKey(0), dds, 2, 3, 1, 2)
+    assert support.shape == (2, 3, 1) and query.shape == (2, 3, 2)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        inference.load_model("pretrained").embed(np.zeros((2, 20, 20), np.float32), batch_size=0)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        inference.fit_calibration([1.0, np.nan, 3.0, 4.0], [1, 1, 0, 0])
+    with pytest.raises(ValueError, match="bool or 0/1"):
+        inference.fit_calibration([1.0, 2.0, 3.0, 4.0], ["same", "same", "different", "different"])
+    assert inference.fit_calibration([1.0, 2.0, 3.0, 4.0], np.array([1.0, 1.0, 0.0, 0.0])).threshold == 2.5  # the midpoint
