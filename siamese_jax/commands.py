@@ -168,7 +168,9 @@ def _calibrate(argv):
     a, b, same = balanced_pairs(labels, args.pairs, args.seed)
     cal = model.calibrate(np.linalg.norm(emb[a] - emb[b], axis=-1), same, args.far)
     if os.path.isdir(args.model) and not args.out:
-        atomic_write_json(os.path.join(args.model, "calibration.json"), cal.__dict__)
+        # Which weights it fits: a later checkpoint of the workdir does not inherit it (inference._load_workdir).
+        atomic_write_json(os.path.join(args.model, "calibration.json"),
+                          dict(cal.__dict__, model_fingerprint=model.fingerprint(), checkpoint_step=model.provenance.get("step")))
         where = os.path.join(args.model, "calibration.json")
     else:
         where = args.out or args.model

@@ -82,6 +82,8 @@ class SiameseModel:
         self.config = config
         self.params, self.batch_stats = params, batch_stats or {}
         self.calibration = calibration
+        # Why a workdir's calibration.json was not attached (fitted to another checkpoint), if so.
+        self.stale_calibration: Optional[str] = None
         self.provenance = provenance or {}
         self.network = models.build_model(config)
         self.image_size = int(config.image_size)
@@ -144,7 +146,7 @@ class SiameseModel:
                                         method=self.network.logits)
             return np.asarray(jax.nn.sigmoid(logits))
         if self.calibration is None:
-            raise ModelError("this model has no calibration: run `calibrate` first to get probabilities")
+            raise ModelError(self.stale_calibration or "this model has no calibration: run `calibrate` first to get probabilities")
         return self.calibration.probability(np.linalg.norm(ea - eb, axis=-1))
 
     def same_probability(self, a, b) -> np.ndarray:
@@ -153,7 +155,7 @@ class SiameseModel:
     def compare(self, a, b) -> Verdict:
         """Are these two images the same class? Uses the calibrated threshold."""
         if self.calibration is None:
-            raise ModelError("this model has no calibrated threshold: run `calibrate` on labelled pairs first")
+            raise ModelError(self.stale_calibration or "this model has no calibrated threshold: run `calibrate` on labelled pairs first")
         e = self.embed([a, b])
         d = float(np.linalg.norm(e[0] - e[1]))
         p = float(np.ravel(self.same_probability_from_embeddings(e[:1], e[1:]))[0])
@@ -342,16 +344,33 @@ def _load_workdir(workdir: str) -> SiameseModel:
     config = _workdir_config(workdir)
     loaded, step = load_workdir_model(config, workdir)
     state = jax.device_get(loaded.state)
-    cal = None
+    cal, fitted_to = None, {}
     cal_path = os.path.join(workdir, "calibration.json")
     if os.path.isfile(cal_path):
         try:
             with open(cal_path) as f:
-                cal = calibration_from_dict(json.load(f))
+                d = json.load(f)
+            if isinstance(d, dict):
+                fitted_to = {k: d.pop(k) for k in CALIBRATED_MODEL_KEYS if k in d}
+            cal = calibration_from_dict(d)
         except (OSError, ValueError, TypeError) as e:
             raise ModelError(f"{cal_path}: unusable calibration ({type(e).__name__}: {str(e)[:160]}); "
                              f"run `calibrate` again or remove it") from None
-    return SiameseModel(config, state.params, state.batch_stats, cal, {"workdir": os.path.abspath(workdir), "step": step})
+    model = SiameseModel(config, state.params, state.batch_stats, cal, {"workdir": os.path.abspath(workdir), "step": step})
+    # A threshold belongs to the weights it was fitted on. The workdir's best checkpoint moves on when
+    # its training goes on (or runs while `calibrate` did), and a stale threshold gave confident,
+    # wrong verdicts (accuracy 0.55 where a fresh one gave 0.78; the concurrency review of
+    # 2026-12-05). Such a calibration is not attached: `compare` says why; embed and search work.
+    if cal is not None and fitted_to.get("model_fingerprint") not in (None, model.fingerprint()):
+        model.calibration = None
+        model.stale_calibration = (
+            f"{cal_path} was fitted to the model of step {fitted_to.get('checkpoint_step')}; this workdir's "
+            f"model is now step {step}: run `siamese-calibrate FOLDER --model {workdir}` again")
+    return model
+
+
+# What a workdir's calibration.json records beside the Calibration: the weights it was fitted on.
+CALIBRATED_MODEL_KEYS = ("model_fingerprint", "checkpoint_step")
 
 
 def _workdir_config(workdir: str) -> ml_collections.ConfigDict:

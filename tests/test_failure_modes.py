@@ -631,6 +631,42 @@ def test_a_damaged_calibration_json_is_one_model_error_naming_it(tmp_path, conte
         inference.load_model(str(workdir))
 
 
+def test_a_workdir_calibration_fitted_to_an_earlier_best_checkpoint_is_not_used(tmp_path, capsys):
+    # `calibrate --model W` while W trained (or before it was resumed): calibration.json stayed, and
+    # `compare` used its threshold with the later best checkpoint's weights, silently (accuracy 0.55
+    # where a fresh threshold gave 0.78; the concurrency review of 2026-12-05).
+    from PIL import Image
+
+    from siamese_jax import commands
+
+    config = _tiny_config()
+    workdir = _finished_workdir(tmp_path / "run", config)
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "pairs" / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / "pairs" / f"class{c}" / f"{i}.png")
+    assert commands._calibrate([str(tmp_path / "pairs"), "--model", str(workdir), "--pairs", "20"]) == 0
+    saved = json.loads((workdir / "calibration.json").read_text())
+    assert saved["checkpoint_step"] == 1 and len(saved["model_fingerprint"]) == 16
+    a, b = str(tmp_path / "pairs" / "class0" / "0.png"), str(tmp_path / "pairs" / "class1" / "0.png")
+    inference.load_model(str(workdir)).compare(a, b)  # fitted to this checkpoint: used
+
+    (_, s2), _ = _states(config, 2)  # training went on: a new best, step 2
+    ck = C.Checkpoints(str(workdir))
+    ck.save_best(s2, {}, {"val_one_shot_accuracy": 0.9})
+    ck.close()
+    model = inference.load_model(str(workdir))
+    assert model.provenance["step"] == 2 and model.calibration is None
+    with pytest.raises(inference.ModelError, match=r"calibration.json was fitted to the model of step 1; this "
+                                                   r"workdir's model is now step 2: run `siamese-calibrate"):
+        model.compare(a, b)
+    assert model.embed([a]).shape == (1, config.embedding_dim)  # embedding needs no threshold
+    legacy = {k: v for k, v in saved.items() if k not in inference.CALIBRATED_MODEL_KEYS}
+    (workdir / "calibration.json").write_text(json.dumps(legacy))  # written before it was recorded
+    assert inference.load_model(str(workdir)).calibration is not None
+
+
 def test_evaluate_checkpoint_names_a_step_of_the_workdir_not_a_path_in_the_current_directory(tmp_path, monkeypatch):
     """`siamese-evaluate --checkpoint=2`, `--checkpoint=<workdir>/checkpoints/2` (the step directory
     the help names) and `--checkpoint=<workdir>/checkpoints` load the step they name; both of the first
