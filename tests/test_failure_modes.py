@@ -667,6 +667,17 @@ def test_a_workdir_calibration_fitted_to_an_earlier_best_checkpoint_is_not_used(
     assert inference.load_model(str(workdir)).calibration is not None
 
 
+def test_export_refuses_test_numbers_of_another_checkpoint(tmp_path):
+    # A finished workdir resumed with --noevaluate (or exported while it trains): results.json still
+    # holds the first evaluation, and the model file carried its Lake score for another checkpoint.
+    workdir = _finished_workdir(tmp_path / "run", _tiny_config())  # best: step 1
+    (workdir / "results.json").write_text(json.dumps({"checkpoint_step": 10, "test_time_shifts": "square9",
+                                                      "lake_20_runs": {"accuracy": 0.2175}}))
+    r = _run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={tmp_path / 'm.msgpack'}"])
+    _one_error_line(r, "describes checkpoint step 10, the workdir's best checkpoint is now step 1: run siamese-evaluate")
+    assert not (tmp_path / "m.msgpack").exists()
+
+
 def test_evaluate_checkpoint_names_a_step_of_the_workdir_not_a_path_in_the_current_directory(tmp_path, monkeypatch):
     """`siamese-evaluate --checkpoint=2`, `--checkpoint=<workdir>/checkpoints/2` (the step directory
     the help names) and `--checkpoint=<workdir>/checkpoints` load the step they name; both of the first

@@ -54,6 +54,13 @@ def main(argv):
         cli.fail(f"{results_path} was evaluated with test_time_shifts={evaluated_with}, the model would embed with "
                  f"{model.test_time_shifts}: export with --test_time_shifts={evaluated_with}, or first run "
                  f"siamese-evaluate --workdir={FLAGS.workdir} --test_time_shifts={model.test_time_shifts}")
+    evaluated_step, step = results.get("checkpoint_step"), model.provenance.get("step")
+    if results and evaluated_step is not None and evaluated_step != step:
+        # Training went on after the evaluation (a resume with --noevaluate, or an export while it
+        # runs): the file would carry another checkpoint's test numbers (the concurrency review of
+        # 2026-12-05: step 360 exported with step 10's Lake score).
+        cli.fail(f"{results_path} describes checkpoint step {evaluated_step}, the workdir's best checkpoint is "
+                 f"now step {step}: run siamese-evaluate --workdir={FLAGS.workdir} first")
     _, val = ip.split_train_val(config, ip.load_split(config, ip.train_split_name(config)))
     a, b, same = protocols.balanced_pairs(val.labels, FLAGS.pairs, seed=config.eval_seed)
     x = prepare_dataset_images(val, config.image_size)
