@@ -676,3 +676,26 @@ def test_rotated_classes_are_each_image_turned_by_k_quarter_turns_as_class_4l_pl
             assert out.labels[5 * k + i] == 4 * ds.labels[i] + k
             assert (out.alphabets[5 * k + i], out.drawers[5 * k + i]) == (ds.alphabets[i], ds.drawers[i])
     assert out.labels.dtype == np.int32
+
+
+def test_temporary_files_of_killed_cache_writes_are_removed_by_the_next_write(tmp_path):
+    # SIGKILL during a cache write left `<entry>.npz.XXXX.tmp` (up to 47 MB) that nothing removed:
+    # three kills left 115 MB where the cache was 55 MB (the concurrency review of 2026-12-05).
+    import time
+
+    from siamese_jax.data import cache
+    from siamese_jax.data.dataset import ImageDataset
+
+    ds = ImageDataset(images=np.zeros((2, 4, 4), np.uint8), labels=np.arange(2, dtype=np.int32), name="mnist", split="test")
+    path = cache.entry_path(tmp_path, "mnist", "test", "archives", "abcd")
+    killed = tmp_path / (path.name + ".k1ll3d.tmp")
+    in_progress = tmp_path / (path.name + ".wr1t1n.tmp")  # another process writing right now
+    other = tmp_path / "omniglot-background-archives-abcd.npz.zzzzzz.tmp"  # another entry's
+    for f in (killed, in_progress, other):
+        f.write_bytes(b"partial")
+    old = time.time() - cache.STALE_TMP_SECONDS - 60
+    os.utime(killed, (old, old))
+    os.utime(other, (old, old))
+    cache.write(path, ds)
+    assert cache.read(path) is not None
+    assert not killed.exists() and in_progress.exists() and other.exists()

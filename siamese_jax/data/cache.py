@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -20,6 +21,7 @@ from siamese_jax.data.dataset import ImageDataset
 
 CACHE_DIR_ENV = "SIAMESE_CACHE_DIR"
 _FORMAT_VERSION = 1  # bump when the stored layout or the decoding conventions change
+STALE_TMP_SECONDS = 600  # a cache write takes seconds; a temporary file this old was left by a killed one
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,14 @@ def write(path: Path, ds: ImageDataset) -> None:
         for old in path.parent.glob(prefix + "*.npz"):
             if old != path and len(old.name) == len(path.name):
                 old.unlink(missing_ok=True)
+        # So are the temporary files of writes killed midway (SIGKILL runs no `finally`): up to 47 MB
+        # each, never read. One older than STALE_TMP_SECONDS is no other process's write in progress.
+        for stale in path.parent.glob(prefix + "*.npz.*.tmp"):
+            try:
+                if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
+                    stale.unlink()
+            except OSError:
+                pass
     except OSError as e:
         log.warning("could not write cache file %s (%s)", path, e)
     finally:
