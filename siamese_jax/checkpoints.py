@@ -37,6 +37,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class _StepsReplaced(CheckpointError):
+    """Every step tried was removed while being read: a running training replaced them."""
+
+
 class ProcessesDisagreeError(CheckpointError):
     """The processes of one job restored different checkpoints: never fall back from this one."""
 
@@ -236,6 +240,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
     steps = sorted(manager.all_steps(), reverse=True)
     collective = jax.process_count() > 1
     restored, unreadable, moved = None, [], False  # (step, (state, meta)); failed steps (several processes)
+    replaced = []  # steps that vanished while being read (read-only: a training running beside us)
     for i, step in enumerate(steps):
         # Shapes first, from the step's small metadata file: a restore into the wrong shapes
         # fails deep in tensorstore and leaves coroutines that print pages of tracebacks at exit.
@@ -255,6 +260,12 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
                     f"this config's (a different optimizer config: weight_decay, ema_decay, ...); use "
                     f"that run's config or another workdir") from None
             older = steps[i + 1] if i + 1 < len(steps) else None
+            if move_unreadable_to is None and not os.path.isdir(os.path.join(str(manager.directory), str(step))):
+                # Not damage: the training that owns the workdir saved a newer best and removed this
+                # one while we read it (orbax keeps one best step).
+                replaced.append(step)
+                log.info("checkpoint step %d in %s was replaced while being read", step, manager.directory)
+                continue
             where = ""
             if move_unreadable_to is not None and not collective:  # one process: moved at once
                 where = _move_aside(manager, step, move_unreadable_to)
@@ -290,6 +301,8 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
         manager.reload()
     if restored is not None:
         return restored[1]
+    if replaced and len(replaced) == len(steps):
+        raise _StepsReplaced(f"the checkpoints in {manager.directory} were replaced while being read (steps {steps})")
     if steps:
         raise CheckpointError(f"no readable checkpoint in {manager.directory} (steps tried: {steps})")
     return None
@@ -329,7 +342,19 @@ def _shape_mismatch(manager: ocp.CheckpointManager, step: int, target) -> Option
 
 def restore_from_directory(directory: str, target, step: Optional[int] = None, weights_only: bool = False):
     """(state, meta) from a `checkpoints/` or `best/` directory; newest readable unless `step` is given.
-    Read-only: unreadable steps are skipped with a warning, never moved. `weights_only`: restore_step's."""
+    Read-only: unreadable steps are skipped with a warning, never moved. `weights_only`: restore_step's.
+    Steps removed while being read (a training running in the workdir saved a newer best) are listed
+    again and the newer ones read, up to 3 times."""
+    for attempt in range(3):
+        try:
+            return _restore_from_directory_once(directory, target, step, weights_only)
+        except _StepsReplaced:
+            if attempt == 2 or jax.process_count() > 1:  # several processes would retry out of step
+                raise CheckpointError(f"the checkpoints in {directory} kept being replaced while being read "
+                                      f"(a training is running there); try again when it has finished") from None
+
+
+def _restore_from_directory_once(directory: str, target, step: Optional[int], weights_only: bool):
     with quiet_event_loop_tracebacks():
         manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"),
                                         options=ocp.CheckpointManagerOptions(

@@ -567,6 +567,36 @@ def test_truncated_best_falls_back_to_the_newest_periodic_checkpoint(tmp_path, c
     _assert_same(model.params, s2.params)
 
 
+def test_a_best_step_replaced_while_being_read_reads_the_new_best_not_a_periodic_step(tmp_path, caplog, monkeypatch):
+    # `evaluate`, `export` or `--model W` while W trains: orbax removed the best step being read when
+    # the training saved a better one. The reader called it damage ("unreadable") and quietly fell
+    # back to the newest *periodic* checkpoint (1.6% of loads in the concurrency review's loop).
+    config = _tiny_config()
+    (s1, s2, s3), _ = _states(config, 3)
+    ck = C.Checkpoints(str(tmp_path))
+    ck.save_best(s1, {}, {"val_one_shot_accuracy": 0.5})
+    ck.save(s3, {})
+    ck.wait()
+    real = C.restore_step
+
+    def training_saves_a_new_best_meanwhile(manager, step, target, weights_only=False):
+        if step == 1 and "best" in str(manager.directory):
+            ck.save_best(s2, {}, {"val_one_shot_accuracy": 0.9})  # orbax keeps one: step 1 goes
+            ck.wait()
+            assert not (tmp_path / "best" / "1").exists()
+            raise ValueError("Checkpoint directory does not exist")  # what orbax raises then
+        return real(manager, step, target, weights_only)
+
+    monkeypatch.setattr(C, "restore_step", training_saves_a_new_best_meanwhile)
+    with caplog.at_level(logging.INFO):
+        loaded, step = embedding.load_workdir_model(config, str(tmp_path))
+    ck.close()
+    assert step == 2  # the new best, not periodic step 3
+    _assert_same(loaded.state.params, s2.params)
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert any("replaced while being read" in r.getMessage() for r in caplog.records)
+
+
 def test_loading_a_workdir_model_initialises_no_parameters(tmp_path, monkeypatch):
     """evaluate, compare/embed/search and the final evaluation restore into shapes only: building
     real initial parameters just to overwrite them compiled every initializer (seconds per process)."""
