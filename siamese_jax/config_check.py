@@ -111,6 +111,8 @@ def validate_model_config(config) -> None:
             models.encoder_widths(config)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    elif config.get("l2_normalize"):  # Koch's encoder ends in a sigmoid layer and has no such option
+        _fail("l2_normalize", config.l2_normalize, f"applies to --config.model=small only (got model={model!r})")
     import jax
 
     try:
@@ -145,8 +147,10 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     if kind == "classes":
         # P x K batches: mining (and online triplets) need a positive (K >= 2) and a negative (P >= 2).
         need = " (P x K mining needs 2+ classes per batch for negatives)"
-        hi_p = MNIST_CLASSES if dataset == "mnist" else None
-        _int_in(config, "classes_per_batch", 2, hi_p, why=need if hi_p is None else " (MNIST has 10 classes)")
+        rotations = bool(config.get("rotation_classes", False))
+        hi_p = MNIST_CLASSES * (4 if rotations else 1) if dataset == "mnist" else None
+        _int_in(config, "classes_per_batch", 2, hi_p, why=need if hi_p is None else (
+            " (MNIST has 10 classes; 40 with rotation_classes)" if rotations else " (MNIST has 10 classes)"))
         hi_k = OMNIGLOT_DRAWINGS if dataset == "omniglot" else 4096
         _int_in(config, "images_per_class", 2, hi_k,
                 why=" (P x K mining needs 2+ images per class for positive pairs"
@@ -227,7 +231,9 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     else:
         _float_in(config, "val_fraction", 0.0, 1.0, lo_open=True, hi_open=True, why=" (held-out share of the train split)")
     _int_in(config, "val_episodes", 1)
-    _int_in(config, "eval_episodes", 1)
+    # 2 at least: the reported ± is a 95% interval over episodes, which one episode cannot give.
+    _int_in(config, "eval_episodes", 2, why=" (the ± of every N-way K-shot row is over episodes)")
+    _int_in(config, "eval_seed", 0, 2**31 - 1)
     _int_in(config, "eval_every_steps", 1)
     _int_in(config, "checkpoint_every_steps", 1)
     _int_in(config, "keep_checkpoints", 1)
@@ -258,6 +264,9 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     resume = config.get("resume")
     if resume is not None and not os.path.isdir(resume):
         _fail("resume", resume, "must be an existing checkpoint directory (…/checkpoints or …/best)")
+    if resume is not None and os.path.isfile(os.path.join(resume, "config.json")):  # a workdir, not its steps
+        _fail("resume", resume, f"is a training workdir: give its checkpoint directory, "
+                                f"{os.path.join(resume, 'best')} or {os.path.join(resume, 'checkpoints')}")
 
 
 def distill_teacher_workdirs(config) -> list[str]:

@@ -42,6 +42,9 @@ def use_cpu_cores_as_devices(batch_size: int, requested: Optional[int] = None) -
     """
     if re.search(r"xla_force_host_platform_device_count", os.environ.get("XLA_FLAGS", "")) or \
             os.environ.get("JAX_NUM_CPU_DEVICES") or getattr(jax.config, "jax_num_cpu_devices", -1) != -1:
+        if requested:  # it was silent, and config.json then recorded a count the run did not have
+            log.warning("config.cpu_devices=%s has no effect: the environment sets the CPU device count "
+                        "(XLA_FLAGS' --xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES)", requested)
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = requested if requested else cpu_device_count(batch_size, cores)

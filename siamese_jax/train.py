@@ -127,6 +127,16 @@ def _check_validation_set(config, val_ds) -> None:
             f"class for its 1-shot episodes; hold out more")
 
 
+def _check_within_alphabet_batches(config, train_dds) -> None:
+    """P x K batches from one alphabet need an alphabet of P classes; known only once the data is
+    loaded (it failed as "no alphabet has 64 classes", naming no key)."""
+    if (ts.batch_kind(config.loss, config.triplet_selection) == "classes" and config.dataset == "omniglot"
+            and config.get("pk_within_alphabet", False) and train_dds.max_classes_per_alphabet < config.classes_per_batch):
+        raise config_check.ConfigError(
+            f"config.classes_per_batch={config.classes_per_batch}: with pk_within_alphabet=True every batch comes "
+            f"from one alphabet, and the training alphabets have at most {train_dds.max_classes_per_alphabet} classes")
+
+
 def _set_num_classes(config, count: int) -> None:
     """Records the training data's class count as the number of class centres (saved with the config,
     so evaluation and export rebuild the same parameter shapes); a different count set by hand is a
@@ -293,6 +303,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     train_dds = sampling.to_device_dataset(train_ds, image_size=config.image_size, sharding=repl)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
     val_images = np.asarray(val_dds.images)
+    _check_within_alphabet_batches(config, train_dds)
     log.info("train: %d images of %d classes; validation: %d images of %d classes",
              len(train_ds), train_ds.num_classes, len(val_ds), val_ds.num_classes)
     # Distillation: the teachers' embeddings of every training image, on every device (computed

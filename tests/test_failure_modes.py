@@ -185,6 +185,54 @@ def test_bad_config_value_is_one_line_before_any_data_is_read(override, message,
     assert not (tmp_path / "run").exists()  # rejected before the workdir was even created
 
 
+def test_config_combinations_the_fuzz_review_found_are_refused_or_take_effect(tmp_path, monkeypatch, caplog):
+    # The config-space review of 2026-12-05: values that each passed alone but did nothing, failed
+    # after the training, or failed late naming no key.
+    import types
+
+    from siamese_jax import cli, parallel, train
+
+    def refused(message, **overrides):
+        c = default.get_config(overrides.pop("dataset", "omniglot"))
+        for k, v in overrides.items():
+            c[k] = v
+        with pytest.raises(config_check.ConfigError, match=message):
+            config_check.validate_config(c)
+
+    # Koch's encoder has no L2 normalisation: the key was recorded in config.json and ignored.
+    refused(r"config.l2_normalize=True: applies to --config.model=small only", model="koch", image_size=105, l2_normalize=True)
+    # eval_seed=-1 trained to the end, then failed ("expected non-negative integer") at every evaluate.
+    refused(r"config.eval_seed=-1: must be an integer from 0", eval_seed=-1)
+    refused(r"config.eval_seed=18446744073709551616", eval_seed=2**64)
+    # One episode printed "80.0% ± 0.0": an interval over episodes needs two.
+    refused(r"config.eval_episodes=1: must be an integer >= 2", eval_episodes=1)
+    # A workdir as config.resume loaded the data, then "no checkpoint found in <workdir>".
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    refused(r"is a training workdir: give its checkpoint directory, .*run/best or .*run/checkpoints",
+            resume=str(tmp_path / "run"))
+    # MNIST with rotations as classes has 40 classes; P = 20 was refused as "MNIST has 10 classes".
+    c = default.get_config("mnist")
+    c.loss, c.rotation_classes, c.classes_per_batch = "batch_hard", True, 20
+    config_check.validate_config(c)
+    refused(r"config.classes_per_batch=41: .*40 with rotation_classes", dataset="mnist", loss="batch_hard",
+            rotation_classes=True, classes_per_batch=41)
+    # P x K from one alphabet with more classes per batch than any alphabet has: named, not
+    # "no alphabet has 64 classes".
+    c = default.get_config("omniglot")
+    c.pk_within_alphabet, c.classes_per_batch = True, 64
+    with pytest.raises(config_check.ConfigError, match=r"config.classes_per_batch=64: with pk_within_alphabet=True .* at most 55"):
+        train._check_within_alphabet_batches(c, types.SimpleNamespace(max_classes_per_alphabet=55))
+    # A tuple given twice was appended: --config.widths=(8,8) ... --config.widths=(16,16) built (8, 8, 16, 16).
+    argv = ["train", "--config.widths=(8,8)", "--workdir=w", "--config.seed=1", "--config.widths=(16,16)"]
+    assert cli.last_override_of_each_key(argv) == ["train", "--workdir=w", "--config.seed=1", "--config.widths=(16,16)"]
+    # config.cpu_devices under XLA_FLAGS' device count: silently ignored (config.json said 4, the run had 1).
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    with caplog.at_level(logging.WARNING):
+        assert parallel.use_cpu_cores_as_devices(16, 4) is None
+    assert any("config.cpu_devices=4 has no effect" in r.getMessage() for r in caplog.records)
+
+
 def test_arcface_settings_that_cannot_work_are_one_line_config_errors():
     from siamese_jax import train as train_lib
 

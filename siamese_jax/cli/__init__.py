@@ -224,6 +224,17 @@ def _show_entry_point_in_help(entry_module: str) -> None:
                 shown.add(id(flag))
 
 
+def last_override_of_each_key(argv: list[str]) -> list[str]:
+    """`--config.k=v` given twice: the last one, as for any flag. ml_collections takes the last of a
+    scalar's overrides but *appends* a tuple's: `--config.widths=(8,8) ... --config.widths=(16,16)`
+    built the 4-block net (8, 8, 16, 16) that neither asked for (the config-fuzz review, 2026-12-05)."""
+    def key(arg):
+        return arg.split("=", 1)[0] if arg.startswith("--config.") and "=" in arg else None
+
+    last = {key(a): i for i, a in enumerate(argv) if key(a)}
+    return [a for i, a in enumerate(argv) if not key(a) or last[key(a)] == i]
+
+
 def run_app(main):
     """absl's app.run, but a bad flag is one line on stderr and exit code 2 (not a usage dump),
     `--help` lists the entry point's flags and exits 0, and `main` runs under the top-level handler
@@ -235,7 +246,7 @@ def run_app(main):
             _show_entry_point_in_help(main.__module__)
             app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1
         given = [a for a in argv if a.startswith("--config=")]
-        argv = resolve_config_argument(list(argv))
+        argv = resolve_config_argument(last_override_of_each_key(list(argv)))
         which = f"--config={given[-1].split('=', 1)[1]}" if given else "--config"
         try:
             return flags.FLAGS(argv)
