@@ -111,8 +111,6 @@ def validate_model_config(config) -> None:
             models.encoder_widths(config)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    elif config.get("l2_normalize"):  # Koch's encoder ends in a sigmoid layer and has no such option
-        _fail("l2_normalize", config.l2_normalize, f"applies to --config.model=small only (got model={model!r})")
     import jax
 
     try:
@@ -137,6 +135,10 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         _one_of(config, "triplet_selection", ts.TRIPLET_SELECTIONS)
     kind = ts.batch_kind(loss, config.get("triplet_selection", "online"))
     validate_model_config(config)
+    # Koch's encoder ends in a sigmoid layer and has no L2 option: the key was recorded and ignored.
+    # Checked for new training only: `siamese-evaluate` reads workdirs trained before this check.
+    if config.get("model") != "small" and config.get("l2_normalize"):
+        _fail("l2_normalize", config.l2_normalize, f"applies to --config.model=small only (got model={config.get('model')!r})")
 
     # Every size is checked, also the ones this loss does not read: a zero or negative size is never
     # what the user meant, and the same command with another --loss would fail on it later.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any, Optional
 
@@ -130,7 +131,7 @@ class SiameseModel:
             images = np.asarray(images)  # a jax.Array or a tensor: as NumPy's, not iterated row by row
         if _is_one_image(images):
             images = [images]
-        if int(batch_size) != batch_size or batch_size < 1:
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         return self.embed_prepared(self.preprocess(list(images)), batch_size)
 
@@ -363,9 +364,11 @@ def _load_workdir(workdir: str) -> SiameseModel:
     # 2026-12-05). Such a calibration is not attached: `compare` says why; embed and search work.
     if cal is not None and fitted_to.get("model_fingerprint") not in (None, model.fingerprint()):
         model.calibration = None
-        model.stale_calibration = (
-            f"{cal_path} was fitted to the model of step {fitted_to.get('checkpoint_step')}; this workdir's "
-            f"model is now step {step}: run `siamese-calibrate FOLDER --model {workdir}` again")
+        was = fitted_to.get("checkpoint_step")
+        now = (f"this workdir's model is now step {step}" if was != step else
+               f"this workdir's model (step {step} too) has other weights or embeds with another test-time shift set")
+        model.stale_calibration = (f"{cal_path} was fitted to the model of step {was}; {now}: run "
+                                   f"`siamese-calibrate FOLDER --model {workdir}` again")
     return model
 
 

@@ -16,6 +16,7 @@ Alphabets get the same treatment over classes (`alphabet_classes`, `alphabet_sta
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import flax.struct
@@ -354,7 +355,7 @@ def sample_pk_batch(key, step, dds: DeviceDataset, classes_per_batch: int, image
 # ------------------------------------------------------------------------------------------------
 def _check_episode(dds: DeviceDataset, n_way: int, k_shot: int, n_query: int):
     for name, value, least in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("n_query", n_query, 1)):
-        if int(value) != value or value < least:  # k_shot=-1 gave an empty support set, silently
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:  # k_shot=-1: an empty support set
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if k_shot + n_query > dds.min_class_count:
         raise ValueError(f"k_shot + n_query = {k_shot + n_query} exceeds the smallest class "

@@ -199,8 +199,12 @@ def test_config_combinations_the_fuzz_review_found_are_refused_or_take_effect(tm
         with pytest.raises(config_check.ConfigError, match=message):
             config_check.validate_config(c)
 
-    # Koch's encoder has no L2 normalisation: the key was recorded in config.json and ignored.
+    # Koch's encoder has no L2 normalisation: the key was recorded in config.json and ignored. Refused
+    # for training; a workdir trained so before still evaluates (its model config is valid).
     refused(r"config.l2_normalize=True: applies to --config.model=small only", model="koch", image_size=105, l2_normalize=True)
+    old_koch = default.get_config("omniglot")
+    old_koch.model, old_koch.image_size, old_koch.l2_normalize = "koch", 105, True
+    config_check.validate_model_config(old_koch)
     # eval_seed=-1 trained to the end, then failed ("expected non-negative integer") at every evaluate.
     refused(r"config.eval_seed=-1: must be an integer from 0", eval_seed=-1)
     refused(r"config.eval_seed=18446744073709551616", eval_seed=2**64)
@@ -743,6 +747,11 @@ def test_a_workdir_calibration_fitted_to_an_earlier_best_checkpoint_is_not_used(
     legacy = {k: v for k, v in saved.items() if k not in inference.CALIBRATED_MODEL_KEYS}
     (workdir / "calibration.json").write_text(json.dumps(legacy))  # written before it was recorded
     assert inference.load_model(str(workdir)).calibration is not None
+    # The same step with other embeddings (another test-time shift set): refused, and said so, not
+    # "fitted to step 2; the model is now step 2".
+    (workdir / "calibration.json").write_text(json.dumps(dict(legacy, model_fingerprint="0" * 16, checkpoint_step=2)))
+    with pytest.raises(inference.ModelError, match=r"step 2 too\) has other weights or embeds with another test-time shift set"):
+        inference.load_model(str(workdir)).compare(a, b)
 
 
 def test_export_refuses_test_numbers_of_another_checkpoint(tmp_path):

@@ -557,13 +557,14 @@ def test_library_arguments_out_of_range_are_value_errors_not_silent_or_obscure()
     ds = ImageDataset(images=np.zeros((12, 8, 8), np.uint8), labels=np.repeat(np.arange(4, dtype=np.int32), 3),
                       name="mnist", split="test")
     dds = sampling.to_device_dataset(ds, image_size=8)
-    for n_way, k_shot, n_query in ((3, -1, 2), (3, 0, 1), (1, 1, 1), (3, 1, 0), (3, 1.5, 1)):
+    for n_way, k_shot, n_query in ((3, -1, 2), (3, 0, 1), (1, 1, 1), (3, 1, 0), (3, 1.5, 1), (3.0, 1, 1)):
         with pytest.raises(ValueError, match="must be an integer >="):
             sampling.sample_episode_indices(jax.random.PRNGKey(0), dds, 2, n_way, k_shot, n_query)
     support, query = sampling.sample_episode_indices(jax.random.PRNGKey(0), dds, 2, 3, 1, 2)
     assert support.shape == (2, 3, 1) and query.shape == (2, 3, 2)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        inference.load_model("pretrained").embed(np.zeros((2, 20, 20), np.float32), batch_size=0)
+    for bad in (0, 2.0):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            inference.load_model("pretrained").embed(np.zeros((2, 20, 20), np.float32), batch_size=bad)
     with pytest.raises(ValueError, match="NaN or Inf"):
         inference.fit_calibration([1.0, np.nan, 3.0, 4.0], [1, 1, 0, 0])
     with pytest.raises(ValueError, match="bool or 0/1"):
