@@ -1115,6 +1115,12 @@ def test_jax_logging_level_is_kept_and_each_jax_record_printed_once():
     assert "an orbax info record" not in r.stderr  # the other libraries stay quiet
     r = _run([sys.executable, "-c", script])  # no JAX_LOGGING_LEVEL: JAX's records from WARNING up
     assert r.stderr.count("a jax warning") == 1 and "a jax info record" not in r.stderr, r.stderr
+    # DEBUG: the records JAX logs while it is imported (inside setup_logging) were printed twice too.
+    r = _run([sys.executable, "-c", script], env=dict(_env(), JAX_LOGGING_LEVEL="DEBUG"))
+    # JAX's own format "DEBUG:<date> <time>:<logger>:<line>: <message>", ours "<HH:MM:SS> <message>".
+    messages = [re.sub(r"^[A-Z]+:[^:]*:[^:]*:[^:]*:[^:]*:\d+: |^\d\d:\d\d:\d\d ", "", line)
+                for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 0 and len(messages) == len(set(messages)), r.stderr
 
 
 def test_library_error_records_keep_their_line_and_lose_their_traceback():

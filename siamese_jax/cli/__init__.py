@@ -59,6 +59,10 @@ def setup_logging(process_index: int = 0, process_count: int = 1):
     With several processes only process 0 logs progress; the others log warnings and errors only,
     each line tagged with its process, so a problem on one host is still seen and attributed.
     `quiet=True`: absl would otherwise print "Restoring pure python logging" before the first line."""
+    # JAX first: with JAX_LOGGING_LEVEL set it logs while being imported, through its own handler;
+    # imported after the root handler below, those records were printed by both.
+    import jax
+
     absl_logging.use_python_logging(quiet=True)
     tag = f"[process {process_index}/{process_count}] " if process_count > 1 else ""
     level = logging.INFO if process_index == 0 else logging.WARNING
@@ -68,8 +72,6 @@ def setup_logging(process_index: int = 0, process_count: int = 1):
     # JAX_LOGGING_LEVEL (or --jax_logging_level) is the user asking for JAX's records at that level:
     # keep it. JAX then also adds its own stderr handler to the `jax` and `jaxlib` loggers, whose
     # records reach the root handler too, so each was printed twice (the second time unformatted).
-    import jax
-
     asked = jax.config.jax_logging_level
     for name in ("jax", "jaxlib"):
         logger = logging.getLogger(name)
