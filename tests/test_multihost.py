@@ -292,14 +292,17 @@ def _two_processes_of_script(source, argv_of, env, tmp_path, timeout):
     return [p.returncode for p in procs], outs
 
 
-_FLAKY_RESTORE = r'''
+# Two processes of one job (argv: coordinator address, process id, workdir, ...) with a tiny model's
+# replicated train state `state` and the workdir's `ck = Checkpoints(workdir)`.
+_TWO_PROCESSES_TINY_STATE = r'''
+import os
 import sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-address, pid, workdir, failing = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+address, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(address, 2, pid)
 import jax.numpy as jnp
-from siamese_jax import checkpoints as C, models, parallel, train_step as ts
+from siamese_jax import checkpoints as C, models, parallel, train as T, train_step as ts
 from siamese_jax.configs import default
 
 c = default.get_config("omniglot")
@@ -308,6 +311,10 @@ mesh = parallel.make_data_mesh()
 model, tx = models.build_model(c), ts.make_optimizer(c)
 state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), 16), mesh)
 ck = C.Checkpoints(workdir)
+'''
+
+_FLAKY_RESTORE = _TWO_PROCESSES_TINY_STATE + r'''
+failing = int(sys.argv[4])
 for step in (1, 2):
     ck.save(state.replace(step=parallel.put_replicated(jnp.int32(step), mesh)), {})
     ck.wait()
@@ -347,23 +354,7 @@ def test_a_step_unreadable_on_one_process_only_is_an_error_on_every_process(env,
     assert not (tmp_path / "run" / "unreadable").exists()
 
 
-_FLAKY_EVALUATION_READS = r'''
-import sys
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-address, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-jax.distributed.initialize(address, 2, pid)
-import os
-import jax.numpy as jnp
-from siamese_jax import checkpoints as C, models, parallel, train as T, train_step as ts
-from siamese_jax.configs import default
-
-c = default.get_config("omniglot")
-c.widths, c.embedding_dim, c.image_size = (8, 8), 16, 16
-mesh = parallel.make_data_mesh()
-model, tx = models.build_model(c), ts.make_optimizer(c)
-state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), 16), mesh)
-ck = C.Checkpoints(workdir)
+_FLAKY_EVALUATION_READS = _TWO_PROCESSES_TINY_STATE + r'''
 for step, score in ((1, 0.25), (2, 0.5)):
     s = state.replace(step=parallel.put_replicated(jnp.int32(step), mesh))
     ck.save(s, {})
