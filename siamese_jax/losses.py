@@ -71,21 +71,27 @@ def _safe_mean(values, mask):
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _shape(x):
+    # np.shape, not jnp.shape: it takes tracers (their .shape) and also the Python lists a notebook
+    # passes, which jnp.shape warns about (an error in a future JAX).
+    return tuple(np.shape(x))
+
+
 def _check_pairs(what, x1, x2, is_similar=None, names=("x1", "x2")):
     """x1 and x2 [..., E] of one shape, not empty; `is_similar` of their shape without E."""
-    s1, s2 = tuple(jnp.shape(x1)), tuple(jnp.shape(x2))
+    s1, s2 = _shape(x1), _shape(x2)
     if len(s1) < 2 or s1 != s2:
         raise ValueError(f"{what}: {names[0]} {s1} and {names[1]} {s2} must be embeddings of one shape [B, E]")
     if 0 in s1[:-1]:
         raise ValueError(f"{what}: the batch is empty ({names[0]} {s1})")
-    if is_similar is not None and tuple(jnp.shape(is_similar)) != s1[:-1]:
-        raise ValueError(f"{what}: is_similar {tuple(jnp.shape(is_similar))} must have shape {s1[:-1]}, one "
+    if is_similar is not None and _shape(is_similar) != s1[:-1]:
+        raise ValueError(f"{what}: is_similar {_shape(is_similar)} must have shape {s1[:-1]}, one "
                          f"0/1 per pair (a [B, 1] column would broadcast into a wrong loss)")
 
 
 def _check_labelled(what, embeddings, labels, label_name="labels"):
     """embeddings [B, E] (B ≥ 1) and integer labels [B]."""
-    e, l = tuple(jnp.shape(embeddings)), tuple(jnp.shape(labels))
+    e, l = _shape(embeddings), _shape(labels)
     if len(e) != 2 or e[0] == 0:
         raise ValueError(f"{what}: embeddings {e} must be a non-empty batch [B, E]")
     if l != e[:1]:
@@ -419,9 +425,9 @@ def arcface_logits(embeddings, class_index, centres, scale=30.0, margin=0.5):
     cos θ − m·sin m, which keeps falling as θ grows.
     """
     _check_labelled("arcface_loss", embeddings, class_index, "class_index")
-    c = tuple(jnp.shape(centres))
-    if len(c) != 2 or c[1] != jnp.shape(embeddings)[1]:
-        raise ValueError(f"arcface_loss: centres {c} must be [C, E] with the embeddings' E = {jnp.shape(embeddings)[1]}")
+    c = _shape(centres)
+    if len(c) != 2 or c[1] != _shape(embeddings)[1]:
+        raise ValueError(f"arcface_loss: centres {c} must be [C, E] with the embeddings' E = {_shape(embeddings)[1]}")
     if not isinstance(class_index, jax.core.Tracer):  # under jit the values are unknown here
         index = np.asarray(class_index)  # NumPy: jnp ops would be traced inside an outer jit
         if not np.issubdtype(index.dtype, np.integer) or bool(np.any((index < 0) | (index >= c[0]))):
@@ -470,7 +476,7 @@ def relational_distance_loss(student, teacher, delta=1.0):
     The student learns the teacher's *relative* distances, so the two may differ in dimension and
     scale (here: one small encoder against the concatenated embeddings of several trained ones).
     The teacher is a constant (no gradient flows into it)."""
-    sb, tb = tuple(jnp.shape(student)), tuple(jnp.shape(teacher))
+    sb, tb = _shape(student), _shape(teacher)
     if len(sb) != 2 or len(tb) != 2 or sb[0] != tb[0] or sb[0] < 2:
         raise ValueError(f"relational_distance_loss: student {sb} and teacher {tb} must be batches [B, E] "
                          f"and [B, F] of the same B ≥ 2")

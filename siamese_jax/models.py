@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -121,7 +122,7 @@ class BatchNormReLUPool(nn.Module):
 def _check_images(x, who: str, min_size: int = 1) -> None:
     """NHWC floats in [0, 1]: an NCHW batch ran through silently (its rows read as channels) and
     0..255 integers gave embeddings ~250x too large. Shapes and dtypes only: free under jit."""
-    shape, dtype = tuple(jnp.shape(x)), jnp.result_type(x)
+    shape, dtype = tuple(np.shape(x)), jnp.result_type(x)
     if len(shape) != 4 or shape[-1] not in (1, 3):
         raise ValueError(f"{who} takes NHWC images [N, H, W, 1] (grayscale) or [N, H, W, 3]; got shape {shape}"
                          + (" (NCHW? move the channels last)" if len(shape) == 4 and shape[1] in (1, 3) else ""))
