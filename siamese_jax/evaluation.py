@@ -108,12 +108,16 @@ def one_shot_accuracy(support_emb, query_emb, rule: str = "nearest"):
 
 
 def summarize_accuracies(per_episode_acc) -> dict:
-    """{"mean", "ci95", "num_episodes"}; ci95 = 1.96 * std / sqrt(n) with the sample std (ddof=1)."""
+    """{"mean", "ci95", "num_episodes"}; ci95 = 1.96 * std / sqrt(n) with the sample std (ddof=1).
+
+    One episode has no spread to estimate: its ci95 is NaN (printed "± nan"), not 0, which would read
+    as an exact result. The configs and `siamese-evaluate --episodes` ask for at least 2.
+    """
     acc = np.asarray(per_episode_acc, np.float64).reshape(-1)
     n = int(acc.size)
     if n == 0:
         raise ValueError("no episodes to summarize")
-    std = float(acc.std(ddof=1)) if n > 1 else 0.0
+    std = float(acc.std(ddof=1)) if n > 1 else math.nan
     return {"mean": float(acc.mean()), "ci95": 1.96 * std / math.sqrt(n), "num_episodes": n}
 
 
