@@ -67,6 +67,9 @@ def ink_bright(gray: np.ndarray) -> np.ndarray:
     blank page (nothing beyond its noise) comes out black, its noise not stretched."""
     if not np.isfinite(gray.sum()):  # one pass: a NaN or an infinity anywhere makes the sum one
         raise ImageError("the image has pixels that are not numbers (NaN or infinite)")
+    depth = _frame_depth(gray)
+    if depth:  # the page inside the frame is read on its own border; the frame becomes background
+        return np.pad(ink_bright(gray[depth:-depth, depth:-depth]), depth)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = _upper_median(border)
     spread = 1.4826 * _upper_median(np.abs(border - np.float32(background)))
@@ -107,6 +110,33 @@ def ink_bright(gray: np.ndarray) -> np.ndarray:
     if background == 0.0 and ink == 1.0:  # already 0 and 1 (the deviation is the image, or 1 - it)
         return deviation.astype(np.float32, copy=False)
     return np.clip(deviation / np.float32(ink), 0, 1).astype(np.float32, copy=False)
+
+
+def _ring(gray: np.ndarray, depth: int) -> np.ndarray:
+    """The pixels `depth` steps in from the edge (0: the border), as one flat array."""
+    h, w = gray.shape
+    top, bottom = gray[depth, depth:w - depth], gray[h - 1 - depth, depth:w - depth]
+    return np.concatenate([top, bottom, gray[depth + 1:h - 1 - depth, depth], gray[depth + 1:h - 1 - depth, w - 1 - depth]])
+
+
+def _frame_depth(gray: np.ndarray) -> int:
+    """The width of a frame around the whole image (a scanner's black edge, a white mount around a
+    photo of a blackboard), or 0. A frame is a band of rings, at most a tenth of the shorter side
+    deep, whose level is a quarter of the range or more from the page's just inside it. Without this
+    `ink_bright` took a 2-px black frame for the background and the white page for ink. Two medians
+    decide the usual case (no frame). A glyph touching the edge is not a frame: it covers less than
+    half of the border ring, which is what the median reads."""
+    deepest = min(gray.shape) // 10
+    if deepest < 2:
+        return 0
+    frame, page = _upper_median(_ring(gray, 0)), _upper_median(_ring(gray, deepest))
+    if abs(frame - page) < 0.25:
+        return 0
+    for depth in range(1, deepest + 1):
+        level = _upper_median(_ring(gray, depth))
+        if abs(level - page) < abs(level - frame):  # nearer the page than the frame: inside
+            return depth
+    return 0  # pragma: no cover (the deepest ring is the page)
 
 
 def _border_surface(gray: np.ndarray, border: np.ndarray) -> tuple[np.ndarray, float]:

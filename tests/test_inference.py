@@ -454,6 +454,31 @@ def test_paper_and_ink_levels_are_stretched_so_a_grey_scan_reads_as_the_clean_dr
         img_lib.as_gray(np.where(a > 0, np.nan, 0.0).astype(np.float32))
 
 
+def test_a_frame_around_the_page_is_not_read_as_its_background(model, eval_pngs):
+    # A scanner's 2-px black edge around dark ink on white paper was read as the background: the
+    # whole page came out as ink (mean 0.91) and the strokes at 0.2. Likewise a white mount around a
+    # photo of chalk on a blackboard. The frame is now background and the page inside is read alone.
+    a, b = _glyphs(eval_pngs)
+    for g in (a, b):
+        inner = np.zeros_like(g)
+        inner[3:-3, 3:-3] = g[3:-3, 3:-3]  # the glyph as far as the frames below leave it visible
+        scanned = 1.0 - 0.8 * g
+        for edge in (slice(0, 2), slice(-2, None)):
+            scanned[edge, :] = 0.0
+            scanned[:, edge] = 0.0
+        got = img_lib.as_gray(scanned)
+        np.testing.assert_array_equal(got[3:-3, 3:-3], g[3:-3, 3:-3])
+        assert got[:2].max() == 0.0 and got[:, :2].max() == 0.0
+        mounted = np.pad(0.25 + 0.6 * g[3:-3, 3:-3], 3, constant_values=1.0).astype(np.float32)
+        np.testing.assert_allclose(img_lib.as_gray(mounted), inner, atol=1e-6)
+        assert np.linalg.norm(model.embed([scanned])[0] - model.embed([inner])[0]) < 0.05
+    # A glyph touching the edge is not a frame (it covers less than half of the border).
+    touching = np.zeros((40, 40), np.float32)
+    touching[0:3, :] = 1.0  # a "T" cropped tight: its bar is the whole top edge
+    touching[:, 18:22] = 1.0
+    np.testing.assert_array_equal(img_lib.as_gray(1.0 - touching), touching)
+
+
 def test_exif_orientation_is_applied_as_a_viewer_shows_the_file(eval_pngs, tmp_path):
     upright_path = sorted(sorted(p for p in eval_pngs.iterdir() if p.is_dir())[0].glob("*.png"))[0]
     with Image.open(upright_path) as img:
