@@ -104,3 +104,41 @@ def test_plots_need_no_pyplot_and_import_lazily(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     assert (tmp_path / "x.png").stat().st_size > 1000
+
+
+def test_the_evaluation_distance_plot_uses_the_threshold_chosen_on_background_pairs(monkeypatch, tmp_path):
+    # The histogram of the evaluation pairs' distances drew (and printed the accuracy at) a threshold
+    # chosen on those same pairs: an optimistic number on a plot of held-out data. Both plots now
+    # draw the one chosen on the background pairs.
+    import types
+
+    from siamese_jax import protocols
+    from siamese_jax.configs import default
+    from siamese_jax.data.dataset import ImageDataset
+
+    rng = np.random.default_rng(0)
+
+    def dataset(split, n_classes, per_class):
+        labels = np.repeat(np.arange(n_classes), per_class).astype(np.int32)
+        return ImageDataset(images=rng.integers(0, 256, (len(labels), 12, 12), dtype=np.uint8), labels=labels,
+                            name="omniglot", split=split)
+
+    background, evaluation = dataset("background", 30, 4), dataset("evaluation", 25, 4)
+    monkeypatch.setattr(protocols.ip, "load_split", lambda config, split: background)
+    drawn = {}
+    monkeypatch.setattr(protocols.plots, "plot_pairs", lambda path, a, b, same, d, threshold: drawn.setdefault("pairs", threshold))
+    monkeypatch.setattr(protocols.plots, "plot_distance_histograms",
+                        lambda path, pos, neg, threshold: drawn.setdefault("distances", threshold))
+    monkeypatch.setattr(protocols.plots, "plot_embedding_map", lambda *a, **k: None)
+    monkeypatch.setattr(protocols.plots, "plot_episodes", lambda *a, **k: None)
+    # An "embedding" whose distances separate the classes imperfectly, differently on the two sets.
+    embed = lambda u8: (u8.reshape(len(u8), -1)[:, :4].astype(np.float32) / 64.0)
+    loaded = types.SimpleNamespace(embed_u8=embed)
+    config = default.get_config("omniglot")
+    config.image_size = 12
+    run = types.SimpleNamespace(train_images=np.zeros((20, 12, 12), np.uint8), test_images=np.zeros((20, 12, 12), np.uint8),
+                                answers=np.arange(20))
+    ev_emb = embed(evaluation.images) + evaluation.labels[:, None].astype(np.float32)
+    protocols._omniglot_plots(str(tmp_path), [run], np.zeros((1, 20, 4), np.float32), np.zeros((1, 20, 4), np.float32),
+                              evaluation, evaluation.images, ev_emb, config, loaded)
+    assert drawn["distances"] == drawn["pairs"]
