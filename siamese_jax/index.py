@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -16,6 +16,8 @@ from siamese_jax import evaluation
 from siamese_jax.files import atomic_open
 
 INDEX_FORMAT = "siamese-jax-index/1"
+# float64 values per block of `EmbeddingIndex.search`'s exact re-ranking (~64 MiB).
+_RERANK_FLOATS = 1 << 23
 
 
 class IndexError_(ValueError):
@@ -42,24 +44,34 @@ class EmbeddingIndex:
             return path
         return os.path.join(self.root, path)
 
-    def search(self, query_embeddings: np.ndarray, k: int = 5, chunk_size: int = 1024):
-        """(distances [Q, k], indices [Q, k]) of the k nearest rows, nearest first."""
+    def search(self, query_embeddings: np.ndarray, k: int = 5, chunk_size: Optional[int] = None):
+        """(distances [Q, k], indices [Q, k]) of the k nearest rows, nearest first.
+
+        Memory stays bounded for any Q, N and k: `knn` holds ~128 MiB of distances at a time
+        (chunk_size=None; a fixed 1,024 queries made it 1,024 x N: 7.6 GB for a million rows), and
+        the exact re-ranking below goes over the queries in blocks of ~64 MiB."""
         k = min(int(k), len(self))
         queries = np.asarray(query_embeddings, np.float32)
         _, indices = evaluation.knn(queries, self.embeddings, k, chunk_size=chunk_size)
         indices = np.asarray(indices)
-        # The k distances again, directly: knn ranks by |q|^2 - 2 q.e + |e|^2 in float32, whose
-        # cancellation reads an identical image as ~0.002 instead of 0 (after the square root).
-        diff = self.embeddings[indices].astype(np.float64) - queries[:, None, :].astype(np.float64)
-        exact = np.sqrt(np.sum(diff * diff, axis=-1))
-        order = np.argsort(exact, axis=1, kind="stable")  # near-ties the float32 ranking swapped
-        return (np.take_along_axis(exact, order, 1).astype(np.float32), np.take_along_axis(indices, order, 1))
+        distances = np.empty(indices.shape, np.float32)
+        rows = max(1, _RERANK_FLOATS // max(1, k * queries.shape[1]))
+        for start in range(0, len(queries), rows):
+            block = slice(start, start + rows)
+            # The k distances again, directly: knn ranks by |q|^2 - 2 q.e + |e|^2 in float32, whose
+            # cancellation reads an identical image as ~0.002 instead of 0 (after the square root).
+            diff = self.embeddings[indices[block]].astype(np.float64) - queries[block, None, :].astype(np.float64)
+            exact = np.sqrt(np.sum(diff * diff, axis=-1))
+            order = np.argsort(exact, axis=1, kind="stable")  # near-ties the float32 ranking swapped
+            distances[block] = np.take_along_axis(exact, order, 1)
+            indices[block] = np.take_along_axis(indices[block], order, 1)
+        return distances, indices
 
     def save(self, path: str) -> None:
         """Writes `path` (.npz arrays) atomically; metadata is JSON inside the archive, not pickle."""
         meta = {"format": INDEX_FORMAT, "model_fingerprint": self.model_fingerprint, "paths": self.paths,
                 "root": self.root}
-        arrays = {"embeddings": self.embeddings.astype(np.float32),
+        arrays = {"embeddings": np.asarray(self.embeddings, np.float32),
                   "meta_json": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
         if self.labels is not None:
             arrays["labels"] = np.asarray(self.labels, np.int64)
@@ -85,14 +97,42 @@ class EmbeddingIndex:
         if emb.ndim != 2 or len(emb) != len(meta["paths"]):
             raise IndexError_(f"{path}: inconsistent index ({emb.shape} embeddings for {len(meta['paths'])} paths)")
         root = meta.get("root")
-        return EmbeddingIndex(emb.astype(np.float32), list(meta["paths"]), meta["model_fingerprint"], labels,
+        return EmbeddingIndex(np.asarray(emb, np.float32), list(meta["paths"]), meta["model_fingerprint"], labels,
                               root if isinstance(root, str) else None)
 
 
-def build_index(model, paths: Sequence[str], batch_size: int = 256) -> EmbeddingIndex:
-    """Embeds image files (in batches, so a large folder never sits in memory as pixels)."""
-    chunks = [model.embed(list(paths[i:i + batch_size])) for i in range(0, len(paths), batch_size)]
-    return EmbeddingIndex(np.concatenate(chunks).astype(np.float32), [os.fspath(p) for p in paths], model.fingerprint(),
+def build_index(model, paths: Sequence[str], batch_size: int = 256,
+                skip_unreadable: Optional[Callable[[str], None]] = None) -> EmbeddingIndex:
+    """Embeds image files (in batches, so a large folder never sits in memory as pixels).
+
+    A file that cannot be read is an `ImageError` naming it, unless `skip_unreadable` is given: then
+    it is called with each such error's message and the file is left out of the index (a batch
+    holding one is read again file by file, so only the bad files are lost)."""
+    from siamese_jax.images import ImageError, read_image
+
+    kept, chunks = [], []
+    for start in range(0, len(paths), batch_size):
+        batch = [os.fspath(p) for p in paths[start:start + batch_size]]
+        try:
+            chunks.append(model.embed(batch))
+            kept += batch
+            continue
+        except ImageError:
+            if skip_unreadable is None:
+                raise
+        readable = []
+        for path in batch:
+            try:
+                read_image(path)
+                readable.append(path)
+            except ImageError as e:
+                skip_unreadable(str(e))
+        if readable:
+            chunks.append(model.embed(readable))
+            kept += readable
+    if not kept:
+        raise ImageError("none of the images could be read" if paths else "no images to index")
+    return EmbeddingIndex(np.concatenate(chunks).astype(np.float32), kept, model.fingerprint(),
                           root=os.path.abspath(os.getcwd()))
 
 

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -289,6 +290,80 @@ def test_calibrate_cli_writes_a_model_that_compare_uses(eval_pngs, tmp_path):
     d = np.linalg.norm(emb[:, None] - emb[None], axis=-1)
     different = labels[:, None] != labels[None]
     assert np.mean(d[different] <= m.calibration.threshold) <= 0.08
+
+
+def test_embed_skip_unreadable_indexes_the_other_images_in_one_run(eval_pngs, tmp_path):
+    # One bad file among thousands stopped `embed` (no index) and named only the first; three bad
+    # files took four full runs to find. Now the error says how to go on, and --skip_unreadable
+    # leaves each bad file out with a warning line, in one run.
+    folder = tmp_path / "imgs"
+    shutil.copytree(sorted(eval_pngs.iterdir())[0], folder / "a")
+    shutil.copytree(sorted(eval_pngs.iterdir())[1], folder / "b")
+    good = img_lib.list_images(str(folder))
+    (folder / "a" / "0_truncated.png").write_bytes(Path(good[0]).read_bytes()[:60])
+    (folder / "b" / "zz_text.png").write_text("not an image")
+    out = tmp_path / "index.npz"
+    r = _cli("experiments.embed", str(folder), "--out", str(out))
+    assert r.returncode == 2 and not out.exists(), r.stderr
+    assert r.stderr.count("\n") == 1 and "0_truncated.png" in r.stderr and "--skip_unreadable" in r.stderr, r.stderr
+    r = _cli("experiments.embed", str(folder), "--out", str(out), "--skip_unreadable")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 2 and "0_truncated.png" in warnings[0] and "zz_text.png" in warnings[1], r.stderr
+    assert f"indexed {len(good)} images" in r.stdout and "2 unreadable left out" in r.stdout
+    index = EmbeddingIndex.load(str(out))
+    assert index.paths == good
+    np.testing.assert_allclose(index.embeddings, inference.load_model("pretrained").embed(good), atol=1e-5)
+
+
+def test_embedding_a_long_list_reads_it_batch_by_batch_with_the_same_numbers(model, eval_pngs, monkeypatch):
+    # `embed` of N images prepared all N before embedding any (~20 KB each: 2.8 GB for 120,000 MNIST
+    # digits); now each batch is read just before it is embedded, and the numbers are the same.
+    pngs = sorted(str(p) for p in eval_pngs.rglob("*.png"))[:40]
+    expected = model.embed_prepared(model.preprocess(pngs), batch_size=16)
+    prepared = []
+    real = type(model).preprocess
+    monkeypatch.setattr(type(model), "preprocess", lambda self, images: prepared.append(len(images)) or real(self, images))
+    got = model.embed(pngs, batch_size=16)
+    assert prepared == [16, 16, 8]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_search_memory_is_bounded_and_its_blocks_give_the_brute_force_answer(monkeypatch):
+    # `search` passed a fixed 1,024 queries per k-NN chunk (1,024 x N distances at once: 7.6 GB for a
+    # million rows) and re-ranked all Q x k x E differences at once (6.3 GB for 30,000 queries at
+    # k = 100). Now the k-NN chunk is sized by knn's ~128 MiB rule and the re-ranking goes in blocks.
+    from siamese_jax import evaluation, index as index_lib
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(300, 8)).astype(np.float32)
+    queries = np.concatenate([emb[:50], rng.normal(size=(70, 8)).astype(np.float32)])
+    idx = EmbeddingIndex(emb, [f"x:{i}" for i in range(300)], "fp")
+    chunk_sizes = []
+    real_knn = evaluation.knn
+    monkeypatch.setattr(evaluation, "knn", lambda *a, **k: chunk_sizes.append(k.get("chunk_size")) or real_knn(*a, **k))
+    monkeypatch.setattr(index_lib, "_RERANK_FLOATS", 8 * 7 * 3)  # blocks of 3 queries at k = 7
+    d, i = idx.search(queries, k=7)
+    assert chunk_sizes == [None]
+    brute = np.linalg.norm(queries[:, None].astype(np.float64) - emb[None].astype(np.float64), axis=-1)
+    np.testing.assert_array_equal(i, np.argsort(brute, axis=1, kind="stable")[:, :7])
+    np.testing.assert_allclose(d, np.sort(brute, axis=1)[:, :7], rtol=1e-6)
+    assert (d[:50, 0] == 0).all()
+
+
+def test_calibrate_reads_only_the_images_its_pairs_use(eval_pngs, tmp_path, monkeypatch):
+    # It embedded the whole folder (1.8 GB for 50,000 PNGs) for 2,000 pairs that touch 4,000 at most.
+    from siamese_jax import commands
+
+    embedded = []
+    real = inference.SiameseModel.embed
+    monkeypatch.setattr(inference.SiameseModel, "embed", lambda self, images, *a, **k: embedded.append(len(images)) or real(self, images, *a, **k))
+    out = tmp_path / "calibrated.msgpack"
+    with pytest.raises(SystemExit) as e:
+        commands.calibrate_main([str(eval_pngs), "--pairs", "6", "--out", str(out)])
+    assert e.value.code == 0
+    assert embedded and sum(embedded) <= 12  # of the folder's 80 images
+    assert inference.load_model(str(out)).calibration.num_pairs == 6
 
 
 @pytest.mark.parametrize("case", ["missing", "not_image", "truncated", "directory", "empty_folder",
