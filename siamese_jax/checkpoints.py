@@ -61,6 +61,21 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
 
 
+def _rank(metrics: dict, name: str, mode: str) -> float:
+    """What orbax ranks `best/` by: the metric, within a validation "generation". A resume that
+    changed how validation scores (`train._best_under_this_validation`) saves its bests one
+    generation up, and any of them outranks a score recorded under the old protocol (scores are
+    accuracies in [0, 1], so a generation is worth 10 either way of `mode`)."""
+    generation = float(metrics.get("validation_generation", 0))
+    return float(metrics[name]) + (10.0 if mode == "max" else -10.0) * generation
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON metadata saved beside a step's state (its config, step, score), without the state."""
+    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"] or {})
+
+
 class Checkpoints:
     """Periodic (last `keep` steps) and best-by-metric checkpoints of one workdir."""
 
@@ -79,7 +94,7 @@ class Checkpoints:
             self.best = ocp.CheckpointManager(
                 os.path.join(workdir, "best"), item_names=("state", "meta"),
                 options=ocp.CheckpointManagerOptions(
-                    max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode=best_mode,
+                    max_to_keep=1, create=True, best_fn=lambda m: _rank(m, best_metric, best_mode), best_mode=best_mode,
                     multiprocessing_options=_multiprocessing("best")))
         self._closed = False
         _OPEN.append(self)

@@ -29,11 +29,15 @@ class MetricsWriter:
         self._tb = None
         self._tb_off = False  # set when tensorboardX's writer thread died (e.g. a full disk)
         self._tb_dir = os.path.join(workdir, "tensorboard")
+        self._purge_step = None  # a resumed run's first step: TensorBoard hides older events from it on
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records newer than the restored checkpoint, so the curves don't double back."""
         if not self.enabled:
             return
+        # The event files are append-only: tensorboardX's purge_step writes a marker from which
+        # TensorBoard drops the events of the steps after `step` written before (a killed run's).
+        self._purge_step = step + 1 if step > 0 else None
         records = read_jsonl(self.path)
         kept = [r for r in records if r.get("step", 0) <= step]
         # Rewritten also when a line did not parse (a torn last line from a kill mid-write): the next
@@ -49,7 +53,7 @@ class MetricsWriter:
         if (every_step and step % self.tensorboard_every_steps) or self._tb_off:
             return
         if self._tb is None:
-            self._tb = _summary_writer_class()(self._tb_dir, flush_secs=10, max_queue=100)
+            self._tb = _summary_writer_class()(self._tb_dir, flush_secs=10, max_queue=100, purge_step=self._purge_step)
         if not _tensorboard_has_room(self._tb, len(scalars)):
             self._tb_off, self._tb = True, None
             logging.getLogger(__name__).warning(

@@ -207,19 +207,106 @@ def _previous_config(workdir: str) -> Optional[dict]:
     return previous if isinstance(previous, dict) else None
 
 
-def _log_resume_changes(config, workdir: str) -> None:
+def _log_resume_changes(config, workdir: str, step: int) -> None:
     """Resuming with another config trains on from the checkpoint under the new one (more steps is
     the usual case), and config.json / results.json then describe the whole run by the new one: one
     warning line names what changed, so that a changed loss or schedule is not silent."""
     previous = _previous_config(workdir)
     if previous is None:
         return
+    if config.get("resume") and previous.get("resume") != config.resume:
+        # The run's own checkpoint comes first (big_vision's order): config.resume is not used, and
+        # config.json keeps what the run did start from instead of recording it.
+        log.warning("config.resume=%s is not used: %s resumes from its own checkpoint (step %d); to start from "
+                    "those weights, use a new --workdir", config.resume, workdir, step)
+        config.resume = previous.get("resume")
     now = _config_json(config)
     changed = [f"{k} {previous.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(previous) | set(now))
                if k not in _RESUME_NEUTRAL_KEYS and previous.get(k) != now.get(k)]
     if changed:
         log.warning("resuming %s with a changed config (config.json and results.json will describe the whole "
-                    "run by the new one): %s", workdir, "; ".join(changed))
+                    "run by the new one): %s%s", workdir, "; ".join(changed), _schedule_change(previous, config, step))
+
+
+def _schedule_change(previous: dict, config, step: int) -> str:
+    """", the learning rate at `step` goes from X to Y ..." when resuming under another schedule: the
+    optimizer's step count is restored, but the warm-up + cosine is rebuilt from the new config, so
+    raising num_steps jumps the rate (12,000 -> 24,000 steps of the default: 3.0e-05 -> 1.5e-03) and
+    the run becomes a warm restart. Empty when the rate at `step` is the same."""
+    try:
+        before = ts.learning_rate_schedule(ml_collections.ConfigDict(previous))(step)
+    except Exception:  # noqa: BLE001 - an old config.json without some key: nothing to say
+        return ""
+    after = ts.learning_rate_schedule(config)(step)
+    if np.isclose(float(before), float(after), rtol=1e-3, atol=0.0):
+        return ""
+    keep = "" if config.get("lr_schedule_steps") else (
+        f" (--config.lr_schedule_steps={previous.get('lr_schedule_steps') or previous.get('num_steps')} keeps the old "
+        f"schedule, which ends at its final rate)")
+    return (f"; the learning-rate schedule is rebuilt from the new config: at step {step} the rate goes from "
+            f"{float(before):.3g} to {float(after):.3g}{keep}")
+
+
+# Config keys that change what a validation score measures (the episodes, the images, the model that
+# embeds them). `best/` keeps the best score of the run; one recorded under other values of these is
+# not comparable with this run's (1 validation episode against 200, another seed's episodes).
+_VALIDATION_KEYS = ("dataset", "seed", "val_episodes", "val_fraction", "val_alphabets", "val_alphabet_names",
+                    "image_size", "l2_normalize", "model", "widths", "embedding_dim", "norm", "compute_dtype")
+
+
+def _best_under_this_validation(config, ckpts, recorded: float, target, embed_fn, val_dds, val_images, mesh,
+                                workdir: str) -> tuple:
+    """(score to beat, validation generation) of the run's `best/` checkpoint.
+
+    Its recorded score, when it was validated as this run validates. Otherwise (a resume that changed
+    `val_episodes`, `seed`, `image_size` ...; or a workdir whose checkpoints/ was removed and is
+    trained afresh under another config) it is validated again here, and later bests are saved one
+    "generation" up: `Checkpoints` ranks a later generation above an earlier one whatever their
+    recorded scores, so an old score of another protocol can neither keep a better new checkpoint
+    out nor displace it. A `best/` this config cannot even load is refused."""
+    step = ckpts.best.best_step()
+    try:
+        generation = int(ckpts.best.metrics(step).get("validation_generation", 0))
+        old = ckpt_lib.read_meta(ckpts.best, step).get("config") or {}
+    except Exception:  # noqa: BLE001 - unreadable metadata: compared as before
+        generation, old = 0, {}
+    now = _config_json(config)
+    changed = [f"{k} {old[k]!r} -> {now.get(k)!r}" for k in _VALIDATION_KEYS
+               if k in old and old[k] != now.get(k)]
+    if jax.process_count() > 1:  # process 0's reading decides for every process (the loop is collective)
+        agreed = multihost_utils.broadcast_one_to_all(np.array([bool(changed), generation], np.int32))
+        if not bool(agreed[0]):
+            changed = []
+        generation = int(agreed[1])
+        changed = changed or (["the validation protocol"] if bool(agreed[0]) else [])
+    if not changed:
+        return recorded, generation
+    try:
+        # Through a read-only manager of its own: a partial restore through `ckpts.best` would bind
+        # its "state" item to another handler, and the next save_best would fail.
+        state, _ = ckpt_lib.restore_from_directory(os.path.join(workdir, "best"), target, step, weights_only=True)
+    except Exception:  # noqa: BLE001 - another architecture: nothing to compare it with
+        raise config_check.ConfigError(
+            f"{workdir}/best holds step {step} of a model this config cannot load ({'; '.join(changed)}): use a "
+            f"new --workdir, or remove {workdir}/best") from None
+    score = validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh)
+    score = score if np.isfinite(score) else -1.0  # any finite validation is better
+    log.warning("best/ step %d was scored %.4f under another validation (%s); validated again as this run "
+                "validates: %.4f, the score a new best must beat", step, recorded, "; ".join(changed), score)
+    return score, generation + 1
+
+
+def _check_resumable(config, workdir: str) -> None:
+    """A workdir is one run on one dataset: resuming it on another would draw one curve over two
+    datasets and compare their validation scores (Omniglot 20-way against MNIST 10-way) for `best/`.
+    Fine-tuning on another dataset is `config.resume` in a new workdir."""
+    if not ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")):
+        return
+    previous = _previous_config(workdir)
+    if previous is not None and previous.get("dataset") not in (None, config.dataset):
+        raise config_check.ConfigError(
+            f"{workdir} is a run on {previous['dataset']}; this config trains on {config.dataset} (to fine-tune "
+            f"its weights on {config.dataset}, use a new --workdir with --config.resume={workdir}/best)")
 
 
 def _keep_the_runs_split(config, workdir: str, training_split) -> None:
@@ -295,6 +382,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
 
     # Data on device (replicated), resized once. A resumed run keeps the validation alphabets it was
     # trained without (the rule that picks them changed once; `_keep_the_runs_split`).
+    _check_resumable(config, workdir)
     training_split = ip.load_split(config, ip.train_split_name(config))
     _keep_the_runs_split(config, workdir, training_split)
     train_ds, val_ds = ip.train_val_datasets(config, training_split)
@@ -340,7 +428,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         state, restored_meta = restored
         earlier.update(_elapsed_of(restored_meta))
         log.info("resuming from step %d of %s", int(state.step), workdir)
-        _log_resume_changes(config, workdir)
+        if int(state.step) > config.num_steps:
+            raise config_check.ConfigError(
+                f"{workdir} is at step {int(state.step)}, past --config.num_steps={config.num_steps}: nothing to "
+                f"train (evaluate it with: siamese-evaluate --workdir={workdir})")
+        _log_resume_changes(config, workdir, int(state.step))
     elif config.resume:
         # Its weights only: the optimizer state starts afresh below, so another optimizer config
         # (AdamW, the weight average) may fine-tune it.
@@ -350,9 +442,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         log.info("initialised from %s", config.resume)
     else:
         state = fresh
+        if ckpt_lib.saved_steps(os.path.join(workdir, "best")):
+            log.warning("%s has no checkpoint in checkpoints/ to resume from: training starts at step 0 (best/ "
+                        "stays the score to beat)", workdir)
     state = parallel.put_replicated(state, mesh)  # fresh buffers: the step donates its state
     start_step = int(state.step)
-    best_so_far = _best_metric(ckpts)
+    best_so_far, best_generation = _best_metric(ckpts), 0
+    if best_so_far is not None:
+        best_so_far, best_generation = _best_under_this_validation(
+            config, ckpts, best_so_far, fresh, embed_fn, val_dds, val_images, mesh, workdir)
     detector = divergence.from_config(config, start_step)
     # The starting state's norm, compiled as one program (op by op it compiled ~30: ~1 s).
     detector.seed("param_norm", float(jax.jit(optax.tree.norm)(state.params)))
@@ -430,7 +528,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                     if best_so_far is None or acc > best_so_far:
                         best_so_far = acc
                         ckpts.save_best(selected, dict(meta, step=done, val_one_shot_accuracy=acc),
-                                        {"val_one_shot_accuracy": acc})
+                                        {"val_one_shot_accuracy": acc, "validation_generation": best_generation})
                         overhead["checkpoints"] += time.time() - t1
                 if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
                     if pending is not None:  # never save a state whose own metrics are unchecked

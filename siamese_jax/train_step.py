@@ -37,14 +37,20 @@ class TrainState:
     rng: jax.Array  # raw uint32[2] key (checkpointable as a plain array)
 
 
+def learning_rate_schedule(config) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then cosine decay to 1% of it at `lr_schedule_steps` (unset:
+    `num_steps`), constant after."""
+    schedule_steps = int(config.get("lr_schedule_steps") or config.num_steps)  # configs before it lack it
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=min(config.warmup_steps, schedule_steps),
+        decay_steps=max(schedule_steps, config.warmup_steps + 1), end_value=config.learning_rate * 0.01)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     """Adam (AdamW with `weight_decay`) on a warm-up + cosine schedule over `lr_schedule_steps` (unset:
     `num_steps`). The optimizer fixes the shape of `opt_state`, so restoring a checkpoint builds its
     target with this same function."""
-    schedule_steps = int(config.get("lr_schedule_steps") or config.num_steps)  # configs before it lack it
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=min(config.warmup_steps, schedule_steps),
-        decay_steps=max(schedule_steps, config.warmup_steps + 1), end_value=config.learning_rate * 0.01)
+    schedule = learning_rate_schedule(config)
     tx = optax.adamw(schedule, weight_decay=config.weight_decay) if config.weight_decay else optax.adam(schedule)
     decay = float(config.get("ema_decay") or 0.0)  # configs written before the average lack it
     return optax.chain(tx, params_moving_average(decay)) if decay else tx

@@ -1,5 +1,6 @@
 import logging
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -164,3 +165,94 @@ def test_a_run_with_a_moving_average_validates_saves_and_loads_the_average(tmp_p
     assert step == 4
     for a, b in zip(average[4], leaves(loaded.state.params)):
         np.testing.assert_array_equal(a, b)  # a periodic checkpoint loads as its average
+
+
+def _tiny_mnist_config(data_dir, **overrides):
+    from siamese_jax.configs import default
+
+    c = default.get_config("mnist")
+    c.update(dict(archive_dir=str(data_dir), widths=(8, 8), embedding_dim=16, val_episodes=10, batch_size=16,
+                  log_every_seconds=0.0, test_time_shifts="none", plots=False, num_steps=4, eval_every_steps=2,
+                  checkpoint_every_steps=2, keep_checkpoints=2))
+    c.update(overrides)
+    return c
+
+
+def test_a_resume_that_changes_how_validation_scores_revalidates_best_and_keeps_the_better_by_the_new_rule(tmp_path, data_dir, caplog):
+    """best/ kept a score recorded under another validation protocol (1 episode against 10, another
+    seed's episodes) and compared the new run's scores with it: a lucky 1-episode score kept every
+    better checkpoint of the resumed run out, and the final evaluation used it. Now best/ is
+    validated again as the resumed run validates, and later bests outrank it."""
+    import json
+
+    from siamese_jax import train as train_lib
+
+    workdir = str(tmp_path / "run")
+    # Omniglot, where 40 steps of this tiny network already validate better than 4 (MNIST's do not).
+    tiny = lambda **kw: _tiny_mnist_config(data_dir, dataset="omniglot", classes_per_batch=8, images_per_class=2, **kw)
+    train_lib.train(tiny(val_episodes=1), workdir)
+    # The old rule's score, as a lucky episode could give it: 0.99.
+    [old_step] = C.saved_steps(os.path.join(workdir, "best"))
+    for item in ("metrics/metrics", "meta/metadata"):
+        path = os.path.join(workdir, "best", str(old_step), item)
+        record = json.load(open(path))
+        record["val_one_shot_accuracy"] = 0.99
+        json.dump(record, open(path, "w"))
+    c = tiny(num_steps=40, eval_every_steps=10, checkpoint_every_steps=10, keep_checkpoints=10)
+    with caplog.at_level("WARNING"):
+        train_lib.train(c, workdir)
+    assert "validated again as this run validates" in caplog.text and "val_episodes 1 -> 10" in caplog.text
+    # best/ is the best by the resumed run's validation, of the old best (scored again) and its own.
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    scores = {r["step"]: r["val_one_shot_accuracy"] for r in rows if "val_one_shot_accuracy" in r and r["step"] > 4}
+    rescored = float(caplog.text.split("validated again as this run validates: ")[1].split(",")[0])
+    [best_step] = C.saved_steps(os.path.join(workdir, "best"))
+    best_score = scores.get(best_step, rescored)
+    assert best_score >= max([rescored, *scores.values()]) - 1e-4, (best_step, rescored, scores)
+
+
+def test_a_later_validation_generation_outranks_a_higher_score_of_an_earlier_one(tmp_path):
+    # What lets a resumed run with another validation protocol replace an old best whose recorded
+    # score (of the old protocol) is higher: orbax ranks best/ by generation first.
+    fresh, run = _setup()
+    ck = C.Checkpoints(str(tmp_path))
+    old, new = run(fresh(), 0, 2), run(fresh(), 0, 3)
+    ck.save_best(old, {"step": 2}, {"val_one_shot_accuracy": 0.99})
+    ck.wait()
+    ck.save_best(new, {"step": 3}, {"val_one_shot_accuracy": 0.30, "validation_generation": 1})
+    ck.wait()
+    assert ck.best.best_step() == 3
+    ck.save_best(run(fresh(), 0, 4), {"step": 4}, {"val_one_shot_accuracy": 0.25, "validation_generation": 1})
+    ck.wait()
+    assert ck.best.best_step() == 3  # within a generation, the score decides
+    ck.close()
+    assert C.saved_steps(str(tmp_path / "best")) == [3]
+
+
+def test_resume_refusals_and_what_config_json_records(tmp_path, data_dir, caplog):
+    """A workdir is one run on one dataset; a checkpoint past num_steps trains nothing; config.resume
+    under a workdir's own checkpoint is not used and not recorded; a best/ of another architecture
+    with nothing to resume from is refused rather than kept as the best."""
+    import json
+
+    from siamese_jax import config_check
+    from siamese_jax import train as train_lib
+
+    workdir = str(tmp_path / "run")
+    train_lib.train(_tiny_mnist_config(data_dir), workdir)
+    other = _tiny_mnist_config(data_dir)
+    other.dataset = "omniglot"
+    with pytest.raises(config_check.ConfigError, match="is a run on mnist; this config trains on omniglot"):
+        train_lib.train(other, workdir)
+    with pytest.raises(config_check.ConfigError, match=r"is at step 4, past --config.num_steps=2: nothing to train"):
+        train_lib.train(_tiny_mnist_config(data_dir, num_steps=2), workdir)
+    source = str(tmp_path / "source")
+    train_lib.train(_tiny_mnist_config(data_dir, num_steps=2), source)
+    with caplog.at_level("WARNING"):
+        train_lib.train(_tiny_mnist_config(data_dir, num_steps=6, resume=os.path.join(source, "best")), workdir)
+    assert f"config.resume={source}/best is not used" in caplog.text
+    assert json.load(open(os.path.join(workdir, "config.json")))["resume"] is None
+    assert "the learning-rate schedule is rebuilt from the new config: at step 4 the rate goes from" in caplog.text
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))  # (to save space, say) then another network
+    with pytest.raises(config_check.ConfigError, match=r"best holds step \d+ of a model this config cannot load \(widths"):
+        train_lib.train(_tiny_mnist_config(data_dir, widths=(8, 16)), workdir)

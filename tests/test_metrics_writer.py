@@ -94,3 +94,46 @@ def test_a_dead_tensorboard_writer_turns_tensorboard_off_instead_of_blocking_for
     assert "TensorBoard is off for the rest of this run" in r.stderr
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 2000))  # metrics.jsonl kept every value
+
+
+def _events(directory):
+    """Every Event record of the TensorBoard files in `directory` (TFRecord framing: length, its
+    CRC, the data, its CRC), in file order."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(directory.iterdir()):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
+            at += 12 + length + 4
+    return events
+
+
+def test_a_resumed_run_tells_tensorboard_to_drop_the_killed_runs_later_events(tmp_path):
+    # A run killed at step 25 after its checkpoint at 20 resumes from 20: metrics.jsonl is cut back,
+    # but the event files are append-only, and TensorBoard drew steps 21-25 twice (backwards from 25
+    # to 21). tensorboardX's purge_step writes the marker from which TensorBoard drops them.
+    from tensorboardX.proto import event_pb2
+
+    first = MetricsWriter(str(tmp_path), tensorboard_every_steps=1)
+    for step in range(1, 26):
+        first.write(step, {"loss": 1.0})
+    first.close()
+    resumed = MetricsWriter(str(tmp_path), tensorboard_every_steps=1)
+    resumed.truncate_after(20)
+    resumed.write(21, {"loss": 0.5})
+    resumed.close()
+    starts = [e.step for e in _events(tmp_path / "tensorboard") if e.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [21]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    writer = MetricsWriter(str(fresh))
+    writer.truncate_after(0)  # a run from step 0 purges nothing
+    writer.write(1, {"loss": 1.0})
+    writer.close()
+    assert not [e for e in _events(fresh / "tensorboard") if e.session_log.status == event_pb2.SessionLog.START]
