@@ -209,10 +209,30 @@ def move_step_aside(manager: ocp.CheckpointManager, step: int, aside_dir: str, n
     return dest
 
 
-def restore_step(manager: ocp.CheckpointManager, step: int, target, weights_only: bool = False):
+def _is_encoder(key: str) -> bool:
+    return key.startswith("encoder/")
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, target, weights_only=False):
     """(state, meta) of a step. `weights_only`: only `params` and `batch_stats` are read (orbax's
     partial restore) into `target`, whose step and optimizer state are kept: initialising from
-    another run (`config.resume`) needs its weights, whatever optimizer state it was saved with."""
+    another run (`config.resume`) needs its weights, whatever optimizer state it was saved with.
+    `weights_only="matching"` (fine-tuning under another loss): the encoder as saved, and of the
+    loss's own parameters (Koch's verification head, ArcFace's class centres) those the step holds
+    with the same shapes; the others keep `target`'s fresh values, named in meta["initialised_fresh"]
+    (and the step's that this model has no use for in meta["not_used"])."""
+    if weights_only == "matching":
+        from flax import traverse_util
+
+        stored = _stored_param_shapes(manager, step) or {}
+        flat = traverse_util.flatten_dict(target.params, sep="/")
+        kept = {k: v for k, v in flat.items() if stored.get(k) == tuple(v.shape)}
+        partial = target.replace(params=traverse_util.unflatten_dict(kept, sep="/"))
+        state, meta = restore_step(manager, step, partial, weights_only=True)
+        merged = dict(flat, **traverse_util.flatten_dict(state.params, sep="/"))
+        meta["initialised_fresh"] = sorted(set(flat) - set(kept))
+        meta["not_used"] = sorted(set(stored) - set(flat))
+        return state.replace(params=traverse_util.unflatten_dict(merged, sep="/")), meta
     if weights_only:
         weights = {"params": target.params, "batch_stats": target.batch_stats}
         restore_args = jax.tree.map(
@@ -244,7 +264,7 @@ def _move_aside(manager, step: int, aside_dir: str) -> str:
 
 
 def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unreadable_to: Optional[str] = None,
-                            weights_only: bool = False):
+                            weights_only=False):
     """Tries the steps newest first; a truncated or corrupt step is skipped with one warning line
     naming it (and moved into `move_unreadable_to` if given, so that it is saved afresh later).
 
@@ -259,7 +279,7 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
     for i, step in enumerate(steps):
         # Shapes first, from the step's small metadata file: a restore into the wrong shapes
         # fails deep in tensorstore and leaves coroutines that print pages of tracebacks at exit.
-        mismatch = _shape_mismatch(manager, step, target)
+        mismatch = _shape_mismatch(manager, step, target, encoder_only=weights_only == "matching")
         if mismatch:  # not damage: this workdir belongs to another model, leave it alone
             raise CheckpointError(
                 f"checkpoint step {step} in {manager.directory} was written by a different model "
@@ -331,21 +351,32 @@ def _flat_shapes(tree) -> dict[str, tuple]:
     return out
 
 
-def _shape_mismatch(manager: ocp.CheckpointManager, step: int, target) -> Optional[str]:
-    """If the step's own metadata is readable and its parameter shapes differ from `target`'s, how
-    (e.g. 'params/encoder/Conv_0/kernel is (3, 3, 1, 8) in the checkpoint, (3, 3, 1, 16) here');
-    None when they agree or the metadata itself is unreadable (then the step is damaged)."""
+def _stored_param_shapes(manager: ocp.CheckpointManager, step: int) -> Optional[dict[str, tuple]]:
+    """{"encoder/Conv_0/kernel": shape, ...} of the step's params, from its small metadata file;
+    None when that is unreadable (the step is damaged)."""
     try:
         from etils import epath
 
         with quiet_event_loop_tracebacks():
             md = ocp.StandardCheckpointHandler().metadata(epath.Path(str(manager.directory)) / str(step) / "state")
         tree = getattr(md, "tree", md)
-        stored = _flat_shapes(tree["params"])
+        return _flat_shapes(tree["params"])
     except Exception:  # noqa: BLE001 - unreadable metadata: damaged, not a different model
+        return None
+
+
+def _shape_mismatch(manager: ocp.CheckpointManager, step: int, target, encoder_only: bool = False) -> Optional[str]:
+    """If the step's own metadata is readable and its parameter shapes differ from `target`'s, how
+    (e.g. 'params/encoder/Conv_0/kernel is (3, 3, 1, 8) in the checkpoint, (3, 3, 1, 16) here');
+    None when they agree or the metadata itself is unreadable (then the step is damaged).
+    `encoder_only`: only the encoder's parameters must agree (fine-tuning under another loss)."""
+    stored = _stored_param_shapes(manager, step)
+    if stored is None:
         return None
     wanted = _flat_shapes(getattr(target, "params", {}))
     for key in sorted(set(stored) | set(wanted)):
+        if encoder_only and not _is_encoder(key):
+            continue
         if key not in stored:
             return f"params/{key} is missing from the checkpoint"
         if key not in wanted:
@@ -355,7 +386,7 @@ def _shape_mismatch(manager: ocp.CheckpointManager, step: int, target) -> Option
     return None
 
 
-def restore_from_directory(directory: str, target, step: Optional[int] = None, weights_only: bool = False):
+def restore_from_directory(directory: str, target, step: Optional[int] = None, weights_only=False):
     """(state, meta) from a `checkpoints/` or `best/` directory; newest readable unless `step` is given.
     Read-only: unreadable steps are skipped with a warning, never moved. `weights_only`: restore_step's.
     Steps removed while being read (a training running in the workdir saved a newer best) are listed

@@ -283,8 +283,9 @@ def _best_under_this_validation(config, ckpts, recorded: float, target, embed_fn
         return recorded, generation
     try:
         # Through a read-only manager of its own: a partial restore through `ckpts.best` would bind
-        # its "state" item to another handler, and the next save_best would fail.
-        state, _ = ckpt_lib.restore_from_directory(os.path.join(workdir, "best"), target, step, weights_only=True)
+        # its "state" item to another handler, and the next save_best would fail. (Its one step, the
+        # newest: that way the shapes are compared first, not in a restore that fails in tensorstore.)
+        state, _ = ckpt_lib.restore_from_directory(os.path.join(workdir, "best"), target, weights_only=True)
     except Exception:  # noqa: BLE001 - another architecture: nothing to compare it with
         raise config_check.ConfigError(
             f"{workdir}/best holds step {step} of a model this config cannot load ({'; '.join(changed)}): use a "
@@ -436,10 +437,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     elif config.resume:
         # Its weights only: the optimizer state starts afresh below, so another optimizer config
         # (AdamW, the weight average) may fine-tune it.
-        state, source_meta = ckpt_lib.restore_from_directory(config.resume, fresh, weights_only=True)
+        # The encoder must match; a loss's own parameters (Koch's head, ArcFace's centres) start
+        # fresh when the source run had none of that shape (fine-tuning triplet -> verification).
+        state, source_meta = ckpt_lib.restore_from_directory(config.resume, fresh, weights_only="matching")
         _check_resume_source_split(config, source_meta, training_split)
         state = state.replace(step=jnp.zeros((), jnp.int32), opt_state=tx.init(state.params))
         log.info("initialised from %s", config.resume)
+        for key, how in (("initialised_fresh", "initialised afresh (not in %s): %s"),
+                         ("not_used", "not used (this model has no such parameter; from %s): %s")):
+            if source_meta.get(key):
+                log.warning("config.resume: parameters " + how, config.resume, ", ".join(source_meta[key]))
     else:
         state = fresh
         if ckpt_lib.saved_steps(os.path.join(workdir, "best")):

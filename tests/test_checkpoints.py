@@ -256,3 +256,34 @@ def test_resume_refusals_and_what_config_json_records(tmp_path, data_dir, caplog
     shutil.rmtree(os.path.join(workdir, "checkpoints"))  # (to save space, say) then another network
     with pytest.raises(config_check.ConfigError, match=r"best holds step \d+ of a model this config cannot load \(widths"):
         train_lib.train(_tiny_mnist_config(data_dir, widths=(8, 16)), workdir)
+
+
+def test_config_resume_fine_tunes_under_a_loss_with_its_own_parameters(tmp_path, data_dir):
+    """A triplet-trained encoder fine-tuned with ArcFace (class centres) or Koch's verification head:
+    the encoder comes from the source, the loss's own parameters start fresh (they were refused as
+    "written by a different model"). Another encoder is still refused."""
+    from flax import traverse_util
+
+    from siamese_jax import train as train_lib
+
+    source = str(tmp_path / "source")
+    train_lib.train(_tiny_mnist_config(data_dir, num_steps=2), source)
+    src_state, _ = C.restore_from_directory(os.path.join(source, "best"), _target(_tiny_mnist_config(data_dir)))
+    src = traverse_util.flatten_dict(jax.device_get(src_state.params), sep="/")
+    for loss, own in (("verification", "head/kernel"), ("arcface", "class_centres")):
+        c = _tiny_mnist_config(data_dir, loss=loss, num_classes=10, l2_normalize=loss == "arcface")
+        fresh = _target(c)
+        state, meta = C.restore_from_directory(os.path.join(source, "best"), fresh, weights_only="matching")
+        got = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+        init = traverse_util.flatten_dict(jax.device_get(fresh.params), sep="/")
+        assert own in meta["initialised_fresh"] and not meta["not_used"]
+        for key, value in got.items():
+            np.testing.assert_array_equal(value, src[key] if key.startswith("encoder/") else init[key], err_msg=key)
+    with pytest.raises(C.CheckpointError, match="written by a different model"):
+        C.restore_from_directory(os.path.join(source, "best"), _target(_tiny_mnist_config(data_dir, embedding_dim=32)),
+                                 weights_only="matching")
+
+
+def _target(config):
+    model = models.build_model(config)
+    return ts.create_train_state(model, ts.make_optimizer(config), jax.random.PRNGKey(1), config.image_size)
