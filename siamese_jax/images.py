@@ -122,21 +122,29 @@ def _ring(gray: np.ndarray, depth: int) -> np.ndarray:
 def _frame_depth(gray: np.ndarray) -> int:
     """The width of a frame around the whole image (a scanner's black edge, a white mount around a
     photo of a blackboard), or 0. A frame is a band of rings, at most a tenth of the shorter side
-    deep, whose level is a quarter of the range or more from the page's just inside it. Without this
-    `ink_bright` took a 2-px black frame for the background and the white page for ink. Two medians
-    decide the usual case (no frame). A glyph touching the edge is not a frame: it covers less than
-    half of the border ring, which is what the median reads."""
+    deep, each ring nearly all (90%) at one level, a quarter of the range or more from the page's
+    just inside it; that first page ring is mostly (75%) page, and the page is most (60%) of what the
+    frame encloses. Without this `ink_bright` took a 2-px black frame for the background and the
+    white page for ink. The last two conditions keep a tight crop of bold ink (background outside,
+    ink-heavy rings inside: README asks users to crop to the ink) from reading as a frame: there the
+    outer level is what most of the image is. Two medians decide the usual case (no frame)."""
     deepest = min(gray.shape) // 10
     if deepest < 2:
         return 0
     frame, page = _upper_median(_ring(gray, 0)), _upper_median(_ring(gray, deepest))
     if abs(frame - page) < 0.25:
         return 0
+    at = lambda pixels, level: float(np.mean(np.abs(pixels - np.float32(level)) < 0.25))
     for depth in range(1, deepest + 1):
-        level = _upper_median(_ring(gray, depth))
+        ring = _ring(gray, depth)
+        level = _upper_median(ring)
         if abs(level - page) < abs(level - frame):  # nearer the page than the frame: inside
-            return depth
-    return 0  # pragma: no cover (the deepest ring is the page)
+            break
+        if at(ring, frame) < 0.9:
+            return 0
+    if at(_ring(gray, 0), frame) < 0.9 or at(ring, page) < 0.75:
+        return 0
+    return depth if at(gray[depth:-depth, depth:-depth], page) >= 0.6 else 0
 
 
 def _border_surface(gray: np.ndarray, border: np.ndarray) -> tuple[np.ndarray, float]:
