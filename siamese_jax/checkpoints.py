@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import shutil
@@ -70,10 +71,15 @@ def _rank(metrics: dict, name: str, mode: str) -> float:
     return float(metrics[name]) + (10.0 if mode == "max" else -10.0) * generation
 
 
-def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The JSON metadata saved beside a step's state (its config, step, score), without the state."""
-    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(restored["meta"] or {})
+def read_meta_file(directory: str, step: int) -> dict:
+    """The JSON metadata saved beside a step's state (its config, step, score), read as the file it
+    is: not through orbax's restore, which several processes enter together (one host's read error
+    there left the others waiting in it). OSError or ValueError when it cannot be read."""
+    with open(os.path.join(directory, str(step), "meta", "metadata")) as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict):
+        raise ValueError(f"the metadata of step {step} in {directory} is not a JSON object")
+    return meta
 
 
 class Checkpoints:

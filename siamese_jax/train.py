@@ -265,20 +265,20 @@ def _best_under_this_validation(config, ckpts, recorded: float, target, embed_fn
     recorded scores, so an old score of another protocol can neither keep a better new checkpoint
     out nor displace it. A `best/` this config cannot even load is refused."""
     step = ckpts.best.best_step()
-    try:
-        generation = int(ckpts.best.metrics(step).get("validation_generation", 0))
-        old = ckpt_lib.read_meta(ckpts.best, step).get("config") or {}
-    except Exception:  # noqa: BLE001 - unreadable metadata: compared as before
-        generation, old = 0, {}
-    now = _config_json(config)
-    changed = [f"{k} {old[k]!r} -> {now.get(k)!r}" for k in _VALIDATION_KEYS
-               if k in old and old[k] != now.get(k)]
-    if jax.process_count() > 1:  # process 0's reading decides for every process (the loop is collective)
+    changed, generation = [], 0
+    if jax.process_index() == 0:  # process 0 reads, every process follows (the loop is collective)
+        try:
+            generation = int(ckpts.best.metrics(step).get("validation_generation", 0))
+            old = ckpt_lib.read_meta_file(os.path.join(workdir, "best"), step).get("config") or {}
+        except Exception:  # noqa: BLE001 - unreadable metadata: compared as before
+            generation, old = 0, {}
+        now = _config_json(config)
+        changed = [f"{k} {old[k]!r} -> {now.get(k)!r}" for k in _VALIDATION_KEYS
+                   if k in old and old[k] != now.get(k)]
+    if jax.process_count() > 1:
         agreed = multihost_utils.broadcast_one_to_all(np.array([bool(changed), generation], np.int32))
-        if not bool(agreed[0]):
-            changed = []
         generation = int(agreed[1])
-        changed = changed or (["the validation protocol"] if bool(agreed[0]) else [])
+        changed = changed or (["the validation protocol (process 0's reading)"] if bool(agreed[0]) else [])
     if not changed:
         return recorded, generation
     try:
@@ -286,10 +286,10 @@ def _best_under_this_validation(config, ckpts, recorded: float, target, embed_fn
         # its "state" item to another handler, and the next save_best would fail. (Its one step, the
         # newest: that way the shapes are compared first, not in a restore that fails in tensorstore.)
         state, _ = ckpt_lib.restore_from_directory(os.path.join(workdir, "best"), target, weights_only=True)
-    except Exception:  # noqa: BLE001 - another architecture: nothing to compare it with
+    except ckpt_lib.CheckpointError as e:  # another architecture (or unreadable): nothing to compare it with
         raise config_check.ConfigError(
-            f"{workdir}/best holds step {step} of a model this config cannot load ({'; '.join(changed)}): use a "
-            f"new --workdir, or remove {workdir}/best") from None
+            f"{workdir}/best step {step} was scored under another validation ({'; '.join(changed)}) and cannot be "
+            f"validated again with this config: {e}; use a new --workdir, or remove {workdir}/best") from None
     score = validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh)
     score = score if np.isfinite(score) else -1.0  # any finite validation is better
     log.warning("best/ step %d was scored %.4f under another validation (%s); validated again as this run "

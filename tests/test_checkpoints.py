@@ -254,7 +254,7 @@ def test_resume_refusals_and_what_config_json_records(tmp_path, data_dir, caplog
     assert json.load(open(os.path.join(workdir, "config.json")))["resume"] is None
     assert "the learning-rate schedule is rebuilt from the new config: at step 4 the rate goes from" in caplog.text
     shutil.rmtree(os.path.join(workdir, "checkpoints"))  # (to save space, say) then another network
-    with pytest.raises(config_check.ConfigError, match=r"best holds step \d+ of a model this config cannot load \(widths"):
+    with pytest.raises(config_check.ConfigError, match=r"best step \d+ was scored under another validation \(widths .* written by a different model"):
         train_lib.train(_tiny_mnist_config(data_dir, widths=(8, 16)), workdir)
 
 
