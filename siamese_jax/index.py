@@ -120,16 +120,25 @@ def build_index(model, paths: Sequence[str], batch_size: int = 256,
         except ImageError:
             if skip_unreadable is None:
                 raise
-        readable = []
-        for path in batch:
+        readable = batch
+        while True:  # checked file by file; one that goes bad before it is embedded: checked again
+            still = []
+            for path in readable:
+                try:
+                    read_image(path)
+                    still.append(path)
+                except ImageError as e:
+                    skip_unreadable(str(e))
+            if not still:
+                break
             try:
-                read_image(path)
-                readable.append(path)
-            except ImageError as e:
-                skip_unreadable(str(e))
-        if readable:
-            chunks.append(model.embed(readable))
-            kept += readable
+                chunks.append(model.embed(still))
+                kept += still
+                break
+            except ImageError:
+                if len(still) == len(readable):  # every file read again: not a file's fault
+                    raise
+                readable = still
     if not kept:
         raise ImageError("none of the images could be read" if paths else "no images to index")
     return EmbeddingIndex(np.concatenate(chunks).astype(np.float32), kept, model.fingerprint(),

@@ -214,11 +214,13 @@ def _log_resume_changes(config, workdir: str, step: int) -> None:
     previous = _previous_config(workdir)
     if previous is None:
         return
-    if config.get("resume") and previous.get("resume") != config.resume:
+    if previous.get("resume") != config.get("resume"):
         # The run's own checkpoint comes first (big_vision's order): config.resume is not used, and
-        # config.json keeps what the run did start from instead of recording it.
-        log.warning("config.resume=%s is not used: %s resumes from its own checkpoint (step %d); to start from "
-                    "those weights, use a new --workdir", config.resume, workdir, step)
+        # config.json keeps what the run did start from (a fine-tuned run re-run without the flag
+        # keeps its source) instead of recording another.
+        if config.get("resume"):
+            log.warning("config.resume=%s is not used: %s resumes from its own checkpoint (step %d); to start "
+                        "from those weights, use a new --workdir", config.resume, workdir, step)
         config.resume = previous.get("resume")
     now = _config_json(config)
     changed = [f"{k} {previous.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(previous) | set(now))
@@ -254,8 +256,30 @@ _VALIDATION_KEYS = ("dataset", "seed", "val_episodes", "val_fraction", "val_alph
                     "image_size", "l2_normalize", "model", "widths", "embedding_dim", "norm", "compute_dtype")
 
 
+def _validation_protocol(config_json: dict, training_split) -> dict:
+    """The values of `_VALIDATION_KEYS` in a config (as config.json holds it), with Omniglot's held-out
+    alphabets resolved to their names: a config from before `val_alphabet_names` (2026-12-04)
+    validated on the alphabets the old rule picked, which no raw key shows."""
+    protocol = {k: config_json[k] for k in _VALIDATION_KEYS if k in config_json}
+    if config_json.get("dataset") == "omniglot" and "val_alphabets" in config_json and training_split is not None:
+        try:
+            names = ip.held_out_alphabet_names(ml_collections.ConfigDict(config_json), training_split)
+        except Exception:  # noqa: BLE001 - a config this code cannot read: its raw keys
+            return protocol
+        protocol.pop("val_alphabets")
+        protocol.pop("val_alphabet_names", None)
+        protocol["validation alphabets"] = ", ".join(names)
+    return protocol
+
+
+# Where a `best/` step validated again (`_best_under_this_validation`) keeps its score under the
+# protocol it was validated again with, so the next resume under that protocol reads it instead of
+# validating again: orbax's own record of the step (score, config) is its first validation's.
+_REVALIDATED = "best_revalidated.json"
+
+
 def _best_under_this_validation(config, ckpts, recorded: float, target, embed_fn, val_dds, val_images, mesh,
-                                workdir: str) -> tuple:
+                                workdir: str, training_split=None) -> tuple:
     """(score to beat, validation generation) of the run's `best/` checkpoint.
 
     Its recorded score, when it was validated as this run validates. Otherwise (a resume that changed
@@ -263,38 +287,65 @@ def _best_under_this_validation(config, ckpts, recorded: float, target, embed_fn
     trained afresh under another config) it is validated again here, and later bests are saved one
     "generation" up: `Checkpoints` ranks a later generation above an earlier one whatever their
     recorded scores, so an old score of another protocol can neither keep a better new checkpoint
-    out nor displace it. A `best/` this config cannot even load is refused."""
+    out nor displace it. A `best/` of another model is refused; one that cannot be read counts for
+    nothing (the next validation is the best so far), as an unreadable best/ always has."""
     step = ckpts.best.best_step()
-    changed, generation = [], 0
+    now = _validation_protocol(_config_json(config), training_split)
+    # [validate again?, generation, a score of this protocol known from before?, that score]
+    decision = np.array([0, 0, 0, 0.0], np.float64)
+    changed = []
     if jax.process_index() == 0:  # process 0 reads, every process follows (the loop is collective)
         try:
             generation = int(ckpts.best.metrics(step).get("validation_generation", 0))
             old = ckpt_lib.read_meta_file(os.path.join(workdir, "best"), step).get("config") or {}
         except Exception:  # noqa: BLE001 - unreadable metadata: compared as before
             generation, old = 0, {}
-        now = _config_json(config)
-        changed = [f"{k} {old[k]!r} -> {now.get(k)!r}" for k in _VALIDATION_KEYS
-                   if k in old and old[k] != now.get(k)]
+        before = _validation_protocol(old, training_split)
+        changed = [f"{k} {before[k]!r} -> {now.get(k)!r}" for k in sorted(before)
+                   if k in now and before[k] != now[k]]
+        decision[:2] = bool(changed), generation
+        known = _read_json(os.path.join(workdir, _REVALIDATED))
+        if changed and known.get("step") == step and known.get("protocol") == now and \
+                isinstance(known.get("score"), (int, float)):
+            decision[2:] = 1, float(known["score"])
     if jax.process_count() > 1:
-        agreed = multihost_utils.broadcast_one_to_all(np.array([bool(changed), generation], np.int32))
-        generation = int(agreed[1])
-        changed = changed or (["the validation protocol (process 0's reading)"] if bool(agreed[0]) else [])
+        decision = np.asarray(multihost_utils.broadcast_one_to_all(decision))
+        changed = changed or (["the validation protocol (process 0's reading)"] if decision[0] else [])
+    generation = int(decision[1])
     if not changed:
         return recorded, generation
+    if decision[2]:  # validated again under this protocol by an earlier resume
+        log.info("best/ step %d: %.4f as this run validates (%s)", step, float(decision[3]), _REVALIDATED)
+        return float(decision[3]), generation + 1
     try:
         # Through a read-only manager of its own: a partial restore through `ckpts.best` would bind
         # its "state" item to another handler, and the next save_best would fail. (Its one step, the
         # newest: that way the shapes are compared first, not in a restore that fails in tensorstore.)
         state, _ = ckpt_lib.restore_from_directory(os.path.join(workdir, "best"), target, weights_only=True)
-    except ckpt_lib.CheckpointError as e:  # another architecture (or unreadable): nothing to compare it with
-        raise config_check.ConfigError(
-            f"{workdir}/best step {step} was scored under another validation ({'; '.join(changed)}) and cannot be "
-            f"validated again with this config: {e}; use a new --workdir, or remove {workdir}/best") from None
+    except ckpt_lib.CheckpointError as e:
+        if "different model" in str(e) or "another state structure" in str(e):
+            raise config_check.ConfigError(
+                f"{workdir}/best step {step} was scored under another validation ({'; '.join(changed)}) and cannot "
+                f"be validated again with this config: {e}; use a new --workdir, or remove {workdir}/best") from None
+        log.warning("best/ step %d was scored under another validation (%s) and cannot be read to validate it "
+                    "again (%s): the next validation is the best so far", step, "; ".join(changed), e)
+        return None, generation + 1
     score = validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh)
     score = score if np.isfinite(score) else -1.0  # any finite validation is better
     log.warning("best/ step %d was scored %.4f under another validation (%s); validated again as this run "
                 "validates: %.4f, the score a new best must beat", step, recorded, "; ".join(changed), score)
+    if parallel.is_main_process():
+        atomic_write_json(os.path.join(workdir, _REVALIDATED), {"step": step, "protocol": now, "score": score})
     return score, generation + 1
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _check_resumable(config, workdir: str) -> None:
@@ -457,7 +508,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     best_so_far, best_generation = _best_metric(ckpts), 0
     if best_so_far is not None:
         best_so_far, best_generation = _best_under_this_validation(
-            config, ckpts, best_so_far, fresh, embed_fn, val_dds, val_images, mesh, workdir)
+            config, ckpts, best_so_far, fresh, embed_fn, val_dds, val_images, mesh, workdir, training_split)
     detector = divergence.from_config(config, start_step)
     # The starting state's norm, compiled as one program (op by op it compiled ~30: ~1 s).
     detector.seed("param_norm", float(jax.jit(optax.tree.norm)(state.params)))

@@ -209,6 +209,25 @@ def test_a_resume_that_changes_how_validation_scores_revalidates_best_and_keeps_
     [best_step] = C.saved_steps(os.path.join(workdir, "best"))
     best_score = scores.get(best_step, rescored)
     assert best_score >= max([rescored, *scores.values()]) - 1e-4, (best_step, rescored, scores)
+    # The same command again: best/'s score under this validation is known now, not validated again.
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train_lib.train(c, workdir)
+    assert "validated again" not in caplog.text
+    # A best/ from before val_alphabet_names (validated on the old rule's alphabets, which no raw key
+    # shows), with nothing to resume from: validated again on today's alphabets.
+    [step] = C.saved_steps(os.path.join(workdir, "best"))
+    path = os.path.join(workdir, "best", str(step), "meta", "metadata")
+    record = json.load(open(path))
+    del record["config"]["val_alphabet_names"]
+    record["config"]["val_episodes"] = 10  # only the alphabets differ
+    json.dump(record, open(path, "w"))
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    os.remove(os.path.join(workdir, "best_revalidated.json"))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train_lib.train(tiny(num_steps=2, val_episodes=10), workdir)
+    assert "validation alphabets 'Balinese, Grantha' -> " in caplog.text and "validated again" in caplog.text
 
 
 def test_a_later_validation_generation_outranks_a_higher_score_of_an_earlier_one(tmp_path):
@@ -252,6 +271,16 @@ def test_resume_refusals_and_what_config_json_records(tmp_path, data_dir, caplog
         train_lib.train(_tiny_mnist_config(data_dir, num_steps=6, resume=os.path.join(source, "best")), workdir)
     assert f"config.resume={source}/best is not used" in caplog.text
     assert json.load(open(os.path.join(workdir, "config.json")))["resume"] is None
+    # A run fine-tuned from `source`, re-run with or without the flag: config.json keeps its source,
+    # and neither re-run calls the flag unused or a change.
+    tuned = str(tmp_path / "tuned")
+    train_lib.train(_tiny_mnist_config(data_dir, num_steps=2, resume=os.path.join(source, "best")), tuned)
+    for steps, resume in ((4, None), (6, os.path.join(source, "best"))):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            train_lib.train(_tiny_mnist_config(data_dir, num_steps=steps, resume=resume), tuned)
+        assert "is not used" not in caplog.text and "resume " not in caplog.text.split("changed config")[-1]
+        assert json.load(open(os.path.join(tuned, "config.json")))["resume"] == os.path.join(source, "best")
     assert "the learning-rate schedule is rebuilt from the new config: at step 4 the rate goes from" in caplog.text
     shutil.rmtree(os.path.join(workdir, "checkpoints"))  # (to save space, say) then another network
     with pytest.raises(config_check.ConfigError, match=r"best step \d+ was scored under another validation \(widths .* written by a different model"):

@@ -316,6 +316,29 @@ def test_embed_skip_unreadable_indexes_the_other_images_in_one_run(eval_pngs, tm
     np.testing.assert_allclose(index.embeddings, inference.load_model("pretrained").embed(good), atol=1e-5)
 
 
+def test_skip_unreadable_survives_a_file_removed_after_its_check(model, eval_pngs, tmp_path, monkeypatch):
+    # The fallback checks a bad batch's files one by one, then embeds the readable ones: a file removed
+    # in between stopped the whole command (from the review of the fixes).
+    folder = tmp_path / "imgs"
+    shutil.copytree(sorted(eval_pngs.iterdir())[0], folder)
+    (folder / "bad.png").write_text("not an image")
+    paths = img_lib.list_images(str(folder))
+    doomed = [p for p in paths if not p.endswith("bad.png")][-1]
+    real = img_lib.read_image
+
+    def read_then_remove(path):  # the check passes, then the file is gone
+        out = real(path)
+        if path == doomed and sys._getframe(1).f_code.co_name == "build_index" and os.path.exists(path):
+            os.remove(path)
+        return out
+
+    monkeypatch.setattr(img_lib, "read_image", read_then_remove)
+    skipped = []
+    index = build_index(model, paths, skip_unreadable=skipped.append)
+    assert index.paths == [p for p in paths if p not in (doomed, str(folder / "bad.png"))]
+    assert len(skipped) == 2 and "no such file" in skipped[1]
+
+
 def test_embedding_a_long_list_reads_it_batch_by_batch_with_the_same_numbers(model, eval_pngs, monkeypatch):
     # `embed` of N images prepared all N before embedding any (~20 KB each: 2.8 GB for 120,000 MNIST
     # digits); now each batch is read just before it is embedded, and the numbers are the same.
