@@ -593,7 +593,7 @@ def test_a_run_started_before_the_split_fix_resumes_on_its_own_split(omniglot, t
     # A config.json that is not a JSON object: nothing to compare against (it crashed).
     odd = _workdir_of_a_run(tmp_path / "odd", [1, 2])
     train_lib._keep_the_runs_split(_split_config(), odd, ds)
-    train_lib._log_resume_changes(_split_config(), odd)
+    train_lib._log_resume_changes(_split_config(), odd, step=10)
     # No checkpoint yet (nothing trained): the new command's split stands.
     fresh = _split_config(val_alphabets=3)
     train_lib._keep_the_runs_split(fresh, _workdir_of_a_run(tmp_path / "empty", legacy, checkpoint=False), ds)
@@ -632,14 +632,16 @@ def test_resuming_with_a_changed_config_says_what_changed(tmp_path, caplog):
     workdir = _workdir_of_a_run(tmp_path / "run", _split_config().to_dict())
     config = _split_config(loss="batch_hard", num_steps=20000, archive_dir="/elsewhere", log_every_seconds=1.0)
     with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
-        train_lib._log_resume_changes(config, workdir)
+        train_lib._log_resume_changes(config, workdir, step=4000)
     [record] = [r for r in caplog.records if "changed config" in r.getMessage()]
     message = record.getMessage()
     assert "loss 'triplet' -> 'batch_hard'" in message and "num_steps 12000 -> 20000" in message
     assert "archive_dir" not in message and "log_every_seconds" not in message
+    # ... and the learning rate's jump at the resume step, the cosine being rebuilt over 20,000 steps.
+    assert "at step 4000 the rate goes from" in message and "--config.lr_schedule_steps=12000" in message
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
-        train_lib._log_resume_changes(_split_config(), workdir)
+        train_lib._log_resume_changes(_split_config(), workdir, step=4000)
     assert not caplog.records
 
 
