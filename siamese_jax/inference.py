@@ -75,6 +75,12 @@ class Calibration:
         return 1.0 / (1.0 + np.exp(-self.slope * (mid - np.asarray(distance, np.float64))))
 
 
+def _padded_batch(n: int, batch_size: int) -> int:
+    """The batch every chunk of n images is padded to: `batch_size` when there are several chunks,
+    else the power of two at or above n (one compile per size class, not per count)."""
+    return batch_size if n > batch_size else max(1, 1 << (n - 1).bit_length())
+
+
 class SiameseModel:
     """A trained encoder with its preprocessing and (optional) calibrated threshold."""
 
@@ -107,7 +113,7 @@ class SiameseModel:
     def embed_prepared(self, x: np.ndarray, batch_size: int = 512, test_time_shifts: Optional[str] = None) -> np.ndarray:
         """[N, S, S, 1] float in [0, 1] -> [N, E]; fixed-size padded batches (one compile). Averaged over
         the model's test-time shift set (`test_time.SHIFT_SETS`), or over `test_time_shifts` if given."""
-        size = batch_size if len(x) > batch_size else max(1, 1 << (len(x) - 1).bit_length())
+        size = _padded_batch(len(x), batch_size)
         return np.concatenate([self._embed_padded(x[start:start + batch_size], size, test_time_shifts)
                                for start in range(0, len(x), batch_size)])
 
@@ -135,12 +141,11 @@ class SiameseModel:
         if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         images = list(images)
-        if len(images) <= batch_size:
-            return self.embed_prepared(self.preprocess(images), batch_size)
-        # Several batches: each is read and resized just before it is embedded, so a long list's
-        # pixels never sit in memory all at once (they did, at ~20 KB per image: 2.8 GB for 120,000
-        # MNIST digits). The same padded batches as `embed_prepared`, so the same numbers.
-        return np.concatenate([self._embed_padded(self.preprocess(images[start:start + batch_size]), batch_size)
+        # Each batch is read and resized just before it is embedded, so a long list's pixels never
+        # sit in memory all at once (they did, at ~20 KB per image: 2.8 GB for 120,000 MNIST
+        # digits). The same padded batches as `embed_prepared`, so the same numbers.
+        size = _padded_batch(len(images), batch_size)
+        return np.concatenate([self._embed_padded(self.preprocess(images[start:start + batch_size]), size)
                                for start in range(0, len(images), batch_size)])
 
     # -- pairs -------------------------------------------------------------------------------------

@@ -197,14 +197,19 @@ _RESUME_NEUTRAL_KEYS = {"archive_dir", "tfds_data_dir", "cache_dir", "source", "
                         "val_alphabet_names"}
 
 
+def _read_json(path: str) -> dict:
+    """A JSON object file as a dict; {} when absent, unreadable, or not a JSON object."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _previous_config(workdir: str) -> Optional[dict]:
     """The workdir's config.json as a dict, or None (absent, unreadable, or not a JSON object)."""
-    try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            previous = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return previous if isinstance(previous, dict) else None
+    return _read_json(os.path.join(workdir, "config.json")) or None
 
 
 def _log_resume_changes(config, workdir: str, step: int) -> None:
@@ -337,15 +342,6 @@ def _best_under_this_validation(config, ckpts, recorded: float, target, embed_fn
     if parallel.is_main_process():
         atomic_write_json(os.path.join(workdir, _REVALIDATED), {"step": step, "protocol": now, "score": score})
     return score, generation + 1
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _check_resumable(config, workdir: str) -> None:
