@@ -64,11 +64,12 @@ def _show(ax, image, frame_colour: Optional[str] = None, frame_width: float = 3.
 
 # ------------------------------------------------------------------------------------------------
 def plot_pairs(path: str, x1, x2, is_similar, distances, threshold: Optional[float] = None,
-               max_pairs: int = 8) -> str:
-    """Pairs side by side with their true label and learned distance.
+               max_pairs: int = 8, row_labels: Sequence[str] = (), title: Optional[str] = None) -> str:
+    """Pairs side by side with their true label and learned distance, four to a row.
 
     With a threshold (same iff distance <= threshold) each pair's caption and frame are green when
-    the prediction is right and red when it is wrong.
+    the prediction is right and red when it is wrong. `row_labels` name the rows (e.g. "drawn at
+    random", "hardest"); `title` replaces the first line of the figure's title.
     """
     from matplotlib import rc_context
 
@@ -101,15 +102,38 @@ def plot_pairs(path: str, x1, x2, is_similar, distances, threshold: Optional[flo
                 verdict = "same" if predicted_same else "different"
                 caption = f"true: {truth}, pred: {verdict}\nd = {d[i]:.3f}"
             ax.set_title(caption, color=colour, fontsize=10)
+            if i % cols == 0 and i // cols < len(row_labels):
+                ax.set_ylabel(row_labels[i // cols], fontsize=10)
             for spine in ax.spines.values():
                 spine.set_visible(True)
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(2.5 if threshold is not None else 1.0)
-        title = "Pairs and their embedding distances"
+        heading = title or "Pairs and their embedding distances"
         if threshold is not None:
-            title += f" (threshold {threshold:.3f}: green = correct, red = wrong)"
-        fig.suptitle(title)
+            heading += f"\nsame if distance \u2264 {threshold:.3f}: green = right, red = wrong"
+        fig.suptitle(heading)
         return _save(fig, path)
+
+
+def pick_pairs_to_show(distances, is_similar, rng: np.random.Generator, per_row: int = 4):
+    """Indices of the pairs worth a look, and a label for each row of `per_row`.
+
+    The first row is drawn at random (half same pairs, half different); the second holds the hardest:
+    the same pairs with the largest distances and the different pairs with the smallest, the pairs a
+    threshold gets wrong first. A row that has no such pairs (all same, say) is left out.
+    """
+    d = np.asarray(distances, np.float64).reshape(-1)
+    same = np.asarray(is_similar).reshape(-1).astype(bool)
+    pos, neg = np.flatnonzero(same), np.flatnonzero(~same)
+    half = per_row // 2
+    random_row = np.concatenate([rng.choice(pos, min(half, len(pos)), replace=False),
+                                 rng.choice(neg, min(per_row - half, len(neg)), replace=False)]).astype(int)
+    hardest = np.concatenate([pos[np.argsort(-d[pos], kind="stable")][:half],
+                              neg[np.argsort(d[neg], kind="stable")][:per_row - half]]).astype(int)
+    rows = [(r, label) for r, label in ((random_row, "drawn at random"), (hardest, "hardest")) if len(r) == per_row]
+    if not rows:  # fewer pairs than a row: show what there is
+        return np.arange(min(len(d), per_row)), []
+    return np.concatenate([r for r, _ in rows]), [label for _, label in rows]
 
 
 def _match_height(image: np.ndarray, height: int) -> np.ndarray:
@@ -149,14 +173,21 @@ def _no_data(ax, message: str) -> None:
     ax.set_yticks([])
 
 
+_SERIES_NAMES = {"val_one_shot_accuracy": "validation one-shot accuracy",
+                 "val_one_shot_accuracy_live": "the same, live weights (not the average)"}
+
+
 def plot_training_curves(path: str, history: Sequence[dict],
                          loss_keys: Sequence[str] = ("loss", "val_loss"),
                          accuracy_keys: Sequence[str] = ("val_one_shot_accuracy", "val_one_shot_accuracy_live",
-                                                         "val_accuracy", "val_verification_accuracy")) -> str:
+                                                         "val_accuracy", "val_verification_accuracy"),
+                         validation_note: Optional[str] = None) -> str:
     """Two panels from metrics.jsonl records: losses vs step, validation accuracies vs step.
 
     Each key present with numeric values becomes a series (records without it are skipped, as
     metrics.jsonl mixes per-step and per-evaluation lines). A long noisy loss also gets a smoothed line.
+    The first accuracy series' best point is starred: the checkpoint the run keeps. `validation_note`
+    says under the panel's title what the score is (e.g. "20-way 1-shot, 200 episodes of ...").
     """
     from matplotlib import rc_context
 
@@ -197,16 +228,17 @@ def plot_training_curves(path: str, history: Sequence[dict],
             if not len(steps):
                 continue
             colour = colours[(i + 2) % len(colours)]
-            ax_acc.plot(steps, values, color=colour, lw=2, marker="o", ms=4, label=key)
-            best = int(np.argmax(values))
-            ax_acc.annotate(f"best {values[best]:.3f}", (steps[best], values[best]), textcoords="offset points",
-                            xytext=(0, -16), ha="center", fontsize=9, color=colour)
+            ax_acc.plot(steps, values, color=colour, lw=2, marker="o", ms=4, label=_SERIES_NAMES.get(key, key))
+            if not plotted_acc:
+                best = int(np.argmax(values))
+                ax_acc.plot(steps[best], values[best], linestyle="none", marker="*", ms=15, color=colour,
+                            markeredgecolor="black", label=f"best: {values[best]:.3f} at step {int(steps[best])}")
             plotted_acc += 1
         if plotted_acc:
             ax_acc.legend(loc="lower right")
         else:
             _no_data(ax_acc, "no validation accuracy recorded")
-        ax_acc.set_title("Validation accuracy")
+        ax_acc.set_title("Validation accuracy" + (f"\n{validation_note}" if validation_note else ""))
         ax_acc.set_xlabel("step")
         ax_acc.set_ylabel("accuracy")
         ax_acc.grid(alpha=0.3)
@@ -214,8 +246,13 @@ def plot_training_curves(path: str, history: Sequence[dict],
 
 
 # ------------------------------------------------------------------------------------------------
-def plot_distance_histograms(path: str, pos_distances, neg_distances, threshold: Optional[float] = None) -> str:
-    """Overlaid density histograms of same-pair and different-pair distances (shared bins)."""
+def plot_distance_histograms(path: str, pos_distances, neg_distances, threshold: Optional[float] = None,
+                             title: str = "Embedding distances of same and different pairs",
+                             threshold_source: Optional[str] = None) -> str:
+    """Overlaid density histograms of same-pair and different-pair distances (shared bins).
+
+    With a threshold, its accuracy on these pairs goes in the title; `threshold_source` says where it
+    was chosen (e.g. "background pairs"), as a threshold fitted on the plotted pairs flatters them."""
     from matplotlib import rc_context
 
     pos = np.asarray(pos_distances, np.float64).reshape(-1)
@@ -235,12 +272,12 @@ def plot_distance_histograms(path: str, pos_distances, neg_distances, threshold:
             if values.size:
                 ax.hist(values, bins=bins, density=True, alpha=0.55, color=colour, edgecolor=colour,
                         label=f"{name} pairs (n={values.size})")
-        title = "Embedding distances of same and different pairs"
         if threshold is not None:
-            ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.3f}")
+            where = f" (chosen on {threshold_source})" if threshold_source else ""
+            ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.3f}{where}")
             if pos.size and neg.size:
                 acc = (np.sum(pos <= threshold) + np.sum(neg > threshold)) / (pos.size + neg.size)
-                title += f"\naccuracy at threshold {acc:.3f}"
+                title += f"\naccuracy {acc:.3f} at the threshold"
         if pos.size and neg.size:
             from siamese_jax.evaluation import roc_auc
 
@@ -255,8 +292,14 @@ def plot_distance_histograms(path: str, pos_distances, neg_distances, threshold:
 
 
 # ------------------------------------------------------------------------------------------------
-def plot_embedding_map(path: str, embeddings, labels, max_classes: int = 20) -> str:
-    """A 2-D PCA map (NumPy SVD) of the embeddings of the first `max_classes` classes, coloured by class."""
+def plot_embedding_map(path: str, embeddings, labels, max_classes: int = 20, images=None,
+                       title: str = "Embeddings, first two principal components") -> str:
+    """A 2-D PCA map (NumPy SVD) of the embeddings of the first `max_classes` classes, coloured by class.
+
+    With `images` (one per embedding, as `_display_images` takes them) each class is named by a
+    picture instead of a number: its most typical drawing (the one nearest the class's mean
+    embedding), framed in the class's colour at the class's centre on the map.
+    """
     from matplotlib import colormaps, rc_context
 
     emb = np.asarray(embeddings, np.float64)
@@ -266,6 +309,8 @@ def plot_embedding_map(path: str, embeddings, labels, max_classes: int = 20) -> 
     if not np.isfinite(emb).all():  # the SVD would fail with LinAlgError (all NaN) or draw nothing
         raise ValueError(f"{int((~np.isfinite(emb).all(axis=1)).sum())} of {len(emb)} embeddings are NaN or "
                          f"infinite (a diverged model?); no embedding map drawn")
+    if images is not None and len(images) != len(emb):
+        raise ValueError(f"{len(images)} images for {len(emb)} embeddings")
     classes = np.unique(labels)[:max_classes]
     keep = np.isin(labels, classes)
     x, y = emb[keep], labels[keep]
@@ -278,30 +323,49 @@ def plot_embedding_map(path: str, embeddings, labels, max_classes: int = 20) -> 
     ratio = variance / variance.sum() if variance.sum() > 0 else np.zeros_like(variance)
     ratio = np.pad(ratio, (0, max(0, 2 - len(ratio))))
     cmap = colormaps["tab20" if len(classes) <= 20 else "turbo"]
+    pictures = _display_images(np.asarray(images)[keep]) if images is not None else None
     with rc_context(_RC):
-        fig = _figure(8.5 if len(classes) <= 20 else 7.0, 6.0)
+        fig = _figure(8.5 if len(classes) <= 20 and pictures is None else 7.5, 6.0)
         ax = fig.subplots()
         for i, c in enumerate(classes):
             colour = cmap(i % 20) if len(classes) <= 20 else cmap(i / max(1, len(classes) - 1))
             m = y == c
             ax.scatter(coords[m, 0], coords[m, 1], s=14, color=colour, alpha=0.8, linewidths=0, label=str(c))
+            if pictures is not None:
+                _class_picture(ax, pictures[m], x[m], coords[m], colour)
         ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.1f}% of variance)")
         ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.1f}% of variance)")
-        ax.set_title(f"Embeddings, first two principal components\n{len(x)} points, {len(classes)} classes")
+        pictured = ", each class named by its most typical drawing" if pictures is not None else ""
+        ax.set_title(f"{title}\n{len(x)} points, {len(classes)} classes{pictured}")
         ax.grid(alpha=0.3)
-        if len(classes) <= 20:
+        if len(classes) <= 20 and pictures is None:
             ax.legend(title="class", loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=1.5,
                       ncols=1 if len(classes) <= 12 else 2, fontsize=9, frameon=False)
         return _save(fig, path)
 
 
+def _class_picture(ax, pictures, embeddings, coords, colour, inches: float = 0.36) -> None:
+    """One class's most typical drawing (nearest its mean embedding) at its centre on the map."""
+    from matplotlib.colors import Normalize
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    typical = int(np.argmin(np.linalg.norm(embeddings - embeddings.mean(axis=0), axis=1)))
+    picture = pictures[typical]
+    # OffsetImage draws zoom x 1 point per pixel; points are 1/72 inch.
+    box = OffsetImage(picture, cmap="gray_r", norm=Normalize(0.0, 1.0), zoom=inches * 72 / max(picture.shape))
+    ax.add_artist(AnnotationBbox(box, coords.mean(axis=0), frameon=True, pad=0.1, zorder=3,
+                                 bboxprops=dict(edgecolor=colour, linewidth=2.0, facecolor="white", alpha=0.9)))
+
+
 # ------------------------------------------------------------------------------------------------
-def plot_episodes(path: str, support, queries, predicted, true, max_queries: int = 4) -> str:
+def plot_episodes(path: str, support, queries, predicted, true, max_queries: int = 4,
+                  title: Optional[str] = None) -> str:
     """One row per query: the query, then the n_way support images with the prediction framed.
 
     support [n_way, H, W] (one shot per class), queries [Q, H, W], predicted / true [Q] indices into
     support. The predicted image gets a solid green frame when right, red when wrong; on a mistake the
     true match gets a dashed green frame. Up to half the rows show mistakes when there are any.
+    `title` names the episode (e.g. which of Lake's runs) before its score.
     """
     from matplotlib import rc_context
 
@@ -340,7 +404,7 @@ def plot_episodes(path: str, support, queries, predicted, true, max_queries: int
                 if r == 0:
                     ax.set_title(str(c), fontsize=9)
         n_correct = int(np.sum(predicted == true))
-        fig.suptitle(f"{n_way}-way one-shot: {n_correct}/{len(qs)} queries correct\n"
+        fig.suptitle(f"{title + ', ' if title else ''}{n_way}-way one-shot: {n_correct}/{len(qs)} queries correct\n"
                      "green = predicted and right, red = predicted and wrong, dashed = true match",
                      fontsize=11)
         return _save(fig, path)

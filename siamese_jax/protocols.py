@@ -128,41 +128,48 @@ def evaluate_mnist(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dic
     out["retrieval"] = evaluation.retrieval_metrics(emb, ds.labels)
     if plots_dir and parallel.is_main_process():
         a, b = dist["test"][2], dist["test"][3]
-        imgs = resized_images(ds, config.image_size) / 255.0
-        plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), imgs[a[:8]], imgs[b[:8]], same[:8], d[:8], threshold)
-        plots.plot_distance_histograms(os.path.join(plots_dir, "distances.png"), d[same], d[~same], threshold)
-        plots.plot_embedding_map(os.path.join(plots_dir, "embedding_map.png"), emb[:3000], ds.labels[:3000])
+        imgs = resized_images(ds, config.image_size)
+        show, rows = plots.pick_pairs_to_show(d, same, np.random.default_rng(config.eval_seed))
+        plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), imgs[a[show]], imgs[b[show]], same[show], d[show],
+                         threshold, row_labels=rows, title="MNIST test pairs and their embedding distances")
+        plots.plot_distance_histograms(os.path.join(plots_dir, "distances.png"), d[same], d[~same], threshold,
+                                       title=f"MNIST test pairs: embedding distances of {len(d):,} pairs",
+                                       threshold_source="validation pairs")
+        plots.plot_embedding_map(os.path.join(plots_dir, "embedding_map.png"), emb[:3000], ds.labels[:3000],
+                                 images=imgs[:3000], title="MNIST test digits' embeddings, first two principal components")
     return out
 
 
 def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, config, loaded):
-    # Sample *training* pairs (background alphabets) with the learned distances.
+    # The threshold is chosen on pairs of *background* images (the training alphabets) and drawn on
+    # the evaluation pairs: their plots then show the accuracy a threshold fitted elsewhere gets on new
+    # alphabets (a threshold fitted on the plotted pairs themselves would flatter them).
     train = ip.load_split(config, "background")
     rng = np.random.default_rng(config.eval_seed)
     sub = train.subset(np.sort(rng.choice(len(train), min(2000, len(train)), replace=False)))
-    tr_u8 = resized_images(sub, config.image_size)
-    tr_emb = loaded.embed_u8(tr_u8)  # a collective: every process takes part ...
+    tr_emb = loaded.embed_u8(resized_images(sub, config.image_size))  # a collective: every process takes part ...
     if not parallel.is_main_process():  # ... and process 0 draws the files
         return
     a, b, same = keras_pairs(sub.labels, config.eval_seed)
-    d = np.linalg.norm(tr_emb[a] - tr_emb[b], axis=-1)
-    # One threshold, chosen on these background pairs, for both plots: the evaluation pairs'
-    # histogram then shows the accuracy a threshold fitted elsewhere gets on them (it used to show
-    # a threshold fitted on the evaluation pairs themselves, an optimistic number on the plot).
-    threshold = evaluation.best_threshold(d, same)
-    show = np.concatenate([[2 * i, 2 * i + 1] for i in rng.choice(len(sub), 4, replace=False)])
-    plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), tr_u8[a[show]] / 255.0, tr_u8[b[show]] / 255.0,
-                     same[show], d[show], threshold)
+    threshold = evaluation.best_threshold(np.linalg.norm(tr_emb[a] - tr_emb[b], axis=-1), same)
     a, b, same = keras_pairs(ev.labels, config.eval_seed)
     d = np.linalg.norm(ev_emb[a] - ev_emb[b], axis=-1)
-    plots.plot_distance_histograms(os.path.join(plots_dir, "distances.png"), d[same], d[~same], threshold)
+    show, rows = plots.pick_pairs_to_show(d, same, rng)
+    plots.plot_pairs(os.path.join(plots_dir, "pairs.png"), ev_u8[a[show]], ev_u8[b[show]], same[show], d[show],
+                     threshold, row_labels=rows, title="Pairs from the evaluation alphabets and their embedding distances")
+    plots.plot_distance_histograms(os.path.join(plots_dir, "distances.png"), d[same], d[~same], threshold,
+                                   title=f"Evaluation alphabets: embedding distances of {len(d):,} pairs",
+                                   threshold_source="background pairs")
     first_classes = np.unique(ev.labels)[:20]
     mask = np.isin(ev.labels, first_classes)
-    plots.plot_embedding_map(os.path.join(plots_dir, "embedding_map.png"), ev_emb[mask], ev.labels[mask])
-    run = runs[0]
-    dists = np.linalg.norm(test_emb[0][:, None] - train_emb[0][None], axis=-1)
+    plots.plot_embedding_map(os.path.join(plots_dir, "embedding_map.png"), ev_emb[mask], ev.labels[mask],
+                             images=ev_u8[mask], title="20 characters of the evaluation alphabets, first two principal components")
+    # The run a person learns most from: the one with the most mistakes (the first such run on a tie).
+    predicted = [np.linalg.norm(test_emb[r][:, None] - train_emb[r][None], axis=-1).argmin(1) for r in range(len(runs))]
+    worst = int(np.argmax([np.sum(p != run.answers) for p, run in zip(predicted, runs)]))
+    run = runs[worst]
     plots.plot_episodes(os.path.join(plots_dir, "episodes.png"), run.train_images / 255.0, run.test_images / 255.0,
-                        dists.argmin(1), run.answers)
+                        predicted[worst], run.answers, title=f"Lake's run {worst + 1} of {len(runs)} (the run with the most mistakes)")
 
 
 def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_seconds: Optional[float] = None,
@@ -184,7 +191,9 @@ def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_se
         results = evaluate_mnist(config, loaded, plots_dir)
     history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     if plots_dir and history and main:
-        plots.plot_training_curves(os.path.join(plots_dir, "curves.png"), history)
+        held_out = "held-out alphabets" if config.dataset == "omniglot" else "held-out training digits"
+        plots.plot_training_curves(os.path.join(plots_dir, "curves.png"), history,
+                                   validation_note=f"one-shot, {config.val_episodes} episodes of {held_out}")
     results.update(dataset=config.dataset, loss=config.loss, model=config.model, image_size=config.image_size,
                    test_time_shifts=config.get("test_time_shifts", "none"),
                    checkpoint_step=step, num_steps=config.num_steps, devices=jax.device_count(),

@@ -43,6 +43,23 @@ def test_plot_pairs(tmp_path):
     grey = _check_png(path)
     assert grey.mean() > 200  # ink dark on a white page, not white strokes on black
     _check_png(plots.plot_pairs(str(tmp_path / "pairs_plain.png"), x1, x2, same, d, max_pairs=3))
+    _check_png(plots.plot_pairs(str(tmp_path / "pairs_rows.png"), x1, x2, same, d, threshold=0.5,
+                                row_labels=["drawn at random", "hardest"], title="Test pairs"))
+
+
+def test_the_pairs_shown_are_a_random_row_then_the_hardest():
+    rng = np.random.default_rng(0)
+    same = np.r_[np.ones(50, bool), np.zeros(50, bool)]
+    d = np.r_[rng.uniform(0, 2, 50), rng.uniform(1, 3, 50)]
+    show, rows = plots.pick_pairs_to_show(d, same, np.random.default_rng(1))
+    assert rows == ["drawn at random", "hardest"] and len(show) == 8
+    assert same[show[:4]].tolist() == [True, True, False, False]  # half same, half different
+    # The hardest: the two same pairs farthest apart, the two different pairs closest together.
+    assert set(show[4:6]) == set(np.argsort(-np.where(same, d, -np.inf))[:2])
+    assert set(show[6:]) == set(np.argsort(np.where(same, np.inf, d))[:2])
+    # Only same pairs (or fewer than a row): no half-empty rows, what there is is shown.
+    show, rows = plots.pick_pairs_to_show(d[:3], same[:3], rng)
+    assert rows == [] and show.tolist() == [0, 1, 2]
 
 
 def test_plot_training_curves(tmp_path):
@@ -51,6 +68,8 @@ def test_plot_training_curves(tmp_path):
                 for s in range(20, 120, 20)]
     history += [{"step": 5, "steps_per_second": 12.0}, {"step": 7, "loss": float("nan")}, {"note": "text"}]
     _check_png(plots.plot_training_curves(str(tmp_path / "curves.png"), history), min_w=800)
+    _check_png(plots.plot_training_curves(str(tmp_path / "noted.png"), history,
+                                          validation_note="one-shot episodes (200) of the held-out alphabets"), min_w=800)
     _check_png(plots.plot_training_curves(str(tmp_path / "empty.png"), []), min_w=800)
 
 
@@ -68,6 +87,13 @@ def test_plot_embedding_map(tmp_path):
     emb = rng.normal(size=(25, 16))[labels] + 0.3 * rng.normal(size=(200, 16))
     _check_png(plots.plot_embedding_map(str(tmp_path / "map.png"), emb, labels))
     _check_png(plots.plot_embedding_map(str(tmp_path / "map1d.png"), emb[:, :1], labels, max_classes=3))
+    # With the images, each class is named by a drawing on the map (not a number in a legend).
+    images = _strokes(rng, len(labels))
+    pictured = _check_png(plots.plot_embedding_map(str(tmp_path / "pictured.png"), emb, labels, images=images))
+    plain = _check_png(plots.plot_embedding_map(str(tmp_path / "plain.png"), emb, labels))
+    assert pictured.shape != plain.shape or np.abs(pictured - plain).mean() > 1
+    with pytest.raises(ValueError, match="199 images for 200 embeddings"):
+        plots.plot_embedding_map(str(tmp_path / "short.png"), emb, labels, images=images[1:])
     bad = emb.copy()
     bad[3, 0] = np.nan
     for broken in (bad, np.full_like(emb, np.nan)):  # was a LinAlgError traceback (all NaN)
@@ -83,7 +109,8 @@ def test_plot_episodes(tmp_path):
     true = rng.permutation(20)
     predicted = true.copy()
     predicted[[2, 9]] = (predicted[[2, 9]] + 1) % 20
-    path = plots.plot_episodes(str(tmp_path / "ep.png"), support, queries, predicted, true, max_queries=4)
+    path = plots.plot_episodes(str(tmp_path / "ep.png"), support, queries, predicted, true, max_queries=4,
+                               title="Lake's run 3 of 20")
     grey = _check_png(path, min_w=1000)
     assert grey.mean() > 200
     with pytest.raises(ValueError):
@@ -126,19 +153,29 @@ def test_the_evaluation_distance_plot_uses_the_threshold_chosen_on_background_pa
     background, evaluation = dataset("background", 30, 4), dataset("evaluation", 25, 4)
     monkeypatch.setattr(protocols.ip, "load_split", lambda config, split: background)
     drawn = {}
-    monkeypatch.setattr(protocols.plots, "plot_pairs", lambda path, a, b, same, d, threshold: drawn.setdefault("pairs", threshold))
+    monkeypatch.setattr(protocols.plots, "plot_pairs",
+                        lambda path, a, b, same, d, threshold, **k: drawn.setdefault("pairs", (threshold, a)))
     monkeypatch.setattr(protocols.plots, "plot_distance_histograms",
-                        lambda path, pos, neg, threshold: drawn.setdefault("distances", threshold))
+                        lambda path, pos, neg, threshold, **k: drawn.setdefault("distances", threshold))
     monkeypatch.setattr(protocols.plots, "plot_embedding_map", lambda *a, **k: None)
-    monkeypatch.setattr(protocols.plots, "plot_episodes", lambda *a, **k: None)
+    monkeypatch.setattr(protocols.plots, "plot_episodes", lambda *a, title, **k: drawn.setdefault("episode", (a[3], title)))
     # An "embedding" whose distances separate the classes imperfectly, differently on the two sets.
     embed = lambda u8: (u8.reshape(len(u8), -1)[:, :4].astype(np.float32) / 64.0)
     loaded = types.SimpleNamespace(embed_u8=embed)
     config = default.get_config("omniglot")
     config.image_size = 12
-    run = types.SimpleNamespace(train_images=np.zeros((20, 12, 12), np.uint8), test_images=np.zeros((20, 12, 12), np.uint8),
-                                answers=np.arange(20))
+    runs = [types.SimpleNamespace(train_images=np.zeros((20, 12, 12), np.uint8), test_images=np.zeros((20, 12, 12), np.uint8),
+                                  answers=np.arange(20)) for _ in range(3)]
+    # Lake's runs: the supports are one-hot codes; run 1's queries are all right, run 2 gets 3 wrong,
+    # run 3 gets 1 wrong.
+    train_emb = np.tile(np.eye(20, dtype=np.float32), (3, 1, 1))
+    test_emb = train_emb.copy()
+    test_emb[1, :3] = np.roll(np.eye(20, dtype=np.float32), 1, axis=1)[:3]
+    test_emb[2, 5] = np.eye(20, dtype=np.float32)[6]
     ev_emb = embed(evaluation.images) + evaluation.labels[:, None].astype(np.float32)
-    protocols._omniglot_plots(str(tmp_path), [run], np.zeros((1, 20, 4), np.float32), np.zeros((1, 20, 4), np.float32),
-                              evaluation, evaluation.images, ev_emb, config, loaded)
-    assert drawn["distances"] == drawn["pairs"]
+    protocols._omniglot_plots(str(tmp_path), runs, train_emb, test_emb, evaluation, evaluation.images, ev_emb, config, loaded)
+    assert drawn["distances"] == drawn["pairs"][0]
+    shown = drawn["pairs"][1]  # evaluation images: the pairs the histogram is of
+    assert len(shown) == 8 and all(any((img == e).all() for e in evaluation.images) for img in shown)
+    predicted, title = drawn["episode"]
+    assert title.startswith("Lake's run 2 of 3") and predicted[:4].tolist() == [1, 2, 3, 3]
