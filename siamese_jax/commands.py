@@ -135,7 +135,8 @@ def _search(argv):
     if args.sheet:
         from siamese_jax import plots
 
-        plots.plot_neighbours(args.sheet, args.image, [index.file_path(i) for i in idx[0]], dists[0])
+        threshold = model.calibration.threshold if model.calibration is not None else None
+        plots.plot_neighbours(args.sheet, args.image, [index.file_path(i) for i in idx[0]], dists[0], threshold)
         print(console.display(f"contact sheet -> {args.sheet}"))
     return 0
 

@@ -410,10 +410,13 @@ def plot_episodes(path: str, support, queries, predicted, true, max_queries: int
         return _save(fig, path)
 
 
-def plot_neighbours(path: str, query_path: str, neighbour_paths: Sequence[str], distances) -> str:
+def plot_neighbours(path: str, query_path: str, neighbour_paths: Sequence[str], distances,
+                    threshold: Optional[float] = None) -> str:
     """Contact sheet for `search`: the query image, then its neighbours with their distances.
 
     Images are shown as the files look (not in the model's polarity), so a person recognises them.
+    With the model's calibrated threshold each neighbour also says the model's verdict, "same" (in
+    green, distance <= threshold) or "different" (grey).
     """
     import os
 
@@ -434,15 +437,32 @@ def plot_neighbours(path: str, query_path: str, neighbour_paths: Sequence[str], 
         except (OSError, ValueError, SyntaxError):
             return np.full((8, 8, 3), 200, np.uint8)
 
+    def caption(i):
+        d = float(distances[i])
+        if threshold is None:
+            return f"#{i + 1}  d={d:.3f}", _SAME_COLOUR
+        return (f"#{i + 1}  d={d:.3f}\nsame", _CORRECT) if d <= threshold else (f"#{i + 1}  d={d:.3f}\ndifferent", "#777777")
+
     with rc_context(_RC):
         n = len(neighbour_paths)
-        fig = _figure(2.1 * (n + 1), 2.6)
+        fig = _figure(2.1 * (n + 1), 2.6 if threshold is None else 2.85)
         axes = fig.subplots(1, n + 1)
-        for ax, p, title in [(axes[0], query_path, "query")] + [
-                (axes[i + 1], q, f"#{i + 1}  d={float(distances[i]):.3f}") for i, q in enumerate(neighbour_paths)]:
+        for ax, p, (title, colour) in [(axes[0], query_path, ("query", _NEUTRAL))] + [
+                (axes[i + 1], q, caption(i)) for i, q in enumerate(neighbour_paths)]:
             ax.imshow(thumbnail(p))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(title, fontsize=10, color=_NEUTRAL if title == "query" else _SAME_COLOUR)
+            _show_frame(ax, colour if p is not query_path else _NEUTRAL)
+            ax.set_title(title, fontsize=10, color=colour)
             ax.set_xlabel(os.path.basename(p)[:22], fontsize=8)
+        if threshold is not None:
+            fig.suptitle(f"nearest neighbours; same if d \u2264 {threshold:.3f} (the model's threshold)", fontsize=10)
         return _save(fig, path)
+
+
+def _show_frame(ax, colour: str) -> None:
+    """No ticks, a thin frame on all four sides (the style hides the top and right spines)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(1.0)

@@ -668,6 +668,25 @@ def test_the_contact_sheet_shows_a_file_gone_since_indexing_as_a_tile(tmp_path):
     assert Image.open(sheet).size[0] > 300
 
 
+def test_the_contact_sheet_gives_the_model_verdict_when_it_has_a_threshold(tmp_path):
+    from siamese_jax import plots
+
+    img = Image.fromarray(np.pad(np.full((6, 6), 0, np.uint8), 4, constant_values=255))
+    for name in ("q", "a", "b"):
+        img.save(tmp_path / f"{name}.png")
+    paths = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+
+    def green_pixels(threshold):
+        out = plots.plot_neighbours(str(tmp_path / f"sheet{threshold}.png"), str(tmp_path / "q.png"), paths,
+                                    [0.5, 1.0], threshold)
+        rgb = np.asarray(Image.open(out).convert("RGB")).astype(int)
+        return int(np.sum((np.abs(rgb - (0x1a, 0x96, 0x41)).sum(-1) < 40)))  # the "same" green
+
+    assert green_pixels(None) == 0
+    one, both = green_pixels(0.75), green_pixels(1.0)  # a is within the threshold; then b too
+    assert 0 < one < both
+
+
 
 def test_a_malformed_exif_block_is_read_as_stored_by_the_model_and_the_contact_sheet(tmp_path, monkeypatch):
     # 4 in 3,000 byte flips of a JPEG's EXIF block raise struct.error in PIL's exif_transpose: the
