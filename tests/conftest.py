@@ -5,8 +5,10 @@ import pathlib
 import shutil
 import tempfile
 
-# Must happen before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Must happen before jax is imported anywhere. Added to a developer's own XLA_FLAGS (setdefault
+# dropped the 4 devices whenever XLA_FLAGS was set, and the 1-vs-4-device tests failed).
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -23,16 +25,37 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _xla_cache, True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# The decoded-dataset cache likewise: one per session, so the suite writes nothing into the
+# developer's ~/.cache/siamese_jax (in-process trainings wrote ~80 MB there) and a second run starts
+# as the first did.
+if "SIAMESE_CACHE_DIR" not in os.environ:
+    _data_cache = tempfile.mkdtemp(prefix="siamese-jax-tests-data-cache-")
+    os.environ["SIAMESE_CACHE_DIR"] = _data_cache
+    atexit.register(shutil.rmtree, _data_cache, True)
+
+import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
 
+# Hypothesis keeps its examples in the checkout's .hypothesis/ (ignored by git), not in whatever
+# directory pytest was started from.
+from hypothesis import settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
+
+settings.register_profile("siamese", database=DirectoryBasedExampleDatabase(str(_REPO / ".hypothesis" / "examples")))
+settings.load_profile("siamese")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
 
 def _find_data_dir():
     env = os.environ.get("SIAMESE_DATA_DIR")
-    if env:
-        return pathlib.Path(env)
+    if env:  # absolute: tests run commands from other directories (README's ../shared/data broke them)
+        return pathlib.Path(env).expanduser().resolve()
     return _REPO.parent / "shared" / "data"
 
 
@@ -45,7 +68,18 @@ def data_dir() -> pathlib.Path:
     root = _find_data_dir()
     if not (root / "omniglot").is_dir() or not (root / "mnist").is_dir():
         msg = f"real data not found at {root} (set SIAMESE_DATA_DIR)"
-        if os.environ.get("CI", "").lower() == "true":
+        if _in_ci():
             pytest.fail(msg)
         pytest.skip(msg)
     return root
+
+
+@pytest.fixture(scope="session")
+def require():
+    """`require("tensorflow")` returns the module. Where it is not installed the test is skipped,
+    except under CI=true, which installs every optional module the tests use (tensorflow,
+    tensorflow_datasets, torch): there a missing one fails the test rather than skipping it unseen."""
+    def _require(name: str):
+        return importlib.import_module(name) if _in_ci() else pytest.importorskip(name)
+
+    return _require

@@ -11,23 +11,13 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.slow
 
 ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "step_conv128_batch_hard",
            "step_cpu_default_augmented", "fused_bn", "loop", "embed_png", "resize_host", "sampling", "knn"]
 
 
 
-def _torch():
-    """PyTorch, the optional peer (the `bench` extra). Skipped where it is not installed, except in
-    CI (CI=true), which installs it: there a missing peer would silently skip these checks."""
-    if os.environ.get("CI", "").lower() == "true":
-        import torch  # noqa: F401 - an ImportError fails the test
-
-        return torch
-    return pytest.importorskip("torch")
-
-
+@pytest.mark.slow  # runs the benchmark itself
 def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
     scratch = tmp_path / "tmp"  # the benchmark's own temporary files go here, and must be gone after
     scratch.mkdir()
@@ -71,6 +61,7 @@ def test_rows_without_their_data_are_a_one_line_error_before_anything_is_timed(t
     assert "ratio" not in r.stdout and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # runs the benchmark itself
 def test_a_row_that_fails_keeps_the_rows_measured_before_it(data_dir, tmp_path):
     # The embedding row reads images_evaluation.zip (real); the rows after it load
     # images_background.zip, here not a zip: the run fails after one measured row.
@@ -100,10 +91,10 @@ def test_row_ids_are_the_benchmarks_own():
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-def test_peer_is_the_same_network_as_ours_in_every_small_step_row(gpu, monkeypatch):
+def test_peer_is_the_same_network_as_ours_in_every_small_step_row(gpu, monkeypatch, require):
     """Same parameter count for ours and the PyTorch peer, and the row's widths reach the peer
     (the 4 x conv-128 row once compared ours against the peer's default 16-32-64-128 network)."""
-    torch = _torch()
+    torch = require("torch")
     import jax
     import numpy as np
 
@@ -123,8 +114,8 @@ def test_peer_is_the_same_network_as_ours_in_every_small_step_row(gpu, monkeypat
 
 
 
-def test_bench_steps_hands_each_rows_widths_to_the_peer(monkeypatch):
-    _torch()
+def test_bench_steps_hands_each_rows_widths_to_the_peer(monkeypatch, require):
+    require("torch")
     import numpy as np
 
     from experiments import benchmark
@@ -154,10 +145,10 @@ def test_benchmark_and_loss_sweep_import_together():
     assert "quick" not in absl.flags.FLAGS  # defined only when run as a script
 
 
-def test_peer_augmentation_is_ours_pixel_for_pixel():
+def test_peer_augmentation_is_ours_pixel_for_pixel(require):
     """The augmented-step row's peer does the same work as our on-device augmentation: for the same
     shifts and elastic noise, `torch_peer.shift_elastic` gives our `augment.apply_affine` pixels."""
-    torch = _torch()
+    torch = require("torch")
     import jax.numpy as jnp
     import numpy as np
 

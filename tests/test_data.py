@@ -233,8 +233,8 @@ def fake_omniglot_records(n):
     return records
 
 
-def test_tfds_mock_omniglot_conversion(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+def test_tfds_mock_omniglot_conversion(tmp_path, require):
+    tfds = require("tensorflow_datasets")
     requested = []
 
     def as_data_source(builder, split, **kwargs):
@@ -258,8 +258,8 @@ def test_tfds_mock_omniglot_conversion(tmp_path):
     assert not list(tmp_path.rglob("*.npz"))  # mocked data has no files to key a cache entry on
 
 
-def test_tfds_mock_mnist_conversion(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+def test_tfds_mock_mnist_conversion(tmp_path, require):
+    tfds = require("tensorflow_datasets")
     images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28, 1)
     records = [{"image": images[i], "label": np.int64(9 - i)} for i in range(3)]
     with tfds.testing.mock_data(as_data_source_fn=lambda builder, split, **kw: records):
@@ -269,8 +269,8 @@ def test_tfds_mock_mnist_conversion(tmp_path):
     assert ds.labels.dtype == np.int32 and ds.alphabets is None
 
 
-def test_tfds_offline_without_files_fails_fast(tmp_path, monkeypatch):
-    pytest.importorskip("tensorflow_datasets")
+def test_tfds_offline_without_files_fails_fast(tmp_path, require, monkeypatch):
+    require("tensorflow_datasets")
     temp_root = tmp_path / "tmp"  # TFDS's builder left an empty tmp*tfds folder here on every load
     temp_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
@@ -416,8 +416,9 @@ def sorted_examples(ds):
 
 
 @pytest.mark.tf
-def test_tfds_prepared_mnist_equals_archives(data_dir, tmp_path, session_cache):
-    pytest.importorskip("tensorflow")
+@pytest.mark.slow  # TFDS prepares both MNIST splits with TensorFlow: 15-20 s
+def test_tfds_prepared_mnist_equals_archives(data_dir, tmp_path, require, session_cache):
+    require("tensorflow")
     for split in ("test", "train"):  # the first call prepares both splits (~10-25 s)
         via_tfds = data.load("mnist", split, source="tfds", archive_dir=data_dir, data_dir=tmp_path / "tfds",
                              cache_dir=tmp_path / "cache")
@@ -429,16 +430,16 @@ def test_tfds_prepared_mnist_equals_archives(data_dir, tmp_path, session_cache):
 
 
 @pytest.mark.tf
-def test_tfds_rejects_rebuilt_omniglot_with_clear_message(data_dir, tmp_path):
-    pytest.importorskip("tensorflow")
+def test_tfds_rejects_rebuilt_omniglot_with_clear_message(data_dir, tmp_path, require):
+    require("tensorflow")
     error = one_line_error(lambda: data.load("omniglot", "background", source="tfds", archive_dir=data_dir,
                                              data_dir=tmp_path / "tfds", cache_dir=tmp_path / "cache"),
                            match=["TFDS rejected", str(data_dir / "omniglot"), "source='archives'"])
     assert ".zip" in str(error)
 
 
-def test_tfds_prepare_without_tensorflow_says_so(data_dir, tmp_path, monkeypatch):
-    pytest.importorskip("tensorflow_datasets")
+def test_tfds_prepare_without_tensorflow_says_so(data_dir, tmp_path, require, monkeypatch):
+    require("tensorflow_datasets")
 
     def no_tensorflow():
         raise ImportError("No module named 'tensorflow'")

@@ -20,9 +20,9 @@ TINY = ["--config.widths=(8,8)", "--config.embedding_dim=16", "--config.val_epis
 
 
 @pytest.fixture(scope="module")
-def env(data_dir, tmp_path_factory):
-    e = dict(os.environ, SIAMESE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             SIAMESE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
+def env(data_dir):
+    # The session's data cache (conftest): every module decoded the archives again into its own.
+    e = dict(os.environ, SIAMESE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     e.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
     return e
 

@@ -55,9 +55,9 @@ EARLY_STEPS, EARLY_RTOL, LATE_RTOL = 20, 1e-4, 2e-2
 
 
 @pytest.fixture(scope="module")
-def env(data_dir, tmp_path_factory):
-    e = dict(os.environ, SIAMESE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             SIAMESE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
+def env(data_dir):
+    # The session's data cache (conftest): every module decoded the archives again into its own.
+    e = dict(os.environ, SIAMESE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     e.pop("XLA_FLAGS", None)
     return e
 
