@@ -24,6 +24,7 @@ sweeping omniglot and mnist in two invocations).
 whose numbers mean nothing (written to runs/loss_sweep_quick unless --out is given).
 """
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -281,7 +282,7 @@ def plot(sweep: dict, datasets, row_ids, path: str) -> None:
     ids = [r for r in row_ids if any(f"{d}/{r}" in sweep["summary"] for d, _, _ in panels)]
     seeds = sorted({run["seed"] for run in sweep["runs"] if "seed" in run})
     with rc_context({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False}):
-        fig = Figure(figsize=(3.3 * len(panels) + 1.6, 0.36 * len(ids) + 1.5), dpi=110, layout="constrained")
+        fig = Figure(figsize=(max(3.3 * len(panels) + 1.6, 6.5), 0.36 * len(ids) + 1.7), dpi=110, layout="constrained")
         axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
         for ax, (dataset, key, title) in zip(axes, panels):
             means = {r: sweep["summary"][f"{dataset}/{r}"][key]["mean"] for r in ids if f"{dataset}/{r}" in sweep["summary"]}
@@ -291,22 +292,25 @@ def plot(sweep: dict, datasets, row_ids, path: str) -> None:
                     continue
                 best = f"{means[r]:.1f}" == top
                 colour = "#c44e52" if best else "#4c72b0"
-                pts = [run[key] for run in sweep["runs"] if run["dataset"] == dataset and run["row"] == r]
+                pts = [run[key] for run in sweep["runs"] if run["dataset"] == dataset and run["row"] == r
+                       and isinstance(run.get(key), (int, float)) and math.isfinite(run[key])]
                 ax.plot(pts, [i] * len(pts), "o", color=colour, alpha=0.45, markersize=5, markeredgewidth=0)
                 ax.plot([means[r]] * 2, [i - 0.3, i + 0.3], color=colour, lw=2.5)
                 ax.annotate(f"{means[r]:.1f}", (max(pts + [means[r]]), i), textcoords="offset points", xytext=(6, 0),
                             ha="left", va="center", fontsize=8.5, color=colour, fontweight="bold" if best else "normal")
-            values = [run[key] for run in sweep["runs"] if run["dataset"] == dataset and run.get(key) is not None]
+            values = [run[key] for run in sweep["runs"] if run["dataset"] == dataset and run["row"] in means
+                      and isinstance(run.get(key), (int, float)) and math.isfinite(run[key])]
             lo, hi = min(values + list(means.values())), max(values + list(means.values()))
             pad = max(1.0, 0.06 * (hi - lo))
             ax.set_xlim(lo - pad, hi + 3 * pad)  # room for the numbers right of the dots
+            ax.set_xticks([t for t in ax.get_xticks() if lo - pad <= t <= min(hi + 3 * pad, 100.0)])  # no "101%"
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("accuracy (%)")
             ax.grid(axis="x", alpha=0.3)
         axes[0].set_yticks(range(len(ids)))
         axes[0].set_yticklabels([labels.get(r, r) for r in ids])
         axes[0].set_ylim(len(ids) - 0.5, -0.7)
-        fig.suptitle("Siamese losses: same encoder, data and budget "
+        fig.suptitle("Siamese losses: same encoder, data and budget\n"
                      f"(dots: {len(seeds)} seed{'s' if len(seeds) != 1 else ''}; bar and number: their mean; "
                      "red: the best mean)", fontsize=11)
         with atomic_open(path, "wb") as f:

@@ -136,6 +136,8 @@ def _search(argv):
         from siamese_jax import plots
 
         threshold = model.calibration.threshold if model.calibration is not None else None
+        if model.stale_calibration:  # the sheet then shows distances only; say why, as compare does
+            print(console.display(f"note: no verdicts on the sheet: {model.stale_calibration}"), file=sys.stderr)
         plots.plot_neighbours(args.sheet, args.image, [index.file_path(i) for i in idx[0]], dists[0], threshold)
         print(console.display(f"contact sheet -> {args.sheet}"))
     return 0

@@ -115,25 +115,25 @@ def plot_pairs(path: str, x1, x2, is_similar, distances, threshold: Optional[flo
         return _save(fig, path)
 
 
-def pick_pairs_to_show(distances, is_similar, rng: np.random.Generator, per_row: int = 4):
-    """Indices of the pairs worth a look, and a label for each row of `per_row`.
+def pick_pairs_to_show(distances, is_similar, rng: np.random.Generator):
+    """Indices of the 8 pairs worth a look (`plot_pairs` draws 4 a row), and a label for each row.
 
-    The first row is drawn at random (half same pairs, half different); the second holds the hardest:
-    the same pairs with the largest distances and the different pairs with the smallest, the pairs a
-    threshold gets wrong first. A row that has no such pairs (all same, say) is left out.
+    The first row is drawn at random (2 same pairs, 2 different); the second holds the hardest: the 2
+    same pairs with the largest distances and the 2 different pairs with the smallest, the pairs a
+    threshold gets wrong first. No pair is shown twice. With fewer than 2 pairs of a kind (a row
+    cannot be balanced) the pairs are shown as given, unlabelled. Distances must be finite.
     """
     d = np.asarray(distances, np.float64).reshape(-1)
     same = np.asarray(is_similar).reshape(-1).astype(bool)
     pos, neg = np.flatnonzero(same), np.flatnonzero(~same)
-    half = per_row // 2
-    random_row = np.concatenate([rng.choice(pos, min(half, len(pos)), replace=False),
-                                 rng.choice(neg, min(per_row - half, len(neg)), replace=False)]).astype(int)
-    hardest = np.concatenate([pos[np.argsort(-d[pos], kind="stable")][:half],
-                              neg[np.argsort(d[neg], kind="stable")][:per_row - half]]).astype(int)
-    rows = [(r, label) for r, label in ((random_row, "drawn at random"), (hardest, "hardest")) if len(r) == per_row]
-    if not rows:  # fewer pairs than a row: show what there is
-        return np.arange(min(len(d), per_row)), []
-    return np.concatenate([r for r, _ in rows]), [label for _, label in rows]
+    if min(len(pos), len(neg)) < 2:
+        return np.arange(min(len(d), 8)), []
+    hardest = np.concatenate([pos[np.argsort(-d[pos], kind="stable")][:2], neg[np.argsort(d[neg], kind="stable")][:2]])
+    rest_pos, rest_neg = np.setdiff1d(pos, hardest), np.setdiff1d(neg, hardest)
+    if min(len(rest_pos), len(rest_neg)) < 2:  # too few for a second row: the hardest alone
+        return hardest, ["hardest"]
+    random_row = np.concatenate([rng.choice(rest_pos, 2, replace=False), rng.choice(rest_neg, 2, replace=False)])
+    return np.concatenate([random_row, hardest]).astype(int), ["drawn at random", "hardest"]
 
 
 def _match_height(image: np.ndarray, height: int) -> np.ndarray:
@@ -445,7 +445,7 @@ def plot_neighbours(path: str, query_path: str, neighbour_paths: Sequence[str], 
 
     with rc_context(_RC):
         n = len(neighbour_paths)
-        fig = _figure(2.1 * (n + 1), 2.6 if threshold is None else 2.85)
+        fig = _figure(max(2.1 * (n + 1), 4.2), 2.6 if threshold is None else 3.1)
         axes = fig.subplots(1, n + 1)
         for ax, p, (title, colour) in [(axes[0], query_path, ("query", _NEUTRAL))] + [
                 (axes[i + 1], q, caption(i)) for i, q in enumerate(neighbour_paths)]:
@@ -454,7 +454,7 @@ def plot_neighbours(path: str, query_path: str, neighbour_paths: Sequence[str], 
             ax.set_title(title, fontsize=10, color=colour)
             ax.set_xlabel(os.path.basename(p)[:22], fontsize=8)
         if threshold is not None:
-            fig.suptitle(f"nearest neighbours; same if d \u2264 {threshold:.3f} (the model's threshold)", fontsize=10)
+            fig.suptitle(f"nearest neighbours\nsame if d \u2264 {threshold:.3f} (the model's threshold)", fontsize=10)
         return _save(fig, path)
 
 

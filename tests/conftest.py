@@ -5,10 +5,10 @@ import pathlib
 import shutil
 import tempfile
 
-# Must happen before jax is imported anywhere. Added to a developer's own XLA_FLAGS (setdefault
-# dropped the 4 devices whenever XLA_FLAGS was set, and the 1-vs-4-device tests failed).
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+# Must happen before jax is imported anywhere. Appended to a developer's own XLA_FLAGS, last, as
+# XLA takes the last of a repeated flag (setdefault dropped the 4 devices whenever XLA_FLAGS was
+# set, and a count of 1 or 2 there failed the 1-vs-4-device tests).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -38,6 +38,10 @@ import importlib  # noqa: E402
 import pytest  # noqa: E402
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
+# The processes the tests start (trainings, CLIs) import this checkout too, whatever their working
+# directory: setup.cfg's `pythonpath = .` reaches pytest's own process only, and a second checkout
+# sharing the venv would otherwise run the editable install's code in its subprocesses.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))
 
 # Hypothesis keeps its examples in the checkout's .hypothesis/ (ignored by git), not in whatever
 # directory pytest was started from.

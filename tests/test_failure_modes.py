@@ -744,6 +744,12 @@ def test_a_workdir_calibration_fitted_to_an_earlier_best_checkpoint_is_not_used(
                                                    r"workdir's model is now step 2: run `siamese-calibrate"):
         model.compare(a, b)
     assert model.embed([a]).shape == (1, config.embedding_dim)  # embedding needs no threshold
+    # search --sheet then draws distances without verdicts, and says why (it said nothing).
+    index, sheet = str(tmp_path / "idx.npz"), str(tmp_path / "sheet.png")
+    assert commands._embed([str(tmp_path / "pairs"), "--out", index, "--model", str(workdir)]) == 0
+    capsys.readouterr()
+    assert commands._search([index, a, "-k", "2", "--sheet", sheet, "--model", str(workdir)]) == 0
+    assert "note: no verdicts on the sheet: " in capsys.readouterr().err and os.path.getsize(sheet) > 1000
     legacy = {k: v for k, v in saved.items() if k not in inference.CALIBRATED_MODEL_KEYS}
     (workdir / "calibration.json").write_text(json.dumps(legacy))  # written before it was recorded
     assert inference.load_model(str(workdir)).calibration is not None

@@ -57,7 +57,17 @@ def test_the_pairs_shown_are_a_random_row_then_the_hardest():
     # The hardest: the two same pairs farthest apart, the two different pairs closest together.
     assert set(show[4:6]) == set(np.argsort(-np.where(same, d, -np.inf))[:2])
     assert set(show[6:]) == set(np.argsort(np.where(same, np.inf, d))[:2])
-    # Only same pairs (or fewer than a row): no half-empty rows, what there is is shown.
+    # No pair twice, even where few pairs leave little to draw from: with 4 of each kind the random
+    # row is the other 4; with 3 of each it would repeat the hardest, so it is left out.
+    few = np.r_[0:4, 50:54]
+    show, rows = plots.pick_pairs_to_show(d[few], same[few], np.random.default_rng(1))
+    assert len(rows) == 2 and sorted(show.tolist()) == list(range(8))
+    few = np.r_[0:3, 50:53]
+    show, rows = plots.pick_pairs_to_show(d[few], same[few], np.random.default_rng(1))
+    assert rows == ["hardest"] and len(set(show.tolist())) == len(show) == 4
+    show, rows = plots.pick_pairs_to_show(d[:60], same[:60], np.random.default_rng(1))
+    assert len(set(show.tolist())) == len(show) == 8
+    # Only same pairs (or fewer than 2 of a kind): no row can be balanced; what there is is shown.
     show, rows = plots.pick_pairs_to_show(d[:3], same[:3], rng)
     assert rows == [] and show.tolist() == [0, 1, 2]
 
