@@ -53,6 +53,13 @@ def _env(data_dir="/nonexistent/siamese-data", **extra):
     e = dict(os.environ, SIAMESE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
     e.pop("XLA_FLAGS", None)  # the CLI picks its CPU devices as a user's run would
     e.pop(console.TRACEBACK_ENV, None)
+    # Nor the checkout on the path (conftest puts it there for other modules' subprocesses): the
+    # console scripts run outside it must work as installed, without `experiments`.
+    path = [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != os.path.abspath(REPO)]
+    if path:
+        e["PYTHONPATH"] = os.pathsep.join(path)
+    else:
+        e.pop("PYTHONPATH", None)
     return e
 
 
