@@ -17,7 +17,7 @@ TEST_WORKERS ?= auto
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: .venv test train benchmark pretrained clean
+.PHONY: .venv test test-lowest train benchmark pretrained clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,5 +55,14 @@ pretrained: .venv
 	$(PY) -m experiments.train --config=$(DISTILLED):teachers_dir=$(PRETRAINED_RUNS) --workdir=$(PRETRAINED_RUNS)/omni-d-s0
 	$(PY) -m experiments.export --workdir=$(PRETRAINED_RUNS)/omni-d-s0 --out=siamese_jax/pretrained/omniglot_small.msgpack
 
+# The dependency floors setup.cfg declares, tested: a second venv with every direct dependency at its
+# lowest allowed release (.ci/lowest-constraints.txt), then the suite. Not part of CI (a second
+# ~1 GB venv and ~13 min); run it when a bound or a dependency API in use changes.
+LOWEST_VENV ?= .venv-lowest
+test-lowest:
+	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install -q -c .ci/lowest-constraints.txt -e ".[test]"
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(LOWEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LOWEST_VENV) .pytest_cache
