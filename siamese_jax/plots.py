@@ -449,20 +449,9 @@ def plot_neighbours(path: str, query_path: str, neighbour_paths: Sequence[str], 
         axes = fig.subplots(1, n + 1)
         for ax, p, (title, colour) in [(axes[0], query_path, ("query", _NEUTRAL))] + [
                 (axes[i + 1], q, caption(i)) for i, q in enumerate(neighbour_paths)]:
-            ax.imshow(thumbnail(p))
-            _show_frame(ax, colour if p is not query_path else _NEUTRAL)
+            _show(ax, thumbnail(p), colour, frame_width=1.0)  # RGB: no colour map applies
             ax.set_title(title, fontsize=10, color=colour)
             ax.set_xlabel(os.path.basename(p)[:22], fontsize=8)
         if threshold is not None:
             fig.suptitle(f"nearest neighbours\nsame if d \u2264 {threshold:.3f} (the model's threshold)", fontsize=10)
         return _save(fig, path)
-
-
-def _show_frame(ax, colour: str) -> None:
-    """No ticks, a thin frame on all four sides (the style hides the top and right spines)."""
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(True)
-        spine.set_edgecolor(colour)
-        spine.set_linewidth(1.0)

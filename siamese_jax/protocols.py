@@ -164,8 +164,9 @@ def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, con
     mask = np.isin(ev.labels, first_classes)
     plots.plot_embedding_map(os.path.join(plots_dir, "embedding_map.png"), ev_emb[mask], ev.labels[mask],
                              images=ev_u8[mask], title="20 characters of the evaluation alphabets, first two principal components")
-    # The run a person learns most from: the one with the most mistakes (the first such run on a tie).
-    predicted = [np.linalg.norm(test_emb[r][:, None] - train_emb[r][None], axis=-1).argmin(1) for r in range(len(runs))]
+    # The run a person learns most from: the one with the most mistakes (the first such run on a tie),
+    # predicted by the rule that scored them (`lake_run_errors`), so the plot agrees with results.json.
+    predicted = evaluation.one_shot_predictions(train_emb[:, :, None], test_emb[:, :, None])[:, :, 0]
     worst = int(np.argmax([np.sum(p != run.answers) for p, run in zip(predicted, runs)]))
     run = runs[worst]
     plots.plot_episodes(os.path.join(plots_dir, "episodes.png"), run.train_images / 255.0, run.test_images / 255.0,

@@ -8,30 +8,36 @@ import tempfile
 # Must happen before jax is imported anywhere. Appended to a developer's own XLA_FLAGS, last, as
 # XLA takes the last of a repeated flag (setdefault dropped the 4 devices whenever XLA_FLAGS was
 # set, and a count of 1 or 2 there failed the 1-vs-4-device tests).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+_FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
+if not os.environ.get("XLA_FLAGS", "").endswith(_FOUR_DEVICES):  # the xdist workers import this file too
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FOUR_DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+
+
+def _session_dir(variable: str, prefix: str) -> None:
+    """Points `variable` at a temporary directory made by the first process to import this file
+    (pytest's controller; the xdist workers and every process the tests start inherit it) and
+    removed when that process exits. A directory a developer already set is kept."""
+    if variable not in os.environ:
+        path = tempfile.mkdtemp(prefix=prefix)
+        os.environ[variable] = path
+        atexit.register(shutil.rmtree, path, True)
+
+
 # One persistent XLA compilation cache for the whole session, shared by the xdist workers and by
 # every process the tests start (trainings, CLIs): ~70 processes compile the same tiny programs,
-# and a training that finds its step and evaluation compiled starts in half the time. Created by
-# the first process to import this file (pytest's controller; workers and subprocesses inherit the
-# variable) and removed when that process exits; a cache a developer already set is kept. Entries
-# are keyed on the program, XLA flags and versions, so a hit is the executable a compile would give.
+# and a training that finds its step and evaluation compiled starts in half the time. Entries are
+# keyed on the program, XLA flags and versions, so a hit is the executable a compile would give.
 # No size limit, so no lock: a reader that meets an entry being written gets a warning and compiles.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _xla_cache = tempfile.mkdtemp(prefix="siamese-jax-tests-xla-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
-    atexit.register(shutil.rmtree, _xla_cache, True)
+_session_dir("JAX_COMPILATION_CACHE_DIR", "siamese-jax-tests-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-# The decoded-dataset cache likewise: one per session, so the suite writes nothing into the
-# developer's ~/.cache/siamese_jax (in-process trainings wrote ~80 MB there) and a second run starts
-# as the first did.
-if "SIAMESE_CACHE_DIR" not in os.environ:
-    _data_cache = tempfile.mkdtemp(prefix="siamese-jax-tests-data-cache-")
-    os.environ["SIAMESE_CACHE_DIR"] = _data_cache
-    atexit.register(shutil.rmtree, _data_cache, True)
+# The decoded-dataset cache likewise, so the suite writes nothing into the developer's
+# ~/.cache/siamese_jax (in-process trainings wrote ~80 MB there) and a second run starts as the
+# first did.
+_session_dir("SIAMESE_CACHE_DIR", "siamese-jax-tests-data-cache-")
 
 import importlib  # noqa: E402
 
@@ -41,7 +47,8 @@ _REPO = pathlib.Path(__file__).resolve().parent.parent
 # The processes the tests start (trainings, CLIs) import this checkout too, whatever their working
 # directory: setup.cfg's `pythonpath = .` reaches pytest's own process only, and a second checkout
 # sharing the venv would otherwise run the editable install's code in its subprocesses.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != str(_REPO):  # once, not again per xdist worker
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))
 
 # Hypothesis keeps its examples in the checkout's .hypothesis/ (ignored by git), not in whatever
 # directory pytest was started from.
