@@ -82,7 +82,7 @@ def _score(embedded: dict, emb, episodes: int, seeds) -> dict:
 
     val_dds = embedded["val_dds"]
     n_way = min(20, int(val_dds.class_count.shape[0]))
-    within = embedded["config"].dataset == "omniglot" and sampling.max_classes_per_alphabet(val_dds) >= n_way
+    within = embedded["config"].dataset == "omniglot" and val_dds.max_classes_per_alphabet >= n_way
     accs = []
     for seed in seeds:
         support, query = sampling.sample_episode_indices(jax.random.PRNGKey(int(seed)), val_dds, episodes,

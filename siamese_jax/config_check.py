@@ -247,7 +247,7 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         if not (_is_number(factor) and (factor == 0 or factor > 1)):
             _fail("divergence_factor", factor, "must be a finite number > 1, or 0 to check only for non-finite values")
         _int_in(config, "divergence_window", 1, 10**6)
-    teachers = distill_teacher_workdirs(config)
+    teachers = distill_teacher_sources(config)
     if teachers:
         if kind != "classes":
             _fail("distill_teachers", config.distill_teachers,
@@ -271,7 +271,7 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
                                 f"{os.path.join(resume, 'best')} or {os.path.join(resume, 'checkpoints')}")
 
 
-def distill_teacher_workdirs(config) -> list[str]:
+def distill_teacher_sources(config) -> list[str]:
     """The teachers in `config.distill_teachers`, comma-separated: workdirs, model files or shipped
     model names ("" or unset: none)."""
     return [w.strip() for w in str(config.get("distill_teachers") or "").split(",") if w.strip()]

@@ -30,7 +30,7 @@ import numpy as np
 from siamese_jax import embedding, inference
 from siamese_jax import input_pipeline as ip
 from siamese_jax.config_check import ConfigError
-from siamese_jax.config_check import distill_teacher_workdirs as teacher_workdirs  # noqa: F401 (train.py's name)
+from siamese_jax.config_check import distill_teacher_sources as teacher_sources  # noqa: F401 (train.py's name)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _training_set_difference(config, teacher, train_ds, teacher_train) -> str:
 def teacher_embeddings(config, train_ds) -> np.ndarray:
     """[N, F] float32: the teachers' embeddings of the N training images, concatenated over teachers."""
     rows = []
-    for source in teacher_workdirs(config):
+    for source in teacher_sources(config):
         try:  # a workdir's selected checkpoint, a model file or a shipped model, on the data mesh
             model, step = inference.load_run(source, _student_data_keys(config))
         except inference.ModelError as e:

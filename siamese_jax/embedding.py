@@ -42,7 +42,8 @@ def make_embed_fn(model, mesh=None, shifts=test_time.SHIFT_SETS["none"], l2_norm
 
 
 def embed_images(embed_fn, state, images_u8: np.ndarray, mesh, batch_size: int = 1024) -> np.ndarray:
-    """Embeddings [N, E] of uint8 images [N, H, W] (already at the model's size), in padded batches.
+    """Embeddings [N, E] of uint8 images [N, H, W] (already at the model's size), in padded batches
+    (no images: an empty [0, 0] array).
 
     With several processes every process calls this with the same images (a collective) and gets
     the same full result."""
@@ -70,11 +71,6 @@ class LoadedModel:
 
     def embed_u8(self, images_u8: np.ndarray) -> np.ndarray:
         return embed_images(self._embed, self.state, images_u8, self.mesh)
-
-    def pair_logits(self, h1, h2) -> Optional[np.ndarray]:
-        if not self.config.loss == "verification":
-            return None
-        return np.asarray(self.model.apply({"params": self.state.params}, h1, h2, method=self.model.logits))
 
 
 def checkpoint_location(workdir: str, which: str) -> tuple[Optional[str], Optional[int]]:

@@ -77,7 +77,8 @@ def one_shot_predictions(support_emb, query_emb, rule: str = "nearest") -> np.nd
     _require_finite(query, "the query embeddings")
     n_query = query.shape[2]
     per_episode = n_way * n_query * (n_way * k_shot) * e
-    # Chunks of a power-of-two size (padded): one compilation per size class, not per episode count.
+    # A fixed chunk size (padded; a power of two for short lists, else what fits the memory bound):
+    # one compilation per size class, not per episode count.
     chunk = max(1, min(_power_of_two_at_least(t), _CHUNK_FLOATS // max(per_episode, 1)))
     out = []
     for start in range(0, t, chunk):

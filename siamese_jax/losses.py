@@ -25,7 +25,8 @@ included: the square root is taken through a double `where`, so its gradient at 
   the mean Huber loss between the two batches' pairwise distances, each divided by its own mean
   (added to a metric loss with `config.distill_weight` when `config.distill_teachers` is set).
 
-Each loss `f` has a twin `f_with_stats` returning `(loss, stats)`. `stats` is a dict of float32 scalars,
+Each loss `f` has a twin `f_with_stats` returning `(loss, stats)` (not the distillation loss, a bare
+scalar added to one of them). `stats` is a dict of float32 scalars,
 always with "active_fraction": the share of the triplets / anchors / pairs the loss considers that
 have a loss > 0 (for verification: the share misclassified at logit 0). Mean distances in `stats`
 are in the distance the loss uses (D). Empty averages are 0, never NaN (a batch with no valid
@@ -260,7 +261,7 @@ def hardest_negative_triplet_loss_with_stats(embeddings, labels, margin=0.2, squ
     stats = {
         "active_fraction": _safe_mean((per_pair > 0).astype(jnp.float32), considered),
         "mean_positive_distance": _safe_mean(dist, considered),
-        "mean_negative_distance": _safe_mean(hardest_negative, has_negative & jnp.any(positive, axis=1)),
+        "mean_negative_distance": _safe_mean(jnp.broadcast_to(hardest_negative[:, None], dist.shape), considered),
     }
     return _safe_mean(per_pair, considered), stats
 
@@ -420,9 +421,10 @@ def arcface_logits(embeddings, class_index, centres, scale=30.0, margin=0.5):
     """[B, C] logits: s·cos(θ_y + m) at each image's own class y = class_index, s·cos θ_j elsewhere,
     where cos θ_j is the cosine between the embedding and the class centre j (both L2-normalised).
 
-    cos(θ + m) = cos θ·cos m − sin θ·sin m is the target logit while θ + m ≤ π. Past that point it
-    would rise again as θ grows, so there, as in Deng et al.'s code, the target logit continues as
-    cos θ − m·sin m, which keeps falling as θ grows.
+    cos(θ + m) = cos θ·cos m − sin θ·sin m is the target logit while θ + m < π. Past that point it
+    would rise again as θ grows, so there, as in Deng et al.'s code (insightface), it is replaced by
+    cos θ − m·sin m, which keeps falling as θ grows; the two differ at θ = π − m, a step of
+    −(cos m + m·sin m − 1) (−0.117 at m = 0.5, before the scale s).
     """
     _check_labelled("arcface_loss", embeddings, class_index, "class_index")
     c = _shape(centres)

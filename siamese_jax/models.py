@@ -22,7 +22,8 @@ def max_pool_2x2(x):
 
     Same forward values as `nn.max_pool(x, (2, 2), strides=(2, 2))`. Why not that: its gradient is
     XLA's select-and-scatter, which on CPU made the whole small-encoder train step ~1.5x slower
-    (measured in experiments/benchmark.py); the gradient of a max-reduction is elementwise.
+    (BUILD_NOTES, "Performance": measured before the benchmark dropped that row); the gradient of a
+    max-reduction is elementwise.
     """
     n, h, w, c = x.shape
     x = x[:, : h // 2 * 2, : w // 2 * 2]

@@ -59,15 +59,6 @@ class DeviceDataset:
     def num_classes(self) -> int:
         return self.class_count.shape[0]
 
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        return tuple(self.images.shape[1:3])
-
-
-def max_classes_per_alphabet(dds: DeviceDataset) -> int:
-    """The most classes any alphabet has: the largest n_way for within-alphabet episodes."""
-    return dds.max_classes_per_alphabet
-
 
 def _block_index(keys: np.ndarray):
     """order, start, count of the blocks of equal `keys` (dense ints 0..K-1), in key order."""
@@ -93,7 +84,7 @@ def to_device_dataset(ds: ImageDataset, image_size: Optional[int] = None, shardi
     class_alphabet = image_alphabet[order[class_start]]
     if np.any(image_alphabet != class_alphabet[class_of_image]):
         raise ValueError("a class spans several alphabets")
-    alphabet_ids, class_alphabet_index = np.unique(class_alphabet, return_inverse=True)
+    _, class_alphabet_index = np.unique(class_alphabet, return_inverse=True)
     alphabet_classes, alphabet_start, alphabet_count = _block_index(class_alphabet_index)
     position = np.empty(len(class_ids), np.int32)
     # Class alphabet_classes[j] sits at position j - (start of its alphabet's block).
@@ -235,9 +226,10 @@ def sample_pairs(key, dds: DeviceDataset, batch_size: int, *, same_alphabet_nega
 
     Positives are two *different* images of a class, when it has two or more: a class with one image
     is paired with itself, a "same" pair at distance 0 that teaches nothing (`dds.min_class_count`
-    says whether the data has such classes; the CLI refuses them for the triplet losses). Negatives come from a different class; with
+    says whether the data has such classes; Omniglot and MNIST have none). Negatives come from a different class; with
     `same_alphabet_negatives`, from the same alphabet (Lake-style hard pairs) unless the alphabet
-    has only one class. Returns x1, x2 [B, H, W, 1] float32, is_similar bool [B], label1, label2.
+    has only one class. Returns x1, x2 [B, H, W, 1] float32, is_similar bool [B], label1, label2 and
+    index1, index2 [B] int32 (the images' rows in `dds`).
     """
     if dds.num_classes < 2:
         raise ValueError("pairs need at least 2 classes")
@@ -316,7 +308,8 @@ def pk_batch_classes(key, step, num_classes: int, classes_per_batch: int):
 def sample_pk_batch(key, step, dds: DeviceDataset, classes_per_batch: int, images_per_class: int, *,
                     augment_cfg: Optional[augment_lib.AffineConfig] = None, within_alphabet: bool = False) -> dict:
     """P classes x K images for online mining: {"images" [P*K, H, W, 1], "labels" [P*K] int32 (class
-    ids), "class_index" [P*K] int32 (the class's position 0..C-1 in `dds`, for class-centre losses)}.
+    ids), "class_index" [P*K] int32 (the class's position 0..C-1 in `dds`, for class-centre losses),
+    "index" [P*K] int32 (the images' rows in `dds`: the distillation teacher's rows)}.
 
     `key` must be the *same* at every step (the run's data key): the step is folded in here. Classes
     follow a per-epoch permutation (epoch = step // ceil(C/P)), so every class is visited in each

@@ -63,7 +63,7 @@ def validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh) -> f
         return float("nan")
     n_classes = int(val_dds.class_count.shape[0])
     n_way = min(20, n_classes)
-    within = config.dataset == "omniglot" and sampling.max_classes_per_alphabet(val_dds) >= n_way
+    within = config.dataset == "omniglot" and val_dds.max_classes_per_alphabet >= n_way
     support, query = sampling.sample_episode_indices(
         jax.random.PRNGKey(config.seed + 777), val_dds, config.val_episodes, n_way, 1, 1, within_alphabet=within)
     acc = evaluation.one_shot_accuracy(emb[np.asarray(support)], emb[np.asarray(query)])
@@ -421,8 +421,6 @@ def _elapsed_of(meta) -> dict:
 def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     """The training loop; returns (train_seconds, {"validation_seconds", "checkpoints_seconds"})."""
     os.makedirs(workdir, exist_ok=True)
-    ts.batch_kind(config.loss, config.triplet_selection)
-    models.build_model(config)  # a bad model config fails here, before any data is loaded
     mesh = parallel.make_data_mesh()  # every device of every process
     is_main = parallel.is_main_process()  # writes the files; every process computes everything
     log.info("devices: %d (%s), processes: %d (%d devices each)", jax.device_count(), jax.devices()[0].platform,
@@ -445,7 +443,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     # Distillation: the teachers' embeddings of every training image, on every device (computed
     # again on resume: a deterministic function of the teachers' checkpoints).
     teacher = None
-    if distillation.teacher_workdirs(config):
+    if distillation.teacher_sources(config):
         teacher = parallel.put_replicated(distillation.teacher_embeddings(config, train_ds), mesh)
 
     if config.loss in ts.CLASS_CENTRE_LOSSES:  # one learned centre per training class
@@ -470,35 +468,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     init = jax.jit(lambda key: ts.create_train_state(model, tx, key, config.image_size))
     fresh = parallel.put_replicated(init(jax.random.PRNGKey(config.seed)), mesh)
     ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-    restored = ckpts.restore_latest(fresh)
-    earlier = {"train": 0.0, "validation": 0.0, "checkpoints": 0.0}  # seconds of the legs before a resume
-    if restored is not None:
-        state, restored_meta = restored
-        earlier.update(_elapsed_of(restored_meta))
-        log.info("resuming from step %d of %s", int(state.step), workdir)
-        if int(state.step) > config.num_steps:
-            raise config_check.ConfigError(
-                f"{workdir} is at step {int(state.step)}, past --config.num_steps={config.num_steps}: nothing to "
-                f"train (evaluate it with: siamese-evaluate --workdir={workdir})")
-        _log_resume_changes(config, workdir, int(state.step))
-    elif config.resume:
-        # Its weights only: the optimizer state starts afresh below, so another optimizer config
-        # (AdamW, the weight average) may fine-tune it.
-        # The encoder must match; a loss's own parameters (Koch's head, ArcFace's centres) start
-        # fresh when the source run had none of that shape (fine-tuning triplet -> verification).
-        state, source_meta = ckpt_lib.restore_from_directory(config.resume, fresh, weights_only="matching")
-        _check_resume_source_split(config, source_meta, training_split)
-        state = state.replace(step=jnp.zeros((), jnp.int32), opt_state=tx.init(state.params))
-        log.info("initialised from %s", config.resume)
-        for key, how in (("initialised_fresh", "initialised afresh (not in %s): %s"),
-                         ("not_used", "not used (this model has no such parameter; from %s): %s")):
-            if source_meta.get(key):
-                log.warning("config.resume: parameters " + how, config.resume, ", ".join(source_meta[key]))
-    else:
-        state = fresh
-        if ckpt_lib.saved_steps(os.path.join(workdir, "best")):
-            log.warning("%s has no checkpoint in checkpoints/ to resume from: training starts at step 0 (best/ "
-                        "stays the score to beat)", workdir)
+    state, earlier = _initial_state(config, workdir, ckpts, fresh, tx, training_split)
     state = parallel.put_replicated(state, mesh)  # fresh buffers: the step donates its state
     start_step = int(state.step)
     best_so_far, best_generation = _best_metric(ckpts), 0
@@ -563,15 +533,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                     _finish_step(pending, writer, detector)  # waits for the step: not counted as validation
                     pending = None
                     t0 = time.time()
-                    # With a moving average of the weights (config.ema_decay), the average is the model:
-                    # validated, selected and saved as best. The live weights are scored too, on the same
-                    # episodes, so each run measures what the average buys at every validation.
-                    selected = ts.averaged_state(state)
-                    acc = validation_accuracy(config, selected, embed_fn, val_dds, val_images, mesh)
-                    scores = {"val_one_shot_accuracy": acc}
-                    if selected is not state:
-                        scores["val_one_shot_accuracy_live"] = validation_accuracy(
-                            config, state, embed_fn, val_dds, val_images, mesh)
+                    selected, scores = _validate(config, state, embed_fn, val_dds, val_images, mesh)
+                    acc = scores["val_one_shot_accuracy"]
                     t1 = time.time()
                     overhead["validation"] += t1 - t0
                     writer.write(done, scores)
@@ -621,6 +584,55 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     finally:
         writer.close()
 
+
+
+
+def _validate(config, state, embed_fn, val_dds, val_images, mesh) -> tuple:
+    """(the state validated, {"val_one_shot_accuracy": its score[, "val_one_shot_accuracy_live"]}).
+
+    With a moving average of the weights (config.ema_decay), the average is the model: validated,
+    selected and saved as best. The live weights are scored too, on the same episodes, so each run
+    measures what the average buys at every validation."""
+    selected = ts.averaged_state(state)
+    scores = {"val_one_shot_accuracy": validation_accuracy(config, selected, embed_fn, val_dds, val_images, mesh)}
+    if selected is not state:
+        scores["val_one_shot_accuracy_live"] = validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh)
+    return selected, scores
+
+def _initial_state(config, workdir: str, ckpts, fresh, tx, training_split) -> tuple:
+    """The state training starts from, in this order: the workdir's own latest checkpoint (a resume),
+    else the weights of `config.resume` (fine-tuning: step 0, a fresh optimizer state), else `fresh`
+    (the initialisation). Returns (state, the seconds recorded by the legs before a resume)."""
+    restored = ckpts.restore_latest(fresh)
+    earlier = {"train": 0.0, "validation": 0.0, "checkpoints": 0.0}  # seconds of the legs before a resume
+    if restored is not None:
+        state, restored_meta = restored
+        earlier.update(_elapsed_of(restored_meta))
+        log.info("resuming from step %d of %s", int(state.step), workdir)
+        if int(state.step) > config.num_steps:
+            raise config_check.ConfigError(
+                f"{workdir} is at step {int(state.step)}, past --config.num_steps={config.num_steps}: nothing to "
+                f"train (evaluate it with: siamese-evaluate --workdir={workdir})")
+        _log_resume_changes(config, workdir, int(state.step))
+    elif config.resume:
+        # Its weights only: the optimizer state starts afresh here, so another optimizer config
+        # (AdamW, the weight average) may fine-tune it.
+        # The encoder must match; a loss's own parameters (Koch's head, ArcFace's centres) start
+        # fresh when the source run had none of that shape (fine-tuning triplet -> verification).
+        state, source_meta = ckpt_lib.restore_from_directory(config.resume, fresh, weights_only="matching")
+        _check_resume_source_split(config, source_meta, training_split)
+        state = state.replace(step=jnp.zeros((), jnp.int32), opt_state=tx.init(state.params))
+        log.info("initialised from %s", config.resume)
+        for key, how in (("initialised_fresh", "initialised afresh (not in %s): %s"),
+                         ("not_used", "not used (this model has no such parameter; from %s): %s")):
+            if source_meta.get(key):
+                log.warning("config.resume: parameters " + how, config.resume, ", ".join(source_meta[key]))
+    else:
+        state = fresh
+        if ckpt_lib.saved_steps(os.path.join(workdir, "best")):
+            log.warning("%s has no checkpoint in checkpoints/ to resume from: training starts at step 0 (best/ "
+                        "stays the score to beat)", workdir)
+    return state, earlier
 
 def _best_metric(ckpts) -> Optional[float]:
     """The validation score of the run's `best/` checkpoint; None if it has none (or it is unreadable:

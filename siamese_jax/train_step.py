@@ -113,10 +113,11 @@ TRIPLET_SELECTIONS = ("online", "online_all", "random")
 def batch_kind(loss: str, triplet_selection: str = "online") -> str:
     """Which sampler feeds a loss: "pairs", "triplets" or "classes" (P classes x K images).
 
-    The triplet loss takes explicit (anchor, positive, negative) triplets, selected either
-    "online" from each P x K batch (every image an anchor, a random same-class positive and the
-    hardest other-class negative of the batch: FaceNet's online triplet generation) or "random"
-    (independent triplets drawn from the dataset, as the Keras triplet example does).
+    The triplet loss takes explicit (anchor, positive, negative) triplets, selected from each
+    P x K batch, "online" (every image an anchor with one random same-class positive and the
+    batch's hardest other-class negative) or "online_all" (the default: every same-class pair,
+    each with its anchor's hardest negative, `losses.hardest_negative_triplet_loss`), or
+    "random" (independent triplets drawn from the dataset, as the Keras triplet example does).
     """
     if loss in PAIR_LOSSES:
         return "pairs"

@@ -124,7 +124,8 @@ def np_mining_stats(name, e, y, margin, squared):
         pairs = [(a, p) for a in range(n) if neg(a) for p in pos(a)]
         hinges = [d[a][p] - min(d[a][m] for m in neg(a)) + margin for a, p in pairs]
         stats["mean_positive_distance"] = mean([d[a][p] for a, p in pairs])
-        stats["mean_negative_distance"] = mean([min(d[a][m] for m in neg(a)) for a in range(n) if neg(a) and pos(a)])
+        # per positive pair, as the other two (an anchor with more positives counts more often)
+        stats["mean_negative_distance"] = mean([min(d[a][m] for m in neg(a)) for a, p in pairs])
     stats["active_fraction"] = mean([h > 0 for h in hinges])
     slack = sum(abs(h) < 1e-4 for h in hinges) / max(len(hinges), 1)
     return stats, slack

@@ -4,6 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from siamese_jax import losses as L
 from siamese_jax import models
 
 
@@ -80,6 +81,8 @@ def test_verification_head_is_l1_weighted_sum():
     h1, h2 = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 32))
     got = model.apply(variables, h1, h2, method=model.logits)
     np.testing.assert_allclose(np.asarray(got), np.asarray(jnp.abs(h1 - h2) @ w + b), rtol=1e-5, atol=1e-5)
+    # The head the model trains with is the loss module's formula (which the losses' tests check).
+    np.testing.assert_allclose(np.asarray(got), np.asarray(L.verification_logits(h1, h2, w, b)), rtol=1e-6, atol=1e-6)
 
 
 def test_unknown_model_or_norm_is_a_clear_error():

@@ -159,7 +159,7 @@ def test_distilled_config_is_the_shipped_config_plus_its_five_teachers(tmp_path)
     student = omniglot_distilled.get_config(f"teachers_dir={tmp_path}")
     assert {k for k in shipped.keys() if student[k] != shipped[k]} == {"distill_teachers", "distill_weight"}
     assert student.distill_weight == 10.0
-    assert config_check.distill_teacher_workdirs(student) == [str(tmp_path / n) for n in omniglot_distilled.TEACHERS]
+    assert config_check.distill_teacher_sources(student) == [str(tmp_path / n) for n in omniglot_distilled.TEACHERS]
     assert omniglot_distilled.get_config().distill_teachers.startswith("runs/omni-pre-s1,")
     # The teachers must be finished runs: refused until each workdir exists and has its config.json.
     with pytest.raises(config_check.ConfigError, match="omni-pre-s1: no such workdir or file"):

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from siamese_jax import parallel
@@ -59,3 +61,14 @@ def test_use_cpu_cores_as_devices_leaves_a_jax_without_the_option_alone():
                          "n = parallel.use_cpu_cores_as_devices(128, 2)\n"
                          "print(json.dumps({'n': n, 'devices': jax.device_count()}))")
     assert got == {"n": None, "devices": 1}
+
+
+def test_host_batch_to_global_shards_each_leaf_along_the_data_axis():
+    # One process holds the whole batch: its local rows are the global array, split over the mesh.
+    mesh = parallel.make_data_mesh()
+    local = {"x": np.arange(8 * 3, dtype=np.float32).reshape(8, 3), "y": np.arange(8, dtype=np.int32)}
+    got = parallel.host_batch_to_global(local, mesh)
+    for name, leaf in got.items():
+        assert leaf.sharding.is_equivalent_to(parallel.batch_sharded(mesh), leaf.ndim)
+        assert len(leaf.addressable_shards) == jax.device_count()
+        np.testing.assert_array_equal(np.asarray(leaf), local[name])

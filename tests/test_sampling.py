@@ -81,7 +81,7 @@ def test_device_dataset_class_and_alphabet_index(omni):
     for c in range(12):
         a = int(dds.class_alphabet_index[c])
         assert a_classes[a_start[a] + pos[c]] == c
-    assert dds.min_class_count == 6 and sampling.max_classes_per_alphabet(dds) == 5
+    assert dds.min_class_count == 6 and dds.max_classes_per_alphabet == 5
 
 
 def test_device_dataset_without_alphabets_resize_and_sharding(mnist):

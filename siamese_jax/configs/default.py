@@ -135,8 +135,9 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     # Resume order: the workdir's own checkpoint, else `resume` (a checkpoint dir), else init.
     c.resume = ml_collections.config_dict.placeholder(str)
 
-    # Relational distillation (siamese_jax/distillation.py): workdirs of finished runs on the same
-    # training set, comma-separated; their concatenated embeddings are the teacher. P x K losses only.
+    # Relational distillation (siamese_jax/distillation.py): the teachers, comma-separated: workdirs of
+    # finished runs on the same training set, exported model files or shipped model names; their
+    # concatenated embeddings are the teacher. P x K losses only.
     c.distill_teachers = ""
     c.distill_weight = 1.0
 
