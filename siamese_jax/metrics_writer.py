@@ -37,7 +37,10 @@ class MetricsWriter:
             return
         # The event files are append-only: tensorboardX's purge_step writes a marker from which
         # TensorBoard drops the events of the steps after `step` written before (a killed run's).
-        self._purge_step = step + 1 if step > 0 else None
+        # Written by every leg, the first (step 0) too: TensorBoard's Python loader ignores the first
+        # marker of a run, and a run killed before its first checkpoint restarts at 0 (the review of
+        # stop 38: each step twice in TensorBoard, none twice in metrics.jsonl).
+        self._purge_step = step + 1
         records = read_jsonl(self.path)
         kept = [r for r in records if r.get("step", 0) <= step]
         # Rewritten also when a line did not parse (a torn last line from a kill mid-write): the next
@@ -61,13 +64,79 @@ class MetricsWriter:
                 "off for the rest of this run, metrics.jsonl keeps every value")
             return
         for k, v in scalars.items():
-            self._tb.add_scalar(k, v, int(step))
+            self._tb.add_scalar(tensorboard_tag(k), v, int(step))
+
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        """A text summary (the run's config) in TensorBoard's Text tab; nothing in metrics.jsonl."""
+        if not self.enabled or self._tb_off:
+            return
+        if self._tb is None:
+            self._tb = _summary_writer_class()(self._tb_dir, flush_secs=10, max_queue=100, purge_step=self._purge_step)
+        if _tensorboard_has_room(self._tb, 1):
+            # Markdown: indented by four spaces, the JSON shows as a code block.
+            self._tb.add_text(tag, "\n".join("    " + line for line in text.splitlines()), int(step))
 
     def close(self) -> None:
         if self._tb is not None:
             if _tensorboard_has_room(self._tb, 1):  # close() queues one more item and waits for the thread
                 self._tb.close()
             self._tb = None
+
+
+def tensorboard_tag(key: str) -> str:
+    """TensorBoard's tag for a metrics.jsonl key: grouped by what it measures (TensorBoard draws one
+    section per prefix); metrics.jsonl keeps the bare keys, which the plots and the divergence rule read.
+
+    validation/  val_* (one-shot accuracy on the held-out classes, `config.val_episodes` episodes)
+    speed/       steps_per_second, images_per_second (since the last log line, validation excluded)
+    time/        validation_seconds, checkpoints_seconds (the run's total so far, one point per leg)
+    train/       the loss and the statistics of each step's batch (loss, active_fraction, norms, distances)
+    """
+    if key.startswith("val_"):
+        return "validation/" + key
+    if key in ("steps_per_second", "images_per_second"):
+        return "speed/" + key
+    if key.endswith("_seconds"):
+        return "time/" + key
+    return "train/" + key
+
+
+# results.json's keys that are counts or details, not scores (kept out of TensorBoard's eval/ section).
+_NOT_SCORES = {"num_episodes", "num_trials", "num_queries", "num_lone_queries", "num_test_pairs",
+               "num_validation_pairs", "ci95", "error_rate", "errors_per_run"}
+
+
+def evaluation_scalars(results: dict) -> dict:
+    """results.json's scores as TensorBoard tags: eval/lake_20_runs/accuracy,
+    eval/episodes/within_alphabet/20-way-1-shot, eval/retrieval/precision_at_1, eval/verification/..."""
+    out = {}
+
+    def walk(node, path):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, path + [key])
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _NOT_SCORES:
+                # an episode protocol's score is its "mean": named by the protocol alone
+                out["/".join(["eval"] + path + ([] if key == "mean" else [key]))] = float(value)
+
+    walk({k: v for k, v in results.items() if isinstance(v, dict)}, [])
+    return out
+
+
+def write_evaluation(workdir: str, step: int, results: dict) -> None:
+    """The final evaluation's scores (`evaluation_scalars`) into the run's TensorBoard events, at the
+    evaluated checkpoint's step, beside its validation curve. Best effort: results.json is the record."""
+    scalars = {k: v for k, v in evaluation_scalars(results).items() if v == v and abs(v) != float("inf")}
+    if not scalars:
+        return
+    tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=10, max_queue=100)
+    try:
+        if _tensorboard_has_room(tb, len(scalars)):
+            for tag, value in scalars.items():
+                tb.add_scalar(tag, value, int(step))
+    finally:
+        if _tensorboard_has_room(tb, 1):
+            tb.close()
 
 
 def _summary_writer_class():

@@ -18,7 +18,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from siamese_jax import evaluation, parallel, plots, sampling
+from siamese_jax import evaluation, metrics_writer, parallel, plots, sampling
 from siamese_jax import input_pipeline as ip
 from siamese_jax.data import ImageDataset, load_lake_runs
 from siamese_jax.embedding import LoadedModel, load_workdir_model, resized_images
@@ -200,6 +200,10 @@ def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_se
                    checkpoint_step=step, num_steps=config.num_steps, devices=jax.device_count(),
                    processes=jax.process_count(), platform=jax.devices()[0].platform,
                    eval_seconds=round(time.time() - t0, 1))
+    # The evaluated checkpoint's validation score: what chose it, and where it sits on curves.png.
+    chosen_by = [r["val_one_shot_accuracy"] for r in history if r.get("step") == step and "val_one_shot_accuracy" in r]
+    if chosen_by:
+        results["val_one_shot_accuracy"] = chosen_by[-1]
     if train_seconds is not None:
         results["train_seconds"] = round(train_seconds, 1)
     if loop_overhead:  # {"validation_seconds": s, "checkpoints_seconds": s} of this run's training
@@ -208,6 +212,7 @@ def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_se
         results.update({k: training_setup[k] for k in ("devices", "processes", "platform") if k in training_setup})
     if write and main:
         atomic_write_json(os.path.join(workdir, "results.json"), results)
+        metrics_writer.write_evaluation(workdir, step, results)
     return results
 
 

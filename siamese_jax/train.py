@@ -492,6 +492,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                     detector.seed_first(metric, first)
         if is_main:
             atomic_write_json(os.path.join(workdir, "config.json"), _config_json(config))
+        writer.write_text("config", json.dumps(_config_json(config), indent=2, sort_keys=True), start_step)
         meta = {"config": _config_json(config)}
         # Replicated once here: a key on the default device is copied to every device at each dispatch.
         data_key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 1), mesh)
@@ -512,6 +513,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
             for step in range(start_step, config.num_steps):
                 batch = sample(train_dds, data_key, step, teacher)
                 state, metrics = train_step(state, batch, step_key)
+                if step == start_step:  # this call compiled the step: not part of the first rate
+                    t_log = time.time()
                 if pending is not None:
                     _finish_step(pending, writer, detector)
                 pending = (step + 1, metrics)
@@ -529,7 +532,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                              rate * images_per_step, _fmt_duration(eta))
                     writer.write(done, {"steps_per_second": rate, "images_per_second": rate * images_per_step})
                     t_log, steps_since_log = now, 0
-                if done % config.eval_every_steps == 0 or done == config.num_steps:
+                validated = done % config.eval_every_steps == 0 or done == config.num_steps
+                saved = done % config.checkpoint_every_steps == 0 or done == config.num_steps
+                if validated:
                     _finish_step(pending, writer, detector)  # waits for the step: not counted as validation
                     pending = None
                     t0 = time.time()
@@ -547,13 +552,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                         ckpts.save_best(selected, dict(meta, step=done, val_one_shot_accuracy=acc),
                                         {"val_one_shot_accuracy": acc, "validation_generation": best_generation})
                         overhead["checkpoints"] += time.time() - t1
-                if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
+                if saved:
                     if pending is not None:  # never save a state whose own metrics are unchecked
                         _finish_step(pending, writer, detector)  # (waits for the step: not counted)
                         pending = None
                     t0 = time.time()
                     ckpts.save(state, dict(meta, step=done, elapsed=elapsed()))
                     overhead["checkpoints"] += time.time() - t0
+                if validated or saved:  # the next rate counts training steps only (they waited here)
+                    t_log, steps_since_log = time.time(), 0
                 stopped_by = stop.should_stop(done)
                 if stopped_by:
                     break

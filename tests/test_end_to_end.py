@@ -42,6 +42,22 @@ def _png_ok(path):
         return img.size[0] > 200 and img.size[1] > 100
 
 
+def _tensorboard_tags(directory):
+    """Every tag in the event files of `directory` (TFRecord framing: length, its CRC, data, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in directory.iterdir():
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            tags.update(v.tag for v in event_pb2.Event.FromString(data[at + 12:at + 12 + length]).summary.value)
+            at += 12 + length + 4
+    return tags
+
+
 def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     workdir = tmp_path / "run"
     r = _train(env, workdir, "--loss=triplet", "--config.num_steps=8", "--config.eval_every_steps=4",
@@ -60,12 +76,19 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {m["step"] for m in metrics if "loss" in m} == set(range(1, 9))
     assert any("val_one_shot_accuracy" in m for m in metrics)
+    # results.json names the validation score that chose its checkpoint (the starred point of curves.png)
+    assert results["val_one_shot_accuracy"] == max(
+        m["val_one_shot_accuracy"] for m in metrics if m["step"] == results["checkpoint_step"] and "val_one_shot_accuracy" in m)
     # The loop's overhead is measured and reported: validation and checkpoint seconds of this run.
     overhead = [m for m in metrics if "validation_seconds" in m]
     assert len(overhead) == 1 and overhead[0]["step"] == 8
     for key in ("validation_seconds", "checkpoints_seconds"):
         assert 0 < results[key] == overhead[0][key] < results["train_seconds"], key
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+    tags = _tensorboard_tags(workdir / "tensorboard")
+    # (train/... every 10 steps: none in 8 steps)
+    assert {"validation/val_one_shot_accuracy", "speed/steps_per_second", "time/validation_seconds",
+            "eval/lake_20_runs/accuracy", "eval/episodes/within_alphabet/20-way-1-shot", "config/text_summary"} <= tags, tags
 
     # Same workdir, more steps: resumes at the saved step.
     r = _train(env, workdir, "--loss=triplet", "--config.num_steps=12", "--config.eval_every_steps=4",

@@ -25,8 +25,8 @@ def test_every_step_metrics_reach_tensorboard_every_n_steps_and_the_rest_always(
     writer.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 26))  # the file keeps every step
-    assert sorted({s for n, s in tb.calls if n == "loss"}) == [10, 20]
-    assert ("val_one_shot_accuracy", 7) in tb.calls
+    assert sorted({s for n, s in tb.calls if n == "train/loss"}) == [10, 20]
+    assert ("validation/val_one_shot_accuracy", 7) in tb.calls
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
@@ -133,7 +133,59 @@ def test_a_resumed_run_tells_tensorboard_to_drop_the_killed_runs_later_events(tm
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     writer = MetricsWriter(str(fresh))
-    writer.truncate_after(0)  # a run from step 0 purges nothing
-    writer.write(1, {"loss": 1.0})
+    writer.truncate_after(0)  # a run from step 0 marks its start too: TensorBoard's Python loader
+    writer.write(1, {"loss": 1.0})  # ignores a run's first marker, so the next leg's must not be it
     writer.close()
-    assert not [e for e in _events(fresh / "tensorboard") if e.session_log.status == event_pb2.SessionLog.START]
+    starts = [e.step for e in _events(fresh / "tensorboard") if e.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [1]
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_its_old_steps_dropped(tmp_path):
+    # Killed at step 15 with no checkpoint: the rerun starts at 0. Both legs write a start marker, so
+    # TensorBoard (its Python loader ignores a run's first marker) drops the first leg's steps 1-15
+    # at the second leg's marker instead of drawing every step twice.
+    from tensorboardX.proto import event_pb2
+
+    import time
+
+    for last in (15, 30):
+        time.sleep(1.1)  # an event file is named by its second: a leg per file, as two real legs are
+        leg = MetricsWriter(str(tmp_path), tensorboard_every_steps=1)
+        leg.truncate_after(0)
+        for step in range(1, last + 1):
+            leg.write(step, {"loss": 1.0 / step})
+        leg.close()
+    events = _events(tmp_path / "tensorboard")
+    starts = [i for i, e in enumerate(events) if e.session_log.status == event_pb2.SessionLog.START]
+    assert [events[i].step for i in starts] == [1, 1]
+    # What TensorBoard keeps: at the last marker, everything before it from step 1 on is dropped.
+    kept = [e.step for e in events[starts[-1]:] if e.summary.value]
+    assert kept == list(range(1, 31))
+
+
+def test_tensorboard_tags_group_the_metrics_by_what_they_measure():
+    from siamese_jax.metrics_writer import tensorboard_tag
+
+    assert [tensorboard_tag(k) for k in ("loss", "active_fraction", "val_one_shot_accuracy",
+                                         "val_one_shot_accuracy_live", "steps_per_second",
+                                         "images_per_second", "validation_seconds", "checkpoints_seconds")] == [
+        "train/loss", "train/active_fraction", "validation/val_one_shot_accuracy",
+        "validation/val_one_shot_accuracy_live", "speed/steps_per_second", "speed/images_per_second",
+        "time/validation_seconds", "time/checkpoints_seconds"]
+
+
+def test_the_final_evaluation_reaches_tensorboard_at_the_evaluated_step(tmp_path):
+    from siamese_jax.metrics_writer import write_evaluation
+
+    results = {"dataset": "omniglot", "checkpoint_step": 400, "train_seconds": 12.0,
+               "lake_20_runs": {"accuracy": 0.975, "error_rate": 2.5, "num_trials": 400, "errors_per_run": [0, 1]},
+               "episodes": {"within_alphabet": {"20-way-1-shot": {"mean": 0.87, "ci95": 0.006, "num_episodes": 1000}}},
+               "retrieval": {"precision_at_1": 0.89, "mean_average_precision_at_r": 0.63, "num_queries": 10},
+               "verification": {"test_accuracy": 0.99, "roc_auc": float("nan"), "threshold_chosen_on": "text"}}
+    write_evaluation(str(tmp_path), 400, results)
+    got = {v.tag: (e.step, round(v.simple_value, 6)) for e in _events(tmp_path / "tensorboard") for v in e.summary.value}
+    assert got == {"eval/lake_20_runs/accuracy": (400, 0.975),
+                   "eval/episodes/within_alphabet/20-way-1-shot": (400, 0.87),
+                   "eval/retrieval/precision_at_1": (400, 0.89),
+                   "eval/retrieval/mean_average_precision_at_r": (400, 0.63),
+                   "eval/verification/test_accuracy": (400, 0.99)}  # counts, text and NaN left out
