@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# What issues #9 and #12 still need an accelerator for, one part per device call (each part fits the
-# device tool's 10-minute command limit on one H100; BUILD_NOTES, "GPU recipe"):
+# What issues #9 and #12 still need an accelerator for (BUILD_NOTES, "GPU recipe"):
 #
-#   bash experiments/gpu_runs.sh lake|koch [--config.x=y ...]     (overrides for the training runs)
-#   bash experiments/gpu_runs.sh bench [--only=ROW,...]             (flags for the benchmark)
+#   bash experiments/gpu_runs.sh PART [PART ...]                 the parts in this order, in one call
+#   bash experiments/gpu_runs.sh lake|koch [--config.x=y ...]     one part, overrides for its trainings
+#   bash experiments/gpu_runs.sh bench [--only=ROW,...]           one part, flags for the benchmark
 #
 #   lake   omniglot_gpu (4 x conv-128 + BN at 56 px, batch-hard, P x K 128 x 4, 6,000 steps), seeds 0, 1
 #          and 2 one after the other, each timed from its command's start to its exit, final
@@ -14,72 +14,120 @@
 #   koch   omniglot_koch (Koch et al.'s network and verification loss, affine distortions), seed 0.
 #          Issue #12 item 4: >= 92.0% on Lake's 20 runs.
 #
-# Writes $OUT/<part>/ (default runs/gpu/<part>/): each run's log, results.json, metrics.jsonl and
-# config.json, wall_seconds.txt and summary.txt. Workdirs (checkpoints) go to $WORK (default
-# /tmp/gpu_runs), each removed before its run so that a warm machine does not resume an old one.
-# Where python lacks ml_collections or tensorboardX (the device image does), the wheels in .whl/ are
-# installed to /tmp/site first; the data come from $SIAMESE_DATA_DIR (default: .data/ in the checkout).
+# The device tool brings back at most 8 files from $OUT, so each run leaves ONE file there as soon as
+# it ends, $OUT/<run>.tar.gz (its log, results.json, metrics.jsonl, config.json and wall time, or the
+# benchmark's log and JSON), and its line in $OUT/summary.txt, also printed (the reply's output tail
+# has it): the three parts together leave 6 files. A run that fails is marked FAILED there and the
+# next one runs; a call cut off by its time limit keeps every run that had ended. Workdirs
+# (checkpoints) go to $WORK (default /tmp/gpu_runs), each removed before its run so that a warm
+# machine does not resume an old one. Where python lacks ml_collections or tensorboardX (the device
+# image does), the wheels in .whl/ are installed to /tmp/site first; the data come from
+# $SIAMESE_DATA_DIR (default: .data/ in the checkout). Exit 0 when every run succeeded.
 # A dry run on a CPU, seconds per run: GPU_RUNS_STEPS=20 bash experiments/gpu_runs.sh lake
-set -euo pipefail
-part=${1:-}
-case "$part" in lake|bench|koch) shift ;; *) echo "usage: $0 lake|koch [--config.x=y ...] | bench [--only=ROW,...]" >&2; exit 2 ;; esac
+set -uo pipefail
+usage="usage: $0 PART [PART ...] | lake|koch [--config.x=y ...] | bench [--only=ROW,...]   (PART: lake, bench, koch)"
+parts=()
+while [ $# -gt 0 ]; do
+  case "$1" in lake|bench|koch) parts+=("$1"); shift ;; *) break ;; esac
+done
+if [ ${#parts[@]} -eq 0 ] || { [ ${#parts[@]} -gt 1 ] && [ $# -gt 0 ]; }; then
+  echo "$usage" >&2
+  exit 2
+fi
 PY=${PYTHON:-python3}
 OUT=${OUT:-runs/gpu}
 WORK=${WORK:-/tmp/gpu_runs}
+mkdir -p "$OUT" "$WORK" || exit 1
 if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export SIAMESE_DATA_DIR="${SIAMESE_DATA_DIR:-$PWD/.data}"
-out="$OUT/$part"
-mkdir -p "$out" "$WORK"
-"$PY" -c "import jax; print(jax.__version__, jax.devices())" | tee "$out/devices.txt"
+summary="$OUT/summary.txt"
+"$PY" -c "import jax; print('devices:', jax.__version__, jax.devices())" | tee -a "$summary" || exit 1
 
-# GPU_RUNS_STEPS: a dry run's step count (validation, checkpoints and the final evaluation shrunk with it).
+# GPU_RUNS_STEPS: a dry run's step count (validation, checkpoints and the final evaluation shrunk with it);
+# GPU_RUNS_TRAIN_ARGS: overrides for every training of the call, split at spaces (a dry run's small sizes).
 dry=()
 if [ -n "${GPU_RUNS_STEPS:-}" ]; then
   dry=(--config.num_steps="$GPU_RUNS_STEPS" --config.eval_every_steps="$GPU_RUNS_STEPS"
        --config.checkpoint_every_steps="$GPU_RUNS_STEPS" --config.eval_episodes=20 --config.val_episodes=20
        --config.plots=False)
 fi
+read -r -a train_args <<< "${GPU_RUNS_TRAIN_ARGS:-}"
+dry+=(${train_args[@]+"${train_args[@]}"})
 
-train_timed() {  # name config seed [overrides...]
-  local name=$1 config=$2 seed=$3
-  shift 3
-  rm -rf "${WORK:?}/$name"
-  mkdir -p "$out/$name"
-  local start end
-  start=$(date +%s.%N)
-  "$PY" -m experiments.train --config="$config" --workdir="$WORK/$name" --config.seed="$seed" ${dry[@]+"${dry[@]}"} "$@" \
-    2>&1 | tee "$out/$name/train.log"
-  end=$(date +%s.%N)
-  echo "$name $("$PY" -c "print(round($end - $start, 1))")" | tee -a "$out/wall_seconds.txt"
-  cp "$WORK/$name"/{results.json,metrics.jsonl,config.json} "$out/$name/"
+seconds_since() { "$PY" -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$1"; }
+
+# One line for a training: Lake's 20 runs, the 20-way 1-shot protocols, the checkpoint, the times.
+summarise_training() {  # name workdir wall_seconds
+  "$PY" - "$@" <<'PYEOF'
+import json, pathlib, sys
+name, run, wall = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+r = json.loads((run / "results.json").read_text())
+ep = r.get("episodes", {})
+get = lambda k: ep.get(k, {}).get("mean", float("nan"))
+print(f"{name}: Lake {r['lake_20_runs']['accuracy']:.2%}  unstructured 20w1s {get('unstructured/20-way-1-shot'):.3f}"
+      f"  within 20w1s {get('within_alphabet/20-way-1-shot'):.3f}  step {r['checkpoint_step']}  train {r['train_seconds']} s"
+      f"  eval {r['eval_seconds']} s  wall {wall} s  ({r['platform']}, {r['devices']} device(s))")
+PYEOF
 }
 
-case "$part" in
-  lake)
-    for seed in 0 1 2; do
-      train_timed "omniglot-gpu-s$seed" experiments/configs/omniglot_gpu.py "$seed" "$@"
-    done ;;
-  koch)
-    train_timed koch-s0 experiments/configs/omniglot_koch.py 0 "$@" ;;
-  bench)
-    quick=()
-    [ -n "${GPU_RUNS_STEPS:-}" ] && quick=(--quick)
-    "$PY" -m experiments.benchmark ${quick[@]+"${quick[@]}"} --out="$out/benchmark.json" "$@" 2>&1 | tee "$out/benchmark.log" ;;
-esac
+# One line per benchmark row: ours, the peer, the ratio.
+summarise_benchmark() {  # benchmark.json
+  "$PY" - "$1" <<'PYEOF'
+import json, sys
+nan = float("nan")
+for row in json.load(open(sys.argv[1]))["rows"]:
+    print(f"bench {row['id']}: ours {row['ours'] or nan:.2f} {row['unit']}  {row['peer_name']} {row['peer'] or nan:.2f}"
+          f"  ratio {row['ratio'] or nan:.2f}x")
+PYEOF
+}
 
-# One line per run: Lake's 20 runs, the 20-way 1-shot protocols, the checkpoint, the times.
-"$PY" - "$out" <<'EOF' | tee "$out/summary.txt"
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-walls = dict(line.split() for line in (out / "wall_seconds.txt").read_text().splitlines()) if (out / "wall_seconds.txt").exists() else {}
-for results in sorted(out.glob("*/results.json")):
-    r = json.loads(results.read_text())
-    ep = r.get("episodes", {})
-    get = lambda k: ep.get(k, {}).get("mean", float("nan"))
-    print(f"{results.parent.name}: Lake {r['lake_20_runs']['accuracy']:.2%}  unstructured 20w1s {get('unstructured/20-way-1-shot'):.3f}"
-          f"  within 20w1s {get('within_alphabet/20-way-1-shot'):.3f}  step {r['checkpoint_step']}  train {r['train_seconds']} s"
-          f"  eval {r['eval_seconds']} s  wall {walls.get(results.parent.name, '?')} s  ({r['platform']}, {r['devices']} device(s))")
-EOF
+train_timed() {  # name config seed [overrides...]
+  local name=$1 config=$2 seed=$3 start wall rc
+  shift 3
+  rm -rf "${WORK:?}/$name" "$WORK/$name.log"
+  start=$(date +%s.%N)
+  "$PY" -m experiments.train --config="$config" --workdir="$WORK/$name" --config.seed="$seed" ${dry[@]+"${dry[@]}"} "$@" \
+    2>&1 | tee "$WORK/$name.log"
+  rc=${PIPESTATUS[0]}
+  wall=$(seconds_since "$start")
+  mkdir -p "$WORK/$name" && cp "$WORK/$name.log" "$WORK/$name/train.log" && echo "$wall" > "$WORK/$name/wall_seconds.txt"
+  local files=(train.log wall_seconds.txt) f
+  for f in results.json metrics.jsonl config.json; do [ -f "$WORK/$name/$f" ] && files+=("$f"); done
+  tar -czf "$OUT/$name.tar.gz" -C "$WORK/$name" "${files[@]}"
+  if [ "$rc" -eq 0 ] && [ -f "$WORK/$name/results.json" ]; then
+    summarise_training "$name" "$WORK/$name" "$wall" | tee -a "$summary"
+  else
+    echo "$name: FAILED (exit $rc after $wall s; its log is in $name.tar.gz)" | tee -a "$summary"
+  fi
+}
+
+benchmark() {  # [benchmark flags...]
+  local dir="$WORK/bench" start wall rc quick=()
+  rm -rf "$dir" && mkdir -p "$dir"
+  [ -n "${GPU_RUNS_STEPS:-}" ] && quick=(--quick)
+  start=$(date +%s.%N)
+  "$PY" -m experiments.benchmark ${quick[@]+"${quick[@]}"} --out="$dir/benchmark.json" "$@" 2>&1 | tee "$dir/benchmark.log"
+  rc=${PIPESTATUS[0]}
+  wall=$(seconds_since "$start")
+  local files=(benchmark.log)
+  [ -f "$dir/benchmark.json" ] && files+=(benchmark.json)
+  tar -czf "$OUT/bench.tar.gz" -C "$dir" "${files[@]}"
+  if [ "$rc" -eq 0 ] && [ -f "$dir/benchmark.json" ]; then
+    summarise_benchmark "$dir/benchmark.json" | tee -a "$summary"
+    echo "bench: wall $wall s" | tee -a "$summary"
+  else
+    echo "bench: FAILED (exit $rc after $wall s; its log is in bench.tar.gz)" | tee -a "$summary"
+  fi
+}
+
+for part in "${parts[@]}"; do
+  case "$part" in
+    lake) for seed in 0 1 2; do train_timed "omniglot-gpu-s$seed" experiments/configs/omniglot_gpu.py "$seed" "$@"; done ;;
+    koch) train_timed koch-s0 experiments/configs/omniglot_koch.py 0 "$@" ;;
+    bench) benchmark "$@" ;;
+  esac
+done
+! grep -q FAILED "$summary"
