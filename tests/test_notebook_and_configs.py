@@ -200,3 +200,21 @@ def test_gpu_config_is_the_recipe_the_issues_quote():
     shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), c.image_size))
     # 4 x (3x3 conv + BatchNorm scale/bias) + Dense(3*3*128 -> 128)
     assert models.count_params(shapes["params"]) == 9 * 128 + 3 * 9 * 128 * 128 + 4 * 2 * 128 + 1152 * 128 + 128
+
+
+def test_gpu_runs_script_refuses_bad_usage_and_marks_a_failed_run_without_stopping(tmp_path):
+    # The GPU recipe gets one 15-minute device budget: a typo must fail at once, and a failed run
+    # must leave its archive and a FAILED line and let the next run go on (BUILD_NOTES, "GPU recipe").
+    script = os.path.join(REPO, "experiments", "gpu_runs.sh")
+    for args in ([], ["lakes"], ["lake", "bench", "--only=knn"]):
+        r = subprocess.run(["bash", script, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "usage:" in r.stderr, (args, r.stderr)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), WORK=str(tmp_path / "work"),
+               SIAMESE_DATA_DIR=str(tmp_path / "no-data"), PYTHONPATH=REPO)
+    r = subprocess.run(["bash", script, "koch", "bench"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["bench.tar.gz", "koch-s0.tar.gz", "summary.txt"]
+    lines = (out / "summary.txt").read_text().splitlines()
+    assert lines[0].startswith("devices:") and lines[1].startswith("koch-s0: FAILED (exit 2")
+    assert lines[2].startswith("bench: FAILED (exit 2")
