@@ -129,7 +129,10 @@ def write_evaluation(workdir: str, step: int, results: dict) -> None:
     scalars = {k: v for k, v in evaluation_scalars(results).items() if v == v and abs(v) != float("inf")}
     if not scalars:
         return
-    tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=10, max_queue=100)
+    # Its own file name: tensorboardX names a file by the second it opens and truncates a file of
+    # the same name, so a writer opened in the same second as the training's would erase its events.
+    tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=10, max_queue=100,
+                                 filename_suffix=".evaluation")
     try:
         if _tensorboard_has_room(tb, len(scalars)):
             for tag, value in scalars.items():

@@ -513,24 +513,26 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
             for step in range(start_step, config.num_steps):
                 batch = sample(train_dds, data_key, step, teacher)
                 state, metrics = train_step(state, batch, step_key)
-                if step == start_step:  # this call compiled the step: not part of the first rate
-                    t_log = time.time()
                 if pending is not None:
                     _finish_step(pending, writer, detector)
                 pending = (step + 1, metrics)
                 steps_since_log += 1
+                if step == start_step:  # this call compiled the step: the rates start after it has run
+                    jax.block_until_ready(metrics)
+                    t_log, steps_since_log = time.time(), 0
                 done = step + 1
                 now = time.time()
                 # Time-based, so processes differ here: nothing in this branch may be a collective or
                 # stop the run (the finiteness check is _finish_step's, at the same step everywhere).
                 if now - t_log >= config.log_every_seconds or done == config.num_steps:
                     m = _to_host(metrics)  # checked by _finish_step, one step later
-                    rate = steps_since_log / (now - t_log)
-                    eta = (config.num_steps - done) / max(rate, 1e-9)
+                    rate = steps_since_log / max(now - t_log, 1e-9) if steps_since_log else float("nan")
+                    eta = (config.num_steps - done) / max(rate, 1e-9) if steps_since_log else 0.0
                     log.info("step %d/%d  loss %.4f  active %.3f  %.1f steps/s  %.0f img/s  ETA %s",
                              done, config.num_steps, m["loss"], m.get("active_fraction", float("nan")), rate,
                              rate * images_per_step, _fmt_duration(eta))
-                    writer.write(done, {"steps_per_second": rate, "images_per_second": rate * images_per_step})
+                    if steps_since_log:  # (none yet right after the compiling step: no rate to write)
+                        writer.write(done, {"steps_per_second": rate, "images_per_second": rate * images_per_step})
                     t_log, steps_since_log = now, 0
                 validated = done % config.eval_every_steps == 0 or done == config.num_steps
                 saved = done % config.checkpoint_every_steps == 0 or done == config.num_steps
