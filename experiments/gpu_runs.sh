@@ -22,7 +22,7 @@
 # (checkpoints) go to $WORK (default /tmp/gpu_runs), each removed before its run so that a warm
 # machine does not resume an old one. Where python lacks ml_collections or tensorboardX (the device
 # image does), the wheels in .whl/ are installed to /tmp/site first; the data come from
-# $SIAMESE_DATA_DIR (default: .data/ in the checkout). Exit 0 when every run succeeded.
+# $SIAMESE_DATA_DIR (default: .data/ in the checkout). Exit 0 when every run of this call succeeded.
 # A dry run on a CPU, seconds per run: GPU_RUNS_STEPS=20 bash experiments/gpu_runs.sh lake
 set -uo pipefail
 usage="usage: $0 PART [PART ...] | lake|koch [--config.x=y ...] | bench [--only=ROW,...]   (PART: lake, bench, koch)"
@@ -47,7 +47,8 @@ summary="$OUT/summary.txt"
 "$PY" -c "import jax; print('devices:', jax.__version__, jax.devices())" | tee -a "$summary" || exit 1
 
 # GPU_RUNS_STEPS: a dry run's step count (validation, checkpoints and the final evaluation shrunk with it);
-# GPU_RUNS_TRAIN_ARGS: overrides for every training of the call, split at spaces (a dry run's small sizes).
+# GPU_RUNS_TRAIN_ARGS: overrides for every training of the call, on one line, split at spaces (no
+# quoting: a value may not hold a space); a dry run's small sizes.
 dry=()
 if [ -n "${GPU_RUNS_STEPS:-}" ]; then
   dry=(--config.num_steps="$GPU_RUNS_STEPS" --config.eval_every_steps="$GPU_RUNS_STEPS"
@@ -56,6 +57,20 @@ if [ -n "${GPU_RUNS_STEPS:-}" ]; then
 fi
 read -r -a train_args <<< "${GPU_RUNS_TRAIN_ARGS:-}"
 dry+=(${train_args[@]+"${train_args[@]}"})
+
+failed=0
+fail() {  # summary line
+  echo "$1" | tee -a "$summary"
+  failed=1
+}
+
+# One archive per run, written aside and moved in: a call cut off mid-write leaves no torn archive.
+archive() {  # name dir files...
+  local name=$1 dir=$2
+  shift 2
+  tar -czf "$OUT/.$name.tar.gz.tmp" -C "$dir" "$@" && mv -T "$OUT/.$name.tar.gz.tmp" "$OUT/$name.tar.gz" \
+    || { rm -f "$OUT/.$name.tar.gz.tmp"; return 1; }
+}
 
 seconds_since() { "$PY" -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$1"; }
 
@@ -96,11 +111,12 @@ train_timed() {  # name config seed [overrides...]
   mkdir -p "$WORK/$name" && cp "$WORK/$name.log" "$WORK/$name/train.log" && echo "$wall" > "$WORK/$name/wall_seconds.txt"
   local files=(train.log wall_seconds.txt) f
   for f in results.json metrics.jsonl config.json; do [ -f "$WORK/$name/$f" ] && files+=("$f"); done
-  tar -czf "$OUT/$name.tar.gz" -C "$WORK/$name" "${files[@]}"
-  if [ "$rc" -eq 0 ] && [ -f "$WORK/$name/results.json" ]; then
+  if ! archive "$name" "$WORK/$name" "${files[@]}"; then
+    fail "$name: FAILED (exit $rc after $wall s; its archive could not be written to $OUT)"
+  elif [ "$rc" -eq 0 ] && [ -f "$WORK/$name/results.json" ]; then
     summarise_training "$name" "$WORK/$name" "$wall" | tee -a "$summary"
   else
-    echo "$name: FAILED (exit $rc after $wall s; its log is in $name.tar.gz)" | tee -a "$summary"
+    fail "$name: FAILED (exit $rc after $wall s; its log is in $name.tar.gz)"
   fi
 }
 
@@ -114,12 +130,13 @@ benchmark() {  # [benchmark flags...]
   wall=$(seconds_since "$start")
   local files=(benchmark.log)
   [ -f "$dir/benchmark.json" ] && files+=(benchmark.json)
-  tar -czf "$OUT/bench.tar.gz" -C "$dir" "${files[@]}"
-  if [ "$rc" -eq 0 ] && [ -f "$dir/benchmark.json" ]; then
+  if ! archive bench "$dir" "${files[@]}"; then
+    fail "bench: FAILED (exit $rc after $wall s; its archive could not be written to $OUT)"
+  elif [ "$rc" -eq 0 ] && [ -f "$dir/benchmark.json" ]; then
     summarise_benchmark "$dir/benchmark.json" | tee -a "$summary"
     echo "bench: wall $wall s" | tee -a "$summary"
   else
-    echo "bench: FAILED (exit $rc after $wall s; its log is in bench.tar.gz)" | tee -a "$summary"
+    fail "bench: FAILED (exit $rc after $wall s; its log is in bench.tar.gz)"
   fi
 }
 
@@ -130,4 +147,4 @@ for part in "${parts[@]}"; do
     bench) benchmark "$@" ;;
   esac
 done
-! grep -q FAILED "$summary"
+exit "$failed"

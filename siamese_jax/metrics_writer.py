@@ -72,9 +72,11 @@ class MetricsWriter:
             return
         if self._tb is None:
             self._tb = _summary_writer_class()(self._tb_dir, flush_secs=10, max_queue=100, purge_step=self._purge_step)
-        if _tensorboard_has_room(self._tb, 1):
-            # Markdown: indented by four spaces, the JSON shows as a code block.
-            self._tb.add_text(tag, "\n".join("    " + line for line in text.splitlines()), int(step))
+        if not _tensorboard_has_room(self._tb, 1):
+            self._tb_off, self._tb = True, None
+            return
+        # Markdown: indented by four spaces, the JSON shows as a code block.
+        self._tb.add_text(tag, "\n".join("    " + line for line in text.splitlines()), int(step))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -103,7 +105,7 @@ def tensorboard_tag(key: str) -> str:
 
 # results.json's keys that are counts or details, not scores (kept out of TensorBoard's eval/ section).
 _NOT_SCORES = {"num_episodes", "num_trials", "num_queries", "num_lone_queries", "num_test_pairs",
-               "num_validation_pairs", "ci95", "error_rate", "errors_per_run"}
+               "ci95", "error_rate", "errors_per_run", "threshold"}
 
 
 def evaluation_scalars(results: dict) -> dict:
@@ -129,17 +131,20 @@ def write_evaluation(workdir: str, step: int, results: dict) -> None:
     scalars = {k: v for k, v in evaluation_scalars(results).items() if v == v and abs(v) != float("inf")}
     if not scalars:
         return
-    # Its own file name: tensorboardX names a file by the second it opens and truncates a file of
-    # the same name, so a writer opened in the same second as the training's would erase its events.
-    tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=10, max_queue=100,
-                                 filename_suffix=".evaluation")
     try:
-        if _tensorboard_has_room(tb, len(scalars)):
-            for tag, value in scalars.items():
-                tb.add_scalar(tag, value, int(step))
-    finally:
-        if _tensorboard_has_room(tb, 1):
-            tb.close()
+        # Its own file name: tensorboardX names a file by the second it opens and truncates a file of
+        # the same name, so a writer opened in the same second as the training's would erase its events.
+        tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=10, max_queue=100,
+                                     filename_suffix=".evaluation")
+        try:
+            if _tensorboard_has_room(tb, len(scalars)):
+                for tag, value in scalars.items():
+                    tb.add_scalar(tag, value, int(step))
+        finally:
+            if _tensorboard_has_room(tb, 1):
+                tb.close()
+    except OSError as e:  # a read-only or full tensorboard/: results.json, already written, is the record
+        logging.getLogger(__name__).warning("TensorBoard: the evaluation's scores were not written (%s)", e)
 
 
 def _summary_writer_class():

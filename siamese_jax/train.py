@@ -499,7 +499,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         step_key = parallel.put_replicated(jax.random.PRNGKey(config.seed + 2), mesh)
 
         pending = None  # (step, metrics on device) of the previous step
-        t_start, t_log, steps_since_log = time.time(), time.time(), 0
+        # Two clocks: when the last progress line was printed (one every log_every_seconds, the first
+        # that long after the compiling first step), and where the current rate's window starts
+        # (restarted after every line, validation and checkpoint, so a rate counts training steps only).
+        t_start = t_line = t_rate = time.time()
+        steps_in_rate = 0
         # Host seconds spent in validation and in checkpoint saves (orbax saves asynchronously: this is
         # the blocking part), reported against the training time: the loop's overhead over its steps.
         overhead = {"validation": 0.0, "checkpoints": 0.0}
@@ -516,24 +520,26 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                 if pending is not None:
                     _finish_step(pending, writer, detector)
                 pending = (step + 1, metrics)
-                steps_since_log += 1
+                steps_in_rate += 1
                 if step == start_step:  # this call compiled the step: the rates start after it has run
                     jax.block_until_ready(metrics)
-                    t_log, steps_since_log = time.time(), 0
+                    t_line = t_rate = time.time()
+                    steps_in_rate = 0
                 done = step + 1
                 now = time.time()
                 # Time-based, so processes differ here: nothing in this branch may be a collective or
                 # stop the run (the finiteness check is _finish_step's, at the same step everywhere).
-                if now - t_log >= config.log_every_seconds or done == config.num_steps:
+                if now - t_line >= config.log_every_seconds or done == config.num_steps:
                     m = _to_host(metrics)  # checked by _finish_step, one step later
-                    rate = steps_since_log / max(now - t_log, 1e-9) if steps_since_log else float("nan")
-                    eta = (config.num_steps - done) / max(rate, 1e-9) if steps_since_log else 0.0
+                    rate = steps_in_rate / max(now - t_rate, 1e-9) if steps_in_rate else float("nan")
+                    eta = (config.num_steps - done) / max(rate, 1e-9) if steps_in_rate else 0.0
                     log.info("step %d/%d  loss %.4f  active %.3f  %.1f steps/s  %.0f img/s  ETA %s",
                              done, config.num_steps, m["loss"], m.get("active_fraction", float("nan")), rate,
                              rate * images_per_step, _fmt_duration(eta))
-                    if steps_since_log:  # (none yet right after the compiling step: no rate to write)
+                    if steps_in_rate:  # (none yet right after the compiling step: no rate to write)
                         writer.write(done, {"steps_per_second": rate, "images_per_second": rate * images_per_step})
-                    t_log, steps_since_log = now, 0
+                    t_line = t_rate = now
+                    steps_in_rate = 0
                 validated = done % config.eval_every_steps == 0 or done == config.num_steps
                 saved = done % config.checkpoint_every_steps == 0 or done == config.num_steps
                 if validated:
@@ -562,7 +568,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                     ckpts.save(state, dict(meta, step=done, elapsed=elapsed()))
                     overhead["checkpoints"] += time.time() - t0
                 if validated or saved:  # the next rate counts training steps only (they waited here)
-                    t_log, steps_since_log = time.time(), 0
+                    t_rate, steps_in_rate = time.time(), 0
                 stopped_by = stop.should_stop(done)
                 if stopped_by:
                     break
@@ -594,8 +600,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         writer.close()
 
 
-
-
 def _validate(config, state, embed_fn, val_dds, val_images, mesh) -> tuple:
     """(the state validated, {"val_one_shot_accuracy": its score[, "val_one_shot_accuracy_live"]}).
 
@@ -607,6 +611,7 @@ def _validate(config, state, embed_fn, val_dds, val_images, mesh) -> tuple:
     if selected is not state:
         scores["val_one_shot_accuracy_live"] = validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh)
     return selected, scores
+
 
 def _initial_state(config, workdir: str, ckpts, fresh, tx, training_split) -> tuple:
     """The state training starts from, in this order: the workdir's own latest checkpoint (a resume),
@@ -642,6 +647,7 @@ def _initial_state(config, workdir: str, ckpts, fresh, tx, training_split) -> tu
             log.warning("%s has no checkpoint in checkpoints/ to resume from: training starts at step 0 (best/ "
                         "stays the score to beat)", workdir)
     return state, earlier
+
 
 def _best_metric(ckpts) -> Optional[float]:
     """The validation score of the run's `best/` checkpoint; None if it has none (or it is unreadable:

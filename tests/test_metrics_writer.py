@@ -181,11 +181,20 @@ def test_the_final_evaluation_reaches_tensorboard_at_the_evaluated_step(tmp_path
                "lake_20_runs": {"accuracy": 0.975, "error_rate": 2.5, "num_trials": 400, "errors_per_run": [0, 1]},
                "episodes": {"within_alphabet": {"20-way-1-shot": {"mean": 0.87, "ci95": 0.006, "num_episodes": 1000}}},
                "retrieval": {"precision_at_1": 0.89, "mean_average_precision_at_r": 0.63, "num_queries": 10},
-               "verification": {"test_accuracy": 0.99, "roc_auc": float("nan"), "threshold_chosen_on": "text"}}
+               "verification": {"test_accuracy": 0.99, "roc_auc": float("nan"), "threshold": 0.6,
+                                "threshold_chosen_on": "text"}}
     write_evaluation(str(tmp_path), 400, results)
     got = {v.tag: (e.step, round(v.simple_value, 6)) for e in _events(tmp_path / "tensorboard") for v in e.summary.value}
     assert got == {"eval/lake_20_runs/accuracy": (400, 0.975),
                    "eval/episodes/within_alphabet/20-way-1-shot": (400, 0.87),
                    "eval/retrieval/precision_at_1": (400, 0.89),
                    "eval/retrieval/mean_average_precision_at_r": (400, 0.63),
-                   "eval/verification/test_accuracy": (400, 0.99)}  # counts, text and NaN left out
+                   "eval/verification/test_accuracy": (400, 0.99)}  # counts, a distance, text and NaN left out
+
+
+def test_the_final_evaluation_is_not_failed_by_an_unwritable_tensorboard_folder(tmp_path, caplog):
+    from siamese_jax.metrics_writer import write_evaluation
+
+    (tmp_path / "tensorboard").write_text("a file where the folder should be")
+    write_evaluation(str(tmp_path), 400, {"lake_20_runs": {"accuracy": 0.975}})  # no exception
+    assert "TensorBoard: the evaluation's scores were not written" in caplog.text
