@@ -448,7 +448,8 @@ def saved_steps(directory: str) -> list[int]:
 
 def restore_first_readable(directories: Iterable[str], target):
     """(state, meta, directory) from the first of `directories` that holds a readable checkpoint:
-    e.g. `best/`, then `checkpoints/`. A directory with only unreadable steps is one warning line."""
+    e.g. `best/`, then `checkpoints/`. Each unreadable step is one warning line, and a directory
+    with no readable step one more."""
     directories = list(directories)
     tried = []
     for directory in directories:
@@ -530,8 +531,10 @@ class _DropEventLoopClosed:
 @contextlib.contextmanager
 def quiet_event_loop_tracebacks(grace_seconds: float = 0.0):
     """Within the block (and `grace_seconds` after an exception), drop 'Event loop is closed'
-    tracebacks from sys.stderr and orbax's error lines about unreadable metadata (the caller
-    reports the failure in one line). An already installed filter is left alone."""
+    tracebacks from sys.stderr, and every absl log record below CRITICAL from any thread (orbax
+    logs unreadable metadata as errors through absl; the caller reports the failure in one line),
+    including what orbax would log while `close()` waits for a save. An already installed filter is
+    left alone."""
     absl_logger = logging.getLogger("absl")  # orbax logs unreadable metadata files as errors
     absl_level = absl_logger.level
     absl_logger.setLevel(logging.CRITICAL)

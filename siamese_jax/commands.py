@@ -178,7 +178,7 @@ def _calibrate(argv):
     if len(names) < 2 or np.bincount(labels).max() < 2:
         raise ValueError(f"{args.folder}: needs at least 2 class sub-folders and one with 2+ images")
     model = load_model(args.model)
-    from siamese_jax.protocols import balanced_pairs
+    from siamese_jax.evaluation import balanced_pairs
 
     a, b, same = balanced_pairs(labels, args.pairs, args.seed)
     # Only the images the pairs use are read and embedded (2,000 pairs touch at most 4,000 of a

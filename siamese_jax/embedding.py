@@ -110,7 +110,8 @@ def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[Loade
         lambda: ts.create_train_state(model, ts.make_optimizer(config), jax.random.PRNGKey(0), config.image_size)), mesh)
     directory, step = checkpoint_location(workdir, which)
     if directory is None:
-        # An unreadable best/ (truncated, corrupt) falls back to checkpoints/ with one warning line.
+        # An unreadable best/ (truncated, corrupt) falls back to checkpoints/, with a warning line per
+        # unreadable step and one for the fallback.
         state, _, _ = ckpt_lib.restore_first_readable(
             [os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")], target)
     elif step is None:

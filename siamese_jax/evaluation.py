@@ -413,3 +413,22 @@ def retrieval_metrics(embeddings, labels, chunk_size: Optional[int] = None, max_
         ap[start:stop] = np.asarray(ap_c)[:n]
     return {"precision_at_1": float(p1[valid].mean()), "mean_average_precision_at_r": float(ap[valid].mean()),
             **result}
+
+
+def balanced_pairs(labels: np.ndarray, num_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`num_pairs` pairs, half same-class and half different-class, drawn with a fixed seed (for calibration)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    multi = classes[counts >= 2]
+    by_class = {c: np.flatnonzero(labels == c) for c in classes}
+    first, second, same = [], [], []
+    for i in range(num_pairs):
+        if i % 2 == 0:
+            c = multi[rng.integers(len(multi))]
+            a, b = rng.choice(by_class[c], 2, replace=False)
+        else:
+            c1, c2 = rng.choice(classes, 2, replace=False)
+            a, b = by_class[c1][rng.integers(counts[classes == c1][0])], by_class[c2][rng.integers(counts[classes == c2][0])]
+        first.append(a), second.append(b), same.append(i % 2 == 0)
+    return np.array(first), np.array(second), np.array(same)

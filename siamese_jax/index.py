@@ -27,9 +27,9 @@ class IndexError_(ValueError):
 @dataclasses.dataclass
 class EmbeddingIndex:
     embeddings: np.ndarray  # float32 [N, E]
-    paths: list[str]  # what each row is (file path, or "split:i" for a dataset)
+    paths: list[str]  # what each row is (a file path, or any name a library user gives it)
     model_fingerprint: str
-    labels: Optional[np.ndarray] = None  # int [N] if known (dataset indexes)
+    labels: Optional[np.ndarray] = None  # int [N], saved and loaded if a library user gives them (`embed` does not)
     # The directory relative paths were given from (`embed` run there); None: indexes written before
     # 2026-12-04, whose relative paths resolve from the current directory.
     root: Optional[str] = None

@@ -111,7 +111,8 @@ class SiameseModel:
         return img_lib.prepare(images, self.image_size)
 
     def embed_prepared(self, x: np.ndarray, batch_size: int = 512, test_time_shifts: Optional[str] = None) -> np.ndarray:
-        """[N, S, S, 1] float in [0, 1] -> [N, E]; fixed-size padded batches (one compile). Averaged over
+        """[N, S, S, 1] float in [0, 1] -> [N, E]; fixed-size padded batches (one compile per size
+        class, `_padded_batch`). Averaged over
         the model's test-time shift set (`test_time.SHIFT_SETS`), or over `test_time_shifts` if given."""
         size = _padded_batch(len(x), batch_size)
         return np.concatenate([self._embed_padded(x[start:start + batch_size], size, test_time_shifts)
@@ -141,6 +142,8 @@ class SiameseModel:
         if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         images = list(images)
+        if not images:
+            raise img_lib.ImageError("no images given")
         # Each batch is read and resized just before it is embedded, so a long list's pixels never
         # sit in memory all at once (they did, at ~20 KB per image: 2.8 GB for 120,000 MNIST
         # digits). The same padded batches as `embed_prepared`, so the same numbers.
@@ -195,7 +198,7 @@ class SiameseModel:
             # ... and of how a shift fills the edge it uncovers: zeros since 2026-12-04 (a wrap-around
             # roll before), so an index of the rolled views is refused, not silently stale.
             h.update(b"zero-fill")
-        # Files are read with their levels stretched and EXIF orientation applied since 2026-12-04
+        # Files are read with their levels stretched and EXIF orientation applied since 2026-12-05
         # (`images.ink_bright`): an index of a grey scan built before is refused, not silently stale.
         h.update(b"levels-stretched")
         return h.hexdigest()[:16]

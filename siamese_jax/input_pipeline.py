@@ -29,7 +29,8 @@ def train_split_name(config) -> str:
 
 
 def evenly_spaced(n: int, count: int) -> list[int]:
-    """`count` distinct indices into n sorted items, evenly spaced, none at either end (deterministic)."""
+    """`count` distinct indices into n sorted items, evenly spaced, never the first (deterministic);
+    the last only when count = n - 1."""
     if count >= n:
         raise ValueError(f"val_alphabets={count} leaves no background alphabet to train on (there are {n})")
     return [(k * n) // (count + 1) for k in range(1, count + 1)]

@@ -181,12 +181,14 @@ def plot_training_curves(path: str, history: Sequence[dict],
                          loss_keys: Sequence[str] = ("loss", "val_loss"),
                          accuracy_keys: Sequence[str] = ("val_one_shot_accuracy", "val_one_shot_accuracy_live",
                                                          "val_accuracy", "val_verification_accuracy"),
-                         validation_note: Optional[str] = None) -> str:
+                         validation_note: Optional[str] = None, kept_step: Optional[int] = None) -> str:
     """Two panels from metrics.jsonl records: losses vs step, validation accuracies vs step.
 
     Each key present with numeric values becomes a series (records without it are skipped, as
     metrics.jsonl mixes per-step and per-evaluation lines). A long noisy loss also gets a smoothed line.
-    The first accuracy series' best point is starred: the checkpoint the run keeps. `validation_note`
+    The first accuracy series' point at `kept_step` is starred (the checkpoint the run keeps, which is
+    not its highest point after a resume changed how validation scores; without `kept_step`, or
+    when no point is there, its highest point is starred). `validation_note`
     says under the panel's title what the score is (e.g. "20-way 1-shot, 200 episodes of ...").
     """
     from matplotlib import rc_context
@@ -230,9 +232,11 @@ def plot_training_curves(path: str, history: Sequence[dict],
             colour = colours[(i + 2) % len(colours)]
             ax_acc.plot(steps, values, color=colour, lw=2, marker="o", ms=4, label=_SERIES_NAMES.get(key, key))
             if not plotted_acc:
-                best = int(np.argmax(values))
+                at = np.flatnonzero(np.asarray(steps) == kept_step) if kept_step is not None else []
+                best = int(at[-1]) if len(at) else int(np.argmax(values))
                 ax_acc.plot(steps[best], values[best], linestyle="none", marker="*", ms=15, color=colour,
-                            markeredgecolor="black", label=f"best: {values[best]:.3f} at step {int(steps[best])}")
+                            markeredgecolor="black",
+                            label=f"{'kept' if len(at) else 'best'}: {values[best]:.3f} at step {int(steps[best])}")
             plotted_acc += 1
         if plotted_acc:
             ax_acc.legend(loc="lower right")

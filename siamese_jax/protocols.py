@@ -194,7 +194,8 @@ def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_se
     if plots_dir and history and main:
         held_out = "held-out alphabets" if config.dataset == "omniglot" else "held-out training digits"
         plots.plot_training_curves(os.path.join(plots_dir, "curves.png"), history,
-                                   validation_note=f"one-shot, {config.val_episodes} episodes of {held_out}")
+                                   validation_note=f"one-shot, {config.val_episodes} episodes of {held_out}",
+                                   kept_step=step)
     results.update(dataset=config.dataset, loss=config.loss, model=config.model, image_size=config.image_size,
                    test_time_shifts=config.get("test_time_shifts", "none"),
                    checkpoint_step=step, num_steps=config.num_steps, devices=jax.device_count(),
@@ -241,21 +242,3 @@ def format_results_table(results: dict) -> str:
     line = "-" * (width + 40)
     return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
 
-
-def balanced_pairs(labels: np.ndarray, num_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`num_pairs` pairs, half same-class and half different-class, drawn with a fixed seed (for calibration)."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    classes, counts = np.unique(labels, return_counts=True)
-    multi = classes[counts >= 2]
-    by_class = {c: np.flatnonzero(labels == c) for c in classes}
-    first, second, same = [], [], []
-    for i in range(num_pairs):
-        if i % 2 == 0:
-            c = multi[rng.integers(len(multi))]
-            a, b = rng.choice(by_class[c], 2, replace=False)
-        else:
-            c1, c2 = rng.choice(classes, 2, replace=False)
-            a, b = by_class[c1][rng.integers(counts[classes == c1][0])], by_class[c2][rng.integers(counts[classes == c2][0])]
-        first.append(a), second.append(b), same.append(i % 2 == 0)
-    return np.array(first), np.array(second), np.array(same)

@@ -1,7 +1,8 @@
 """Test-time shift augmentation: an image's embedding as the mean of its embeddings shifted by a
 pixel or so, L2-normalised again when the model's embeddings are unit length.
 
-`config.test_time_shifts` names the set of shifts (`SHIFT_SETS`); "none" (the default) is one view.
+`config.test_time_shifts` names the set of shifts (`SHIFT_SETS`); "square9" is the Omniglot default,
+"none" (one view) the MNIST preset's and the value for configs without the key.
 It applies wherever a trained model embeds images for use — `inference.SiameseModel` (compare,
 embed, search, calibrate, export's threshold) and the final evaluation protocols — but not to the
 validation that chooses checkpoints during training, which stays one view (cheaper, and a shift

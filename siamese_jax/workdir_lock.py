@@ -3,7 +3,8 @@
 The kernel drops a flock when its file descriptor is closed, which happens on every kind of exit,
 SIGKILL included, so a stale lock file never blocks the next run: what counts is the lock, not the
 file's existence. The holder writes its PID (and host) into the file so a second run can say who
-holds it. The descriptor is not inherited by child processes (Python opens files non-inheritable).
+holds it. The descriptor is not inherited by exec'd child processes (Python opens files
+non-inheritable); a fork()ed child (multiprocessing's default start on Linux) keeps it and the lock.
 
 The holder removes the file when it lets go (a run that failed on its data before writing anything
 left a workdir holding only an empty `.lock`). That is safe because a run that got the lock checks

@@ -437,7 +437,8 @@ def test_bad_input_one_line_exit_2(case, tmp_path, eval_pngs):
 
 def test_embedding_files_of_many_sizes_compiles_a_bounded_number_of_times(model, eval_pngs, tmp_path):
     """Embedding compiles per padded batch size at most, never per image or per image size: a jitted
-    resize built per call used to compile for every file (stack-notes §11)."""
+    resize built per call used to compile for every file: a jax.jit made inside a per-item call
+    compiles at every call)."""
     import jax
 
     paths = sorted(str(p) for p in eval_pngs.rglob("*.png"))[:12]
@@ -735,3 +736,10 @@ def test_library_arguments_out_of_range_are_value_errors_not_silent_or_obscure()
     with pytest.raises(ValueError, match="bool or 0/1"):
         inference.fit_calibration([1.0, 2.0, 3.0, 4.0], ["same", "same", "different", "different"])
     assert inference.fit_calibration([1.0, 2.0, 3.0, 4.0], np.array([1.0, 1.0, 0.0, 0.0])).threshold == 2.5  # the midpoint
+
+
+def test_embedding_no_images_is_a_clear_error():
+    from siamese_jax.images import ImageError
+
+    with pytest.raises(ImageError, match="no images given"):
+        inference.load_model("pretrained").embed([])

@@ -101,7 +101,7 @@ def test_layers_import_down_only():
     assert "siamese_jax.train" not in _reachable(graph, "siamese_jax.protocols")
     assert "siamese_jax.protocols" in graph["siamese_jax.train"]
     # Using a trained model never reaches the loop or the protocols.
-    for user in ("siamese_jax.inference", "siamese_jax.index"):
+    for user in ("siamese_jax.inference", "siamese_jax.index", "siamese_jax.commands"):
         below = _reachable(graph, user)
         assert not below & {"siamese_jax.train", "siamese_jax.protocols", "siamese_jax.input_pipeline"}, user
     # Data preparation and embedding sit below both the loop and the protocols.

@@ -83,6 +83,26 @@ def test_plot_training_curves(tmp_path):
     _check_png(plots.plot_training_curves(str(tmp_path / "empty.png"), []), min_w=800)
 
 
+def test_curves_star_the_kept_checkpoint_not_the_highest_point(tmp_path, monkeypatch):
+    # After a resume that changed how validation scores, best/ holds a later step than the highest
+    # point of metrics.jsonl: the star follows the step the evaluation read (`kept_step`).
+    labels = []
+    saved = plots._save
+
+    def keep_legend(fig, path):
+        labels.append([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()])
+        return saved(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep_legend)
+    history = [{"step": 10, "val_one_shot_accuracy": 0.9}, {"step": 20, "val_one_shot_accuracy": 0.7},
+               {"step": 30, "val_one_shot_accuracy": 0.8}]
+    plots.plot_training_curves(str(tmp_path / "a.png"), history, kept_step=30)
+    plots.plot_training_curves(str(tmp_path / "b.png"), history)
+    plots.plot_training_curves(str(tmp_path / "c.png"), history, kept_step=25)  # no point there
+    assert "kept: 0.800 at step 30" in labels[0]
+    assert "best: 0.900 at step 10" in labels[1] and "best: 0.900 at step 10" in labels[2]
+
+
 def test_plot_distance_histograms(tmp_path):
     rng = np.random.default_rng(1)
     path = plots.plot_distance_histograms(str(tmp_path / "d.png"), rng.normal(1, 0.3, 300).clip(0),

@@ -36,7 +36,7 @@ def main(argv):
     import numpy as np
 
     from siamese_jax import input_pipeline as ip
-    from siamese_jax import protocols
+    from siamese_jax import evaluation
     from siamese_jax.embedding import prepare_dataset_images
     from siamese_jax.inference import load_model
 
@@ -62,7 +62,7 @@ def main(argv):
         cli.fail(f"{results_path} describes checkpoint step {evaluated_step}, the workdir's best checkpoint is "
                  f"now step {step}: run siamese-evaluate --workdir={FLAGS.workdir} first")
     _, val = ip.split_train_val(config, ip.load_split(config, ip.train_split_name(config)))
-    a, b, same = protocols.balanced_pairs(val.labels, FLAGS.pairs, seed=config.eval_seed)
+    a, b, same = evaluation.balanced_pairs(val.labels, FLAGS.pairs, seed=config.eval_seed)
     x = prepare_dataset_images(val, config.image_size)
     emb = model.embed_prepared(x)
     cal = model.calibrate(np.linalg.norm(emb[a] - emb[b], axis=-1), same, FLAGS.far)
