@@ -108,9 +108,11 @@ def _embed(argv):
 
 
 def _search(argv):
-    p = _Parser(prog="siamese-search", description="The k images of an index nearest to a query image.")
+    p = _Parser(prog="siamese-search", description=(
+        "The k images of an index nearest to each query image (the index and the model are loaded once "
+        "for all of them)."))
     p.add_argument("index")
-    p.add_argument("image")
+    p.add_argument("image", nargs="+")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--sheet", help="also write a contact-sheet PNG of the query and its neighbours")
     _model_arg(p)
@@ -120,25 +122,31 @@ def _search(argv):
     if args.sheet:
         from siamese_jax.files import check_output_file
 
+        if len(args.image) > 1:
+            p.error(f"--sheet draws one query's neighbours; {len(args.image)} images were given")
         check_output_file(args.sheet, "--sheet")
     from siamese_jax.images import read_image
     from siamese_jax.index import EmbeddingIndex, check_compatible
     from siamese_jax.inference import load_model
 
     index = EmbeddingIndex.load(args.index)
-    read_image(args.image)
+    for image in args.image:  # every query readable before the model loads: a bad path fails at once
+        read_image(image)
     model = load_model(args.model)
     check_compatible(index, model, args.index)
-    dists, idx = index.search(model.embed([args.image]), args.k)
-    for rank, (d, i) in enumerate(zip(dists[0], idx[0]), 1):
-        print(console.display(f"{rank:>3}  {d:8.4f}  {index.file_path(i)}"))
+    dists, idx = index.search(model.embed(args.image), args.k)
+    for q, image in enumerate(args.image):
+        if len(args.image) > 1:  # one block per query, headed by it (one query: the ranks alone, as before)
+            print(console.display(f"{'' if q == 0 else chr(10)}query {image}"))
+        for rank, (d, i) in enumerate(zip(dists[q], idx[q]), 1):
+            print(console.display(f"{rank:>3}  {d:8.4f}  {index.file_path(i)}"))
     if args.sheet:
         from siamese_jax import plots
 
         threshold = model.calibration.threshold if model.calibration is not None else None
         if model.stale_calibration:  # the sheet then shows distances only; say why, as compare does
             print(console.display(f"note: no verdicts on the sheet: {model.stale_calibration}"), file=sys.stderr)
-        plots.plot_neighbours(args.sheet, args.image, [index.file_path(i) for i in idx[0]], dists[0], threshold)
+        plots.plot_neighbours(args.sheet, args.image[0], [index.file_path(i) for i in idx[0]], dists[0], threshold)
         print(console.display(f"contact sheet -> {args.sheet}"))
     return 0
 

@@ -246,6 +246,15 @@ def test_embed_and_search_cli(eval_pngs, tmp_path):
     lines = [line for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert len(lines) == 3 and lines[0].split()[-1] == str(query) and float(lines[0].split()[1]) < 1e-2
     assert Image.open(sheet).size[0] > 300
+    # Several queries in one call: a block per query, each headed by it, the same ranks as alone.
+    queries = sorted(eval_pngs.rglob("*.png"))[5:8]
+    r = _cli("experiments.search", str(out), *map(str, queries), "-k", "2")
+    assert r.returncode == 0, r.stderr
+    blocks = [b.splitlines() for b in r.stdout.strip().split("\n\n")]
+    assert [b[0] for b in blocks] == [f"query {q}" for q in queries]
+    assert all(len(b) == 3 and b[1].split()[-1] == str(q) for b, q in zip(blocks, queries))
+    r = _cli("experiments.search", str(out), *map(str, queries), "--sheet", str(sheet))
+    assert r.returncode == 2 and "--sheet draws one query's neighbours; 3 images were given" in r.stderr
 
 
 def test_an_index_of_relative_paths_is_searched_from_another_directory(eval_pngs, tmp_path):
