@@ -140,6 +140,17 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     if config.get("model") != "small" and config.get("l2_normalize"):
         _fail("l2_normalize", config.l2_normalize, f"applies to --config.model=small only (got model={config.get('model')!r})")
 
+    _check_batch(config, kind, dataset, num_devices)
+    _check_optimizer(config)
+    _check_loss_parameters(config, loss)
+    _int_in(config, "seed", 0, 2**31 - 1)
+    _check_switches_and_augmentation(config)
+    _check_split_and_evaluation(config, dataset)
+    _check_teachers_and_resume(config, kind, loss)
+
+
+def _check_batch(config, kind: str, dataset: str, num_devices) -> None:
+    """The batch's sizes for the loss's sampler, and its rows against the devices."""
     # Every size is checked, also the ones this loss does not read: a zero or negative size is never
     # what the user meant, and the same command with another --loss would fail on it later.
     batch_size = _int_in(config, "batch_size", 2, 65536, why=" (pairs/triplets per step)")
@@ -166,6 +177,10 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         raise ConfigError(f"{rows_desc} is not divisible by the {num_devices} devices "
                           f"(each device takes an equal share of the batch)")
 
+
+
+def _check_optimizer(config) -> None:
+    """Steps, the learning-rate schedule, weight decay and the moving average of the weights."""
     _int_in(config, "num_steps", 1, 10**9)
     if config.get("lr_schedule_steps") is not None:  # unset: the schedule is num_steps long
         _int_in(config, "lr_schedule_steps", config.num_steps, 10**9,
@@ -175,6 +190,12 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     _float_in(config, "weight_decay", 0.0)
     if "ema_decay" in config:  # configs written before the moving average lack it
         _float_in(config, "ema_decay", 0.0, 1.0, hi_open=True, why=" (0: no moving average of the weights)")
+
+
+def _check_loss_parameters(config, loss: str) -> None:
+    """The margin (explicit, or the loss's entry in config.margins), and ArcFace's own needs."""
+    from siamese_jax import train_step as ts
+
     margin = config.get("margin")
     margins = config.get("margins") or {}
     if margin is not None:
@@ -200,7 +221,10 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         _float_in(config, "arcface_scale", 0.0, lo_open=True)
         if config.get("num_classes") is not None:
             _int_in(config, "num_classes", 2, why=" (class centres; unset: the training classes)")
-    _int_in(config, "seed", 0, 2**31 - 1)
+
+
+def _check_switches_and_augmentation(config) -> None:
+    """The boolean switches, and the augmentation's ranges when it is on."""
     for key in ("augment", "rotation_classes", "same_alphabet_negatives", "plots"):
         if key in config:
             _bool(config, key)
@@ -216,6 +240,10 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
             _float_in(config, "augment_elastic_alpha", 0.0)
             _float_in(config, "augment_elastic_sigma", 0.0, lo_open=True)
 
+
+
+def _check_split_and_evaluation(config, dataset: str) -> None:
+    """The held-out validation data, the episodes, the schedules of validation, checkpoints and logs."""
     if dataset == "omniglot":
         _int_in(config, "val_alphabets", 1, OMNIGLOT_BACKGROUND_ALPHABETS - 1,
                 why=f" (held-out background alphabets; {OMNIGLOT_BACKGROUND_ALPHABETS} exist)")
@@ -247,6 +275,10 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
         if not (_is_number(factor) and (factor == 0 or factor > 1)):
             _fail("divergence_factor", factor, "must be a finite number > 1, or 0 to check only for non-finite values")
         _int_in(config, "divergence_window", 1, 10**6)
+
+
+def _check_teachers_and_resume(config, kind: str, loss: str) -> None:
+    """Distillation's teachers (P x K losses only) and config.resume's checkpoint directory."""
     teachers = distill_teacher_sources(config)
     if teachers:
         if kind != "classes":
