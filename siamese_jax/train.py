@@ -529,7 +529,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                 now = time.time()
                 # Time-based, so processes differ here: nothing in this branch may be a collective or
                 # stop the run (the finiteness check is _finish_step's, at the same step everywhere).
-                if now - t_line >= config.log_every_seconds or done == config.num_steps:
+                # A line once log_every_seconds have passed, and its rate's window is at least half that
+                # long: steps are dispatched ahead of their execution, so a window of a step or two
+                # just after a validation measured dispatch, not training (257 steps/s among 38).
+                if ((now - t_line >= config.log_every_seconds and now - t_rate >= config.log_every_seconds / 2)
+                        or done == config.num_steps):
                     m = _to_host(metrics)  # checked by _finish_step, one step later
                     rate = steps_in_rate / max(now - t_rate, 1e-9) if steps_in_rate else float("nan")
                     eta = (config.num_steps - done) / max(rate, 1e-9) if steps_in_rate else 0.0
