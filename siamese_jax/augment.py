@@ -214,8 +214,8 @@ def resize_uint8(images: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
     The filter is separable and linear, so the resize is two small matrix products per image with
     weights cached per (H, size) and (W, size): no XLA compile for any image size or count (a jitted
     resize compiles once per input shape, and one built inside a per-image call compiles at every
-    call: embedding a folder of files compiled per image). Agrees with `resize` to float32 rounding (tested), so at most an off-by-one
-    after rounding to uint8.
+    call: embedding a folder of files compiled per image). Agrees with `resize` to float32 rounding
+    (tested), so at most an off-by-one after rounding to uint8.
 
     Chunks of images go to a few Python threads, each product on one BLAS thread: OpenBLAS splits a
     product this small over all its threads, and while another job keeps the cores busy those threads

@@ -137,7 +137,9 @@ def _search(argv):
     dists, idx = index.search(model.embed(args.image), args.k)
     for q, image in enumerate(args.image):
         if len(args.image) > 1:  # one block per query, headed by it (one query: the ranks alone, as before)
-            print(console.display(f"{'' if q == 0 else chr(10)}query {image}"))
+            if q:
+                print()
+            print(console.display(f"query {image}"))
         for rank, (d, i) in enumerate(zip(dists[q], idx[q]), 1):
             print(console.display(f"{rank:>3}  {d:8.4f}  {index.file_path(i)}"))
     if args.sheet:

@@ -178,7 +178,6 @@ def _check_batch(config, kind: str, dataset: str, num_devices) -> None:
                           f"(each device takes an equal share of the batch)")
 
 
-
 def _check_optimizer(config) -> None:
     """Steps, the learning-rate schedule, weight decay and the moving average of the weights."""
     _int_in(config, "num_steps", 1, 10**9)
@@ -239,7 +238,6 @@ def _check_switches_and_augmentation(config) -> None:
         if "augment_elastic_alpha" in config:  # configs written before the elastic distortion lack it
             _float_in(config, "augment_elastic_alpha", 0.0)
             _float_in(config, "augment_elastic_sigma", 0.0, lo_open=True)
-
 
 
 def _check_split_and_evaluation(config, dataset: str) -> None:

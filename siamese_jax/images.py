@@ -1,14 +1,15 @@
 """Reading a person's own images the way the training data was read.
 
 Any PIL-readable file (PNG, JPEG, grayscale, RGB, RGBA, palette, 16-bit), a PIL image or an array
-becomes float32 [H, W] in [0, 1] (uint8 only inside `prepare`'s resize) with the training polarity and levels: ink bright (1) on a black (0) background,
-as Omniglot's binary strokes are after inversion. Dark-on-light images (Omniglot's own PNGs, a pen
-drawing on paper) are inverted; the decision is made from the border pixels, which are background
-in a centred drawing. Then the levels are stretched so that the background is 0 and the ink 1: a
-scan's off-white paper or grey pencil would otherwise reach the network as a grey field it never saw
-in training (paper at 0.9 put two different characters at distance 2.7, below the shipped threshold).
-A file's EXIF orientation is applied, as an image viewer shows the file. Decoding is bounded: absurd
-dimensions and decompression bombs are refused before pixels are decoded.
+becomes float32 [H, W] in [0, 1] (uint8 only inside `prepare`'s resize) with the training polarity
+and levels: ink bright (1) on a black (0) background, as Omniglot's binary strokes are after
+inversion. Dark-on-light images (Omniglot's own PNGs, a pen drawing on paper) are inverted; the
+decision is made from the border pixels, which are background in a centred drawing. Then the levels
+are stretched so that the background is 0 and the ink 1: a scan's off-white paper or grey pencil
+would otherwise reach the network as a grey field it never saw in training (paper at 0.9 put two
+different characters at distance 2.7, below the shipped threshold). A file's EXIF orientation is
+applied, as an image viewer shows the file. Decoding is bounded: absurd dimensions and decompression
+bombs are refused before pixels are decoded.
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def ink_bright(gray: np.ndarray) -> np.ndarray:
     the brightest pixels; review of 2026-12-05). A page shaded across (a shadow, a vignette) has no
     one background level: there a quadratic surface fitted to the border is the background, and dark
     ink's contrast is taken relative to it. A binary image (Omniglot's PNGs) comes out exactly 0/1,
-    inverted if it was dark-on-light; a
-    blank page (nothing beyond its noise) comes out black, its noise not stretched."""
+    inverted if it was dark-on-light; a blank page (nothing beyond its noise) comes out black, its
+    noise not stretched."""
     if not np.isfinite(gray.sum()):  # one pass: a NaN or an infinity anywhere makes the sum one
         raise ImageError("the image has pixels that are not numbers (NaN or infinite)")
     depth = _frame_depth(gray)

@@ -53,30 +53,32 @@ class MetricsWriter:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
         append_jsonl(self.path, dict(scalars, step=int(step)))
-        if (every_step and step % self.tensorboard_every_steps) or self._tb_off:
+        if every_step and step % self.tensorboard_every_steps:
             return
+        tb = self._tensorboard(len(scalars))
+        for k, v in scalars.items() if tb else ():
+            tb.add_scalar(tensorboard_tag(k), v, int(step))
+
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        """A text summary (the run's config) in TensorBoard's Text tab; nothing in metrics.jsonl."""
+        tb = self._tensorboard(1) if self.enabled else None
+        if tb:  # Markdown: indented by four spaces, the JSON shows as a code block.
+            tb.add_text(tag, "\n".join("    " + line for line in text.splitlines()), int(step))
+
+    def _tensorboard(self, events: int):
+        """The event writer (opened on first use) once it has room for `events` more; None when
+        TensorBoard is off for this run (its writer thread died: a full disk)."""
+        if self._tb_off:
+            return None
         if self._tb is None:
             self._tb = _summary_writer_class()(self._tb_dir, flush_secs=10, max_queue=100, purge_step=self._purge_step)
-        if not _tensorboard_has_room(self._tb, len(scalars)):
+        if not _tensorboard_has_room(self._tb, events):
             self._tb_off, self._tb = True, None
             logging.getLogger(__name__).warning(
                 "TensorBoard's event writer stopped (its error is printed above; a full disk?): TensorBoard is "
                 "off for the rest of this run, metrics.jsonl keeps every value")
-            return
-        for k, v in scalars.items():
-            self._tb.add_scalar(tensorboard_tag(k), v, int(step))
-
-    def write_text(self, tag: str, text: str, step: int) -> None:
-        """A text summary (the run's config) in TensorBoard's Text tab; nothing in metrics.jsonl."""
-        if not self.enabled or self._tb_off:
-            return
-        if self._tb is None:
-            self._tb = _summary_writer_class()(self._tb_dir, flush_secs=10, max_queue=100, purge_step=self._purge_step)
-        if not _tensorboard_has_room(self._tb, 1):
-            self._tb_off, self._tb = True, None
-            return
-        # Markdown: indented by four spaces, the JSON shows as a code block.
-        self._tb.add_text(tag, "\n".join("    " + line for line in text.splitlines()), int(step))
+            return None
+        return self._tb
 
     def close(self) -> None:
         if self._tb is not None:
