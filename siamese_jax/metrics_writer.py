@@ -129,24 +129,46 @@ def evaluation_scalars(results: dict) -> dict:
 
 def write_evaluation(workdir: str, step: int, results: dict) -> None:
     """The final evaluation's scores (`evaluation_scalars`) into the run's TensorBoard events, at the
-    evaluated checkpoint's step, beside its validation curve. Best effort: results.json is the record."""
+    evaluated checkpoint's step, beside its validation curve. Best effort: results.json is the record.
+
+    A re-evaluation (`siamese-evaluate --workdir`, with other test-time views, say) replaces the
+    earlier evaluation's file once its own is written, as it replaces results.json: two files drew two
+    points per tag at one step, and TensorBoard showed whichever it read last."""
     scalars = {k: v for k, v in evaluation_scalars(results).items() if v == v and abs(v) != float("inf")}
     if not scalars:
         return
+    logdir = os.path.join(workdir, "tensorboard")
     try:
         # Its own file name: tensorboardX names a file by the second it opens and truncates a file of
         # the same name, so a writer opened in the same second as the training's would erase its events.
-        tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=10, max_queue=100,
-                                     filename_suffix=".evaluation")
+        tb = _summary_writer_class()(logdir, flush_secs=10, max_queue=100, filename_suffix=".evaluation")
+        this_file = _event_file_name(tb)  # (before close: a closed writer's accessor opens a new file)
+        written = False
         try:
             if _tensorboard_has_room(tb, len(scalars)):
                 for tag, value in scalars.items():
                     tb.add_scalar(tag, value, int(step))
+                written = True
         finally:
             if _tensorboard_has_room(tb, 1):
                 tb.close()
+            else:  # its writer thread died (a full disk): the file may hold part of the scores
+                written = False
+        if written and this_file is not None and os.path.getsize(this_file) > 0:
+            for name in os.listdir(logdir):
+                path = os.path.join(logdir, name)
+                if name.endswith(".evaluation") and os.path.abspath(path) != this_file:
+                    os.remove(path)
     except OSError as e:  # a read-only or full tensorboard/: results.json, already written, is the record
         logging.getLogger(__name__).warning("TensorBoard: the evaluation's scores were not written (%s)", e)
+
+
+def _event_file_name(tb):
+    """The absolute path of the event file a tensorboardX writer wrote (private fields; None if absent)."""
+    try:
+        return os.path.abspath(tb._get_file_writer().event_writer._ev_writer._file_name)
+    except AttributeError:
+        return None
 
 
 def _summary_writer_class():

@@ -535,13 +535,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                 if ((now - t_line >= config.log_every_seconds and now - t_rate >= config.log_every_seconds / 2)
                         or done == config.num_steps):
                     m = _to_host(metrics)  # checked by _finish_step, one step later
-                    rate = steps_in_rate / max(now - t_rate, 1e-9) if steps_in_rate else float("nan")
-                    eta = (config.num_steps - done) / max(rate, 1e-9) if steps_in_rate else 0.0
-                    log.info("step %d/%d  loss %.4f  active %.3f  %.1f steps/s  %.0f img/s  ETA %s",
-                             done, config.num_steps, m["loss"], m.get("active_fraction", float("nan")), rate,
-                             rate * images_per_step, _fmt_duration(eta))
-                    if steps_in_rate:  # (none yet right after the compiling step: no rate to write)
+                    if steps_in_rate:  # none right after the compiling step (a 1-step leg): no rate yet
+                        rate = steps_in_rate / max(now - t_rate, 1e-9)
+                        eta = (config.num_steps - done) / max(rate, 1e-9)
+                        speed = f"{rate:.1f} steps/s  {rate * images_per_step:.0f} img/s  ETA {_fmt_duration(eta)}"
                         writer.write(done, {"steps_per_second": rate, "images_per_second": rate * images_per_step})
+                    else:
+                        speed = "(the compiling step: no rate yet)"
+                    log.info("step %d/%d  loss %.4f  active %.3f  %s", done, config.num_steps, m["loss"],
+                             m.get("active_fraction", float("nan")), speed)
                     t_line = t_rate = now
                     steps_in_rate = 0
                 validated = done % config.eval_every_steps == 0 or done == config.num_steps

@@ -111,6 +111,8 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
         assert again[key] == pytest.approx(resumed[key], abs=0.5), key
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "validation_seconds" in m] == [8, 12]
+    # Three evaluations of this workdir: TensorBoard keeps the last one's scores only.
+    assert len([p for p in (workdir / "tensorboard").iterdir() if p.name.endswith(".evaluation")]) == 1
 
     # Another workdir starting from this run's weights with another optimizer state (the weight
     # average): config.resume reads the weights only.
@@ -138,6 +140,8 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
                "--config.checkpoint_every_steps=4", "--noevaluate")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "validation: 1340 images of 67 classes" in r.stderr
+    # A one-step leg has only its compiling step: its progress line says so (it printed "nan steps/s").
+    assert "step 14/14" in r.stderr and "no rate yet" in r.stderr and "nan steps/s" not in r.stderr
 
     # evaluate.py on the best checkpoint reproduces results.json.
     results = json.loads((workdir / "results.json").read_text())

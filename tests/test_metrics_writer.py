@@ -198,3 +198,20 @@ def test_the_final_evaluation_is_not_failed_by_an_unwritable_tensorboard_folder(
     (tmp_path / "tensorboard").write_text("a file where the folder should be")
     write_evaluation(str(tmp_path), 400, {"lake_20_runs": {"accuracy": 0.975}})  # no exception
     assert "TensorBoard: the evaluation's scores were not written" in caplog.text
+
+
+def test_a_re_evaluation_replaces_the_earlier_evaluation_in_tensorboard(tmp_path):
+    from siamese_jax.metrics_writer import write_evaluation
+
+    logdir = tmp_path / "tensorboard"
+    write_evaluation(str(tmp_path), 400, {"lake_20_runs": {"accuracy": 0.97}})
+    (first,) = logdir.iterdir()  # named as if written a while ago (the writers name files by the second)
+    first.rename(logdir / "events.out.tfevents.1000000000.host.evaluation")
+    writer = MetricsWriter(str(tmp_path))
+    writer.write(400, {"val_one_shot_accuracy": 0.7})
+    writer.close()
+    write_evaluation(str(tmp_path), 400, {"lake_20_runs": {"accuracy": 0.98}})
+    names = sorted(p.name for p in logdir.iterdir())
+    assert len(names) == 2 and sum(name.endswith(".evaluation") for name in names) == 1, names
+    got = {v.tag: (e.step, round(v.simple_value, 6)) for e in _events(logdir) for v in e.summary.value}
+    assert got == {"eval/lake_20_runs/accuracy": (400, 0.98), "validation/val_one_shot_accuracy": (400, 0.7)}
