@@ -1,9 +1,11 @@
-"""Stops a diverging run: non-finite metrics, and loss / gradient norm / parameter norm that explode.
+"""Stops a diverging run: non-finite metrics, loss / gradient norm / parameter norm that explode,
+and a network that has collapsed.
 
 The rule, in one line (`rule()` returns it with the configured numbers):
 
     stop when any metric is non-finite, or the loss, gradient norm or parameter norm exceeds
-    FACTOR x max(its first value, its median over the last WINDOW healthy steps)
+    FACTOR x max(its first value, its median over the last WINDOW healthy steps), or the gradient
+    is exactly 0 while the loss is not for WINDOW steps in a row
 
 "First value" (the first positive one; on resume, the run's own first recorded value) anchors the
 scale, so a loss or gradient that has been near zero for a while (a trained model, a batch with no
@@ -12,6 +14,14 @@ over recent healthy steps follows the run as it trains. The parameter norm is se
 norm of the starting state (before the first update), so an update that blows the parameters up in
 the first step is caught at once. Checking is host-side on metrics the train loop reads anyway (one
 step behind the device), so it adds no device synchronisation.
+
+The last clause is a collapse: a learning rate too high for the network (30 on the tiny MNIST test
+net) can, instead of exploding, kill every ReLU in a few steps, so that every image embeds to the
+same point. The loss then sits at its value for identical embeddings (the margin, for the triplet
+losses), its gradient is exactly 0, and nothing can move the weights again: such a run trained for
+its whole schedule at chance (validation 0.10 on MNIST), with finite, calm metrics. A healthy run's
+gradient is exactly 0 only where its loss is too (a batch with no active triplet), which does not
+count.
 """
 from __future__ import annotations
 
@@ -43,7 +53,8 @@ def rule(factor: float = DEFAULT_FACTOR, window: int = DEFAULT_WINDOW) -> str:
     if not factor:
         return "stop when any metric is non-finite"
     return (f"stop when any metric is non-finite, or the loss, gradient norm or parameter norm exceeds "
-            f"{factor:g}x max(its first value, its median over the last {window} healthy steps)")
+            f"{factor:g}x max(its first value, its median over the last {window} healthy steps), or the "
+            f"gradient is exactly 0 while the loss is not for {window} steps in a row")
 
 
 class DivergenceDetector:
@@ -56,6 +67,7 @@ class DivergenceDetector:
         self.factor, self.window, self.start_step = float(factor), int(window), int(start_step)
         self._recent = {k: collections.deque(maxlen=self.window) for k in WATCHED}
         self._first: dict[str, float] = {}
+        self._stuck_since: Optional[int] = None  # first step of the current run of "loss > 0, gradient 0"
         self.last_healthy_step: Optional[int] = None
 
     def seed(self, metric: str, value: float) -> None:
@@ -102,6 +114,17 @@ class DivergenceDetector:
                     raise DivergenceError(
                         f"training diverged at step {step}: {k} {values[k]:.3g} is more than "
                         f"{self.factor:g}x its reference {ref:.3g}", step, k, values[k], ref, self.start_step)
+            if "grad_norm" in values and "loss" in values:  # a training step's metrics (not validation's)
+                if values["grad_norm"] == 0.0 and values["loss"] > 0.0:
+                    self._stuck_since = step if self._stuck_since is None else self._stuck_since
+                    if step - self._stuck_since + 1 >= self.window:
+                        raise DivergenceError(
+                            f"training collapsed at step {step}: the gradient has been exactly 0 since step "
+                            f"{self._stuck_since} while the loss stayed at {values['loss']:.4g} (the network "
+                            f"embeds every image to the same point and can no longer learn)",
+                            step, "grad_norm", 0.0, None, self.start_step)
+                else:
+                    self._stuck_since = None
         for k in WATCHED:
             if k in values:
                 self._note_first(k, values[k])

@@ -477,7 +477,32 @@ def test_divergence_rule_catches_non_finite_and_exploding_values_but_not_noise()
     only_nan.check(2, {"loss": 1e11})
     assert divergence.rule(100, 50) == ("stop when any metric is non-finite, or the loss, gradient norm or "
                                         "parameter norm exceeds 100x max(its first value, its median over "
-                                        "the last 50 healthy steps)")
+                                        "the last 50 healthy steps), or the gradient is exactly 0 while the "
+                                        "loss is not for 50 steps in a row")
+
+
+def test_a_collapsed_network_stops_but_a_run_of_batches_with_nothing_to_learn_does_not():
+    """The collapse of a too-high learning rate (lr 30 on the tiny MNIST net, measured: every
+    distance 0 and the gradient exactly 0 from step 12, the batch-hard loss at its margin 0.5, on to
+    the schedule's end at chance) against its look-alikes that must not stop a run."""
+    det = divergence.DivergenceDetector(factor=100, window=5)
+    det.check(1, {"loss": 0.66, "grad_norm": 6.3, "param_norm": 7.0})
+    for step in range(2, 6):  # a trained model's batches with no active triplet: loss 0, gradient 0
+        det.check(step, {"loss": 0.0, "grad_norm": 0.0, "param_norm": 7.0})
+    for step in range(6, 10):  # four stuck steps, a validation between them, then one that moves
+        det.check(step, {"loss": 0.5, "grad_norm": 0.0, "param_norm": 7.0})
+        det.check(step, {"val_one_shot_accuracy": 0.1})  # validation rows do not end a streak ...
+    det.check(10, {"loss": 0.5, "grad_norm": 1e-9, "param_norm": 7.0})  # ... a gradient does
+    for step in range(11, 15):
+        det.check(step, {"loss": 0.5, "grad_norm": 0.0, "param_norm": 7.0})
+    with pytest.raises(divergence.DivergenceError,
+                       match=r"collapsed at step 15: the gradient has been exactly 0 since step 11 while "
+                             r"the loss stayed at 0\.5 ") as e:
+        det.check(15, {"loss": 0.5, "grad_norm": 0.0, "param_norm": 7.0})
+    assert e.value.step == 15 and e.value.metric == "grad_norm"
+    only_nan = divergence.DivergenceDetector(factor=0, window=5)  # factor 0: non-finite values only
+    for step in range(1, 20):
+        only_nan.check(step, {"loss": 0.5, "grad_norm": 0.0})
 
 
 @pytest.mark.slow
