@@ -5,7 +5,7 @@ The rule, in one line (`rule()` returns it with the configured numbers):
 
     stop when any metric is non-finite, or the loss, gradient norm or parameter norm exceeds
     FACTOR x max(its first value, its median over the last WINDOW healthy steps), or the gradient
-    is exactly 0 while the loss is not for WINDOW steps in a row
+    norm stays below 1e-6x its first value while the loss does not fall to 0, WINDOW steps in a row
 
 "First value" (the first positive one; on resume, the run's own first recorded value) anchors the
 scale, so a loss or gradient that has been near zero for a while (a trained model, a batch with no
@@ -15,13 +15,20 @@ norm of the starting state (before the first update), so an update that blows th
 the first step is caught at once. Checking is host-side on metrics the train loop reads anyway (one
 step behind the device), so it adds no device synchronisation.
 
-The last clause is a collapse: a learning rate too high for the network (30 on the tiny MNIST test
-net) can, instead of exploding, kill every ReLU in a few steps, so that every image embeds to the
-same point. The loss then sits at its value for identical embeddings (the margin, for the triplet
-losses), its gradient is exactly 0, and nothing can move the weights again: such a run trained for
-its whole schedule at chance (validation 0.10 on MNIST), with finite, calm metrics. A healthy run's
-gradient is exactly 0 only where its loss is too (a batch with no active triplet), which does not
-count.
+The last clause is a collapse: a learning rate too high for the network (3-30 on the tiny MNIST
+test net) can, instead of exploding, kill every ReLU in a few steps, so that every image embeds to
+the same point. The loss then sits at its value for identical embeddings (the margin for the
+triplet losses, log P for the prototypical one) and its gradient is 0, or rounding noise around 0
+(1e-9-1e-5 against a first gradient norm of ~6); only Adam's fading momentum still moves the
+weights, and it rarely wakes the network. Such a run trained for its whole schedule at chance
+(validation 0.10 on MNIST) with finite, calm metrics. Healthy runs of every loss stayed above 5e-3x
+their first gradient norm (a review's 1,000-step runs; stop 39), and a gradient of 0 with a loss of 0
+(a batch with no active triplet) does not count.
+
+The checkpoints to distrust differ: a divergence spoils the steps just before it, a collapse every
+step from a little before its stuck streak began (the gradient was mostly 0 already; a re-run from
+the step before the streak, even at the default learning rate, collapsed again). So a collapse moves
+aside every checkpoint from WINDOW steps before its streak on, the one the run resumed from included.
 """
 from __future__ import annotations
 
@@ -36,17 +43,20 @@ from siamese_jax import checkpoints as ckpt_lib
 WATCHED = ("loss", "grad_norm", "param_norm")
 DEFAULT_FACTOR = 100.0
 DEFAULT_WINDOW = 50
+# A gradient norm below this fraction of the run's first one, with a positive loss, is a stuck step.
+COLLAPSE_GRADIENT_RATIO = 1e-6
 
 
 class DivergenceError(RuntimeError):
     """Training diverged at `step`; `metric`, `value` and `reference` say how. `start_step` is the
-    step this process started (resumed) from."""
+    step this process started (resumed) from; `collapsed_since` the first step of a collapse's
+    stuck streak (None for a divergence)."""
 
     def __init__(self, message: str, step: int, metric: str, value: float, reference: Optional[float],
-                 start_step: int = 0):
+                 start_step: int = 0, collapsed_since: Optional[int] = None):
         super().__init__(message)
         self.step, self.metric, self.value, self.reference = step, metric, value, reference
-        self.start_step = start_step
+        self.start_step, self.collapsed_since = start_step, collapsed_since
 
 
 def rule(factor: float = DEFAULT_FACTOR, window: int = DEFAULT_WINDOW) -> str:
@@ -54,7 +64,8 @@ def rule(factor: float = DEFAULT_FACTOR, window: int = DEFAULT_WINDOW) -> str:
         return "stop when any metric is non-finite"
     return (f"stop when any metric is non-finite, or the loss, gradient norm or parameter norm exceeds "
             f"{factor:g}x max(its first value, its median over the last {window} healthy steps), or the "
-            f"gradient is exactly 0 while the loss is not for {window} steps in a row")
+            f"gradient norm stays below {COLLAPSE_GRADIENT_RATIO:g}x its first value while the loss does "
+            f"not fall to 0, {window} steps in a row")
 
 
 class DivergenceDetector:
@@ -115,14 +126,16 @@ class DivergenceDetector:
                         f"training diverged at step {step}: {k} {values[k]:.3g} is more than "
                         f"{self.factor:g}x its reference {ref:.3g}", step, k, values[k], ref, self.start_step)
             if "grad_norm" in values and "loss" in values:  # a training step's metrics (not validation's)
-                if values["grad_norm"] == 0.0 and values["loss"] > 0.0:
+                first = self._first.get("grad_norm", 0.0)
+                if values["grad_norm"] <= COLLAPSE_GRADIENT_RATIO * first and values["loss"] > 0.0:
                     self._stuck_since = step if self._stuck_since is None else self._stuck_since
                     if step - self._stuck_since + 1 >= self.window:
                         raise DivergenceError(
-                            f"training collapsed at step {step}: the gradient has been exactly 0 since step "
-                            f"{self._stuck_since} while the loss stayed at {values['loss']:.4g} (the network "
-                            f"embeds every image to the same point and can no longer learn)",
-                            step, "grad_norm", 0.0, None, self.start_step)
+                            f"training collapsed at step {step}: the gradient norm has stayed below "
+                            f"{COLLAPSE_GRADIENT_RATIO:g}x its first value ({first:.3g}) since step "
+                            f"{self._stuck_since} while the loss stayed at {values['loss']:.4g} (every image "
+                            f"embeds to about the same point, and no gradient reaches the weights)",
+                            step, "grad_norm", values["grad_norm"], first, self.start_step, self._stuck_since)
                 else:
                     self._stuck_since = None
         for k in WATCHED:
@@ -141,10 +154,18 @@ def from_config(config, start_step: int = 0) -> DivergenceDetector:
 def stop_diverged_run(error: DivergenceError, config, workdir: str) -> DivergenceError:
     """After a divergence (the run's checkpoint managers closed): moves checkpoints saved within
     `divergence_window` steps before it into `<workdir>/diverged/` (they may hold a state that was
-    already going wrong), and returns the error with one line saying which step a re-run resumes from."""
+    already going wrong; for a collapse, every one from `divergence_window` steps before its stuck
+    streak on: the module's docstring says why), and returns the error with one line saying which
+    step a re-run resumes from."""
     window = int(config.get("divergence_window", DEFAULT_WINDOW))
     factor = float(config.get("divergence_factor", DEFAULT_FACTOR))
-    keep_up_to = max(error.step - window, error.start_step)
+    collapse = error.collapsed_since is not None
+    if collapse:  # the step this leg resumed from is not trusted either: it may be collapsed already
+        keep_up_to = error.collapsed_since - 1 - window
+        event, before = "collapse", f"saved from {window} steps before the collapse began on"
+    else:
+        keep_up_to = max(error.step - window, error.start_step)
+        event, before = "divergence", f"saved less than {window} steps before it"
     ckpts = ckpt_lib.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
     try:
         moved = ckpts.discard_newer_than(keep_up_to)
@@ -156,10 +177,10 @@ def stop_diverged_run(error: DivergenceError, config, workdir: str) -> Divergenc
     advice = f"lower --config.learning_rate (now {lr:g})" if isinstance(lr, (int, float)) else "lower the learning rate"
     if steps:
         resume = (f"{advice} and re-run with the same workdir: it resumes from step {steps[-1]}, saved before "
-                  f"the divergence ({os.path.join(workdir, 'checkpoints', str(steps[-1]))})")
+                  f"the {event} ({os.path.join(workdir, 'checkpoints', str(steps[-1]))})")
     else:
-        resume = f"{advice} and re-run: there is no checkpoint from before the divergence, so it starts from scratch"
-    aside = (f"; {len(moved)} checkpoint(s) saved less than {window} steps before it moved to "
-             f"{os.path.join(workdir, 'diverged')}" if moved else "")
+        resume = f"{advice} and re-run: there is no checkpoint from before the {event}, so it starts from scratch"
+    aside = f"; {len(moved)} checkpoint(s) {before} moved to {os.path.join(workdir, 'diverged')}" if moved else ""
     message = f"{error} (rule: {rule(factor, window)}){aside}; {resume}"
-    return DivergenceError(message, error.step, error.metric, error.value, error.reference, error.start_step)
+    return DivergenceError(message, error.step, error.metric, error.value, error.reference, error.start_step,
+                           error.collapsed_since)

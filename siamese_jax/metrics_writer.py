@@ -154,13 +154,18 @@ def write_evaluation(workdir: str, step: int, results: dict) -> None:
                 tb.close()
             else:  # its writer thread died (a full disk): the file may hold part of the scores
                 written = False
-        if written and this_file is not None and os.path.getsize(this_file) > 0:
+    except OSError as e:  # a read-only or full tensorboard/: results.json, already written, is the record
+        logging.getLogger(__name__).warning("TensorBoard: the evaluation's scores were not written (%s)", e)
+        return
+    if written and this_file is not None:  # (a failed close raised above: nothing is removed then)
+        try:
             for name in os.listdir(logdir):
                 path = os.path.join(logdir, name)
                 if name.endswith(".evaluation") and os.path.abspath(path) != this_file:
                     os.remove(path)
-    except OSError as e:  # a read-only or full tensorboard/: results.json, already written, is the record
-        logging.getLogger(__name__).warning("TensorBoard: the evaluation's scores were not written (%s)", e)
+        except OSError as e:
+            logging.getLogger(__name__).warning(
+                "TensorBoard: an earlier evaluation's event file was not removed (%s); it shows beside this one", e)
 
 
 def _event_file_name(tb):

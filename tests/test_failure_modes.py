@@ -477,32 +477,72 @@ def test_divergence_rule_catches_non_finite_and_exploding_values_but_not_noise()
     only_nan.check(2, {"loss": 1e11})
     assert divergence.rule(100, 50) == ("stop when any metric is non-finite, or the loss, gradient norm or "
                                         "parameter norm exceeds 100x max(its first value, its median over "
-                                        "the last 50 healthy steps), or the gradient is exactly 0 while the "
-                                        "loss is not for 50 steps in a row")
+                                        "the last 50 healthy steps), or the gradient norm stays below 1e-06x "
+                                        "its first value while the loss does not fall to 0, 50 steps in a row")
 
 
 def test_a_collapsed_network_stops_but_a_run_of_batches_with_nothing_to_learn_does_not():
     """The collapse of a too-high learning rate (lr 30 on the tiny MNIST net, measured: every
     distance 0 and the gradient exactly 0 from step 12, the batch-hard loss at its margin 0.5, on to
-    the schedule's end at chance) against its look-alikes that must not stop a run."""
+    the schedule's end at chance; the prototypical loss at lr 3: the gradient 1e-9-1e-5, rounding
+    noise around 0) against its look-alikes that must not stop a run."""
     det = divergence.DivergenceDetector(factor=100, window=5)
-    det.check(1, {"loss": 0.66, "grad_norm": 6.3, "param_norm": 7.0})
+    det.check(1, {"loss": 0.66, "grad_norm": 6.3, "param_norm": 7.0})  # the first gradient: the scale
     for step in range(2, 6):  # a trained model's batches with no active triplet: loss 0, gradient 0
         det.check(step, {"loss": 0.0, "grad_norm": 0.0, "param_norm": 7.0})
     for step in range(6, 10):  # four stuck steps, a validation between them, then one that moves
         det.check(step, {"loss": 0.5, "grad_norm": 0.0, "param_norm": 7.0})
         det.check(step, {"val_one_shot_accuracy": 0.1})  # validation rows do not end a streak ...
-    det.check(10, {"loss": 0.5, "grad_norm": 1e-9, "param_norm": 7.0})  # ... a gradient does
-    for step in range(11, 15):
-        det.check(step, {"loss": 0.5, "grad_norm": 0.0, "param_norm": 7.0})
+    det.check(10, {"loss": 0.5, "grad_norm": 1e-3, "param_norm": 7.0})  # ... a small real gradient does
+    for step, noise in zip(range(11, 15), (0.0, 3e-6, 0.0, 6e-6)):  # rounding noise is still stuck
+        det.check(step, {"loss": 0.5, "grad_norm": noise, "param_norm": 7.0})
     with pytest.raises(divergence.DivergenceError,
-                       match=r"collapsed at step 15: the gradient has been exactly 0 since step 11 while "
-                             r"the loss stayed at 0\.5 ") as e:
+                       match=r"collapsed at step 15: the gradient norm has stayed below 1e-06x its first "
+                             r"value \(6\.3\) since step 11 while the loss stayed at 0\.5 ") as e:
         det.check(15, {"loss": 0.5, "grad_norm": 0.0, "param_norm": 7.0})
-    assert e.value.step == 15 and e.value.metric == "grad_norm"
+    assert e.value.step == 15 and e.value.metric == "grad_norm" and e.value.collapsed_since == 11
     only_nan = divergence.DivergenceDetector(factor=0, window=5)  # factor 0: non-finite values only
     for step in range(1, 20):
         only_nan.check(step, {"loss": 0.5, "grad_norm": 0.0})
+
+
+def test_a_collapse_distrusts_every_checkpoint_from_a_window_before_its_streak_the_resumed_one_included(
+        monkeypatch, tmp_path):
+    """A divergence keeps the checkpoints up to `window` steps before it, and always the one its leg
+    resumed from; a collapse keeps only those from before `window` steps ahead of its stuck streak.
+    (A review resumed a collapse at step 169 from its step-119 checkpoint, the step before the
+    streak, with the default learning rate: it collapsed again at 169, and the advice looped.)"""
+    saved = [20, 60, 100, 119, 140]
+
+    class FakeCheckpoints:
+        def __init__(self, workdir, keep):
+            pass
+
+        def discard_newer_than(self, step):
+            moved = [s for s in saved if s > step]
+            saved[:] = [s for s in saved if s <= step]
+            return [f"checkpoints-{s}" for s in moved]
+
+        def all_periodic_steps(self):
+            return list(saved)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(divergence.ckpt_lib, "Checkpoints", FakeCheckpoints)
+    config = {"divergence_window": 50, "divergence_factor": 100.0, "learning_rate": 0.003}
+    collapse = divergence.DivergenceError("training collapsed at step 169: ...", 169, "grad_norm", 0.0, 6.3,
+                                          start_step=119, collapsed_since=120)
+    message = str(divergence.stop_diverged_run(collapse, config, str(tmp_path)))
+    assert saved == [20, 60]
+    assert "3 checkpoint(s) saved from 50 steps before the collapse began on moved to" in message
+    assert "it resumes from step 60, saved before the collapse" in message
+    saved[:] = [20, 60, 100, 119, 140]
+    diverged = divergence.DivergenceError("training diverged at step 169: ...", 169, "loss", 1e3, 1.0,
+                                          start_step=140)
+    message = str(divergence.stop_diverged_run(diverged, config, str(tmp_path)))
+    assert saved == [20, 60, 100, 119, 140] and "it resumes from step 140, saved before the divergence" in message
+
 
 
 @pytest.mark.slow
