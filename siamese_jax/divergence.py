@@ -96,6 +96,16 @@ class DivergenceDetector:
         if math.isfinite(value) and value > 0:
             self._first[metric] = value
 
+    def seed_streak(self, rows) -> None:
+        """A collapse's stuck streak from before a resume (metrics.jsonl's rows up to the resumed
+        step, after `seed_first`), so that legs shorter than the window still add up to one."""
+        first, since = self._first.get("grad_norm", 0.0), None
+        for row in rows:
+            if "grad_norm" in row and "loss" in row:
+                stuck = row["grad_norm"] <= COLLAPSE_GRADIENT_RATIO * first and row["loss"] > 0.0
+                since = (row["step"] if since is None else since) if stuck else None
+        self._stuck_since = since
+
     def _note_first(self, metric: str, value: float) -> None:
         # The first POSITIVE value: a first loss of exactly 0 (no active triplet in the batch) would
         # anchor nothing, and the noise of the next near-zero losses would read as an explosion.

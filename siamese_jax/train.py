@@ -490,6 +490,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                 first = next((r[metric] for r in history if metric in r and r[metric] > 0), None)
                 if first is not None:
                     detector.seed_first(metric, first)
+            detector.seed_streak(history)  # (its rows end at start_step: truncate_after, above)
         if is_main:
             atomic_write_json(os.path.join(workdir, "config.json"), _config_json(config))
         writer.write_text("config", json.dumps(_config_json(config), indent=2, sort_keys=True), start_step)

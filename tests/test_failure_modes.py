@@ -504,6 +504,22 @@ def test_a_collapsed_network_stops_but_a_run_of_batches_with_nothing_to_learn_do
     only_nan = divergence.DivergenceDetector(factor=0, window=5)  # factor 0: non-finite values only
     for step in range(1, 20):
         only_nan.check(step, {"loss": 0.5, "grad_norm": 0.0})
+    # Resumed in the middle of a streak (preempted legs shorter than the window): the streak goes on.
+    history = [{"step": 1, "loss": 0.66, "grad_norm": 6.3}, {"step": 2, "loss": 0.5, "grad_norm": 1.0},
+               {"step": 2, "val_one_shot_accuracy": 0.1}, {"step": 3, "loss": 0.5, "grad_norm": 0.0},
+               {"step": 4, "loss": 0.5, "grad_norm": 2e-6}]
+    resumed = divergence.DivergenceDetector(factor=100, window=5, start_step=4)
+    resumed.seed_first("grad_norm", 6.3)
+    resumed.seed_streak(history)
+    resumed.check(5, {"loss": 0.5, "grad_norm": 0.0})
+    resumed.check(6, {"loss": 0.5, "grad_norm": 0.0})
+    with pytest.raises(divergence.DivergenceError, match="collapsed at step 7: .* since step 3 "):
+        resumed.check(7, {"loss": 0.5, "grad_norm": 0.0})
+    healthy_end = divergence.DivergenceDetector(factor=100, window=5, start_step=4)
+    healthy_end.seed_first("grad_norm", 6.3)
+    healthy_end.seed_streak(history[:2] + [{"step": 3, "loss": 0.0, "grad_norm": 0.0}])  # ends on no streak
+    for step in range(4, 8):
+        healthy_end.check(step, {"loss": 0.5, "grad_norm": 0.0})
 
 
 def test_a_collapse_distrusts_every_checkpoint_from_a_window_before_its_streak_the_resumed_one_included(
