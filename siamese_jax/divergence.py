@@ -99,12 +99,16 @@ class DivergenceDetector:
     def seed_streak(self, rows) -> None:
         """A collapse's stuck streak from before a resume (metrics.jsonl's rows up to the resumed
         step, after `seed_first`), so that legs shorter than the window still add up to one."""
-        first, since = self._first.get("grad_norm", 0.0), None
+        since = None
         for row in rows:
             if "grad_norm" in row and "loss" in row:
-                stuck = row["grad_norm"] <= COLLAPSE_GRADIENT_RATIO * first and row["loss"] > 0.0
-                since = (row["step"] if since is None else since) if stuck else None
+                since = (row["step"] if since is None else since) if self._stuck(row) else None
         self._stuck_since = since
+
+    def _stuck(self, values: Mapping[str, float]) -> bool:
+        """A training step with a positive loss and (next to) no gradient: one step of a collapse."""
+        first = self._first.get("grad_norm", 0.0)
+        return values["grad_norm"] <= COLLAPSE_GRADIENT_RATIO * first and values["loss"] > 0.0
 
     def _note_first(self, metric: str, value: float) -> None:
         # The first POSITIVE value: a first loss of exactly 0 (no active triplet in the batch) would
@@ -136,8 +140,8 @@ class DivergenceDetector:
                         f"training diverged at step {step}: {k} {values[k]:.3g} is more than "
                         f"{self.factor:g}x its reference {ref:.3g}", step, k, values[k], ref, self.start_step)
             if "grad_norm" in values and "loss" in values:  # a training step's metrics (not validation's)
-                first = self._first.get("grad_norm", 0.0)
-                if values["grad_norm"] <= COLLAPSE_GRADIENT_RATIO * first and values["loss"] > 0.0:
+                if self._stuck(values):
+                    first = self._first.get("grad_norm", 0.0)
                     self._stuck_since = step if self._stuck_since is None else self._stuck_since
                     if step - self._stuck_since + 1 >= self.window:
                         raise DivergenceError(
@@ -169,8 +173,7 @@ def stop_diverged_run(error: DivergenceError, config, workdir: str) -> Divergenc
     step a re-run resumes from."""
     window = int(config.get("divergence_window", DEFAULT_WINDOW))
     factor = float(config.get("divergence_factor", DEFAULT_FACTOR))
-    collapse = error.collapsed_since is not None
-    if collapse:  # the step this leg resumed from is not trusted either: it may be collapsed already
+    if error.collapsed_since is not None:  # not even the step this leg resumed from: it may be collapsed
         keep_up_to = error.collapsed_since - 1 - window
         event, before = "collapse", f"saved from {window} steps before the collapse began on"
     else:

@@ -560,7 +560,6 @@ def test_a_collapse_distrusts_every_checkpoint_from_a_window_before_its_streak_t
     assert saved == [20, 60, 100, 119, 140] and "it resumes from step 140, saved before the divergence" in message
 
 
-
 @pytest.mark.slow
 def test_learning_rate_1e6_stops_in_seconds_and_the_named_checkpoint_resumes(data_dir, tmp_path):
     """The issue's run: --config.learning_rate=1e6 grew the loss to ~1e11 and exited 0; a NaN hung 5
