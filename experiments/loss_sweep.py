@@ -70,6 +70,8 @@ ROWS = (
     ("verification", "verification (Koch et al.: L1 + sigmoid, BCE)", {"loss": "verification"}),
     ("arcface", "ArcFace (Deng et al.: angular margin to learned class centres)",
      {"loss": "arcface", "l2_normalize": True}),
+    ("multi_similarity", "multi-similarity (Wang et al.: mined pairs, soft-weighted cosines)",
+     {"loss": "multi_similarity", "l2_normalize": True}),
 )
 BATCH = {  # dataset -> (pair rows, triplet rows, P, K)
     "omniglot": (64, 42, 32, 4),

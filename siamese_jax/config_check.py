@@ -206,13 +206,24 @@ def _check_loss_parameters(config, loss: str) -> None:
         if not _is_number(margin) or margin < 0:
             _fail(margin_key, margin, "must be a number >= 0")
     _bool(config, "squared")
-    if loss in ts.CLASS_CENTRE_LOSSES:
-        # ArcFace's margin is an angle added to the own-class angle (radians), its scale the
-        # softmax's inverse temperature; its embedding is a direction, so the encoder emits one.
+    if loss in ts.DIRECTION_LOSSES:
+        # ArcFace and multi-similarity compare cosines: the embedding is a direction, so the encoder
+        # emits one (evaluation then measures the vectors the loss trained).
         if config.get("model") != "small" or not config.get("l2_normalize"):
             raise ConfigError(f"loss={loss!r} learns a direction: it needs --config.model=small with "
                               f"--config.l2_normalize=True (got model={config.get('model')!r}, "
                               f"l2_normalize={config.get('l2_normalize')!r})")
+    if loss in ts.SIMILARITY_LOSSES:
+        # epsilon (the margin) and lambda are on cosines, in [-1, 1]; alpha and beta are inverse temperatures.
+        if margin > 2.0:
+            _fail("margin" if config.get("margin") is not None else f"margins.{loss}", margin,
+                  "must be a number from 0.0 to 2.0 (the mining margin on cosine similarities)")
+        _float_in(config, "ms_alpha", 0.0, lo_open=True)
+        _float_in(config, "ms_beta", 0.0, lo_open=True)
+        _float_in(config, "ms_lambda", -1.0, 1.0, why=" (a cosine similarity)")
+    if loss in ts.CLASS_CENTRE_LOSSES:
+        # ArcFace's margin is an angle added to the own-class angle (radians), its scale the
+        # softmax's inverse temperature.
         if config.get("margin") is not None:
             _float_in(config, "margin", 0.0, math.pi / 2, hi_open=True, why=" (radians, for ArcFace)")
         elif not margin < math.pi / 2:
@@ -280,9 +291,11 @@ def _check_teachers_and_resume(config, kind: str, loss: str) -> None:
     teachers = distill_teacher_sources(config)
     if teachers:
         if kind != "classes":
+            from siamese_jax import train_step as ts
+
             _fail("distill_teachers", config.distill_teachers,
-                  f"needs a P x K loss (triplet with online or online_all selection, batch_all, batch_hard, "
-                  f"semihard, prototypical, arcface; got {loss!r})")
+                  f"needs a P x K loss (triplet with online or online_all selection, "
+                  f"{', '.join(ts.CLASS_BATCH_LOSSES)}; got {loss!r})")
         for source in teachers:
             if os.path.isdir(source):
                 if not os.path.isfile(os.path.join(source, "config.json")):

@@ -21,6 +21,11 @@ included: the square root is taken through a double `where`, so its gradient at 
   index [B] and a learned centre per training class, W [C, E]:  with cos θ_j = ê·ŵ_j (unit vectors),
   softmax cross-entropy of the logits s·cos(θ_y + m) for the image's own class y and s·cos θ_j for the
   others. The embedding is learned as a direction; pairs are compared by the distance of unit vectors.
+- multi-similarity (Wang et al. 2019) on a labelled batch [B, E], with S_ij = ê_i·ê_j the cosine of
+  the L2-normalised embeddings: per anchor i, pair mining keeps the negatives with
+  S_in > min_p S_ip − ε and the positives with S_ip < max_n S_in + ε, then
+  1/α·log(1 + Σ_kept p exp(−α(S_ip − λ))) + 1/β·log(1 + Σ_kept n exp(β(S_in − λ)))
+  (α = 2, β = 50, λ = 0.5, ε = 0.1 by default; ε is `config.margin`)
 - relational distillation (Park et al. 2019, RKD-D), student [B, E] against a fixed teacher [B, F]:
   the mean Huber loss between the two batches' pairwise distances, each divided by its own mean
   (added to a metric loss with `config.distill_weight` when `config.distill_teachers` is set).
@@ -34,6 +39,18 @@ triplet, pair or anchor); an empty batch is a ValueError.
 
 Shapes are checked when a loss is traced: labels and `is_similar` must have exactly the batch's
 shape [B] (a [B, 1] column would broadcast against [B] into a [B, B] loss: a wrong number, silently).
+
+Adding a loss (multi-similarity's commit is a worked example; `tests/test_notebook_and_configs.py`
+fails where a registry below misses it, but the silent places are 3 and 4):
+1. here: `f` and `f_with_stats`, `__all__`, a line above; tests in `tests/test_losses.py` against a
+   NumPy loop, by-hand values, `EDGE_BATCHES`, finite differences;
+2. `train_step`: the loss in one of the groups (`ALL_LOSSES` and `batch_kind` follow from them;
+   `DIRECTION_LOSSES` if it compares cosines) and its branch in `loss_fn`;
+3. its settings: `configs/default.py` (`MARGINS` entry, new keys), `config_check` (their ranges), and
+   `train.py` passing them to `make_train_step` — a key recorded in config.json but never passed on
+   trains silently with its default (test it end to end, as `test_end_to_end.py` does for multi-similarity);
+4. the 1-vs-4-device test in `tests/test_train_step.py` (its losses come from `ALL_LOSSES`);
+5. `siamese_jax/cli/train.py`'s `LOSSES`, a row in `experiments/loss_sweep.py`, README's `--loss` list.
 """
 import jax
 import jax.numpy as jnp
@@ -50,6 +67,7 @@ __all__ = [
     "verification_logits", "verification_loss", "verification_loss_with_stats", "same_probability",
     "arcface_logits", "arcface_loss", "arcface_loss_with_stats",
     "prototypical_logits", "prototypical_loss", "prototypical_loss_with_stats",
+    "multi_similarity_loss", "multi_similarity_loss_with_stats",
     "relational_distance_loss",
 ]
 
@@ -465,6 +483,60 @@ def arcface_loss(embeddings, class_index, centres, scale=30.0, margin=0.5):
     [0, C) is a ValueError when called eagerly; under `jax.jit` it cannot be checked and gives a NaN
     or wrong loss (map dataset labels to 0..C-1 first: `sampling` does, as `class_index`)."""
     return arcface_loss_with_stats(embeddings, class_index, centres, scale, margin)[0]
+
+
+# ------------------------------------------------------------------------------- multi-similarity
+
+def multi_similarity_loss_with_stats(embeddings, labels, epsilon=0.1, alpha=2.0, beta=50.0, lam=0.5):
+    """(loss, stats) of `multi_similarity_loss`; stats over the anchors with a positive and a
+    negative: active_fraction (the share with a mined pair: the others cost 0), and the mean
+    Euclidean distance of the unit vectors (√(2 − 2S), what evaluation compares) over all positive
+    and all negative pairs, as mean_positive_distance / mean_negative_distance."""
+    _check_labelled("multi_similarity_loss", embeddings, labels)
+    u = _unit(embeddings)
+    sim = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
+    positive, negative = _label_masks(labels)
+    valid_anchor = jnp.any(positive, axis=1) & jnp.any(negative, axis=1)
+    # Mining (Eq. 5-6 of the paper, on the unmined sets; no gradient through the selection).
+    s = jax.lax.stop_gradient(sim)
+    hardest_positive = jnp.min(jnp.where(positive, s, jnp.inf), axis=1)    # least similar positive
+    hardest_negative = jnp.max(jnp.where(negative, s, -jnp.inf), axis=1)   # most similar negative
+    kept_negative = negative & (s > hardest_positive[:, None] - epsilon) & valid_anchor[:, None]
+    kept_positive = positive & (s < hardest_negative[:, None] + epsilon) & valid_anchor[:, None]
+
+    def soft(z, kept):  # log(1 + Σ_kept exp(z)), stable for β·S up to any size; 0 when nothing is kept
+        z = jnp.where(kept, z, -jnp.inf)
+        return jax.nn.logsumexp(jnp.concatenate([jnp.zeros_like(z[:, :1]), z], axis=1), axis=1)
+
+    per_anchor = (soft(-alpha * (sim - lam), kept_positive) / alpha
+                  + soft(beta * (sim - lam), kept_negative) / beta)
+    mined = jnp.any(kept_positive, axis=1) | jnp.any(kept_negative, axis=1)
+    distance = _safe_sqrt(jnp.maximum(2.0 - 2.0 * sim, 0.0))
+    stats = {
+        "active_fraction": _safe_mean(mined.astype(jnp.float32), valid_anchor),
+        "mean_positive_distance": _safe_mean(distance, positive),
+        "mean_negative_distance": _safe_mean(distance, negative),
+    }
+    return _safe_mean(per_anchor, valid_anchor), stats
+
+
+def multi_similarity_loss(embeddings, labels, epsilon=0.1, alpha=2.0, beta=50.0, lam=0.5):
+    """Multi-similarity loss (Wang et al., CVPR 2019) on a labelled batch (P classes x K images).
+
+    S_ij is the cosine of embeddings i and j (both L2-normalised here, so the loss sees directions
+    only). For each anchor i with a same-class and an other-class image, pair mining keeps
+
+        negatives n with S_in > min_p S_ip − ε,   positives p with S_ip < max_n S_in + ε
+
+    (min and max over all of i's positives / negatives), and the anchor costs
+
+        1/α · log(1 + Σ_kept p exp(−α (S_ip − λ)))  +  1/β · log(1 + Σ_kept n exp(β (S_in − λ))).
+
+    Mean over those anchors (one with nothing kept costs 0 and still counts, as in the authors'
+    code, which divides by the batch size); 0 if there is no such anchor. Defaults are the paper's
+    α = 2, β = 50, λ = 0.5, ε = 0.1. Train with `l2_normalize=True`, so that the distances evaluation
+    and `compare` use are those of the unit vectors the loss shaped."""
+    return multi_similarity_loss_with_stats(embeddings, labels, epsilon, alpha, beta, lam)[0]
 
 
 # ------------------------------------------------------------------------------------ distillation

@@ -54,6 +54,11 @@ def margin_of(config) -> float:
     return float(config.margin if config.margin is not None else config.margins[config.loss])
 
 
+def multi_similarity_of(config) -> tuple:
+    """(alpha, beta, lambda) of the multi-similarity loss (configs written before it lack the keys)."""
+    return tuple(float(config.get(k, d)) for k, d in zip(("ms_alpha", "ms_beta", "ms_lambda"), ts.MULTI_SIMILARITY))
+
+
 def validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh) -> float:
     """Mean 20-way (or fewer) 1-shot accuracy on episodes from the held-out validation data (fixed seed).
     NaN when the model embeds any validation image as NaN or Inf: the loop's divergence check stops
@@ -227,12 +232,45 @@ def _log_resume_changes(config, workdir: str, step: int) -> None:
             log.warning("config.resume=%s is not used: %s resumes from its own checkpoint (step %d); to start "
                         "from those weights, use a new --workdir", config.resume, workdir, step)
         config.resume = previous.get("resume")
-    now = _config_json(config)
-    changed = [f"{k} {previous.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(previous) | set(now))
-               if k not in _RESUME_NEUTRAL_KEYS and previous.get(k) != now.get(k)]
+    changed = _config_changes(previous, _config_json(config), config.get("dataset", "omniglot"))
     if changed:
         log.warning("resuming %s with a changed config (config.json and results.json will describe the whole "
                     "run by the new one): %s%s", workdir, "; ".join(changed), _schedule_change(previous, config, step))
+
+
+def _config_changes(previous: dict, now: dict, dataset: str) -> list:
+    """["key old -> new", ...] between two config.json dicts; a dict-valued key (margins) entry by
+    entry. A key (or margins entry) the old file lacks and the new one holds at the preset's default
+    is not a change: a release that adds a loss or an option would otherwise list it on every
+    resumed run written before it."""
+    from siamese_jax.configs import default as default_configs  # plain data, imports nothing of ours
+
+    try:
+        defaults = _config_json(default_configs.get_config(dataset))
+    except ValueError:  # a dataset the presets do not know: every difference is reported
+        defaults = {}
+
+    def flat(d: dict) -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    before, after, base = flat(previous), flat(now), flat(defaults)
+    missing = object()
+    changed = []
+    for k in sorted(set(before) | set(after)):
+        old, new = before.get(k, missing), after.get(k, missing)
+        if k.split(".")[0] in _RESUME_NEUTRAL_KEYS or old == new:
+            continue
+        if old is missing and k in base and new == base[k]:
+            continue  # added by an upgrade, at its default
+        show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
+        changed.append(f"{k} {show(old)} -> {show(new)}")
+    return changed
 
 
 def _schedule_change(previous: dict, config, step: int) -> str:
@@ -456,6 +494,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                                     squared=config.squared, augment_fn=augment_fn,
                                     triplet_selection=config.triplet_selection,
                                     arcface_scale=float(config.get("arcface_scale", 30.0)),
+                                    multi_similarity=multi_similarity_of(config),
                                     distill_weight=float(config.get("distill_weight", 0.0)) if teacher is not None else 0.0)
     sample, batch_size = ip.make_sampler(config, mesh)
     images_per_step = ip.images_per_step(config, batch_size)

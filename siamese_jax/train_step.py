@@ -25,7 +25,15 @@ MINING_LOSSES = ("batch_all", "batch_hard", "semihard")
 PROTOTYPE_LOSSES = ("prototypical",)
 # Losses against a learned centre per training class (P x K batches carry each image's class index).
 CLASS_CENTRE_LOSSES = ("arcface",)
-ALL_LOSSES = PAIR_LOSSES + TRIPLET_LOSSES + MINING_LOSSES + PROTOTYPE_LOSSES + CLASS_CENTRE_LOSSES
+# Soft-weighted pair losses on the cosine similarities of a P x K batch (Wang et al.'s multi-similarity;
+# `margin` is its mining margin epsilon).
+SIMILARITY_LOSSES = ("multi_similarity",)
+ALL_LOSSES = PAIR_LOSSES + TRIPLET_LOSSES + MINING_LOSSES + PROTOTYPE_LOSSES + CLASS_CENTRE_LOSSES + SIMILARITY_LOSSES
+# Losses on a P x K batch of class-labelled images (besides triplet's online selections).
+CLASS_BATCH_LOSSES = MINING_LOSSES + PROTOTYPE_LOSSES + CLASS_CENTRE_LOSSES + SIMILARITY_LOSSES
+# Losses that compare directions: they need unit-length embeddings (config.l2_normalize=True), so
+# that the distances evaluation and `compare` use are those of the vectors the loss trained.
+DIRECTION_LOSSES = CLASS_CENTRE_LOSSES + SIMILARITY_LOSSES
 
 
 @flax.struct.dataclass
@@ -108,6 +116,8 @@ def create_train_state(model, tx: optax.GradientTransformation, key, image_size:
 
 
 TRIPLET_SELECTIONS = ("online", "online_all", "random")
+# Wang et al.'s (alpha, beta, lambda): config.ms_alpha, ms_beta, ms_lambda.
+MULTI_SIMILARITY = (2.0, 50.0, 0.5)
 
 
 def batch_kind(loss: str, triplet_selection: str = "online") -> str:
@@ -125,7 +135,7 @@ def batch_kind(loss: str, triplet_selection: str = "online") -> str:
         if triplet_selection not in TRIPLET_SELECTIONS:
             raise ValueError(f"unknown triplet_selection {triplet_selection!r}; expected one of {', '.join(TRIPLET_SELECTIONS)}")
         return "triplets" if triplet_selection == "random" else "classes"
-    if loss in MINING_LOSSES or loss in PROTOTYPE_LOSSES or loss in CLASS_CENTRE_LOSSES:
+    if loss in CLASS_BATCH_LOSSES:
         return "classes"
     raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(ALL_LOSSES)}")
 
@@ -155,8 +165,10 @@ def online_triplets(embeddings, labels, key, squared: bool = False):
 
 
 def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared: bool, train: bool = True,
-            key=None, triplet_selection: str = "online", arcface_scale: float = 30.0, distill_weight: float = 0.0):
-    """(loss, (stats, new_batch_stats)) for one global batch. `key` picks online triplets' positives.
+            key=None, triplet_selection: str = "online", arcface_scale: float = 30.0, distill_weight: float = 0.0,
+            multi_similarity: tuple = MULTI_SIMILARITY):
+    """(loss, (stats, new_batch_stats)) for one global batch. `key` picks online triplets' positives;
+    `multi_similarity` is (alpha, beta, lambda) of that loss (its epsilon is `margin`).
     A P x K batch with "teacher" embeddings (one row per image) adds `distill_weight` x the relational
     distillation loss to the metric loss (stats: "distill_loss", unweighted)."""
     kind = batch_kind(loss, triplet_selection)
@@ -195,13 +207,19 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
                                                  scale=arcface_scale, margin=margin)
     elif loss == "prototypical":
         value, stats = L.prototypical_loss_with_stats(emb, batch["labels"])
+    elif loss == "multi_similarity":
+        alpha, beta, lam = multi_similarity
+        value, stats = L.multi_similarity_loss_with_stats(emb, batch["labels"], epsilon=margin,
+                                                          alpha=alpha, beta=beta, lam=lam)
     elif loss == "triplet":
         value, stats = L.triplet_loss_with_stats(emb_t[:, 0], emb_t[:, 1], emb_t[:, 2], margin=margin, squared=squared)
-    else:
+    elif loss in MINING_LOSSES:
         mining = {"batch_all": L.batch_all_triplet_loss_with_stats,
                   "batch_hard": L.batch_hard_triplet_loss_with_stats,
                   "semihard": L.batch_semihard_triplet_loss_with_stats}[loss]
         value, stats = mining(emb, batch["labels"], margin=margin, squared=squared)
+    else:  # a loss in ALL_LOSSES without a branch here (a contributor's checklist: losses.py's docstring)
+        raise NotImplementedError(f"loss {loss!r} has no branch in train_step.loss_fn")
     if "teacher" in batch:
         distill = L.relational_distance_loss(emb, batch["teacher"])
         value = value + distill_weight * distill
@@ -212,7 +230,8 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
 
 def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str, margin: float,
                     squared: bool = False, augment_fn: Optional[Callable] = None,
-                    triplet_selection: str = "online", arcface_scale: float = 30.0, distill_weight: float = 0.0):
+                    triplet_selection: str = "online", arcface_scale: float = 30.0, distill_weight: float = 0.0,
+                    multi_similarity: tuple = MULTI_SIMILARITY):
     """The jitted data-parallel step. `augment_fn(key, images) -> images` runs on device, per image.
 
     Returns `train_step(state, batch, key) -> (state, metrics)`; metrics are device scalars (loss,
@@ -231,7 +250,8 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh, *, loss: str,
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (value, (stats, batch_stats)), grads = grad_fn(
             state.params, state.batch_stats, model, batch, loss, margin, squared, True,
-            jax.random.fold_in(key, 1000), triplet_selection, arcface_scale, distill_weight)
+            jax.random.fold_in(key, 1000), triplet_selection, arcface_scale, distill_weight,
+            tuple(float(v) for v in multi_similarity))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(stats, loss=value, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))

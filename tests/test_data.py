@@ -646,6 +646,30 @@ def test_resuming_with_a_changed_config_says_what_changed(tmp_path, caplog):
     assert not caplog.records
 
 
+def test_resuming_a_run_written_before_an_option_existed_is_not_a_changed_config(tmp_path, caplog):
+    """A release that adds a loss (a margins entry) or an option (a config key) made every run written
+    before it resume with a "changed config" warning listing them; a key the old config.json lacks is a
+    change only when it is not at the preset's default. A changed margin is still named, entry by entry."""
+    import logging
+
+    from siamese_jax import train as train_lib
+
+    old = _split_config().to_dict()
+    del old["ms_alpha"], old["ms_beta"], old["ms_lambda"], old["margins"]["multi_similarity"]
+    workdir = _workdir_of_a_run(tmp_path / "run", old)
+    with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
+        train_lib._log_resume_changes(_split_config(), workdir, step=4000)
+    assert not caplog.records
+    config = _split_config(ms_beta=10.0)
+    config.margins["triplet"] = 0.3
+    with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
+        train_lib._log_resume_changes(config, workdir, step=4000)
+    [record] = [r for r in caplog.records if "changed config" in r.getMessage()]
+    message = record.getMessage()
+    assert "ms_beta (absent) -> 10.0" in message and "margins.triplet 0.5 -> 0.3" in message
+    assert "ms_alpha" not in message and "multi_similarity" not in message
+
+
 def test_auto_source_without_tfds_says_what_is_missing_where(tmp_path, monkeypatch):
     """source='auto' with no tensorflow-datasets installed (a plain `pip install`): a mistyped or
     missing data root said "source='tfds' needs tensorflow-datasets ...; pip install ...", pointing

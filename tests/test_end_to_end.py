@@ -320,6 +320,7 @@ def test_arcface_trains_evaluates_and_its_class_centres_restore(env, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--loss=cosface"], "loss"),
     (["--loss=arcface"], "l2_normalize"),  # ArcFace compares directions: the config check says so
+    (["--loss=multi_similarity"], "l2_normalize"),  # so does multi-similarity
     (["--config.no_such_key=1"], "no_such_key"),
     (["--config.learning_rate=fast"], "learning_rate"),
     (["--data_dir=/nonexistent/data"], "/nonexistent/data"),
@@ -341,3 +342,31 @@ def test_bad_input_is_one_clear_line_and_nonzero_exit(env, tmp_path, args, needl
     assert len(lines) == 1, r.stderr[-2000:]
     assert needle in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_multi_similarity_trains_evaluates_and_passes_its_weights_to_the_step(data_dir, tmp_path, monkeypatch):
+    """--loss=multi_similarity end to end (in process, MNIST): config.ms_* reach the train step (a key
+    recorded in config.json but never passed on would train silently with the paper's defaults)."""
+    from siamese_jax import train as train_lib
+    from siamese_jax import train_step as ts
+    from siamese_jax.configs import default
+
+    seen = {}
+    make = ts.make_train_step
+    monkeypatch.setattr(ts, "make_train_step", lambda *a, **kw: seen.update(kw) or make(*a, **kw))
+    c = default.get_config("mnist")
+    c.update(dict(archive_dir=str(data_dir), loss="multi_similarity", l2_normalize=True, ms_beta=10.0,
+                  widths=(8, 8), embedding_dim=16, val_episodes=10, log_every_seconds=0.0, plots=False,
+                  num_steps=4, eval_every_steps=2, checkpoint_every_steps=2))
+    workdir = tmp_path / "ms"
+    results = train_lib.train_and_evaluate(c, str(workdir))
+    assert seen["loss"] == "multi_similarity" and seen["margin"] == 0.1
+    assert seen["multi_similarity"] == (2.0, 10.0, 0.5)
+    assert results["loss"] == "multi_similarity" and results["verification"]["num_test_pairs"] == 20000
+    saved = json.loads((workdir / "config.json").read_text())
+    assert (saved["ms_alpha"], saved["ms_beta"], saved["ms_lambda"]) == (2.0, 10.0, 0.5)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 4 and all(0.0 < r["loss"] < 10.0 for r in steps)
+    # unit-length embeddings, as the config check demands
+    assert all(abs(r["embedding_norm"] - 1.0) < 1e-4 for r in steps)

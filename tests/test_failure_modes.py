@@ -269,6 +269,28 @@ def test_arcface_settings_that_cannot_work_are_one_line_config_errors():
     assert c.num_classes == 10
 
 
+def test_multi_similarity_settings_that_cannot_work_are_one_line_config_errors():
+    c = default.get_config("omniglot")
+    c.loss = "multi_similarity"
+    with pytest.raises(config_check.ConfigError, match="l2_normalize=True"):  # it compares cosines
+        config_check.validate_config(c)
+    c.l2_normalize = True
+    config_check.validate_config(c)
+    for key, value, message in (("margin", 2.5, "config.margin=2.5: must be a number from 0.0 to 2.0"),
+                                ("ms_alpha", 0.0, "config.ms_alpha=0.0: must be a finite number > 0"),
+                                ("ms_beta", -50.0, "config.ms_beta=-50.0: must be a finite number > 0"),
+                                ("ms_lambda", 1.5, "config.ms_lambda=1.5: must be a finite number in [-1.0, 1.0]"),
+                                ("images_per_class", 1, "config.images_per_class=1: must be an integer from 2")):
+        bad = c.copy_and_resolve_references()
+        bad[key] = value
+        with pytest.raises(config_check.ConfigError, match=re.escape(message)):
+            config_check.validate_config(bad)
+    bad = c.copy_and_resolve_references()
+    bad.margins["multi_similarity"] = 3.0
+    with pytest.raises(config_check.ConfigError, match=re.escape("config.margins.multi_similarity=3.0: must be a number from 0.0 to 2.0")):
+        config_check.validate_config(bad)
+
+
 def test_distillation_settings_that_cannot_work_are_one_line_config_errors(tmp_path):
     teacher = tmp_path / "teacher"
     teacher.mkdir()

@@ -635,6 +635,126 @@ def test_prototypical_gradients_match_finite_differences():
     _assert_grad_matches_finite_differences(f, emb, grad)
 
 
+# ----- multi-similarity (Wang et al. 2019) -------------------------------------------------------------
+
+def np_multi_similarity_terms(emb, labels, epsilon=0.1, alpha=2.0, beta=50.0, lam=0.5):
+    """Wang et al.'s loss written out anchor by anchor in float64, as the authors' code does it (mine
+    against the unmined sets; an anchor with nothing kept costs 0). {anchor: its term} over the
+    anchors with a positive and a negative, and the unit-vector distances of all positive and all
+    negative pairs."""
+    e = np.asarray(emb, np.float64)
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    u = np.where(norms > 0, e / np.maximum(norms, 1e-300), 0.0)
+    sim = u @ u.T
+    labels = np.asarray(labels)
+    n = len(labels)
+    terms, d_pos, d_neg = {}, [], []
+    for i in range(n):
+        pos = [sim[i, j] for j in range(n) if j != i and labels[j] == labels[i]]
+        neg = [sim[i, j] for j in range(n) if labels[j] != labels[i]]
+        d_pos += [np.sqrt(max(2 - 2 * s, 0.0)) for s in pos]
+        d_neg += [np.sqrt(max(2 - 2 * s, 0.0)) for s in neg]
+        if not pos or not neg:
+            continue
+        kept_neg = [s for s in neg if s > min(pos) - epsilon]
+        kept_pos = [s for s in pos if s < max(neg) + epsilon]
+        terms[i] = 0.0 if not kept_neg or not kept_pos else (
+            np.log1p(sum(np.exp(-alpha * (s - lam)) for s in kept_pos)) / alpha
+            + np.log1p(sum(np.exp(beta * (s - lam)) for s in kept_neg)) / beta)
+    return terms, d_pos, d_neg
+
+
+def np_multi_similarity(emb, labels, **hyper):
+    """(loss: the mean term over the anchors with a positive and a negative, as the authors' code
+    divides by the batch size; the share of them with a mined pair; mean positive / negative
+    unit-vector distance)."""
+    terms, d_pos, d_neg = np_multi_similarity_terms(emb, labels, **hyper)
+    mean = lambda v: float(np.mean(v)) if len(v) else 0.0  # noqa: E731
+    return mean(list(terms.values())), mean([t > 0 for t in terms.values()]), mean(d_pos), mean(d_neg)
+
+
+@pytest.mark.parametrize("seed, p, k, hyper", [
+    (0, 4, 2, {}), (1, 3, 4, {}), (2, 8, 3, {}),
+    (3, 5, 4, dict(epsilon=0.0, alpha=1.0, beta=10.0, lam=0.0)),
+    (4, 6, 2, dict(epsilon=0.5, alpha=4.0, beta=40.0, lam=0.7)),
+])
+def test_multi_similarity_matches_the_math(seed, p, k, hyper):
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(rng.choice(100, p, replace=False), k))  # classes interleaved
+    emb = rng.normal(size=(p * k, 5)).astype(np.float32)
+    want, want_active, want_pos, want_neg = np_multi_similarity(emb, labels, **hyper)
+    loss, stats = jax.jit(L.multi_similarity_loss_with_stats)(emb, labels, **hyper)
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    np.testing.assert_allclose(float(stats["active_fraction"]), want_active, atol=1e-6)
+    np.testing.assert_allclose(float(stats["mean_positive_distance"]), want_pos, **TOL)
+    np.testing.assert_allclose(float(stats["mean_negative_distance"]), want_neg, **TOL)
+    assert float(L.multi_similarity_loss(emb, labels, **hyper)) == pytest.approx(float(loss), rel=1e-5)
+    # Only directions count: rescaling each embedding changes nothing.
+    scales = rng.uniform(0.1, 10.0, size=(p * k, 1)).astype(np.float32)
+    np.testing.assert_allclose(float(L.multi_similarity_loss(emb * scales, labels, **hyper)), want, **TOL)
+
+
+def test_multi_similarity_mining_by_hand():
+    # Unit vectors in 2-D at angles (degrees). Anchor 0 (class 0, at 0°) has positives at 10° and 80°
+    # and negatives at 30° and 100°; S is the cosine of the angle between two of them.
+    deg = np.array([0.0, 10.0, 80.0, 30.0, 100.0])
+    emb = np.stack([np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))], axis=1).astype(np.float32)
+    labels = np.array([0, 0, 0, 1, 1])
+    c = lambda a: np.cos(np.deg2rad(a))  # noqa: E731
+    # Anchor 0: its least similar positive has S = cos 80° = 0.174, so the negative at 30° (0.866) is kept
+    # and the one at 100° (−0.174, below 0.174 − 0.1) is not; its most similar negative has S = 0.866, so
+    # the positive at 80° (0.174 < 0.966) is kept and the one at 10° (0.985) is not.
+    anchor0 = np.log1p(np.exp(-2 * (c(80) - 0.5))) / 2 + np.log1p(np.exp(50 * (c(30) - 0.5))) / 50
+    terms = np_multi_similarity_terms(emb, labels)[0]
+    assert terms[0] == pytest.approx(anchor0, rel=1e-6)  # (the points are float32)
+    np.testing.assert_allclose(float(L.multi_similarity_loss(emb, labels)), np.mean(list(terms.values())), **TOL)
+    # Keeping every pair (epsilon 10) is another, larger number: the mining matters.
+    everything = np_multi_similarity(emb, labels, epsilon=10.0)[0]
+    np.testing.assert_allclose(float(L.multi_similarity_loss(emb, labels, epsilon=10.0)), everything, **TOL)
+    assert everything > np.mean(list(terms.values()))
+    # Classes further apart than epsilon: nothing is mined, the loss and the active share are 0.
+    apart = np.array([[1.0, 0.0], [0.99, 0.14], [-1.0, 0.0], [-0.99, -0.14]], np.float32)
+    loss, stats = L.multi_similarity_loss_with_stats(apart, np.array([0, 0, 1, 1]))
+    assert float(loss) == 0.0 and float(stats["active_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("batch", list(EDGE_BATCHES))
+def test_multi_similarity_edge_cases_are_finite(batch):
+    emb, labels = EDGE_BATCHES[batch]
+    loss, stats = jax.jit(L.multi_similarity_loss_with_stats)(emb, labels)
+    np.testing.assert_allclose(float(loss), np_multi_similarity(emb, labels)[0], **TOL)
+    assert all(np.isfinite(float(v)) for v in stats.values()), stats
+    _assert_finite_grad(lambda e: L.multi_similarity_loss(e, labels), jnp.asarray(emb))
+    if batch in ("no_positive_pair", "one_class", "b2_same", "b2_different"):
+        assert float(loss) == 0.0  # no anchor has both a positive and a negative
+
+
+def test_multi_similarity_gradients_match_finite_differences():
+    rng = np.random.default_rng(8)
+    emb = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    # epsilon 10: every pair is kept, so no mining choice flips within the finite-difference step;
+    # beta 10 keeps the negative term's curvature within the central difference's reach.
+    f = jax.jit(lambda e: L.multi_similarity_loss(e, labels, epsilon=10.0, beta=10.0))
+    grad = np.asarray(jax.grad(f)(emb), np.float64)
+    assert np.any(grad != 0)
+    _assert_grad_matches_finite_differences(f, emb, grad)
+    # and with the paper's mining on, away from any mining boundary
+    g = jax.jit(lambda e: L.multi_similarity_loss(e, labels))
+    _assert_grad_matches_finite_differences(g, emb, np.asarray(jax.grad(g)(emb), np.float64))
+
+
+def test_multi_similarity_bfloat16_and_jit_equals_eager():
+    emb, labels = _embeddings(9, 8, 4), np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    out = jax.jit(L.multi_similarity_loss)(jnp.asarray(emb, jnp.bfloat16), labels)
+    assert out.dtype == jnp.float32
+    rounded = np.asarray(jnp.asarray(emb, jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(float(out), np_multi_similarity(rounded, labels)[0], **TOL)
+    eager = L.multi_similarity_loss_with_stats(emb, labels)
+    jitted = jax.jit(L.multi_similarity_loss_with_stats)(emb, labels)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), eager, jitted)
+
+
 # ----- relational distillation (RKD-D) ---------------------------------------------------------------
 
 def _rkd_loop(student, teacher, delta=1.0):
@@ -697,7 +817,7 @@ def test_a_label_column_or_an_empty_batch_is_a_value_error_not_a_broadcast_loss(
     with pytest.raises(ValueError, match="is_similar"):
         L.contrastive_loss(x1, x2, s[:1])  # one label for the whole batch broadcast too
     for loss in (L.batch_all_triplet_loss, L.batch_hard_triplet_loss, L.batch_semihard_triplet_loss,
-                 L.hardest_negative_triplet_loss, L.prototypical_loss):
+                 L.hardest_negative_triplet_loss, L.prototypical_loss, L.multi_similarity_loss):
         with pytest.raises(ValueError, match=r"labels \(8, 1\) must have shape \(8,\)"):
             loss(x1, labels[:, None])
         with pytest.raises(ValueError, match="empty"):

@@ -63,7 +63,7 @@ def test_every_loss_is_a_valid_choice_on_both_presets():
         for loss in ts.ALL_LOSSES:
             c = default.get_config(dataset)
             c.loss = loss
-            if loss in ts.CLASS_CENTRE_LOSSES:  # documented: --loss=arcface needs l2_normalize=True
+            if loss in ts.DIRECTION_LOSSES:  # documented: --loss=arcface / multi_similarity need l2_normalize=True
                 with pytest.raises(config_check.ConfigError, match="l2_normalize"):
                     config_check.validate_config(c, num_devices=2)
                 c.l2_normalize = True
@@ -71,6 +71,24 @@ def test_every_loss_is_a_valid_choice_on_both_presets():
             # batch, so `--dataset=mnist` failed with every P x K loss ("MNIST has 10 classes").
             config_check.validate_config(c, num_devices=2)
             assert train.margin_of(c) >= 0.0
+
+
+def test_the_loss_sweep_and_the_readme_list_every_loss():
+    """The places a new loss must also reach that nothing else would flag: the loss comparison's rows
+    (every loss, the triplet loss once per selection) and README's `--loss` list."""
+    import pathlib
+    import re
+
+    from experiments import loss_sweep
+    from siamese_jax import train_step as ts
+
+    swept = {(o["loss"], o.get("triplet_selection")) for _, _, o in loss_sweep.ROWS}
+    want = {(loss, selection) for loss in ts.ALL_LOSSES
+            for selection in (ts.TRIPLET_SELECTIONS if loss in ts.TRIPLET_LOSSES else (None,))}
+    assert swept == want
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [listed] = re.findall(r"`--loss` ∈ `([^`]+)`", readme)
+    assert sorted(listed.split(", ")) == sorted(ts.ALL_LOSSES)
 
 
 def test_shipped_model_config_is_valid_and_differs_from_the_default_as_documented():

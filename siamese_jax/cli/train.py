@@ -26,7 +26,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from siamese_jax import cli  # noqa: E402
 
-LOSSES = ("contrastive", "triplet", "batch_hard", "batch_all", "semihard", "prototypical", "verification", "arcface")
+LOSSES = ("contrastive", "triplet", "batch_hard", "batch_all", "semihard", "prototypical", "verification", "arcface",
+          "multi_similarity")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("loss", None, LOSSES, "Loss (overrides config.loss).")
 flags.DEFINE_enum("dataset", None, ("omniglot", "mnist"), "Dataset; picks that dataset's default preset.")

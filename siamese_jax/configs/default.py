@@ -15,6 +15,7 @@ MARGINS = {
     "verification": 0.0,  # unused (binary cross-entropy)
     "prototypical": 0.0,  # unused (softmax over the batch's class means)
     "arcface": 0.5,       # an angle, radians (Deng et al.'s 0.5)
+    "multi_similarity": 0.1,  # the pair-mining margin epsilon on cosine similarities (Wang et al.'s 0.1)
 }
 
 
@@ -60,6 +61,11 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     # many class centres it learns (None: train.py counts the training classes and records it here).
     c.arcface_scale = 30.0
     c.num_classes = ml_collections.config_dict.placeholder(int)
+    # Multi-similarity (loss="multi_similarity"; needs l2_normalize=True): Wang et al.'s weights of the
+    # positive and negative terms (alpha, beta) and the similarity threshold lambda; the margin is epsilon.
+    c.ms_alpha = 2.0
+    c.ms_beta = 50.0
+    c.ms_lambda = 0.5
 
     # Triplet loss, which triplets: "online_all" = from each P x K batch, every positive pair (a, p)
     # with the anchor's hardest negative (losses.hardest_negative_triplet_loss); "online" = one random
