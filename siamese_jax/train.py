@@ -273,6 +273,12 @@ def _config_changes(previous: dict, now: dict, dataset: str) -> list:
     return changed
 
 
+def _fmt_rate(rate: float) -> str:
+    """Steps per second for the progress line: one decimal, or 2 significant digits below 1 (Koch's
+    network on a CPU runs ~0.04 steps/s, which one decimal showed as 0.0)."""
+    return f"{rate:.1f}" if rate >= 1.0 else f"{rate:.2g}"
+
+
 def _schedule_change(previous: dict, config, step: int) -> str:
     """", the learning rate at `step` goes from X to Y ..." when resuming under another schedule: the
     optimizer's step count is restored, but the warm-up + cosine is rebuilt from the new config, so
@@ -578,7 +584,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                     if steps_in_rate:  # none right after the compiling step (a 1-step leg): no rate yet
                         rate = steps_in_rate / max(now - t_rate, 1e-9)
                         eta = (config.num_steps - done) / max(rate, 1e-9)
-                        speed = f"{rate:.1f} steps/s  {rate * images_per_step:.0f} img/s  ETA {_fmt_duration(eta)}"
+                        speed = f"{_fmt_rate(rate)} steps/s  {rate * images_per_step:.0f} img/s  ETA {_fmt_duration(eta)}"
                         writer.write(done, {"steps_per_second": rate, "images_per_second": rate * images_per_step})
                     else:
                         speed = "(the compiling step: no rate yet)"

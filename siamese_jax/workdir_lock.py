@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import socket
 
 LOCK_NAME = ".lock"
+# flock's errors on a filesystem that has no locks (an NFS mount without its lock daemon, some FUSE
+# mounts): the run goes on without the one-run-per-workdir guard, and says so, rather than not at all.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+log = logging.getLogger(__name__)
 
 
 class WorkdirLockedError(RuntimeError):
@@ -46,6 +51,15 @@ class WorkdirLock:
                     raise WorkdirLockedError(
                         f"workdir {self.workdir} is in use by another run ({holder or 'PID unknown'}); "
                         f"wait for it to finish or use another --workdir") from None
+                if e.errno in _NO_LOCKS:
+                    log.warning("workdir %s: its filesystem does not support file locks (%s); %s goes on "
+                                "without the guard against a second run in the same workdir", self.workdir,
+                                os.strerror(e.errno), self.purpose)
+                    try:
+                        os.unlink(self.path)  # no lock, so no lock file left behind either
+                    except OSError:
+                        pass
+                    return self
                 raise
             if _same_file(fd, self.path):
                 break

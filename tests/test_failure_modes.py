@@ -1022,6 +1022,32 @@ def test_a_run_that_fails_on_its_data_leaves_no_lock_file(tmp_path):
     assert not (workdir / ".lock").exists()
 
 
+def test_a_workdir_on_a_filesystem_without_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch, caplog):
+    # flock on an NFS mount without its lock daemon (ENOLCK) or a FUSE mount that has no locks
+    # (EOPNOTSUPP) made every run there fail with a bare OSError: it now goes on without the guard.
+    import errno
+    import logging
+
+    from siamese_jax import workdir_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger=workdir_lock.log.name):
+        with WorkdirLock(str(tmp_path), purpose="training") as lock:
+            assert not lock.held
+    assert "does not support file locks" in caplog.text and "training goes on without the guard" in caplog.text
+    assert not (tmp_path / ".lock").exists()
+
+    def io_error(fd, operation):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", io_error)
+    with pytest.raises(OSError, match="Input/output error"):  # any other failure is still an error
+        WorkdirLock(str(tmp_path)).acquire()
+
+
 def test_a_contender_that_locked_the_lock_file_as_its_holder_removed_it_locks_the_new_one(tmp_path, monkeypatch):
     # The holder removes `.lock` when it lets go. A contender that opened the file just before that
     # gets its flock on a file no one else can see any more; a third run would then create and lock

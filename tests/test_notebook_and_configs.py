@@ -1,6 +1,7 @@
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,6 +23,14 @@ def test_colab_notebook_is_valid_and_its_code_parses():
         ast.parse(src)
     text = "".join("".join(c["source"]) for c in code)
     assert "omniglot_koch" in text and "train_and_evaluate" in text
+    # What executing it as a Colab user found (BUILD_NOTES, stop 40): a second "Run all" cloned the
+    # repository into itself and trained from step 0 in an empty relative workdir; orbax's INFO lines
+    # buried the progress (~48 per checkpoint); IPython expanded `$f` from the user's namespace.
+    assert "test -d /content/siamese-jax || git clone" in text
+    assert re.findall(r"workdir = '([^']*)'", text) and all(
+        w.startswith("/content/") for w in re.findall(r"workdir = '([^']*)'", text))
+    assert "'orbax'" in text and "setLevel(logging.WARNING)" in text
+    assert "/$$f;" in text and "/$f;" not in text
 
 
 def test_configs_load_and_koch_config_builds_the_paper_model():
