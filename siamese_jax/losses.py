@@ -49,6 +49,7 @@ fails where a registry below misses it, but the silent places are 3 and 4):
 3. its settings: `configs/default.py` (`MARGINS` entry, new keys), `config_check` (their ranges), and
    `train.py` passing them to `make_train_step` — a key recorded in config.json but never passed on
    trains silently with its default (test it end to end, as `test_end_to_end.py` does for multi-similarity);
+   new keys only this loss reads go in `train._LOSS_ONLY_KEYS` (else resuming any older run names them);
 4. the 1-vs-4-device test in `tests/test_train_step.py` (its losses come from `ALL_LOSSES`);
 5. `siamese_jax/cli/train.py`'s `LOSSES`, a row in `experiments/loss_sweep.py`, README's `--loss` list.
 """
@@ -533,7 +534,8 @@ def multi_similarity_loss(embeddings, labels, epsilon=0.1, alpha=2.0, beta=50.0,
         1/α · log(1 + Σ_kept p exp(−α (S_ip − λ)))  +  1/β · log(1 + Σ_kept n exp(β (S_in − λ))).
 
     Mean over those anchors (one with nothing kept costs 0 and still counts, as in the authors'
-    code, which divides by the batch size); 0 if there is no such anchor. Defaults are the paper's
+    code, which divides by the batch size: the same mean on a P x K batch with K >= 2, where every
+    image is such an anchor); 0 if there is no such anchor. Defaults are the paper's
     α = 2, β = 50, λ = 0.5, ε = 0.1. Train with `l2_normalize=True`, so that the distances evaluation
     and `compare` use are those of the unit vectors the loss shaped."""
     return multi_similarity_loss_with_stats(embeddings, labels, epsilon, alpha, beta, lam)[0]

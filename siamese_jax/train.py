@@ -232,42 +232,44 @@ def _log_resume_changes(config, workdir: str, step: int) -> None:
             log.warning("config.resume=%s is not used: %s resumes from its own checkpoint (step %d); to start "
                         "from those weights, use a new --workdir", config.resume, workdir, step)
         config.resume = previous.get("resume")
-    changed = _config_changes(previous, _config_json(config), config.get("dataset", "omniglot"))
+    changed = _config_changes(previous, _config_json(config))
     if changed:
         log.warning("resuming %s with a changed config (config.json and results.json will describe the whole "
                     "run by the new one): %s%s", workdir, "; ".join(changed), _schedule_change(previous, config, step))
 
 
-def _config_changes(previous: dict, now: dict, dataset: str) -> list:
-    """["key old -> new", ...] between two config.json dicts; a dict-valued key (margins) entry by
-    entry. A key (or margins entry) the old file lacks and the new one holds at the preset's default
-    is not a change: a release that adds a loss or an option would otherwise list it on every
-    resumed run written before it."""
-    from siamese_jax.configs import default as default_configs  # plain data, imports nothing of ours
+# Keys only one loss reads: for a run of another loss, such a key missing from an older config.json
+# (written before the key existed) is not a change of the run.
+_LOSS_ONLY_KEYS = {"ms_alpha": "multi_similarity", "ms_beta": "multi_similarity", "ms_lambda": "multi_similarity"}
 
-    try:
-        defaults = _config_json(default_configs.get_config(dataset))
-    except ValueError:  # a dataset the presets do not know: every difference is reported
-        defaults = {}
 
-    def flat(d: dict) -> dict:
+def _config_changes(previous: dict, now: dict) -> list:
+    """["key old -> new", ...] between two config.json dicts; `margins` (a dict on both sides) entry
+    by entry. Not changes: a key the other side's loss never reads that the old file lacks (a
+    release that adds a loss listed its settings on every resumed run written before it). Any other
+    key the old file lacks is reported, even at today's default: the code may have read its absence
+    as something else (`test_time_shifts` absent means one view; today's Omniglot default is nine)."""
+    loss = now.get("loss")
+
+    def flat(d: dict, other: dict) -> dict:
         out = {}
         for k, v in d.items():
-            if isinstance(v, dict):
+            if isinstance(v, dict) and isinstance(other.get(k), dict):
                 out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
             else:
                 out[k] = v
         return out
 
-    before, after, base = flat(previous), flat(now), flat(defaults)
+    before, after = flat(previous, now), flat(now, previous)
     missing = object()
     changed = []
     for k in sorted(set(before) | set(after)):
         old, new = before.get(k, missing), after.get(k, missing)
         if k.split(".")[0] in _RESUME_NEUTRAL_KEYS or old == new:
             continue
-        if old is missing and k in base and new == base[k]:
-            continue  # added by an upgrade, at its default
+        if old is missing and (_LOSS_ONLY_KEYS.get(k, loss) != loss
+                               or (k.startswith("margins.") and k != f"margins.{loss}")):
+            continue  # another loss's setting, added by an upgrade
         show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
         changed.append(f"{k} {show(old)} -> {show(new)}")
     return changed
@@ -276,7 +278,7 @@ def _config_changes(previous: dict, now: dict, dataset: str) -> list:
 def _fmt_rate(rate: float) -> str:
     """Steps per second for the progress line: one decimal, or 2 significant digits below 1 (Koch's
     network on a CPU runs ~0.04 steps/s, which one decimal showed as 0.0)."""
-    return f"{rate:.1f}" if rate >= 1.0 else f"{rate:.2g}"
+    return f"{rate:.1f}" if rate >= 0.95 else f"{rate:.2g}"
 
 
 def _schedule_change(previous: dict, config, step: int) -> str:
@@ -500,7 +502,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                                     squared=config.squared, augment_fn=augment_fn,
                                     triplet_selection=config.triplet_selection,
                                     arcface_scale=float(config.get("arcface_scale", 30.0)),
-                                    multi_similarity=multi_similarity_of(config),
+                                    multi_similarity=(multi_similarity_of(config) if config.loss == "multi_similarity"
+                                                      else ts.MULTI_SIMILARITY),
                                     distill_weight=float(config.get("distill_weight", 0.0)) if teacher is not None else 0.0)
     sample, batch_size = ip.make_sampler(config, mesh)
     images_per_step = ip.images_per_step(config, batch_size)

@@ -22,7 +22,7 @@ import socket
 LOCK_NAME = ".lock"
 # flock's errors on a filesystem that has no locks (an NFS mount without its lock daemon, some FUSE
 # mounts): the run goes on without the one-run-per-workdir guard, and says so, rather than not at all.
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 log = logging.getLogger(__name__)
 
 
@@ -53,12 +53,14 @@ class WorkdirLock:
                         f"wait for it to finish or use another --workdir") from None
                 if e.errno in _NO_LOCKS:
                     log.warning("workdir %s: its filesystem does not support file locks (%s); %s goes on "
-                                "without the guard against a second run in the same workdir", self.workdir,
-                                os.strerror(e.errno), self.purpose)
-                    try:
-                        os.unlink(self.path)  # no lock, so no lock file left behind either
-                    except OSError:
-                        pass
+                                "without the guard against a second run in the same workdir%s", self.workdir,
+                                os.strerror(e.errno), self.purpose,
+                                f" (its lock file names {holder})" if holder else "")
+                    if not holder:  # ours, empty: leave nothing behind. One naming a holder is not ours
+                        try:        # to remove (a client of the same mount that has locks may hold it).
+                            os.unlink(self.path)
+                        except OSError:
+                            pass
                     return self
                 raise
             if _same_file(fd, self.path):

@@ -647,28 +647,37 @@ def test_resuming_with_a_changed_config_says_what_changed(tmp_path, caplog):
 
 
 def test_resuming_a_run_written_before_an_option_existed_is_not_a_changed_config(tmp_path, caplog):
-    """A release that adds a loss (a margins entry) or an option (a config key) made every run written
-    before it resume with a "changed config" warning listing them; a key the old config.json lacks is a
-    change only when it is not at the preset's default. A changed margin is still named, entry by entry."""
+    """A release that adds a loss (a margins entry and its own keys) made every run written before it
+    resume with a "changed config" warning listing them. Another loss's settings missing from the old
+    config.json are not a change; any other missing key is, even at today's default (the code reads
+    an absent `test_time_shifts` as one view, and the Omniglot default is now nine); a changed margin
+    is named entry by entry, and a margins that was not a dict is reported whole."""
     import logging
 
     from siamese_jax import train as train_lib
 
+    def warning(old, config):
+        workdir = _workdir_of_a_run(tmp_path / f"run{len(list(tmp_path.iterdir()))}", old)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
+            train_lib._log_resume_changes(config, workdir, step=4000)
+        messages = [r.getMessage() for r in caplog.records if "changed config" in r.getMessage()]
+        assert len(messages) <= 1
+        return messages[0] if messages else ""
+
     old = _split_config().to_dict()
     del old["ms_alpha"], old["ms_beta"], old["ms_lambda"], old["margins"]["multi_similarity"]
-    workdir = _workdir_of_a_run(tmp_path / "run", old)
-    with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
-        train_lib._log_resume_changes(_split_config(), workdir, step=4000)
-    assert not caplog.records
-    config = _split_config(ms_beta=10.0)
+    assert warning(old, _split_config()) == ""
+    config = _split_config(ms_beta=10.0)  # a triplet run: multi-similarity's weights are not its settings
     config.margins["triplet"] = 0.3
-    with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
-        train_lib._log_resume_changes(config, workdir, step=4000)
-    [record] = [r for r in caplog.records if "changed config" in r.getMessage()]
-    message = record.getMessage()
-    assert "ms_beta (absent) -> 10.0" in message and "margins.triplet 0.5 -> 0.3" in message
-    assert "ms_alpha" not in message and "multi_similarity" not in message
+    message = warning(old, config)
+    assert "margins.triplet 0.5 -> 0.3" in message and "ms_" not in message and "multi_similarity" not in message
 
+    older = _split_config().to_dict()
+    del older["test_time_shifts"]
+    assert "test_time_shifts (absent) -> 'square9'" in warning(older, _split_config())
+    odd = dict(_split_config().to_dict(), margins=None)
+    assert "margins None -> {" in warning(odd, _split_config())
 
 def test_auto_source_without_tfds_says_what_is_missing_where(tmp_path, monkeypatch):
     """source='auto' with no tensorflow-datasets installed (a plain `pip install`): a mistyped or

@@ -1039,6 +1039,15 @@ def test_a_workdir_on_a_filesystem_without_locks_trains_unguarded_and_says_so(tm
             assert not lock.held
     assert "does not support file locks" in caplog.text and "training goes on without the guard" in caplog.text
     assert not (tmp_path / ".lock").exists()
+    # A lock file that names a holder (a client of the same mount with working locks) is not ours
+    # to remove, and the warning names it.
+    (tmp_path / ".lock").write_text("PID 4242 on host elsewhere, training\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=workdir_lock.log.name):
+        WorkdirLock(str(tmp_path)).acquire().release()
+    assert "its lock file names PID 4242 on host elsewhere" in caplog.text
+    assert (tmp_path / ".lock").read_text() == "PID 4242 on host elsewhere, training\n"
+    (tmp_path / ".lock").unlink()
 
     def io_error(fd, operation):
         raise OSError(errno.EIO, os.strerror(errno.EIO))

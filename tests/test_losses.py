@@ -665,9 +665,9 @@ def np_multi_similarity_terms(emb, labels, epsilon=0.1, alpha=2.0, beta=50.0, la
 
 
 def np_multi_similarity(emb, labels, **hyper):
-    """(loss: the mean term over the anchors with a positive and a negative, as the authors' code
-    divides by the batch size; the share of them with a mined pair; mean positive / negative
-    unit-vector distance)."""
+    """(loss: the mean term over the anchors with a positive and a negative — the authors' code
+    divides by the batch size, the same on P x K batches, where every image is such an anchor; the
+    share of them with a mined pair; mean positive / negative unit-vector distance)."""
     terms, d_pos, d_neg = np_multi_similarity_terms(emb, labels, **hyper)
     mean = lambda v: float(np.mean(v)) if len(v) else 0.0  # noqa: E731
     return mean(list(terms.values())), mean([t > 0 for t in terms.values()]), mean(d_pos), mean(d_neg)
