@@ -262,6 +262,7 @@ def _config_changes(previous: dict, now: dict) -> list:
 
     before, after = flat(previous, now), flat(now, previous)
     missing = object()
+    show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
     changed = []
     for k in sorted(set(before) | set(after)):
         old, new = before.get(k, missing), after.get(k, missing)
@@ -270,14 +271,13 @@ def _config_changes(previous: dict, now: dict) -> list:
         if old is missing and (_LOSS_ONLY_KEYS.get(k, loss) != loss
                                or (k.startswith("margins.") and k != f"margins.{loss}")):
             continue  # another loss's setting, added by an upgrade
-        show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
         changed.append(f"{k} {show(old)} -> {show(new)}")
     return changed
 
 
 def _fmt_rate(rate: float) -> str:
-    """Steps per second for the progress line: one decimal, or 2 significant digits below 1 (Koch's
-    network on a CPU runs ~0.04 steps/s, which one decimal showed as 0.0)."""
+    """Steps per second for the progress line: one decimal, or 2 significant digits below 0.95 (Koch's
+    network on the 2-core CPU runs 0.04-0.2 steps/s, which one decimal showed as 0.0 or 0.2)."""
     return f"{rate:.1f}" if rate >= 0.95 else f"{rate:.2g}"
 
 
