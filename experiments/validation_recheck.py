@@ -50,7 +50,7 @@ def _embed_validation(workdir: str, test_time_shifts=None):
     except inference.ModelError as e:
         raise ValueError(str(e)) from None  # one error line and exit 2 (cli.run_app)
     config = model.config
-    _, val_ds = ip.train_val_datasets(config)
+    _, val_ds = ip.train_val_datasets(config, image_size=config.image_size)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
     emb = np.asarray(model.embed_u8(np.asarray(val_dds.images)))
     held_out = (", ".join(val_ds.alphabet_names[a] for a in np.unique(val_ds.alphabets))

@@ -27,7 +27,7 @@ import logging
 
 import numpy as np
 
-from siamese_jax import embedding, inference
+from siamese_jax import inference
 from siamese_jax import input_pipeline as ip
 from siamese_jax.config_check import ConfigError
 from siamese_jax.config_check import distill_teacher_sources as teacher_sources  # noqa: F401 (train.py's name)
@@ -48,11 +48,11 @@ def _teacher_train_images(config, teacher, source: str, train_ds) -> np.ndarray:
     if teacher.dataset != config.dataset:  # checked first: another dataset's files need not be here
         raise ConfigError(f"config.distill_teachers: {source} was trained on another training set "
                           f"({teacher.dataset}, this run {config.dataset})")
-    teacher_train, _ = ip.train_val_datasets(teacher)
+    teacher_train, _ = ip.train_val_datasets(teacher, image_size=teacher.image_size)
     if not np.array_equal(teacher_train.labels, train_ds.labels):
         raise ConfigError(f"config.distill_teachers: {source} was trained on another training set "
                           f"({_training_set_difference(config, teacher, train_ds, teacher_train)})")
-    return embedding.resized_images(teacher_train, teacher.image_size)
+    return teacher_train.images
 
 
 def _training_set_difference(config, teacher, train_ds, teacher_train) -> str:

@@ -714,6 +714,28 @@ def test_rotated_classes_are_each_image_turned_by_k_quarter_turns_as_class_4l_pl
     assert out.labels.dtype == np.int32
 
 
+def test_rotated_classes_made_at_the_model_size_are_the_full_size_ones_resized():
+    # Training resizes while it rotates (the full-size rotation classes were 711 MB of the background
+    # set): the bytes must be those of resizing the full-size set, which rotating after the resize is
+    # not (one grey level off in a few pixels per million: the filter's sums run in another order).
+    from siamese_jax.augment import resize_uint8
+    from siamese_jax.data.dataset import ImageDataset
+    from siamese_jax.input_pipeline import with_rotated_classes
+
+    rng = np.random.default_rng(1)
+    n = 300  # more than one of resize_uint8's 256-image chunks
+    ds = ImageDataset(images=rng.integers(0, 256, (n, 30, 30), dtype=np.uint8), labels=rng.integers(0, 50, n).astype(np.int32),
+                      name="omniglot", split="background", alphabets=np.zeros(n, np.int32), alphabet_names=("a",),
+                      drawers=np.ones(n, np.int32))
+    full = with_rotated_classes(ds)
+    for size in (11, 16, 30):
+        small = with_rotated_classes(ds, size)
+        np.testing.assert_array_equal(small.images, resize_uint8(full.images, size))
+        np.testing.assert_array_equal(small.labels, full.labels)
+        np.testing.assert_array_equal(small.alphabets, full.alphabets)
+    assert with_rotated_classes(ds, 30).images.shape == (4 * n, 30, 30)
+
+
 def test_temporary_files_of_killed_cache_writes_are_removed_by_the_next_write(tmp_path):
     # SIGKILL during a cache write left `<entry>.npz.XXXX.tmp` (up to 47 MB) that nothing removed:
     # three kills left 115 MB where the cache was 55 MB (the concurrency review of 2026-12-05).

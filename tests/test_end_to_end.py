@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 TINY = ["--config.widths=(8,8)", "--config.embedding_dim=16", "--config.val_episodes=10", "--config.eval_episodes=10",
         "--config.classes_per_batch=8", "--config.images_per_class=2", "--config.batch_size=16",
-        "--config.log_every_seconds=0", "--config.test_time_shifts=none"]  # one view: the default's 9 cost time
+        "--config.log_every_seconds=0", "--config.test_time_shifts=none",  # one view: the default's 9 cost time
+        "--config.plots=False"]  # ~5 s of matplotlib per evaluation; the first training below draws them
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def _tensorboard_tags(directory):
 def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     workdir = tmp_path / "run"
     r = _train(env, workdir, "--loss=triplet", "--config.num_steps=8", "--config.eval_every_steps=4",
-               "--config.checkpoint_every_steps=4")
+               "--config.checkpoint_every_steps=4", "--config.plots=True")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Lake 20 runs, 20-way 1-shot" in r.stdout
     results = json.loads((workdir / "results.json").read_text())
