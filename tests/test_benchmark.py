@@ -21,7 +21,8 @@ ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "s
 def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
     scratch = tmp_path / "tmp"  # the benchmark's own temporary files go here, and must be gone after
     scratch.mkdir()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", SIAMESE_CACHE_DIR=str(tmp_path), TMPDIR=str(scratch))
+    # The session's data cache (conftest), not one of its own: decoding both Omniglot archives again cost ~4 s.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(scratch))
     env.pop("XLA_FLAGS", None)  # the benchmark picks its CPU devices as experiments.train does
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--quick", f"--data_dir={data_dir}",
