@@ -24,7 +24,6 @@ Rows (ours / peer; > 1 means ours is faster):
 Timing: warm-up calls excluded (compiles, torch.compile's codegen), then the median of `repeats`
 timed blocks, each ended by a device synchronisation. The JSON file holds every row and the machine.
 """
-import json
 import os
 import platform
 import statistics
@@ -34,7 +33,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 # Every row, in the order a full run prints them (`--only` takes these ids).
@@ -123,7 +122,6 @@ def _our_step(spec, dtype, fused=True, augment=False):
     experiments.train on the mesh over all devices. `augment`: with the config's on-device
     augmentation inside the step, as training runs it (off for the peer rows: the peer has none)."""
     import jax
-    import ml_collections
     import numpy as np
     import optax
 

@@ -95,9 +95,8 @@ def test_row_ids_are_the_benchmarks_own():
 def test_peer_is_the_same_network_as_ours_in_every_small_step_row(gpu, monkeypatch, require):
     """Same parameter count for ours and the PyTorch peer, and the row's widths reach the peer
     (the 4 x conv-128 row once compared ours against the peer's default 16-32-64-128 network)."""
-    torch = require("torch")
+    require("torch")
     import jax
-    import numpy as np
 
     from experiments import benchmark, torch_peer
     from siamese_jax import models
