@@ -83,7 +83,7 @@ def with_rotated_classes(ds: ImageDataset, image_size: Optional[int] = None) -> 
     ProtoNets): 4x the training classes, from the training alphabets only.
 
     With `image_size`, the four copies come back resized to it: exactly `resize_uint8` of the rotated
-    set (each rotated view resized as it is; resizing then rotating differs in ~4 pixels per million
+    set (each rotated view resized as it is; resizing then rotating differs in 4-50 pixels per million
     by one grey level), without the rotated set at full size ever existing. At 105 px it is 711 MB
     for the background images, and touching that much fresh memory cost ~2.4 s of every run's
     start-up on the project's 2-core box; resized to 35 px it is 79 MB."""
