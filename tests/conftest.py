@@ -13,6 +13,11 @@ if not os.environ.get("XLA_FLAGS", "").endswith(_FOUR_DEVICES):  # the xdist wor
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FOUR_DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# NumPy asks the kernel for 2 MB pages for every large array (madvise). On the project's VMs such a
+# page fault often costs ~16 ms, so unpacking the Omniglot cache (212 MB) took 0.04 s or 2 s by luck,
+# and a tiny training spent 5-7 s in the kernel instead of 2.5 (BUILD_NOTES, "Suite, stop 42").
+# Only page sizes change, no result. Inherited by the xdist workers and every process the tests start.
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 
 
