@@ -1,13 +1,16 @@
-"""One 3x3 convolution, XLA:CPU against PyTorch's CPU kernels: forward, and forward + both gradients.
+"""3x3 convolutions, XLA:CPU against PyTorch's CPU kernels; Koch's large kernels as matmuls.
 
     python -m experiments.conv_microbench        # needs the optional `bench` extra (torch)
     python -m experiments.conv_microbench threads  # XLA only: how many cores each convolution uses
+    python -m experiments.conv_microbench koch     # XLA only: Koch's large kernels as lax vs matmuls
 
 Where a train-step row of `experiments.benchmark` loses, this says whether the convolutions are why
 (BUILD_NOTES, "Performance"). Shapes: 128 images, NHWC for XLA, NCHW for PyTorch, float32; mean of 5
 calls after one warm-up call. The second table splits XLA's backward into the input gradient and the
 kernel gradient, and times the kernel gradient written as nine matmuls over shifted views of the
-padded input (a lever tried: BUILD_NOTES, "Levers tried").
+padded input (a lever tried: BUILD_NOTES, "Levers tried"). `koch` times Koch et al.'s four
+convolutions (32 images, VALID) as XLA's convolution and written as matmuls (an im2col along the
+kernel's width with one matmul per kernel row, or the full im2col), another lever tried there.
 """
 import resource
 import sys
@@ -110,13 +113,57 @@ def threads_per_convolution():
     print(f"{'two independent 16->32':<28}{ms:>8.2f}{cores:>12.2f}")
 
 
+def _conv_valid(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_im2col_rows(x, w):
+    """VALID convolution: the input's kw column-shifted copies stacked on the channels, then one
+    [kw·C, O] matmul per kernel row, summed."""
+    kh, kw, ci, co = w.shape
+    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    cols = jnp.concatenate([x[:, :, j:j + ow] for j in range(kw)], axis=-1)
+    return sum(jnp.einsum("nhwk,ko->nhwo", cols[:, i:i + oh], w[i].reshape(kw * ci, co)) for i in range(kh))
+
+
+def _conv_im2col_full(x, w):
+    """VALID convolution as one matmul over the full im2col ([N, H', W', kh·kw·C])."""
+    kh, kw, ci, co = w.shape
+    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    p = jnp.concatenate([x[:, i:i + oh, j:j + ow] for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.einsum("nhwk,ko->nhwo", p, w.reshape(kh * kw * ci, co))
+
+
+def koch_as_matmuls():
+    """Koch et al.'s convolutions (the benchmark's CPU batch: 32 images) three ways, forward and
+    forward + both gradients (of the sum of squares), best of 3 blocks of 3 calls."""
+    import numpy as np
+
+    print(f"{jax.device_count()} XLA device(s), {len(__import__('os').sched_getaffinity(0))} cores; ms per call")
+    print(f"{'convolution (32 images, VALID)':<34}{'form':<8}{'forward':>9}{'fwd+bwd':>9}{'max |diff|':>12}")
+    for side, ci, co, k in ((105, 1, 64, 10), (48, 64, 128, 7), (21, 128, 128, 4), (9, 128, 256, 4)):
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.random((32, side, side, ci)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((k, k, ci, co)) * 0.05, jnp.float32)
+        want = jax.jit(_conv_valid)(x, w)
+        for name, f in (("lax", _conv_valid), ("rows", _conv_im2col_rows), ("full", _conv_im2col_full)):
+            fwd = jax.jit(f)
+            both = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
+            ms = [min(_ms(lambda: g(x, w), jax.block_until_ready, n=3) for _ in range(3)) for g in (fwd, both)]
+            diff = float(jnp.max(jnp.abs(fwd(x, w) - want)))
+            print(f"{f'{side}px {ci}->{co} {k}x{k}':<34}{name:<8}{ms[0]:>9.1f}{ms[1]:>9.1f}{diff:>12.1e}")
+
+
 if __name__ == "__main__":
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
         print(__doc__)
     elif sys.argv[1:] == ["threads"]:
         threads_per_convolution()
+    elif sys.argv[1:] == ["koch"]:
+        koch_as_matmuls()
     elif sys.argv[1:]:
-        print(f"error: unknown argument {' '.join(sys.argv[1:])!r} (usage: python -m experiments.conv_microbench [threads])",
+        print(f"error: unknown argument {' '.join(sys.argv[1:])!r} "
+              "(usage: python -m experiments.conv_microbench [threads|koch])",
               file=sys.stderr)
         sys.exit(2)
     else:

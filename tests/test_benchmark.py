@@ -217,3 +217,27 @@ def test_profile_step_names_the_layers_each_fused_op_runs():
     layers = profile_step.layers_by_op(hlo)
     assert layers["ynn_fusion.51"] == "Conv_1/conv_general_dilated"
     assert layers["copy.7"] == "Dense_0/dot_general"
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 12, 1, 3, 5), (2, 10, 9, 4, 6, 3), (1, 7, 7, 3, 2, 4)])
+def test_conv_microbench_koch_forms_are_the_valid_convolution(shape):
+    """`conv_microbench koch` times Koch's convolutions written as matmuls against lax's: the two
+    matmul forms must be the same convolution (values and both gradients) for the times to compare."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments import conv_microbench as cm
+
+    n, h, w, ci, co, k = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, h, w, ci)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, ci, co)), jnp.float32)
+    want = cm._conv_valid(x, kernel)
+    g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    want_grads = jax.vjp(cm._conv_valid, x, kernel)[1](g)
+    for form in (cm._conv_im2col_rows, cm._conv_im2col_full):
+        got, vjp = jax.vjp(form, x, kernel)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(vjp(g), want_grads):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
