@@ -23,8 +23,8 @@ from jax import lax
 SHAPES = [(128, 56, 1, 128), (128, 28, 128, 128), (128, 56, 128, 128)]  # (images, side, in, out)
 
 
-def _conv(x, w):
-    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def _conv(x, w, padding="SAME"):
+    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _ms(fn, sync, n=5):
@@ -114,7 +114,7 @@ def threads_per_convolution():
 
 
 def _conv_valid(x, w):
-    return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _conv(x, w, "VALID")
 
 
 def _conv_im2col_rows(x, w):
