@@ -535,6 +535,8 @@ def _machine():
     info = {"platform": jax.devices()[0].platform, "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind, "cpu": platform.processor() or platform.machine(),
             "cores": len(os.sched_getaffinity(0)), "python": sys.version.split()[0], "jax": jax.__version__}
+    if info["platform"] == "gpu":  # how the device's memory was shared with the peer
+        info["jax_gpu_memory"] = {name: os.environ[name] for name in _GPU_MEMORY_SETTINGS if os.environ.get(name)}
     try:
         import torch
 
@@ -542,6 +544,21 @@ def _machine():
     except ImportError:
         info["torch"] = None
     return info
+
+
+# What a user may have chosen for JAX's GPU memory (jaxlib's names; the two fractions together are an error).
+_GPU_MEMORY_SETTINGS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                        "XLA_PYTHON_CLIENT_ALLOCATOR")
+GPU_MEMORY_FRACTION = "0.5"
+
+
+def split_gpu_memory_with_peer(environ) -> None:
+    """On a GPU the PyTorch peer runs in this process beside us. JAX preallocates 75% of the GPU's
+    memory at its first operation, which would leave the peer's rows a quarter (~20 GB of an H100)
+    and fail them with an out-of-memory error first; each gets half instead. A setting the user made
+    is kept. Read when JAX creates its GPU client (the first `jax.devices()`); no effect on a CPU."""
+    if not any(environ.get(name) for name in _GPU_MEMORY_SETTINGS):
+        environ["XLA_CLIENT_MEM_FRACTION"] = GPU_MEMORY_FRACTION
 
 
 def main(argv):
@@ -554,6 +571,7 @@ def main(argv):
 
     # The same CPU device split as experiments.train (P×K 32×4 = 128 images per step).
     parallel.use_cpu_cores_as_devices(128, FLAGS.cpu_devices)
+    split_gpu_memory_with_peer(os.environ)
     import jax
 
     # Every compile happens here, whatever JAX_COMPILATION_CACHE_DIR says (the test suite sets one):

@@ -91,6 +91,30 @@ def test_row_ids_are_the_benchmarks_own():
     assert ROW_IDS == benchmark.ROW_IDS
 
 
+@pytest.mark.parametrize("user_setting, expected_fraction", [
+    ({}, 0.5),                                               # half for us, half for the peer
+    ({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".9"}, 0.9),         # the user's (older) name: kept, and not
+    ({"XLA_CLIENT_MEM_FRACTION": ".3"}, 0.3),                # joined by the new one (jaxlib refuses both)
+    ({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, None),      # no preallocation chosen: no fraction added
+])
+def test_the_gpu_memory_split_with_the_peer_reaches_jaxlib_and_keeps_a_users_choice(
+        user_setting, expected_fraction, monkeypatch):
+    """The options jaxlib builds for its GPU client from the environment (a pure function of it: no
+    GPU needed) after the benchmark's default: JAX alone would preallocate 75% and leave PyTorch's
+    rows a quarter of the device."""
+    from jaxlib import xla_client
+
+    from experiments import benchmark
+
+    for name in benchmark._GPU_MEMORY_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in user_setting.items():
+        monkeypatch.setenv(name, value)
+    benchmark.split_gpu_memory_with_peer(os.environ)
+    options = xla_client.generate_pjrt_gpu_plugin_options()
+    assert options.get("memory_fraction") == expected_fraction
+
+
 @pytest.mark.parametrize("gpu", [False, True])
 def test_peer_is_the_same_network_as_ours_in_every_small_step_row(gpu, monkeypatch, require):
     """Same parameter count for ours and the PyTorch peer, and the row's widths reach the peer
