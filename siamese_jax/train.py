@@ -393,14 +393,25 @@ def _best_under_this_validation(config, ckpts, recorded: float, target, embed_fn
 def _check_resumable(config, workdir: str) -> None:
     """A workdir is one run on one dataset: resuming it on another would draw one curve over two
     datasets and compare their validation scores (Omniglot 20-way against MNIST 10-way) for `best/`.
-    Fine-tuning on another dataset is `config.resume` in a new workdir."""
-    if not ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")):
+    Fine-tuning on another dataset is `config.resume` in a new workdir. Likewise a workdir already
+    past `num_steps`: both refused here, from config.json and the checkpoint folder's listing, before
+    any data is loaded (the step is checked again on the checkpoint restored)."""
+    steps = ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints"))
+    if not steps:
         return
     previous = _previous_config(workdir)
     if previous is not None and previous.get("dataset") not in (None, config.dataset):
         raise config_check.ConfigError(
             f"{workdir} is a run on {previous['dataset']}; this config trains on {config.dataset} (to fine-tune "
             f"its weights on {config.dataset}, use a new --workdir with --config.resume={workdir}/best)")
+    if steps[-1] > config.num_steps:
+        raise _past_num_steps(config, workdir, steps[-1])
+
+
+def _past_num_steps(config, workdir: str, step: int) -> config_check.ConfigError:
+    return config_check.ConfigError(
+        f"{workdir} is at step {step}, past --config.num_steps={config.num_steps}: nothing to "
+        f"train (evaluate it with: siamese-evaluate --workdir={workdir})")
 
 
 def _keep_the_runs_split(config, workdir: str, training_split) -> None:
@@ -684,9 +695,7 @@ def _initial_state(config, workdir: str, ckpts, fresh, tx, training_split) -> tu
         earlier.update(_elapsed_of(restored_meta))
         log.info("resuming from step %d of %s", int(state.step), workdir)
         if int(state.step) > config.num_steps:
-            raise config_check.ConfigError(
-                f"{workdir} is at step {int(state.step)}, past --config.num_steps={config.num_steps}: nothing to "
-                f"train (evaluate it with: siamese-evaluate --workdir={workdir})")
+            raise _past_num_steps(config, workdir, int(state.step))
         _log_resume_changes(config, workdir, int(state.step))
     elif config.resume:
         # Its weights only: the optimizer state starts afresh here, so another optimizer config

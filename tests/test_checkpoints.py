@@ -248,7 +248,7 @@ def test_a_later_validation_generation_outranks_a_higher_score_of_an_earlier_one
     assert C.saved_steps(str(tmp_path / "best")) == [3]
 
 
-def test_resume_refusals_and_what_config_json_records(tmp_path, data_dir, caplog):
+def test_resume_refusals_and_what_config_json_records(tmp_path, data_dir, caplog, monkeypatch):
     """A workdir is one run on one dataset; a checkpoint past num_steps trains nothing; config.resume
     under a workdir's own checkpoint is not used and not recorded; a best/ of another architecture
     with nothing to resume from is refused rather than kept as the best."""
@@ -261,10 +261,13 @@ def test_resume_refusals_and_what_config_json_records(tmp_path, data_dir, caplog
     train_lib.train(_tiny_mnist_config(data_dir), workdir)
     other = _tiny_mnist_config(data_dir)
     other.dataset = "omniglot"
-    with pytest.raises(config_check.ConfigError, match="is a run on mnist; this config trains on omniglot"):
-        train_lib.train(other, workdir)
-    with pytest.raises(config_check.ConfigError, match=r"is at step 4, past --config.num_steps=2: nothing to train"):
-        train_lib.train(_tiny_mnist_config(data_dir, num_steps=2), workdir)
+    # Both refused before the data are loaded (the step one came ~7 s into a run, after them).
+    with monkeypatch.context() as m:
+        m.setattr(train_lib.ip, "load_split", lambda *a, **k: pytest.fail("the data were loaded before the refusal"))
+        with pytest.raises(config_check.ConfigError, match="is a run on mnist; this config trains on omniglot"):
+            train_lib.train(other, workdir)
+        with pytest.raises(config_check.ConfigError, match=r"is at step 4, past --config.num_steps=2: nothing to train"):
+            train_lib.train(_tiny_mnist_config(data_dir, num_steps=2), workdir)
     source = str(tmp_path / "source")
     train_lib.train(_tiny_mnist_config(data_dir, num_steps=2), source)
     with caplog.at_level("WARNING"):
