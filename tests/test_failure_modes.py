@@ -1099,6 +1099,10 @@ def test_console_scripts_run_outside_the_checkout(tmp_path):
         assert r.returncode == 0 and flag in r.stdout and "--coordinator_address" in r.stdout, r.stdout
     r = _run([_script("siamese-evaluate"), f"--workdir={tmp_path}"], cwd=tmp_path)
     _one_error_line(r, f"{tmp_path} is not a training workdir (no config.json)")
+    # Export too: README named only `python -m experiments.export`, which needs the checkout.
+    r = _run([_script("siamese-export"), "--help"], cwd=tmp_path)
+    assert r.returncode == 0 and "--pairs" in r.stdout and "--test_time_shifts" in r.stdout, r.stdout
+    _one_error_line(_run([_script("siamese-export"), f"--workdir={tmp_path}", "--out=m.msgpack"], cwd=tmp_path))
 
 
 @pytest.mark.parametrize("module, flag", [("mnist_tta", "--model"), ("profile_step", "--steps"),

@@ -1,4 +1,4 @@
-"""The training entry points (`siamese-train`, `siamese-evaluate`, `python -m siamese_jax.cli.export`)
+"""The training entry points (`siamese-train`, `siamese-evaluate`, `siamese-export`)
 and what they share: absl flag parsing with one-line errors, config-file errors made readable, quiet
 logging, and the top-level handler (every failure is one `error:` line and exit code 2).
 

@@ -1,6 +1,8 @@
 """Export a trained workdir as one model file, calibrated on validation pairs from the training split.
 
-    python -m siamese_jax.cli.export --workdir=runs/omniglot-triplet --out=siamese_jax/pretrained/omniglot_small.msgpack
+    siamese-export --workdir=runs/omniglot-triplet --out=siamese_jax/pretrained/omniglot_small.msgpack
+
+(or `python -m siamese_jax.cli.export`, or `python -m experiments.export` in a checkout).
 
 The threshold is chosen on pairs of the held-out *background* alphabets (the run's validation set),
 never on the evaluation alphabets that results.json reports on.
