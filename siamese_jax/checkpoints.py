@@ -38,6 +38,11 @@ class CheckpointError(RuntimeError):
     pass
 
 
+# Restoring weights only to fine-tune them (config.resume): another workdir changes nothing there.
+_FINE_TUNE_ADVICE = ("fine-tuning needs that run's encoder: its model, widths, embedding_dim, norm and image_size "
+                     "(its config.json), or another --config.resume")
+
+
 class _StepsReplaced(CheckpointError):
     """Every step tried was removed while being read: a running training replaced them."""
 
@@ -289,7 +294,8 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
         if mismatch:  # not damage: this workdir belongs to another model, leave it alone
             raise CheckpointError(
                 f"checkpoint step {step} in {manager.directory} was written by a different model "
-                f"({mismatch}); use that run's config or another workdir")
+                f"({mismatch}); " + (_FINE_TUNE_ADVICE if weights_only == "matching"
+                                     else "use that run's config or another workdir"))
         try:
             with quiet_event_loop_tracebacks(grace_seconds=0.3):
                 restored = step, restore_step(manager, step, target, weights_only)

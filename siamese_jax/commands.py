@@ -1,9 +1,11 @@
 """Command-line tools for a trained model: compare, embed, search, calibrate.
 
-    python -m experiments.compare a.png b.png [--model pretrained|WORKDIR|FILE]   exit 0 same, 1 different, 2 error
-    python -m experiments.embed FOLDER --out index.npz [--skip_unreadable] [--model ...]
-    python -m experiments.search index.npz query.png -k 5 [--sheet out.png]
-    python -m experiments.calibrate FOLDER --model WORKDIR|FILE [--far 0.01] [--out model.msgpack]
+    siamese-compare a.png b.png [--model pretrained|WORKDIR|FILE]   exit 0 same, 1 different, 2 error
+    siamese-embed FOLDER --out index.npz [--skip_unreadable] [--model ...]
+    siamese-search index.npz query.png -k 5 [--sheet out.png]
+    siamese-calibrate FOLDER --model WORKDIR|FILE [--far 0.01] [--out model.msgpack]
+
+(in a checkout also `python -m experiments.compare`, `.embed`, `.search`, `.calibrate`).
 
 Every error (missing file, not an image, wrong index, unusable model file, and unexpected ones)
 is one `error:` line and exit code 2; exit code 1 is only `compare`'s DIFFERENT. `--verbose` (or

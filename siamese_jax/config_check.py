@@ -182,8 +182,9 @@ def _check_optimizer(config) -> None:
     """Steps, the learning-rate schedule, weight decay and the moving average of the weights."""
     _int_in(config, "num_steps", 1, 10**9)
     if config.get("lr_schedule_steps") is not None:  # unset: the schedule is num_steps long
-        _int_in(config, "lr_schedule_steps", config.num_steps, 10**9,
-                why=" (the learning-rate schedule's length: at least num_steps; unset: num_steps)")
+        # Shorter than num_steps is allowed: the steps after it train at its final rate (1% of the
+        # peak; a resumed run that keeps its old schedule, as the resume warning advises); the run says so.
+        _int_in(config, "lr_schedule_steps", 1, 10**9, why=" (the learning-rate schedule's length; unset: num_steps)")
     _float_in(config, "learning_rate", 0.0, lo_open=True)
     _int_in(config, "warmup_steps", 0)
     _float_in(config, "weight_decay", 0.0)

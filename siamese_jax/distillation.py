@@ -48,15 +48,16 @@ def _teacher_train_images(config, teacher, source: str, train_ds) -> np.ndarray:
     if teacher.dataset != config.dataset:  # checked first: another dataset's files need not be here
         raise ConfigError(f"config.distill_teachers: {source} was trained on another training set "
                           f"({teacher.dataset}, this run {config.dataset})")
-    teacher_train, _ = ip.train_val_datasets(teacher, image_size=teacher.image_size)
+    teacher_train, teacher_val = ip.train_val_datasets(teacher, image_size=teacher.image_size)
     if not np.array_equal(teacher_train.labels, train_ds.labels):
         raise ConfigError(f"config.distill_teachers: {source} was trained on another training set "
-                          f"({_training_set_difference(config, teacher, train_ds, teacher_train)})")
+                          f"({_training_set_difference(config, teacher, train_ds, teacher_train, teacher_val)})")
     return teacher_train.images
 
 
-def _training_set_difference(config, teacher, train_ds, teacher_train) -> str:
-    """What differs between the student's and a teacher's training sets, in words."""
+def _training_set_difference(config, teacher, train_ds, teacher_train, teacher_val) -> str:
+    """What differs between the student's and a teacher's training sets, in words, and for Omniglot
+    the held-out alphabets that would make them the same (the teacher's own)."""
     if config.dataset == "omniglot":
         def alphabets(ds):
             return sorted({ds.alphabet_names[a] for a in np.unique(ds.alphabets)})
@@ -67,9 +68,9 @@ def _training_set_difference(config, teacher, train_ds, teacher_train) -> str:
             parts.append(f"it trained on {', '.join(sorted(theirs - mine))}, which this run holds out for validation")
         if mine - theirs:
             parts.append(f"it held out {', '.join(sorted(mine - theirs))}, which this run trains on")
-        if parts:
-            return "; ".join(parts) + (" — the shipped `pretrained` and runs of --config=omniglot_pretrained hold "
-                                       "out Balinese, Grantha: --config.val_alphabet_names=Balinese,Grantha")
+        if parts:  # (the shipped `pretrained` and runs of --config=omniglot_pretrained hold out Balinese, Grantha)
+            held_out = [teacher_val.alphabet_names[a] for a in np.unique(teacher_val.alphabets)]
+            return "; ".join(parts) + f" — to hold out what it held out: --config.val_alphabet_names={','.join(held_out)}"
     if bool(teacher.get("rotation_classes", False)) != bool(config.get("rotation_classes", False)):
         return f"rotation_classes={teacher.get('rotation_classes', False)}, this run {config.get('rotation_classes', False)}"
     if config.dataset == "mnist" and teacher.get("val_fraction") != config.get("val_fraction"):

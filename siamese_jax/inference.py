@@ -163,7 +163,8 @@ class SiameseModel:
                                         method=self.network.logits)
             return np.asarray(jax.nn.sigmoid(logits))
         if self.calibration is None:
-            raise ModelError(self.stale_calibration or "this model has no calibration: run `calibrate` first to get probabilities")
+            raise ModelError(self.stale_calibration or "this model has no calibration: run `siamese-calibrate FOLDER --model=<this model>` "
+                             "on a folder of class sub-folders first (`model.calibrate(distances, is_similar)` from Python)")
         return self.calibration.probability(np.linalg.norm(ea - eb, axis=-1))
 
     def same_probability(self, a, b) -> np.ndarray:
@@ -172,7 +173,9 @@ class SiameseModel:
     def compare(self, a, b) -> Verdict:
         """Are these two images the same class? Uses the calibrated threshold."""
         if self.calibration is None:
-            raise ModelError(self.stale_calibration or "this model has no calibrated threshold: run `calibrate` on labelled pairs first")
+            raise ModelError(self.stale_calibration or "this model has no calibrated threshold: run `siamese-calibrate FOLDER "
+                             "--model=<this model>` on a folder of class sub-folders first (`model.calibrate(distances, is_similar)` "
+                             "from Python)")
         e = self.embed([a, b])
         d = float(np.linalg.norm(e[0] - e[1]))
         p = float(np.ravel(self.same_probability_from_embeddings(e[:1], e[1:]))[0])
@@ -372,7 +375,7 @@ def _load_workdir(workdir: str) -> SiameseModel:
             cal = calibration_from_dict(d)
         except (OSError, ValueError, TypeError) as e:
             raise ModelError(f"{cal_path}: unusable calibration ({type(e).__name__}: {str(e)[:160]}); "
-                             f"run `calibrate` again or remove it") from None
+                             f"remove it, then run `siamese-calibrate FOLDER --model={workdir}` again (calibrate reads it too)") from None
     model = SiameseModel(config, state.params, state.batch_stats, cal, {"workdir": os.path.abspath(workdir), "step": step})
     # A threshold belongs to the weights it was fitted on. The workdir's best checkpoint moves on when
     # its training goes on (or runs while `calibrate` did), and a stale threshold gave confident,

@@ -403,9 +403,20 @@ def _check_resumable(config, workdir: str) -> None:
     if previous is not None and previous.get("dataset") not in (None, config.dataset):
         raise config_check.ConfigError(
             f"{workdir} is a run on {previous['dataset']}; this config trains on {config.dataset} (to fine-tune "
-            f"its weights on {config.dataset}, use a new --workdir with --config.resume={workdir}/best)")
+            f"its weights on {config.dataset}, use a new --workdir with --config.resume={workdir}/best and that "
+            f"run's encoder settings, e.g. its image_size)")
     if steps[-1] > config.num_steps:
         raise _past_num_steps(config, workdir, steps[-1])
+
+
+def _warn_if_the_schedule_ends_early(config) -> None:
+    """One line when `lr_schedule_steps` ends before `num_steps` (a typo, e.g. 3000 for 300000, or a
+    resumed run keeping its old schedule): the steps after it train at the final rate."""
+    end = config.get("lr_schedule_steps")
+    if end is not None and end < config.num_steps:
+        log.warning("the learning-rate schedule ends at step %d of %d: the last %d steps train at its final rate "
+                    "(%.3g, 1%% of the peak)", end, config.num_steps, config.num_steps - end,
+                    0.01 * config.learning_rate)
 
 
 def _past_num_steps(config, workdir: str, step: int) -> config_check.ConfigError:
@@ -486,6 +497,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     # Data on device (replicated), resized once. A resumed run keeps the validation alphabets it was
     # trained without (the rule that picks them changed once; `_keep_the_runs_split`).
     _check_resumable(config, workdir)
+    _warn_if_the_schedule_ends_early(config)
     training_split = ip.load_split(config, ip.train_split_name(config))
     _keep_the_runs_split(config, workdir, training_split)
     # Resized on the host as the rotation classes are made (`train_val_datasets`): made at full size

@@ -24,6 +24,8 @@ LOCK_NAME = ".lock"
 # mounts): the run goes on without the one-run-per-workdir guard, and says so, rather than not at all.
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 log = logging.getLogger(__name__)
+# What to do instead of waiting, by purpose (an evaluation in another workdir would evaluate another run).
+_INSTEAD = {"evaluation": "pass --nowrite (it then writes nothing into the workdir)"}
 
 
 class WorkdirLockedError(RuntimeError):
@@ -50,7 +52,7 @@ class WorkdirLock:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise WorkdirLockedError(
                         f"workdir {self.workdir} is in use by another run ({holder or 'PID unknown'}); "
-                        f"wait for it to finish or use another --workdir") from None
+                        f"wait for it to finish or {_INSTEAD.get(self.purpose, 'use another --workdir')}") from None
                 if e.errno in _NO_LOCKS:
                     log.warning("workdir %s: its filesystem does not support file locks (%s); %s goes on "
                                 "without the guard against a second run in the same workdir%s", self.workdir,

@@ -640,6 +640,11 @@ def test_resuming_with_a_changed_config_says_what_changed(tmp_path, caplog):
     assert "archive_dir" not in message and "log_every_seconds" not in message
     # ... and the learning rate's jump at the resume step, the cosine being rebuilt over 20,000 steps.
     assert "at step 4000 the rate goes from" in message and "--config.lr_schedule_steps=12000" in message
+    # The advice is a config the checks accept (they refused a schedule shorter than num_steps).
+    from siamese_jax import config_check
+    with config.unlocked():
+        config.lr_schedule_steps = 12000
+    config_check.validate_config(config)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=train_lib.log.name):
         train_lib._log_resume_changes(_split_config(), workdir, step=4000)
@@ -692,8 +697,14 @@ def test_auto_source_without_tfds_says_what_is_missing_where(tmp_path, monkeypat
     with pytest.raises(data.DataError, match=r"no archive directory for mnist/train: pass --data_dir"):
         data.load("mnist", "train", cache_dir=tmp_path / "c")
     (tmp_path / "root" / "omniglot").mkdir(parents=True)
-    with pytest.raises(data.DataError, match=r"missing images_background.zip in .*root/omniglot"):
+    with pytest.raises(data.DataError, match=r"missing images_background.zip in .*root/omniglot .*TFDS can download it: "
+                                             r"--source=tfds for siamese-train"):
         data.load("omniglot", "background", archive_dir=tmp_path / "root", cache_dir=tmp_path / "c")
+    # Lake's 20 runs exist only as the original archive: the hint said TFDS could download them.
+    from siamese_jax.data import sources as data_sources
+    with pytest.raises(data.DataError, match=r"missing all_runs.zip .*TFDS does not hold the 20 runs") as e:
+        data_sources.load_lake_runs(tmp_path / "root")
+    assert "--source=tfds" not in str(e.value) and "TFDS can download" not in str(e.value)
 
 
 def test_rotated_classes_are_each_image_turned_by_k_quarter_turns_as_class_4l_plus_k():

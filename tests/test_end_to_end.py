@@ -222,6 +222,9 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "was trained on another training set" in last, r.stderr[-2000:]
     assert "which this run holds out for validation" in last  # what differs, by name
+    # ... and the split that matches the teacher: its own held-out alphabets (the default's four), not
+    # the shipped model's Balinese and Grantha, which the message suggested for every teacher.
+    assert last.endswith("--config.val_alphabet_names=Bengali,Futurama,Japanese_(hiragana),N_Ko)"), last
 
 
 def test_sigkill_mid_run_resumes_cleanly(env, tmp_path):

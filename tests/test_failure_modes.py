@@ -818,8 +818,13 @@ def test_a_damaged_calibration_json_is_one_model_error_naming_it(tmp_path, conte
     config = _tiny_config()
     workdir = _finished_workdir(tmp_path / "run", config)
     (workdir / "calibration.json").write_text(content)
-    with pytest.raises(inference.ModelError, match=r"calibration.json: unusable calibration \(.*\); run `calibrate` again"):
+    # The advice is what works: `siamese-calibrate` loads the model too, so it cannot run until the
+    # file is gone (the message said "run `calibrate` again or remove it").
+    with pytest.raises(inference.ModelError, match=r"calibration.json: unusable calibration \(.*\); remove it, then run "
+                                                  r"`siamese-calibrate FOLDER --model=.*` again"):
         inference.load_model(str(workdir))
+    (workdir / "calibration.json").unlink()
+    assert inference.load_model(str(workdir)).calibration is None
 
 
 def test_a_workdir_calibration_fitted_to_an_earlier_best_checkpoint_is_not_used(tmp_path, capsys):
@@ -1085,6 +1090,16 @@ def test_a_contender_that_locked_the_lock_file_as_its_holder_removed_it_locks_th
     WorkdirLock(str(tmp_path)).acquire().release()
 
 
+@pytest.mark.parametrize("purpose, instead", [("training", "or use another --workdir"),
+                                              ("evaluation", "or pass --nowrite")])
+def test_a_held_workdir_says_what_to_do_instead_of_waiting(tmp_path, purpose, instead):
+    # An evaluation told to "use another --workdir" would evaluate another run; --nowrite evaluates
+    # this one without taking its lock.
+    with WorkdirLock(str(tmp_path)):
+        with pytest.raises(WorkdirLockedError, match=f"in use by another run .*; wait for it to finish {instead}"):
+            WorkdirLock(str(tmp_path), purpose).acquire()
+
+
 # =================================================================================================
 # 6. Entry points after `pip install`
 # =================================================================================================
@@ -1177,17 +1192,18 @@ def test_a_moving_average_decay_outside_0_1_is_a_one_line_config_error(decay):
         config_check.validate_config(bad)
 
 
-@pytest.mark.parametrize("steps", [11999, 0, 10**10])
-def test_a_learning_rate_schedule_shorter_than_the_training_is_a_one_line_config_error(steps):
+@pytest.mark.parametrize("steps", [0, -1, 10**10])
+def test_a_learning_rate_schedule_length_out_of_range_is_a_one_line_config_error(steps):
     c = default.get_config("omniglot")  # num_steps 12000
-    c.lr_schedule_steps = 300000
-    config_check.validate_config(c)
+    for fine in (300000, 11999, 1):  # longer, or shorter than the training (it then ends at its final rate)
+        c.lr_schedule_steps = fine
+        config_check.validate_config(c)
     bad = c.copy_and_resolve_references()
     with bad.unlocked():
         bad.lr_schedule_steps = steps
     with pytest.raises(config_check.ConfigError, match=re.escape(
-            f"config.lr_schedule_steps={steps!r}: must be an integer from 12000 to 1000000000 (the learning-rate "
-            "schedule's length: at least num_steps; unset: num_steps)")):
+            f"config.lr_schedule_steps={steps!r}: must be an integer from 1 to 1000000000 (the learning-rate "
+            "schedule's length; unset: num_steps)")):
         config_check.validate_config(bad)
 
 

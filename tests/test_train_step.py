@@ -196,6 +196,26 @@ def test_make_optimizer_keeps_an_average_only_when_asked():
     assert isinstance(ts.make_optimizer(c).init(params)[-1], ts.ParamsAverageState)
 
 
+def test_a_schedule_shorter_than_the_training_ends_at_its_final_rate_and_the_run_says_so(caplog):
+    """What the resume warning advises (`lr_schedule_steps=<old num_steps>` after raising num_steps):
+    the old schedule, then its final rate, 1% of the peak, for the remaining steps."""
+    from siamese_jax import train as train_lib
+
+    c = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=3, weight_decay=0.0, num_steps=40,
+                                       lr_schedule_steps=20))
+    old = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=3, weight_decay=0.0, num_steps=20))
+    schedule, old_schedule = ts.learning_rate_schedule(c), ts.learning_rate_schedule(old)
+    for step in range(21):
+        assert float(schedule(step)) == float(old_schedule(step)), step
+    for step in (20, 25, 39):
+        assert float(schedule(step)) == pytest.approx(1e-4), step
+    with caplog.at_level("WARNING", logger=train_lib.log.name):
+        train_lib._warn_if_the_schedule_ends_early(c)
+        train_lib._warn_if_the_schedule_ends_early(old)  # (no schedule key: nothing to say)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the learning-rate schedule ends at step 20 of 40: the last 20 steps train at its final rate (0.0001, 1% of the peak)"]
+
+
 def test_a_run_stopped_early_on_a_longer_schedule_takes_that_schedules_first_steps():
     """config.lr_schedule_steps: training 20 steps of a 200-step schedule makes exactly the first 20
     updates of the 200-step run (same rates), and not those of a 20-step run."""

@@ -15,7 +15,7 @@ from siamese_jax import cli  # noqa: E402
 from siamese_jax.test_time import SHIFT_SETS  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", required=True)
+flags.DEFINE_string("workdir", None, "A workdir written by siamese-train.", required=True)
 flags.DEFINE_string("checkpoint", "best", "'best' (default; falls back to the newest), a step number of the "
                     "workdir's, a step directory (.../checkpoints/5000) or a checkpoint directory (its newest step).")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")

@@ -1,6 +1,6 @@
 """Export a trained workdir as one model file, calibrated on validation pairs from the training split.
 
-    siamese-export --workdir=runs/omniglot-triplet --out=siamese_jax/pretrained/omniglot_small.msgpack
+    siamese-export --workdir=runs/omniglot-triplet --out=omniglot-triplet.msgpack
 
 (or `python -m siamese_jax.cli.export`, or `python -m experiments.export` in a checkout).
 
@@ -18,7 +18,7 @@ from siamese_jax import cli  # noqa: E402
 from siamese_jax.test_time import SHIFT_SETS  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A workdir written by experiments.train.", required=True)
+flags.DEFINE_string("workdir", None, "A workdir written by siamese-train.", required=True)
 flags.DEFINE_string("out", None, "Model file to write (.msgpack).", required=True)
 flags.DEFINE_integer("pairs", 4000, "Validation pairs for the threshold (half same, half different).")
 flags.DEFINE_enum("test_time_shifts", None, list(SHIFT_SETS),

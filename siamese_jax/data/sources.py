@@ -16,7 +16,11 @@ SPLITS = {
 }
 # TFDS's omniglot split names, accepted as spellings of ours.
 _ALIASES = {"omniglot": {"train": "background", "test": "evaluation"}, "mnist": {}}
-_NO_ARCHIVES_HINT = "TFDS can download it with network access: source='tfds'"
+# Where a missing archive can come from instead. TFDS holds the images (it needs TensorFlow to prepare
+# them: `pip install 'siamese-jax[tf]'`), not Lake's 20 runs.
+_NO_ARCHIVES_HINT = ("with network access and the tf extra, TFDS can download it: --source=tfds for siamese-train, "
+                     "source='tfds' in a config")
+_NO_LAKE_RUNS_HINT = "TFDS does not hold the 20 runs: only the original archive, all_runs.zip of Lake's Omniglot repository"
 
 
 def canonical_split(name: str, split: str) -> str:
@@ -46,15 +50,16 @@ def has_archives(root: Optional[Path], name: str, split: str) -> bool:
     return root is not None and all(p.is_file() for p in archive_paths(root, name, split))
 
 
-def require_files(root: Optional[Path], relative: list[str], what: str) -> list[Path]:
-    """root/relative for each file, or a one-line MissingDataError/DataError saying what is missing where."""
+def require_files(root: Optional[Path], relative: list[str], what: str, hint: str = _NO_ARCHIVES_HINT) -> list[Path]:
+    """root/relative for each file, or a one-line MissingDataError/DataError saying what is missing where
+    (and, `hint`, where else it can come from)."""
     if root is None:
         raise MissingDataError(
             f"no archive directory for {what}: pass --data_dir (archive_dir) or set {DATA_DIR_ENV} to a folder"
-            f" holding omniglot/ and mnist/ ({_NO_ARCHIVES_HINT})"
+            f" holding omniglot/ and mnist/ ({hint})"
         )
     if not root.is_dir():
-        raise MissingDataError(f"archive directory {root} does not exist (needed for {what}; {_NO_ARCHIVES_HINT})")
+        raise MissingDataError(f"archive directory {root} does not exist (needed for {what}; {hint})")
     paths = []
     for r in relative:
         path = root / r
@@ -66,8 +71,8 @@ def require_files(root: Optional[Path], relative: list[str], what: str) -> list[
                     f" (archive_dir must be the folder holding omniglot/ and mnist/)"
                 )
             if not subdir.is_dir():
-                raise MissingDataError(f"missing directory {subdir} (needed for {what}; {_NO_ARCHIVES_HINT})")
-            raise MissingDataError(f"missing {filename} in {subdir} (needed for {what}; {_NO_ARCHIVES_HINT})")
+                raise MissingDataError(f"missing directory {subdir} (needed for {what}; {hint})")
+            raise MissingDataError(f"missing {filename} in {subdir} (needed for {what}; {hint})")
         paths.append(path)
     return paths
 
@@ -116,5 +121,6 @@ def load(name: str, split: str, *, source: str = "auto", archive_dir=None, data_
 
 def load_lake_runs(archive_dir=None) -> list[archives.LakeRun]:
     """Lake et al.'s 20 official 20-way one-shot runs from <archive_dir>/omniglot/all_runs.zip."""
-    (path,) = require_files(resolve_archive_dir(archive_dir), [archives.LAKE_RUNS_FILE], "Lake's one-shot runs")
+    (path,) = require_files(resolve_archive_dir(archive_dir), [archives.LAKE_RUNS_FILE], "Lake's one-shot runs",
+                            _NO_LAKE_RUNS_HINT)
     return archives.read_lake_runs(path)
