@@ -18,7 +18,10 @@ ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "s
 
 
 @pytest.mark.slow  # runs the benchmark itself
-def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
+def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path, require):
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    if in_ci:  # CI installs the peer: a row without it is a failure there
+        require("torch")
     scratch = tmp_path / "tmp"  # the benchmark's own temporary files go here, and must be gone after
     scratch.mkdir()
     # The session's data cache (conftest), not one of its own: decoding both Omniglot archives again cost ~4 s.
@@ -35,8 +38,8 @@ def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path):
     assert len(printed) == len(ROW_IDS)
     for row in report["rows"]:
         assert row["ours"] > 0, row
-        if row["peer"] is None:  # only a missing optional peer may leave a row without a ratio
-            assert row["peer_name"].startswith("torch") and "not installed" in row["peer_note"], row
+        if row["peer"] is None:  # only a missing optional peer may leave a row without a ratio (never in CI)
+            assert not in_ci and row["peer_name"].startswith("torch") and "not installed" in row["peer_note"], row
         else:
             assert row["ratio"] == pytest.approx(row["ours"] / row["peer"]), row
     # The embedding row's PNG folder is removed: every benchmark run

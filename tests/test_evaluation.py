@@ -230,9 +230,10 @@ def test_knn_ties_exclude_self_and_bad_k():
     d, i = evaluation.knn(index, index, 4, chunk_size=2, exclude_self=True)
     assert all(row not in i[row] for row in range(5))
     assert i[0].tolist()[:2] == [2, 4] and i[2].tolist()[:2] == [0, 4]
-    with pytest.raises(ValueError):
+    # (matched: lax.top_k raises a ValueError of its own for k = 6, so a bare raises would pass without the check)
+    with pytest.raises(ValueError, match=r"k=6 must be in \[1, 5\]"):
         evaluation.knn(index, index, 6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"k=5 must be in \[1, 4\]"):
         evaluation.knn(index, index, 5, exclude_self=True)
     with pytest.raises(ValueError):
         evaluation.knn(index, index, 0)

@@ -56,9 +56,11 @@ def _python(script):
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
 
 
-def test_the_tensorboard_writer_does_not_import_pytorch(tmp_path):
+def test_the_tensorboard_writer_does_not_import_pytorch(tmp_path, require):
     # tensorboardX imports torch at module level when it is installed (~1 s of every training's start);
-    # the writer keeps it out, and torch stays importable after.
+    # the writer keeps it out, and torch stays importable after. Without torch there is nothing to
+    # keep out (the check would pass trivially): skipped, or a failure under CI=true.
+    require("torch")
     script = (
         "import sys, importlib.util\n"
         "from siamese_jax.metrics_writer import MetricsWriter\n"

@@ -245,13 +245,29 @@ def test_triplet_loss_with_squared_distances_for_every_selection(selection):
     batch = _batch("triplet", selection)
     key = jax.random.PRNGKey(3)
     value, _ = ts.loss_fn(params, {}, model, batch, "triplet", 0.5, True, False, key, selection)
-    assert np.isfinite(float(value))
-    if selection == "online":
-        emb = np.asarray(model.apply({"params": params}, jnp.asarray(batch["images"]), train=False), np.float64)
+    embed = lambda x: np.asarray(model.apply({"params": params}, jnp.asarray(x), train=False), np.float64)  # noqa: E731
+    d = lambda a, b: np.sum((a - b) ** 2, axis=-1)  # squared Euclidean  # noqa: E731
+    if selection == "online":  # one random positive per anchor, its hardest negative
+        emb = embed(batch["images"])
         pos, neg, valid = (np.asarray(a) for a in ts.online_triplets(jnp.asarray(emb, jnp.float32), batch["labels"], key, True))
-        d = lambda a, b: np.sum((a - b) ** 2, axis=-1)  # noqa: E731
         per_anchor = np.maximum(d(emb, emb[pos]) - d(emb, emb[neg]) + 0.5, 0.0)
-        np.testing.assert_allclose(float(value), np.sum(per_anchor * valid) / max(valid.sum(), 1), rtol=1e-5)
+        expected = np.sum(per_anchor * valid) / max(valid.sum(), 1)
+    elif selection == "online_all":  # every positive pair, the anchor's hardest negative
+        emb, labels = embed(batch["images"]), np.asarray(batch["labels"])
+        terms = []
+        for a in range(len(emb)):
+            negatives = labels != labels[a]
+            hardest = min(d(emb[a], emb[n]) for n in np.flatnonzero(negatives))
+            terms += [max(d(emb[a], emb[p]) - hardest + 0.5, 0.0)
+                      for p in np.flatnonzero(~negatives) if p != a]
+        expected = np.mean(terms)
+    else:  # the sampled triplets as given
+        anchor, positive, negative = (embed(batch[k]) for k in ("anchor", "positive", "negative"))
+        expected = np.mean(np.maximum(d(anchor, positive) - d(anchor, negative) + 0.5, 0.0))
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    # (the hinge on plain distances differs: each selection's branch passes `squared` on)
+    plain, _ = ts.loss_fn(params, {}, model, batch, "triplet", 0.5, False, False, key, selection)
+    assert abs(float(plain) - expected) > 0.05, (float(plain), expected)
 
 
 def test_multi_similarity_weights_reach_the_loss():
