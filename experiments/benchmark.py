@@ -565,7 +565,7 @@ def main(argv):
     del argv
     from siamese_jax import cli
     from siamese_jax import parallel
-    from siamese_jax.files import atomic_write_json
+    from siamese_jax.files import atomic_write_json, check_output_file
 
     cli.setup_logging()
 
@@ -603,7 +603,11 @@ def main(argv):
           f"torch {machine['torch'] or 'not installed'}", flush=True)
     quick = FLAGS.quick
     out = FLAGS.out or os.path.join("runs", f"benchmark-{machine['platform']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    try:  # before minutes of measuring: a folder or an unwritable place fails now, in one line
+        check_output_file(out)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    except OSError as e:
+        cli.fail(f"--out={out}: {e.strerror or e}" if not str(e).startswith("--out=") else str(e))
     report = {"machine": machine, "quick": quick, "command": " ".join(sys.argv), "rows": ROWS}
     try:
         bench_steps(quick, only)
@@ -623,6 +627,7 @@ def main(argv):
                 bench_sampling(ds, 20 if quick else 100)
             if want("knn"):
                 bench_knn(3 if quick else 10)
+        atomic_write_json(out, report)  # (inside: a failed write keeps the rows as .incomplete.json)
     except BaseException as e:
         # Keep the rows already measured (minutes of them), beside `out`: a complete earlier report
         # there is not replaced by a partial one.
@@ -636,7 +641,6 @@ def main(argv):
         if kept:
             print(kept.strip(" ()"), file=sys.stderr)
         raise
-    atomic_write_json(out, report)
     print(f"wrote {out}")
 
 

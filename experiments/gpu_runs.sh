@@ -17,8 +17,9 @@
 # The device tool brings back at most 8 files from $OUT, so each run leaves ONE file there as soon as
 # it ends, $OUT/<run>.tar.gz (its log, results.json, metrics.jsonl, config.json and wall time, or the
 # benchmark's log and JSON), and its line in $OUT/summary.txt, also printed (the reply's output tail
-# has it): the three parts together leave 6 files. A run that fails is marked FAILED there and the
-# next one runs; a call cut off by its time limit keeps every run that had ended. Workdirs
+# has it): the three parts together leave 6 files. A run that fails is marked FAILED there, its
+# archive is <run>.FAILED.tar.gz (so a failed rerun never replaces an earlier good archive in a kept
+# $OUT), and the next one runs; a call cut off by its time limit keeps every run that had ended. Workdirs
 # (checkpoints) go to $WORK (default /tmp/gpu_runs), each removed before its run so that a warm
 # machine does not resume an old one. Where python lacks ml_collections or tensorboardX (the device
 # image does), the wheels in .whl/ are installed to /tmp/site first; the data come from
@@ -109,14 +110,16 @@ train_timed() {  # name config seed [overrides...]
   rc=${PIPESTATUS[0]}
   wall=$(seconds_since "$start")
   mkdir -p "$WORK/$name" && cp "$WORK/$name.log" "$WORK/$name/train.log" && echo "$wall" > "$WORK/$name/wall_seconds.txt"
-  local files=(train.log wall_seconds.txt) f
+  local files=(train.log wall_seconds.txt) f ok=0 arc="$name.FAILED"
   for f in results.json metrics.jsonl config.json; do [ -f "$WORK/$name/$f" ] && files+=("$f"); done
-  if ! archive "$name" "$WORK/$name" "${files[@]}"; then
+  if [ "$rc" -eq 0 ] && [ -f "$WORK/$name/results.json" ]; then ok=1 arc=$name; fi
+  if ! archive "$arc" "$WORK/$name" "${files[@]}"; then
     fail "$name: FAILED (exit $rc after $wall s; its archive could not be written to $OUT)"
-  elif [ "$rc" -eq 0 ] && [ -f "$WORK/$name/results.json" ]; then
+  elif [ "$ok" -eq 1 ]; then
+    rm -f "$OUT/$name.FAILED.tar.gz"  # an earlier call's failure of the same run, now superseded
     summarise_training "$name" "$WORK/$name" "$wall" | tee -a "$summary"
   else
-    fail "$name: FAILED (exit $rc after $wall s; its log is in $name.tar.gz)"
+    fail "$name: FAILED (exit $rc after $wall s; its log is in $arc.tar.gz)"
   fi
 }
 
@@ -128,15 +131,18 @@ benchmark() {  # [benchmark flags...]
   "$PY" -m experiments.benchmark ${quick[@]+"${quick[@]}"} --out="$dir/benchmark.json" "$@" 2>&1 | tee "$dir/benchmark.log"
   rc=${PIPESTATUS[0]}
   wall=$(seconds_since "$start")
-  local files=(benchmark.log)
-  [ -f "$dir/benchmark.json" ] && files+=(benchmark.json)
-  if ! archive bench "$dir" "${files[@]}"; then
+  local files=(benchmark.log) f ok=0 arc=bench.FAILED
+  # (benchmark.incomplete.json: the rows measured before a failure)
+  for f in benchmark.json benchmark.incomplete.json; do [ -f "$dir/$f" ] && files+=("$f"); done
+  if [ "$rc" -eq 0 ] && [ -f "$dir/benchmark.json" ]; then ok=1 arc=bench; fi
+  if ! archive "$arc" "$dir" "${files[@]}"; then
     fail "bench: FAILED (exit $rc after $wall s; its archive could not be written to $OUT)"
-  elif [ "$rc" -eq 0 ] && [ -f "$dir/benchmark.json" ]; then
+  elif [ "$ok" -eq 1 ]; then
+    rm -f "$OUT/bench.FAILED.tar.gz"
     summarise_benchmark "$dir/benchmark.json" | tee -a "$summary"
     echo "bench: wall $wall s" | tee -a "$summary"
   else
-    fail "bench: FAILED (exit $rc after $wall s; its log is in bench.tar.gz)"
+    fail "bench: FAILED (exit $rc after $wall s; its log is in $arc.tar.gz)"
   fi
 }
 

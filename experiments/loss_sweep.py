@@ -169,16 +169,13 @@ def run_one(workdir: str, dataset: str, overrides: dict, extra: list, data_dir) 
 
 
 def _best_validation(workdir: str, step: int):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("step") == step:
-                for key, value in row.items():
-                    if key.startswith("val_"):
-                        return value
+    from siamese_jax.files import read_jsonl  # (a torn last line, from a killed leg, is skipped)
+
+    for row in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+        if row.get("step") == step:
+            for key, value in row.items():
+                if key.startswith("val_"):
+                    return value
     return None
 
 

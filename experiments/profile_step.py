@@ -55,7 +55,8 @@ def layers_by_op(hlo_text: str) -> dict:
 def op_times(trace_dir: str) -> collections.Counter:
     from jax._src.profiler import ProfileData
 
-    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    # The newest trace: a kept --trace_dir holds one per run (an older or a killed run's among them).
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     totals = collections.Counter()
     for plane in ProfileData.from_file(path).planes:
         for line in plane.lines:

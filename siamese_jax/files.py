@@ -28,9 +28,11 @@ def atomic_open(path: str, mode: str = "w"):
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     except OSError as e:  # its message named the temporary file, which the user never asked for
         raise _naming(path, e) from None
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
     try:
         try:
+            # mkstemp makes 0600; give the file the mode open() would (inside the try: a mount that
+            # refuses chmod left the temporary file behind, and the error named no file)
+            os.chmod(tmp, 0o666 & ~_UMASK)
             with os.fdopen(fd, mode) as f:
                 yield f
                 f.flush()

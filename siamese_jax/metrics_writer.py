@@ -1,6 +1,7 @@
 """Training metrics to `metrics.jsonl` and TensorBoard event files (tensorboardX: no TensorFlow)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -138,6 +139,7 @@ def write_evaluation(workdir: str, step: int, results: dict) -> None:
     if not scalars:
         return
     logdir = os.path.join(workdir, "tensorboard")
+    this_file, written = None, False
     try:
         # Its own file name: tensorboardX names a file by the second it opens and truncates a file of
         # the same name, so a writer opened in the same second as the training's would erase its events.
@@ -156,8 +158,13 @@ def write_evaluation(workdir: str, step: int, results: dict) -> None:
                 written = False
     except OSError as e:  # a read-only or full tensorboard/: results.json, already written, is the record
         logging.getLogger(__name__).warning("TensorBoard: the evaluation's scores were not written (%s)", e)
+        written = False
+    if not written:  # a partial file beside the earlier evaluation's would draw two points per tag
+        if this_file is not None:
+            with contextlib.suppress(OSError):
+                os.remove(this_file)
         return
-    if written and this_file is not None:  # (a failed close raised above: nothing is removed then)
+    if this_file is not None:  # (a failed close raised above: nothing is removed then)
         try:
             for name in os.listdir(logdir):
                 path = os.path.join(logdir, name)

@@ -65,6 +65,14 @@ def test_rows_without_their_data_are_a_one_line_error_before_anything_is_timed(t
     assert "ratio" not in r.stdout and not list(tmp_path.iterdir())
 
 
+def test_an_out_that_cannot_be_written_is_a_one_line_error_before_anything_is_timed(tmp_path):
+    # It was checked only by the final write, after minutes of rows, which were then lost.
+    r = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--only=step_cpu_default", f"--out={tmp_path}"],
+                       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: --out={tmp_path}: is a folder; give a file name"], r.stderr[-2000:]
+    assert "ratio" not in r.stdout
+
+
 @pytest.mark.slow  # runs the benchmark itself
 def test_a_row_that_fails_keeps_the_rows_measured_before_it(data_dir, tmp_path):
     # The embedding row reads images_evaluation.zip (real); the rows after it load

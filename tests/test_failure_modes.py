@@ -1264,6 +1264,15 @@ def test_a_write_that_fails_names_the_file_not_its_temporary_and_keeps_the_old_o
     with pytest.raises(FileNotFoundError, match="elsewhere.bin"):  # an error naming its own file keeps it
         with files.atomic_open(str(tmp_path / "model.msgpack"), "wb"):
             open(tmp_path / "elsewhere.bin", "rb")
+    # A mount that refuses chmod (some FUSE, CIFS, NFS): the temporary file was left behind, unnamed.
+    def no_chmod(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "chmod", no_chmod)
+    with pytest.raises(PermissionError, match=f"cannot write {target}: Operation not permitted"):
+        files.atomic_write_json(str(target), {"good": 0})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"good": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "results.json"]
 
 

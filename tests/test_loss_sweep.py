@@ -49,6 +49,13 @@ def test_collect_summarises_seeds_and_writes_table_and_plot(tmp_path):
     _fake_run(root, "omniglot", "batch_hard", 0, 90.0, 0.61)
     _fake_run(root, "omniglot", "batch_hard", 1, 94.0, 0.63)
     _fake_run(root, "omniglot", "contrastive", 0, 80.0, 0.5)
+    # A torn line (a leg killed mid-write) is skipped, as the library's reader does; before the row
+    # the report needs, it was a JSONDecodeError traceback.
+    path = os.path.join(root, "omniglot", "batch_hard", "seed1", "metrics.jsonl")
+    with open(path) as f:
+        rows = f.read()
+    with open(path, "w") as f:
+        f.write('{"step": 400, "val_one_\n' + rows)
     sweep = ls.write_outputs(root, ["omniglot"], ["contrastive", "batch_hard", "semihard"], [0, 1], 3000)
     s = sweep["summary"]["omniglot/batch_hard"]["lake_20_runs"]
     assert s["n"] == 2 and s["mean"] == pytest.approx(92.0) and s["sd"] == pytest.approx(2.8284, abs=1e-3)

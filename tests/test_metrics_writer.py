@@ -202,6 +202,22 @@ def test_the_final_evaluation_is_not_failed_by_an_unwritable_tensorboard_folder(
     assert "TensorBoard: the evaluation's scores were not written" in caplog.text
 
 
+def test_a_re_evaluation_whose_writer_dies_leaves_the_earlier_evaluation_alone(tmp_path, monkeypatch):
+    # A full disk ends tensorboardX's writer thread: the new file held part of the scores and stayed
+    # beside the earlier complete one, two points per tag at one step (stop 45's write audit).
+    from siamese_jax import metrics_writer
+
+    logdir = tmp_path / "tensorboard"
+    metrics_writer.write_evaluation(str(tmp_path), 400, {"lake_20_runs": {"accuracy": 0.97}})
+    (first,) = logdir.iterdir()
+    first.rename(logdir / "events.out.tfevents.1000000000.host.evaluation")
+    monkeypatch.setattr(metrics_writer, "_tensorboard_has_room", lambda tb, events: False)  # the thread died
+    metrics_writer.write_evaluation(str(tmp_path), 400, {"lake_20_runs": {"accuracy": 0.98}})
+    assert [p.name for p in logdir.iterdir()] == ["events.out.tfevents.1000000000.host.evaluation"]
+    got = {v.tag: (e.step, round(v.simple_value, 6)) for e in _events(logdir) for v in e.summary.value}
+    assert got == {"eval/lake_20_runs/accuracy": (400, 0.97)}
+
+
 def test_a_re_evaluation_replaces_the_earlier_evaluation_in_tensorboard(tmp_path):
     from siamese_jax.metrics_writer import write_evaluation
 

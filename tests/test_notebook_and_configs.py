@@ -26,11 +26,14 @@ def test_colab_notebook_is_valid_and_its_code_parses():
     # What executing it as a Colab user found (BUILD_NOTES, stop 40): a second "Run all" cloned the
     # repository into itself and trained from step 0 in an empty relative workdir; orbax's INFO lines
     # buried the progress (~48 per checkpoint); IPython expanded `$f` from the user's namespace.
-    assert "test -d /content/siamese-jax || git clone" in text
+    assert "test -d /content/siamese-jax || (rm -rf /content/siamese-jax.part && git clone" in text
+    # A download cut off half-way was kept for ever (`wget -nc` writes the final name and then skips
+    # it): each archive goes to `.part` and is moved into place when complete (stop 45's write audit).
+    assert "wget -q -O $$n.part" in text and "mv $$n.part $$n" in text and "wget -q -nc" not in text
     assert re.findall(r"workdir = '([^']*)'", text) and all(
         w.startswith("/content/") for w in re.findall(r"workdir = '([^']*)'", text))
     assert "'orbax'" in text and "setLevel(logging.WARNING)" in text
-    assert "/$$f;" in text and "/$f;" not in text
+    assert "/$$f &&" in text and "/$f " not in text
 
 
 def test_configs_load_and_koch_config_builds_the_paper_model():
@@ -239,9 +242,13 @@ def test_gpu_runs_script_refuses_bad_usage_and_marks_a_failed_run_without_stoppi
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), WORK=str(tmp_path / "work"),
                SIAMESE_DATA_DIR=str(tmp_path / "no-data"), PYTHONPATH=REPO)
+    out.mkdir()
+    (out / "koch-s0.tar.gz").write_bytes(b"an earlier call's good run")  # a kept $OUT (the default runs/gpu)
     r = subprocess.run(["bash", script, "koch", "bench"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
-    assert sorted(os.listdir(out)) == ["bench.tar.gz", "koch-s0.tar.gz", "summary.txt"]
+    # A failed run's archive has a name of its own: it replaced the good one of an earlier call.
+    assert sorted(os.listdir(out)) == ["bench.FAILED.tar.gz", "koch-s0.FAILED.tar.gz", "koch-s0.tar.gz", "summary.txt"]
+    assert (out / "koch-s0.tar.gz").read_bytes() == b"an earlier call's good run"
     lines = (out / "summary.txt").read_text().splitlines()
     assert lines[0].startswith("devices:") and lines[1].startswith("koch-s0: FAILED (exit 2")
     assert lines[2].startswith("bench: FAILED (exit 2")
