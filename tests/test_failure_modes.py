@@ -792,6 +792,21 @@ def _finished_workdir(workdir, config):
     return workdir
 
 
+@pytest.mark.slow  # two commands that read data
+def test_evaluate_and_export_read_the_data_from_another_source_than_the_run_trained_from(data_dir, tmp_path):
+    # A run trained from TFDS, evaluated or exported where only the original archives are: the data
+    # messages advise --source=archives, which only siamese-train had.
+    config = _tiny_config()
+    config.source = "tfds"
+    config.tfds_data_dir = str(tmp_path / "no-tfds-here")
+    workdir = _finished_workdir(tmp_path / "run", config)
+    for script, extra in (("siamese-evaluate", ["--nowrite", "--episodes=2"]),
+                          ("siamese-export", [f"--out={tmp_path / 'm.msgpack'}", "--pairs=20"])):
+        r = _run([_script(script), f"--workdir={workdir}", "--source=archives", *extra], env=_env(data_dir))
+        assert r.returncode == 0, (script, r.stderr[-2000:])
+    assert json.loads((workdir / "config.json").read_text())["source"] == "tfds"  # the run's record unchanged
+
+
 def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):
     """`inference.load_run` is how distillation teachers and validation_recheck read a run: its
     workdir and its exported model file give the same embeddings and step; anything else is one

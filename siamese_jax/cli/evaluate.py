@@ -19,6 +19,9 @@ flags.DEFINE_string("workdir", None, "A workdir written by siamese-train.", requ
 flags.DEFINE_string("checkpoint", "best", "'best' (default; falls back to the newest), a step number of the "
                     "workdir's, a step directory (.../checkpoints/5000) or a checkpoint directory (its newest step).")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")
+flags.DEFINE_enum("source", None, ["auto", "archives", "tfds"],
+                  "Where the data come from (default: the run's config.source): a run trained from TFDS can be "
+                  "evaluated from the original archives, and the other way round.")
 flags.DEFINE_integer("episodes", None, "Episodes per N-way K-shot setting (default: the run's config, 1000).")
 flags.DEFINE_enum("test_time_shifts", None, list(SHIFT_SETS),
                   "Test-time shift augmentation to evaluate with (default: the run's config.test_time_shifts).")
@@ -48,6 +51,8 @@ def main(argv):
         cli.fail(f"{path}: not a valid config.json ({cli.console.one_line(e)})")
     if FLAGS.data_dir:
         config.archive_dir = FLAGS.data_dir
+    if FLAGS.source:  # (a data key: not part of what the run trained or how it is scored)
+        config.source = FLAGS.source
     if FLAGS.episodes is not None:
         if FLAGS.episodes < 2:  # the ± of each row is a 95% interval over episodes
             cli.fail(f"--episodes={FLAGS.episodes}: must be at least 2")

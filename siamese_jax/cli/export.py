@@ -24,6 +24,9 @@ flags.DEFINE_integer("pairs", 4000, "Validation pairs for the threshold (half sa
 flags.DEFINE_enum("test_time_shifts", None, list(SHIFT_SETS),
                   "Test-time shift augmentation the exported model embeds with (default: the run's config's).")
 flags.DEFINE_float("far", None, "Target false-accept rate (default: the max-accuracy threshold).")
+flags.DEFINE_enum("source", None, ["auto", "archives", "tfds"],
+                  "Where the data come from (default: the run's config.source): a run trained from TFDS can be "
+                  "evaluated from the original archives, and the other way round.")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")
 
 
@@ -46,6 +49,8 @@ def main(argv):
     config = model.config
     if FLAGS.data_dir:  # the validation pairs are read from here (as siamese-evaluate --data_dir)
         config.archive_dir = FLAGS.data_dir
+    if FLAGS.source:
+        config.source = FLAGS.source
     if FLAGS.test_time_shifts:
         config.test_time_shifts = model.test_time_shifts = FLAGS.test_time_shifts
     results_path = os.path.join(FLAGS.workdir, "results.json")

@@ -19,7 +19,7 @@ _ALIASES = {"omniglot": {"train": "background", "test": "evaluation"}, "mnist": 
 # Where a missing archive can come from instead. TFDS holds the images (it needs TensorFlow to prepare
 # them: `pip install 'siamese-jax[tf]'`), not Lake's 20 runs.
 _NO_ARCHIVES_HINT = ("with network access and the tf extra, TFDS can download it: --source=tfds for siamese-train, "
-                     "source='tfds' in a config")
+                     "siamese-evaluate and siamese-export; source='tfds' in a config")
 _NO_LAKE_RUNS_HINT = "TFDS does not hold the 20 runs: only the original archive, all_runs.zip of Lake's Omniglot repository"
 
 

@@ -89,7 +89,7 @@ def _import_tfds():
     except ImportError as e:
         raise DataError(
             f"source='tfds' needs tensorflow-datasets ({e}); pip install 'siamese-jax[tfds]', or read the "
-            f"original archives instead (--source=archives for siamese-train, source='archives' in a config)"
+            f"original archives instead (--source=archives for siamese-train, siamese-evaluate and siamese-export; source='archives' in a config)"
         ) from e
     return tfds
 
@@ -122,7 +122,7 @@ def _prepare(tfds, builder, name: str, manual_dir: Optional[Path]) -> None:
     except ImportError as e:
         raise DataError(
             f"preparing {name} with TFDS needs TensorFlow (pip install 'siamese-jax[tf]'); "
-            f"or read the original files instead (--source=archives for siamese-train, source='archives' in a config)"
+            f"or read the original files instead (--source=archives for siamese-train, siamese-evaluate and siamese-export; source='archives' in a config)"
         ) from e
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir is not None else None
     try:
@@ -138,7 +138,7 @@ def _prepare(tfds, builder, name: str, manual_dir: Optional[Path]) -> None:
                 " originals TFDS registered, though their PNGs are the same)" if name == "omniglot" else "")
         raise DataError(
             f"TFDS rejected {file} in {manual_dir}: its size/sha256 differ from the ones TFDS registered{hint};"
-            f" read them directly instead (--source=archives for siamese-train, source='archives' in a config)"
+            f" read them directly instead (--source=archives for siamese-train, siamese-evaluate and siamese-export; source='archives' in a config)"
         ) from e
 
 
