@@ -224,6 +224,8 @@ def resize_uint8(images: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 3:
         raise ValueError(f"resize_uint8 takes [N, H, W] images, got shape {images.shape}")
+    if images.dtype != np.uint8:  # floats in [0, 1] came back as uint8 images whose maximum was 1
+        raise ValueError(f"resize_uint8 takes uint8 images (0..255), got {images.dtype}")
     if images.shape[1:] == (size, size):
         return images.astype(np.uint8, copy=False)
     wh, ww = _triangle_weights(images.shape[1], size), _triangle_weights(images.shape[2], size)

@@ -67,7 +67,7 @@ def one_shot_predictions(support_emb, query_emb, rule: str = "nearest") -> np.nd
     if single:
         support, query = support[None], query[None]
     if support.ndim != 4 or query.ndim != 4:
-        raise ValueError(f"expected [T,] n_way, k_shot, E arrays, got {support_emb.shape} and {query_emb.shape}")
+        raise ValueError(f"expected [T,] n_way, k_shot, E arrays, got {support.shape} and {query.shape}")
     if support.shape[0] != query.shape[0] or support.shape[1] != query.shape[1] or support.shape[3] != query.shape[3]:
         raise ValueError(f"support {support.shape} and query {query.shape} disagree on episodes/n_way/E")
     t, n_way, k_shot, e = support.shape
@@ -135,8 +135,13 @@ def lake_run_errors(train_emb, test_emb, answers) -> dict:
     train = np.asarray(train_emb, np.float32)
     test = np.asarray(test_emb, np.float32)
     answers = np.asarray(answers)
-    if train.ndim != 3 or test.shape[:2] != answers.shape or train.shape[0] != test.shape[0]:
+    if train.ndim != 3 or test.ndim != 3 or test.shape[:2] != answers.shape or train.shape[0] != test.shape[0] \
+            or train.shape[2] != test.shape[2]:
         raise ValueError(f"shapes disagree: train {train.shape}, test {test.shape}, answers {answers.shape}")
+    if answers.size and (not np.issubdtype(answers.dtype, np.integer) or answers.min() < 0
+                         or answers.max() >= train.shape[1]):  # 1-based answers scored 0% without a word
+        raise ValueError(f"answers must be 0-based indices into the {train.shape[1]} training images, got values "
+                         f"from {answers.min()} to {answers.max()}")
     # One "episode" per run: the 20 training images are the support set, one shot each.
     # Test image j sits in "query row" j; only the predicted training index matters here.
     pred = one_shot_predictions(train[:, :, None, :], test[:, :, None, :])[:, :, 0]  # [R, 20]
@@ -158,7 +163,10 @@ def _pairs(distances, is_similar):
     d = np.asarray(distances).reshape(-1)
     if not np.issubdtype(d.dtype, np.floating):
         d = d.astype(np.float64)
-    same = np.asarray(is_similar).reshape(-1).astype(bool)
+    labels = np.asarray(is_similar).reshape(-1)
+    if labels.size and not np.all((labels == 0) | (labels == 1)):  # any nonzero counted as "same"
+        raise ValueError(f"is_similar must be bool or 0/1 (1 = same class), got values from {labels.min()} to {labels.max()}")
+    same = labels.astype(bool)
     if d.shape != same.shape:
         raise ValueError(f"distances {d.shape} and is_similar {same.shape} differ in length")
     if d.size == 0:
@@ -421,6 +429,10 @@ def balanced_pairs(labels: np.ndarray, num_pairs: int, seed: int) -> tuple[np.nd
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     multi = classes[counts >= 2]
+    if num_pairs >= 1 and len(multi) == 0:
+        raise ValueError("balanced_pairs needs a class with at least 2 images (for the same-class pairs)")
+    if num_pairs >= 2 and len(classes) < 2:
+        raise ValueError("balanced_pairs needs at least 2 classes (for the different-class pairs)")
     by_class = {c: np.flatnonzero(labels == c) for c in classes}
     first, second, same = [], [], []
     for i in range(num_pairs):

@@ -92,12 +92,13 @@ class EmbeddingIndex:
                 labels = z["labels"] if "labels" in z else None
             if meta.get("format") != INDEX_FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}")
+            paths, fingerprint = list(meta["paths"]), meta["model_fingerprint"]  # (a KeyError here is this error too)
         except Exception as e:
             raise IndexError_(f"{path}: not a siamese-jax index ({type(e).__name__}: {str(e)[:80]})") from None
-        if emb.ndim != 2 or len(emb) != len(meta["paths"]):
-            raise IndexError_(f"{path}: inconsistent index ({emb.shape} embeddings for {len(meta['paths'])} paths)")
+        if emb.ndim != 2 or len(emb) != len(paths):
+            raise IndexError_(f"{path}: inconsistent index ({emb.shape} embeddings for {len(paths)} paths)")
         root = meta.get("root")
-        return EmbeddingIndex(np.asarray(emb, np.float32), list(meta["paths"]), meta["model_fingerprint"], labels,
+        return EmbeddingIndex(np.asarray(emb, np.float32), paths, fingerprint, labels,
                               root if isinstance(root, str) else None)
 
 

@@ -113,7 +113,20 @@ class SiameseModel:
     def embed_prepared(self, x: np.ndarray, batch_size: int = 512, test_time_shifts: Optional[str] = None) -> np.ndarray:
         """[N, S, S, 1] float in [0, 1] -> [N, E]; fixed-size padded batches (one compile per size
         class, `_padded_batch`). Averaged over
-        the model's test-time shift set (`test_time.SHIFT_SETS`), or over `test_time_shifts` if given."""
+        the model's test-time shift set (`test_time.SHIFT_SETS`), or over `test_time_shifts` if given.
+        Anything else is a ValueError (0..255 floats, another size or an unknown shift set gave a
+        wrong embedding or a deep traceback)."""
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, 1) or len(x) == 0:
+            raise ValueError(f"embed_prepared takes [N, {self.image_size}, {self.image_size}, 1] images at the model's "
+                             f"size, N >= 1, got shape {x.shape} (embed() takes any size)")
+        if not np.issubdtype(x.dtype, np.floating) or not (np.nanmin(x) >= 0.0 and np.nanmax(x) <= 1.0):
+            raise ValueError(f"embed_prepared takes float images in [0, 1], got {x.dtype} in "
+                             f"[{np.nanmin(x)}, {np.nanmax(x)}] (uint8 images: embed_u8)")
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if test_time_shifts is not None and test_time_shifts not in test_time.SHIFT_SETS:
+            raise ValueError(f"test_time_shifts={test_time_shifts!r}: must be one of {', '.join(test_time.SHIFT_SETS)}")
         size = _padded_batch(len(x), batch_size)
         return np.concatenate([self._embed_padded(x[start:start + batch_size], size, test_time_shifts)
                                for start in range(0, len(x), batch_size)])
@@ -128,7 +141,11 @@ class SiameseModel:
 
     def embed_u8(self, images_u8: np.ndarray, test_time_shifts: Optional[str] = None) -> np.ndarray:
         """uint8 [N, S, S] (ink 255, already at the model's size, as `embedding.resized_images`) -> [N, E]."""
-        return self.embed_prepared((np.asarray(images_u8).astype(np.float32) / 255.0)[..., None],
+        images_u8 = np.asarray(images_u8)
+        if images_u8.dtype != np.uint8 or images_u8.ndim != 3:  # floats in [0, 1] were divided by 255 again
+            raise ValueError(f"embed_u8 takes uint8 [N, S, S] images, got {images_u8.dtype} of shape {images_u8.shape} "
+                             f"(float images in [0, 1]: embed_prepared)")
+        return self.embed_prepared((images_u8.astype(np.float32) / 255.0)[..., None],
                                    test_time_shifts=test_time_shifts)
 
     def embed(self, images, batch_size: int = 512) -> np.ndarray:
@@ -153,8 +170,10 @@ class SiameseModel:
 
     # -- pairs -------------------------------------------------------------------------------------
     def distance(self, a, b) -> np.ndarray:
-        """Euclidean embedding distance between a[i] and b[i]."""
+        """Euclidean embedding distance between a[i] and b[i] (as many images in `a` as in `b`)."""
         ea, eb = self.embed(a), self.embed(b)
+        if len(ea) != len(eb):  # one against several broadcast silently
+            raise ValueError(f"distance takes as many images in a as in b, got {len(ea)} and {len(eb)}")
         return np.linalg.norm(ea - eb, axis=-1)
 
     def same_probability_from_embeddings(self, ea, eb) -> np.ndarray:

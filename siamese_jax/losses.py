@@ -107,6 +107,17 @@ def _check_pairs(what, x1, x2, is_similar=None, names=("x1", "x2")):
     if is_similar is not None and _shape(is_similar) != s1[:-1]:
         raise ValueError(f"{what}: is_similar {_shape(is_similar)} must have shape {s1[:-1]}, one "
                          f"0/1 per pair (a [B, 1] column would broadcast into a wrong loss)")
+    if is_similar is not None:
+        _check_zero_one(what, is_similar)
+
+
+def _check_zero_one(what, is_similar):
+    """`is_similar` holds only 0/1 (or bools): 2 or −1 weighted the terms (a negative loss)."""
+    if not isinstance(is_similar, jax.core.Tracer):  # under jit the values are unknown here
+        values = np.asarray(is_similar)  # NumPy: jnp ops would be traced inside an outer jit
+        if values.size and not np.all((values == 0) | (values == 1)):
+            raise ValueError(f"{what}: is_similar must be bool or 0/1 (1 = same class), got values from "
+                             f"{values.min()} to {values.max()}")
 
 
 def _check_labelled(what, embeddings, labels, label_name="labels"):
@@ -412,6 +423,7 @@ def same_probability(logits):
 def verification_loss_with_stats(logits, is_similar):
     """(loss, stats) of `verification_loss`; stats: active_fraction (= misclassified), accuracy."""
     z = _f32(logits)
+    _check_zero_one("verification_loss", is_similar)
     s = _as_weight(is_similar)
     if z.shape != s.shape:  # a [B, 1] vs [B] mix-up would silently broadcast to [B, B]
         raise ValueError(f"logits {z.shape} and is_similar {s.shape} must have the same shape")

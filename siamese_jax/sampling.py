@@ -231,6 +231,7 @@ def sample_pairs(key, dds: DeviceDataset, batch_size: int, *, same_alphabet_nega
     has only one class. Returns x1, x2 [B, H, W, 1] float32, is_similar bool [B], label1, label2 and
     index1, index2 [B] int32 (the images' rows in `dds`).
     """
+    _check_count("batch_size", batch_size)
     if dds.num_classes < 2:
         raise ValueError("pairs need at least 2 classes")
     is_similar = jnp.arange(batch_size) % 2 == 0
@@ -261,6 +262,7 @@ def sample_triplets(key, dds: DeviceDataset, batch_size: int, *, same_alphabet_n
                     augment_cfg: Optional[augment_lib.AffineConfig] = None) -> dict:
     """(anchor, positive, negative) triplets: anchor and positive are different images of one class
     (when it has >= 2 images), the negative is from another class (same alphabet if asked)."""
+    _check_count("batch_size", batch_size)
     if dds.num_classes < 2:
         raise ValueError("triplets need at least 2 classes")
 
@@ -289,6 +291,7 @@ def sample_triplets(key, dds: DeviceDataset, batch_size: int, *, same_alphabet_n
 
 def steps_per_epoch(dds: DeviceDataset, classes_per_batch: int) -> int:
     """PK steps that visit every class once: ceil(C / P)."""
+    _check_count("classes_per_batch", classes_per_batch)
     return math.ceil(dds.num_classes / classes_per_batch)
 
 
@@ -323,6 +326,8 @@ def sample_pk_batch(key, step, dds: DeviceDataset, classes_per_batch: int, image
     Rows are class-major: labels = [c0]*K + [c1]*K + ...
     """
     P, K = classes_per_batch, images_per_class
+    _check_count("classes_per_batch", P)
+    _check_count("images_per_class", K)
     if P > dds.num_classes:
         raise ValueError(f"classes_per_batch={P} exceeds the {dds.num_classes} classes")
     k_epochs, k_steps = jax.random.split(key)
@@ -346,6 +351,12 @@ def sample_pk_batch(key, step, dds: DeviceDataset, classes_per_batch: int, image
 # ------------------------------------------------------------------------------------------------
 # Evaluation episodes
 # ------------------------------------------------------------------------------------------------
+def _check_count(what: str, value, least: int = 1) -> None:
+    """A size argument: an integer >= `least` (0 divided by zero, -2 failed deep in XLA)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{what} must be an integer >= {least}, got {value!r}")
+
+
 def _check_episode(dds: DeviceDataset, n_way: int, k_shot: int, n_query: int):
     for name, value, least in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("n_query", n_query, 1)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:  # k_shot=-1: an empty support set
@@ -397,5 +408,6 @@ def sample_episode_indices(key, dds: DeviceDataset, num_episodes: int, n_way: in
     Returns (support [E, n_way, k_shot], query [E, n_way, n_query]) int32 indices into dds.images;
     class i of an episode is row i of both. Embed every image once, then index the embeddings.
     """
+    _check_count("num_episodes", num_episodes)  # (-1 gave empty arrays without a word)
     _check_episode(dds, n_way, k_shot, n_query)
     return _many_episode_indices_jit(key, dds, num_episodes, n_way, k_shot, n_query, within_alphabet)

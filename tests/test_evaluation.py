@@ -361,3 +361,26 @@ def test_the_scoring_functions_refuse_nan_instead_of_scoring_it():
         evaluation.knn(emb[:2], emb, 2)
     with pytest.raises(ValueError, match="NaN or Inf"):
         evaluation.retrieval_metrics(emb, np.arange(10) % 2)
+
+
+def test_scoring_refuses_labels_that_would_be_scored_wrong():
+    """The API audit of stop 45: 1-based Lake answers scored 0% without a word, any nonzero
+    `is_similar` counted as "same" in the pair metrics, and two refusals were library tracebacks."""
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(2, 20, 4)), rng.normal(size=(2, 20, 4))
+    answers = np.tile(np.arange(20), (2, 1))
+    assert evaluation.lake_run_errors(train, train, answers)["accuracy"] == 1.0
+    with pytest.raises(ValueError, match=r"answers must be 0-based indices into the 20 training images, got values from 1 to 20"):
+        evaluation.lake_run_errors(train, test, answers + 1)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        evaluation.lake_run_errors(train, test[:, :, 0], answers)
+    d = np.array([0.1, 0.2, 0.9, 0.3, 1.0, 1.2])
+    with pytest.raises(ValueError, match="is_similar must be bool or 0/1"):
+        evaluation.roc_auc(d, [3, 5, 0, 7, 0, 0])
+    assert evaluation.roc_auc(d, [1, 1, 0, 1, 0, 0]) == 1.0
+    with pytest.raises(ValueError, match=r"expected \[T,\] n_way, k_shot, E arrays, got \(1, 2\)"):
+        evaluation.one_shot_accuracy([[1.0, 2.0]], [[1.0, 2.0]])  # (it raised AttributeError: 'list' ... 'shape')
+    with pytest.raises(ValueError, match="a class with at least 2 images"):
+        evaluation.balanced_pairs(np.arange(5), 4, seed=0)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        evaluation.balanced_pairs(np.zeros(5, int), 4, seed=0)

@@ -181,6 +181,14 @@ def test_index_save_load_roundtrip_and_model_check(model, eval_pngs, tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(IndexError_, match="not a siamese-jax index"):
         EmbeddingIndex.load(str(tmp_path / "bad.npz"))
+    # Metadata without its paths: the index's own error (it was a bare KeyError: 'paths').
+    import json
+    meta = {"format": json.loads(np.load(str(tmp_path / "idx.npz"))["meta_json"].tobytes())["format"],
+            "model_fingerprint": "0" * 16}
+    np.savez(str(tmp_path / "no_paths.npz"), embeddings=np.zeros((1, 4), np.float32),
+             meta_json=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    with pytest.raises(IndexError_, match=r"not a siamese-jax index \(KeyError: 'paths'\)"):
+        EmbeddingIndex.load(str(tmp_path / "no_paths.npz"))
 
 
 def test_calibration_max_accuracy_and_far():
@@ -752,3 +760,27 @@ def test_embedding_no_images_is_a_clear_error():
 
     with pytest.raises(ImageError, match="no images given"):
         inference.load_model("pretrained").embed([])
+
+
+def test_the_array_entry_points_refuse_what_would_give_a_wrong_embedding(model):
+    """The API audit of stop 45: floats in [0, 1] given to embed_u8 were divided by 255 again (an
+    embedding 6.25 away from the true one, another class being 6.92 away), 0..255 floats to
+    embed_prepared gave one 1,648 away; another size, an unknown shift set, an empty batch were deep
+    tracebacks; one image against two broadcast in `distance`."""
+    from siamese_jax import augment
+
+    s = model.image_size
+    u8 = np.random.default_rng(0).integers(0, 256, (3, s, s), dtype=np.uint8)
+    ok = model.embed_u8(u8)
+    np.testing.assert_array_equal(model.embed_prepared((u8 / np.float32(255))[..., None]), ok)
+    for call, match in (
+            (lambda: model.embed_u8(u8 / np.float32(255)), "embed_u8 takes uint8"),
+            (lambda: model.embed_prepared(u8.astype(np.float32)[..., None]), r"float images in \[0, 1\], got float32 in \[0"),
+            (lambda: model.embed_prepared(np.zeros((2, s + 1, s + 1, 1), np.float32)), "at the model's size"),
+            (lambda: model.embed_prepared(np.zeros((0, s, s, 1), np.float32)), "N >= 1"),
+            (lambda: model.embed_prepared(np.zeros((2, s, s, 1), np.float32), batch_size=0), "batch_size must be a positive"),
+            (lambda: model.embed_u8(u8, test_time_shifts="foo"), "test_time_shifts='foo': must be one of"),
+            (lambda: model.distance([u8[0]], [u8[1], u8[2]]), "as many images in a as in b, got 1 and 2"),
+            (lambda: augment.resize_uint8(u8 / np.float32(255), 20), "resize_uint8 takes uint8")):
+        with pytest.raises(ValueError, match=match):
+            call()

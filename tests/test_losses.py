@@ -846,3 +846,17 @@ def test_arcface_class_index_outside_the_centres_is_a_value_error_eagerly():
         L.arcface_loss(emb, np.array([0, 1, 2, 0]), centres[:, :2])
     good = np.array([0, 1, 2, 0])
     assert float(L.arcface_loss(emb, good, centres)) == pytest.approx(float(jax.jit(L.arcface_loss)(emb, good, centres)), rel=1e-5)
+
+
+def test_is_similar_must_be_zero_or_one():
+    """The API audit of stop 45: `is_similar` = 2 or -1 weighted the terms (a contrastive loss of
+    -12.4, a verification loss of 0.616 for 1.116); traced values (under jit) cannot be checked."""
+    x1 = jnp.array([[0.0, 0.0], [3.0, 4.0]])
+    x2 = jnp.zeros((2, 2))
+    assert float(L.contrastive_loss(x1, x2, jnp.array([1, 0]))) == pytest.approx(0.0)
+    for bad in ([2, 0], [-1, 0]):
+        with pytest.raises(ValueError, match="contrastive_loss: is_similar must be bool or 0/1"):
+            L.contrastive_loss(x1, x2, np.array(bad))
+    with pytest.raises(ValueError, match="verification_loss: is_similar must be bool or 0/1"):
+        L.verification_loss(jnp.zeros(4), np.array([2, 0, 0, 1]))
+    assert np.isfinite(float(jax.jit(L.contrastive_loss)(x1, x2, jnp.array([True, False]))))

@@ -312,3 +312,18 @@ def test_real_omniglot_small1_resized_index_and_within_alphabet_episodes(data_di
         assert len(set(ds.alphabets[support[e, :, 0]])) == 1
         np.testing.assert_array_equal(ds.labels[support[e, :, 0]], ds.labels[query[e, :, 0]])
         assert np.all(support[e] != query[e])
+
+
+def test_sizes_below_one_are_a_clear_error(omni):
+    """The API audit of stop 45: 0 classes per batch divided by zero, 0 images per class was an
+    IndexError, a negative pair batch an MLIRError, and -1 episodes gave empty arrays silently."""
+    _, dds = omni
+    key = jax.random.key(0)
+    for call, match in ((lambda: sampling.steps_per_epoch(dds, 0), "classes_per_batch must be an integer >= 1, got 0"),
+                        (lambda: sampling.sample_pk_batch(key, 0, dds, 0, 2), "classes_per_batch must be"),
+                        (lambda: sampling.sample_pk_batch(key, 0, dds, 2, 0), "images_per_class must be an integer >= 1, got 0"),
+                        (lambda: sampling.sample_pairs(key, dds, -2), "batch_size must be an integer >= 1, got -2"),
+                        (lambda: sampling.sample_triplets(key, dds, 0), "batch_size must be"),
+                        (lambda: sampling.sample_episode_indices(key, dds, -1, 2, 1, 1), "num_episodes must be an integer >= 1, got -1")):
+        with pytest.raises(ValueError, match=match):
+            call()
