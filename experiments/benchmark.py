@@ -604,10 +604,12 @@ def main(argv):
     quick = FLAGS.quick
     out = FLAGS.out or os.path.join("runs", f"benchmark-{machine['platform']}.json")
     try:  # before minutes of measuring: a folder or an unwritable place fails now, in one line
-        check_output_file(out)
+        check_output_file(out)  # (its error names --out itself)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    except IsADirectoryError as e:
+        cli.fail(str(e))
     except OSError as e:
-        cli.fail(f"--out={out}: {e.strerror or e}" if not str(e).startswith("--out=") else str(e))
+        cli.fail(f"--out={out}: {e.strerror or e}")
     report = {"machine": machine, "quick": quick, "command": " ".join(sys.argv), "rows": ROWS}
     try:
         bench_steps(quick, only)

@@ -159,14 +159,21 @@ def lake_run_errors(train_emb, test_emb, answers) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Pair verification. Convention: smaller distance = more similar; predict "same" iff d <= threshold.
 # ------------------------------------------------------------------------------------------------
+def same_labels(is_similar) -> np.ndarray:
+    """`is_similar` as a flat bool array; anything but bools or 0/1 is a ValueError (strings such as
+    "same" were all True, and any nonzero number counted as "same")."""
+    y = np.asarray(is_similar)
+    if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
+        raise ValueError(f"is_similar must be bool or 0/1 per pair (1 = same class), got {y.dtype} values"
+                         + (f" from {y.min()} to {y.max()}" if y.size and y.dtype.kind in "biuf" else ""))
+    return y.astype(bool).reshape(-1)
+
+
 def _pairs(distances, is_similar):
     d = np.asarray(distances).reshape(-1)
     if not np.issubdtype(d.dtype, np.floating):
         d = d.astype(np.float64)
-    labels = np.asarray(is_similar).reshape(-1)
-    if labels.size and not np.all((labels == 0) | (labels == 1)):  # any nonzero counted as "same"
-        raise ValueError(f"is_similar must be bool or 0/1 (1 = same class), got values from {labels.min()} to {labels.max()}")
-    same = labels.astype(bool)
+    same = same_labels(is_similar)
     if d.shape != same.shape:
         raise ValueError(f"distances {d.shape} and is_similar {same.shape} differ in length")
     if d.size == 0:

@@ -81,6 +81,11 @@ def _padded_batch(n: int, batch_size: int) -> int:
     return batch_size if n > batch_size else max(1, 1 << (n - 1).bit_length())
 
 
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
 class SiameseModel:
     """A trained encoder with its preprocessing and (optional) calibrated threshold."""
 
@@ -123,10 +128,9 @@ class SiameseModel:
         if not np.issubdtype(x.dtype, np.floating) or not (np.nanmin(x) >= 0.0 and np.nanmax(x) <= 1.0):
             raise ValueError(f"embed_prepared takes float images in [0, 1], got {x.dtype} in "
                              f"[{np.nanmin(x)}, {np.nanmax(x)}] (uint8 images: embed_u8)")
-        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if test_time_shifts is not None and test_time_shifts not in test_time.SHIFT_SETS:
-            raise ValueError(f"test_time_shifts={test_time_shifts!r}: must be one of {', '.join(test_time.SHIFT_SETS)}")
+        _check_batch_size(batch_size)
+        if test_time_shifts is not None:
+            test_time.shift_set(test_time_shifts, "test_time_shifts")
         size = _padded_batch(len(x), batch_size)
         return np.concatenate([self._embed_padded(x[start:start + batch_size], size, test_time_shifts)
                                for start in range(0, len(x), batch_size)])
@@ -156,8 +160,7 @@ class SiameseModel:
             images = np.asarray(images)  # a jax.Array or a tensor: as NumPy's, not iterated row by row
         if _is_one_image(images):
             images = [images]
-        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check_batch_size(batch_size)
         images = list(images)
         if not images:
             raise img_lib.ImageError("no images given")
@@ -268,10 +271,7 @@ def _is_one_image(images) -> bool:
 
 def fit_calibration(distances, is_similar, target_far: Optional[float] = None) -> Calibration:
     d = np.asarray(distances, np.float64).reshape(-1)
-    y = np.asarray(is_similar)
-    if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():  # strings such as "same" were all True
-        raise ValueError(f"is_similar must be bool or 0/1 per pair, got {y.dtype} values")
-    y = y.astype(bool).reshape(-1)
+    y = evaluation.same_labels(is_similar)
     if len(d) != len(y):
         raise ValueError(f"{len(d)} distances but {len(y)} is_similar labels")
     if not np.isfinite(d).all():

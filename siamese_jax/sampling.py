@@ -359,8 +359,7 @@ def _check_count(what: str, value, least: int = 1) -> None:
 
 def _check_episode(dds: DeviceDataset, n_way: int, k_shot: int, n_query: int):
     for name, value, least in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("n_query", n_query, 1)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:  # k_shot=-1: an empty support set
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        _check_count(name, value, least)  # (k_shot=-1: an empty support set)
     if k_shot + n_query > dds.min_class_count:
         raise ValueError(f"k_shot + n_query = {k_shot + n_query} exceeds the smallest class "
                          f"({dds.min_class_count} images): support and query could not be disjoint")

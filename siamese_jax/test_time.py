@@ -25,9 +25,13 @@ SHIFT_SETS = {
 
 def shifts_of(config) -> tuple:
     """The config's shift set (configs written before the key existed: "none")."""
-    name = config.get("test_time_shifts", "none")
+    return shift_set(config.get("test_time_shifts", "none"))
+
+
+def shift_set(name: str, what: str = "config.test_time_shifts") -> tuple:
+    """The shifts of the set named `name`; an unknown name is a ValueError naming `what`."""
     if name not in SHIFT_SETS:
-        raise ValueError(f"config.test_time_shifts={name!r}: must be one of {', '.join(SHIFT_SETS)}")
+        raise ValueError(f"{what}={name!r}: must be one of {', '.join(SHIFT_SETS)}")
     return SHIFT_SETS[name]
 
 

@@ -32,6 +32,8 @@ _TFDS_FILES = {
     "mnist": [Path(f).name for pair in archives.MNIST_FILES.values() for f in pair],
 }
 _DOWNLOAD_HOSTS = {"omniglot": "github.com", "mnist": "storage.googleapis.com"}
+# How a user reads the original archives instead, wherever TFDS cannot serve them.
+_ARCHIVES_INSTEAD = "(--source=archives for siamese-train, siamese-evaluate and siamese-export; source='archives' in a config)"
 _READ_CHUNK = 1024  # records per data-source read: bounds memory of decoded 3-channel images
 
 
@@ -89,7 +91,7 @@ def _import_tfds():
     except ImportError as e:
         raise DataError(
             f"source='tfds' needs tensorflow-datasets ({e}); pip install 'siamese-jax[tfds]', or read the "
-            f"original archives instead (--source=archives for siamese-train, siamese-evaluate and siamese-export; source='archives' in a config)"
+            f"original archives instead {_ARCHIVES_INSTEAD}"
         ) from e
     return tfds
 
@@ -122,7 +124,7 @@ def _prepare(tfds, builder, name: str, manual_dir: Optional[Path]) -> None:
     except ImportError as e:
         raise DataError(
             f"preparing {name} with TFDS needs TensorFlow (pip install 'siamese-jax[tf]'); "
-            f"or read the original files instead (--source=archives for siamese-train, siamese-evaluate and siamese-export; source='archives' in a config)"
+            f"or read the original files instead {_ARCHIVES_INSTEAD}"
         ) from e
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir is not None else None
     try:
@@ -138,7 +140,7 @@ def _prepare(tfds, builder, name: str, manual_dir: Optional[Path]) -> None:
                 " originals TFDS registered, though their PNGs are the same)" if name == "omniglot" else "")
         raise DataError(
             f"TFDS rejected {file} in {manual_dir}: its size/sha256 differ from the ones TFDS registered{hint};"
-            f" read them directly instead (--source=archives for siamese-train, siamese-evaluate and siamese-export; source='archives' in a config)"
+            f" read them directly instead {_ARCHIVES_INSTEAD}"
         ) from e
 
 
