@@ -39,7 +39,9 @@ class CheckpointError(RuntimeError):
 
 
 # Restoring weights only to fine-tune them (config.resume): another workdir changes nothing there.
-_FINE_TUNE_ADVICE = ("fine-tuning needs that run's encoder: its model, widths, embedding_dim, norm and image_size "
+# What to do about another model's checkpoint: in the workdir being resumed, or in config.resume's.
+OWN_RUN_ADVICE = "use that run's config or another workdir"
+FINE_TUNE_ADVICE = ("fine-tuning needs that run's encoder: its model, widths, embedding_dim, norm and image_size "
                      "(its config.json), or another --config.resume")
 
 
@@ -235,7 +237,7 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target, weights_only
     if weights_only == "matching":
         from flax import traverse_util
 
-        stored = _stored_param_shapes(manager, step) or {}
+        stored = _stored_param_shapes(manager.directory, step) or {}
         flat = traverse_util.flatten_dict(target.params, sep="/")
         kept = {k: v for k, v in flat.items() if stored.get(k) == tuple(v.shape)}
         partial = target.replace(params=traverse_util.unflatten_dict(kept, sep="/"))
@@ -294,8 +296,8 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
         if mismatch:  # not damage: this workdir belongs to another model, leave it alone
             raise CheckpointError(
                 f"checkpoint step {step} in {manager.directory} was written by a different model "
-                f"({mismatch}); " + (_FINE_TUNE_ADVICE if weights_only == "matching"
-                                     else "use that run's config or another workdir"))
+                f"({mismatch}); " + (FINE_TUNE_ADVICE if weights_only == "matching"
+                                     else OWN_RUN_ADVICE))
         try:
             with quiet_event_loop_tracebacks(grace_seconds=0.3):
                 restored = step, restore_step(manager, step, target, weights_only)
@@ -363,14 +365,15 @@ def _flat_shapes(tree) -> dict[str, tuple]:
     return out
 
 
-def _stored_param_shapes(manager: ocp.CheckpointManager, step: int) -> Optional[dict[str, tuple]]:
-    """{"encoder/Conv_0/kernel": shape, ...} of the step's params, from its small metadata file;
-    None when that is unreadable (the step is damaged)."""
+def _stored_param_shapes(directory, step: int) -> Optional[dict[str, tuple]]:
+    """{"encoder/Conv_0/kernel": shape, ...} of the params of step `step` in `directory` (a
+    `checkpoints/` or `best/` folder), from its small metadata file; None when that is unreadable
+    (the step is damaged)."""
     try:
         from etils import epath
 
         with quiet_event_loop_tracebacks():
-            md = ocp.StandardCheckpointHandler().metadata(epath.Path(str(manager.directory)) / str(step) / "state")
+            md = ocp.StandardCheckpointHandler().metadata(epath.Path(str(directory)) / str(step) / "state")
         tree = getattr(md, "tree", md)
         return _flat_shapes(tree["params"])
     except Exception:  # noqa: BLE001 - unreadable metadata: damaged, not a different model
@@ -382,10 +385,14 @@ def _shape_mismatch(manager: ocp.CheckpointManager, step: int, target, encoder_o
     (e.g. 'params/encoder/Conv_0/kernel is (3, 3, 1, 8) in the checkpoint, (3, 3, 1, 16) here');
     None when they agree or the metadata itself is unreadable (then the step is damaged).
     `encoder_only`: only the encoder's parameters must agree (fine-tuning under another loss)."""
-    stored = _stored_param_shapes(manager, step)
+    stored = _stored_param_shapes(manager.directory, step)
     if stored is None:
         return None
-    wanted = _flat_shapes(getattr(target, "params", {}))
+    return _first_difference(stored, _flat_shapes(getattr(target, "params", {})), encoder_only)
+
+
+def _first_difference(stored: dict, wanted: dict, encoder_only: bool) -> Optional[str]:
+    """The first parameter (by name) whose shape differs between two `_flat_shapes` trees, in words."""
     for key in sorted(set(stored) | set(wanted)):
         if encoder_only and not _is_encoder(key):
             continue
@@ -442,6 +449,23 @@ def _check_processes_agree(index: int, step: int, directories: list[str]) -> Non
             "the processes restored different checkpoints (" + ", ".join(
                 f"process {p}: {directories[i]} step {s}" for p, (i, s) in enumerate(each.tolist()))
             + "): check that every host sees the same workdir")
+
+
+def check_encoder_shapes(directory: str, params, advice: str) -> None:
+    """Raises CheckpointError when the newest step of `directory` whose metadata is readable holds an
+    encoder of other shapes than `params` (an abstract tree from `jax.eval_shape` is enough). Read
+    from the step's small metadata file, so a training can refuse another model's checkpoint before
+    it loads its data; the restore compares every parameter again. Only the encoder: a loss's own
+    parameters (ArcFace's centres) take their shapes from the data, and fine-tuning starts them afresh."""
+    for step in reversed(saved_steps(directory)):
+        stored = _stored_param_shapes(directory, step)
+        if stored is None:  # damaged: the restore falls back to an older step, so this check does too
+            continue
+        mismatch = _first_difference(stored, _flat_shapes(params), encoder_only=True)
+        if mismatch:
+            raise CheckpointError(f"checkpoint step {step} in {os.path.abspath(directory)} was written by a "
+                                  f"different model ({mismatch}); {advice}")
+        return
 
 
 def saved_steps(directory: str) -> list[int]:

@@ -45,7 +45,9 @@ class EmbeddingIndex:
         return os.path.join(self.root, path)
 
     def search(self, query_embeddings: np.ndarray, k: int = 5, chunk_size: Optional[int] = None):
-        """(distances [Q, k], indices [Q, k]) of the k nearest rows, nearest first.
+        """(distances [Q, k], indices [Q, k]) of the k nearest rows, nearest first; a k above the
+        index's size gives every row (a search of a 3-image folder for 5 shows 3), where
+        `evaluation.knn` raises: an evaluation protocol that asks for k neighbours needs k.
 
         Memory stays bounded for any Q, N and k: `knn` holds ~128 MiB of distances at a time
         (chunk_size=None; a fixed 1,024 queries made it 1,024 x N: 7.6 GB for a million rows), and

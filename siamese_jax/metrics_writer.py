@@ -145,7 +145,6 @@ def write_evaluation(workdir: str, step: int, results: dict) -> None:
         # the same name, so a writer opened in the same second as the training's would erase its events.
         tb = _summary_writer_class()(logdir, flush_secs=10, max_queue=100, filename_suffix=".evaluation")
         this_file = _event_file_name(tb)  # (before close: a closed writer's accessor opens a new file)
-        written = False
         try:
             if _tensorboard_has_room(tb, len(scalars)):
                 for tag, value in scalars.items():

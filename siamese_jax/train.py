@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from typing import Optional
 
 import jax
@@ -160,6 +161,8 @@ def _config_json(config) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming if `workdir` has a checkpoint), then evaluates. Returns the results dict.
+    `config` is a ConfigDict (`siamese_jax.configs.default.get_config()`); a plain dict of the same
+    keys is converted.
 
     Before any data is loaded: the whole config is validated (`config_check`, one-line
     `ConfigError`s), the workdir is created and proven writable, and its lock is taken (one run per
@@ -179,7 +182,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _run_locked(config, workdir, evaluate=False)
 
 
+def _as_config_dict(config) -> ml_collections.ConfigDict:
+    """The config as a ConfigDict this run may write to (`num_classes`): a plain dict (as a library
+    user may build one) is converted, a FrozenConfigDict thawed; anything else is one line, not
+    an AttributeError on its first key."""
+    if isinstance(config, ml_collections.FrozenConfigDict):
+        return config.as_configdict()
+    if isinstance(config, ml_collections.ConfigDict):
+        return config
+    if isinstance(config, Mapping):
+        return ml_collections.ConfigDict(dict(config))
+    raise config_check.ConfigError(f"config must be an ml_collections.ConfigDict or a dict (e.g. "
+                                   f"siamese_jax.configs.default.get_config()), got {type(config).__name__}")
+
+
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool) -> dict:
+    config = _as_config_dict(config)
     config_check.validate_config(config, num_devices=jax.device_count())
     # The workdir is proven writable on every process, and every process learns the outcome.
     with lock_workdir(workdir, check=lambda: config_check.check_workdir(workdir)):
@@ -409,6 +427,24 @@ def _check_resumable(config, workdir: str) -> None:
         raise _past_num_steps(config, workdir, steps[-1])
 
 
+def _check_encoder_of_the_starting_checkpoint(config, workdir: str) -> None:
+    """The checkpoint this run would start from (its own, else config.resume's) holds an encoder of
+    this config's shapes: checked from the step's metadata file before the data load (~7 s), which
+    it used to follow. The restore checks every parameter again."""
+    own = os.path.join(workdir, "checkpoints")
+    if ckpt_lib.saved_steps(own):
+        directory, advice = own, ckpt_lib.OWN_RUN_ADVICE
+    elif config.get("resume"):
+        directory, advice = config.resume, ckpt_lib.FINE_TUNE_ADVICE
+    else:
+        return
+    model = models.build_model(config)
+    blank = jnp.zeros((2, config.image_size, config.image_size, 1), jnp.float32)
+    # Shapes only (jax.eval_shape): nothing is initialised or compiled.
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), blank, train=False))["params"]
+    ckpt_lib.check_encoder_shapes(directory, params, advice)
+
+
 def _warn_if_the_schedule_ends_early(config) -> None:
     """One line when `lr_schedule_steps` ends before `num_steps` (a typo, e.g. 3000 for 300000, or a
     resumed run keeping its old schedule): the steps after it train at the final rate."""
@@ -497,6 +533,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     # Data on device (replicated), resized once. A resumed run keeps the validation alphabets it was
     # trained without (the rule that picks them changed once; `_keep_the_runs_split`).
     _check_resumable(config, workdir)
+    _check_encoder_of_the_starting_checkpoint(config, workdir)
     _warn_if_the_schedule_ends_early(config)
     training_split = ip.load_split(config, ip.train_split_name(config))
     _keep_the_runs_split(config, workdir, training_split)

@@ -250,8 +250,9 @@ def test_a_later_validation_generation_outranks_a_higher_score_of_an_earlier_one
 
 def test_resume_refusals_and_what_config_json_records(tmp_path, data_dir, caplog, monkeypatch):
     """A workdir is one run on one dataset; a checkpoint past num_steps trains nothing; config.resume
-    under a workdir's own checkpoint is not used and not recorded; a best/ of another architecture
-    with nothing to resume from is refused rather than kept as the best."""
+    under a workdir's own checkpoint is not used and not recorded; a checkpoint of another encoder to
+    resume or fine-tune from is refused before the data load; a best/ of another architecture with
+    nothing to resume from is refused rather than kept as the best."""
     import json
 
     from siamese_jax import config_check
@@ -268,6 +269,15 @@ def test_resume_refusals_and_what_config_json_records(tmp_path, data_dir, caplog
             train_lib.train(other, workdir)
         with pytest.raises(config_check.ConfigError, match=r"is at step 4, past --config.num_steps=2: nothing to train"):
             train_lib.train(_tiny_mnist_config(data_dir, num_steps=2), workdir)
+        # Another encoder: its own checkpoint, or config.resume's (the refusal came after the data load).
+        with pytest.raises(C.CheckpointError, match=r"checkpoint step 4 in .*/checkpoints was written by a different "
+                                                    r"model \(params/encoder/.* is \(\d+,\) in the checkpoint, "
+                                                    r"\(32,\) for this config\); use that run's config or another workdir"):
+            train_lib.train(_tiny_mnist_config(data_dir, num_steps=6, embedding_dim=32), workdir)
+        with pytest.raises(C.CheckpointError, match=r"in .*/run/checkpoints was written by a different model .*; "
+                                                    r"fine-tuning needs that run's encoder"):
+            train_lib.train(_tiny_mnist_config(data_dir, widths=(8, 16), resume=os.path.join(workdir, "checkpoints")),
+                            str(tmp_path / "tuned-wrong"))
     source = str(tmp_path / "source")
     train_lib.train(_tiny_mnist_config(data_dir, num_steps=2), source)
     with caplog.at_level("WARNING"):

@@ -192,6 +192,26 @@ def test_bad_config_value_is_one_line_before_any_data_is_read(override, message,
     assert not (tmp_path / "run").exists()  # rejected before the workdir was even created
 
 
+def test_a_plain_dict_config_trains_like_its_config_dict_and_other_types_are_one_line(tmp_path):
+    """A library user's `train_and_evaluate(dict(...), workdir)` was an AttributeError on the first
+    key (a FrozenConfigDict one on `num_classes`): a dict is read as a ConfigDict, a frozen one thawed."""
+    import ml_collections
+
+    from siamese_jax import train
+
+    c = default.get_config("mnist")
+    for given in (c.to_dict(), ml_collections.FrozenConfigDict(c), c):
+        got = train._as_config_dict(given)
+        assert type(got) is ml_collections.ConfigDict and got.to_dict() == c.to_dict()
+        got.num_classes = 10  # what a run writes into it
+    assert train._as_config_dict(c) is c  # the caller's own ConfigDict, as before
+    for bad in ([("loss", "triplet")], "experiments/configs/omniglot_pretrained.py"):
+        with pytest.raises(config_check.ConfigError, match=r"^config must be an ml_collections.ConfigDict or a "
+                                                           r"dict \(e.g. .*\), got (list|str)$"):
+            train.train_and_evaluate(bad, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_combinations_the_fuzz_review_found_are_refused_or_take_effect(tmp_path, monkeypatch, caplog):
     # The config-space review of 2026-12-05: values that each passed alone but did nothing, failed
     # after the training, or failed late naming no key.

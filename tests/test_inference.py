@@ -389,6 +389,11 @@ def test_search_memory_is_bounded_and_its_blocks_give_the_brute_force_answer(mon
     np.testing.assert_array_equal(i, np.argsort(brute, axis=1, kind="stable")[:, :7])
     np.testing.assert_allclose(d, np.sort(brute, axis=1)[:, :7], rtol=1e-6)
     assert (d[:50, 0] == 0).all()
+    # More neighbours than rows: every row, nearest first (`evaluation.knn` raises instead); none is an error.
+    d3, i3 = EmbeddingIndex(emb[:3], ["a", "b", "c"], "fp").search(emb[2:3], k=5)
+    assert d3.shape == i3.shape == (1, 3) and i3[0, 0] == 2
+    with pytest.raises(ValueError, match=r"k=0 must be in \[1, 3\]"):
+        EmbeddingIndex(emb[:3], ["a", "b", "c"], "fp").search(emb[2:3], k=0)
 
 
 def test_calibrate_reads_only_the_images_its_pairs_use(eval_pngs, tmp_path, monkeypatch):
