@@ -205,7 +205,14 @@ def _calibrate(argv):
                           dict(cal.__dict__, model_fingerprint=model.fingerprint(), checkpoint_step=model.provenance.get("step")))
         where = os.path.join(args.model, "calibration.json")
     else:
+        from siamese_jax.images import READING
+
         where = args.out or args.model
+        # Where its threshold comes from (an exported file said "the run's validation data" after
+        # being calibrated on a folder), and how the folder's files were read: a version that reads
+        # them otherwise does not use the threshold (`inference.load_model`).
+        model.provenance.update(calibrated_on=f"{cal.num_pairs} pairs of {len(names)} classes in "
+                                              f"{os.path.abspath(args.folder)}", images_read_as=READING)
         model.save(where)
     print(console.display(f"threshold {cal.threshold:.4f} ({cal.method}) on {cal.num_pairs} pairs from {len(names)} classes: "
                           f"accuracy {cal.accuracy:.3f}, false-accept rate {cal.false_accept_rate:.3f} -> {where}"))

@@ -23,6 +23,13 @@ MAX_PIXELS = 40_000_000  # ~ a 6300x6300 image; far beyond any sensible glyph
 MAX_SIDE = 20_000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".pgm", ".pbm", ".ppm", ".pnm")
+# How files are read, as a version: hashed into a model's fingerprint, so an index or a calibration
+# built from files read another way is refused rather than silently stale. Change it whenever
+# `prepare`'s output for some file changes. History: levels stretched and EXIF applied (2026-12-05
+# 00:05), then five refinements of the same day up to a scanner's frame (9f4c495, 06:52); an index or
+# calibration of those hours carried the first one's name and was accepted (the upgrade review of
+# 2026-12-06: a grey-scan threshold 0.40 where these files need 1.05).
+READING = "framed-pages-2026-12-05"
 # Images larger than this many pixels are resized as soon as they are read (the same resize, one image
 # at a time), so a batch of phone photos does not sit in memory at full size.
 _RESIZE_AT_ONCE_PIXELS = 512 * 512

@@ -151,6 +151,6 @@ def build_index(model, paths: Sequence[str], batch_size: int = 256,
 def check_compatible(index: EmbeddingIndex, model, index_path: str = "index") -> None:
     if index.model_fingerprint != model.fingerprint():
         raise IndexError_(f"{index_path} was built by another model (fingerprint {index.model_fingerprint}, "
-                          f"this model is {model.fingerprint()}), or before 2026-12-05, when reading image files "
-                          f"changed (levels, EXIF); pass the --model it was built with, or rebuild it with "
+                          f"this model is {model.fingerprint()}), or by a version that read image files "
+                          f"differently (before 2026-12-06); pass the --model it was built with, or rebuild it with "
                           f"`siamese-embed FOLDER --out={index_path} --model=<this model>`")

@@ -223,9 +223,9 @@ class SiameseModel:
             # ... and of how a shift fills the edge it uncovers: zeros since 2026-12-04 (a wrap-around
             # roll before), so an index of the rolled views is refused, not silently stale.
             h.update(b"zero-fill")
-        # Files are read with their levels stretched and EXIF orientation applied since 2026-12-05
-        # (`images.ink_bright`): an index of a grey scan built before is refused, not silently stale.
-        h.update(b"levels-stretched")
+        # ... and of how files are read (`images.READING`): an index of a grey scan read another way
+        # is refused, not silently stale.
+        h.update(img_lib.READING.encode())
         return h.hexdigest()[:16]
 
     def save(self, path: str) -> None:
@@ -352,6 +352,14 @@ def load_model(source: str = "pretrained") -> SiameseModel:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ModelError(f"{source}: unusable model metadata ({type(e).__name__}: {str(e)[:160]})") from None
     check_weights(model, source)
+    # A threshold `siamese-calibrate --out` fitted on a folder's files holds for files read that way
+    # (`images.READING`, recorded since 2026-12-06); `export` fits its own on the dataset's arrays.
+    read_as = model.provenance.get("images_read_as") if isinstance(model.provenance, dict) else None
+    if model.calibration is not None and read_as not in (None, img_lib.READING):
+        model.calibration = None
+        model.stale_calibration = (f"{source}: its threshold was fitted to image files read as {read_as!r}, this "
+                                   f"version reads them as {img_lib.READING!r}: run `siamese-calibrate FOLDER "
+                                   f"--model {source} --out <new file>` again")
     return model
 
 
@@ -400,13 +408,24 @@ def _load_workdir(workdir: str) -> SiameseModel:
     # its training goes on (or runs while `calibrate` did), and a stale threshold gave confident,
     # wrong verdicts (accuracy 0.55 where a fresh one gave 0.78; the concurrency review of
     # 2026-12-05). Such a calibration is not attached: `compare` says why; embed and search work.
-    if cal is not None and fitted_to.get("model_fingerprint") not in (None, model.fingerprint()):
+    # A calibration.json without the fingerprint (written before 2026-12-05) cannot say which weights,
+    # shift set or way of reading files it was fitted to: it was used as if current (the upgrade
+    # review of 2026-12-06: a threshold of a finished run kept after it trained on, false accepts 0.83
+    # against 0.26 with a fresh one).
+    fitted = fitted_to.get("model_fingerprint")
+    if cal is not None and fitted != model.fingerprint():
         model.calibration = None
         was = fitted_to.get("checkpoint_step")
-        now = (f"this workdir's model is now step {step}" if was != step else
-               f"this workdir's model (step {step} too) has other weights or embeds with another test-time shift set")
-        model.stale_calibration = (f"{cal_path} was fitted to the model of step {was}; {now}: run "
-                                   f"`siamese-calibrate FOLDER --model {workdir}` again")
+        if fitted is None:
+            why = (f"{cal_path} does not record the model it was fitted to (written before 2026-12-05, it may "
+                   f"be another checkpoint's, or of files read as they no longer are)")
+        elif was != step:
+            why = f"{cal_path} was fitted to the model of step {was}; this workdir's model is now step {step}"
+        else:
+            why = (f"{cal_path} was fitted to the model of step {was}; this workdir's model (step {step} too) has "
+                   f"other weights, embeds with another test-time shift set, or reads image files differently "
+                   f"(since 2026-12-06: `images.READING`)")
+        model.stale_calibration = f"{why}: run `siamese-calibrate FOLDER --model {workdir}` again"
     return model
 
 

@@ -250,10 +250,38 @@ def _log_resume_changes(config, workdir: str, step: int) -> None:
             log.warning("config.resume=%s is not used: %s resumes from its own checkpoint (step %d); to start "
                         "from those weights, use a new --workdir", config.resume, workdir, step)
         config.resume = previous.get("resume")
-    changed = _config_changes(previous, _config_json(config))
-    if changed:
+    changes = _config_changes(previous, _config_json(config))
+    if changes:
+        show = lambda v: "(absent)" if v is _MISSING else repr(v)  # noqa: E731
         log.warning("resuming %s with a changed config (config.json and results.json will describe the whole "
-                    "run by the new one): %s%s", workdir, "; ".join(changed), _schedule_change(previous, config, step))
+                    "run by the new one): %s%s%s", workdir, "; ".join(f"{k} {show(old)} -> {show(new)}"
+                                                                for k, old, new in changes),
+                    _schedule_change(previous, config, step), _how_to_keep(changes))
+
+
+_MISSING = object()  # a key one config.json lacks
+# What an older config.json's missing key meant to the code that wrote it: the value that keeps it.
+_ABSENT_MEANT = {"test_time_shifts": "none"}
+# Changed on purpose in a resume (more steps): not offered back.
+_NOT_OFFERED_BACK = {"num_steps", "lr_schedule_steps", "resume"}
+
+
+def _how_to_keep(changes: list) -> str:
+    """"; to keep the old settings: --config.augment=False ..." for the changed keys whose old value
+    is known. The same command re-run on a workdir of an older release changes what that release's
+    presets or absent keys meant (augment, test_time_shifts), and the line said so without saying
+    how to keep the run as it was (the upgrade review of 2026-12-06)."""
+    import shlex
+
+    flags = []
+    for key, old, new in changes:
+        old = _ABSENT_MEANT.get(key, old) if old is _MISSING else old
+        if "." in key or key in _NOT_OFFERED_BACK or old is _MISSING or new is _MISSING or old == new:
+            continue  # (a `margins` entry: its flag is the whole dict)
+        # As `--config.x=` parses it: a Python literal, a string bare; JSON made the tuples lists.
+        value = old if isinstance(old, str) else repr(tuple(old)) if isinstance(old, list) else repr(old)
+        flags.append(shlex.quote(f"--config.{key}={value}"))
+    return f"; to keep the old settings: {' '.join(flags)}" if flags else ""
 
 
 # Keys only one loss reads: for a run of another loss, such a key missing from an older config.json
@@ -262,7 +290,7 @@ _LOSS_ONLY_KEYS = {"ms_alpha": "multi_similarity", "ms_beta": "multi_similarity"
 
 
 def _config_changes(previous: dict, now: dict) -> list:
-    """["key old -> new", ...] between two config.json dicts; `margins` (a dict on both sides) entry
+    """[(key, old, new), ...] between two config.json dicts (`_MISSING` for a key one lacks); `margins` (a dict on both sides) entry
     by entry. Not changes: a key the other side's loss never reads that the old file lacks (a
     release that adds a loss listed its settings on every resumed run written before it). Any other
     key the old file lacks is reported, even at today's default: the code may have read its absence
@@ -279,17 +307,15 @@ def _config_changes(previous: dict, now: dict) -> list:
         return out
 
     before, after = flat(previous, now), flat(now, previous)
-    missing = object()
-    show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
     changed = []
     for k in sorted(set(before) | set(after)):
-        old, new = before.get(k, missing), after.get(k, missing)
+        old, new = before.get(k, _MISSING), after.get(k, _MISSING)
         if k.split(".")[0] in _RESUME_NEUTRAL_KEYS or old == new:
             continue
-        if old is missing and (_LOSS_ONLY_KEYS.get(k, loss) != loss
-                               or (k.startswith("margins.") and k != f"margins.{loss}")):
+        if old is _MISSING and (_LOSS_ONLY_KEYS.get(k, loss) != loss
+                                or (k.startswith("margins.") and k != f"margins.{loss}")):
             continue  # another loss's setting, added by an upgrade
-        changed.append(f"{k} {show(old)} -> {show(new)}")
+        changed.append((k, old, new))
     return changed
 
 
@@ -522,6 +548,19 @@ def _elapsed_of(meta) -> dict:
             and isinstance(v, (int, float)) and v >= 0}
 
 
+def _elapsed_in_results(workdir: str, step: int) -> dict:
+    """The seconds of a run whose checkpoints record none (written before 2026-12-05), from the
+    results.json it wrote on finishing at `step` (its config.json's num_steps): a re-run of such a
+    finished workdir wrote 0 s over them, and a resumed one counted its new leg only (the upgrade
+    review of 2026-12-06). {} when the run stopped elsewhere: its seconds are not known."""
+    results = _read_json(os.path.join(workdir, "results.json"))
+    if not results or (_previous_config(workdir) or {}).get("num_steps") != step:
+        return {}
+    return {k: float(results[f"{k}_seconds"]) for k in ("train", "validation", "checkpoints")
+            if isinstance(results.get(f"{k}_seconds"), (int, float)) and not isinstance(results[f"{k}_seconds"], bool)
+            and results[f"{k}_seconds"] >= 0}
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     """The training loop; returns (train_seconds, {"validation_seconds", "checkpoints_seconds"})."""
     os.makedirs(workdir, exist_ok=True)
@@ -741,7 +780,7 @@ def _initial_state(config, workdir: str, ckpts, fresh, tx, training_split) -> tu
     earlier = {"train": 0.0, "validation": 0.0, "checkpoints": 0.0}  # seconds of the legs before a resume
     if restored is not None:
         state, restored_meta = restored
-        earlier.update(_elapsed_of(restored_meta))
+        earlier.update(_elapsed_of(restored_meta) or _elapsed_in_results(workdir, int(state.step)))
         log.info("resuming from step %d of %s", int(state.step), workdir)
         if int(state.step) > config.num_steps:
             raise _past_num_steps(config, workdir, int(state.step))

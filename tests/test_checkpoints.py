@@ -300,6 +300,29 @@ def test_resume_refusals_and_what_config_json_records(tmp_path, data_dir, caplog
         train_lib.train(_tiny_mnist_config(data_dir, widths=(8, 16)), workdir)
 
 
+def test_a_finished_run_whose_checkpoints_record_no_seconds_keeps_its_results_seconds(tmp_path, data_dir):
+    """Checkpoints written before 2026-12-05 record no seconds: re-running such a finished workdir
+    wrote 0 s over results.json's, and a resumed one counted its new leg only (the upgrade review of
+    2026-12-06). The seconds of the results.json the run wrote on finishing at that step are kept;
+    a run stopped at another step counts from its resume, as before."""
+    import json
+
+    from siamese_jax import train as train_lib
+
+    workdir = tmp_path / "run"
+    train_lib.train(_tiny_mnist_config(data_dir), str(workdir))  # finishes at step 4
+    for step in C.saved_steps(str(workdir / "checkpoints")):  # as an older release wrote them
+        meta_file = workdir / "checkpoints" / str(step) / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text())
+        assert meta.pop("elapsed")
+        meta_file.write_text(json.dumps(meta))
+    recorded = {"train_seconds": 100.0, "validation_seconds": 7.5, "checkpoints_seconds": 1.25}
+    (workdir / "results.json").write_text(json.dumps(dict(recorded, checkpoint_step=4)))
+    again = train_lib.train(_tiny_mnist_config(data_dir), str(workdir))  # trains nothing
+    assert again == pytest.approx(recorded, abs=0.5)  # (the re-run's own few milliseconds added)
+    assert train_lib._elapsed_in_results(str(workdir), 2) == {}  # not where that run finished
+
+
 def test_config_resume_fine_tunes_under_a_loss_with_its_own_parameters(tmp_path, data_dir):
     """A triplet-trained encoder fine-tuned with ArcFace (class centres) or Koch's verification head:
     the encoder comes from the source, the loss's own parameters start fresh (they were refused as

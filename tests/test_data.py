@@ -638,6 +638,8 @@ def test_resuming_with_a_changed_config_says_what_changed(tmp_path, caplog):
     message = record.getMessage()
     assert "loss 'triplet' -> 'batch_hard'" in message and "num_steps 12000 -> 20000" in message
     assert "archive_dir" not in message and "log_every_seconds" not in message
+    # ... and how to keep the old settings: the loss, not the steps that the resume is for.
+    assert message.endswith("; to keep the old settings: --config.loss=triplet")
     # ... and the learning rate's jump at the resume step, the cosine being rebuilt over 20,000 steps.
     assert "at step 4000 the rate goes from" in message and "--config.lr_schedule_steps=12000" in message
     # The advice is a config the checks accept (they refused a schedule shorter than num_steps).
@@ -680,7 +682,13 @@ def test_resuming_a_run_written_before_an_option_existed_is_not_a_changed_config
 
     older = _split_config().to_dict()
     del older["test_time_shifts"]
-    assert "test_time_shifts (absent) -> 'square9'" in warning(older, _split_config())
+    # An older release's run re-run with the same command: what its absent key and its presets meant
+    # is offered back as flags (the upgrade review of 2026-12-06), a tuple as the flag parses it.
+    older.update(augment=False, widths=[8, 16])
+    message = warning(older, _split_config())
+    assert "test_time_shifts (absent) -> 'square9'" in message
+    hint = message.split("; to keep the old settings: ")[1]
+    assert hint == "--config.augment=False --config.test_time_shifts=none '--config.widths=(8, 16)'", hint
     odd = dict(_split_config().to_dict(), margins=None)
     assert "margins None -> {" in warning(odd, _split_config())
 

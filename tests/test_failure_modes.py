@@ -900,13 +900,23 @@ def test_a_workdir_calibration_fitted_to_an_earlier_best_checkpoint_is_not_used(
     assert commands._search([index, a, "-k", "2", "--sheet", sheet, "--model", str(workdir)]) == 0
     assert "note: no verdicts on the sheet: " in capsys.readouterr().err and os.path.getsize(sheet) > 1000
     legacy = {k: v for k, v in saved.items() if k not in inference.CALIBRATED_MODEL_KEYS}
-    (workdir / "calibration.json").write_text(json.dumps(legacy))  # written before it was recorded
-    assert inference.load_model(str(workdir)).calibration is not None
-    # The same step with other embeddings (another test-time shift set): refused, and said so, not
-    # "fitted to step 2; the model is now step 2".
+    # Written before the fingerprint was recorded: which weights it fits cannot be known (it was used
+    # as current, also after the run trained on: the upgrade review of 2026-12-06).
+    (workdir / "calibration.json").write_text(json.dumps(legacy))
+    model = inference.load_model(str(workdir))
+    assert model.calibration is None
+    with pytest.raises(inference.ModelError, match=r"calibration.json does not record the model it was fitted to "
+                                                   r"\(written before 2026-12-05.*\): run `siamese-calibrate FOLDER"):
+        model.compare(a, b)
+    # The same step with other embeddings (another test-time shift set, another way of reading files):
+    # refused, and said so, not "fitted to step 2; the model is now step 2".
     (workdir / "calibration.json").write_text(json.dumps(dict(legacy, model_fingerprint="0" * 16, checkpoint_step=2)))
-    with pytest.raises(inference.ModelError, match=r"step 2 too\) has other weights or embeds with another test-time shift set"):
+    with pytest.raises(inference.ModelError, match=r"step 2 too\) has other weights, embeds with another test-time "
+                                                   r"shift set, or reads image files differently"):
         inference.load_model(str(workdir)).compare(a, b)
+    # Calibrated again: used.
+    assert commands._calibrate([str(tmp_path / "pairs"), "--model", str(workdir), "--pairs", "20"]) == 0
+    assert inference.load_model(str(workdir)).calibration is not None
 
 
 def test_export_refuses_test_numbers_of_another_checkpoint(tmp_path):

@@ -408,7 +408,19 @@ def test_calibrate_reads_only_the_images_its_pairs_use(eval_pngs, tmp_path, monk
         commands.calibrate_main([str(eval_pngs), "--pairs", "6", "--out", str(out)])
     assert e.value.code == 0
     assert embedded and sum(embedded) <= 12  # of the folder's 80 images
-    assert inference.load_model(str(out)).calibration.num_pairs == 6
+    m = inference.load_model(str(out))
+    assert m.calibration.num_pairs == 6
+    # The file says where its threshold comes from (it kept the shipped model's "the run's validation
+    # data") and how the files were read: a version that reads them otherwise does not use it.
+    assert m.provenance["calibrated_on"] == f"6 pairs of 20 classes in {eval_pngs}"
+    assert m.provenance["images_read_as"] == img_lib.READING
+    monkeypatch.setattr(img_lib, "READING", "another-reading")
+    m = inference.load_model(str(out))
+    assert m.calibration is None
+    with pytest.raises(inference.ModelError, match=r"its threshold was fitted to image files read as '.*', this "
+                                                   r"version reads them as 'another-reading': run `siamese-calibrate"):
+        m.compare(np.zeros((20, 20)), np.zeros((20, 20)))
+    assert inference.load_model("pretrained").calibration is not None  # export's, fitted on the dataset's arrays
 
 
 @pytest.mark.parametrize("case", ["missing", "not_image", "truncated", "directory", "empty_folder",

@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from siamese_jax import config_check, inference, test_time
+from siamese_jax import config_check, images, inference, test_time
 from siamese_jax.configs import default
 
 
@@ -101,4 +101,16 @@ def test_pretrained_mnist_embeds_with_its_shift_set():
 
     assert model.fingerprint() != fingerprint_before_zero_fill(model, "square9")
     assert one.fingerprint() != fingerprint_before_zero_fill(one, "none")
+
+    # ... and so is one of files read as they were on 2026-12-05 before a scanner's frame was found
+    # (9f4c495): every index of those hours carried the first reading's name and was accepted.
+    def fingerprint_read_as(m, reading):
+        h = hashlib.sha256()
+        for leaf in jax.tree.leaves((m.params, m.batch_stats)):
+            h.update(np.asarray(leaf).tobytes())
+        h.update(reading)
+        return h.hexdigest()[:16]
+
+    assert one.fingerprint() == fingerprint_read_as(one, images.READING.encode())  # (the hash as written)
+    assert one.fingerprint() != fingerprint_read_as(one, b"levels-stretched")
     assert set(model._embed_fns) == {"square9", "none"}
