@@ -27,7 +27,17 @@ from typing import Any, Iterable, Optional
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+_ROOT_HANDLERS = list(logging.root.handlers)
+import orbax.checkpoint as ocp  # noqa: E402
+
+# Importing orbax logs through absl before any handler is set, and Python's module-level logging
+# calls `basicConfig()` then: the root logger got a stderr handler, and a library user's own
+# `logging.basicConfig(level=INFO, format=...)` afterwards did nothing (no progress lines from
+# `train()`; the notebook review of 2026-12-06). The handlers the import added are removed.
+for _handler in [h for h in logging.root.handlers if h not in _ROOT_HANDLERS]:
+    logging.root.removeHandler(_handler)
+del _ROOT_HANDLERS
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +120,7 @@ class Checkpoints:
                     max_to_keep=1, create=True, best_fn=lambda m: _rank(m, best_metric, best_mode), best_mode=best_mode,
                     multiprocessing_options=_multiprocessing("best")))
         self._closed = False
-        _OPEN.append(self)
+        _register_open(self)
 
     # -- saving ---------------------------------------------------------------------------------
     @staticmethod
@@ -141,8 +151,6 @@ class Checkpoints:
         if self._closed:
             return
         self._closed = True
-        if self in _OPEN:
-            _OPEN.remove(self)
         try:
             with quiet_event_loop_tracebacks():
                 self.latest.close()
@@ -184,18 +192,31 @@ class Checkpoints:
         return os.path.join(self.workdir, kind)
 
 
-_OPEN: list[Checkpoints] = []  # opened and not closed yet
+# Per thread, the `close_on_exit` blocks it is inside, each with the Checkpoints opened in it. One
+# list for the process closed, when one thread's block ended, what another thread had opened since
+# (two trainings in threads: the second failed at its next save, "cannot schedule new futures after
+# shutdown", and the process hung ~300 s at exit; the notebook review of 2026-12-06).
+_BLOCKS = threading.local()
+
+
+def _register_open(ckpts: "Checkpoints") -> None:
+    for block in getattr(_BLOCKS, "stack", ()):
+        block.append(ckpts)
 
 
 @contextlib.contextmanager
 def close_on_exit():
-    """Closes every `Checkpoints` opened inside the block and still open when it exits, whatever
-    the exit (an error in the loop must neither leave an orbax save half-done nor a temp dir)."""
-    mark = len(_OPEN)
+    """Closes every `Checkpoints` that this thread opened inside the block and that is still open
+    when it exits, whatever the exit (an error in the loop must neither leave an orbax save half-done
+    nor a temp dir). Other threads' are theirs to close."""
+    stack = _BLOCKS.__dict__.setdefault("stack", [])
+    opened: list = []
+    stack.append(opened)
     try:
         yield
     finally:
-        for ckpts in reversed(_OPEN[mark:]):
+        stack.remove(opened)
+        for ckpts in reversed(opened):
             try:
                 ckpts.close()
             except Exception as e:  # noqa: BLE001 - closing must not hide the error that got us here
@@ -558,20 +579,31 @@ class _DropEventLoopClosed:
         return getattr(self._stream, name)
 
 
+# The blocks of `quiet_event_loop_tracebacks` open in any thread, and what the first one changed:
+# two threads restoring at once each saved and restored the absl level, and the one that left last
+# could set it back to the other's CRITICAL for the rest of the process (the notebook review of
+# 2026-12-06: 8 concurrent `load_model`s left orbax's later errors, save failures included, silent).
+_QUIET_LOCK = threading.Lock()
+_QUIET = {"users": 0, "absl_level": logging.NOTSET, "stderr": None, "filter": None}
+
+
 @contextlib.contextmanager
 def quiet_event_loop_tracebacks(grace_seconds: float = 0.0):
     """Within the block (and `grace_seconds` after an exception), drop 'Event loop is closed'
     tracebacks from sys.stderr, and every absl log record below CRITICAL from any thread (orbax
     logs unreadable metadata as errors through absl; the caller reports the failure in one line),
     including what orbax would log while `close()` waits for a save. An already installed filter is
-    left alone."""
+    left alone. Blocks of several threads overlap safely: the last one out restores both."""
     absl_logger = logging.getLogger("absl")  # orbax logs unreadable metadata files as errors
-    absl_level = absl_logger.level
-    absl_logger.setLevel(logging.CRITICAL)
-    original = sys.stderr
-    filt = None
-    if original is not None and not isinstance(original, _DropEventLoopClosed):
-        sys.stderr = filt = _DropEventLoopClosed(original)
+    with _QUIET_LOCK:
+        if _QUIET["users"] == 0:
+            _QUIET["absl_level"] = absl_logger.level
+            absl_logger.setLevel(logging.CRITICAL)
+            original = sys.stderr
+            _QUIET["stderr"], _QUIET["filter"] = original, None
+            if original is not None and not isinstance(original, _DropEventLoopClosed):
+                sys.stderr = _QUIET["filter"] = _DropEventLoopClosed(original)
+        _QUIET["users"] += 1
     try:
         yield
     except BaseException:
@@ -579,11 +611,16 @@ def quiet_event_loop_tracebacks(grace_seconds: float = 0.0):
             time.sleep(grace_seconds)  # callbacks of the cancelled reads arrive within milliseconds
         raise
     finally:
-        absl_logger.setLevel(absl_level)
-        if filt is not None:
-            if sys.stderr is filt:
-                sys.stderr = original
-            filt.drain()
+        with _QUIET_LOCK:
+            _QUIET["users"] -= 1
+            if _QUIET["users"] == 0:
+                absl_logger.setLevel(_QUIET["absl_level"])
+                filt = _QUIET["filter"]
+                if filt is not None:
+                    if sys.stderr is filt:
+                        sys.stderr = _QUIET["stderr"]
+                    filt.drain()
+                _QUIET["stderr"] = _QUIET["filter"] = None
 
 
 def install_stderr_filter() -> None:

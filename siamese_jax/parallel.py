@@ -40,11 +40,14 @@ def use_cpu_cores_as_devices(batch_size: int, requested: Optional[int] = None) -
     Leaves alone a device count the user chose (XLA_FLAGS' --xla_force_host_platform_device_count
     or JAX_NUM_CPU_DEVICES), and does nothing once JAX's backends are up. Returns the count set.
     """
+    global _count_set_here
+    set_by_user = getattr(jax.config, "jax_num_cpu_devices", -1) not in (-1, _count_set_here)
     if re.search(r"xla_force_host_platform_device_count", os.environ.get("XLA_FLAGS", "")) or \
-            os.environ.get("JAX_NUM_CPU_DEVICES") or getattr(jax.config, "jax_num_cpu_devices", -1) != -1:
+            os.environ.get("JAX_NUM_CPU_DEVICES") or set_by_user:
         if requested:  # it was silent, and config.json then recorded a count the run did not have
             log.warning("config.cpu_devices=%s has no effect: the environment sets the CPU device count "
-                        "(XLA_FLAGS' --xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES)", requested)
+                        "(XLA_FLAGS' --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES or "
+                        "jax.config's jax_num_cpu_devices)", requested)
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = requested if requested else cpu_device_count(batch_size, cores)
@@ -53,11 +56,28 @@ def use_cpu_cores_as_devices(batch_size: int, requested: Optional[int] = None) -
     except (RuntimeError, AttributeError) as e:
         # RuntimeError: JAX refuses the change once its backends are up (asked this way, not through
         # the private jax._src.xla_bridge.backends_are_initialized, which every `train` would then
-        # depend on, also on the GPU image, whose jax is a version newer than this box's).
-        # AttributeError: a JAX without the option; its default device split stays.
-        log.debug("keeping JAX's CPU device count: %s", e)
+        # depend on, also on the GPU image, whose jax is a version newer than this box's); the
+        # same count again is accepted. AttributeError: a JAX without the option.
+        if requested and isinstance(e, RuntimeError):
+            # From Python after any JAX operation (a notebook): it was a debug line, and config.json
+            # recorded a count the run did not have (the notebook review of 2026-12-06).
+            log.warning("config.cpu_devices=%s has no effect: JAX's devices were set up before the run "
+                        "(%d CPU devices); call jax.config.update('jax_num_cpu_devices', %s) right after "
+                        "`import jax`, or use siamese-train", requested, len(jax.devices("cpu")), requested)
+        else:
+            log.info("keeping JAX's CPU device count (%s): %s", len(jax.devices("cpu")), _one_line(e))
         return None
+    _count_set_here = int(n)
     return int(n)
+
+
+# The count this module set (a second training in the process may set it again, or another count
+# before JAX starts); any other value of jax_num_cpu_devices is the user's choice.
+_count_set_here: Optional[int] = None
+
+
+def _one_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:

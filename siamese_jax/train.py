@@ -183,21 +183,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _as_config_dict(config) -> ml_collections.ConfigDict:
-    """The config as a ConfigDict this run may write to (`num_classes`): a plain dict (as a library
-    user may build one) is converted, a FrozenConfigDict thawed; anything else is one line, not
-    an AttributeError on its first key."""
+    """A copy of the config that this run may write to (`num_classes`, a resumed run's `resume` and
+    validation alphabets): the caller's object is left as it was, so that it can be edited and
+    trained again (a copy written into failed its next run: "config.num_classes=10: the training data
+    has 807 classes", a key the user never set; the notebook review of 2026-12-06). A plain dict is
+    converted, a FrozenConfigDict thawed; anything else is one line, not an AttributeError."""
     if isinstance(config, ml_collections.FrozenConfigDict):
         return config.as_configdict()
     if isinstance(config, ml_collections.ConfigDict):
-        return config
+        return config.copy_and_resolve_references()
     if isinstance(config, Mapping):
         return ml_collections.ConfigDict(dict(config))
     raise config_check.ConfigError(f"config must be an ml_collections.ConfigDict or a dict (e.g. "
                                    f"siamese_jax.configs.default.get_config()), got {type(config).__name__}")
 
 
+def use_cpu_cores(config) -> None:
+    """One XLA CPU device per core (or `config.cpu_devices`) before JAX starts: the data-parallel step
+    then runs on every core of a CPU-only machine (no effect on GPU/TPU devices). Called by every
+    training, not only `siamese-train`: from Python, `cpu_devices` was silently ignored and the
+    one-per-core default never applied (the notebook review of 2026-12-06); after any JAX operation
+    it is too late, and a requested count says so."""
+    kind = ts.batch_kind(config.get("loss"), config.get("triplet_selection", "online"))
+    batch = (config.get("classes_per_batch") or 0) * (config.get("images_per_class") or 0) if kind == "classes" \
+        else config.get("batch_size") or 0
+    parallel.use_cpu_cores_as_devices(batch, config.get("cpu_devices"))
+
+
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool) -> dict:
     config = _as_config_dict(config)
+    config_check.validate_config(config)  # (a bad value is one line before JAX starts)
+    use_cpu_cores(config)
     config_check.validate_config(config, num_devices=jax.device_count())
     # The workdir is proven writable on every process, and every process learns the outcome.
     with lock_workdir(workdir, check=lambda: config_check.check_workdir(workdir)):

@@ -353,3 +353,41 @@ def test_config_resume_fine_tunes_under_a_loss_with_its_own_parameters(tmp_path,
 def _target(config):
     model = models.build_model(config)
     return ts.create_train_state(model, ts.make_optimizer(config), jax.random.PRNGKey(1), config.image_size)
+
+
+def test_two_threads_each_close_only_their_own_checkpoints_and_restore_the_absl_level(tmp_path):
+    """Two trainings in threads of one process (a notebook's background run beside another): the
+    first to finish closed the other's checkpoint managers too, whose next save failed ("cannot
+    schedule new futures after shutdown"), and two overlapping quiet blocks could leave absl at
+    CRITICAL for good (the notebook review of 2026-12-06). Ordered by events, as it happened."""
+    import logging
+    import threading
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    opened, a_done, b_opened = {}, threading.Event(), threading.Event()
+
+    def first():  # opens its checkpoints, waits for the second thread's, leaves its block first
+        with C.close_on_exit():
+            opened["a"] = C.Checkpoints(str(tmp_path / "a"))
+            with C.quiet_event_loop_tracebacks():
+                b_opened.wait(60)
+        a_done.set()
+
+    def second():
+        with C.close_on_exit():
+            with C.quiet_event_loop_tracebacks():
+                opened["b"] = C.Checkpoints(str(tmp_path / "b"))
+                b_opened.set()
+                a_done.wait(60)
+                opened["b_open_after_a"] = not opened["b"]._closed
+                opened["level_inside_b"] = absl.level
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert opened["a"]._closed and opened["b"]._closed  # each closed at the end of its own block
+    assert opened["b_open_after_a"]  # ... and not before
+    assert opened["level_inside_b"] == logging.CRITICAL and absl.level == level

@@ -194,7 +194,9 @@ def test_bad_config_value_is_one_line_before_any_data_is_read(override, message,
 
 def test_a_plain_dict_config_trains_like_its_config_dict_and_other_types_are_one_line(tmp_path):
     """A library user's `train_and_evaluate(dict(...), workdir)` was an AttributeError on the first
-    key (a FrozenConfigDict one on `num_classes`): a dict is read as a ConfigDict, a frozen one thawed."""
+    key (a FrozenConfigDict one on `num_classes`): a dict is read as a ConfigDict, a frozen one thawed.
+    The run writes into a copy (ArcFace's `num_classes` written into the caller's config refused the
+    next run of it edited for another dataset)."""
     import ml_collections
 
     from siamese_jax import train
@@ -203,8 +205,8 @@ def test_a_plain_dict_config_trains_like_its_config_dict_and_other_types_are_one
     for given in (c.to_dict(), ml_collections.FrozenConfigDict(c), c):
         got = train._as_config_dict(given)
         assert type(got) is ml_collections.ConfigDict and got.to_dict() == c.to_dict()
-        got.num_classes = 10  # what a run writes into it
-    assert train._as_config_dict(c) is c  # the caller's own ConfigDict, as before
+        got.num_classes = 10  # what a run writes into it ...
+    assert c.num_classes is None  # ... into its own copy: the caller's config can be edited and trained again
     for bad in ([("loss", "triplet")], "experiments/configs/omniglot_pretrained.py"):
         with pytest.raises(config_check.ConfigError, match=r"^config must be an ml_collections.ConfigDict or a "
                                                            r"dict \(e.g. .*\), got (list|str)$"):

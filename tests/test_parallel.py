@@ -45,6 +45,34 @@ def test_use_cpu_cores_as_devices_leaves_a_started_jax_alone():
     assert got == {"n": None, "devices": 1}
 
 
+def test_a_training_from_python_splits_the_cpu_and_says_when_it_is_too_late():
+    """`config.cpu_devices` (and the one-per-core default) applied only through `siamese-train`: a
+    training from Python ran on one device without a word, and config.json recorded the count (the
+    notebook review of 2026-12-06). `train` now splits the CPU itself; after a JAX operation a
+    requested count is a warning naming the devices there are. Importing the training leaves the
+    root logger alone, so the user's own `logging.basicConfig` takes effect (orbax's import added a
+    stderr handler, and the user's configuration was then ignored)."""
+    got = _fresh_process(
+        "import logging\n"
+        "from siamese_jax import train\n"
+        "from siamese_jax.configs import default\n"
+        "handlers = len(logging.root.handlers)\n"
+        "records = []\n"
+        "logging.basicConfig(level=logging.INFO, handlers=[type('H', (logging.Handler,), "
+        "{'emit': lambda self, r: records.append(r.getMessage())})()])\n"
+        "c = default.get_config('mnist'); c.cpu_devices = 2\n"
+        "train.use_cpu_cores(c)\n"
+        "devices = jax.device_count()\n"
+        "c.cpu_devices = 4\n"
+        "train.use_cpu_cores(c)\n"
+        "print(json.dumps({'handlers': handlers, 'devices': devices, 'after': jax.device_count(), "
+        "'warnings': [m for m in records if 'cpu_devices' in m]}))")
+    assert got["handlers"] == 0 and got["devices"] == got["after"] == 2
+    assert got["warnings"] == ["config.cpu_devices=4 has no effect: JAX's devices were set up before the run (2 CPU "
+                               "devices); call jax.config.update('jax_num_cpu_devices', 4) right after `import jax`, "
+                               "or use siamese-train"]
+
+
 def test_use_cpu_cores_as_devices_leaves_the_users_device_count_alone():
     got = _fresh_process("n = parallel.use_cpu_cores_as_devices(128, 2)\n"
                          "print(json.dumps({'n': n, 'devices': jax.device_count()}))",

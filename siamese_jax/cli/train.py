@@ -75,17 +75,6 @@ def resolve_config():
     return config
 
 
-def use_cpu_cores(config):
-    """One XLA CPU device per core (or `config.cpu_devices`) before JAX starts: the data-parallel step
-    then runs on every core of a CPU-only machine (no effect on GPU/TPU devices)."""
-    from siamese_jax import parallel
-    from siamese_jax import train_step as ts
-
-    kind = ts.batch_kind(config.loss, config.triplet_selection)
-    batch = config.classes_per_batch * config.images_per_class if kind == "classes" else config.batch_size
-    parallel.use_cpu_cores_as_devices(batch, config.get("cpu_devices"))
-
-
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -97,10 +86,10 @@ def main(argv):
     # The config is checked before anything else happens (no device, no data, no other process),
     # so a bad value is one line at once; train_and_evaluate checks it again with the device count.
     config_check.validate_config(config)
-    # Before anything touches a device (importing siamese_jax does not).
+    # Before anything touches a device (importing siamese_jax does not); `train` then splits the CPU
+    # into one device per core (`train.use_cpu_cores`) before its first JAX operation.
     process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     cli.setup_logging(process, processes)
-    use_cpu_cores(config)
     workdir = FLAGS.workdir or os.path.join("runs", f"{config.dataset}-{config.loss}")
     try:
         results = (train_and_evaluate if FLAGS.evaluate else train)(config, workdir)
