@@ -189,7 +189,7 @@ def _as_config_dict(config) -> ml_collections.ConfigDict:
     has 807 classes", a key the user never set; the notebook review of 2026-12-06). A plain dict is
     converted, a FrozenConfigDict thawed; anything else is one line, not an AttributeError."""
     if isinstance(config, ml_collections.FrozenConfigDict):
-        return config.as_configdict()
+        return config.as_configdict().copy_and_resolve_references()
     if isinstance(config, ml_collections.ConfigDict):
         return config.copy_and_resolve_references()
     if isinstance(config, Mapping):
