@@ -215,7 +215,7 @@ def close_on_exit():
     try:
         yield
     finally:
-        stack.remove(opened)
+        stack.pop()  # (this block's list: blocks of one thread end in reverse order)
         for ckpts in reversed(opened):
             try:
                 ckpts.close()

@@ -204,10 +204,16 @@ def use_cpu_cores(config) -> None:
     training, not only `siamese-train`: from Python, `cpu_devices` was silently ignored and the
     one-per-core default never applied (the notebook review of 2026-12-06); after any JAX operation
     it is too late, and a requested count says so."""
+    requested = config.get("cpu_devices")
+    distributed = getattr(jax.distributed, "is_initialized", lambda: False)()
+    if distributed and not requested:
+        # Several processes: each would pick a count from its own cores, and hosts of different
+        # sizes disagree; as before, they keep JAX's split unless the config names one.
+        return
     kind = ts.batch_kind(config.get("loss"), config.get("triplet_selection", "online"))
     batch = (config.get("classes_per_batch") or 0) * (config.get("images_per_class") or 0) if kind == "classes" \
         else config.get("batch_size") or 0
-    parallel.use_cpu_cores_as_devices(batch, config.get("cpu_devices"))
+    parallel.use_cpu_cores_as_devices(batch, requested)
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool) -> dict:
@@ -292,11 +298,12 @@ def _how_to_keep(changes: list) -> str:
     flags = []
     for key, old, new in changes:
         old = _ABSENT_MEANT.get(key, old) if old is _MISSING else old
-        if "." in key or key in _NOT_OFFERED_BACK or old is _MISSING or new is _MISSING or old == new:
-            continue  # (a `margins` entry: its flag is the whole dict)
+        if key in _NOT_OFFERED_BACK or old is _MISSING or new is _MISSING or old == new or old is None:
+            continue  # (None: no flag sets a typed key back to it; "leave it unset" is the user's to see)
         # As `--config.x=` parses it: a Python literal, a string bare; JSON made the tuples lists.
+        # `--loss` because siamese-train applies it after the --config overrides.
         value = old if isinstance(old, str) else repr(tuple(old)) if isinstance(old, list) else repr(old)
-        flags.append(shlex.quote(f"--config.{key}={value}"))
+        flags.append(shlex.quote(f"--loss={value}" if key == "loss" else f"--config.{key}={value}"))
     return f"; to keep the old settings: {' '.join(flags)}" if flags else ""
 
 

@@ -391,3 +391,11 @@ def test_two_threads_each_close_only_their_own_checkpoints_and_restore_the_absl_
     assert opened["a"]._closed and opened["b"]._closed  # each closed at the end of its own block
     assert opened["b_open_after_a"]  # ... and not before
     assert opened["level_inside_b"] == logging.CRITICAL and absl.level == level
+    # Nested blocks in one thread: each closes what was opened in it (an inner block's end once
+    # removed the outer block's list, equal to its own, and the outer block's checkpoints stayed open).
+    with C.close_on_exit():
+        with C.close_on_exit():
+            inner = C.Checkpoints(str(tmp_path / "inner"))
+        assert inner._closed
+        outer = C.Checkpoints(str(tmp_path / "outer"))
+    assert outer._closed

@@ -638,8 +638,9 @@ def test_resuming_with_a_changed_config_says_what_changed(tmp_path, caplog):
     message = record.getMessage()
     assert "loss 'triplet' -> 'batch_hard'" in message and "num_steps 12000 -> 20000" in message
     assert "archive_dir" not in message and "log_every_seconds" not in message
-    # ... and how to keep the old settings: the loss, not the steps that the resume is for.
-    assert message.endswith("; to keep the old settings: --config.loss=triplet")
+    # ... and how to keep the old settings: the loss (as `--loss`, which siamese-train applies after
+    # the --config overrides), not the steps that the resume is for.
+    assert message.endswith("; to keep the old settings: --loss=triplet")
     # ... and the learning rate's jump at the resume step, the cosine being rebuilt over 20,000 steps.
     assert "at step 4000 the rate goes from" in message and "--config.lr_schedule_steps=12000" in message
     # The advice is a config the checks accept (they refused a schedule shorter than num_steps).
@@ -689,6 +690,10 @@ def test_resuming_a_run_written_before_an_option_existed_is_not_a_changed_config
     assert "test_time_shifts (absent) -> 'square9'" in message
     hint = message.split("; to keep the old settings: ")[1]
     assert hint == "--config.augment=False --config.test_time_shifts=none '--config.widths=(8, 16)'", hint
+    # A margins entry has its own flag; an old None has none (`--config.margin=None` does not parse).
+    message = warning(_split_config().to_dict(), _split_config(margin=0.3, margins=dict(_split_config().margins, triplet=0.4)))
+    assert "margin None -> 0.3" in message
+    assert message.split("; to keep the old settings: ")[1] == "--config.margins.triplet=0.5"
     odd = dict(_split_config().to_dict(), margins=None)
     assert "margins None -> {" in warning(odd, _split_config())
 
