@@ -10,6 +10,7 @@ string of metadata (config, calibrated threshold, Platt scaling of the distance,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import numbers
 import os
@@ -75,6 +76,16 @@ class Calibration:
         return 1.0 / (1.0 + np.exp(-self.slope * (mid - np.asarray(distance, np.float64))))
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_embedding(network, shift_set: str, l2_normalize: bool):
+    """One jitted embedding per (network, test-time shift set), shared by every SiameseModel of that
+    architecture: each `load_model` built its own and compiled it again (0.15-0.7 s per load; a
+    server that loads the model per request paid it every time; the notebook review of 2026-12-06).
+    Flax modules compare and hash by their fields, so two loads of one file share the programs."""
+    return jax.jit(test_time.shift_averaged(models.inference_embed_fn(network), test_time.SHIFT_SETS[shift_set],
+                                            l2_normalize))
+
+
 def _padded_batch(n: int, batch_size: int) -> int:
     """The batch every chunk of n images is padded to: `batch_size` when there are several chunks,
     else the power of two at or above n (one compile per size class, not per count)."""
@@ -106,9 +117,8 @@ class SiameseModel:
 
     def _embed_fn(self, shift_set: str):
         if shift_set not in self._embed_fns:
-            self._embed_fns[shift_set] = jax.jit(test_time.shift_averaged(
-                models.inference_embed_fn(self.network), test_time.SHIFT_SETS[shift_set],
-                bool(self.config.get("l2_normalize", False))))
+            self._embed_fns[shift_set] = _jitted_embedding(self.network, shift_set,
+                                                           bool(self.config.get("l2_normalize", False)))
         return self._embed_fns[shift_set]
 
     # -- embeddings -------------------------------------------------------------------------------
