@@ -178,15 +178,20 @@ def _our_step(spec, dtype, fused=True, augment=False):
 
 def _interleaved_rates(contestants, calls, blocks, warmup=3):
     """{name: calls/s} for contestants {name: (fn, sync)}: each warmed up, then `blocks` rounds that
-    time one block of `calls` calls of every contestant in turn; the median block per contestant.
+    time one block of `calls` calls of every contestant in turn, round r starting with contestant r
+    (mod their number); the median block per contestant.
     Interleaved so that ours and the peers share the same minutes: this box's speed drifts by up to
     30% from one minute to the next, and timing ours, then the peer, moved ratios by as much."""
     for fn, sync in contestants.values():
         for _ in range(warmup):
             sync(fn())
     rates = {name: [] for name in contestants}
-    for _ in range(blocks):
-        for name, (fn, sync) in contestants.items():
+    order = list(contestants)
+    for block in range(blocks):
+        # Each round starts with the next contestant, so none always runs first after the others
+        # (a cache or the scheduler could favour a position; the peer review of 2026-12-06).
+        for name in order[block % len(order):] + order[:block % len(order)]:
+            fn, sync = contestants[name]
             t = time.perf_counter()
             for _ in range(calls):
                 out = fn()

@@ -219,13 +219,15 @@ def test_the_peer_refuses_an_augmentation_it_does_not_do():
 
 
 def test_interleaved_rates_alternate_the_contestants_block_by_block():
-    """Ours and the peers are timed in alternating blocks, so a drift of the box's speed hits both."""
+    """Ours and the peers are timed in alternating blocks, so a drift of the box's speed hits both, and
+    the rounds rotate who goes first."""
     from experiments import benchmark
 
     calls = []
     contestants = {name: ((lambda name=name: calls.append(name)), lambda _: None) for name in ("ours", "eager")}
     rates = benchmark._interleaved_rates(contestants, calls=2, blocks=3, warmup=1)
-    assert calls == ["ours", "eager"] + ["ours", "ours", "eager", "eager"] * 3
+    assert calls == ["ours", "eager"] + ["ours", "ours", "eager", "eager"] + ["eager", "eager", "ours", "ours"] + \
+        ["ours", "ours", "eager", "eager"]  # (each round starts with the next contestant)
     assert set(rates) == {"ours", "eager"} and all(r > 0 for r in rates.values())
     assert benchmark._best_peer({"ours": 3.0, "eager": 1.0, "torch.compile": 2.0}) == (2.0, "torch.compile")
 
