@@ -59,18 +59,18 @@ def use_cpu_cores_as_devices(batch_size: int, requested: Optional[int] = None) -
         # depend on, also on the GPU image, whose jax is a version newer than this box's); the
         # same count again is accepted. AttributeError: a JAX without the option.
         try:  # (no CPU backend at all under JAX_PLATFORMS=cuda: "Unknown backend cpu")
-            platform, cpus = jax.default_backend(), len(jax.devices("cpu"))
+            platform, cpus = jax.default_backend(), len(jax.local_devices(backend="cpu"))  # (this process's)
         except RuntimeError:
             platform, cpus = None, None
         if requested and isinstance(e, RuntimeError) and platform == "cpu":
             # From Python after any JAX operation (a notebook): it was a debug line, and config.json
             # recorded a count the run did not have (the notebook review of 2026-12-06).
             log.warning("config.cpu_devices=%s has no effect: JAX's devices were set up before the run (%d CPU "
-                        "devices); the count is set before JAX starts: jax.config.update('jax_num_cpu_devices', "
+                        "devices in this process); the count is set before JAX starts: jax.config.update('jax_num_cpu_devices', "
                         "%s) right after `import jax`, or XLA_FLAGS=--xla_force_host_platform_device_count=%s",
                         requested, cpus, requested, requested)
         else:
-            log.info("keeping JAX's device count (%s CPU devices): %s", cpus, _one_line(e))
+            log.info("keeping JAX's device count (%s CPU devices in this process): %s", cpus, _one_line(e))
         return None
     _count_set_here = int(n)
     return int(n)

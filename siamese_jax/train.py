@@ -16,6 +16,7 @@ saved and restored by all processes together; a SIGTERM to any process stops all
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -216,11 +217,53 @@ def use_cpu_cores(config) -> None:
     parallel.use_cpu_cores_as_devices(batch, requested)
 
 
+# Where each host finds its data and how often it logs: may differ between the processes of a run.
+_PER_HOST_KEYS = {"archive_dir", "tfds_data_dir", "cache_dir", "log_every_seconds"}
+
+
+def _digest(value) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()[:4], "little") >> 1
+
+
+def _config_digests(config) -> tuple:
+    """(the config's keys and values but `_PER_HOST_KEYS`, [key count, digest of the keys, digest of
+    the whole], [digest of each value by sorted key]): what the processes compare."""
+    mine = {k: v for k, v in _config_json(config).items() if k not in _PER_HOST_KEYS}
+    keys = sorted(mine)
+    return (mine, np.array([len(keys), _digest(keys), _digest(mine)], np.int64),
+            np.array([_digest(mine[k]) for k in keys], np.int64))
+
+
+def _check_processes_run_one_config(config, gather=None) -> None:
+    """Every process of a multi-process run trains the same config (but for `_PER_HOST_KEYS`): each
+    is started with its own flags, and processes given, say, other num_steps ran in step until the
+    shorter one finished and reported success while the other waited in a collective for ~300 s,
+    then aborted both (the multi-process review of 2026-12-06). One ConfigError on every process,
+    naming the keys that differ, before the workdir is locked or any data is loaded."""
+    if jax.process_count() == 1:
+        return
+    if gather is None:
+        gather = multihost_utils.process_allgather
+    mine, summary_row, per_key_row = _config_digests(config)
+    summary = np.asarray(gather(summary_row))
+    if (summary == summary[0]).all():
+        return
+    what = "other keys (another version of the code on some host?)"
+    if (summary[:, :2] == summary[0, :2]).all():  # the same keys: which values differ, said by all
+        each = np.asarray(gather(per_key_row))
+        differ = [k for i, k in enumerate(sorted(mine)) if (each[:, i] != each[0, i]).any()]
+        what = f"{', '.join(differ)} (here: {', '.join(f'{k}={mine[k]!r}' for k in differ)})"
+    raise config_check.ConfigError(
+        f"the {jax.process_count()} processes were given different configs, this is process "
+        f"{jax.process_index()}: {what}; start every process with the same config and flags")
+
+
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool) -> dict:
     config = _as_config_dict(config)
     config_check.validate_config(config)  # (a bad value is one line before JAX starts)
     use_cpu_cores(config)
     config_check.validate_config(config, num_devices=jax.device_count())
+    _check_processes_run_one_config(config)
     # The workdir is proven writable on every process, and every process learns the outcome.
     with lock_workdir(workdir, check=lambda: config_check.check_workdir(workdir)):
         try:

@@ -214,6 +214,35 @@ def test_a_plain_dict_config_trains_like_its_config_dict_and_other_types_are_one
     assert not (tmp_path / "run").exists()
 
 
+def test_processes_given_different_configs_are_one_error_on_every_process(monkeypatch):
+    """Each process of a multi-process run gets its own flags: processes started with other
+    num_steps ran until the shorter finished (reporting success) while the other waited ~300 s in a
+    collective (the multi-process review of 2026-12-06). The processes' config digests are gathered
+    (here a second process is simulated: its rows are another config's digests)."""
+    from siamese_jax import train
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    mine = default.get_config("mnist")
+
+    def check_beside(peer):  # process_allgather: this process's row over the peer's same row
+        _, *rows = train._config_digests(peer)
+        train._check_processes_run_one_config(mine, gather=lambda x: np.stack([x, rows.pop(0)]))
+
+    peer = default.get_config("mnist")
+    peer.update(archive_dir="/elsewhere", cache_dir="/tmp/c", log_every_seconds=1.0)  # per host: fine
+    check_beside(peer)
+    peer = default.get_config("mnist")
+    peer.update(num_steps=45, margin=0.3)
+    with pytest.raises(config_check.ConfigError, match=r"^the 2 processes were given different configs, this is "
+                                                       r"process 0: margin, num_steps \(here: margin=None, "
+                                                       r"num_steps=\d+\); start every process with the same"):
+        check_beside(peer)
+    peer = default.get_config("mnist")
+    peer.new_key = 1  # another version of the code
+    with pytest.raises(config_check.ConfigError, match="other keys"):
+        check_beside(peer)
+
+
 def test_config_combinations_the_fuzz_review_found_are_refused_or_take_effect(tmp_path, monkeypatch, caplog):
     # The config-space review of 2026-12-05: values that each passed alone but did nothing, failed
     # after the training, or failed late naming no key.

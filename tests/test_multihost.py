@@ -281,6 +281,40 @@ def test_one_failed_process_ends_the_job_within_seconds(env, tmp_path):
     assert "Barrier timed out" not in run.stderr(0) + run.stderr(1)
 
 
+_SCRIPT_ONE_PROCESS_FAILS = r'''
+import sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+address, pid = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(address, 2, pid)
+from jax.experimental import multihost_utils
+from siamese_jax import cli
+
+def main():
+    multihost_utils.process_allgather(np.int32(pid))  # under way together (gloo connected) ...
+    if pid == 1:
+        raise ValueError("process 1 cannot go on")
+    multihost_utils.process_allgather(np.int32(pid))  # ... then process 0 waits for process 1, gone
+
+cli.run_as_process(main)
+'''
+
+
+@pytest.mark.slow
+def test_a_users_script_under_run_as_process_ends_within_seconds_when_one_process_fails(env, tmp_path):
+    """A user's own 2-process script: process 1 fails while process 0 waits in a collective. A plain
+    exception waited ~300 s in jax's shutdown barrier, then aborted both (the multi-process review of
+    2026-12-06); under `cli.run_as_process`, as the CLIs run, the job ends within seconds with one
+    line from the failed process."""
+    started = time.time()
+    rcs, outs = _two_processes_of_script(_SCRIPT_ONE_PROCESS_FAILS, lambda i, port: [f"localhost:{port}", str(i)],
+                                         env, tmp_path, timeout=200)
+    assert time.time() - started < 60, "the job took as long as jax's shutdown barrier"
+    assert rcs[1] == 2 and rcs[0] != 0, (rcs, outs)
+    assert outs[1][1].strip().splitlines()[-1] == "error: process 1 cannot go on", outs[1][1]
+
+
 def _two_processes_of_script(source, argv_of, env, tmp_path, timeout):
     """`source` written to a file and run as 2 processes of 1 CPU device each, with this checkout's
     code; argv_of(process, port) is each one's arguments. Returns (exit codes, [(stdout, stderr)])."""

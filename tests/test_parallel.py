@@ -69,7 +69,7 @@ def test_a_training_from_python_splits_the_cpu_and_says_when_it_is_too_late():
         "'warnings': [m for m in records if 'cpu_devices' in m]}))")
     assert got["handlers"] == 0 and got["devices"] == got["after"] == 2
     assert got["warnings"] == ["config.cpu_devices=4 has no effect: JAX's devices were set up before the run (2 CPU "
-                               "devices); the count is set before JAX starts: jax.config.update('jax_num_cpu_devices', "
+                               "devices in this process); the count is set before JAX starts: jax.config.update('jax_num_cpu_devices', "
                                "4) right after `import jax`, or XLA_FLAGS=--xla_force_host_platform_device_count=4"]
 
 

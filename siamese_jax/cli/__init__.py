@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any, Callable
 
 from absl import flags, logging as absl_logging
 
@@ -237,6 +238,15 @@ def last_override_of_each_key(argv: list[str]) -> list[str]:
     return [a for i, a in enumerate(argv) if not key(a) or last[key(a)] == i]
 
 
+def run_as_process(main: Callable[[], Any]) -> None:
+    """Runs `main()`, one process's part of a multi-process job started from a user's own script,
+    and ends the process: exit code 0, or an exception's one line on stderr and code 2 (130 for an
+    interrupt), as the CLIs do. A failed process then leaves at once, so that its peers fail within
+    seconds; a plain exception in a script waited ~300 s in jax's shutdown barrier for the peers
+    still in a collective, then aborted every process (the multi-process review of 2026-12-06)."""
+    console.exit_process(console.guarded(main, user_errors()))
+
+
 def run_app(main):
     """absl's app.run, but a bad flag is one line on stderr and exit code 2 (not a usage dump),
     `--help` lists the entry point's flags and exits 0, and `main` runs under the top-level handler
@@ -260,17 +270,9 @@ def run_app(main):
             fail(f"{which}: {config_error_message(e)}")
 
     def guarded_main(argv):
-        code = console.guarded(lambda: main(argv), user_errors())
-        jax = sys.modules.get("jax")
-        if code and jax is not None and jax.distributed.is_initialized():
-            # One failed process of a multi-process job (e.g. process 0 alone could not write a
-            # file): its peers wait in a collective for it, and jax's atexit shutdown would wait for
-            # them in a barrier for 300 s, then abort every process with a C++ stack dump. Leaving
-            # at once ends the peers' collectives within seconds and keeps this process's exit code.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        sys.exit(code)
+        # One failed process of a multi-process job (e.g. process 0 alone could not write a file)
+        # leaves at once, so that its peers fail within seconds (`console.exit_process`).
+        console.exit_process(console.guarded(lambda: main(argv), user_errors()))
 
     app.run(guarded_main, flags_parser=parse)
 

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from siamese_jax import cli  # noqa: E402
+from siamese_jax import cli, console  # noqa: E402
 
 LOSSES = ("contrastive", "triplet", "batch_hard", "batch_all", "semihard", "prototypical", "verification", "arcface",
           "multi_similarity")
@@ -95,7 +95,10 @@ def main(argv):
         results = (train_and_evaluate if FLAGS.evaluate else train)(config, workdir)
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
-        sys.exit(130)
+        # Returned, not sys.exit: `run_app` then leaves a multi-process job at once. A SystemExit ran
+        # jax's atexit shutdown, whose barrier waited ~300 s for a peer still in a collective (a
+        # Ctrl-C to one process during the data load or the final evaluation), then aborted both.
+        return console.EXIT_INTERRUPTED
     if process == 0 and FLAGS.evaluate:
         print(protocols.format_results_table(results))
     elif process == 0:
