@@ -222,6 +222,7 @@ _PER_HOST_KEYS = {"archive_dir", "tfds_data_dir", "cache_dir", "log_every_second
 
 
 def _digest(value) -> int:
+    """31 bits of a JSON value's SHA-256: an int32, which process_allgather carries without x64."""
     return int.from_bytes(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()[:4], "little") >> 1
 
 
@@ -230,8 +231,8 @@ def _config_digests(config) -> tuple:
     the whole], [digest of each value by sorted key]): what the processes compare."""
     mine = {k: v for k, v in _config_json(config).items() if k not in _PER_HOST_KEYS}
     keys = sorted(mine)
-    return (mine, np.array([len(keys), _digest(keys), _digest(mine)], np.int64),
-            np.array([_digest(mine[k]) for k in keys], np.int64))
+    return (mine, np.array([len(keys), _digest(keys), _digest(mine)], np.int32),
+            np.array([_digest(mine[k]) for k in keys], np.int32))
 
 
 def _check_processes_run_one_config(config, gather=None) -> None:
