@@ -215,7 +215,7 @@ def close_on_exit():
     try:
         yield
     finally:
-        stack.pop()  # (this block's list: blocks of one thread end in reverse order)
+        del stack[next(i for i, block in enumerate(stack) if block is opened)]  # (by identity: equal lists differ)
         for ckpts in reversed(opened):
             try:
                 ckpts.close()

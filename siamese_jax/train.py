@@ -49,6 +49,12 @@ class TrainingError(RuntimeError):
     """A run that had to stop (NaN loss, bad config): the message is meant for the user."""
 
 
+class StoppedBySignal(KeyboardInterrupt):
+    """SIGTERM/SIGINT stopped the loop at a step every process agreed on, where all saved one
+    checkpoint together: every process leaves the same way (a normal exit, through JAX's shutdown
+    barrier, which each reaches), unlike a lone interrupt, after which one process leaves at once."""
+
+
 # ------------------------------------------------------------------------------------------------
 # Model selection
 # ------------------------------------------------------------------------------------------------
@@ -218,7 +224,7 @@ def use_cpu_cores(config) -> None:
 
 
 # Where each host finds its data and how often it logs: may differ between the processes of a run.
-_PER_HOST_KEYS = {"archive_dir", "tfds_data_dir", "cache_dir", "log_every_seconds"}
+_PER_HOST_KEYS = {"archive_dir", "tfds_data_dir", "cache_dir", "source", "log_every_seconds"}
 
 
 def _digest(value) -> int:
@@ -263,8 +269,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool)
     config = _as_config_dict(config)
     config_check.validate_config(config)  # (a bad value is one line before JAX starts)
     use_cpu_cores(config)
+    _check_processes_run_one_config(config)  # (first: one host's own validation error would hide it)
     config_check.validate_config(config, num_devices=jax.device_count())
-    _check_processes_run_one_config(config)
     # The workdir is proven writable on every process, and every process learns the outcome.
     with lock_workdir(workdir, check=lambda: config_check.check_workdir(workdir)):
         try:
@@ -810,7 +816,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         ckpts.close()
         if stopped_by:
             writer.close()
-            raise KeyboardInterrupt(f"stopped by {stopped_by} at step {int(state.step)}")
+            raise StoppedBySignal(f"stopped by {stopped_by} at step {int(state.step)}")
         total = elapsed()
         train_seconds = total.pop("train")
         overhead = {f"{k}_seconds": round(v, 2) for k, v in total.items()}

@@ -160,6 +160,10 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
         if coordinator_address == AUTO and "coordinator_address" in first:
             first = "no cluster environment detected (Cloud TPU VM, SLURM, Open MPI, ...); pass host:port"
         fail(f"--coordinator_address={coordinator_address}: could not join JAX's distributed runtime: {first}")
+    if "process_id" in kwargs and "num_processes" in kwargs:
+        # The numbers given, not jax.process_index(), which starts JAX's backends: after it the CPU
+        # could no longer be split into `config.cpu_devices` devices (the second diff review of 2026-12-06).
+        return int(kwargs["process_id"]), int(kwargs["num_processes"])
     return jax.process_index(), jax.process_count()
 
 
@@ -243,8 +247,19 @@ def run_as_process(main: Callable[[], Any]) -> None:
     and ends the process: exit code 0, or an exception's one line on stderr and code 2 (130 for an
     interrupt), as the CLIs do. A failed process then leaves at once, so that its peers fail within
     seconds; a plain exception in a script waited ~300 s in jax's shutdown barrier for the peers
-    still in a collective, then aborted every process (the multi-process review of 2026-12-06)."""
-    console.exit_process(console.guarded(main, user_errors()))
+    still in a collective, then aborted every process (the multi-process review of 2026-12-06). A
+    stop that every process agreed on (`train.StoppedBySignal`: SIGTERM, a pre-empted host) exits
+    130 normally in every process, as they all reach JAX's shutdown barrier."""
+    from siamese_jax.train import StoppedBySignal
+
+    def main_or_agreed_stop():
+        try:
+            return main()
+        except StoppedBySignal as e:
+            print(str(e), file=sys.stderr)
+            sys.exit(console.EXIT_INTERRUPTED)  # (guarded re-raises SystemExit: a normal exit)
+
+    console.exit_process(console.guarded(main_or_agreed_stop, user_errors()))
 
 
 def run_app(main):

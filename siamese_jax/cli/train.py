@@ -80,7 +80,7 @@ def main(argv):
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_logging()
     from siamese_jax import config_check, protocols
-    from siamese_jax.train import train, train_and_evaluate
+    from siamese_jax.train import StoppedBySignal, train, train_and_evaluate
 
     config = resolve_config()
     # The config is checked before anything else happens (no device, no data, no other process),
@@ -93,11 +93,15 @@ def main(argv):
     workdir = FLAGS.workdir or os.path.join("runs", f"{config.dataset}-{config.loss}")
     try:
         results = (train_and_evaluate if FLAGS.evaluate else train)(config, workdir)
+    except StoppedBySignal as e:  # every process stopped at one step and saved: all leave normally
+        print(str(e), file=sys.stderr)
+        sys.exit(console.EXIT_INTERRUPTED)
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
-        # Returned, not sys.exit: `run_app` then leaves a multi-process job at once. A SystemExit ran
-        # jax's atexit shutdown, whose barrier waited ~300 s for a peer still in a collective (a
-        # Ctrl-C to one process during the data load or the final evaluation), then aborted both.
+        # A lone interrupt (the data load, the final evaluation): returned, so that `run_app` leaves
+        # a multi-process job at once. A SystemExit ran jax's atexit shutdown, whose barrier waited
+        # ~300 s for a peer still in a collective, then aborted both. (Not for the agreed stop above:
+        # a process leaving with os._exit while another still saves aborts that one.)
         return console.EXIT_INTERRUPTED
     if process == 0 and FLAGS.evaluate:
         print(protocols.format_results_table(results))
