@@ -53,6 +53,13 @@ def report_unexpected(e: BaseException, verbose: bool = False) -> None:
           f"(unexpected; set {TRACEBACK_ENV}=1 for the traceback)")
 
 
+class StoppedBySignal(KeyboardInterrupt):
+    """SIGTERM/SIGINT stopped a training loop at a step every process agreed on, where all saved one
+    checkpoint together (raised by `train`): every process leaves the same way, a normal exit through
+    JAX's shutdown barrier, which each reaches. After a lone interrupt one process leaves at once
+    (`exit_process`); leaving so while another process still saves would abort that one."""
+
+
 def guarded(fn: Callable[[], Optional[int]], user_errors: Sequence[type] = (), verbose: bool = False) -> int:
     """Runs `fn()` and returns its exit code; every exception becomes one line and code 2 (130 for
     an interrupt). `user_errors` are reported as their own message, others with a hint."""
@@ -61,6 +68,9 @@ def guarded(fn: Callable[[], Optional[int]], user_errors: Sequence[type] = (), v
         return 0 if code is None else int(code)
     except SystemExit:
         raise
+    except StoppedBySignal as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt as e:
         error(str(e) or "interrupted")
         return EXIT_INTERRUPTED

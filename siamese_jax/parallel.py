@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from siamese_jax import console
+
 DATA_AXIS = "data"
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def use_cpu_cores_as_devices(batch_size: int, requested: Optional[int] = None) -
                         "%s) right after `import jax`, or XLA_FLAGS=--xla_force_host_platform_device_count=%s",
                         requested, cpus, requested, requested)
         else:
-            log.info("keeping JAX's device count (%s CPU devices in this process): %s", cpus, _one_line(e))
+            log.info("keeping JAX's device count (%s CPU devices in this process): %s", cpus, console.one_line(e))
         return None
     _count_set_here = int(n)
     return int(n)
@@ -79,10 +81,6 @@ def use_cpu_cores_as_devices(batch_size: int, requested: Optional[int] = None) -
 # The count this module set (a second training in the process may set it again, or another count
 # before JAX starts); any other value of jax_num_cpu_devices is the user's choice.
 _count_set_here: Optional[int] = None
-
-
-def _one_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:

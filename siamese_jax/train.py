@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from siamese_jax import augment as augment_lib
 from siamese_jax import checkpoints as ckpt_lib
 from siamese_jax import config_check, distillation, divergence
+from siamese_jax.console import StoppedBySignal
 from siamese_jax import embedding, evaluation, models, parallel, protocols, sampling
 from siamese_jax import input_pipeline as ip
 from siamese_jax import train_step as ts
@@ -47,12 +48,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """A run that had to stop (NaN loss, bad config): the message is meant for the user."""
-
-
-class StoppedBySignal(KeyboardInterrupt):
-    """SIGTERM/SIGINT stopped the loop at a step every process agreed on, where all saved one
-    checkpoint together: every process leaves the same way (a normal exit, through JAX's shutdown
-    barrier, which each reaches), unlike a lone interrupt, after which one process leaves at once."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -629,9 +624,7 @@ def _elapsed_in_results(workdir: str, step: int) -> dict:
     results = _read_json(os.path.join(workdir, "results.json"))
     if not results or (_previous_config(workdir) or {}).get("num_steps") != step:
         return {}
-    return {k: float(results[f"{k}_seconds"]) for k in ("train", "validation", "checkpoints")
-            if isinstance(results.get(f"{k}_seconds"), (int, float)) and not isinstance(results[f"{k}_seconds"], bool)
-            and results[f"{k}_seconds"] >= 0}
+    return _elapsed_of({"elapsed": {k: results.get(f"{k}_seconds") for k in ("train", "validation", "checkpoints")}})
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:

@@ -248,18 +248,9 @@ def run_as_process(main: Callable[[], Any]) -> None:
     interrupt), as the CLIs do. A failed process then leaves at once, so that its peers fail within
     seconds; a plain exception in a script waited ~300 s in jax's shutdown barrier for the peers
     still in a collective, then aborted every process (the multi-process review of 2026-12-06). A
-    stop that every process agreed on (`train.StoppedBySignal`: SIGTERM, a pre-empted host) exits
+    stop that every process agreed on (`console.StoppedBySignal`: SIGTERM, a pre-empted host) exits
     130 normally in every process, as they all reach JAX's shutdown barrier."""
-    from siamese_jax.train import StoppedBySignal
-
-    def main_or_agreed_stop():
-        try:
-            return main()
-        except StoppedBySignal as e:
-            print(str(e), file=sys.stderr)
-            sys.exit(console.EXIT_INTERRUPTED)  # (guarded re-raises SystemExit: a normal exit)
-
-    console.exit_process(console.guarded(main_or_agreed_stop, user_errors()))
+    console.exit_process(console.guarded(main, user_errors()))
 
 
 def run_app(main):

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from siamese_jax import cli, console  # noqa: E402
+from siamese_jax import cli  # noqa: E402
 
 LOSSES = ("contrastive", "triplet", "batch_hard", "batch_all", "semihard", "prototypical", "verification", "arcface",
           "multi_similarity")
@@ -80,7 +80,7 @@ def main(argv):
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_logging()
     from siamese_jax import config_check, protocols
-    from siamese_jax.train import StoppedBySignal, train, train_and_evaluate
+    from siamese_jax.train import train, train_and_evaluate
 
     config = resolve_config()
     # The config is checked before anything else happens (no device, no data, no other process),
@@ -91,18 +91,10 @@ def main(argv):
     process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     cli.setup_logging(process, processes)
     workdir = FLAGS.workdir or os.path.join("runs", f"{config.dataset}-{config.loss}")
-    try:
-        results = (train_and_evaluate if FLAGS.evaluate else train)(config, workdir)
-    except StoppedBySignal as e:  # every process stopped at one step and saved: all leave normally
-        print(str(e), file=sys.stderr)
-        sys.exit(console.EXIT_INTERRUPTED)
-    except KeyboardInterrupt as e:
-        print(str(e) or "interrupted", file=sys.stderr)
-        # A lone interrupt (the data load, the final evaluation): returned, so that `run_app` leaves
-        # a multi-process job at once. A SystemExit ran jax's atexit shutdown, whose barrier waited
-        # ~300 s for a peer still in a collective, then aborted both. (Not for the agreed stop above:
-        # a process leaving with os._exit while another still saves aborts that one.)
-        return console.EXIT_INTERRUPTED
+    # An interrupt ends under `run_app`'s handler (console.guarded): the agreed stop of every process
+    # (StoppedBySignal) exits 130 normally; a lone one (the data load, the final evaluation) leaves a
+    # multi-process job at once (a SystemExit there waited ~300 s in JAX's shutdown barrier).
+    results = (train_and_evaluate if FLAGS.evaluate else train)(config, workdir)
     if process == 0 and FLAGS.evaluate:
         print(protocols.format_results_table(results))
     elif process == 0:
