@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "step_conv128_batch_hard",
@@ -26,7 +28,7 @@ def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path, require
     scratch.mkdir()
     # The session's data cache (conftest), not one of its own: decoding both Omniglot archives again cost ~4 s.
     env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(scratch))
-    env.pop("XLA_FLAGS", None)  # the benchmark picks its CPU devices as experiments.train does
+    env["XLA_FLAGS"] = child_env.xla_flags()  # the benchmark picks its CPU devices as experiments.train does
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--quick", f"--data_dir={data_dir}",
                         f"--out={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -11,6 +11,8 @@ import pytest
 
 from PIL import Image
 
+import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
@@ -24,7 +26,7 @@ TINY = ["--config.widths=(8,8)", "--config.embedding_dim=16", "--config.val_epis
 def env(data_dir):
     # The session's data cache (conftest): every module decoded the archives again into its own.
     e = dict(os.environ, SIAMESE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    e.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+    e["XLA_FLAGS"] = child_env.xla_flags()  # the CPU devices a user's run picks
     return e
 
 

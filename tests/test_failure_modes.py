@@ -35,6 +35,8 @@ import numpy as np
 import optax
 import pytest
 
+import child_env
+
 from siamese_jax import checkpoints as C
 from siamese_jax import config_check, console, divergence, embedding, inference, models
 from siamese_jax import train_step as ts
@@ -51,7 +53,7 @@ TINY = ["--dataset=mnist", "--config.widths=(8,8)", "--config.embedding_dim=16",
 
 def _env(data_dir="/nonexistent/siamese-data", **extra):
     e = dict(os.environ, SIAMESE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
-    e.pop("XLA_FLAGS", None)  # the CLI picks its CPU devices as a user's run would
+    e["XLA_FLAGS"] = child_env.xla_flags()  # the CLI picks its CPU devices as a user's run would
     e.pop(console.TRACEBACK_ENV, None)
     # Nor the checkout on the path (conftest puts it there for other modules' subprocesses): the
     # console scripts run outside it must work as installed, without `experiments`.

@@ -38,6 +38,8 @@ import time
 
 import pytest
 
+import child_env
+
 from siamese_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +60,7 @@ EARLY_STEPS, EARLY_RTOL, LATE_RTOL = 20, 1e-4, 2e-2
 def env(data_dir):
     # The session's data cache (conftest): every module decoded the archives again into its own.
     e = dict(os.environ, SIAMESE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    e.pop("XLA_FLAGS", None)
+    e["XLA_FLAGS"] = child_env.xla_flags()
     return e
 
 
@@ -83,7 +85,7 @@ class Launch:
             if num_processes > 1:
                 cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
                         f"--process_id={i}"]
-            e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+            e = dict(env, XLA_FLAGS=child_env.xla_flags(devices_per_process))
             out, err = tmp_path / f"{name}.{i}.out", tmp_path / f"{name}.{i}.err"
             self.logs.append((out, err))
             with open(out, "w") as fo, open(err, "w") as fe:
@@ -321,7 +323,7 @@ def _two_processes_of_script(source, argv_of, env, tmp_path, timeout):
     script = tmp_path / "two_process_script.py"
     script.write_text(source)
     port = _free_port()
-    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO)
+    e = dict(env, XLA_FLAGS=child_env.xla_flags(1), PYTHONPATH=REPO)
     procs = [subprocess.Popen([sys.executable, str(script), *argv_of(i, port)], cwd=REPO, env=e,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
