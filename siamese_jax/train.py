@@ -617,10 +617,12 @@ def _elapsed_of(meta) -> dict:
 
 
 def _elapsed_in_results(workdir: str, step: int) -> dict:
-    """The seconds of a run whose checkpoints record none (written before 2026-12-05), from the
-    results.json it wrote on finishing at `step` (its config.json's num_steps): a re-run of such a
-    finished workdir wrote 0 s over them, and a resumed one counted its new leg only (the upgrade
-    review of 2026-12-06). {} when the run stopped elsewhere: its seconds are not known."""
+    """The seconds of a run that finished at `step` (its config.json's num_steps), from the
+    results.json it wrote then: they include the last checkpoint's write and the final wait, which
+    the checkpoint itself cannot record, and they are the only record of a run whose checkpoints
+    record none (written before 2026-12-05; a re-run of such a finished workdir wrote 0 s over them,
+    and a resumed one counted its new leg only: the upgrade review of 2026-12-06). {} when the run
+    stopped elsewhere."""
     results = _read_json(os.path.join(workdir, "results.json"))
     if not results or (_previous_config(workdir) or {}).get("num_steps") != step:
         return {}
@@ -846,7 +848,11 @@ def _initial_state(config, workdir: str, ckpts, fresh, tx, training_split) -> tu
     earlier = {"train": 0.0, "validation": 0.0, "checkpoints": 0.0}  # seconds of the legs before a resume
     if restored is not None:
         state, restored_meta = restored
-        earlier.update(_elapsed_of(restored_meta) or _elapsed_in_results(workdir, int(state.step)))
+        # A checkpoint records the seconds before its own write; the results.json of a run that
+        # finished at this step has that write and the final wait too (a rerun that trained nothing
+        # lost them: 0.5 s under load), and the only seconds of a checkpoint that records none.
+        recorded, finished = _elapsed_of(restored_meta), _elapsed_in_results(workdir, int(state.step))
+        earlier.update({k: max(recorded.get(k, 0.0), finished.get(k, 0.0)) for k in {**recorded, **finished}})
         log.info("resuming from step %d of %s", int(state.step), workdir)
         if int(state.step) > config.num_steps:
             raise _past_num_steps(config, workdir, int(state.step))

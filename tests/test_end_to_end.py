@@ -105,13 +105,14 @@ def test_train_resume_and_evaluate_omniglot(env, tmp_path):
     assert resumed["train_seconds"] > results["train_seconds"]
     assert resumed["validation_seconds"] > results["validation_seconds"]
     # ... and a rerun that trains nothing (its final evaluation had failed, say) keeps them: it
-    # recorded 0 s, and another row of zeros in metrics.jsonl.
+    # recorded 0 s, and another row of zeros in metrics.jsonl; then it lost the last checkpoint's
+    # write (the checkpoint records the seconds before it: 1.2 s against 1.71 under load).
     r = _train(env, workdir, "--loss=triplet", "--config.num_steps=12", "--config.eval_every_steps=4",
                "--config.checkpoint_every_steps=4", "--config.plots=False")
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((workdir / "results.json").read_text())
     for key in ("train_seconds", "validation_seconds", "checkpoints_seconds"):
-        assert again[key] == pytest.approx(resumed[key], abs=0.5), key
+        assert again[key] == pytest.approx(resumed[key], abs=0.011), key
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "validation_seconds" in m] == [8, 12]
     # Three evaluations of this workdir: TensorBoard keeps the last one's scores only.
