@@ -73,7 +73,11 @@ class Calibration:
 
     def probability(self, distance):
         mid = self.threshold if self.midpoint is None else self.midpoint
-        return 1.0 / (1.0 + np.exp(-self.slope * (mid - np.asarray(distance, np.float64))))
+        x = self.slope * (mid - np.asarray(distance, np.float64))
+        # The logistic of x from exp(-|x|), which cannot overflow: 1 / (1 + exp(-x)) warned "overflow
+        # in exp" for distances far beyond the threshold (x < -709), though its value was right.
+        e = np.exp(-np.abs(x))
+        return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))[()]  # [()]: a number for a number
 
 
 @functools.lru_cache(maxsize=16)

@@ -40,6 +40,8 @@ def keras_pairs(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, 
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    if len(by_class) < 2:  # no other-class partner to draw (it failed in NumPy: "high <= 0")
+        raise ValueError(f"keras_pairs needs images of at least 2 classes, got {len(by_class)} class(es)")
     classes = np.array(sorted(by_class))
     first, second, same = [], [], []
     for i, c in enumerate(labels):
@@ -65,19 +67,25 @@ def _finite(emb: np.ndarray, what: str) -> np.ndarray:
     return emb
 
 
-def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dict:
-    size = config.image_size
-    results = {}
-    # Lake et al.'s 20 runs.
-    runs = load_lake_runs(config.archive_dir)
+def lake_run_embeddings(runs, embed_u8, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training images [R, 20, E], test images [R, 20, E]): the embeddings of Lake's runs' images,
+    resized to the model's `size` as training resized its images, embedded in one call of
+    `embed_u8` ([N, size, size] uint8 -> [N, E])."""
     train_u8 = np.stack([r.train_images for r in runs])  # [R, 20, 105, 105]
     test_u8 = np.stack([r.test_images for r in runs])
     R = len(runs)
     flat = np.concatenate([train_u8.reshape(-1, 105, 105), test_u8.reshape(-1, 105, 105)])
     flat_ds = ImageDataset(images=flat, labels=np.arange(len(flat), dtype=np.int32), name="omniglot", split="lake_runs")
-    emb = _finite(loaded.embed_u8(resized_images(flat_ds, size)), "Lake's runs")
-    train_emb = emb[:R * 20].reshape(R, 20, -1)
-    test_emb = emb[R * 20:].reshape(R, 20, -1)
+    emb = _finite(embed_u8(resized_images(flat_ds, size)), "Lake's runs")
+    return emb[:R * 20].reshape(R, 20, -1), emb[R * 20:].reshape(R, 20, -1)
+
+
+def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> dict:
+    size = config.image_size
+    results = {}
+    # Lake et al.'s 20 runs.
+    runs = load_lake_runs(config.archive_dir)
+    train_emb, test_emb = lake_run_embeddings(runs, loaded.embed_u8, size)
     answers = np.stack([r.answers for r in runs])
     lake = evaluation.lake_run_errors(train_emb, test_emb, answers)
     results["lake_20_runs"] = lake

@@ -384,3 +384,97 @@ def test_scoring_refuses_labels_that_would_be_scored_wrong():
         evaluation.balanced_pairs(np.arange(5), 4, seed=0)
     with pytest.raises(ValueError, match="at least 2 classes"):
         evaluation.balanced_pairs(np.zeros(5, int), 4, seed=0)
+
+
+# ------------------------------------------------------------------ the mutation review of 2026-12-06
+# Each test below failed on a mutant of the code that every earlier test passed (stop 47).
+
+def test_best_threshold_ties_in_accuracy_go_to_the_smallest_split():
+    # Guards best_threshold's documented tie rule ("the smallest such split on ties in accuracy;
+    # accept-nothing ... just below the minimum"): the existing tests only compared accuracies,
+    # so picking the largest tied split, or a split over accept-nothing, passed.
+    d = np.array([0.1, 0.2, 0.3, 0.4])
+    # Splits after 0.1 and after 0.3 both give 3/4 correct: the smaller one, midpoint 0.15.
+    assert evaluation.best_threshold(d, [True, False, True, False]) == pytest.approx(0.15)
+    # Accept-nothing (1/2) ties with accepting both (1/2): accept nothing.
+    t = evaluation.best_threshold(np.array([0.1, 0.2]), [False, True])
+    assert t < 0.1
+
+
+def test_threshold_for_far_is_not_one_false_accept_short_by_float_rounding():
+    # Guards the 1e-9 slack in threshold_for_far's floor(target_far * n): 0.29 * 100 is
+    # 28.999999999999996 in floats, and without the slack the threshold allowed 28 false accepts
+    # where the bound allows 29 (not "the largest threshold", as documented).
+    neg = np.arange(1.0, 101.0)                 # 100 different pairs at 1, 2, ..., 100
+    d = np.concatenate([neg, [0.5]])
+    same = np.concatenate([np.zeros(100, bool), [True]])
+    t = evaluation.threshold_for_far(d, same, 0.29)
+    assert t == 29.0
+    assert np.mean(neg <= t) == pytest.approx(0.29)
+
+
+def test_balanced_pairs_are_what_they_say_and_use_classes_of_two_images():
+    # Guards balanced_pairs (calibration's pairs), tested so far only for its refusals: half the
+    # pairs same-class (two different images of a class with >= 2 images, a class of exactly 2
+    # included), half different-class, each flagged correctly, reproducible from the seed.
+    labels = np.repeat(np.arange(4), 2)          # every class has exactly 2 images
+    first, second, same = evaluation.balanced_pairs(labels, 10, seed=0)
+    assert len(first) == len(second) == len(same) == 10 and same.sum() == 5
+    np.testing.assert_array_equal(labels[first] == labels[second], same)
+    assert np.all(first != second)
+    again = evaluation.balanced_pairs(labels, 10, seed=0)
+    for a, b in zip((first, second, same), again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_best_threshold_midpoint_that_rounds_onto_the_rejected_distance_falls_back():
+    # Guards best_threshold's guard "mid if lo <= mid < hi else lo". The existing adjacent-float
+    # case (1.0, next float) has a midpoint that rounds DOWN (ties to even), so it never reached the
+    # guard; from an odd-mantissa value the midpoint rounds UP onto the rejected distance.
+    a = np.nextafter(np.float32(1.0), np.float32(2.0))   # odd last bit
+    b = np.nextafter(a, np.float32(2.0))
+    d = np.array([a, b], np.float32)
+    t = evaluation.best_threshold(d, [True, False])
+    assert np.float32(t) >= a and np.float32(t) < b
+    assert evaluation.verification_accuracy(d, [True, False], t) == 1.0
+
+
+def test_keras_pairs_same_partner_is_another_image_and_other_partner_another_class():
+    # Guards protocols.keras_pairs (the MNIST verification protocol's pairs), which no fast test
+    # ran: interleaved (same, different) per image, the same-class partner redrawn until it is not
+    # the image itself (classes of 2 images make a self-pair likely), the other from another class.
+    from siamese_jax import protocols
+
+    labels = np.repeat(np.arange(5), 2)
+    first, second, same = protocols.keras_pairs(labels, seed=0)
+    assert len(first) == 2 * len(labels)
+    np.testing.assert_array_equal(first, np.repeat(np.arange(len(labels)), 2))
+    np.testing.assert_array_equal(same, np.tile([True, False], len(labels)))
+    np.testing.assert_array_equal(labels[first] == labels[second], same)
+    assert np.all(first[same] != second[same])
+    # a class with a single image is paired with itself (documented)
+    f, s, _ = protocols.keras_pairs(np.array([0, 1, 1]), seed=0)
+    assert s[0] == 0
+
+
+def test_keras_pairs_of_one_class_is_a_clear_error():
+    from siamese_jax import protocols
+
+    with pytest.raises(ValueError, match="at least 2 classes, got 1"):
+        protocols.keras_pairs(np.array([3, 3, 3]), seed=0)
+
+
+def test_lake_run_embeddings_are_each_runs_training_and_test_images_in_order(data_dir):
+    # The scoring of Lake's runs was tested on made-up embeddings only; the wiring from the runs'
+    # images to them was not (their test embeddings taken from the training images passed every
+    # test). An embedding that is the image itself, read back per run and position.
+    from siamese_jax import protocols
+    from siamese_jax.augment import resize_uint8
+    from siamese_jax.data import load_lake_runs
+
+    runs = load_lake_runs(str(data_dir))
+    train, test = protocols.lake_run_embeddings(runs, lambda u8: u8.reshape(len(u8), -1).astype(np.float32), 28)
+    assert train.shape == test.shape == (20, 20, 28 * 28)
+    for r in (0, 7, 19):
+        np.testing.assert_array_equal(train[r], resize_uint8(runs[r].train_images, 28).reshape(20, -1))
+        np.testing.assert_array_equal(test[r], resize_uint8(runs[r].test_images, 28).reshape(20, -1))

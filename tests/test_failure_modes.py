@@ -1403,3 +1403,19 @@ def test_library_error_records_keep_their_line_and_lose_their_traceback():
     # SIAMESE_TRACEBACK=1 (the debugging switch of every command) keeps every stack.
     r = _run([sys.executable, "-c", script], env=dict(_env(), SIAMESE_TRACEBACK="1"))
     assert r.stderr.count("Traceback (most recent call last)") == 3, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ the mutation review of 2026-12-06
+# Each test below failed on a mutant of the code that every earlier test passed (stop 47).
+
+def test_divergence_rule_stops_above_the_factor_not_at_it():
+    # Guards the rule's "exceeds 100x" (divergence.rule's text): a value of exactly factor x the
+    # reference is healthy, anything above stops. ">=" passed every existing test.
+    at = divergence.DivergenceDetector(factor=100, window=5)
+    at.seed("loss", 2.0)
+    at.check(1, {"loss": 200.0})
+    assert at.last_healthy_step == 1
+    above = divergence.DivergenceDetector(factor=100, window=5)
+    above.seed("loss", 2.0)
+    with pytest.raises(divergence.DivergenceError, match="more than 100x"):
+        above.check(1, {"loss": 200.5})

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from siamese_jax import images as img_lib
-from siamese_jax import inference
+from siamese_jax import evaluation, inference
 from siamese_jax.index import EmbeddingIndex, IndexError_, build_index, check_compatible
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -804,3 +804,79 @@ def test_the_array_entry_points_refuse_what_would_give_a_wrong_embedding(model):
             (lambda: augment.resize_uint8(u8 / np.float32(255), 20), "resize_uint8 takes uint8")):
         with pytest.raises(ValueError, match=match):
             call()
+
+
+# ------------------------------------------------------------------ the mutation review of 2026-12-06
+# Each test below failed on a mutant of the code that every earlier test passed (stop 47).
+
+def test_calibration_records_the_accuracy_and_far_of_the_rule_compare_applies():
+    # Guards fit_calibration's recorded accuracy / false_accept_rate: they must be those of
+    # "same iff d <= threshold" (what compare() and evaluation use). A FAR threshold is an observed
+    # distance, so a pair sits exactly on it; "<" reported FAR 0 and accuracy 1.0 here.
+    d = np.array([1.0, 2.0, 3.0, 4.0])
+    y = np.array([1, 1, 0, 0])
+    cal = inference.fit_calibration(d, y, target_far=0.5)
+    assert cal.threshold == 3.0
+    assert cal.false_accept_rate == pytest.approx(0.5)
+    assert cal.accuracy == pytest.approx(evaluation.verification_accuracy(d, y, cal.threshold)) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("target_far", [None, 0.05])
+def test_platt_scaling_is_the_maximum_likelihood_fit(target_far):
+    # Guards _platt_fit's result, checked so far only on balanced data centred on the midpoint (where
+    # a midpoint missing its `scale` factor, mean + a / b, happened to land within 0.1): at the
+    # maximum-likelihood fit of P(same | d) = sigmoid(slope (mid - d)) the score equations hold,
+    # sum (y - p) (mid - d) = 0 for the slope and, when the midpoint is fitted (a FAR threshold),
+    # sum (y - p) = 0. Unbalanced data, mean 1.3, spread 0.6.
+    rng = np.random.default_rng(1)
+    d = np.concatenate([rng.normal(1.0, 0.5, 800), rng.normal(2.5, 0.5, 200)])
+    y = np.arange(1000) < 800
+    cal = inference.fit_calibration(d, y, target_far)
+    p = cal.probability(d)
+    assert abs(np.sum((y - p) * (cal.midpoint - d))) < 1e-6 * len(d)
+    if target_far is not None:
+        assert abs(np.sum(y - p)) < 1e-6 * len(d)
+    else:
+        assert cal.midpoint == cal.threshold
+
+
+def test_platt_slope_stays_positive_when_same_pairs_are_farther():
+    # Guards the clamp b >= 1e-6 in _platt_fit: P(same) must not rise with the distance, even for
+    # a model so bad that its same pairs are the farther ones (the free fit has a negative slope).
+    rng = np.random.default_rng(2)
+    d = np.concatenate([rng.normal(2.0, 0.4, 100), rng.normal(1.0, 0.4, 100)])  # same pairs farther
+    y = np.arange(200) < 100
+    cal = inference.fit_calibration(d, y, target_far=0.5)
+    assert cal.slope > 0
+    p = cal.probability(np.linspace(0.0, 3.0, 7))
+    assert np.all(np.diff(p) <= 0)
+
+
+def test_compare_says_same_for_a_distance_exactly_at_the_threshold():
+    # Guards compare()'s rule "same iff distance <= threshold" (Calibration's docstring) at the
+    # boundary: a FAR threshold is an observed distance, so a pair can sit exactly on it.
+    model = inference.load_model("pretrained")
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (105, 105)).astype(np.uint8) for _ in range(2))
+    e = model.embed([a, b])
+    d = float(np.linalg.norm(e[0] - e[1]))
+    model.calibration = inference.Calibration(threshold=d, slope=1.0, method="far<=0.01", accuracy=1.0,
+                                              false_accept_rate=0.0, num_pairs=2, midpoint=d)
+    verdict = model.compare(a, b)
+    assert verdict.distance == d and verdict.same
+
+
+def test_probability_far_beyond_the_threshold_is_0_without_an_overflow_warning():
+    # 1 / (1 + exp(-x)) warned "overflow encountered in exp" for x < -709 (a distance far beyond a
+    # steep calibration's threshold); the value was right and still is, to 1e-15 everywhere.
+    import warnings
+
+    cal = inference.Calibration(threshold=1.0, slope=50.0, method="max-accuracy", accuracy=1.0,
+                                false_accept_rate=0.0, num_pairs=2, midpoint=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = cal.probability([0.5, 1.0, 30.0])
+    np.testing.assert_allclose(p, [1 / (1 + np.exp(-25.0)), 0.5, 0.0], atol=1e-15)
+    x = np.linspace(-30.0, 30.0, 61)
+    np.testing.assert_allclose(cal.probability(1.0 - x / 50.0), 1 / (1 + np.exp(-x)), rtol=1e-12)
+    assert isinstance(cal.probability(0.9), float)  # a number for a number (JSON, f-strings)

@@ -498,7 +498,7 @@ def np_arcface(emb, index, centres, scale, margin):
         cos = np.clip(w @ x, -1, 1)
         theta = np.arccos(cos[y])
         z = scale * cos.copy()
-        z[y] = scale * (np.cos(theta + margin) if theta + margin <= np.pi else cos[y] - margin * np.sin(margin))
+        z[y] = scale * (np.cos(theta + margin) if theta + margin < np.pi else cos[y] - margin * np.sin(margin))
         out.append(np.log(np.sum(np.exp(z - z.max()))) + z.max() - z[y])
         active.append(z[y] <= np.max(np.delete(z, y)))
     return float(np.mean(out)), float(np.mean(active))
@@ -860,3 +860,165 @@ def test_is_similar_must_be_zero_or_one():
     with pytest.raises(ValueError, match="verification_loss: is_similar must be bool or 0/1"):
         L.verification_loss(jnp.zeros(4), np.array([2, 0, 0, 1]))
     assert np.isfinite(float(jax.jit(L.contrastive_loss)(x1, x2, jnp.array([True, False]))))
+
+
+# ------------------------------------------------------------------ the mutation review of 2026-12-06
+# Each test below failed on a mutant of the code that every earlier test passed (stop 47).
+
+def test_contrastive_default_margin_is_one():
+    # Guards the documented default margin=1.0 of `contrastive_loss` (users call it without a margin):
+    # every contrastive test passed a margin or used only "same" pairs, so margin=2.0 went unnoticed.
+    x = np.zeros((1, 2), np.float32)
+    y = np.array([[0.5, 0.0]], np.float32)  # d = 0.5, labelled "different"
+    assert float(L.contrastive_loss(x, y, is_similar=[0])) == pytest.approx((1.0 - 0.5) ** 2)
+    assert float(L.contrastive_loss_with_stats(x, y, is_similar=[0])[0]) == pytest.approx(0.25)
+
+
+def test_contrastive_stats_count_only_costly_pairs_and_report_distances_not_squares():
+    # Guards contrastive stats: active_fraction counts pairs with loss > 0 (a different pair beyond
+    # the margin costs 0 and is not active), and mean_negative_distance is in d, not d².
+    # (The existing polarity test had every pair active and its negative pair at d = 0, where d = d².)
+    x = np.zeros((2, 1), np.float32)
+    y = np.array([[3.0], [0.5]], np.float32)        # d = 3 (different), d = 0.5 (same)
+    loss, stats = L.contrastive_loss_with_stats(x, y, is_similar=[0, 1], margin=1.0)
+    assert float(loss) == pytest.approx((0.0 + 0.25) / 2)
+    assert float(stats["active_fraction"]) == pytest.approx(0.5)
+    assert float(stats["mean_negative_distance"]) == pytest.approx(3.0)
+    assert float(stats["mean_positive_distance"]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_triplet_stats_mean_distances_are_the_anchor_positive_and_anchor_negative_means(squared):
+    # Guards triplet_loss_with_stats' mean_positive_distance / mean_negative_distance (the training
+    # log's numbers): only the loss and active_fraction were checked, so swapped or wrong means passed.
+    a = np.zeros((2, 1), np.float32)
+    p = np.array([[1.0], [2.0]], np.float32)   # d(a, p) = 1, 2
+    n = np.array([[3.0], [5.0]], np.float32)   # d(a, n) = 3, 5
+    _, stats = L.triplet_loss_with_stats(a, p, n, margin=0.2, squared=squared)
+    want_pos = np.mean([1.0, 4.0]) if squared else 1.5
+    want_neg = np.mean([9.0, 25.0]) if squared else 4.0
+    assert float(stats["mean_positive_distance"]) == pytest.approx(want_pos)
+    assert float(stats["mean_negative_distance"]) == pytest.approx(want_neg)
+
+
+def test_mining_a_hinge_of_exactly_zero_is_neither_active_nor_averaged():
+    # Guards the strict "> 0" of the miners (batch all: "mean of the strictly positive triplet
+    # losses"; active_fraction: "loss > 0"). The random property tests never hit an exact tie, so
+    # ">= 0" passed. 1-D points, all distances exact in float32, margin 0.5:
+    #   anchor 0: D(0, 1) = 1, its only negative at 1.5 -> hinge 1 - 1.5 + 0.5 = 0 exactly
+    #   anchor 1: D(1, 0) = 1, its only negative at 0.5 -> hinge 1.0;  anchor 2 has no positive.
+    emb = np.array([[0.0], [1.0], [1.5]], np.float32)
+    labels = np.array([0, 0, 1])
+    loss, stats = L.batch_all_triplet_loss_with_stats(emb, labels, margin=0.5)
+    assert float(loss) == pytest.approx(1.0)  # the zero hinge is not in the mean
+    assert float(stats["active_fraction"]) == pytest.approx(0.5)
+    for fn in (L.batch_hard_triplet_loss_with_stats, L.hardest_negative_triplet_loss_with_stats,
+               L.batch_semihard_triplet_loss_with_stats):
+        loss, stats = fn(emb, labels, margin=0.5)
+        assert float(loss) == pytest.approx(0.5), fn.__name__
+        assert float(stats["active_fraction"]) == pytest.approx(0.5), fn.__name__
+
+
+def test_mining_stats_are_finite_eagerly_for_anchors_without_a_negative():
+    # Guards the `where` that keeps the +inf "no negative" fill out of batch hard's stats. The edge
+    # test calls the losses under jit only, where XLA happened to give 0; eagerly the unmasked fill
+    # made mean_negative_distance NaN (inf * 0).
+    emb = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    labels = np.zeros(5, np.int64)  # one class: no anchor has a negative
+    for fn in (L.batch_all_triplet_loss_with_stats, L.batch_hard_triplet_loss_with_stats,
+               L.batch_semihard_triplet_loss_with_stats, L.hardest_negative_triplet_loss_with_stats):
+        loss, stats = fn(emb, labels)  # eager, not jitted
+        assert np.isfinite(float(loss)), fn.__name__
+        assert all(np.isfinite(float(v)) for v in stats.values()), (fn.__name__, stats)
+
+
+def test_prototypical_stats_mean_distances_by_hand():
+    # Guards prototypical_loss_with_stats' mean_positive_distance (squared distance to the own,
+    # leave-one-out prototype) and mean_negative_distance (to the nearest other prototype): only the
+    # loss and active_fraction were checked, so a swapped stat passed. The leave-one-out example of
+    # test_prototypical_uses_the_leave_one_out_mean...: own d² 4, 4, 1, 1; nearest other 9, 1, 1, 4.
+    emb = np.array([[0.0], [2.0], [4.0], [5.0], [3.0]], np.float32)
+    labels = np.array([0, 0, 1, 1, 2])
+    _, stats = L.prototypical_loss_with_stats(emb, labels)
+    assert float(stats["mean_positive_distance"]) == pytest.approx((4 + 4 + 1 + 1) / 4, abs=1e-5)
+    assert float(stats["mean_negative_distance"]) == pytest.approx((9 + 1 + 1 + 4) / 4, abs=1e-5)
+
+
+def test_verification_accuracy_counts_a_logit_of_exactly_zero_as_different():
+    # Guards the documented "misclassified at logit 0" rule, (z > 0) = "same": a zero-initialised
+    # head gives logits of exactly 0, and `z >= 0` flipped every such pair's verdict.
+    _, stats = L.verification_loss_with_stats(jnp.zeros(3), is_similar=jnp.array([1, 1, 0]))
+    assert float(stats["accuracy"]) == pytest.approx(1 / 3)
+    assert float(stats["active_fraction"]) == pytest.approx(2 / 3)
+
+
+def test_arcface_defaults_are_scale_30_and_margin_half_a_radian():
+    # Guards arcface_loss's documented defaults (s = 30, m = 0.5, as in Deng et al. and the
+    # training config): every ArcFace test passed both explicitly, so other defaults passed.
+    rng = np.random.default_rng(2)
+    emb, centres = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
+    index = np.array([0, 1, 2, 0, 1, 2])
+    want = float(L.arcface_loss_with_stats(emb, index, centres, 30.0, 0.5)[0])
+    assert float(L.arcface_loss(emb, index, centres)) == pytest.approx(want, rel=1e-6)
+    assert float(L.arcface_loss_with_stats(emb, index, centres)[0]) == pytest.approx(want, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(L.arcface_logits(emb, index, centres)),
+                               np.asarray(L.arcface_logits(emb, index, centres, 30.0, 0.5)), rtol=1e-6)
+    assert want != pytest.approx(float(L.arcface_loss_with_stats(emb, index, centres, 30.0, 0.3)[0]), rel=1e-3)
+
+
+def test_arcface_an_own_logit_tied_with_another_class_is_active():
+    # Guards arcface's active_fraction rule "own-class logit not yet the largest" (own <= max other):
+    # an embedding exactly halfway between two centres, no margin, ties and still has to be pushed.
+    centres = np.eye(2, dtype=np.float32)
+    halfway = np.array([[1.0, 1.0]], np.float32)
+    _, stats = L.arcface_loss_with_stats(halfway, np.array([0]), centres, 10.0, 0.0)
+    assert float(stats["active_fraction"]) == 1.0
+
+
+def _np_multi_similarity_anchor_terms(emb, labels, epsilon=0.1, alpha=2.0, beta=50.0, lam=0.5):
+    """{anchor: its term} over the anchors with a positive and a negative (Wang et al., float64)."""
+    e = np.asarray(emb, np.float64)
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    sim, n = u @ u.T, len(labels)
+    terms = {}
+    for i in range(n):
+        pos = [sim[i, j] for j in range(n) if j != i and labels[j] == labels[i]]
+        neg = [sim[i, j] for j in range(n) if labels[j] != labels[i]]
+        if pos and neg:
+            kp = [s for s in pos if s < max(neg) + epsilon]
+            kn = [s for s in neg if s > min(pos) - epsilon]
+            terms[i] = (np.log1p(sum(np.exp(-alpha * (s - lam)) for s in kp)) / alpha
+                        + np.log1p(sum(np.exp(beta * (s - lam)) for s in kn)) / beta)
+    return terms
+
+
+def test_multi_similarity_averages_over_the_anchors_with_a_positive_and_a_negative_only():
+    # Guards the documented mean "over those anchors" (the anchors with a positive and a negative):
+    # every test batch was P x K (all anchors valid) or had none, so a mean over the whole batch
+    # passed. Here the lone images 6 and 7 are negatives for the others but not anchors.
+    emb = np.random.default_rng(3).normal(size=(8, 4)).astype(np.float32)
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 4])
+    terms = _np_multi_similarity_anchor_terms(emb, labels)
+    assert sorted(terms) == [0, 1, 2, 3, 4, 5] and sum(terms.values()) > 0
+    want = np.mean(list(terms.values()))  # / 6, not / 8
+    assert float(jax.jit(L.multi_similarity_loss)(emb, labels)) == pytest.approx(want, rel=1e-4)
+
+
+def test_relational_distance_loss_default_delta_is_one():
+    # Guards relational_distance_loss's default Huber delta = 1 (every value test passed delta):
+    # with the default, errors above 1 are linear (|e| - 0.5), below 1 quadratic.
+    student = np.array([[0.0], [1.0], [10.0]], np.float32)
+    teacher = np.array([[0.0], [9.0], [10.0]], np.float32)
+    got = float(L.relational_distance_loss(student, teacher))
+    assert got == pytest.approx(float(L.relational_distance_loss(student, teacher, 1.0)), rel=1e-6)
+    assert got != pytest.approx(float(L.relational_distance_loss(student, teacher, 2.0)), rel=1e-3)
+
+
+def test_prototypical_loss_is_the_same_for_embeddings_with_a_large_common_offset():
+    # The |e|^2 - 2 e.c + |c|^2 expansion lost the distances to float32 rounding at an offset of
+    # 1,000 (8.30 against 7.74); the loss is translation invariant, and now the code is too.
+    labels = np.repeat(np.arange(4), 3)
+    base = np.random.default_rng(0).normal(size=(12, 16)).astype(np.float32)
+    want = float(L.prototypical_loss(base, labels))
+    for offset in (100.0, 1000.0):
+        assert float(L.prototypical_loss(base + np.float32(offset), labels)) == pytest.approx(want, rel=1e-4), offset

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from siamese_jax import losses as L
 from siamese_jax import models, parallel
 from siamese_jax import train_step as ts
 
@@ -294,3 +295,31 @@ def test_multi_similarity_weights_reach_the_loss():
     assert values[0] != values[1]
     default_weights = ts.loss_fn(params, {}, model, batch, loss, 0.3, False, train=False)[0]
     assert float(default_weights) == values[0]
+
+
+# ------------------------------------------------------------------ the mutation review of 2026-12-06
+# Each test below failed on a mutant of the code that every earlier test passed (stop 47).
+
+def test_arcface_scale_reaches_the_loss():
+    # Guards loss_fn passing `arcface_scale` (config.arcface_scale, via make_train_step) on to the
+    # ArcFace loss, as test_multi_similarity_weights_reach_the_loss does for its weights: every test
+    # ran with the default 30, so a branch hard-coding scale=30.0 trained silently with it.
+    config = ml_collections.ConfigDict(dict(model="small", widths=(8, 8), embedding_dim=16, norm="layer",
+                                            l2_normalize=True, loss="arcface", compute_dtype="float32", num_classes=4))
+    model = models.build_model(config)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 2).astype(np.int32)
+    batch = {"images": rng.uniform(size=(8, 16, 16, 1)).astype(np.float32), "labels": labels + 100,
+             "class_index": labels}
+    params = ts.create_train_state(model, optax.sgd(0.1), jax.random.PRNGKey(0), 16).params
+    # One jitted program (a traced scale) for both scales: eager, this test took 8 s on CPU.
+    run = jax.jit(lambda p, scale: (model.apply({"params": p}, batch["images"], train=False),
+                                    ts.loss_fn(p, {}, model, batch, "arcface", 0.5, False, train=False,
+                                               arcface_scale=scale)[0]))
+    values = []
+    for scale in (30.0, 8.0):
+        emb, got = run(params, scale)
+        want = L.arcface_loss(np.asarray(emb), labels, np.asarray(params["class_centres"]), scale, 0.5)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+        values.append(float(got))
+    assert values[0] != values[1]
