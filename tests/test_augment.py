@@ -281,3 +281,57 @@ def test_resizing_from_several_threads_at_once_leaves_blas_threads_as_they_were(
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert blas_threads() == before
+
+
+# ------------------------------------------------------ the mutation review of 2026-12-06, round 2
+# Each test below failed on a mutant of the code that every earlier test passed (stop 47).
+
+def _forward_matrices(config, n=400, seed=0):
+    """The forward 2x2 parts (R @ Shear @ Scale) of `n` of `_random_matrix`'s sampling matrices."""
+    keys = jax.random.split(jax.random.key(seed), n)
+    sampling = np.asarray(jax.vmap(lambda k: augment._random_matrix(k, config, 0.0))(keys), np.float64)
+    return np.linalg.inv(sampling[:, :2, :2])
+
+
+def test_each_component_has_its_own_coin_applied_with_probability_prob():
+    # Koch et al.: each of rotation / shear / scale / translation is included with probability 0.5,
+    # independently. Guards `_random_matrix`'s `on = u[:4] < config.prob` and the coin each component
+    # reads. Kills aug10 (shear read the scale's coin: shear and scale always together) and aug22
+    # (components applied with probability prob / 2).
+    cfg = augment.AffineConfig(rotation_deg=0.0, shear=0.3, scale=(0.8, 1.2), translate_px=0.0, prob=0.5)
+    fwd = _forward_matrices(cfg)
+    # Without rotation the forward matrix is Shear @ Scale = [[s_r, ρ_r s_c], [ρ_c s_r, s_c]].
+    scaled = (np.abs(fwd[:, 0, 0] - 1) > 1e-6) | (np.abs(fwd[:, 1, 1] - 1) > 1e-6)
+    sheared = (np.abs(fwd[:, 0, 1]) > 1e-6) | (np.abs(fwd[:, 1, 0]) > 1e-6)
+    for frac in (scaled.mean(), sheared.mean()):
+        assert 0.4 < frac < 0.6, frac  # 400 draws: 0.5 ± 0.025 (1 sd)
+    # Independent coins: each of the four on/off combinations about a quarter of the time.
+    for s in (True, False):
+        for h in (True, False):
+            assert 0.17 < np.mean((scaled == s) & (sheared == h)) < 0.33, (s, h)
+
+
+def test_affine_matrix_composes_rotation_after_shear_after_scale_as_documented():
+    # Guards affine_matrix's documented order, p_out = R(θ) @ Shear(ρ) @ Scale(s) @ p_in + t. The
+    # existing checks use one component at a time, where any order gives the same matrix.
+    # Kills aug04 (forward = Scale @ Shear @ R: a non-uniform scale then acts along the image axes
+    # instead of the character's own, rotated, axes).
+    th = np.deg2rad(30.0)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    shear = np.array([[1.0, 0.2], [-0.1, 1.0]])
+    scale = np.diag([1.5, 0.8])
+    forward = rot @ shear @ scale
+    m = np.asarray(augment.affine_matrix(rotation_deg=30.0, shear=(0.2, -0.1), scale=(1.5, 0.8), translate=(1.0, -2.0)))
+    np.testing.assert_allclose(m[:2, :2], np.linalg.inv(forward), atol=1e-5)
+    np.testing.assert_allclose(m[:2, 2], -np.linalg.inv(forward) @ np.array([1.0, -2.0]), atol=1e-5)
+
+
+def test_elastic_distortion_of_non_square_images_smooths_each_axis_with_its_own_size():
+    # Guards elastic_displacement's per-axis smoothing matrices (rows: H x H, columns: W x W). Every
+    # existing check uses square images, where the two are the same matrix.
+    # Kills aug24 (the row matrix used for the columns too: non-square images failed with a shape error).
+    field = np.asarray(augment.elastic_displacement(jax.random.key(0), 20, 32, 34.0, 4.0))
+    assert field.shape == (2, 20, 32)
+    cfg = augment.AffineConfig(prob=0.0, elastic_alpha=34.0)
+    out = augment.random_affine(jax.random.key(1), np.zeros((2, 20, 32, 1), np.float32), cfg)
+    assert out.shape == (2, 20, 32, 1)

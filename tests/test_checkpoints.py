@@ -399,3 +399,18 @@ def test_two_threads_each_close_only_their_own_checkpoints_and_restore_the_absl_
         assert inner._closed
         outer = C.Checkpoints(str(tmp_path / "outer"))
     assert outer._closed
+
+
+# ------------------------------------------------------ the mutation review of 2026-12-06, round 2
+# Each test below failed on a mutant of the code that every earlier test passed (stop 47).
+
+def test_a_later_validation_generation_outranks_an_earlier_one_when_lower_is_better_too():
+    # Guards checkpoints._rank for best_mode="min" (a loss as the best metric): orbax keeps the step of
+    # the SMALLEST rank there, so a later generation must lower it. The existing test uses "max" only.
+    # Kills ck01 (the generation bonus +10 in both modes: under "min" every best of the new validation
+    # protocol lost to any score recorded under the old one).
+    old = C._rank({"val_loss": 0.1}, "val_loss", "min")
+    new = C._rank({"val_loss": 0.5, "validation_generation": 1}, "val_loss", "min")
+    assert new < old
+    assert C._rank({"val_loss": 0.2}, "val_loss", "min") > old  # within a generation: the metric itself
+    assert C._rank({"acc": 0.5, "validation_generation": 1}, "acc", "max") > C._rank({"acc": 0.9}, "acc", "max")

@@ -781,3 +781,92 @@ def test_temporary_files_of_killed_cache_writes_are_removed_by_the_next_write(tm
     cache.write(path, ds)
     assert cache.read(path) is not None
     assert not killed.exists() and in_progress.exists() and other.exists()
+
+
+# ------------------------------------------------------ the mutation review of 2026-12-06, round 2
+# Each test below failed on a mutant of the code that every earlier test passed (stop 47).
+
+def test_teachers_embeddings_are_concatenated_per_image_not_stacked(monkeypatch):
+    # Guards distillation.teacher_embeddings: several teachers act as one ensemble, each training image
+    # one row of [N, F1 + F2] (the sampler indexes the rows by image). Only the slow end-to-end test
+    # trains with a teacher, and with one teacher, where either axis gives the same array.
+    # Kills di02 (np.concatenate(rows, axis=0): [2N, F], rows N..2N-1 the second teacher's).
+    import ml_collections
+
+    from siamese_jax import distillation, inference
+
+    class Teacher:
+        def __init__(self, dim, value):
+            self.config = ml_collections.ConfigDict({"image_size": 8, "dataset": "mnist"})
+            self.dim, self.value = dim, value
+
+        def embed_u8(self, images):
+            return np.full((len(images), self.dim), self.value, np.float32)
+
+    teachers = {"t1": Teacher(3, 1.0), "t2": Teacher(3, 2.0)}
+    monkeypatch.setattr(distillation, "teacher_sources", lambda config: ["t1", "t2"])
+    monkeypatch.setattr(inference, "load_run", lambda source, keys: (teachers[source], 10))
+    monkeypatch.setattr(distillation, "_teacher_train_images", lambda config, teacher, source, ds: np.zeros((5, 8, 8), np.uint8))
+    rows = distillation.teacher_embeddings(ml_collections.ConfigDict({"dataset": "mnist"}), None)
+    assert rows.shape == (5, 6)
+    np.testing.assert_array_equal(rows[:, :3], 1.0)
+    np.testing.assert_array_equal(rows[:, 3:], 2.0)
+
+
+def test_one_character_id_in_two_character_folders_is_refused(tmp_path):
+    # Guards read_omniglot_zip's check that a character id (NNNN of NNNN_MM.png) names one character
+    # folder: two characters sharing an id became one class of mixed glyphs (a repacked or merged
+    # archive). Kills ar03 (the check dropped: the archive was read, 2 characters as label 0).
+    import io
+    import zipfile
+
+    import pytest
+    from PIL import Image
+
+    from siamese_jax.data import archives
+    from siamese_jax.data.errors import DataError
+
+    png = io.BytesIO()
+    Image.new("1", (8, 8), 1).save(png, format="PNG")
+    path = tmp_path / "images_background.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("images_background/Latin/character01/0001_01.png", png.getvalue())
+        zf.writestr("images_background/Greek/character01/0001_02.png", png.getvalue())
+    with pytest.raises(DataError, match=r"character id 0001 of .*Greek.* is also used by Latin/01"):
+        archives.read_omniglot_zip(path, "background")
+
+
+def test_hidden_files_in_an_omniglot_archive_are_skipped(tmp_path):
+    # Guards archives._skipped's hidden-file rule: an archive re-zipped on a Mac carries .DS_Store and
+    # ._name AppleDouble files beside the PNGs (not only under __MACOSX/). Kills ar04 (only __MACOSX/
+    # and folders skipped: "unexpected entry images_background/Latin/.DS_Store").
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from siamese_jax.data import archives
+
+    png = io.BytesIO()
+    Image.new("1", (8, 8), 1).save(png, format="PNG")
+    path = tmp_path / "images_background.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("images_background/Latin/character01/0001_01.png", png.getvalue())
+        zf.writestr("images_background/Latin/.DS_Store", b"\x00\x00\x00\x01Bud1")
+        zf.writestr("images_background/Latin/character01/._0001_01.png", b"\x00\x05\x16\x07")
+    ds = archives.read_omniglot_zip(path, "background")
+    assert len(ds) == 1 and ds.labels.tolist() == [0]
+
+
+def test_mnist_validation_is_the_last_val_fraction_of_the_training_split():
+    # Guards input_pipeline.split_train_val for MNIST: the validation set is the LAST round(N x
+    # val_fraction) images, as the shipped MNIST model and its teachers were trained (distillation
+    # compares the training sets label by label). No test pinned which end. Kills ip08 (the first ones).
+    import ml_collections
+
+    from siamese_jax import input_pipeline as ip
+    from siamese_jax.data import ImageDataset
+
+    ds = ImageDataset(images=np.zeros((8, 4, 4), np.uint8), labels=np.arange(8, dtype=np.int32), name="mnist", split="train")
+    train, val = ip.split_train_val(ml_collections.ConfigDict({"dataset": "mnist", "val_fraction": 0.25}), ds)
+    assert train.labels.tolist() == [0, 1, 2, 3, 4, 5] and val.labels.tolist() == [6, 7]

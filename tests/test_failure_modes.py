@@ -1419,3 +1419,26 @@ def test_divergence_rule_stops_above_the_factor_not_at_it():
     above.seed("loss", 2.0)
     with pytest.raises(divergence.DivergenceError, match="more than 100x"):
         above.check(1, {"loss": 200.5})
+
+
+# ------------------------------------------------------ the mutation review of 2026-12-06, round 2
+# Each test below failed on a mutant of the code that every earlier test passed (stop 47).
+
+def test_rewriting_metrics_jsonl_is_atomic(tmp_path):
+    # Guards files.rewrite_jsonl (used by MetricsWriter.truncate_after on resume): records that fail
+    # half way (a full disk, a kill) must leave the old metrics.jsonl whole. Kills fil03 (rewrite_jsonl
+    # through a plain open(path, "w"): the file was truncated to the records written before the failure).
+    from siamese_jax import files
+
+    path = str(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        files.append_jsonl(path, {"step": step})
+
+    def records():
+        yield {"step": 1}
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        files.rewrite_jsonl(path, records())
+    assert [r["step"] for r in files.read_jsonl(path)] == [1, 2, 3]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]

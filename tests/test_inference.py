@@ -880,3 +880,159 @@ def test_probability_far_beyond_the_threshold_is_0_without_an_overflow_warning()
     x = np.linspace(-30.0, 30.0, 61)
     np.testing.assert_allclose(cal.probability(1.0 - x / 50.0), 1 / (1 + np.exp(-x)), rtol=1e-12)
     assert isinstance(cal.probability(0.9), float)  # a number for a number (JSON, f-strings)
+
+
+# ------------------------------------------------------ the mutation review of 2026-12-06, round 2
+# Each test below failed on a mutant of the code that every earlier test passed (stop 47).
+
+def test_search_reranks_near_ties_that_the_float32_knn_cannot_tell_apart():
+    # Guards `EmbeddingIndex.search`'s exact float64 re-ranking. Embeddings with a large common offset
+    # along one axis and a spread index: knn's float32 |q|^2 - 2q.e + |e|^2 reads both neighbours at
+    # distance 0 (a tie, broken by the lower index: the FARTHER row, stored first). The re-ranking must
+    # put the nearer row first, and its distances must follow its indices.
+    # Kills idx04 (the argsort of the exact distances dropped: [0, 1] at [0.2, 0.1]) and idx16
+    # (indices re-ordered but distances left in knn's order: [0.2, 0.1]).
+    emb = np.array([[1000.0, 0.2], [1000.0, 0.1], [-1000.0, 0.0]], np.float32)
+    index = EmbeddingIndex(emb, ["far", "near", "other"], "fp")
+    d, i = index.search(np.array([[1000.0, 0.0]], np.float32), k=2)
+    assert i.tolist() == [[1, 0]]
+    np.testing.assert_allclose(d, [[0.1, 0.2]], rtol=1e-5)
+
+
+def test_index_labels_and_root_survive_save_and_load(tmp_path):
+    # Guards `EmbeddingIndex.save`/`load` of the optional labels (documented: "saved and loaded if a
+    # library user gives them") and of `root`. Kills idx08 (labels not written) and idx09 (labels not read).
+    emb = np.arange(12, dtype=np.float32).reshape(3, 4)
+    EmbeddingIndex(emb, ["a.png", "b.png", "c.png"], "fp", labels=np.array([7, 7, 2]), root="/data").save(
+        str(tmp_path / "idx.npz"))
+    loaded = EmbeddingIndex.load(str(tmp_path / "idx.npz"))
+    assert loaded.labels is not None and loaded.labels.tolist() == [7, 7, 2]
+    assert loaded.root == "/data" and loaded.paths == ["a.png", "b.png", "c.png"]
+    np.testing.assert_array_equal(loaded.embeddings, emb)
+
+
+def _write_raw_index(path, embeddings, meta):
+    import json
+
+    np.savez(str(path), embeddings=np.asarray(embeddings, np.float32),
+             meta_json=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+
+
+def test_an_index_of_another_format_or_with_rows_that_do_not_match_its_paths_is_refused(tmp_path):
+    # Guards the two consistency checks of `EmbeddingIndex.load`. Kills idx10 (format not checked:
+    # a future "siamese-jax-index/2" file was read as this one) and idx11 (len(embeddings) vs
+    # len(paths) not checked: search then returned row numbers with no path, an IndexError later).
+    import pytest
+
+    from siamese_jax.index import INDEX_FORMAT, IndexError_
+
+    _write_raw_index(tmp_path / "v2.npz", np.zeros((1, 4)),
+                     {"format": "siamese-jax-index/2", "model_fingerprint": "fp", "paths": ["a"]})
+    with pytest.raises(IndexError_, match=r"not a siamese-jax index \(ValueError: format 'siamese-jax-index/2'\)"):
+        EmbeddingIndex.load(str(tmp_path / "v2.npz"))
+    _write_raw_index(tmp_path / "short.npz", np.zeros((3, 4)),
+                     {"format": INDEX_FORMAT, "model_fingerprint": "fp", "paths": ["a", "b"]})
+    with pytest.raises(IndexError_, match=r"inconsistent index \(\(3, 4\) embeddings for 2 paths\)"):
+        EmbeddingIndex.load(str(tmp_path / "short.npz"))
+
+
+def test_an_index_save_that_fails_midway_keeps_the_previous_index(tmp_path, monkeypatch):
+    # Guards the atomic write of `EmbeddingIndex.save` (files.atomic_open): a save killed or failing
+    # half way (a full disk) must leave the earlier index readable. Kills idx20 (plain open(path, "wb")).
+    path = str(tmp_path / "idx.npz")
+    old = EmbeddingIndex(np.ones((2, 4), np.float32), ["a", "b"], "fp")
+    old.save(path)
+
+    def torn_savez(f, **arrays):
+        f.write(b"PK\x03\x04 half an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", torn_savez)
+    import pytest
+
+    with pytest.raises(OSError):
+        EmbeddingIndex(np.zeros((3, 4), np.float32), ["x", "y", "z"], "fp").save(path)
+    monkeypatch.undo()
+    loaded = EmbeddingIndex.load(path)
+    assert loaded.paths == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx.npz"]  # no temporary file left
+
+
+def test_check_compatible_compares_the_whole_fingerprint():
+    # Guards `check_compatible`: an index built by a model whose fingerprint differs in any character
+    # is refused. Kills idx21 (only the first 8 hex digits compared).
+    import pytest
+
+    from siamese_jax.index import IndexError_, check_compatible
+
+    class Model:
+        def fingerprint(self):
+            return "0123456789abcdef"
+
+    check_compatible(EmbeddingIndex(np.zeros((1, 4), np.float32), ["a"], "0123456789abcdef"), Model())
+    with pytest.raises(IndexError_, match="built by another model"):
+        check_compatible(EmbeddingIndex(np.zeros((1, 4), np.float32), ["a"], "01234567ffffffff"), Model())
+
+
+def test_a_colour_array_reads_as_its_pil_image_does_with_inks_of_two_colours():
+    # Guards images.as_gray's ITU-R 601 luma for [H, W, 3] arrays ("as a PIL image of the same pixels
+    # reads"). The existing checks use grey RGB (equal channels), where any weights that sum to 1 agree,
+    # and one ink colour, which the level stretch normalises away. Red and blue strokes on white differ.
+    # Kills img28 (weights [0.114, 0.587, 0.299]: red and blue swapped, i.e. BGR read as RGB).
+    from PIL import Image
+
+    from siamese_jax import images as img_lib
+
+    rgb = np.full((32, 32, 3), 255, np.uint8)
+    rgb[8:24, 8:12] = (255, 0, 0)  # a red stroke
+    rgb[8:24, 20:24] = (0, 0, 255)  # a blue stroke
+    np.testing.assert_allclose(img_lib.as_gray(rgb), img_lib.as_gray(Image.fromarray(rgb, "RGB")), atol=0.01)
+
+
+def test_build_index_over_several_batches_keeps_every_file_in_order():
+    # Guards build_index's batching (`paths[start:start + batch_size]`): the suite's folders are all
+    # smaller than one batch (256), so a batch that dropped or repeated a file went unseen.
+    # Kills idx15 (each batch one file short: 5 files in batches of 2 indexed 3).
+    from siamese_jax.index import build_index
+
+    class Model:  # embeds a path as (its number, 0): no image is read
+        def embed(self, batch):
+            return np.array([[float(p.split("_")[1]), 0.0] for p in batch], np.float32)
+
+        def fingerprint(self):
+            return "fp"
+
+    paths = [f"img_{i}" for i in range(5)]
+    index = build_index(Model(), paths, batch_size=2)
+    assert index.paths == paths
+    np.testing.assert_array_equal(index.embeddings[:, 0], np.arange(5))
+
+
+def test_a_32_bit_integer_image_of_8_bit_values_is_read_as_8_bit(tmp_path):
+    # Guards images._to_gray_float's rule for PIL mode "I" (32-bit integer, e.g. some TIFFs): values
+    # up to 255 are 8-bit levels, not 16-bit ones. Divided by 65535 the strokes' contrast (200/65535)
+    # fell under the 8-grey-level noise floor and the drawing read as a blank page.
+    # Kills img01 (mode "I" always divided by 65535).
+    from PIL import Image
+
+    from siamese_jax import images as img_lib
+
+    u8 = np.zeros((24, 24), np.uint8)
+    u8[6:18, 10:14] = 200
+    Image.fromarray(u8.astype(np.int32), "I").save(tmp_path / "i32.tif")
+    with Image.open(tmp_path / "i32.tif") as img:
+        assert img.mode == "I"
+    np.testing.assert_allclose(img_lib.read_image(str(tmp_path / "i32.tif")), img_lib.as_gray(u8), atol=1e-6)
+
+
+def test_an_image_one_pixel_wide_is_refused_as_too_small(tmp_path):
+    # Guards read_image's lower size limit (`w < 2 or h < 2`): a 1-pixel line has no border/inside to
+    # tell background from ink. Kills img24 (limit lowered to 1 px: the file was embedded).
+    import pytest
+    from PIL import Image
+
+    from siamese_jax import images as img_lib
+
+    Image.fromarray(np.full((1, 30), 255, np.uint8)).save(tmp_path / "line.png")
+    with pytest.raises(img_lib.ImageError, match=r"line.png: 30x1 pixels is too small to compare"):
+        img_lib.read_image(str(tmp_path / "line.png"))
