@@ -539,6 +539,10 @@ def test_val_alphabet_names_holds_out_the_named_alphabets(omniglot):
     train, val = ip.split_train_val(_split_config(val_alphabet_names="Latin, Greek", val_alphabets=9), ds)
     assert sorted(ds.alphabet_names[a] for a in np.unique(val.alphabets)) == ["Greek", "Latin"]
     assert len(np.unique(train.alphabets)) == 28
+    # The ids come back in id order and once each, however the names were given (the mutation
+    # review of stop 47: returning them as given passed every test).
+    ids = ip.held_out_alphabets(_split_config(val_alphabet_names="Latin,Greek,Latin"), ds)
+    assert ids == sorted({ds.alphabet_names.index("Latin"), ds.alphabet_names.index("Greek")})
 
 
 def _workdir_of_a_run(path, config_dict, checkpoint=True):
