@@ -848,9 +848,7 @@ def _initial_state(config, workdir: str, ckpts, fresh, tx, training_split) -> tu
     earlier = {"train": 0.0, "validation": 0.0, "checkpoints": 0.0}  # seconds of the legs before a resume
     if restored is not None:
         state, restored_meta = restored
-        # A checkpoint records the seconds before its own write; the results.json of a run that
-        # finished at this step has that write and the final wait too (a rerun that trained nothing
-        # lost them: 0.5 s under load), and the only seconds of a checkpoint that records none.
+        # Per key the larger: a checkpoint cannot record its own write (_elapsed_in_results).
         recorded, finished = _elapsed_of(restored_meta), _elapsed_in_results(workdir, int(state.step))
         earlier.update({k: max(recorded.get(k, 0.0), finished.get(k, 0.0)) for k in {**recorded, **finished}})
         log.info("resuming from step %d of %s", int(state.step), workdir)

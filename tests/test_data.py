@@ -821,22 +821,10 @@ def test_one_character_id_in_two_character_folders_is_refused(tmp_path):
     # Guards read_omniglot_zip's check that a character id (NNNN of NNNN_MM.png) names one character
     # folder: two characters sharing an id became one class of mixed glyphs (a repacked or merged
     # archive). Kills ar03 (the check dropped: the archive was read, 2 characters as label 0).
-    import io
-    import zipfile
-
-    import pytest
-    from PIL import Image
-
-    from siamese_jax.data import archives
-    from siamese_jax.data.errors import DataError
-
-    png = io.BytesIO()
-    Image.new("1", (8, 8), 1).save(png, format="PNG")
     path = tmp_path / "images_background.zip"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("images_background/Latin/character01/0001_01.png", png.getvalue())
-        zf.writestr("images_background/Greek/character01/0001_02.png", png.getvalue())
-    with pytest.raises(DataError, match=r"character id 0001 of .*Greek.* is also used by Latin/01"):
+    write_zip(path, {"images_background/Latin/character01/0001_01.png": png_bytes(size=(8, 8)),
+                     "images_background/Greek/character01/0001_02.png": png_bytes(size=(8, 8))})
+    with pytest.raises(data.DataError, match=r"character id 0001 of .*Greek.* is also used by Latin/01"):
         archives.read_omniglot_zip(path, "background")
 
 
@@ -844,20 +832,10 @@ def test_hidden_files_in_an_omniglot_archive_are_skipped(tmp_path):
     # Guards archives._skipped's hidden-file rule: an archive re-zipped on a Mac carries .DS_Store and
     # ._name AppleDouble files beside the PNGs (not only under __MACOSX/). Kills ar04 (only __MACOSX/
     # and folders skipped: "unexpected entry images_background/Latin/.DS_Store").
-    import io
-    import zipfile
-
-    from PIL import Image
-
-    from siamese_jax.data import archives
-
-    png = io.BytesIO()
-    Image.new("1", (8, 8), 1).save(png, format="PNG")
     path = tmp_path / "images_background.zip"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("images_background/Latin/character01/0001_01.png", png.getvalue())
-        zf.writestr("images_background/Latin/.DS_Store", b"\x00\x00\x00\x01Bud1")
-        zf.writestr("images_background/Latin/character01/._0001_01.png", b"\x00\x05\x16\x07")
+    write_zip(path, {"images_background/Latin/character01/0001_01.png": png_bytes(size=(8, 8)),
+                     "images_background/Latin/.DS_Store": b"\x00\x00\x00\x01Bud1",
+                     "images_background/Latin/character01/._0001_01.png": b"\x00\x05\x16\x07"})
     ds = archives.read_omniglot_zip(path, "background")
     assert len(ds) == 1 and ds.labels.tolist() == [0]
 

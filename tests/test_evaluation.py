@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from siamese_jax import evaluation
+from siamese_jax import evaluation, protocols
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,8 +311,6 @@ def test_retrieval_metrics_perfect_and_degenerate():
 def test_nothing_to_score_and_non_finite_embeddings_are_errors_not_numbers():
     """A diverged checkpoint's NaN embeddings used to be scored as chance level (NaN distances
     compare false, so every query went to class 0); empty inputs crashed or returned 0."""
-    from siamese_jax import protocols
-
     with pytest.raises(ValueError, match="no episodes to score"):
         evaluation.one_shot_predictions(np.zeros((0, 5, 1, 4)), np.zeros((0, 5, 1, 4)))
     with pytest.raises(ValueError, match="no embeddings to score"):
@@ -443,8 +441,6 @@ def test_keras_pairs_same_partner_is_another_image_and_other_partner_another_cla
     # Guards protocols.keras_pairs (the MNIST verification protocol's pairs), which no fast test
     # ran: interleaved (same, different) per image, the same-class partner redrawn until it is not
     # the image itself (classes of 2 images make a self-pair likely), the other from another class.
-    from siamese_jax import protocols
-
     labels = np.repeat(np.arange(5), 2)
     first, second, same = protocols.keras_pairs(labels, seed=0)
     assert len(first) == 2 * len(labels)
@@ -458,8 +454,6 @@ def test_keras_pairs_same_partner_is_another_image_and_other_partner_another_cla
 
 
 def test_keras_pairs_of_one_class_is_a_clear_error():
-    from siamese_jax import protocols
-
     with pytest.raises(ValueError, match="at least 2 classes, got 1"):
         protocols.keras_pairs(np.array([3, 3, 3]), seed=0)
 
@@ -468,7 +462,6 @@ def test_lake_run_embeddings_are_each_runs_training_and_test_images_in_order(dat
     # The scoring of Lake's runs was tested on made-up embeddings only; the wiring from the runs'
     # images to them was not (their test embeddings taken from the training images passed every
     # test). An embedding that is the image itself, read back per run and position.
-    from siamese_jax import protocols
     from siamese_jax.augment import resize_uint8
     from siamese_jax.data import load_lake_runs
 

@@ -922,9 +922,7 @@ def test_an_index_of_another_format_or_with_rows_that_do_not_match_its_paths_is_
     # Guards the two consistency checks of `EmbeddingIndex.load`. Kills idx10 (format not checked:
     # a future "siamese-jax-index/2" file was read as this one) and idx11 (len(embeddings) vs
     # len(paths) not checked: search then returned row numbers with no path, an IndexError later).
-    import pytest
-
-    from siamese_jax.index import INDEX_FORMAT, IndexError_
+    from siamese_jax.index import INDEX_FORMAT
 
     _write_raw_index(tmp_path / "v2.npz", np.zeros((1, 4)),
                      {"format": "siamese-jax-index/2", "model_fingerprint": "fp", "paths": ["a"]})
@@ -948,7 +946,6 @@ def test_an_index_save_that_fails_midway_keeps_the_previous_index(tmp_path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", torn_savez)
-    import pytest
 
     with pytest.raises(OSError):
         EmbeddingIndex(np.zeros((3, 4), np.float32), ["x", "y", "z"], "fp").save(path)
@@ -961,10 +958,6 @@ def test_an_index_save_that_fails_midway_keeps_the_previous_index(tmp_path, monk
 def test_check_compatible_compares_the_whole_fingerprint():
     # Guards `check_compatible`: an index built by a model whose fingerprint differs in any character
     # is refused. Kills idx21 (only the first 8 hex digits compared).
-    import pytest
-
-    from siamese_jax.index import IndexError_, check_compatible
-
     class Model:
         def fingerprint(self):
             return "0123456789abcdef"
@@ -979,10 +972,6 @@ def test_a_colour_array_reads_as_its_pil_image_does_with_inks_of_two_colours():
     # reads"). The existing checks use grey RGB (equal channels), where any weights that sum to 1 agree,
     # and one ink colour, which the level stretch normalises away. Red and blue strokes on white differ.
     # Kills img28 (weights [0.114, 0.587, 0.299]: red and blue swapped, i.e. BGR read as RGB).
-    from PIL import Image
-
-    from siamese_jax import images as img_lib
-
     rgb = np.full((32, 32, 3), 255, np.uint8)
     rgb[8:24, 8:12] = (255, 0, 0)  # a red stroke
     rgb[8:24, 20:24] = (0, 0, 255)  # a blue stroke
@@ -993,8 +982,6 @@ def test_build_index_over_several_batches_keeps_every_file_in_order():
     # Guards build_index's batching (`paths[start:start + batch_size]`): the suite's folders are all
     # smaller than one batch (256), so a batch that dropped or repeated a file went unseen.
     # Kills idx15 (each batch one file short: 5 files in batches of 2 indexed 3).
-    from siamese_jax.index import build_index
-
     class Model:  # embeds a path as (its number, 0): no image is read
         def embed(self, batch):
             return np.array([[float(p.split("_")[1]), 0.0] for p in batch], np.float32)
@@ -1013,10 +1000,6 @@ def test_a_32_bit_integer_image_of_8_bit_values_is_read_as_8_bit(tmp_path):
     # up to 255 are 8-bit levels, not 16-bit ones. Divided by 65535 the strokes' contrast (200/65535)
     # fell under the 8-grey-level noise floor and the drawing read as a blank page.
     # Kills img01 (mode "I" always divided by 65535).
-    from PIL import Image
-
-    from siamese_jax import images as img_lib
-
     u8 = np.zeros((24, 24), np.uint8)
     u8[6:18, 10:14] = 200
     Image.fromarray(u8.astype(np.int32), "I").save(tmp_path / "i32.tif")
@@ -1028,11 +1011,6 @@ def test_a_32_bit_integer_image_of_8_bit_values_is_read_as_8_bit(tmp_path):
 def test_an_image_one_pixel_wide_is_refused_as_too_small(tmp_path):
     # Guards read_image's lower size limit (`w < 2 or h < 2`): a 1-pixel line has no border/inside to
     # tell background from ink. Kills img24 (limit lowered to 1 px: the file was embedded).
-    import pytest
-    from PIL import Image
-
-    from siamese_jax import images as img_lib
-
     Image.fromarray(np.full((1, 30), 255, np.uint8)).save(tmp_path / "line.png")
     with pytest.raises(img_lib.ImageError, match=r"line.png: 30x1 pixels is too small to compare"):
         img_lib.read_image(str(tmp_path / "line.png"))
