@@ -1442,3 +1442,77 @@ def test_rewriting_metrics_jsonl_is_atomic(tmp_path):
         files.rewrite_jsonl(path, records())
     assert [r["step"] for r in files.read_jsonl(path)] == [1, 2, 3]
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
+# ------------------------------------------------------ the mutation review of 2026-12-06, round 3
+# Each test below failed on a mutant of the code that every earlier test passed.
+
+def test_dataset_flag_keeps_the_overrides_and_refuses_a_contradicting_default_argument(tmp_path):
+    """`--dataset=mnist` swaps in MNIST's preset and applies the --config.x= overrides to it again (without
+    that, num_steps=0 trained MNIST's default); `--config=default:mnist --dataset=omniglot` is a
+    contradiction, not a silent Omniglot run (that case was checked only by a slow end-to-end test)."""
+    _one_error_line(_train("--dataset=mnist", "--config.num_steps=0", f"--workdir={tmp_path / 'run'}"),
+                    "config.num_steps=0: must be an integer from 1")
+    _one_error_line(_train("--config=default:mnist", "--dataset=omniglot", f"--workdir={tmp_path / 'run'}"),
+                    "--dataset=omniglot contradicts the config file's dataset 'mnist'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_and_export_refuse_counts_that_cannot_work_before_any_work(tmp_path):
+    # The ± of every row is a 95% interval over episodes (one episode cannot give it); a false-accept
+    # rate of 1 accepts every pair. Refused before the model or the data are read (neither is here).
+    (tmp_path / "config.json").write_text(default.get_config("mnist").to_json_best_effort())
+    # (`python -m` from the checkout: the module under test, not the installed console script's copy)
+    r = _run([sys.executable, "-m", "siamese_jax.cli.evaluate", f"--workdir={tmp_path}", "--episodes=1", "--nowrite"])
+    _one_error_line(r, "--episodes=1: must be at least 2")
+    r = _run([sys.executable, "-m", "siamese_jax.cli.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'm.msgpack'}",
+              "--far=1.0"])
+    _one_error_line(r, "--far=1.0: must be between 0 and 1")
+
+
+def test_a_config_file_error_that_ml_collections_wraps_is_read_as_its_last_line():
+    # Some ml_collections versions wrap the config module's own error in a traceback ("Error whilst
+    # parsing config file:" ...); the installed one raises it bare, so the CLI tests cannot see this.
+    from siamese_jax import cli
+
+    wrapped = ValueError('Error whilst parsing config file:\nTraceback (most recent call last):\n  File "c.py", '
+                         'line 1\nSyntaxError: invalid syntax')
+    assert cli.config_error_message(wrapped) == "SyntaxError: invalid syntax"
+    missing = OSError("Failed loading config file c.py\n  [Errno 2] No such file or directory: 'c.py'")
+    assert cli.config_error_message(missing) == "[Errno 2] No such file or directory: 'c.py'"
+    assert cli.config_error_message(ValueError("the line\n  detail")) == "the line"
+    assert cli.config_error_message(KeyError()) == "KeyError"
+
+
+def test_the_rows_of_a_step_must_split_evenly_over_the_devices():
+    """validate_config(num_devices=N): P x K rows for mining losses, batch_size for pair losses;
+    nothing else checked it before the data were loaded and the step compiled."""
+    c = default.get_config("omniglot")  # triplet, online selection: P x K batches
+    c.classes_per_batch, c.images_per_class = 6, 3
+    config_check.validate_config(c, num_devices=2)
+    with pytest.raises(config_check.ConfigError, match=re.escape(
+            "classes_per_batch x images_per_class = 18 is not divisible by the 4 devices")):
+        config_check.validate_config(c, num_devices=4)
+    c.loss, c.batch_size = "contrastive", 30
+    config_check.validate_config(c, num_devices=3)
+    with pytest.raises(config_check.ConfigError, match=re.escape("batch_size = 30 is not divisible by the 4 devices")):
+        config_check.validate_config(c, num_devices=4)
+
+
+def test_config_bounds_that_no_earlier_test_reached_are_refused(tmp_path):
+    """Each value below passed the check and failed later (or trained on nonsense): a scale range
+    upside down, no background alphabet left to train on, an MNIST split with nothing to train on,
+    a resume from nowhere, a Koch net below its 65 px."""
+    def refused(message, dataset="omniglot", **overrides):
+        c = default.get_config(dataset)
+        for k, v in overrides.items():
+            c[k] = v
+        with pytest.raises(config_check.ConfigError, match=re.escape(message)):
+            config_check.validate_config(c)
+
+    refused("config.augment_scale_max=0.9: must be a finite number >= 1.1", augment=True,
+            augment_scale_min=1.1, augment_scale_max=0.9)
+    refused("config.val_alphabets=30: must be an integer from 1 to 29", val_alphabets=30)
+    refused("config.val_fraction=1.0: must be a finite number in (0.0, 1.0)", dataset="mnist", val_fraction=1.0)
+    refused("must be an existing checkpoint directory", resume=str(tmp_path / "nowhere"))
+    refused("config.image_size=64: the koch encoder cannot take this input size", model="koch", image_size=64)

@@ -141,3 +141,72 @@ def test_quick_honours_an_explicit_out(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wrote runs/loss_sweep/sweep.json" in r.stdout and (tmp_path / "runs" / "loss_sweep" / "sweep.json").exists()
+
+
+# ------------------------------------------------------ the mutation review of 2026-12-06, round 3
+# Each test below failed on a mutant of the code that every earlier test passed.
+
+def test_best_validation_is_the_score_of_the_selected_checkpoints_step(tmp_path):
+    """The sweep reports the validation score at the run's checkpoint_step, not the first score at or
+    before it (metrics.jsonl holds every validation of the run)."""
+    root = str(tmp_path)
+    _fake_run(root, "omniglot", "batch_hard", 0, 90.0, 0.61)  # checkpoint_step 500
+    path = os.path.join(root, "omniglot", "batch_hard", "seed0", "metrics.jsonl")
+    with open(path, "w") as f:
+        for step, val in ((100, 0.40), (500, 0.61), (900, 0.55)):
+            f.write(json.dumps({"step": step, "loss": 1.0, "val_one_shot_accuracy": val}) + "\n")
+    sweep = ls.collect(root, ["omniglot"], ["batch_hard"], [0])
+    assert sweep["runs"][0]["best_validation"] == 0.61
+
+
+def _sweep(args, cwd):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "experiments.loss_sweep", *args], cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, timeout=120)
+
+
+def test_report_only_counts_every_finished_seed_and_quick_means_one_seed(tmp_path):
+    """--report_only reads the seeds that have finished runs (not only --seeds): a sweep run as two
+    invocations (seeds 0-2, then 3) was reported as n=3. --quick is one seed at 300 steps."""
+    root = str(tmp_path / "out")
+    for seed, lake in ((0, 90.0), (3, 94.0)):
+        _fake_run(root, "omniglot", "batch_hard", seed, lake, 0.6)
+    r = _sweep(["--report_only", f"--out={root}", "--rows=batch_hard", "--seeds=0,1,2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sweep = json.load(open(os.path.join(root, "sweep.json")))
+    assert sweep["seeds"] == [0, 3] and sweep["summary"]["omniglot/batch_hard"]["lake_20_runs"]["n"] == 2
+    r = _sweep(["--quick", "--report_only", f"--out={tmp_path / 'quick'}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sweep = json.load(open(tmp_path / "quick" / "sweep.json"))
+    assert (sweep["seeds"], sweep["steps"]) == ([0], 300)
+
+
+def test_a_sweep_skips_its_finished_runs_and_refuses_one_with_other_settings(tmp_path):
+    """Resuming a sweep: a finished run of this sweep's settings is not trained again (here a
+    training would fail on the missing data), and a finished run of other settings in --out stops
+    the sweep with one error line instead of being averaged in."""
+    root = tmp_path / "out"
+    for seed, steps in ((0, 3000), (1, 300)):
+        _fake_run(str(root), "omniglot", "batch_hard", seed, 90.0, 0.6)
+        config = {"dataset": "omniglot", **ls.run_overrides("omniglot", "batch_hard", seed, steps, quick=False)}
+        (root / "omniglot" / "batch_hard" / f"seed{seed}" / "config.json").write_text(json.dumps(config))
+    args = [f"--out={root}", "--rows=batch_hard", "--steps=3000", f"--data_dir={tmp_path / 'no-data'}"]
+    r = _sweep([*args, "--seeds=0"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (root / "omniglot" / "batch_hard" / "seed0" / "sweep_log.txt").exists()  # nothing run
+    r = _sweep([*args, "--seeds=0,1"], tmp_path)
+    assert r.returncode == 2 and "seed1 holds a run with other settings: num_steps=300" in r.stderr, r.stderr[-2000:]
+
+
+def test_an_extra_override_is_compared_as_the_run_received_it(tmp_path):
+    """--extra comes after the sweep's own overrides on the command line, so it is what the run got
+    (num_steps=500 here); and absl reads "t" as True. Both were reported as "other settings"."""
+    workdir = tmp_path / "omniglot" / "batch_hard" / "seed0"
+    workdir.mkdir(parents=True)
+    overrides = ls.run_overrides("omniglot", "batch_hard", 0, 3000, quick=False)
+    config = {"dataset": "omniglot", **overrides, "num_steps": 500, "same_alphabet_negatives": True}
+    (workdir / "config.json").write_text(json.dumps(config))
+    ls.check_workdir_matches(str(workdir), "omniglot", overrides, ["num_steps=500", "same_alphabet_negatives=t"])

@@ -175,3 +175,65 @@ def test_encoders_refuse_nchw_integer_and_too_small_input_with_one_clear_error()
     models.KochEncoder(features=8).init(key, jnp.zeros((1, 65, 65, 1)))  # the least that works
     with pytest.raises(ValueError, match="num_class_centres needs embedding_dim"):
         models.SiameseNetwork(encoder=small, num_class_centres=10).init(key, jnp.zeros((2, 35, 35, 1)))
+
+
+# ------------------------------------------------------ the mutation review of 2026-12-06, round 3
+# Each test below failed on a mutant of the code that every earlier test passed.
+
+def test_small_encoder_pools_every_map_above_1x1_and_biases_only_unnormalised_convolutions():
+    """8 -> 4 -> 2 -> 1: a 2x2 map is pooled too (the Dense reads widths[-1] features, as the shipped
+    models' checkpoints have it); a convolution followed by a norm has no bias (the norm's shift is it)."""
+    for norm in ("batch", "layer", "none"):
+        model = models.build_model(_config(norm=norm, widths=(4, 4, 6)))
+        shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), 8))
+        enc = shapes["params"]["encoder"]
+        assert enc["Dense_0"]["kernel"].shape == (6, 32), norm
+        assert all(("bias" in enc[f"Conv_{i}"]) == (norm == "none") for i in range(3)), norm
+
+
+def test_build_model_takes_the_embedding_size_dtype_and_class_centres_from_the_config():
+    key = jax.random.PRNGKey(0)
+    koch = models.build_model(_config(model="koch", embedding_dim=64))
+    shapes = jax.eval_shape(lambda: models.init_variables(koch, key, 105))
+    assert shapes["params"]["encoder"]["Dense_0"]["kernel"].shape == (9216, 64)
+    arcface = models.build_model(_config(loss="arcface", l2_normalize=True, num_classes=5))
+    assert jax.eval_shape(lambda: models.init_variables(arcface, key, 28))["params"]["class_centres"].shape == (5, 32)
+    other = models.build_model(_config(loss="batch_hard", num_classes=5))  # only ArcFace learns centres
+    assert "class_centres" not in jax.eval_shape(lambda: models.init_variables(other, key, 28))["params"]
+    # A config.json written before compute_dtype existed computes in float32, as it was trained.
+    old = _config()
+    del old["compute_dtype"]
+    assert models.build_model(old).encoder.dtype == jnp.float32
+
+
+def test_unfused_batch_norm_layers_train_and_embed_like_the_fused_block():
+    """fused_batch_norm=False (nn.BatchNorm + ReLU + pool, the benchmark's reference) has the same
+    variables and computes the same: batch statistics in training, running averages at inference."""
+    x = jax.random.uniform(jax.random.PRNGKey(1), (6, 12, 12, 1))
+    fused = models.SmallConvEncoder(widths=(4, 6), embedding_dim=3)
+    unfused = fused.clone(fused_batch_norm=False)
+    v = fused.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(unfused.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(v)
+    (h_f, s_f), (h_u, s_u) = (m.apply(v, x, train=True, mutable=["batch_stats"]) for m in (fused, unfused))
+    np.testing.assert_allclose(h_u, h_f, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s_u), jax.tree.leaves(s_f)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    trained = {"params": v["params"], **s_f}
+    np.testing.assert_allclose(unfused.apply(trained, x), fused.apply(trained, x), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_block_gradient_under_bfloat16_follows_the_float32_one():
+    """Under bfloat16 the pooling window is recomputed in the output's dtype, so its maxima compare
+    equal to the output: compared in float32 instead, almost no element matched and the gradient
+    through every pool was ~0 (finite, so the bfloat16 test above did not see it)."""
+    kx, ks, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (4, 6, 6, 3))
+    scale, bias = 1.0 + 0.3 * jax.random.normal(ks, (3,)), jnp.full((3,), 0.1)
+    cot = jax.random.normal(kg, (4, 3, 3, 3))
+    grads = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        _, vjp = jax.vjp(lambda x, s, b: models.batch_norm_relu_pool(x, s, b, 1e-5, True)[0],
+                         x.astype(dtype), scale, bias)
+        grads[dtype] = [np.asarray(g, np.float32) for g in vjp(cot.astype(dtype))]
+    for g16, g32 in zip(grads[jnp.bfloat16], grads[jnp.float32]):
+        assert np.abs(g16 - g32).max() <= 0.05 * np.abs(g32).max(), (np.abs(g16).max(), np.abs(g32).max())

@@ -518,3 +518,59 @@ def test_a_workdir_check_failing_on_one_host_only_is_one_error_on_every_process(
     last = [o[1].strip().splitlines()[-1] for o in outs]
     assert last[0] == f"error: workdir {workdir}: not writable (Read-only file system)", last
     assert last[1] == f"error: process 0: workdir {workdir}: not writable (Read-only file system)", last
+
+
+# ------------------------------------------------------ the mutation review of 2026-12-06, round 3
+# Each test below failed on a mutant of the code that every earlier test passed. In process: the
+# multi-process runs above are slow, and these are the numbers they depend on.
+
+def test_process_0_and_the_last_port_are_valid_distributed_flags():
+    # Process 0 is the coordinator every job has; ports run from 1 to 65535.
+    assert cli.distributed_init_args("localhost:65535", 2, 0) == {
+        "coordinator_address": "localhost:65535", "num_processes": 2, "process_id": 0}
+    for address in ("localhost:65536", "localhost:0"):
+        with pytest.raises(ValueError, match="is not host:port"):
+            cli.distributed_init_args(address, 2, 0)
+
+
+def test_init_distributed_returns_this_process_then_the_count_and_keeps_a_chosen_cpu_collective(monkeypatch):
+    """(process_index, process_count) from the flags, without starting JAX's backends; CPU
+    collectives default to gloo when unset, and a user's own choice (mpi) is kept."""
+    import jax
+
+    joined = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: joined.append(kw))
+    monkeypatch.setattr(jax, "process_index", lambda: pytest.fail("started the backends"))
+    before = jax.config.jax_cpu_collectives_implementation
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", None)
+        assert cli.init_distributed("localhost:1234", 3, 1) == (1, 3)
+        assert joined == [{"coordinator_address": "localhost:1234", "num_processes": 3, "process_id": 1}]
+        assert jax.config.jax_cpu_collectives_implementation == "gloo"
+        jax.config.update("jax_cpu_collectives_implementation", "mpi")
+        assert cli.init_distributed("localhost:1234", 2, 0) == (0, 2)
+        assert jax.config.jax_cpu_collectives_implementation == "mpi"
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", before)
+    assert cli.init_distributed(None, None, None) == (0, 1) and len(joined) == 2  # one process: no join
+
+
+def test_only_process_0_logs_progress_and_the_others_tag_their_warnings(monkeypatch):
+    import logging
+
+    from siamese_jax import checkpoints
+
+    monkeypatch.setattr(checkpoints, "install_stderr_filter", lambda: None)  # (pytest's own stderr)
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        cli.setup_logging(1, 2)
+        assert root.level == logging.WARNING
+        assert "[process 1/2] " in root.handlers[0].formatter._fmt
+        cli.setup_logging(0, 2)
+        assert root.level == logging.INFO
+        cli.setup_logging()
+        assert root.level == logging.INFO and "[process" not in root.handlers[0].formatter._fmt
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
