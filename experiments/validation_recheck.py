@@ -34,9 +34,10 @@ flags.DEFINE_list("test_time_shifts", [], "Test-time shift sets to score (defaul
 flags.DEFINE_bool("ensemble", False, "Also score all workdirs together: their embeddings concatenated.")
 
 
-@functools.lru_cache(maxsize=None)  # --ensemble reuses each workdir's embeddings
-def _embed_validation(workdir: str, test_time_shifts=None):
-    """The workdir's chosen checkpoint's embeddings of its validation images (and what scoring needs)."""
+@functools.lru_cache(maxsize=None)  # the split check and the scoring read each workdir once
+def _validation_split(workdir: str, test_time_shifts=None):
+    """The workdir's chosen checkpoint as a model and its validation images, read but not embedded
+    (an --ensemble of runs on different splits is refused before anything is embedded)."""
     import numpy as np
 
     from siamese_jax import inference, sampling
@@ -52,11 +53,19 @@ def _embed_validation(workdir: str, test_time_shifts=None):
     config = model.config
     _, val_ds = ip.train_val_datasets(config, image_size=config.image_size)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
-    emb = np.asarray(model.embed_u8(np.asarray(val_dds.images)))
     held_out = (", ".join(val_ds.alphabet_names[a] for a in np.unique(val_ds.alphabets))
                 if val_ds.alphabets is not None and val_ds.alphabet_names else f"{len(val_ds)} {config.dataset} images")
-    return {"config": config, "labels": np.asarray(val_ds.labels), "val_dds": val_dds, "embeddings": emb,
+    return {"model": model, "config": config, "labels": np.asarray(val_ds.labels), "val_dds": val_dds,
             "step": step, "test_time_shifts": config.get("test_time_shifts", "none"), "held_out": held_out}
+
+
+@functools.lru_cache(maxsize=None)  # --ensemble reuses each workdir's embeddings
+def _embed_validation(workdir: str, test_time_shifts=None):
+    """The workdir's chosen checkpoint's embeddings of its validation images (and what scoring needs)."""
+    import numpy as np
+
+    split = _validation_split(workdir, test_time_shifts)
+    return dict(split, embeddings=np.asarray(split["model"].embed_u8(np.asarray(split["val_dds"].images))))
 
 
 def check_same_split(workdirs) -> None:
@@ -64,9 +73,9 @@ def check_same_split(workdirs) -> None:
     only after printing each run's score, on splits that differ, as if they were comparable)."""
     import numpy as np
 
-    first = _embed_validation(workdirs[0])
+    first = _validation_split(workdirs[0])
     for wd in workdirs[1:]:
-        e = _embed_validation(wd)
+        e = _validation_split(wd)
         if not np.array_equal(e["labels"], first["labels"]):
             raise ValueError(f"--ensemble: {wd} holds out {e['held_out']} for validation, {workdirs[0]} holds out "
                              f"{first['held_out']}: one split is needed (the shipped `pretrained` holds out "
@@ -123,7 +132,7 @@ def main(argv):
         check_same_split(FLAGS.workdir)
     splits = {}
     for wd in FLAGS.workdir:
-        splits.setdefault(_embed_validation(wd)["held_out"], []).append(wd)
+        splits.setdefault(_validation_split(wd)["held_out"], []).append(wd)
     if len(splits) > 1:  # each run is scored on its own validation alphabets
         print("note: these runs hold out different validation alphabets, so their scores are not comparable: "
               + "; ".join(f"{', '.join(wds)}: {held}" for held, wds in splits.items()), flush=True)

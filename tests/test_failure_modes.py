@@ -950,6 +950,18 @@ def test_a_workdir_calibration_fitted_to_an_earlier_best_checkpoint_is_not_used(
     # Calibrated again: used.
     assert commands._calibrate([str(tmp_path / "pairs"), "--model", str(workdir), "--pairs", "20"]) == 0
     assert inference.load_model(str(workdir)).calibration is not None
+    # --out of a workdir: a model file of the workdir's weights with the new threshold; the workdir's
+    # own calibration.json stays as it was.
+    before, out = (workdir / "calibration.json").read_text(), tmp_path / "calibrated.msgpack"
+    assert commands._calibrate([str(tmp_path / "pairs"), "--model", str(workdir), "--pairs", "20", "--seed", "1",
+                                "--out", str(out)]) == 0
+    assert (workdir / "calibration.json").read_text() == before
+    from_file = inference.load_model(str(out))
+    assert from_file.fingerprint() == inference.load_model(str(workdir)).fingerprint()
+    # (seed 1's pairs give another threshold: an --out run that also wrote the workdir's file would show)
+    assert from_file.calibration.num_pairs == 20 and from_file.calibration.threshold != json.loads(before)["threshold"]
+    assert from_file.provenance["calibrated_on"] == f"20 pairs of 3 classes in {tmp_path / 'pairs'}"
+    from_file.compare(a, b)
 
 
 def test_export_refuses_test_numbers_of_another_checkpoint(tmp_path):

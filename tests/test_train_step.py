@@ -154,6 +154,26 @@ def test_online_triplets_pick_a_same_class_positive_and_the_nearest_negative():
     np.testing.assert_array_equal(np.asarray(valid), [True, True, False])  # class 1 has no positive
 
 
+
+def test_online_triplet_active_fraction_counts_a_hinge_of_exactly_zero_as_inactive():
+    """The logged active_fraction of the online selection is the share of anchors with a hinge > 0,
+    as in every miner of losses.py: an anchor exactly at the margin gives no gradient."""
+    import flax.linen as nn
+
+    class Flatten(nn.Module):  # the embedding is the input: distances chosen exactly
+        @nn.compact
+        def __call__(self, x, train=False):
+            return x.reshape((x.shape[0], -1))
+
+    # 1-D, margin 0.5, each class of two: anchor -> (d(a, p), nearest negative) -> hinge
+    #   0.0 -> (1, 1.5) -> 0 exactly;  1.0 -> (1, 0.5) -> 1;  1.5 -> (1, 0.5) -> 1;  2.5 -> (1, 1.5) -> 0
+    batch = {"images": np.array([0.0, 1.0, 1.5, 2.5], np.float32).reshape(4, 1, 1, 1),
+             "labels": np.array([0, 0, 1, 1], np.int32)}
+    value, (stats, _) = ts.loss_fn({}, {}, Flatten(), batch, "triplet", 0.5, False, False,
+                                   jax.random.PRNGKey(0), "online")
+    np.testing.assert_allclose(float(value), 0.5)
+    assert float(stats["active_fraction"]) == 0.5  # 1.0 if the two zero hinges counted as active
+
 def test_moving_average_of_the_weights_is_the_math_and_leaves_training_unchanged():
     """config.ema_decay: avg_t = d_t avg_{t-1} + (1 - d_t) p_t with d_t = min(decay, (1+t)/(10+t)),
     avg_0 = p_0; the live parameters are bit-identical to a run without the average."""
