@@ -1014,3 +1014,143 @@ def test_an_image_one_pixel_wide_is_refused_as_too_small(tmp_path):
     Image.fromarray(np.full((1, 30), 255, np.uint8)).save(tmp_path / "line.png")
     with pytest.raises(img_lib.ImageError, match=r"line.png: 30x1 pixels is too small to compare"):
         img_lib.read_image(str(tmp_path / "line.png"))
+
+
+# ------------------------------------------------------------ the scan reader's constants, pinned (stop 48)
+# Each test below puts a synthetic image just either side of one of `images.ink_bright`'s constants (the
+# frame's limits in `_frame_depth`, the border surface's acceptance, refit and shade floor) and checks the
+# outcome on both sides; no earlier test failed when any of them was changed.
+
+def _framed_page(side=60, width=2, frame=0.0, wide=None):
+    """Dark ink (a bar) on a white page, `side` x `wide` (default square), inside a frame `width` px
+    wide at level `frame`."""
+    g = np.ones((side, wide or side), np.float32)
+    g[side // 2 - 2:side // 2 + 2, side // 4:-side // 4] = 0.0
+    for edge in (slice(0, width), slice(-width, None)):
+        g[edge, :] = frame
+        g[:, edge] = frame
+    return g
+
+
+def test_a_frame_ring_is_a_frame_when_90_percent_of_it_is_at_the_frame_level():
+    # The page showing through a gap in the frame (`_frame_depth`'s "each ring nearly all (90%) at one
+    # level"), in the outer ring or in the next one: 92% black is still a frame, 85% black is not.
+    for row, gaps in ((0, {19: 2, 35: 0}), (1, {18: 2, 34: 0})):  # ring 0 has 236 pixels, ring 1 228
+        for gap, depth in gaps.items():
+            g = _framed_page()
+            g[row, 10:10 + gap] = 1.0
+            assert img_lib._frame_depth(g) == depth, (row, gap)
+    # The frame taken, the page inside is read on its own border: the bar is ink, the page and frame
+    # (its gap included) background.
+    g = _framed_page()
+    g[0, 10:29] = 1.0
+    bar = np.zeros((60, 60), np.float32)
+    bar[28:32, 15:-15] = 1.0
+    np.testing.assert_array_equal(img_lib.as_gray(g), bar)
+
+
+def test_a_frame_is_at_most_a_tenth_of_the_shorter_side_deep():
+    # `_frame_depth`'s deepest frame, min(shape) // 10: on a 50-px page a 5-px frame is one, a 6-px
+    # band is not (it is more of the image than a scanner's edge or a mount).
+    assert img_lib._frame_depth(_framed_page(side=50, width=5)) == 5
+    assert img_lib._frame_depth(_framed_page(side=50, width=6)) == 0
+    assert img_lib._frame_depth(_framed_page(side=60, width=6)) == 6
+    assert img_lib._frame_depth(_framed_page(side=50, width=6, wide=80)) == 0  # the shorter side decides
+
+
+def test_a_frame_is_a_quarter_of_the_range_or_more_from_the_page():
+    # `_frame_depth`'s level gap (0.25): a grey edge at 0.73 around white paper is a frame, one at 0.77
+    # is not (then it is read as the background, as an unframed page's border is).
+    assert img_lib._frame_depth(_framed_page(frame=0.73)) == 2
+    assert img_lib._frame_depth(_framed_page(frame=0.77)) == 0
+
+
+def test_a_frame_pixel_is_at_the_frame_level_within_a_quarter_of_the_range():
+    # `_frame_depth` counts a ring's pixels within 0.25 of a level as at it: a black edge 20% of which is
+    # grey at 0.22 (dust, a scanner's uneven edge) is a frame; grey at 0.28 it is 80% at one level, not.
+    for grey, depth in ((0.22, 2), (0.28, 0)):
+        g = _framed_page()
+        g[0, 6:53] = grey  # 47 of the outer ring's 236 pixels
+        assert img_lib._frame_depth(g) == depth, grey
+
+
+def test_the_first_ring_inside_a_frame_is_mostly_page():
+    # `_frame_depth`'s "that first page ring is mostly (75%) page": ink along the inside of the frame
+    # covering 22% of the first ring (300 pixels) leaves a frame; covering 28% it is a tight crop of
+    # ink, not a frame.
+    for ink, depth in ((33, 2), (42, 0)):
+        g = _framed_page(side=80)
+        g[2, 2:2 + ink] = 0.0
+        g[-3, 2:2 + ink] = 0.0
+        assert img_lib._frame_depth(g) == depth, ink
+
+
+def test_the_page_is_most_of_what_a_frame_encloses():
+    # `_frame_depth`'s "the page is most (60%) of what the frame encloses": a black blob covering 35% of
+    # the 56 x 56 pixels inside a 2-px frame leaves 65% page, a frame; covering 46% (54% page) it is not.
+    for blob, depth in ((33, 2), (38, 0)):
+        g = _framed_page()
+        top = (60 - blob) // 2
+        g[top:top + blob, top:top + blob] = 0.0
+        assert img_lib._frame_depth(g) == depth, blob
+
+
+def _vignetted_page(amount, seed=0):
+    """A page at 0.85 darkened towards its corners by `amount`, uniform noise +-0.01, and a faint dark
+    stroke (contrast 0.063) in its centre."""
+    y, x = np.mgrid[-1:1:64j, -1:1:64j]
+    g = 0.85 - amount * (x ** 2 + y ** 2) / 2 + np.random.default_rng(seed).uniform(-0.01, 0.01, (64, 64))
+    stroke = np.zeros((64, 64), bool)
+    stroke[16:48, 30:34] = True
+    return np.where(stroke, g - 0.063, g).astype(np.float32), stroke
+
+
+def test_the_border_surface_is_used_only_when_it_explains_half_the_border_spread():
+    # `ink_bright` takes the fitted surface as the background only when its residual spread is below
+    # half the border's spread (shading, not noise): a vignette of 0.09 leaves 0.46 of the spread (the
+    # surface, noise floor 6 x 0.0074 < the stroke's 0.063: the stroke is read), one of 0.075 leaves
+    # 0.54 (the flat background, noise floor 6 x 0.0136 > 0.063: a blank page, no stroke and no shading).
+    for amount, ratio in ((0.09, 0.46), (0.075, 0.54)):
+        g, _ = _vignetted_page(amount)
+        border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+        spread = 1.4826 * img_lib._upper_median(np.abs(border - np.float32(img_lib._upper_median(border))))
+        assert img_lib._border_surface(g, border)[1] / spread == pytest.approx(ratio, abs=0.01)
+    g, stroke = _vignetted_page(0.09)
+    got = img_lib.as_gray(g)
+    assert got[stroke].min() > 0.5 and got[~stroke].max() < 0.25
+    g, stroke = _vignetted_page(0.075)
+    assert img_lib.as_gray(g).max() < 0.05
+
+
+def test_dark_ink_in_a_deep_shadow_is_divided_by_a_page_level_of_at_least_0_1():
+    # Dark ink's contrast on a shaded page is divided by the page's level, floored at 0.1: a stroke in a
+    # shadow at 0.11-0.13 is read at full contrast like one in the light (a floor of 0.2 read it at 0.6),
+    # while the noise of a shadow at 0.01-0.04 is not amplified into strokes (a floor of 0.01 made
+    # 3% of it ink at full level).
+    t = np.linspace(0, 1, 64)
+    shade = (0.9 * (1 - t) ** 2 + 0.01)[None, :] * np.ones((64, 1))  # 0.91 at the left, 0.01 at the right
+    light, dark = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    light[12:52, 8:12] = True
+    dark[12:52, 40:43] = True
+    g = shade * np.where(light | dark, 0.2, 1.0) + 0.003 * np.random.default_rng(0).standard_normal((64, 64))
+    got = img_lib.as_gray(np.clip(g, 0, 1).astype(np.float32))
+    assert got[light].min() > 0.9 and got[dark].min() > 0.9
+    assert got[:, 52:].max() < 0.5
+
+
+def test_ink_touching_the_border_does_not_bend_the_border_surface():
+    # `_border_surface` refits once without the border pixels beyond 3 x its spread: a thick stroke running
+    # off the top and bottom edges of a page shaded from the right is 6% of the border, and fitted
+    # with the page (no refit, or a cut at 30 x) it bent the surface by 0.12 and lifted the noise floor
+    # to a faint stroke elsewhere (contrast 15% of the page's), which came out at a third of its level.
+    y, x = np.mgrid[-1:1:64j, -1:1:64j]
+    shade = 0.9 - 0.15 * (x + 1)
+    bar, faint = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    bar[:, 12:20] = True
+    faint[16:48, 40:44] = True
+    g = shade * np.where(bar, 0.15, np.where(faint, 0.85, 1.0))
+    g += 0.004 * np.random.default_rng(0).standard_normal((64, 64))
+    got = img_lib.as_gray(np.clip(g, 0, 1).astype(np.float32))
+    assert got[bar].min() > 0.9
+    np.testing.assert_allclose(got[faint], 0.15 / 0.85, atol=0.03)  # its contrast relative to the bar's
+    assert got[~(bar | faint)].max() < 0.05
