@@ -414,3 +414,142 @@ def test_a_later_validation_generation_outranks_an_earlier_one_when_lower_is_bet
     assert new < old
     assert C._rank({"val_loss": 0.2}, "val_loss", "min") > old  # within a generation: the metric itself
     assert C._rank({"acc": 0.5, "validation_generation": 1}, "acc", "max") > C._rank({"acc": 0.9}, "acc", "max")
+
+
+def _validation_set():
+    """25 classes of 2 random images, on device as validation reads them."""
+    from siamese_jax import sampling
+    from siamese_jax.data.dataset import ImageDataset
+
+    rng = np.random.default_rng(0)
+    ds = ImageDataset(images=rng.integers(0, 255, (50, SIZE, SIZE), dtype=np.uint8),
+                      labels=np.repeat(np.arange(25, dtype=np.int32), 2), name="mnist", split="train")
+    dds = sampling.to_device_dataset(ds, image_size=SIZE)
+    return dds, np.asarray(dds.images)
+
+
+def test_a_best_of_another_validation_is_scored_again_once_per_step_and_a_nan_or_unreadable_one_is_beaten_by_any_score(tmp_path):
+    """What a resume under another validation protocol starts from (`_best_under_this_validation`):
+    best/ validated again, its score kept in best_revalidated.json and reused for that step under
+    that protocol only; a best/ that embeds as NaN scores -1 (a NaN score to beat is never beaten: no
+    later validation would be saved as best); an unreadable one counts for nothing; later bests go
+    one validation generation up in every case (above the old protocol's recorded 0.99)."""
+    import json
+
+    import jax.numpy as jnp
+
+    from siamese_jax import train as train_lib
+
+    fresh, run = _setup()
+    config = ml_collections.ConfigDict(dict(dataset="mnist", seed=0, val_episodes=4, model="small", widths=(8, 8),
+                                            embedding_dim=16, norm="batch", l2_normalize=False, compute_dtype="float32"))
+    old = config.copy_and_resolve_references()
+    old.val_episodes = 1
+    ck = C.Checkpoints(str(tmp_path))
+    ck.save_best(run(fresh(), 0, 1), {"config": json.loads(old.to_json_best_effort())}, {"val_one_shot_accuracy": 0.99})
+    ck.wait()
+    dds, images = _validation_set()
+    mesh = parallel.make_data_mesh(jax.devices()[:1])
+    pixels = lambda params, stats, x: x.reshape(x.shape[0], -1)  # (embeddings that ignore the weights)
+    nan = lambda params, stats, x: jnp.full((x.shape[0], 4), jnp.nan)
+
+    def best(embed_fn):
+        return train_lib._best_under_this_validation(config, ck, 0.99, fresh(), embed_fn, dds, images, mesh, str(tmp_path))
+
+    score, generation = best(pixels)
+    assert generation == 1 and score == train_lib.validation_accuracy(config, fresh(), pixels, dds, images, mesh)
+    assert best(nan) == (score, 1)  # the same step, the same protocol: its score from before, not validated
+    record = tmp_path / "best_revalidated.json"
+    record.write_text(json.dumps(dict(json.loads(record.read_text()), protocol={"val_episodes": 2})))
+    assert best(nan) == (-1.0, 1)  # scored under another protocol: validated again, NaN below any score
+    record.write_text(json.dumps(dict(json.loads(record.read_text()), step=7)))  # another best/ step's score
+    assert best(pixels) == (score, 1)
+    _damage(os.path.join(tmp_path, "best", "1"))
+    record.unlink()
+    assert best(pixels) == (None, 1)
+    ck.close()
+
+
+def test_the_last_step_is_validated_and_saved_whatever_the_intervals_and_a_resume_rewrites_the_rows_after_it(
+        tmp_path, data_dir, monkeypatch):
+    """num_steps need not be a multiple of eval_every_steps / checkpoint_every_steps: the final
+    weights are validated (a candidate for best/) and saved (a re-run finds the run finished).
+    metrics.jsonl holds one training row per step, at the step its update made; a run resumed from
+    an earlier checkpoint (the newer one lost, as to a SIGKILL before its save) writes the rows after
+    it again, not twice; the divergence rule's scale is then the run's first positive loss (a first
+    loss of 0, no active triplet, anchors nothing)."""
+    import json
+
+    from siamese_jax import divergence
+    from siamese_jax import train as train_lib
+
+    workdir = tmp_path / "run"
+    c = _tiny_mnist_config(data_dir, num_steps=3)  # validations and checkpoints every 2 steps
+    train_lib.train(c, str(workdir))
+    rows = lambda: [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    steps_of = lambda key: [r["step"] for r in rows() if key in r]
+    assert C.saved_steps(str(workdir / "checkpoints")) == [2, 3]
+    assert steps_of("loss") == [1, 2, 3] and steps_of("val_one_shot_accuracy") == [2, 3]
+
+    shutil.rmtree(workdir / "checkpoints" / "3")
+    edited = [dict(r, loss=0.0) if r["step"] == 1 and "loss" in r else r for r in rows()]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+    second_loss = next(r["loss"] for r in edited if r["step"] == 2 and "loss" in r)
+    seeded = []
+    monkeypatch.setattr(divergence.DivergenceDetector, "seed_first", lambda self, metric, value: seeded.append((metric, value)))
+    train_lib.train(c, str(workdir))
+    assert C.saved_steps(str(workdir / "checkpoints")) == [2, 3]
+    assert steps_of("loss") == [1, 2, 3] and steps_of("val_one_shot_accuracy") == [2, 3]
+    assert ("loss", second_loss) in seeded and ("loss", 0.0) not in seeded
+    before = rows()
+    train_lib.train(c, str(workdir))  # finished: trains nothing, and adds no row
+    assert rows() == before
+
+
+def test_config_resume_starts_at_step_0_with_an_optimizer_state_of_the_source_weights(tmp_path):
+    """Fine-tuning (config.resume, no checkpoint of the workdir's own): the source's weights at step 0,
+    with an optimizer state made for them, so the moving average (config.ema_decay) starts at the
+    source's weights, not at this run's random initialisation (which it blended into the first
+    validations' weights, best/'s). The workdir's own checkpoint, once there, comes first."""
+    from siamese_jax import train as train_lib
+    from siamese_jax.configs import default
+
+    config = default.get_config("mnist")
+    config.update(dict(widths=(8, 8), embedding_dim=16, ema_decay=0.5, num_steps=10))
+    fresh = _target(config)
+    source = fresh.replace(params=jax.tree.map(lambda p: p + 1.0, fresh.params), step=5)
+    ck = C.Checkpoints(str(tmp_path / "source"))
+    ck.save_best(source, {}, {"val_one_shot_accuracy": 0.5})
+    ck.close()
+    config.resume = str(tmp_path / "source" / "best")
+    leaves = lambda tree: jax.tree.leaves(jax.device_get(tree))
+    ck = C.Checkpoints(str(tmp_path / "tuned"))
+    state, _ = train_lib._initial_state(config, str(tmp_path / "tuned"), ck, fresh, ts.make_optimizer(config), None)
+    assert int(state.step) == 0
+    for got, want in zip(leaves((state.params, ts.averaged_state(state).params)), leaves((source.params,) * 2)):
+        np.testing.assert_array_equal(got, want)
+    ck.save(state.replace(step=jax.numpy.asarray(3, jax.numpy.int32)), {})
+    ck.wait()
+    state, _ = train_lib._initial_state(config, str(tmp_path / "tuned"), ck, fresh, ts.make_optimizer(config), None)
+    ck.close()
+    assert int(state.step) == 3  # a resume of the workdir's own run, config.resume not read again
+
+
+def test_a_better_model_of_a_resume_under_another_validation_replaces_a_best_of_a_higher_old_score(
+        tmp_path, data_dir, monkeypatch):
+    """best/ recorded 0.99 under the old validation (1 episode); validated again as the resumed run
+    validates it scores 0.1, and the resumed run's 0.5 is the better model: saved one validation
+    generation up, it is best/ (saved at the old generation, orbax kept the 0.99 by its number)."""
+    import json
+
+    from siamese_jax import train as train_lib
+
+    workdir = tmp_path / "run"
+    train_lib.train(_tiny_mnist_config(data_dir, num_steps=2, val_episodes=1), str(workdir))
+    for item in ("metrics/metrics", "meta/metadata"):
+        path = workdir / "best" / "2" / item
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), val_one_shot_accuracy=0.99)))
+    scores = iter([0.1, 0.5])  # best/ validated again, then the resumed run's step 4
+    monkeypatch.setattr(train_lib, "validation_accuracy", lambda *args: next(scores))
+    train_lib.train(_tiny_mnist_config(data_dir, num_steps=4), str(workdir))
+    assert C.saved_steps(str(workdir / "best")) == [4]

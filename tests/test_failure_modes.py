@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -243,6 +244,46 @@ def test_processes_given_different_configs_are_one_error_on_every_process(monkey
     peer.new_key = 1  # another version of the code
     with pytest.raises(config_check.ConfigError, match="other keys"):
         check_beside(peer)
+
+
+def test_processes_whose_configs_name_other_keys_of_the_same_count_are_told_so(monkeypatch):
+    """A key renamed between two versions of the code keeps the key count: the per-key digests are
+    then of other keys, and comparing them named keys that do not differ, with this process's values."""
+    import ml_collections
+
+    from siamese_jax import train
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    mine = default.get_config("mnist")
+    peer = ml_collections.ConfigDict({("margin_renamed" if k == "margin" else k): v for k, v in mine.items()})
+    _, *rows = train._config_digests(peer)
+    with pytest.raises(config_check.ConfigError, match=r"process 0: other keys \(another version of the code"):
+        train._check_processes_run_one_config(mine, gather=lambda x: np.stack([x, rows.pop(0)]))
+
+
+def test_data_checks_refuse_only_the_validation_sets_and_alphabets_that_cannot_work():
+    """Known once the data is loaded: a held-out class of one image (or one class alone) cannot make
+    a 1-shot episode, refused before any step; P x K batches from one alphabet need an alphabet of P
+    classes, and one of exactly P classes is enough."""
+    import types
+
+    from siamese_jax import train
+    from siamese_jax.data.dataset import ImageDataset
+
+    c = default.get_config("omniglot")
+
+    def validation_set(labels):
+        labels = np.asarray(labels, np.int32)
+        return ImageDataset(images=np.zeros((len(labels), 4, 4), np.uint8), labels=labels, name="omniglot", split="v")
+
+    for labels in ([0, 0, 1], [0, 0, 0]):
+        with pytest.raises(config_check.ConfigError, match=r"config.val_alphabets=.*needs 2 classes and 2 images"):
+            train._check_validation_set(c, validation_set(labels))
+    train._check_validation_set(c, validation_set([0, 0, 1, 1]))
+    c.pk_within_alphabet, c.classes_per_batch = True, 55
+    train._check_within_alphabet_batches(c, types.SimpleNamespace(max_classes_per_alphabet=55))
+    with pytest.raises(config_check.ConfigError, match=r"config.classes_per_batch=55: .* at most 54"):
+        train._check_within_alphabet_batches(c, types.SimpleNamespace(max_classes_per_alphabet=54))
 
 
 def test_config_combinations_the_fuzz_review_found_are_refused_or_take_effect(tmp_path, monkeypatch, caplog):
@@ -527,6 +568,35 @@ def test_a_model_that_embeds_validation_images_as_nan_stops_as_diverged_not_scor
         detector.check(3000, {"val_one_shot_accuracy": acc})
     finite_model = lambda params, stats, x: x.reshape(x.shape[0], -1)[:, :4]
     assert 0.0 <= train.validation_accuracy(config, state, finite_model, dds, np.asarray(dds.images), mesh) <= 1.0
+
+
+def test_validation_is_nan_when_one_image_embeds_as_nan_and_keeps_to_an_alphabet_of_exactly_20_classes():
+    """One NaN embedding among the validation images makes the score NaN (the divergence stop), not a
+    score of the other images. Omniglot's 20-way episodes are drawn within one alphabet whenever one
+    has the 20 classes they need, exactly 20 included (Alphabet_of_the_Magi has 20): here the other
+    alphabet's characters copy one of its characters, so a mixed episode would confuse them."""
+    import types
+
+    import jax.numpy as jnp
+
+    from siamese_jax import parallel, sampling, train
+    from siamese_jax.data.dataset import ImageDataset
+
+    rng = np.random.default_rng(0)
+    own = rng.integers(0, 255, (20, 8, 8), dtype=np.uint8)
+    characters = np.concatenate([own, np.repeat(own[:1], 5, axis=0)])  # classes 20-24: copies of class 0
+    labels = np.repeat(np.arange(25, dtype=np.int32), 2)
+    ds = ImageDataset(images=characters[labels], labels=labels, name="omniglot", split="background",
+                      alphabets=(labels >= 20).astype(np.int32), alphabet_names=("Magi", "Copies"))
+    dds = sampling.to_device_dataset(ds, image_size=8)
+    config = default.get_config("omniglot")
+    config.val_episodes = 10
+    state = types.SimpleNamespace(params=None, batch_stats=None)
+    mesh = parallel.make_data_mesh()
+    pixels = lambda params, stats, x: x.reshape(x.shape[0], -1)
+    assert train.validation_accuracy(config, state, pixels, dds, np.asarray(dds.images), mesh) == 1.0
+    one_nan = lambda params, stats, x: pixels(params, stats, x).at[3].set(jnp.nan)
+    assert np.isnan(train.validation_accuracy(config, state, one_nan, dds, np.asarray(dds.images), mesh))
 
 
 def test_divergence_rule_catches_non_finite_and_exploding_values_but_not_noise():
@@ -1178,6 +1248,79 @@ def test_a_contender_that_locked_the_lock_file_as_its_holder_removed_it_locks_th
     contender.release()
     assert not (tmp_path / ".lock").exists()
     WorkdirLock(str(tmp_path)).acquire().release()
+
+
+def test_the_lock_file_names_only_its_holder_and_a_release_leaves_another_runs_lock_file_alone(tmp_path):
+    """A SIGKILLed run leaves its lock file naming it: the next holder's shorter line replaces it
+    whole (the tail of the old one named a host and purpose that were not the holder's). A holder
+    whose workdir was replaced meanwhile (removed and started again by another run) lets go of its
+    own lock only: the lock file at the path now is the other run's, and removing it would let a
+    third run in beside that one."""
+    (tmp_path / ".lock").write_text("PID 4242424 on host a-much-longer-host-name.example.org, evaluation\n")
+    with WorkdirLock(str(tmp_path)):
+        assert (tmp_path / ".lock").read_text() == f"PID {os.getpid()} on host {socket.gethostname()}, training\n"
+    holder = WorkdirLock(str(tmp_path / "w"))
+    (tmp_path / "w").mkdir()
+    holder.acquire()
+    os.rename(tmp_path / "w", tmp_path / "w-old")
+    (tmp_path / "w").mkdir()
+    with WorkdirLock(str(tmp_path / "w")):  # the new run's lock
+        holder.release()
+        assert (tmp_path / "w" / ".lock").exists()
+        with pytest.raises(WorkdirLockedError):
+            WorkdirLock(str(tmp_path / "w")).acquire()
+
+
+def test_a_contender_that_locked_a_removed_lock_file_sees_a_third_runs_new_one_and_stops(tmp_path, monkeypatch):
+    # Between the contender's open and its flock, the holder lets go and a third run creates and
+    # locks a new `.lock` (the same filesystem, another inode): the contender holds a file nobody
+    # else can see, and must find the third run holding the workdir.
+    from siamese_jax import workdir_lock
+
+    holder = WorkdirLock(str(tmp_path)).acquire()
+    third = WorkdirLock(str(tmp_path))
+    real_open = os.open
+    opened = []
+
+    def open_then_holder_lets_go_and_a_third_run_locks(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        opened.append(fd)
+        if len(opened) == 1:
+            holder.release()
+            third.acquire()
+        return fd
+
+    monkeypatch.setattr(workdir_lock.os, "open", open_then_holder_lets_go_and_a_third_run_locks)
+    with pytest.raises(WorkdirLockedError, match=f"PID {os.getpid()}"):
+        WorkdirLock(str(tmp_path)).acquire()
+    monkeypatch.undo()
+    third.release()
+
+
+def test_every_process_of_a_job_raises_the_first_failing_processs_error(tmp_path, monkeypatch):
+    """Two processes failed the workdir check (process 1 is this one): both raise process 0's error,
+    so the job's processes print one error, not each its own."""
+    from jax.experimental import multihost_utils
+
+    from siamese_jax import workdir_lock
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+
+    def gather(row):  # process 0's message over this process's
+        other = np.zeros_like(row)
+        text = b"workdir /w is read-only on process 0"
+        other[:len(text)] = np.frombuffer(text, np.uint8)
+        return np.stack([other, row])
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+
+    def check():
+        raise config_check.ConfigError("workdir /w is read-only on process 1")
+
+    with pytest.raises(WorkdirLockedError, match=r"^process 0: workdir /w is read-only on process 0$"):
+        with workdir_lock.lock_workdir(str(tmp_path), check=check):
+            pass
 
 
 @pytest.mark.parametrize("purpose, instead", [("training", "or use another --workdir"),

@@ -100,3 +100,44 @@ def test_host_batch_to_global_shards_each_leaf_along_the_data_axis():
         assert leaf.sharding.is_equivalent_to(parallel.batch_sharded(mesh), leaf.ndim)
         assert len(leaf.addressable_shards) == jax.device_count()
         np.testing.assert_array_equal(np.asarray(leaf), local[name])
+
+
+def test_a_training_splits_the_cpu_by_the_batch_its_loss_samples(monkeypatch):
+    """`train.use_cpu_cores` sizes the split to the global batch the loss samples: P x K images for a
+    class-batch loss, batch_size pairs otherwise (a count that does not divide the batch the run
+    samples leaves cores idle or fails the device check); in a multi-process run, only a count the
+    config names."""
+    from siamese_jax import train
+    from siamese_jax.configs import default
+
+    asked = []
+    monkeypatch.setattr(parallel, "use_cpu_cores_as_devices", lambda batch, requested=None: asked.append((batch, requested)))
+    c = default.get_config("mnist")
+    c.classes_per_batch, c.images_per_class, c.batch_size = 6, 2, 16
+    for loss in ("batch_hard", "contrastive"):
+        c.loss = loss
+        train.use_cpu_cores(c)
+    c.cpu_devices = 3
+    train.use_cpu_cores(c)
+    assert asked == [(12, None), (16, None), (16, 3)]
+    # Several processes: each host would pick its own count; JAX's split is kept unless the config names one.
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True, raising=False)
+    train.use_cpu_cores(c)
+    c.cpu_devices = None
+    train.use_cpu_cores(c)
+    assert asked[3:] == [(16, 3)]
+
+
+def test_each_device_holds_its_own_rows_of_a_batch_and_all_of_a_replicated_array():
+    """batch_sharded splits the leading axis over the mesh (each device computes its rows: a batch
+    left whole on every device trains the same numbers at n times the work); replicated copies all."""
+    mesh = parallel.make_data_mesh()
+    n = jax.device_count()
+    x = np.arange(4 * n * 3, dtype=np.float32).reshape(4 * n, 3)
+    sharded = parallel.host_batch_to_global({"x": x}, mesh)["x"]
+    rows = sorted((s.index[0].start, s.data.shape) for s in sharded.addressable_shards)
+    assert rows == [(4 * i, (4, 3)) for i in range(n)]
+    for shard in sharded.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), x[shard.index])
+    whole = parallel.put_replicated(x, mesh)
+    assert [s.data.shape for s in whole.addressable_shards] == [x.shape] * n

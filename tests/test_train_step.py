@@ -343,3 +343,27 @@ def test_arcface_scale_reaches_the_loss():
         np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
         values.append(float(got))
     assert values[0] != values[1]
+
+
+def test_an_explicit_margin_of_0_is_the_margin_not_the_losss_default():
+    """`--config.margin=0` is a valid margin (config_check takes >= 0); read as unset, the run
+    trained with the loss's default margin while config.json recorded 0."""
+    from siamese_jax import train
+    from siamese_jax.configs import default
+
+    c = default.get_config("mnist")
+    c.loss, c.margin = "contrastive", 0.0
+    assert train.margin_of(c) == 0.0
+    c.margin = None
+    assert train.margin_of(c) == c.margins["contrastive"] > 0
+
+
+def test_a_schedule_as_long_as_the_training_is_not_called_one_that_ends_early(caplog):
+    """lr_schedule_steps == num_steps (e.g. written out by hand) is the whole run's schedule: no
+    warning that "the last 0 steps train at its final rate"."""
+    from siamese_jax import train as train_lib
+
+    c = ml_collections.ConfigDict(dict(learning_rate=1e-2, num_steps=40, lr_schedule_steps=40))
+    with caplog.at_level("WARNING", logger=train_lib.log.name):
+        train_lib._warn_if_the_schedule_ends_early(c)
+    assert not caplog.records
