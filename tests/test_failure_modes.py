@@ -1222,24 +1222,30 @@ def test_a_workdir_on_a_filesystem_without_locks_trains_unguarded_and_says_so(tm
         WorkdirLock(str(tmp_path)).acquire()
 
 
+def _after_the_first_open(monkeypatch, between):
+    """Makes the workdir lock's first `os.open` run `between()` once the file is open (before its
+    flock: the race the lock guards against); returns the list of the descriptors opened."""
+    from siamese_jax import workdir_lock
+
+    real_open, opened = os.open, []
+
+    def open_then(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        opened.append(fd)
+        if len(opened) == 1:
+            between()
+        return fd
+
+    monkeypatch.setattr(workdir_lock.os, "open", open_then)
+    return opened
+
+
 def test_a_contender_that_locked_the_lock_file_as_its_holder_removed_it_locks_the_new_one(tmp_path, monkeypatch):
     # The holder removes `.lock` when it lets go. A contender that opened the file just before that
     # gets its flock on a file no one else can see any more; a third run would then create and lock
     # a new `.lock` too, and two runs would share the workdir. The contender must notice and retry.
-    from siamese_jax import workdir_lock
-
     holder = WorkdirLock(str(tmp_path)).acquire()
-    real_open = os.open
-    opened = []
-
-    def open_then_holder_lets_go(path, flags, mode=0o777):
-        fd = real_open(path, flags, mode)
-        opened.append(fd)
-        if len(opened) == 1:
-            holder.release()  # between the contender's open and its flock
-        return fd
-
-    monkeypatch.setattr(workdir_lock.os, "open", open_then_holder_lets_go)
+    opened = _after_the_first_open(monkeypatch, holder.release)  # between the contender's open and its flock
     contender = WorkdirLock(str(tmp_path)).acquire()
     monkeypatch.undo()
     assert len(opened) == 2  # it opened the file again: the new one
@@ -1275,22 +1281,9 @@ def test_a_contender_that_locked_a_removed_lock_file_sees_a_third_runs_new_one_a
     # Between the contender's open and its flock, the holder lets go and a third run creates and
     # locks a new `.lock` (the same filesystem, another inode): the contender holds a file nobody
     # else can see, and must find the third run holding the workdir.
-    from siamese_jax import workdir_lock
-
     holder = WorkdirLock(str(tmp_path)).acquire()
     third = WorkdirLock(str(tmp_path))
-    real_open = os.open
-    opened = []
-
-    def open_then_holder_lets_go_and_a_third_run_locks(path, flags, mode=0o777):
-        fd = real_open(path, flags, mode)
-        opened.append(fd)
-        if len(opened) == 1:
-            holder.release()
-            third.acquire()
-        return fd
-
-    monkeypatch.setattr(workdir_lock.os, "open", open_then_holder_lets_go_and_a_third_run_locks)
+    _after_the_first_open(monkeypatch, lambda: (holder.release(), third.acquire()))
     with pytest.raises(WorkdirLockedError, match=f"PID {os.getpid()}"):
         WorkdirLock(str(tmp_path)).acquire()
     monkeypatch.undo()
