@@ -225,6 +225,22 @@ def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_se
     return results
 
 
+def training_record(trained) -> tuple:
+    """(train_seconds, {"validation_seconds", "checkpoints_seconds"}, {"devices", "processes",
+    "platform"}) to keep from the results.json a re-evaluation replaces (`trained`: its contents,
+    {} if none or unreadable). The training's own timings are not the evaluation's to measure
+    (re-evaluating dropped them, and export then recorded them as None), and neither is what they
+    were measured on (this process may split the CPU otherwise). Without a training time there is
+    nothing the devices describe: the re-evaluation records its own."""
+    if not isinstance(trained, dict):
+        return None, {}, {}
+    train_seconds = trained.get("train_seconds")
+    overhead = {k: trained[k] for k in ("validation_seconds", "checkpoints_seconds") if trained.get(k) is not None}
+    setup = {k: trained[k] for k in ("devices", "processes", "platform")
+             if trained.get(k) is not None} if train_seconds is not None else {}
+    return train_seconds, overhead, setup
+
+
 def format_results_table(results: dict) -> str:
     """A short plain-text table of the headline numbers."""
     rows = [("dataset / loss", f"{results['dataset']} / {results['loss']} (step {results['checkpoint_step']})")]

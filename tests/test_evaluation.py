@@ -471,3 +471,25 @@ def test_lake_run_embeddings_are_each_runs_training_and_test_images_in_order(dat
     for r in (0, 7, 19):
         np.testing.assert_array_equal(train[r], resize_uint8(runs[r].train_images, 28).reshape(20, -1))
         np.testing.assert_array_equal(test[r], resize_uint8(runs[r].test_images, 28).reshape(20, -1))
+
+
+def test_a_re_evaluation_keeps_the_trainings_seconds_and_devices_and_only_with_its_time():
+    """What `siamese-evaluate` keeps from the results.json it replaces (stop 48's one uncovered
+    mutant: the devices kept whether or not a training time named them)."""
+    trained = {"train_seconds": 412.3, "validation_seconds": 9.1, "checkpoints_seconds": None,
+               "devices": 8, "processes": 2, "platform": "tpu", "lake_20_runs": {"accuracy": 0.97}}
+    assert protocols.training_record(trained) == (
+        412.3, {"validation_seconds": 9.1}, {"devices": 8, "processes": 2, "platform": "tpu"})
+    # An evaluation's results.json with no training time (a workdir re-evaluated after export, say):
+    # its devices describe no time, so this evaluation records its own.
+    untimed = dict(trained, train_seconds=None)
+    assert protocols.training_record(untimed) == (None, {"validation_seconds": 9.1}, {})
+    assert protocols.training_record({k: v for k, v in trained.items() if k != "train_seconds"})[2] == {}
+    for unreadable in ({}, [], "results", None):  # none, or not an object: nothing kept
+        assert protocols.training_record(unreadable) == (None, {}, {})
+    # The table names a training time only where there is one, with the devices it ran on.
+    results = {"dataset": "mnist", "loss": "contrastive", "checkpoint_step": 6, "devices": 8, "platform": "tpu",
+               "processes": 2}
+    assert "train time" not in protocols.format_results_table(results)
+    assert "412 s on 8 tpu device(s) in 2 processes" in protocols.format_results_table(
+        dict(results, train_seconds=412.3))

@@ -70,20 +70,13 @@ def main(argv):
         # Every process checks the workdir and every process learns every outcome (a check on process
         # 0 alone left process 1 waiting in a collective for a peer that had already failed).
         lock = lock_workdir(workdir, purpose="evaluation", check=lambda: config_check.check_workdir(workdir))
-    # The training's own timings are not the evaluation's to measure: kept from the results.json they
-    # were written to (re-evaluating dropped them, and export then recorded them as None).
     trained = {}
     try:
         with open(os.path.join(workdir, "results.json")) as f:
             trained = json.load(f)
     except (OSError, ValueError):
         pass
-    train_seconds = trained.get("train_seconds") if isinstance(trained, dict) else None
-    overhead = {k: trained[k] for k in ("validation_seconds", "checkpoints_seconds")
-                if isinstance(trained, dict) and trained.get(k) is not None}
-    # ... and so is what they were measured on (this process may split the CPU otherwise).
-    setup = {k: trained[k] for k in ("devices", "processes", "platform")
-             if isinstance(trained, dict) and trained.get(k) is not None} if train_seconds is not None else {}
+    train_seconds, overhead, setup = protocols.training_record(trained)
     with lock:
         results = protocols.evaluate_workdir(config, workdir, checkpoint=FLAGS.checkpoint, write=FLAGS.write,
                                              train_seconds=train_seconds, loop_overhead=overhead,
