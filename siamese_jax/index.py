@@ -152,5 +152,6 @@ def check_compatible(index: EmbeddingIndex, model, index_path: str = "index") ->
     if index.model_fingerprint != model.fingerprint():
         raise IndexError_(f"{index_path} was built by another model (fingerprint {index.model_fingerprint}, "
                           f"this model is {model.fingerprint()}), or by a version that read image files "
-                          f"differently (before 2026-12-06); pass the --model it was built with, or rebuild it with "
+                          f"differently (before the evening of 2026-12-06: `images.READING`); pass the --model "
+                          f"it was built with, or rebuild it with "
                           f"`siamese-embed FOLDER --out={index_path} --model=<this model>`")

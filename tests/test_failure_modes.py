@@ -166,6 +166,19 @@ def test_unexpected_exception_is_one_line_with_a_hint_or_the_traceback_on_reques
     assert console.guarded(lambda: None) == 0 and console.guarded(lambda: 1) == 1  # compare's DIFFERENT
 
 
+@pytest.mark.parametrize("returned, code", [({"lake_20_runs": {"accuracy": 0.9}}, 0), (None, 0), (3, 3), (True, 0)])
+def test_run_as_process_exits_0_when_main_returns_train_and_evaluates_results(returned, code, capsys):
+    """README (d): `return train_and_evaluate(config, workdir)` in `main` returns the results dict;
+    `run_as_process` exited 2 with "error: TypeError: int() argument must be ..., not 'dict'"
+    after the whole run had succeeded. Only an int is an exit code."""
+    from siamese_jax import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_as_process(lambda: returned)
+    assert exit_.value.code == code
+    assert capsys.readouterr().err == ""
+
+
 # =================================================================================================
 # 2. The whole config is validated before loading data, naming the key and the allowed range
 # =================================================================================================

@@ -244,13 +244,19 @@ def last_override_of_each_key(argv: list[str]) -> list[str]:
 
 def run_as_process(main: Callable[[], Any]) -> None:
     """Runs `main()`, one process's part of a multi-process job started from a user's own script,
-    and ends the process: exit code 0, or an exception's one line on stderr and code 2 (130 for an
-    interrupt), as the CLIs do. A failed process then leaves at once, so that its peers fail within
+    and ends the process: exit code 0 (or `main`'s int return value; any other value, such as
+    train_and_evaluate's results, is ignored), or an exception's one line on stderr and code 2 (130
+    for an interrupt), as the CLIs do. A failed process then leaves at once, so that its peers fail within
     seconds; a plain exception in a script waited ~300 s in jax's shutdown barrier for the peers
     still in a collective, then aborted every process (the multi-process review of 2026-12-06). A
     stop that every process agreed on (`console.StoppedBySignal`: SIGTERM, a pre-empted host) exits
     130 normally in every process, as they all reach JAX's shutdown barrier."""
-    console.exit_process(console.guarded(main, user_errors()))
+    def call():
+        # `main` may return train_and_evaluate's results (a dict): only an int is an exit code.
+        code = main()
+        return code if isinstance(code, int) and not isinstance(code, bool) else None
+
+    console.exit_process(console.guarded(call, user_errors()))
 
 
 def run_app(main):
