@@ -181,6 +181,22 @@ def _omniglot_plots(plots_dir, runs, train_emb, test_emb, ev, ev_u8, ev_emb, con
                         predicted[worst], run.answers, title=f"Lake's run {worst + 1} of {len(runs)} (the run with the most mistakes)")
 
 
+def evaluate_loaded(config, loaded: LoadedModel, step: int, plots_dir: Optional[str] = None) -> dict:
+    """The final evaluation of a loaded model (a workdir's checkpoint, a model file, a shipped model):
+    the dataset's protocols and what was evaluated, on which devices. Writes only the plots."""
+    t0 = time.time()
+    if config.dataset == "omniglot":
+        results = evaluate_omniglot(config, loaded, plots_dir)
+    else:
+        results = evaluate_mnist(config, loaded, plots_dir)
+    results.update(dataset=config.dataset, loss=config.loss, model=config.model, image_size=config.image_size,
+                   test_time_shifts=config.get("test_time_shifts", "none"),
+                   checkpoint_step=step, num_steps=config.num_steps, devices=jax.device_count(),
+                   processes=jax.process_count(), platform=jax.devices()[0].platform,
+                   eval_seconds=round(time.time() - t0, 1))
+    return results
+
+
 def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_seconds: Optional[float] = None,
                      loop_overhead: Optional[dict] = None, training_setup: Optional[dict] = None,
                      write: bool = True) -> dict:
@@ -194,21 +210,14 @@ def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_se
     plots_dir = os.path.join(workdir, "plots") if (write and config.plots) else None
     if plots_dir and main:
         os.makedirs(plots_dir, exist_ok=True)
-    if config.dataset == "omniglot":
-        results = evaluate_omniglot(config, loaded, plots_dir)
-    else:
-        results = evaluate_mnist(config, loaded, plots_dir)
+    results = evaluate_loaded(config, loaded, step, plots_dir)
     history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     if plots_dir and history and main:
         held_out = "held-out alphabets" if config.dataset == "omniglot" else "held-out training digits"
         plots.plot_training_curves(os.path.join(plots_dir, "curves.png"), history,
                                    validation_note=f"one-shot, {config.val_episodes} episodes of {held_out}",
                                    kept_step=step)
-    results.update(dataset=config.dataset, loss=config.loss, model=config.model, image_size=config.image_size,
-                   test_time_shifts=config.get("test_time_shifts", "none"),
-                   checkpoint_step=step, num_steps=config.num_steps, devices=jax.device_count(),
-                   processes=jax.process_count(), platform=jax.devices()[0].platform,
-                   eval_seconds=round(time.time() - t0, 1))
+    results["eval_seconds"] = round(time.time() - t0, 1)
     # The evaluated checkpoint's validation score: what chose it, and where it sits on curves.png.
     chosen_by = [r["val_one_shot_accuracy"] for r in history if r.get("step") == step and "val_one_shot_accuracy" in r]
     if chosen_by:

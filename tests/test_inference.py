@@ -72,6 +72,29 @@ def test_pretrained_model_reproduces_its_lake_score(model, data_dir):
     assert lake["accuracy"] == pytest.approx(0.9775, abs=1e-9)
 
 
+@pytest.mark.slow  # the whole final evaluation (Lake's runs, 13,180 images for retrieval), ~15 s
+def test_evaluate_model_gives_a_shipped_models_test_numbers_from_the_file_alone(data_dir, tmp_path):
+    """`siamese-evaluate` took only training workdirs, so the shipped model's episode and retrieval
+    rows (BUILD_NOTES, "Run D over 3 seeds: shipped") could not be re-derived from the file (the
+    reproduction review of stop 49). `--model` runs the same protocols with the file's own config."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SIAMESE_DATA_DIR=str(data_dir))
+
+    def evaluate(*args):
+        return subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    r = evaluate("--model=pretrained", "--episodes=20")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Lake 20 runs, 20-way 1-shot    97.75%  (400 trials)" in r.stdout  # 391 of 400, as recorded
+    assert "precision@1 / MAP@R            0.901 / 0.648" in r.stdout  # retrieval does not depend on --episodes
+    assert "omniglot / triplet (step 27000)" in r.stdout
+    # A model file is not a workdir: the hint, and no flag that only a workdir has.
+    for args, needle in ((["--workdir=pretrained"], "for a model file or a shipped model: --model=pretrained"),
+                         (["--model=pretrained", "--checkpoint=5"], "--checkpoint is for a --workdir")):
+        r = evaluate(*args)
+        assert r.returncode == 2 and needle in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
 def test_same_character_pairs_are_closer_on_real_evaluation_pngs(model, eval_pngs):
     classes = sorted(os.listdir(eval_pngs))
     paths = [str(eval_pngs / c / f) for c in classes for f in sorted(os.listdir(eval_pngs / c))]

@@ -3,6 +3,10 @@
 
 Uses the run's own config.json and its best checkpoint (or --checkpoint=<step number or step dir>); writes
 results.json and plots/ into the workdir (or only prints, with --nowrite) and prints a table.
+
+`siamese-evaluate --model=pretrained` (or `pretrained-mnist`, or a .msgpack file from siamese-export)
+runs the same protocols on a model file, with the config it carries, and only prints: the numbers of
+a model whose workdir is gone, or of the shipped ones, from the files alone.
 """
 import json
 import os
@@ -15,7 +19,9 @@ from siamese_jax import cli  # noqa: E402
 from siamese_jax.test_time import SHIFT_SETS  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A workdir written by siamese-train.", required=True)
+flags.DEFINE_string("workdir", None, "A workdir written by siamese-train.")
+flags.DEFINE_string("model", None, "Instead of --workdir: a model file (siamese-export's .msgpack) or a shipped "
+                    "model (pretrained, pretrained-mnist), evaluated with its own config; prints, writes nothing.")
 flags.DEFINE_string("checkpoint", "best", "'best' (default; falls back to the newest), a step number of the "
                     "workdir's, a step directory (.../checkpoints/5000) or a checkpoint directory (its newest step).")
 flags.DEFINE_string("data_dir", None, "Root with omniglot/ and mnist/ archives (default: the run's, else $SIAMESE_DATA_DIR).")
@@ -40,25 +46,25 @@ def main(argv):
     from siamese_jax import config_check, protocols
     from siamese_jax.workdir_lock import lock_workdir
 
+    if (FLAGS.workdir is None) == (FLAGS.model is None):
+        cli.fail("give --workdir (a training run) or --model (a model file or a shipped model), not both"
+                 if FLAGS.workdir else "--workdir (a training run) or --model (a model file or a shipped model) is required")
+    if FLAGS.model is not None:
+        return _evaluate_model_file(FLAGS.model)
     workdir = FLAGS.workdir
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
-        cli.fail(f"{workdir} is not a training workdir (no config.json)")
+        from siamese_jax.inference import PRETRAINED_FILES
+
+        hint = f"; for a model file or a shipped model: --model={workdir}" if (
+            os.path.isfile(workdir) or workdir in PRETRAINED_FILES) else ""
+        cli.fail(f"{workdir} is not a training workdir (no config.json){hint}")
     try:
         with open(path) as f:
             config = ml_collections.ConfigDict(json.load(f))
     except ValueError as e:
         cli.fail(f"{path}: not a valid config.json ({cli.console.one_line(e)})")
-    if FLAGS.data_dir:
-        config.archive_dir = FLAGS.data_dir
-    if FLAGS.source:  # (a data key: not part of what the run trained or how it is scored)
-        config.source = FLAGS.source
-    if FLAGS.episodes is not None:
-        if FLAGS.episodes < 2:  # the ± of each row is a 95% interval over episodes
-            cli.fail(f"--episodes={FLAGS.episodes}: must be at least 2")
-        config.eval_episodes = FLAGS.episodes
-    if FLAGS.test_time_shifts:
-        config.test_time_shifts = FLAGS.test_time_shifts
+    config.update(_data_overrides())
     config_check.validate_model_config(config)
     # Before anything touches a device: every process of a multi-host evaluation joins here.
     process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -81,6 +87,44 @@ def main(argv):
         results = protocols.evaluate_workdir(config, workdir, checkpoint=FLAGS.checkpoint, write=FLAGS.write,
                                              train_seconds=train_seconds, loop_overhead=overhead,
                                              training_setup=setup)
+    if process == 0:
+        print(protocols.format_results_table(results))
+
+
+def _data_overrides() -> dict:
+    """The config keys the flags replace: where the data are, how many episodes, which views."""
+    overrides = {}
+    if FLAGS.data_dir:
+        overrides["archive_dir"] = FLAGS.data_dir
+    if FLAGS.source:  # (a data key: not part of what the run trained or how it is scored)
+        overrides["source"] = FLAGS.source
+    if FLAGS.episodes is not None:
+        if FLAGS.episodes < 2:  # the ± of each row is a 95% interval over episodes
+            cli.fail(f"--episodes={FLAGS.episodes}: must be at least 2")
+        overrides["eval_episodes"] = FLAGS.episodes
+    if FLAGS.test_time_shifts:
+        overrides["test_time_shifts"] = FLAGS.test_time_shifts
+    return overrides
+
+
+def _evaluate_model_file(source: str):
+    """--model: the final evaluation of a model file (or a shipped model) with the config it carries,
+    printed. A file has one set of weights (no --checkpoint) and no workdir to write into."""
+    if FLAGS["checkpoint"].present:
+        cli.fail("--checkpoint is for a --workdir: a model file has one set of weights")
+    if FLAGS.write and FLAGS["write"].present:
+        cli.fail("--write is for a --workdir: a model file's evaluation is printed, not written (drop --write)")
+    overrides = _data_overrides()
+    process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    cli.setup_logging(process, processes)
+    from siamese_jax import config_check, inference, protocols
+
+    try:
+        loaded, step = inference.load_run(source, overrides)
+    except inference.ModelError as e:
+        cli.fail(str(e))
+    config_check.validate_model_config(loaded.config)
+    results = protocols.evaluate_loaded(loaded.config, loaded, step)
     if process == 0:
         print(protocols.format_results_table(results))
 
