@@ -815,7 +815,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         total = elapsed()
         train_seconds = total.pop("train")
         overhead = {f"{k}_seconds": round(v, 2) for k, v in total.items()}
-        if int(state.step) > start_step:  # a rerun that trained nothing has its row already
+        # A rerun that trained nothing has its row already, unless the leg before it was stopped
+        # between its final checkpoint and this row (SIGKILL, or SIGTERM/SIGINT at the last step):
+        # then this rerun writes it, or metrics.jsonl would never get it.
+        if int(state.step) > start_step or not _has_overhead_row(workdir, int(state.step)):
             writer.write(int(state.step), overhead)
         writer.close()
         log.info("training done in %s; validation %.1f s (%.1f%%), checkpoints %.1f s (%.1f%%)",
@@ -825,6 +828,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         return train_seconds, overhead
     finally:
         writer.close()
+
+
+def _has_overhead_row(workdir: str, step: int) -> bool:
+    """Whether metrics.jsonl holds the end-of-training row (`checkpoints_seconds`, ...) of `step`."""
+    return any(r.get("step") == step and "checkpoints_seconds" in r
+               for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")))
 
 
 def _validate(config, state, embed_fn, val_dds, val_images, mesh) -> tuple:

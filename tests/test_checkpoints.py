@@ -178,6 +178,32 @@ def _tiny_mnist_config(data_dir, **overrides):
     return c
 
 
+def test_a_rerun_after_a_kill_past_the_final_checkpoint_writes_the_missing_end_row_once(tmp_path, data_dir):
+    """A run killed after its final checkpoint was committed but before its end-of-training row
+    (`validation_seconds`, `checkpoints_seconds`) reached metrics.jsonl (SIGKILL there, or
+    SIGTERM/SIGINT at the last step): the rerun trains nothing, and used to skip the row as one it
+    "had already", so metrics.jsonl never got it. It now writes it, once; a further rerun adds none."""
+    import json
+
+    from siamese_jax import train as train_lib
+
+    workdir = str(tmp_path / "run")
+    c = _tiny_mnist_config(data_dir, num_steps=2)
+    train_lib.train(c, workdir)
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)]
+    end = [r for r in rows if "checkpoints_seconds" in r]
+    assert [r["step"] for r in end] == [2]
+    with open(path, "w") as f:  # what the kill leaves: every row but the end row
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows if "checkpoints_seconds" not in r)
+
+    for _ in range(2):  # the rerun that writes it, then one that must not write it again
+        train_lib.train(_tiny_mnist_config(data_dir, num_steps=2), workdir)
+        rows = [json.loads(line) for line in open(path)]
+        assert [r["step"] for r in rows if "checkpoints_seconds" in r] == [2]
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
 def test_a_resume_that_changes_how_validation_scores_revalidates_best_and_keeps_the_better_by_the_new_rule(tmp_path, data_dir, caplog):
     """best/ kept a score recorded under another validation protocol (1 episode against 10, another
     seed's episodes) and compared the new run's scores with it: a lucky 1-episode score kept every
