@@ -24,7 +24,9 @@
 # machine does not resume an old one. Where python lacks ml_collections or tensorboardX (the device
 # image does), the wheels in .whl/ are installed to /tmp/site first; the data come from
 # $SIAMESE_DATA_DIR (default: .data/ in the checkout). Exit 0 when every run of this call succeeded.
-# A dry run on a CPU, seconds per run: GPU_RUNS_STEPS=20 bash experiments/gpu_runs.sh lake
+# A dry run on a CPU, ~30 s per run with a CPU-sized encoder (the real one takes minutes per run):
+#   GPU_RUNS_STEPS=20 bash experiments/gpu_runs.sh lake "--config.widths=(16,16,16,16)" \
+#     --config.classes_per_batch=8 --config.test_time_shifts=none
 set -uo pipefail
 usage="usage: $0 PART [PART ...] | lake|koch [--config.x=y ...] | bench [--only=ROW,...]   (PART: lake, bench, koch)"
 parts=()

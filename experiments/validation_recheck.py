@@ -13,8 +13,9 @@ evaluation alphabets. For telling apart two configs whose validation curves tie 
 metadata's config says which alphabets were held out.
 
 Prints, per workdir (and test-time shift set: `siamese_jax.test_time`; default the run's own), the
-checkpoint step and the mean accuracy over `episodes` episodes for each of the `seeds` (default
-4242 and 4343) with its 95% interval. Shift sets of one workdir are scored on the same episodes.
+checkpoint step and the mean accuracy with its 95% interval over the episodes of every seed pooled
+(`episodes` episodes of each of the `seeds`; default 2 x 2000, seeds 4242 and 4343). Shift sets of
+one workdir are scored on the same episodes.
 `--ensemble` also scores the workdirs as one model (embeddings concatenated) on those episodes.
 """
 import functools
