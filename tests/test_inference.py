@@ -73,7 +73,7 @@ def test_pretrained_model_reproduces_its_lake_score(model, data_dir):
 
 
 @pytest.mark.slow  # the whole final evaluation (Lake's runs, 13,180 images for retrieval), ~15 s
-def test_evaluate_model_gives_a_shipped_models_test_numbers_from_the_file_alone(data_dir, tmp_path):
+def test_evaluate_model_gives_a_shipped_models_test_numbers_from_the_file_alone(data_dir):
     """`siamese-evaluate` took only training workdirs, so the shipped model's episode and retrieval
     rows (BUILD_NOTES, "Run D over 3 seeds: shipped") could not be re-derived from the file (the
     reproduction review of stop 49). `--model` runs the same protocols with the file's own config."""
