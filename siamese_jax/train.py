@@ -803,11 +803,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                 _finish_step(pending, writer, detector)
             if stopped_by:
                 ckpts.save(state, dict(meta, step=int(state.step), elapsed=elapsed()), force=True)
+            # Inside the handlers: orbax writes the last save in the background, and a SIGTERM/SIGINT
+            # here, with the default handlers back, killed the process mid-write (exit -15, no
+            # message), so the re-run trained the steps since the save before it again.
+            t0 = time.time()
+            ckpts.wait()
+            overhead["checkpoints"] += time.time() - t0
+            if not stopped_by and not stop.coordinated:  # (several processes: JAX's handler has it)
+                stopped_by = stop.received  # during the final save: it is whole now; stop as asked
+            if stopped_by:
                 log.warning("%s received: saved a checkpoint at step %d in %s; re-run to resume",
                             stopped_by, int(state.step), workdir)
-        t0 = time.time()
-        ckpts.wait()
-        overhead["checkpoints"] += time.time() - t0
         ckpts.close()
         if stopped_by:
             writer.close()

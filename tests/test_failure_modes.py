@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import textwrap
 import sys
 import time
 import struct
@@ -1160,6 +1161,33 @@ def test_temporary_dirs_of_unfinished_saves_are_removed(tmp_path):
 # 5. One run per workdir
 # =================================================================================================
 @pytest.mark.slow
+def test_a_sigterm_while_the_final_checkpoint_is_written_lets_it_finish_and_stops_as_asked(data_dir, tmp_path):
+    """After the last step orbax writes the final checkpoint in the background while the loop waits
+    for it. That wait ran with the default handlers back: a SIGTERM there killed the process
+    mid-write (exit -15, no message) and the re-run trained again from the save before. Here the
+    SIGTERM arrives as the wait starts (the process sends it to itself: the only way to hit that
+    window every time); the save completes and the run stops as a stopped run does."""
+    env = _env(data_dir, SIAMESE_CACHE_DIR=str(tmp_path / "cache"))
+    workdir = tmp_path / "run"
+    args = [*TINY, f"--workdir={workdir}", "--config.num_steps=4", "--config.eval_every_steps=2",
+            "--config.checkpoint_every_steps=2", "--noevaluate"]
+    script = textwrap.dedent(f"""
+        import os, runpy, signal, sys
+        from siamese_jax import checkpoints
+        wait = checkpoints.Checkpoints.wait
+        def wait_after_a_sigterm(self):  # the loop's one wait: after its last step
+            os.kill(os.getpid(), signal.SIGTERM)
+            return wait(self)
+        checkpoints.Checkpoints.wait = wait_after_a_sigterm
+        sys.argv = ["train", *{args!r}]
+        runpy.run_module("experiments.train", run_name="__main__")
+        """)
+    r = _run([sys.executable, "-c", script], env=env)
+    assert r.returncode == 130, (r.returncode, r.stderr[-2000:])
+    assert "SIGTERM received: saved a checkpoint at step 4" in r.stderr
+    assert C.saved_steps(str(workdir / "checkpoints"))[-1] == 4  # whole: a re-run trains nothing
+
+
 def test_second_run_on_a_workdir_exits_2_at_once_naming_the_holder_and_sigkill_frees_it(data_dir, tmp_path):
     env = _env(data_dir, SIAMESE_CACHE_DIR=str(tmp_path / "cache"))
     workdir = tmp_path / "shared"
