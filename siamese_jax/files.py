@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
+import time
 from typing import Iterable
+
+# A write through `atomic_open` takes seconds (everything is serialised before the file opens); a
+# temporary file of the same target this old was left by a killed one (SIGKILL runs no `finally`).
+STALE_TMP_SECONDS = 600
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -46,6 +52,18 @@ def atomic_open(path: str, mode: str = "w"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    _remove_stale_temporaries(path)
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Removes what killed writes of `path` left: `.<name>.<random>.tmp` files older than
+    STALE_TMP_SECONDS (a re-run evaluation's plots folder kept one per killed run)."""
+    pattern = os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))),
+                           f".{glob.escape(os.path.basename(path))}.*.tmp")
+    for stale in glob.glob(pattern):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove: leave it
+            if time.time() - os.stat(stale).st_mtime > STALE_TMP_SECONDS:
+                os.remove(stale)
 
 
 def _naming(path: str, e: OSError) -> OSError:

@@ -1633,6 +1633,37 @@ def test_rewriting_metrics_jsonl_is_atomic(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
 
 
+
+def test_a_write_removes_what_killed_writes_of_the_same_file_left_and_only_that(tmp_path):
+    """SIGKILL runs no `finally`: a killed evaluation left `plots/.<name>.png.<random>.tmp` in its
+    plots folder for good (stop 49's crash fuzz). The next write of the same file removes such
+    leftovers once they are STALE_TMP_SECONDS old (a write in progress is seconds old); another file's
+    temporaries and a recent one stay."""
+    from siamese_jax import files
+
+    child = textwrap.dedent(f"""
+        import os, signal
+        from siamese_jax import files
+        with files.atomic_open({str(tmp_path / "plot.png")!r}, "wb") as f:
+            f.write(b"half a plot")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)
+    assert _run([sys.executable, "-c", child], env=_env()).returncode == -signal.SIGKILL
+    [left] = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert left.startswith(".plot.png.")
+    other, recent = tmp_path / ".other.png.abc.tmp", tmp_path / ".plot.png.recent.tmp"
+    other.write_bytes(b"x")
+    old = time.time() - files.STALE_TMP_SECONDS - 60
+    for p in (tmp_path / left, other):
+        os.utime(p, (old, old))
+    recent.write_bytes(b"x")
+
+    with files.atomic_open(str(tmp_path / "plot.png"), "wb") as f:
+        f.write(b"a whole plot")
+    assert sorted(os.listdir(tmp_path)) == sorted([".other.png.abc.tmp", ".plot.png.recent.tmp", "plot.png"])
+    assert (tmp_path / "plot.png").read_bytes() == b"a whole plot"
+
 # ------------------------------------------------------ the mutation review of 2026-12-06, round 3
 # Each test below failed on a mutant of the code that every earlier test passed.
 
