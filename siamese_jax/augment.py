@@ -1,4 +1,5 @@
-"""Koch et al.'s (2015) random affine distortions, run on the accelerator, and image resizing.
+"""Koch et al.'s (2015) random affine distortions and Simard et al.'s (2003) elastic distortion, run
+on the accelerator, and image resizing.
 
 Koch's transform is T = (θ, ρx, ρy, sx, sy, tx, ty) with θ ∈ [-10°, 10°], ρ ∈ [-0.3, 0.3] (shear),
 s ∈ [0.8, 1.2] (scale) and t ∈ [-2, 2] px (translation), each component included with
@@ -34,7 +35,8 @@ KOCH_IMAGE_SIZE = 105
 
 @dataclasses.dataclass(frozen=True)
 class AffineConfig:
-    """Ranges of the random affine distortion (defaults: Koch et al. 2015)."""
+    """Ranges of the random affine distortion (defaults: Koch et al. 2015) and the strength of the
+    elastic distortion on top of it (default: off); the name predates the elastic fields."""
 
     rotation_deg: float = 10.0  # θ ~ U(-rotation_deg, rotation_deg)
     shear: float = 0.3  # ρx, ρy ~ U(-shear, shear), as matrix entries (not angles)
@@ -152,7 +154,8 @@ def _random_matrix(key, config: AffineConfig, translate_limit: float):
 
 
 def random_affine(key, images, config: AffineConfig = AffineConfig()):
-    """Koch's random affine distortion of each image of [B, H, W, C] floats in [0, 1]; same shape.
+    """Koch's random affine distortion of each image of [B, H, W, C] floats in [0, 1], with Simard's
+    elastic field (`elastic_displacement`) in the same warp when `config.elastic_alpha` > 0; same shape.
 
     One key per image (split from `key`), so the result is independent of sharding. Integer images
     (the uint8 0..255 of `data.load`) are refused: clipped to [0, 1] they came back binarised.

@@ -207,7 +207,8 @@ def _float_images(dds: DeviceDataset, index):
 
 
 def _maybe_augment(key, images, augment_cfg):
-    """Koch's distortion of [B, H, W, 1] when a config is given.
+    """`augment.random_affine` of [B, H, W, 1] (Koch's affine distortion, plus the elastic field if on)
+    when a config is given.
 
     One call per returned array: augmenting x1 and x2 as one stacked batch and slicing it apart
     ran ~4x slower on CPU (XLA handled the two sliced outputs of the warp badly)."""
