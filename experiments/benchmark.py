@@ -18,8 +18,8 @@ Rows (ours / peer; > 1 means ours is faster):
 4. Embedding PNG files (decode + resize + encoder) with `inference.SiameseModel.embed`, against
    the same work in PyTorch (PIL decode, antialiased resize, the same encoder in eval mode).
 5. P×K sampling + augmentation on device against the P×K sampling in NumPy on the host followed by
-   the same jitted augmentation (after the host-to-device copy); exact k-NN (jitted top-k) against
-   NumPy.
+   the same jitted augmentation (after the host-to-device copy); the host resize of every start-up
+   and embedded file (`augment.resize_uint8`) against PIL's; exact k-NN (jitted top-k) against NumPy.
 
 Timing: warm-up calls excluded (compiles, torch.compile's codegen), then the median of `repeats`
 timed blocks, each ended by a device synchronisation. The JSON file holds every row and the machine.
@@ -345,7 +345,7 @@ def bench_fused_bn(quick):
 # ------------------------------------------------------------------------------------------------
 def bench_loop(quick, data_dir):
     """Marginal steps/s of experiments.train's loop (validation and checkpoints on, at make train's
-    relative frequency: every ~9% of the run) against the bare step on a fixed batch."""
+    interval: every 500 steps) against the bare step on a fixed batch."""
     import jax
 
     from siamese_jax.configs import default
