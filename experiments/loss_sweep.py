@@ -180,7 +180,7 @@ def _best_validation(workdir: str, step: int):
 
 
 def metrics_of(dataset: str, results: dict) -> dict:
-    """The numbers the table reports for one run, in percent."""
+    """The numbers the table and the plot report for one run: accuracies in percent, ROC-AUC as a fraction."""
     if dataset == "omniglot":
         ep = results["episodes"]
         return {

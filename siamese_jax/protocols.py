@@ -200,7 +200,9 @@ def evaluate_loaded(config, loaded: LoadedModel, step: int, plots_dir: Optional[
 def evaluate_workdir(config, workdir: str, *, checkpoint: str = "best", train_seconds: Optional[float] = None,
                      loop_overhead: Optional[dict] = None, training_setup: Optional[dict] = None,
                      write: bool = True) -> dict:
-    """Evaluates a workdir's best checkpoint; writes results.json and plots/ (atomically).
+    """Evaluates the workdir's checkpoint that `checkpoint` names (`embedding.checkpoint_location`:
+    "best" by default, a step number, a step or checkpoint directory); writes results.json and plots/
+    (atomically) unless `write=False`.
 
     With several processes, every process runs this (the embeddings are collectives) and gets the
     same results; only process 0 writes results.json and the plots."""
