@@ -327,8 +327,8 @@ def restore_newest_readable(manager: ocp.CheckpointManager, target, *, move_unre
             if _STRUCTURE_MISMATCH in str(e):  # not damage either: another optimizer state
                 raise CheckpointError(
                     f"checkpoint step {step} in {manager.directory} holds another state structure than "
-                    f"this config's (a different optimizer config: weight_decay, ema_decay, ...); use "
-                    f"that run's config or another workdir") from None
+                    f"this config's (a different optimizer config: weight_decay, ema_decay, ...); "
+                    + OWN_RUN_ADVICE) from None
             older = steps[i + 1] if i + 1 < len(steps) else None
             if move_unreadable_to is None and not os.path.isdir(os.path.join(str(manager.directory), str(step))):
                 # Not damage: the training that owns the workdir saved a newer best and removed this

@@ -41,9 +41,13 @@ def resolve_archive_dir(archive_dir=None) -> Optional[Path]:
     return None if archive_dir is None else Path(archive_dir).expanduser()
 
 
+def _archive_files(name: str, split: str) -> list[str]:
+    """The archive files of (name, split), relative to the archive root."""
+    return [archives.OMNIGLOT_FILES[split]] if name == "omniglot" else list(archives.MNIST_FILES[split])
+
+
 def archive_paths(root: Path, name: str, split: str) -> list[Path]:
-    relative = [archives.OMNIGLOT_FILES[split]] if name == "omniglot" else list(archives.MNIST_FILES[split])
-    return [root / r for r in relative]
+    return [root / r for r in _archive_files(name, split)]
 
 
 def has_archives(root: Optional[Path], name: str, split: str) -> bool:
@@ -78,8 +82,7 @@ def require_files(root: Optional[Path], relative: list[str], what: str, hint: st
 
 
 def _load_archives(name: str, split: str, root: Optional[Path], cache_dir) -> ImageDataset:
-    relative = [archives.OMNIGLOT_FILES[split]] if name == "omniglot" else list(archives.MNIST_FILES[split])
-    paths = require_files(root, relative, f"{name}/{split}")
+    paths = require_files(root, _archive_files(name, split), f"{name}/{split}")
     entry = cache.entry_path(cache_dir, name, split, "archives", cache.fingerprint(paths))
     ds = cache.read(entry)
     if ds is None:
