@@ -533,9 +533,8 @@ def _check_encoder_of_the_starting_checkpoint(config, workdir: str) -> None:
     else:
         return
     model = models.build_model(config)
-    blank = jnp.zeros((2, config.image_size, config.image_size, 1), jnp.float32)
     # Shapes only (jax.eval_shape): nothing is initialised or compiled.
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), blank, train=False))["params"]
+    params = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), config.image_size))["params"]
     ckpt_lib.check_encoder_shapes(directory, params, advice)
 
 

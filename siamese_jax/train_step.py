@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from siamese_jax import losses as L
-from siamese_jax import parallel
+from siamese_jax import models, parallel
 
 PAIR_LOSSES = ("contrastive", "verification")
 TRIPLET_LOSSES = ("triplet",)
@@ -108,7 +108,7 @@ def averaged_state(state: TrainState) -> TrainState:
 
 def create_train_state(model, tx: optax.GradientTransformation, key, image_size: int) -> TrainState:
     init_key, state_key = jax.random.split(key)
-    variables = model.init(init_key, jnp.zeros((2, image_size, image_size, 1), jnp.float32), train=False)
+    variables = models.init_variables(model, init_key, image_size)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
