@@ -68,7 +68,7 @@ def setup_logging(process_index: int = 0, process_count: int = 1):
     tag = f"[process {process_index}/{process_count}] " if process_count > 1 else ""
     level = logging.INFO if process_index == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("absl", "jax", "orbax", "tensorstore", "etils"):
+    for noisy in _LibraryErrorsWithoutTracebacks.LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # JAX_LOGGING_LEVEL (or --jax_logging_level) is the user asking for JAX's records at that level:
     # keep it. JAX then also adds its own stderr handler to the `jax` and `jaxlib` loggers, whose
