@@ -98,8 +98,8 @@ def _score(embedded: dict, emb, episodes: int, seeds) -> dict:
         support, query = sampling.sample_episode_indices(jax.random.PRNGKey(int(seed)), val_dds, episodes,
                                                          n_way, 1, 1, within_alphabet=within)
         accs.append(evaluation.one_shot_accuracy(emb[np.asarray(support)], emb[np.asarray(query)]))
-    acc = np.concatenate(accs)
-    return {"episodes": len(acc), "accuracy": float(acc.mean()), "ci95": float(1.96 * acc.std() / np.sqrt(len(acc)))}
+    summary = evaluation.summarize_accuracies(np.concatenate(accs))  # the ± of results.json's rows
+    return {"episodes": summary["num_episodes"], "accuracy": summary["mean"], "ci95": summary["ci95"]}
 
 
 def recheck(workdir: str, episodes: int, seeds, test_time_shifts=None) -> dict:
