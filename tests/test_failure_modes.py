@@ -1688,6 +1688,10 @@ def test_evaluate_and_export_refuse_counts_that_cannot_work_before_any_work(tmp_
     r = _run([sys.executable, "-m", "siamese_jax.cli.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'm.msgpack'}",
               "--far=1.0"])
     _one_error_line(r, "--far=1.0: must be between 0 and 1")
+    # An --out that is a folder is named by its flag, before the model or the data are read (it
+    # failed at the final write, as "output=<folder>: is a folder").
+    r = _run([sys.executable, "-m", "siamese_jax.cli.export", f"--workdir={tmp_path}", f"--out={tmp_path}"])
+    _one_error_line(r, f"--out={tmp_path}: is a folder; give a file name")
 
 
 def test_a_config_file_error_that_ml_collections_wraps_is_read_as_its_last_line():

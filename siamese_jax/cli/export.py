@@ -37,6 +37,11 @@ def main(argv):
         cli.fail(f"--pairs={FLAGS.pairs}: must be at least 2 (half same-class, half different-class pairs)")
     if FLAGS.far is not None and not 0 < FLAGS.far < 1:
         cli.fail(f"--far={FLAGS.far}: must be between 0 and 1")
+    from siamese_jax.files import check_output_file
+
+    # Before any work, as siamese-embed and siamese-calibrate check theirs: a folder failed only at
+    # the final write, after the data and the embeddings, naming "output=" instead of the flag.
+    check_output_file(FLAGS.out)
     cli.setup_logging()
     import numpy as np
 
