@@ -1058,6 +1058,13 @@ def test_export_refuses_test_numbers_of_another_checkpoint(tmp_path):
     _one_error_line(r, "describes checkpoint step 10, the workdir's best checkpoint is now step 1: run siamese-evaluate")
     assert not (tmp_path / "m.msgpack").exists()
 
+    for damaged, says in (('{"checkpoint_step": 1, "test_ti', "not readable JSON (Unterminated string"),
+                          ("[1, 2]", "not a results file (a JSON list)")):
+        (workdir / "results.json").write_text(damaged)  # by hand: siamese-evaluate writes it whole
+        r = _run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={tmp_path / 'm.msgpack'}"])
+        _one_error_line(r, f"{workdir / 'results.json'}: {says}")
+    assert not (tmp_path / "m.msgpack").exists()
+
 
 def test_evaluate_checkpoint_names_a_step_of_the_workdir_not_a_path_in_the_current_directory(tmp_path, monkeypatch):
     """`siamese-evaluate --checkpoint=2`, `--checkpoint=<workdir>/checkpoints/2` (the step directory

@@ -59,7 +59,17 @@ def main(argv):
     if FLAGS.test_time_shifts:
         config.test_time_shifts = model.test_time_shifts = FLAGS.test_time_shifts
     results_path = os.path.join(FLAGS.workdir, "results.json")
-    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    results = {}
+    if os.path.exists(results_path):
+        try:
+            with open(results_path) as f:
+                results = json.load(f)
+        except (OSError, ValueError) as e:  # hand-edited or damaged: it printed a JSON error naming no file
+            cli.fail(f"{results_path}: not readable JSON ({e}); run siamese-evaluate --workdir={FLAGS.workdir} "
+                     f"to write it again")
+        if not isinstance(results, dict):
+            cli.fail(f"{results_path}: not a results file (a JSON {type(results).__name__}); run "
+                     f"siamese-evaluate --workdir={FLAGS.workdir} to write it again")
     evaluated_with = results.get("test_time_shifts", "none")
     if results and evaluated_with != model.test_time_shifts:
         # The file's provenance numbers must be the exported model's own.
