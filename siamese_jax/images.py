@@ -19,6 +19,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from siamese_jax.console import one_line
+
 MAX_PIXELS = 40_000_000  # ~ a 6300x6300 image; far beyond any sensible glyph
 MAX_SIDE = 20_000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -239,7 +241,7 @@ def read_image(path: str) -> np.ndarray:
     except PermissionError as e:
         raise ImageError(f"{path}: cannot read it ({e.strerror})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: cannot decode ({str(e).splitlines()[0] if str(e) else type(e).__name__}; truncated or corrupt?)") from None
+        raise ImageError(f"{path}: cannot decode ({one_line(e)}; truncated or corrupt?)") from None
 
 
 def as_gray(image) -> np.ndarray:

@@ -252,6 +252,17 @@ def test_decoding_is_bounded_and_names_the_file(tmp_path):
         img_lib.read_image(str(trunc))
 
 
+def test_a_decoder_message_that_starts_with_a_newline_is_read_as_its_first_line(tmp_path, monkeypatch):
+    # It printed "cannot decode (; truncated or corrupt?)": the message's first line, empty.
+    path = tmp_path / "odd.png"
+    Image.new("L", (8, 8)).save(path)
+    def decode(img):  # what PIL raises while it decodes, as one of its plugins words it
+        raise OSError("\nimage file is truncated (3 bytes not processed)")
+    monkeypatch.setattr(img_lib, "_to_gray_float", decode)
+    with pytest.raises(img_lib.ImageError, match=r"odd.png: cannot decode \(image file is truncated \(3 bytes"):
+        img_lib.read_image(str(path))
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def test_compare_cli_same_and_different(eval_pngs):
     classes = sorted(os.listdir(eval_pngs))
