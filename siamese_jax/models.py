@@ -37,6 +37,13 @@ def _batch_statistics(x):
     return mean, jnp.maximum(0.0, jnp.mean(jnp.square(x), axis=(0, 1, 2)) - jnp.square(mean))
 
 
+def _per_channel(v):
+    """[C] -> [1, 1, 1, C], to scale an NHWC map: broadcast explicitly, as `nn.BatchNorm` does. Under
+    JAX_NUMPY_RANK_PROMOTION=raise (a JAX debug setting) the implicit [N, H, W, C] * [C] was refused,
+    and with it every model of this package, at its first embedding."""
+    return v.reshape(1, 1, 1, -1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_relu_pool(x, scale, bias, epsilon: float = 1e-5, pool: bool = True):
     """Training-mode BatchNorm (batch statistics) → ReLU → optional 2x2 max-pool, as one op.
@@ -58,7 +65,7 @@ def _bn_relu_pool_fwd(x, scale, bias, epsilon, pool):
     inv = jax.lax.rsqrt(var + epsilon)
     a = scale * inv                       # y = relu(x * a + b) is BatchNorm folded into one affine map
     b = bias - mean * a
-    y = jnp.maximum(x.astype(jnp.float32) * a + b, 0.0)
+    y = jnp.maximum(x.astype(jnp.float32) * _per_channel(a) + _per_channel(b), 0.0)
     out = (max_pool_2x2(y) if pool else y).astype(x.dtype)
     return (out, mean, var), (x, out, mean, inv, a, b)
 
@@ -67,7 +74,7 @@ def _bn_relu_pool_bwd(epsilon, pool, residuals, cotangents):
     x, out, mean, inv, a, b = residuals
     g = cotangents[0].astype(jnp.float32)  # mean/var only feed the running averages: no gradient
     xf = x.astype(jnp.float32)
-    pre = xf * a + b
+    pre = xf * _per_channel(a) + _per_channel(b)
     if pool:  # route each window's gradient to its maxima, split between ties (as autodiff does)
         n, h, w, c = x.shape
         h2, w2 = h // 2, w // 2
@@ -84,7 +91,7 @@ def _bn_relu_pool_bwd(epsilon, pool, residuals, cotangents):
     # dx = a · (g − mean(g) − x̂ · mean(g · x̂)) = g·a + x·c1 + c0
     c1 = -a * inv * d_scale / count
     c0 = -a * sum_g / count - c1 * mean
-    dx = (g * a + xf * c1 + c0).astype(x.dtype)
+    dx = (g * _per_channel(a) + xf * _per_channel(c1) + _per_channel(c0)).astype(x.dtype)
     return dx, d_scale, sum_g
 
 
@@ -111,7 +118,8 @@ class BatchNormReLUPool(nn.Module):
         x = x.astype(self.dtype)
         if not train:
             a = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
-            y = jnp.maximum(x.astype(jnp.float32) * a + (bias - ra_mean.value * a), 0.0).astype(self.dtype)
+            y = jnp.maximum(x.astype(jnp.float32) * _per_channel(a) + _per_channel(bias - ra_mean.value * a),
+                            0.0).astype(self.dtype)
             return max_pool_2x2(y) if self.pool else y
         out, mean, var = batch_norm_relu_pool(x, scale, bias, self.epsilon, self.pool)
         if not self.is_initializing():
