@@ -166,7 +166,9 @@ def _without_replacement(bits, n, k: int):
     # about half the time (it dominated an evaluation's compiles).
     def floyd_step(step, chosen):
         taken = jnp.any((chosen == draws[step]) & (i < step))
-        return chosen.at[step].set(jnp.where(taken, upper[step], draws[step]))
+        # int32 as `chosen`: under JAX_ENABLE_X64 `upper` is int64, and a scatter of int64 into int32
+        # warns on every training (a FutureWarning that JAX says will become an error).
+        return chosen.at[step].set(jnp.where(taken, upper[step], draws[step]).astype(chosen.dtype))
 
     chosen = jax.lax.fori_loop(0, k, floyd_step, jnp.zeros((k,), jnp.int32))
     cyclic = (_below(bits[k], n) + i) % jnp.maximum(n, 1)

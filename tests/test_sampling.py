@@ -5,6 +5,7 @@ The synthetic images encode their own identity: pixel (0, 0) = image index, pixe
 so every check reads the sampled *images* back rather than trusting the returned indices.
 """
 import collections
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -327,3 +328,16 @@ def test_sizes_below_one_are_a_clear_error(omni):
                         (lambda: sampling.sample_episode_indices(key, dds, -1, 2, 1, 1), "num_episodes must be an integer >= 1, got -1")):
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_without_replacement_under_x64_warns_nothing():
+    """Under JAX_ENABLE_X64 `jnp.arange` is int64: the loop scattered int64 draws into its int32
+    array, a FutureWarning (to become an error, JAX says) on every training's first P x K batch."""
+    enable_x64 = getattr(jax, "enable_x64", None)
+    if enable_x64 is None:  # JAX before the top-level context manager
+        from jax.experimental import enable_x64
+    bits = jax.random.bits(jax.random.key(0), (sampling._bits_without_replacement(3),), jnp.uint32)
+    with warnings.catch_warnings(), enable_x64(True):
+        warnings.simplefilter("error")
+        draws = np.asarray(jax.jit(lambda b: sampling._without_replacement(b, 10, 3))(bits))
+    assert len(set(draws.tolist())) == 3 and draws.min() >= 0 and draws.max() < 10
