@@ -8,6 +8,7 @@ the traceback of an unexpected exception instead of the one-line summary.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import traceback
@@ -111,3 +112,56 @@ def display(text: str, stream=None) -> str:
         return text.encode(encoding, "surrogateescape").decode(encoding, "backslashreplace")
     except UnicodeEncodeError:
         return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
+class _ReaderMayLeave:
+    """sys.stdout / sys.stderr of a command whose reader may close the pipe early (`siamese-search
+    ... | head -1`, `siamese-train ... 2>&1 | head -3`). Python ignores SIGPIPE, so the next write
+    raised BrokenPipeError: `error: [Errno 32] Broken pipe` and exit 2 after the work was done (the
+    index written, the training finished), or a traceback and exit 1. Here the stream's file
+    descriptor is pointed at /dev/null instead and the write done again: the rest of the output goes
+    nowhere and the command ends as it would have, with its own exit code (compare's verdict too),
+    as quietly as a Unix tool. Any other write error (a full disk: /dev/full) is raised as before."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _retry_into_devnull(self, method, *args):
+        try:
+            return getattr(self._stream, method)(*args)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+            return getattr(self._stream, method)(*args)
+
+    def write(self, text):
+        return self._retry_into_devnull("write", text)
+
+    def flush(self):
+        return self._retry_into_devnull("flush")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _flush_output():
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, _ReaderMayLeave):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - at exit; the interpreter reports a failing flush itself
+                pass
+
+
+def quiet_when_reader_leaves() -> None:
+    """For command-line processes: sys.stdout and sys.stderr write into /dev/null once their pipe's
+    reader has gone (`_ReaderMayLeave`), up to the interpreter's last flush at exit."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _ReaderMayLeave):
+            setattr(sys, name, _ReaderMayLeave(stream))
+    atexit.unregister(_flush_output)
+    atexit.register(_flush_output)  # before the interpreter's own flush, which would report the EPIPE

@@ -1440,6 +1440,36 @@ def test_non_utf8_file_names_are_searched_and_printed_escaped(pngs, tmp_path):
     assert first.endswith("caf\\xe9-\\xff.png") and float(first.split()[1]) < 1e-2, r.stdout
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly_with_its_own_exit_code(pngs, tmp_path):
+    """`siamese-compare a b | head -0`, `siamese-search ... | head -1`, `siamese-train ... 2>&1 |
+    head -3`: the pipe's reader has gone when the command writes. Python ignores SIGPIPE, so the
+    write raised BrokenPipeError: `error: [Errno 32] Broken pipe` and exit 2 once the work was done
+    (the index written, the training finished; with stderr in the same pipe, a traceback and exit 1).
+    Now the output goes to /dev/null and the command ends with its own exit code, saying nothing."""
+    a, b = (str(p) for p in sorted(pngs.rglob("*.png"))[::3][:2])  # two characters
+    compare = [sys.executable, "-m", "experiments.compare", a, b]
+    plain = _run(compare)
+    assert plain.returncode in (0, 1) and plain.stdout.startswith("distance"), plain.stderr
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first write
+    try:
+        r = subprocess.run(compare, cwd=REPO, env=_env(), stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert (r.returncode, r.stderr) == (plain.returncode, ""), r.stderr  # compare's verdict, not 2
+    # The same for any stream: a write into a gone reader's pipe goes to /dev/null, a full disk still fails.
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w") as raw:
+        stream = console._ReaderMayLeave(raw)
+        stream.write("x" * 200_000)  # more than a pipe holds: written through, not only buffered
+        stream.flush()
+        print("after", file=stream, flush=True)
+    with open("/dev/full", "w") as full:
+        with pytest.raises(OSError, match="No space left"):
+            console._ReaderMayLeave(full).write("x" * 200_000)
+
+
 def test_noevaluate_names_a_results_json_left_from_an_earlier_evaluation(tmp_path):
     """`siamese-train --noevaluate` on a workdir an evaluated run left: its results.json describes an
     earlier checkpoint, and the run says so instead of leaving it to look current."""

@@ -282,6 +282,7 @@ def run_app(main):
             fail(f"{which}: {config_error_message(e)}")
 
     def guarded_main(argv):
+        console.quiet_when_reader_leaves()  # `siamese-train ... 2>&1 | head -3` ends as it would have, quietly
         # One failed process of a multi-process job (e.g. process 0 alone could not write a file)
         # leaves at once, so that its peers fail within seconds (`console.exit_process`).
         console.exit_process(console.guarded(lambda: main(argv), user_errors()))
