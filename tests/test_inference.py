@@ -1,6 +1,7 @@
 """Using a trained model: the shipped pretrained file on real Omniglot evaluation PNGs, the CLI, bad input."""
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,9 @@ def test_evaluate_model_gives_a_shipped_models_test_numbers_from_the_file_alone(
     """`siamese-evaluate` took only training workdirs, so the shipped model's episode and retrieval
     rows (BUILD_NOTES, "Run D over 3 seeds: shipped") could not be re-derived from the file (the
     reproduction review of stop 49). `--model` runs the same protocols with the file's own config."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", SIAMESE_DATA_DIR=str(data_dir))
+    # An output encoding without '±' (the episode rows'): the finished evaluation ended in "error: 'ascii'
+    # codec can't encode character" and exit 2 (so did a whole training's); it is printed escaped.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SIAMESE_DATA_DIR=str(data_dir), PYTHONIOENCODING="ascii")
 
     def evaluate(*args):
         return subprocess.run([sys.executable, "-m", "experiments.evaluate", *args], cwd=REPO, env=env,
@@ -88,6 +91,7 @@ def test_evaluate_model_gives_a_shipped_models_test_numbers_from_the_file_alone(
     assert "Lake 20 runs, 20-way 1-shot    97.75%  (400 trials)" in r.stdout  # 391 of 400, as recorded
     assert "precision@1 / MAP@R            0.901 / 0.648" in r.stdout  # retrieval does not depend on --episodes
     assert "omniglot / triplet (step 27000)" in r.stdout
+    assert re.search(r"unstructured/5-way-1-shot +\d+\.\d% \\xb1 \d+\.\d", r.stdout), r.stdout
     # A model file is not a workdir: the hint, and no flag that only a workdir has.
     for args, needle in ((["--workdir=pretrained"], "for a model file or a shipped model: --model=pretrained"),
                          (["--model=pretrained", "--checkpoint=5"], "--checkpoint is for a --workdir")):

@@ -88,7 +88,7 @@ def main(argv):
                                              train_seconds=train_seconds, loop_overhead=overhead,
                                              training_setup=setup)
     if process == 0:
-        print(protocols.format_results_table(results))
+        print(cli.console.display(protocols.format_results_table(results)))  # ('±' in any encoding)
 
 
 def _data_overrides() -> dict:
@@ -126,7 +126,7 @@ def _evaluate_model_file(source: str):
     config_check.validate_model_config(loaded.config)
     results = protocols.evaluate_loaded(loaded.config, loaded, step)
     if process == 0:
-        print(protocols.format_results_table(results))
+        print(cli.console.display(protocols.format_results_table(results)))  # ('±' in any encoding)
 
 
 def run():

@@ -96,7 +96,8 @@ def main(argv):
     # multi-process job at once (a SystemExit there waited ~300 s in JAX's shutdown barrier).
     results = (train_and_evaluate if FLAGS.evaluate else train)(config, workdir)
     if process == 0 and FLAGS.evaluate:
-        print(protocols.format_results_table(results))
+        # (display: '±' is not in every output encoding, e.g. PYTHONIOENCODING=ascii, and the run is done)
+        print(cli.console.display(protocols.format_results_table(results)))
     elif process == 0:
         print(f"trained in {results['train_seconds']:.0f} s, not evaluated (--noevaluate); "
               f"evaluate with: siamese-evaluate --workdir={workdir}")
