@@ -85,6 +85,17 @@ def guarded(fn: Callable[[], Optional[int]], user_errors: Sequence[type] = (), v
         return EXIT_ERROR
 
 
+def expand_home(argv: Sequence[str]) -> list[str]:
+    """`--flag=~/path` as the shell gives `--flag ~/path`: bash expands a `~` that starts a word, not
+    one after `--flag=`, so `--workdir=~/runs/a` trained into a folder named `~` in the current
+    directory (and `rm -rf ~` is how one removes it). `--data_dir=~/data` was expanded already."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(f"{name}={os.path.expanduser(value)}" if arg.startswith("-") and eq and value.startswith("~") else arg)
+    return out
+
+
 def exit_process(code: int):
     """Ends the process with `code`. A failed process of a multi-process job (jax.distributed
     initialised) leaves at once with os._exit: its peers wait in a collective for it, and jax's

@@ -475,6 +475,24 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path):
     _one_error_line(_train(f"--workdir={a_file}"), f"workdir {a_file}: exists and is not a directory")
 
 
+def test_a_tilde_after_the_equals_sign_is_the_home_folder_not_a_folder_named_tilde(tmp_path):
+    """bash leaves `--workdir=~/runs/a` alone (it expands a `~` only at the start of a word): the run
+    trained into `./~/runs/a`, a folder named `~` in the current directory. Expanded as the shell
+    would expand `--workdir ~/runs/a` (`--data_dir=~/...` was expanded already)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    (home / "a_file").write_text("")
+    env = _env(HOME=str(home))
+    env["PYTHONPATH"] = REPO  # (run from elsewhere than the checkout)
+    r = _run([sys.executable, "-m", "experiments.train", "--workdir=~/a_file", *TINY], cwd=cwd, env=env)
+    _one_error_line(r, f"workdir {home / 'a_file'}: exists and is not a directory")
+    assert os.listdir(cwd) == []
+    mine = os.path.expanduser("~")  # the other entry points' flags, and what is left alone
+    assert console.expand_home(["--out=~/i.npz", "--config.resume=~/r/best", "a=~/x", "~/y", "--k=a~"]) == [
+        f"--out={mine}/i.npz", f"--config.resume={mine}/r/best", "a=~/x", "~/y", "--k=a~"]
+
+
 def test_a_url_workdir_is_one_line_and_creates_nothing(tmp_path):
     """`--workdir=gs://bucket/run` used to load the data, train, and fail at the first TensorBoard
     write with a traceback, leaving a local `gs:/bucket/run/` with a lock and checkpoints behind."""

@@ -270,7 +270,7 @@ def run_app(main):
             _show_entry_point_in_help(main.__module__)
             app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1
         given = [a for a in argv if a.startswith("--config=")]
-        argv = resolve_config_argument(last_override_of_each_key(list(argv)))
+        argv = resolve_config_argument(last_override_of_each_key(console.expand_home(argv)))
         which = f"--config={given[-1].split('=', 1)[1]}" if given else "--config"
         try:
             return flags.FLAGS(argv)
