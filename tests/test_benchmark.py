@@ -120,7 +120,10 @@ def test_the_gpu_memory_split_with_the_peer_reaches_jaxlib_and_keeps_a_users_cho
     from experiments import benchmark
 
     for name in benchmark._GPU_MEMORY_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
+        # setenv first: delenv of an unset name records nothing, so the fraction the call below adds
+        # stayed in os.environ for the rest of the session (and in every process started after).
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     for name, value in user_setting.items():
         monkeypatch.setenv(name, value)
     benchmark.split_gpu_memory_with_peer(os.environ)
