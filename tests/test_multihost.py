@@ -563,6 +563,8 @@ def test_only_process_0_logs_progress_and_the_others_tag_their_warnings(monkeypa
     monkeypatch.setattr(checkpoints, "install_stderr_filter", lambda: None)  # (pytest's own stderr)
     root = logging.getLogger()
     saved = (root.level, list(root.handlers))
+    # setup_logging also sets these loggers' levels; left at WARNING for the rest of the session.
+    quieted = {name: logging.getLogger(name).level for name in ("absl", "jax", "jaxlib", "orbax", "tensorstore", "etils")}
     try:
         cli.setup_logging(1, 2)
         assert root.level == logging.WARNING
@@ -574,3 +576,5 @@ def test_only_process_0_logs_progress_and_the_others_tag_their_warnings(monkeypa
     finally:
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])
+        for name, level in quieted.items():
+            logging.getLogger(name).setLevel(level)
