@@ -212,7 +212,14 @@ def test_a_re_evaluation_whose_writer_dies_leaves_the_earlier_evaluation_alone(t
     (first,) = logdir.iterdir()
     first.rename(logdir / "events.out.tfevents.1000000000.host.evaluation")
     monkeypatch.setattr(metrics_writer, "_tensorboard_has_room", lambda tb, events: False)  # the thread died
-    metrics_writer.write_evaluation(str(tmp_path), 400, {"lake_20_runs": {"accuracy": 0.98}})
+    opened, writer_class = [], metrics_writer._summary_writer_class()
+    monkeypatch.setattr(metrics_writer, "_summary_writer_class",
+                        lambda: lambda *a, **kw: opened.append(writer_class(*a, **kw)) or opened[-1])
+    try:
+        metrics_writer.write_evaluation(str(tmp_path), 400, {"lake_20_runs": {"accuracy": 0.98}})
+    finally:  # its thread only seemed dead: unclosed, it ran on for the session, holding its file open
+        for tb in opened:
+            tb.close()
     assert [p.name for p in logdir.iterdir()] == ["events.out.tfevents.1000000000.host.evaluation"]
     got = {v.tag: (e.step, round(v.simple_value, 6)) for e in _events(logdir) for v in e.summary.value}
     assert got == {"eval/lake_20_runs/accuracy": (400, 0.97)}
