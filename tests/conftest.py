@@ -68,10 +68,13 @@ if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != str(_REPO):  # once,
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))
 
 # Hypothesis keeps its examples in the checkout's .hypothesis/ (ignored by git), not in whatever
-# directory pytest was started from.
+# directory pytest was started from. Its home too: the cache of constants it collects from the code
+# (constants/) went to the starting directory's .hypothesis/ (pytest run from /tmp wrote /tmp/.hypothesis).
 from hypothesis import settings  # noqa: E402
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
 
+set_hypothesis_home_dir(str(_REPO / ".hypothesis"))
 settings.register_profile("siamese", database=DirectoryBasedExampleDatabase(str(_REPO / ".hypothesis" / "examples")))
 settings.load_profile("siamese")
 
