@@ -167,12 +167,26 @@ def _flush_output():
                 pass
 
 
+def _reader_may_leave(stream) -> bool:
+    """Whether `stream` is a `_ReaderMayLeave` or a wrapper around one: the CLIs' stderr goes into
+    checkpoints' filter next (`install_stderr_filter`), so a second command in the same process
+    found no `_ReaderMayLeave` on top, wrapped again, and so did the filter: two layers a call, and
+    after ~250 calls every write to stderr was a RecursionError."""
+    seen = set()
+    while stream is not None and id(stream) not in seen:
+        if isinstance(stream, _ReaderMayLeave):
+            return True
+        seen.add(id(stream))
+        stream = getattr(stream, "__dict__", {}).get("_stream")  # (not __getattr__: the wrapped stream's)
+    return False
+
+
 def quiet_when_reader_leaves() -> None:
     """For command-line processes: sys.stdout and sys.stderr write into /dev/null once their pipe's
     reader has gone (`_ReaderMayLeave`), up to the interpreter's last flush at exit."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
-        if stream is not None and not isinstance(stream, _ReaderMayLeave):
+        if stream is not None and not _reader_may_leave(stream):
             setattr(sys, name, _ReaderMayLeave(stream))
     atexit.unregister(_flush_output)
     atexit.register(_flush_output)  # before the interpreter's own flush, which would report the EPIPE

@@ -17,6 +17,7 @@ Subprocesses only where the exit code and stderr are the point; they get a data 
 exist wherever an error must come before the data is read (had it been read, the error would be the
 missing data, not the one asserted). Tests over ~20 s are marked slow (CI runs them).
 """
+import io
 import json
 import logging
 import os
@@ -1486,6 +1487,24 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly_with_its_own_exit_c
     with open("/dev/full", "w") as full:
         with pytest.raises(OSError, match="No space left"):
             console._ReaderMayLeave(full).write("x" * 200_000)
+
+
+def test_commands_run_again_in_one_process_wrap_stdout_and_stderr_once(monkeypatch):
+    """A second command in the same process (a test, a notebook, a sweep calling `run()` in a loop)
+    found checkpoints' stderr filter on top of `_ReaderMayLeave` and wrapped again, and so did the
+    filter: two more layers per call, and after ~250 calls every write to stderr raised
+    RecursionError (review 50, found by calling siamese-export's `run()` 400 times)."""
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    for _ in range(3):  # what run_app's guarded_main and then main's cli.setup_logging install
+        console.quiet_when_reader_leaves()
+        C.install_stderr_filter()
+    assert type(sys.stdout) is console._ReaderMayLeave and sys.stdout._stream is out
+    assert type(sys.stderr) is C._DropEventLoopClosed
+    assert type(sys.stderr._stream) is console._ReaderMayLeave and sys.stderr._stream._stream is err
+    print("one line", file=sys.stderr, flush=True)
+    assert err.getvalue() == "one line\n"
 
 
 def test_noevaluate_names_a_results_json_left_from_an_earlier_evaluation(tmp_path):
