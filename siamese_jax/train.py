@@ -808,15 +808,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
             t0 = time.time()
             ckpts.wait()
             overhead["checkpoints"] += time.time() - t0
-            if not stopped_by and not stop.coordinated:  # (several processes: JAX's handler has it)
-                stopped_by = stop.received  # during the final save: it is whole now; stop as asked
-            if stopped_by:
+            # During the final save (or too late for the processes' common stop): it is whole now.
+            late = None if stopped_by else stop.received
+            if late and not stop.coordinated:
+                stopped_by = late  # stop as asked
+            if stopped_by or late:
                 log.warning("%s received: saved a checkpoint at step %d in %s; re-run to resume",
-                            stopped_by, int(state.step), workdir)
+                            stopped_by or late, int(state.step), workdir)
         ckpts.close()
         if stopped_by:
             writer.close()
             raise StoppedBySignal(f"stopped by {stopped_by} at step {int(state.step)}")
+        if late:  # several processes: no step is left to stop at together, and JAX's preemption
+            # notice (the SIGTERM that SIGINT was re-sent as) is read at steps only: the Ctrl-C was
+            # lost and the run went on to evaluate. It interrupts this process, as after the loop.
+            raise KeyboardInterrupt(f"{late} received after the last step (saved at step {int(state.step)})")
         total = elapsed()
         train_seconds = total.pop("train")
         overhead = {f"{k}_seconds": round(v, 2) for k, v in total.items()}

@@ -578,3 +578,33 @@ def test_only_process_0_logs_progress_and_the_others_tag_their_warnings(monkeypa
         root.setLevel(saved[0])
         for name, level in quieted.items():
             logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.slow
+def test_a_sigint_while_the_final_checkpoint_is_written_interrupts_the_job_once_it_is_whole(env, tmp_path):
+    """Ctrl-C as the last step's checkpoint is written. Several processes cannot stop there
+    together (JAX's preemption notice, which the SIGINT is re-sent as, is read at steps, and none is
+    left), and the loop's handler kept it: the SIGINT was lost and the job evaluated and exited 0.
+    Now the interrupted process leaves once the save is whole (130, as a Ctrl-C during the
+    evaluation would), and its peer fails within seconds."""
+    from siamese_jax.checkpoints import saved_steps
+
+    (tmp_path / "train_sigint_at_the_final_wait.py").write_text(
+        "import os, runpy, signal, sys\n"
+        "from siamese_jax import checkpoints\n"
+        "wait = checkpoints.Checkpoints.wait\n"
+        "def wait_after_a_sigint(self):  # the loop's one wait: after its last step\n"
+        "    if '--process_id=0' in sys.argv:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return wait(self)\n"
+        "checkpoints.Checkpoints.wait = wait_after_a_sigint\n"
+        "runpy.run_module('experiments.train', run_name='__main__')\n")
+    e = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), REPO, env.get("PYTHONPATH")])))
+    workdir = tmp_path / "run"
+    with Launch("train_sigint_at_the_final_wait", [f"--workdir={workdir}", *TINY, "--config.num_steps=4"], e,
+                tmp_path, "sigint", 2, 1) as run:
+        rcs = run.wait(240)
+    assert rcs[0] == 130 and rcs[1] != 0, _fail_msg(run, rcs)
+    assert "error: SIGINT received after the last step (saved at step 4)" in run.stderr(0), _fail_msg(run, rcs)
+    assert saved_steps(str(workdir / "checkpoints")) == [4]  # whole: a re-run evaluates it
+    assert not (workdir / "results.json").exists()
