@@ -22,6 +22,12 @@ def check_output_file(path: str, flag: str = "--out") -> None:
     at the final rename (whose message names the temporary file)."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{flag}={path}: is a folder; give a file name")
+    # `--out=` or `--out=new/` (no such folder yet): no file name either. Both failed after the
+    # work, at the rename, naming the temporary file (the empty one's made in the parent folder).
+    if not path:
+        raise FileNotFoundError(f"{flag}= is empty; give a file name")
+    if os.path.basename(path) in ("", ".", ".."):
+        raise IsADirectoryError(f"{flag}={path}: names a folder; give a file name")
 
 
 @contextlib.contextmanager

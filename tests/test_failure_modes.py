@@ -1768,6 +1768,24 @@ def test_evaluate_and_export_refuse_counts_that_cannot_work_before_any_work(tmp_
     _one_error_line(r, f"--out={tmp_path}: is a folder; give a file name")
 
 
+def test_an_out_without_a_file_name_fails_before_any_work(tmp_path):
+    """`--out=` and `--out=new/` (a folder not made yet) passed check_output_file: the command did
+    its work and failed at the rename with a message naming the temporary file (`--out=` made it
+    in the parent of the current folder). Now one line naming the flag, before any work."""
+    from siamese_jax import files
+
+    new = f"{tmp_path / 'new'}{os.sep}"
+    r = _run([sys.executable, "-m", "experiments.embed", str(tmp_path), f"--out={new}"])
+    _one_error_line(r, f"--out={new}: names a folder; give a file name")
+    r = _run([sys.executable, "-m", "siamese_jax.cli.export", f"--workdir={tmp_path}", "--out="])
+    _one_error_line(r, "--out= is empty; give a file name")
+    for bad in ("", new, os.path.join(new, "."), os.path.join(new, "..")):
+        with pytest.raises(OSError, match="give a file name"):
+            with files.atomic_open(bad) as f:
+                f.write("x")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_config_file_error_that_ml_collections_wraps_is_read_as_its_last_line():
     # Some ml_collections versions wrap the config module's own error in a traceback ("Error whilst
     # parsing config file:" ...); the installed one raises it bare, so the CLI tests cannot see this.
