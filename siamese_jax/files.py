@@ -63,9 +63,10 @@ def atomic_open(path: str, mode: str = "w"):
 
 def _remove_stale_temporaries(path: str) -> None:
     """Removes what killed writes of `path` left: `.<name>.<random>.tmp` files older than
-    STALE_TMP_SECONDS (a re-run evaluation's plots folder kept one per killed run)."""
+    STALE_TMP_SECONDS (a re-run evaluation's plots folder kept one per killed run). <random> is
+    mkstemp's 8 characters: `*` would also take the leftovers of `<name>.png` for `<name>`'s."""
     pattern = os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))),
-                           f".{glob.escape(os.path.basename(path))}.*.tmp")
+                           f".{glob.escape(os.path.basename(path))}.{'?' * 8}.tmp")
     for stale in glob.glob(pattern):
         with contextlib.suppress(OSError):  # gone already, or not ours to remove: leave it
             if time.time() - os.stat(stale).st_mtime > STALE_TMP_SECONDS:

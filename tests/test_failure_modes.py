@@ -1726,16 +1726,19 @@ def test_a_write_removes_what_killed_writes_of_the_same_file_left_and_only_that(
     assert _run([sys.executable, "-c", child], env=_env()).returncode == -signal.SIGKILL
     [left] = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     assert left.startswith(".plot.png.")
-    other, recent = tmp_path / ".other.png.abc.tmp", tmp_path / ".plot.png.recent.tmp"
-    other.write_bytes(b"x")
+    # Another file's stale leftovers stay, also one whose name starts with this one's (plot.png.json)
+    others = [".other.png.abcd1234.tmp", ".plot.png.json.abcd1234.tmp"]
+    recent = ".plot.png.recent01.tmp"
     old = time.time() - files.STALE_TMP_SECONDS - 60
-    for p in (tmp_path / left, other):
-        os.utime(p, (old, old))
-    recent.write_bytes(b"x")
+    for name in others:
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (old, old))
+    os.utime(tmp_path / left, (old, old))
+    (tmp_path / recent).write_bytes(b"x")
 
     with files.atomic_open(str(tmp_path / "plot.png"), "wb") as f:
         f.write(b"a whole plot")
-    assert sorted(os.listdir(tmp_path)) == sorted([".other.png.abc.tmp", ".plot.png.recent.tmp", "plot.png"])
+    assert sorted(os.listdir(tmp_path)) == sorted([*others, recent, "plot.png"])
     assert (tmp_path / "plot.png").read_bytes() == b"a whole plot"
 
 # ------------------------------------------------------ the mutation review of 2026-12-06, round 3
