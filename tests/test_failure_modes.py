@@ -1082,6 +1082,10 @@ def test_export_refuses_test_numbers_of_another_checkpoint(tmp_path):
         (workdir / "results.json").write_text(damaged)  # by hand: siamese-evaluate writes it whole
         r = _run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={tmp_path / 'm.msgpack'}"])
         _one_error_line(r, f"{workdir / 'results.json'}: {says}")
+    (workdir / "results.json").unlink()
+    (workdir / "results.json").mkdir()
+    r = _run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={tmp_path / 'm.msgpack'}"])
+    _one_error_line(r, f"{workdir / 'results.json'}: cannot read it (Is a directory)")
     assert not (tmp_path / "m.msgpack").exists()
 
 

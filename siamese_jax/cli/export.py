@@ -64,7 +64,9 @@ def main(argv):
         try:
             with open(results_path) as f:
                 results = json.load(f)
-        except (OSError, ValueError) as e:  # hand-edited or damaged: it printed a JSON error naming no file
+        except OSError as e:  # a folder of that name, no permission
+            cli.fail(f"{results_path}: cannot read it ({e.strerror or e})")
+        except ValueError as e:  # hand-edited or damaged: it printed a JSON error naming no file
             cli.fail(f"{results_path}: not readable JSON ({e}); run siamese-evaluate --workdir={FLAGS.workdir} "
                      f"to write it again")
         if not isinstance(results, dict):
