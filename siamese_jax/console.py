@@ -9,8 +9,11 @@ the traceback of an unexpected exception instead of the one-line summary.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Callable, Optional, Sequence
 
@@ -61,28 +64,79 @@ class StoppedBySignal(KeyboardInterrupt):
     (`exit_process`); leaving so while another process still saves would abort that one."""
 
 
+@contextlib.contextmanager
+def interrupts_stop(signals: Sequence[int] = (signal.SIGINT,)):
+    """While inside, each of `signals` is a KeyboardInterrupt that does stop the work (SIGTERM's
+    message "terminated"). Python's own SIGINT handler raises it wherever the main thread is, also
+    inside a garbage-collection callback (jax's, which runs at every collection) or a `__del__`,
+    where Python prints it as "Exception ignored in ... KeyboardInterrupt" and goes on: a Ctrl-C
+    in the first second of `siamese-calibrate` (importing jax collects often) printed 6 lines of
+    traceback, then the command wrote its output and exited 0 (the kill review of 2026-12-07). Such
+    an interrupt is raised again 1 ms later (SIGALRM), outside. A signal that is ignored (a job
+    started with `nohup ... &`) or handled by someone else stays so; off the main thread, nothing."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    again = []  # the message of an interrupt that was swallowed
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("terminated" if signum == signal.SIGTERM else "")
+
+    def alarm(signum, frame):
+        if again:
+            raise KeyboardInterrupt(again.pop())
+
+    previous_hook = sys.unraisablehook
+
+    def unraisable(u):
+        if u.exc_type is not None and issubclass(u.exc_type, KeyboardInterrupt):
+            again[:] = [str(u.exc_value or "")]
+            signal.setitimer(signal.ITIMER_REAL, 0.001)
+            return
+        previous_hook(u)
+
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGALRM: signal.SIG_DFL}
+    previous = {}
+    for sig, handler in [(s, interrupt) for s in signals] + [(signal.SIGALRM, alarm)]:
+        if signal.getsignal(sig) is ours.get(sig):  # Python's default, not ignored nor someone else's
+            previous[sig] = signal.signal(sig, handler)
+    if signal.SIGALRM in previous:
+        sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        if signal.SIGALRM in previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            if sys.unraisablehook is unraisable:
+                sys.unraisablehook = previous_hook
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def guarded(fn: Callable[[], Optional[int]], user_errors: Sequence[type] = (), verbose: bool = False) -> int:
     """Runs `fn()` and returns its exit code; every exception becomes one line and code 2 (130 for
-    an interrupt). `user_errors` are reported as their own message, others with a hint."""
-    try:
-        code = fn()
-        return 0 if code is None else int(code)
-    except SystemExit:
-        raise
-    except StoppedBySignal as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt as e:
-        error(str(e) or "interrupted")
-        return EXIT_INTERRUPTED
-    except tuple(user_errors) as e:
-        if wants_traceback(verbose):
-            traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
-        error(one_line(e))
-        return EXIT_ERROR
-    except Exception as e:  # noqa: BLE001 - the top-level handler
-        report_unexpected(e, verbose)
-        return EXIT_ERROR
+    an interrupt, see `interrupts_stop`). `user_errors` are reported as their own message, others
+    with a hint."""
+    with interrupts_stop():
+        try:
+            code = fn()
+            return 0 if code is None else int(code)
+        except SystemExit:
+            raise
+        except StoppedBySignal as e:
+            print(str(e), file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as e:
+            error(str(e) or "interrupted")
+            return EXIT_INTERRUPTED
+        except tuple(user_errors) as e:
+            if wants_traceback(verbose):
+                traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+            error(one_line(e))
+            return EXIT_ERROR
+        except Exception as e:  # noqa: BLE001 - the top-level handler
+            report_unexpected(e, verbose)
+            return EXIT_ERROR
 
 
 def expand_home(argv: Sequence[str]) -> list[str]:

@@ -168,6 +168,46 @@ def test_unexpected_exception_is_one_line_with_a_hint_or_the_traceback_on_reques
     assert console.guarded(lambda: None) == 0 and console.guarded(lambda: 1) == 1  # compare's DIFFERENT
 
 
+def _child(code, tmp_path):
+    """`code` run in a fresh interpreter with Python's own SIGINT / SIGTERM handling (a runner may
+    have started this one with SIGINT ignored, which a child inherits)."""
+    prelude = ("import os, signal, sys\n"
+               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+               "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n")
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return _run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=tmp_path, env=env, timeout=120)
+
+
+def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_stops_the_command(tmp_path):
+    """jax runs a callback at every garbage collection, and Python prints a KeyboardInterrupt raised
+    there as "Exception ignored in ..." and goes on: a Ctrl-C in the first second of `compare` or
+    `calibrate` (importing jax collects often) printed 6 lines of traceback, then the command ran to
+    its end, wrote its output and exited 0 (the kill review of 2026-12-07)."""
+    r = _child("""
+        import gc, time
+        from siamese_jax import console
+        fired = []
+        def callback(phase, info):  # a Ctrl-C while it runs: the handler raises in here
+            if not fired:
+                fired.append(1)
+                os.kill(os.getpid(), signal.SIGINT)
+        gc.callbacks.append(callback)
+        def work():
+            gc.collect()
+            for _ in range(2000):  # two seconds of work after the interrupt
+                time.sleep(0.001)
+            print("wrote the output")
+        code = console.guarded(work)
+        gc.callbacks.remove(callback)
+        print("exit code", code)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["exit code 130"], r.stdout
+    assert r.stderr.splitlines() == ["error: interrupted"], r.stderr
+
+
 @pytest.mark.parametrize("returned, code", [({"lake_20_runs": {"accuracy": 0.9}}, 0), (None, 0), (3, 3), (True, 0)])
 def test_run_as_process_exits_0_when_main_returns_train_and_evaluates_results(returned, code, capsys):
     """README (d): `return train_and_evaluate(config, workdir)` in `main` returns the results dict;
