@@ -42,7 +42,7 @@ def _run(fn, argv):
     console.quiet_when_reader_leaves()  # `siamese-search ... | head -1` ends as it would have, quietly
     argv = console.expand_home(argv)
     verbose = "--verbose" in argv
-    return console.guarded(lambda: fn([a for a in argv if a != "--verbose"]), _user_errors(), verbose=verbose)
+    return console.guarded(lambda: fn([a for a in argv if a != "--verbose"]), _user_errors, verbose=verbose)
 
 
 def _add_verbose(p):

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 TRACEBACK_ENV = "SIAMESE_TRACEBACK"
 EXIT_ERROR = 2
@@ -113,12 +113,16 @@ def interrupts_stop(signals: Sequence[int] = (signal.SIGINT,)):
             signal.signal(sig, handler)
 
 
-def guarded(fn: Callable[[], Optional[int]], user_errors: Sequence[type] = (), verbose: bool = False) -> int:
+def guarded(fn: Callable[[], Optional[int]],
+            user_errors: Union[Sequence[type], Callable[[], Sequence[type]]] = (), verbose: bool = False) -> int:
     """Runs `fn()` and returns its exit code; every exception becomes one line and code 2 (130 for
-    an interrupt, see `interrupts_stop`). `user_errors` are reported as their own message, others
-    with a hint."""
+    an interrupt, see `interrupts_stop`). `user_errors` (or a function giving them,
+    called in here: their imports take a second, in which a Ctrl-C is an interrupt too) are
+    reported as their own message, others with a hint."""
+    errors: tuple = ()
     with interrupts_stop():
         try:
+            errors = tuple(user_errors() if callable(user_errors) else user_errors)
             code = fn()
             return 0 if code is None else int(code)
         except SystemExit:
@@ -129,7 +133,7 @@ def guarded(fn: Callable[[], Optional[int]], user_errors: Sequence[type] = (), v
         except KeyboardInterrupt as e:
             error(str(e) or "interrupted")
             return EXIT_INTERRUPTED
-        except tuple(user_errors) as e:
+        except errors as e:
             if wants_traceback(verbose):
                 traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
             error(one_line(e))

@@ -208,6 +208,21 @@ def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_stops_the_co
     assert r.stderr.splitlines() == ["error: interrupted"], r.stderr
 
 
+def test_a_ctrl_c_while_the_command_imports_its_error_types_is_one_line_and_130(tmp_path):
+    """`compare`'s error types import jax (a second): a Ctrl-C then escaped the top-level handler,
+    a 50-line traceback and exit code -2."""
+    r = _child("""
+        class Interrupted:  # a Ctrl-C while siamese_jax.checkpoints is imported
+            def find_spec(self, name, path=None, target=None):
+                if name == "siamese_jax.checkpoints":
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Interrupted())
+        from siamese_jax import commands
+        commands.compare_main(["a.png", "b.png"])
+    """, tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (130, ["error: interrupted"]), r.stderr
+
+
 @pytest.mark.parametrize("returned, code", [({"lake_20_runs": {"accuracy": 0.9}}, 0), (None, 0), (3, 3), (True, 0)])
 def test_run_as_process_exits_0_when_main_returns_train_and_evaluates_results(returned, code, capsys):
     """README (d): `return train_and_evaluate(config, workdir)` in `main` returns the results dict;

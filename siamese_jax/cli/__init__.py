@@ -256,7 +256,7 @@ def run_as_process(main: Callable[[], Any]) -> None:
         code = main()
         return code if isinstance(code, int) and not isinstance(code, bool) else None
 
-    console.exit_process(console.guarded(call, user_errors()))
+    console.exit_process(console.guarded(call, user_errors))
 
 
 def run_app(main):
@@ -285,7 +285,7 @@ def run_app(main):
         console.quiet_when_reader_leaves()  # `siamese-train ... 2>&1 | head -3` ends as it would have, quietly
         # One failed process of a multi-process job (e.g. process 0 alone could not write a file)
         # leaves at once, so that its peers fail within seconds (`console.exit_process`).
-        console.exit_process(console.guarded(lambda: main(argv), user_errors()))
+        console.exit_process(console.guarded(lambda: main(argv), user_errors))
 
     app.run(guarded_main, flags_parser=parse)
 
