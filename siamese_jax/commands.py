@@ -8,14 +8,16 @@
 (in a checkout also `python -m experiments.compare`, `.embed`, `.search`, `.calibrate`).
 
 Every error (missing file, not an image, wrong index, unusable model file, and unexpected ones)
-is one `error:` line and exit code 2; exit code 1 is only `compare`'s DIFFERENT. `--verbose` (or
-SIAMESE_TRACEBACK=1) prints the traceback of an unexpected error. File names that are not valid in
-the output encoding are printed with backslash escapes.
+is one `error:` line and exit code 2; exit code 1 is only `compare`'s DIFFERENT. Ctrl-C or SIGTERM
+stops a command with one line and exit code 130, and a file it was writing is not written (an older
+one is kept). `--verbose` (or SIAMESE_TRACEBACK=1) prints the traceback of an unexpected error.
+File names that are not valid in the output encoding are printed with backslash escapes.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from siamese_jax import console
@@ -42,7 +44,10 @@ def _run(fn, argv):
     console.quiet_when_reader_leaves()  # `siamese-search ... | head -1` ends as it would have, quietly
     argv = console.expand_home(argv)
     verbose = "--verbose" in argv
-    return console.guarded(lambda: fn([a for a in argv if a != "--verbose"]), _user_errors, verbose=verbose)
+    # SIGTERM (`timeout`, a job's end) as a Ctrl-C: one line and 130, and an output being written is
+    # not left as a temporary file.
+    return console.guarded(lambda: fn([a for a in argv if a != "--verbose"]), _user_errors, verbose=verbose,
+                           signals=(signal.SIGINT, signal.SIGTERM))
 
 
 def _add_verbose(p):

@@ -114,13 +114,14 @@ def interrupts_stop(signals: Sequence[int] = (signal.SIGINT,)):
 
 
 def guarded(fn: Callable[[], Optional[int]],
-            user_errors: Union[Sequence[type], Callable[[], Sequence[type]]] = (), verbose: bool = False) -> int:
+            user_errors: Union[Sequence[type], Callable[[], Sequence[type]]] = (), verbose: bool = False,
+            signals: Sequence[int] = (signal.SIGINT,)) -> int:
     """Runs `fn()` and returns its exit code; every exception becomes one line and code 2 (130 for
-    an interrupt, see `interrupts_stop`). `user_errors` (or a function giving them,
+    an interrupt: `signals`, see `interrupts_stop`). `user_errors` (or a function giving them,
     called in here: their imports take a second, in which a Ctrl-C is an interrupt too) are
     reported as their own message, others with a hint."""
     errors: tuple = ()
-    with interrupts_stop():
+    with interrupts_stop(signals):
         try:
             errors = tuple(user_errors() if callable(user_errors) else user_errors)
             code = fn()

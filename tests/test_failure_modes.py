@@ -223,6 +223,31 @@ def test_a_ctrl_c_while_the_command_imports_its_error_types_is_one_line_and_130(
     assert (r.returncode, r.stderr.splitlines()) == (130, ["error: interrupted"]), r.stderr
 
 
+def test_sigterm_stops_embed_in_one_line_with_130_and_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (`timeout`, the end of a job) killed `siamese-embed` (exit -15, no message) and, while
+    the index was being written, left its `.index.npz.<random>.tmp` behind. It is now what a Ctrl-C
+    is: the temporary file removed, an older index kept, "error: terminated" and 130."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.png").write_bytes(b"not read: the model and the index are stand-ins")
+    (tmp_path / "index.npz").write_bytes(b"the old index")
+    r = _child("""
+        import numpy as np
+        from siamese_jax import commands, index, inference
+        inference.load_model = lambda source: None
+        index.build_index = lambda model, paths, skip_unreadable=None: index.EmbeddingIndex(
+            np.zeros((1, 4), np.float32), ["a.png"], "0123")
+        def savez(f, **arrays):  # SIGTERM halfway through the write
+            f.write(b"PK\x03\x04 half an index")
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("not stopped")
+        index.np.savez = savez
+        commands.embed_main(["folder", "--out", "index.npz"])
+    """, tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (130, ["error: terminated"]), r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["folder", "index.npz"]
+    assert (tmp_path / "index.npz").read_bytes() == b"the old index"
+
+
 @pytest.mark.parametrize("returned, code", [({"lake_20_runs": {"accuracy": 0.9}}, 0), (None, 0), (3, 3), (True, 0)])
 def test_run_as_process_exits_0_when_main_returns_train_and_evaluates_results(returned, code, capsys):
     """README (d): `return train_and_evaluate(config, workdir)` in `main` returns the results dict;
