@@ -787,6 +787,27 @@ def test_temporary_files_of_killed_cache_writes_are_removed_by_the_next_write(tm
     assert not killed.exists() and in_progress.exists() and other.exists()
 
 
+def test_a_killed_cache_writes_temporary_file_is_removed_when_the_entry_is_read(tmp_path):
+    # Killed, then re-run at once: the re-run wrote the entry while the killed write's file was
+    # recent, and no write of the entry came after it, so 34-47 MB stayed for good (the kill review
+    # of 2026-12-07: siamese-export on a fresh cache). A read of the entry removes it too.
+    import time
+
+    from siamese_jax.data import cache
+    from siamese_jax.data.dataset import ImageDataset
+
+    ds = ImageDataset(images=np.zeros((2, 4, 4), np.uint8), labels=np.arange(2, dtype=np.int32), name="mnist", split="train")
+    path = cache.entry_path(tmp_path, "mnist", "train", "archives", "abcd")
+    killed = tmp_path / (path.name + ".k1ll3d.tmp")
+    killed.write_bytes(b"partial")
+    cache.write(path, ds)  # the re-run, within STALE_TMP_SECONDS of the kill: kept
+    assert killed.exists()
+    old = time.time() - cache.STALE_TMP_SECONDS - 60
+    os.utime(killed, (old, old))
+    assert cache.read(path) is not None
+    assert not killed.exists()
+
+
 # ------------------------------------------------------ the mutation review of 2026-12-06, round 2
 # Each test below failed on a mutant of the code that every earlier test passed (stop 47).
 

@@ -49,6 +49,9 @@ def read(path: Path) -> Optional[ImageDataset]:
     """The cached dataset, or None when the entry is absent or unreadable."""
     if not path.is_file():
         return None
+    # A write killed midway was then re-run (kill, re-run: the usual sequence) while its temporary
+    # file was recent; the entry is valid since, so no write of it comes to remove that file.
+    _remove_stale_temporaries(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             if "packed_images" in z:
@@ -71,6 +74,19 @@ def read(path: Path) -> Optional[ImageDataset]:
     except Exception as e:  # noqa: BLE001 - any damage (truncation, bad zip, missing key) means "recompute"
         log.warning("ignoring unreadable cache file %s (%s: %s)", path, type(e).__name__, e)
         return None
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """The temporary files of writes of `path`'s entry (any version) killed midway (SIGKILL runs no
+    `finally`): up to 47 MB each, never read. One older than STALE_TMP_SECONDS is no other
+    process's write in progress."""
+    prefix = path.name.rsplit("-", 1)[0] + "-"
+    for stale in path.parent.glob(prefix + "*.npz.*.tmp"):
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
+                stale.unlink()
+        except OSError:
+            pass
 
 
 def write(path: Path, ds: ImageDataset) -> None:
@@ -105,14 +121,7 @@ def write(path: Path, ds: ImageDataset) -> None:
         for old in path.parent.glob(prefix + "*.npz"):
             if old != path and len(old.name) == len(path.name):
                 old.unlink(missing_ok=True)
-        # So are the temporary files of writes killed midway (SIGKILL runs no `finally`): up to 47 MB
-        # each, never read. One older than STALE_TMP_SECONDS is no other process's write in progress.
-        for stale in path.parent.glob(prefix + "*.npz.*.tmp"):
-            try:
-                if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
-                    stale.unlink()
-            except OSError:
-                pass
+        _remove_stale_temporaries(path)
     except OSError as e:
         log.warning("could not write cache file %s (%s)", path, e)
     finally:
