@@ -2,7 +2,7 @@
 
     python -m experiments.benchmark [--quick] [--out=runs/benchmark-cpu.json] [--cpu_devices=N]
 
-Rows (ours / peer; > 1 means ours is faster):
+Rows (ours / peer; > 1 means ours is faster, or for memory smaller):
 1. The train steps against the same network, loss, batch and optimizer (Adam) in PyTorch, the best
    of eager and `torch.compile` (on CUDA both with bf16 autocast and channels_last; ours in bf16):
    the CPU default (16-32-64-128 + BatchNorm at 35 px, P×K 32×4, every positive pair with the
@@ -12,6 +12,10 @@ Rows (ours / peer; > 1 means ours is faster):
    The CPU default also as training runs it: with its on-device augmentation (a random ±2 px shift
    and Simard's elastic field, bilinear) inside the step, the peer doing the same with `grid_sample`.
 2. The fused BatchNorm + ReLU + max-pool op against the same three Flax layers (a lever, kept).
+   The memory of three of the train steps (the CPU default, Koch's verification step, 4 x conv-128)
+   against the peer's (the less of eager and `torch.compile`), each in a process of its own
+   (experiments/step_memory.py): on CPU the resident memory the measured steps need above the
+   framework's own, on GPU the peak device memory. Their ratio is peer / ours: > 1 means ours needs less.
 3. The training loop of `experiments.train` (on-device sampling, metrics, validation, checkpoints)
    against its bare train step on a fixed batch: the loop's marginal steps/s from two runs that
    differ only in their number of steps, so data loading, compiles and evaluation cancel out.
@@ -38,7 +42,11 @@ from absl import flags  # noqa: E402
 FLAGS = flags.FLAGS
 # Every row, in the order a full run prints them (`--only` takes these ids).
 ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "step_conv128_batch_hard",
-           "step_cpu_default_augmented", "fused_bn", "loop", "embed_png", "resize_host", "sampling", "knn"]
+           "step_cpu_default_augmented", "fused_bn", "memory_step_cpu_default", "memory_step_koch_verification",
+           "memory_step_conv128_batch_hard", "loop", "embed_png", "resize_host", "sampling", "knn"]
+# The train-step rows whose memory is measured too (`memory_<id>`): the CPU default, Koch et al.'s
+# network and the activation-heavy 4 x conv-128 (Koch's triplet row is the same network).
+MEMORY_ROWS = ("step_cpu_default", "step_koch_verification", "step_conv128_batch_hard")
 
 
 def define_flags():
@@ -70,12 +78,15 @@ def _median_rate(fn, calls_per_block, blocks, sync, warmup=3):
     return statistics.median(rates)
 
 
-def _row(row_id, name, unit, ours, peer, ours_name, peer_name, **extra):
-    ratio = ours / peer if (ours and peer) else None
+def _row(row_id, name, unit, ours, peer, ours_name, peer_name, lower_is_better=False, **extra):
+    """Prints and records a row. Its ratio is how many times better ours is: ours / peer for a rate,
+    peer / ours for a cost (`lower_is_better`, e.g. memory); > 1 means ours is ahead either way."""
+    ratio = ((peer / ours if lower_is_better else ours / peer) if (ours and peer) else None)
     peer_text = f"{peer:10.1f} {unit}" if peer else f"{'n/a':>10} ({extra.get('peer_note', 'not measured')})"
     print(f"{name:<38} {ours_name}: {ours:10.1f} {unit}   {peer_name}: {peer_text}   "
           f"ratio {'%6.2fx' % ratio if ratio else '   n/a'}", flush=True)
     ROWS.append(dict(id=row_id, name=name, unit=unit, ours=ours, peer=peer, ratio=ratio,
+                     ratio_of="peer/ours" if lower_is_better else "ours/peer",
                      ours_name=ours_name, peer_name=peer_name, **extra))
 
 
@@ -117,12 +128,34 @@ def _step_specs(quick, on_gpu):
     ]
 
 
+def _host_batch(spec):
+    """The row's fixed global batch as NumPy arrays (random binary images; NumPy only, so that a
+    peer's memory process imports no JAX): P×K images and labels, pairs, or triplets."""
+    import numpy as np
+
+    from siamese_jax import train_step as ts
+    from siamese_jax.configs import default
+
+    config = default.get_config("omniglot")
+    config.update(spec)
+    rng = np.random.default_rng(0)
+    size = config.image_size
+    kind = ts.batch_kind(config.loss, config.triplet_selection)
+    image = lambda n: (rng.random((n, size, size, 1)) > 0.8).astype(np.float32)  # noqa: E731
+    if kind == "classes":
+        p, k = config.classes_per_batch, config.images_per_class
+        return {"images": image(p * k), "labels": np.repeat(np.arange(p), k).astype(np.int32)}
+    b = config.batch_size
+    if kind == "pairs":
+        return {"x1": image(b), "x2": image(b), "is_similar": (np.arange(b) % 2).astype(np.int32)}
+    return {n: image(b) for n in ("anchor", "positive", "negative")}
+
+
 def _our_step(spec, dtype, fused=True, augment=False):
     """Ours: (step_fn, fixed global batch as numpy) for a spec, the jitted data-parallel step of
     experiments.train on the mesh over all devices. `augment`: with the config's on-device
     augmentation inside the step, as training runs it (off for the peer rows: the peer has none)."""
     import jax
-    import numpy as np
     import optax
 
     from siamese_jax.configs import default
@@ -137,24 +170,13 @@ def _our_step(spec, dtype, fused=True, augment=False):
         model = model.clone(encoder=model.encoder.clone(fused_batch_norm=False))
     tx = optax.adam(1e-3)
     mesh = parallel.make_data_mesh()
-    rng = np.random.default_rng(0)
-    size = config.image_size
-    kind = ts.batch_kind(config.loss, config.triplet_selection)
-    if kind == "classes":
-        p, k = config.classes_per_batch, config.images_per_class
-        host = {"images": (rng.random((p * k, size, size, 1)) > 0.8).astype(np.float32),
-                "labels": np.repeat(np.arange(p), k).astype(np.int32)}
-    elif kind == "pairs":
-        b = config.batch_size
-        host = {"x1": (rng.random((b, size, size, 1)) > 0.8).astype(np.float32),
-                "x2": (rng.random((b, size, size, 1)) > 0.8).astype(np.float32),
-                "is_similar": (np.arange(b) % 2).astype(np.int32)}
-    else:
-        b = config.batch_size
-        host = {n: (rng.random((b, size, size, 1)) > 0.8).astype(np.float32) for n in ("anchor", "positive", "negative")}
+    host = _host_batch(spec)
     parallel.check_batch_divisible(len(next(iter(host.values()))), mesh)
     batch = jax.device_put(host, parallel.batch_sharded(mesh))
-    state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), size), mesh)
+    # Initialised under jit, as experiments.train does: Flax's init run op by op compiled ~150 small
+    # programs, 4.7 s and +147 MB of resident memory for the CPU default (2.4 s, +38 MB jitted).
+    init = jax.jit(lambda key: ts.create_train_state(model, tx, key, config.image_size))
+    state = parallel.put_replicated(init(jax.random.PRNGKey(0)), mesh)
     margin = 0.5 if config.loss != "verification" else 0.0
     augment_fn = None
     if augment and config.augment:
@@ -200,10 +222,11 @@ def _interleaved_rates(contestants, calls, blocks, warmup=3):
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def _peer_steps(torch_peer, kind, host, image_size, device, quick=False, widths=(16, 32, 64, 128), augment=None):
+def _peer_steps(torch_peer, kind, host, image_size, device, quick=False, widths=(16, 32, 64, 128), augment=None,
+                modes=None):
     """{"eager": (fn, sync), "torch.compile": (fn, sync)} (eager only with `quick`: torch.compile's
     codegen takes minutes on CPU): the peer's train step on the row's batch. `augment`: see
-    torch_peer.make_step."""
+    torch_peer.make_step. `modes`: only these of the two (each builds its own model and optimizer)."""
     import numpy as np
     import torch
 
@@ -222,7 +245,9 @@ def _peer_steps(torch_peer, kind, host, image_size, device, quick=False, widths=
     target = target.to(device)
     sync = lambda _: torch_peer.synchronize(device)  # noqa: E731
     steps = {}
-    for compiled in (False,) if quick else (False, True):
+    if modes is None:
+        modes = ("eager",) if quick else ("eager", "torch.compile")
+    for compiled in (mode == "torch.compile" for mode in modes):
         step = torch_peer.make_step(kind, compile=compiled, device=device, image_size=image_size, widths=widths,
                                     augment=augment)
         steps["torch.compile" if compiled else "eager"] = ((lambda step=step: step(images, target)), sync)
@@ -338,6 +363,71 @@ def bench_fused_bn(quick):
     rates = _interleaved_rates(contestants, 2 if quick else 10, 3 if quick else 7)
     _row("fused_bn", "BatchNorm+ReLU+pool in the CPU default", "step/s", rates[True], rates[False],
          "fused op", "Flax layers")
+
+
+# ------------------------------------------------------------------------------------------------
+# The train steps' memory, ours against PyTorch
+# ------------------------------------------------------------------------------------------------
+def _step_memory(row_id, contestant, quick, on_gpu, cpu_devices=None):
+    """experiments.step_memory's JSON for one contestant, measured in a process of its own."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, "-m", "experiments.step_memory", f"--row={row_id}", f"--contestant={contestant}"]
+    cmd += ["--quick", "--warmup=1", "--steps=2"] if quick else ["--warmup=2", "--steps=5"]
+    if on_gpu:
+        cmd.append("--gpu")
+    elif cpu_devices:
+        cmd.append(f"--cpu_devices={cpu_devices}")
+    env = dict(os.environ)
+    if on_gpu:  # this process holds half the card (split_gpu_memory_with_peer); the child allocates as it goes
+        env.pop("XLA_CLIENT_MEM_FRACTION", None)
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{row_id}: the {contestant} memory process failed (exit {r.returncode}): {last}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(quick, only, cpu_devices=None):
+    """The memory each train step needs beyond its framework (CPU: resident memory during the
+    measured steps; GPU: the peak device memory), ours against the peer's least of eager and
+    torch.compile (eager only with `quick`); each contestant in a fresh process, see
+    experiments/step_memory.py. The ratio is peer / ours: > 1 means ours needs less."""
+    import jax
+
+    from experiments import step_memory
+
+    torch_peer = _torch()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    if not on_gpu and not step_memory.can_measure_cpu():
+        print("memory rows: not measured (resident memory is read from Linux's /proc)", flush=True)
+        return
+    if torch_peer is not None and on_gpu:
+        import torch
+
+        torch.cuda.empty_cache()  # the speed rows' cached blocks, out of the children's way
+    titles = {row_id: title for row_id, title, _, _ in _step_specs(quick, on_gpu)}
+    dtype = "bfloat16" if on_gpu else "float32"
+    for row_id in MEMORY_ROWS:
+        if only and f"memory_{row_id}" not in only:
+            continue
+        ours = _step_memory(row_id, "ours", quick, on_gpu, cpu_devices)
+        peers, note = {}, "torch not installed (pip install -e '.[bench]')"
+        if torch_peer is not None:
+            note = None
+            for mode in ("eager",) if quick else ("eager", "torch.compile"):
+                peers[mode] = _step_memory(row_id, mode, quick, on_gpu)
+        mode = min(peers, key=lambda m: peers[m]["step_mb"]) if peers else None
+        _row(f"memory_{row_id}", "memory: " + titles[row_id].replace("train step: ", ""), "MB",
+             ours["step_mb"], peers[mode]["step_mb"] if mode else None, f"ours {dtype}",
+             f"torch {mode or ''}".strip(), lower_is_better=True, peer_mode=mode, peer_note=note,
+             measured="peak device memory over the process" if on_gpu else
+             "resident memory during the measured steps above the framework's own",
+             ours_setup_peak_mb=ours["setup_peak_mb"], peer_mb={m: p["step_mb"] for m, p in peers.items()},
+             peer_setup_peak_mb={m: p["setup_peak_mb"] for m, p in peers.items()})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -622,6 +712,8 @@ def main(argv):
             bench_augmented_step(quick)
         if want("fused_bn"):
             bench_fused_bn(quick)
+        if any(want(f"memory_{row_id}") for row_id in MEMORY_ROWS):
+            bench_memory(quick, only, FLAGS.cpu_devices)
         if want("loop"):
             bench_loop(quick, FLAGS.data_dir)
         if want("embed_png"):

@@ -15,7 +15,8 @@ import child_env
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROW_IDS = ["step_cpu_default", "step_koch_verification", "step_koch_triplet", "step_conv128_batch_hard",
-           "step_cpu_default_augmented", "fused_bn", "loop", "embed_png", "resize_host", "sampling", "knn"]
+           "step_cpu_default_augmented", "fused_bn", "memory_step_cpu_default", "memory_step_koch_verification",
+           "memory_step_conv128_batch_hard", "loop", "embed_png", "resize_host", "sampling", "knn"]
 
 
 
@@ -42,8 +43,11 @@ def test_benchmark_quick_prints_and_writes_every_row(data_dir, tmp_path, require
         assert row["ours"] > 0, row
         if row["peer"] is None:  # only a missing optional peer may leave a row without a ratio (never in CI)
             assert not in_ci and row["peer_name"].startswith("torch") and "not installed" in row["peer_note"], row
+        elif row["unit"] == "MB":  # memory: > 1 means ours needs less, as for the rates ours is faster
+            assert row["ratio_of"] == "peer/ours" and row["ratio"] == pytest.approx(row["peer"] / row["ours"]), row
+            assert row["peer_mode"] == "eager" and row["ours_setup_peak_mb"] > 0, row  # (--quick: no torch.compile)
         else:
-            assert row["ratio"] == pytest.approx(row["ours"] / row["peer"]), row
+            assert row["ratio_of"] == "ours/peer" and row["ratio"] == pytest.approx(row["ours"] / row["peer"]), row
     # The embedding row's PNG folder is removed: every benchmark run
     # used to leave a 1 MB folder of PNGs in /tmp.
     assert not list(scratch.glob("bench_png_*")), sorted(p.name for p in scratch.iterdir())
@@ -283,3 +287,40 @@ def test_conv_microbench_koch_forms_are_the_valid_convolution(shape):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         for a, b in zip(vjp(g), want_grads):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resident memory is read from Linux's /proc")
+def test_the_memory_rows_high_water_mark_restarts_after_freed_memory():
+    """experiments.step_memory measures a step's memory as the resident high-water mark after a reset:
+    memory touched and freed before the reset (compiles, the model's set-up) must not count."""
+    import numpy as np
+
+    from experiments import step_memory
+
+    before = step_memory.resident_mb()
+    big = np.ones(200 * 2 ** 20 // 8)  # 200 MB, touched
+    assert step_memory.resident_mb()["hwm"] >= before["rss"] + 190
+    del big
+    step_memory.reset_high_water_mark()
+    after = step_memory.resident_mb()
+    assert after["hwm"] < before["rss"] + 100 and after["hwm"] == pytest.approx(after["rss"], abs=5)
+    small = np.ones(50 * 2 ** 20 // 8)
+    assert step_memory.resident_mb()["hwm"] >= after["rss"] + 45
+    del small
+
+
+def test_a_memory_rows_ratio_is_peer_over_ours(monkeypatch):
+    from experiments import benchmark
+
+    monkeypatch.setattr(benchmark, "ROWS", [])
+    benchmark._row("m", "memory: x", "MB", 100.0, 250.0, "ours", "torch eager", lower_is_better=True)
+    benchmark._row("s", "step: x", "step/s", 100.0, 250.0, "ours", "torch eager")
+    assert [(r["ratio"], r["ratio_of"]) for r in benchmark.ROWS] == [(2.5, "peer/ours"), (0.4, "ours/peer")]
+
+
+def test_a_failed_memory_process_is_an_error_with_its_own_last_line():
+    from experiments import benchmark
+
+    with pytest.raises(RuntimeError, match=r"nope: the eager memory process failed \(exit 2\): "
+                                           r"error: --row=nope: not a train-step row \(step_cpu_default, "):
+        benchmark._step_memory("nope", "eager", quick=True, on_gpu=False)

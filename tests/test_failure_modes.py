@@ -1498,7 +1498,7 @@ def test_console_scripts_run_outside_the_checkout(tmp_path):
 
 
 @pytest.mark.parametrize("module, flag", [("mnist_tta", "--model"), ("profile_step", "--steps"),
-                                          ("conv_microbench", "threads")])
+                                          ("conv_microbench", "threads"), ("step_memory", "--contestant")])
 def test_the_developer_tools_help_exits_0_and_a_bad_argument_is_one_line(module, flag):
     # absl's own --help exits 1 (loss_sweep and benchmark were mended in stop 33, these three were not);
     # conv_microbench read any argument but "threads" as "run the whole benchmark".
