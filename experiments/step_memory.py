@@ -93,6 +93,10 @@ def measure(row, contestant, quick=False, warmup=2, steps=5, on_gpu=False) -> di
         import jax.numpy as jnp
 
         jnp.zeros(()).block_until_ready()  # the runtime and its thread pools: part of the baseline
+        import optax  # noqa: F401  (the modules _our_step imports: in the baseline, as the peer's are)
+
+        from siamese_jax import models, parallel, train_step  # noqa: F401
+        from siamese_jax.configs import default  # noqa: F401
         device = jax.devices()[0]
         sync = jax.block_until_ready
     else:
@@ -105,7 +109,7 @@ def measure(row, contestant, quick=False, warmup=2, steps=5, on_gpu=False) -> di
         else:
             torch.set_num_threads(len(os.sched_getaffinity(0)))  # as the speed rows: a thread per core
             torch.zeros(()).add_(1)
-        from siamese_jax import train_step  # noqa: F401  (the host batch's import: in the baseline)
+        from siamese_jax import train_step  # noqa: F401  (the host batch's imports: in the baseline)
     baseline = _used(contestant, on_gpu)
     if not on_gpu:
         reset_high_water_mark()
