@@ -324,3 +324,26 @@ def test_a_failed_memory_process_is_an_error_with_its_own_last_line():
     with pytest.raises(RuntimeError, match=r"nope: the eager memory process failed \(exit 2\): "
                                            r"error: --row=nope: not a train-step row \(step_cpu_default, "):
         benchmark._step_memory("nope", "eager", quick=True, on_gpu=False)
+
+
+def test_a_gpu_memory_process_allocates_as_it_goes_and_reports_device_memory(monkeypatch):
+    """No GPU here: what the benchmark hands the memory process on a GPU. This process holds half the
+    card (split_gpu_memory_with_peer); a child preallocating JAX's default 75% of it would fail."""
+    import json
+    import subprocess
+
+    from experiments import benchmark
+
+    seen = {}
+
+    def run(cmd, env, **kwargs):
+        seen.update(cmd=cmd, env=env)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"step_mb": 1.0}) + "\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", benchmark.GPU_MEMORY_FRACTION)
+    assert benchmark._step_memory("step_conv128_batch_hard", "ours", quick=False, on_gpu=True) == {"step_mb": 1.0}
+    assert "--gpu" in seen["cmd"] and "--row=step_conv128_batch_hard" in seen["cmd"]
+    assert seen["env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and "XLA_CLIENT_MEM_FRACTION" not in seen["env"]
+    benchmark._step_memory("step_cpu_default", "eager", quick=True, on_gpu=False, cpu_devices=3)
+    assert "--gpu" not in seen["cmd"] and "--cpu_devices=3" in seen["cmd"] and "--quick" in seen["cmd"]
