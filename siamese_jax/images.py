@@ -331,7 +331,9 @@ def list_images(folder: str) -> list[str]:
         seen.add(real)
         # Hidden files and folders are skipped, as a file browser does: macOS's AppleDouble files
         # (`._name.png`, not images), `__MACOSX/` of a zip made on a Mac, `.thumbnails/`, `.git/`.
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__MACOSX"]
+        # Sorted, so that a folder reached under two names (a link to it) is listed under the same one
+        # whatever order the file system lists them in (ext4 lists in hash order).
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
         found += [os.path.join(root, f) for f in files
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
                   and _not_special(os.path.join(root, f))]

@@ -1191,3 +1191,47 @@ def test_ink_touching_the_border_does_not_bend_the_border_surface():
     assert got[bar].min() > 0.9
     np.testing.assert_allclose(got[faint], 0.15 / 0.85, atol=0.03)  # its contrast relative to the bar's
     assert got[~(bar | faint)].max() < 0.05
+
+
+def test_list_images_keeps_the_same_alias_of_a_linked_folder_whatever_the_listing_order(tmp_path, monkeypatch):
+    # A folder reached under two names (a class folder and links to it) is listed once, under the
+    # first name the walk meets; the walk followed the file system's listing order (hash order on
+    # ext4), so the same folder copied elsewhere could be indexed under another name.
+    root = tmp_path / "data"
+    (root / "real").mkdir(parents=True)
+    Image.new("L", (8, 8), 255).save(root / "real" / "1.png")
+    for alias in ("aa", "mm", "zz"):
+        (root / alias).symlink_to(root / "real", target_is_directory=True)
+    real_scandir = os.scandir
+
+    class _Listing:  # os.scandir's iterator, its entries in a chosen order
+        def __init__(self, entries):
+            self._it = iter(entries)
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self._it)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def close(self):
+            pass
+
+    found = {}
+    for order in ("forward", "reverse"):
+        def scandir(path=".", order=order):
+            with real_scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name, reverse=order == "reverse")
+            return _Listing(entries)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+        found[order] = img_lib.list_images(str(root))
+    monkeypatch.undo()
+    assert found["forward"] == found["reverse"] == [str(root / "aa" / "1.png")]
+
