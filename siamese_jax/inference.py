@@ -92,8 +92,10 @@ def _jitted_embedding(network, shift_set: str, l2_normalize: bool):
 
 def _padded_batch(n: int, batch_size: int) -> int:
     """The batch every chunk of n images is padded to: `batch_size` when there are several chunks,
-    else the power of two at or above n (one compile per size class, not per count)."""
-    return batch_size if n > batch_size else max(1, 1 << (n - 1).bit_length())
+    else the power of two at or above n (one compile per size class, not per count); at least 2:
+    XLA:CPU computes a batch of one otherwise (6e-7 off the same image's embedding in any larger
+    batch), so one query gave other distances alone than beside another."""
+    return max(2, batch_size if n > batch_size else 1 << (n - 1).bit_length())
 
 
 def _check_batch_size(batch_size) -> None:

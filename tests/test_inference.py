@@ -1235,3 +1235,12 @@ def test_list_images_keeps_the_same_alias_of_a_linked_folder_whatever_the_listin
     monkeypatch.undo()
     assert found["forward"] == found["reverse"] == [str(root / "aa" / "1.png")]
 
+
+def test_one_image_embeds_as_it_does_in_a_batch(model, eval_pngs):
+    # One image alone was a batch of one, which XLA:CPU computes otherwise (6e-7 off): `search INDEX
+    # q.png` printed other distances than `search INDEX q.png r.png` for the same query.
+    files = [str(p) for p in sorted(eval_pngs.rglob("*.png"))[:3]]
+    together = model.embed(files)
+    for i, f in enumerate(files):
+        assert np.array_equal(model.embed(f), together[i:i + 1])
+        assert np.array_equal(model.embed([f], batch_size=1), together[i:i + 1])
