@@ -168,15 +168,55 @@ def test_unexpected_exception_is_one_line_with_a_hint_or_the_traceback_on_reques
     assert console.guarded(lambda: None) == 0 and console.guarded(lambda: 1) == 1  # compare's DIFFERENT
 
 
-def _child(code, tmp_path):
+def _child(code, tmp_path, env=None, timeout=120):
     """`code` run in a fresh interpreter with Python's own SIGINT / SIGTERM handling (a runner may
     have started this one with SIGINT ignored, which a child inherits)."""
     prelude = ("import os, signal, sys\n"
                "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n")
-    env = _env()
+    env = dict(env or _env())
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return _run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=tmp_path, env=env, timeout=120)
+    return _run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=tmp_path, env=env, timeout=timeout)
+
+
+def test_an_entry_point_stops_on_sigterm_as_on_ctrl_c(tmp_path):
+    """SIGTERM (`timeout`, a job's time limit) to siamese-train outside its loop, siamese-evaluate
+    or siamese-export was Python's default: exit -15 (143 from a shell) and no word. `run_app` makes
+    it what a Ctrl-C is: one line, 130."""
+    r = _child("""
+        import time
+        from siamese_jax import cli
+        def main(argv):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+            raise AssertionError("not stopped")
+        cli.run_app(main)
+    """, tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (130, ["error: terminated"]), r.stderr
+
+
+@pytest.mark.slow  # a training (~10 s)
+def test_sigterm_in_the_final_evaluation_stops_the_training_in_one_line_with_130(data_dir, tmp_path):
+    """The training loop saves and stops on SIGTERM; in the final evaluation, after it, a SIGTERM killed
+    the run with Python's default (exit -15, no word; the reproducibility review of stop 51). Now one
+    line and 130: the loop's own handler gives SIGTERM back to the entry point's, not to the default.
+    The checkpoint is kept and no results.json written, so the same command evaluates again."""
+    r = _child(f"""
+        import time
+        from siamese_jax import protocols
+        def evaluate(*args, **kwargs):  # SIGTERM while the final evaluation runs
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+            raise AssertionError("not stopped")
+        protocols.evaluate_workdir = evaluate
+        sys.argv = ["siamese-train", "--workdir=run", *{TINY!r}, "--config.num_steps=2", "--config.eval_every_steps=2"]
+        from siamese_jax.cli import train
+        train.run()
+    """, tmp_path, env=_env(data_dir), timeout=300)
+    assert r.returncode == 130 and r.stderr.splitlines()[-1] == "error: terminated", r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "step 2/2" in r.stderr
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_stops_the_command(tmp_path):

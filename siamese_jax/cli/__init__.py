@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Sequence
 
 from absl import flags, logging as absl_logging
 
@@ -153,6 +155,11 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
     where = "the detected cluster" if coordinator_address == AUTO else coordinator_address
     logging.getLogger(__name__).info("joining JAX's distributed runtime at %s (process %s of %s)", where,
                                      kwargs.get("process_id", "?"), kwargs.get("num_processes", "?"))
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM is jax.distributed's from here on (its preemption notice reaches every process,
+        # which then stop at one agreed step); the entry points' own SIGTERM handler (`run_app`'s
+        # `signals`) is taken down first, so that what Python reports as the handler is not stale.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - jax raises ValueError, RuntimeError, JaxRuntimeError (timeouts)
@@ -259,10 +266,17 @@ def run_as_process(main: Callable[[], Any]) -> None:
     console.exit_process(console.guarded(call, user_errors))
 
 
-def run_app(main):
+# What stops an entry point as a Ctrl-C does (one line, exit 130, no half-written file): SIGTERM too
+# (`timeout`, a scheduler ending a job), which was Python's default, exit -15 and no word, wherever
+# the work was not a training loop (the loop saves and stops on it: `train._StopSignal`). With
+# several processes jax.distributed takes SIGTERM over (`init_distributed`).
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+def run_app(main, signals: Sequence[int] = INTERRUPTS):
     """absl's app.run, but a bad flag is one line on stderr and exit code 2 (not a usage dump),
     `--help` lists the entry point's flags and exits 0, and `main` runs under the top-level handler
-    (exit 2 and one line for any exception)."""
+    (exit 2 and one line for any exception; 130 for `signals`)."""
     from absl import app
 
     def parse(argv):
@@ -285,7 +299,7 @@ def run_app(main):
         console.quiet_when_reader_leaves()  # `siamese-train ... 2>&1 | head -3` ends as it would have, quietly
         # One failed process of a multi-process job (e.g. process 0 alone could not write a file)
         # leaves at once, so that its peers fail within seconds (`console.exit_process`).
-        console.exit_process(console.guarded(lambda: main(argv), user_errors))
+        console.exit_process(console.guarded(lambda: main(argv), user_errors, signals=signals))
 
     app.run(guarded_main, flags_parser=parse)
 
