@@ -368,6 +368,12 @@ def bench_fused_bn(quick):
 # ------------------------------------------------------------------------------------------------
 # The train steps' memory, ours against PyTorch
 # ------------------------------------------------------------------------------------------------
+def can_measure_resident_memory() -> bool:
+    """Whether a process here can read and reset its resident high-water mark (Linux's /proc), as
+    experiments.step_memory does on a CPU."""
+    return os.access("/proc/self/clear_refs", os.W_OK) and os.path.exists("/proc/self/status")
+
+
 def _step_memory(row_id, contestant, quick, on_gpu, cpu_devices=None):
     """experiments.step_memory's JSON for one contestant, measured in a process of its own."""
     import json
@@ -398,11 +404,9 @@ def bench_memory(quick, only, cpu_devices=None):
     experiments/step_memory.py. The ratio is peer / ours: > 1 means ours needs less."""
     import jax
 
-    from experiments import step_memory
-
     torch_peer = _torch()
     on_gpu = jax.devices()[0].platform == "gpu"
-    if not on_gpu and not step_memory.can_measure_cpu():
+    if not on_gpu and not can_measure_resident_memory():
         print("memory rows: not measured (resident memory is read from Linux's /proc)", flush=True)
         return
     if torch_peer is not None and on_gpu:

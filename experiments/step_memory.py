@@ -69,11 +69,6 @@ def reset_high_water_mark() -> None:
         f.write("5")
 
 
-def can_measure_cpu() -> bool:
-    """Whether this system lets a process read and reset its resident high-water mark (Linux)."""
-    return os.access("/proc/self/clear_refs", os.W_OK) and os.path.exists("/proc/self/status")
-
-
 def _spec(row, quick, on_gpu):
     from experiments import benchmark
 
@@ -163,7 +158,9 @@ def main(argv):
 
     if FLAGS.contestant == "ours":  # the same CPU device split as the benchmark and experiments.train
         parallel.use_cpu_cores_as_devices(128, FLAGS.cpu_devices)
-    if not FLAGS.gpu and not can_measure_cpu():
+    from experiments import benchmark
+
+    if not FLAGS.gpu and not benchmark.can_measure_resident_memory():
         cli.fail("measuring a process's resident memory needs Linux (/proc/self/clear_refs)")
     print(json.dumps(measure(FLAGS.row, FLAGS.contestant, FLAGS.quick, FLAGS.warmup, FLAGS.steps, FLAGS.gpu)),
           flush=True)
