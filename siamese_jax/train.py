@@ -691,6 +691,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     if best_so_far is not None:
         best_so_far, best_generation = _best_under_this_validation(
             config, ckpts, best_so_far, fresh, embed_fn, val_dds, val_images, mesh, workdir, training_split)
+    # The host's copies of the data are not used again: the loop samples `train_dds` on the devices.
+    # Kept, they sat in memory for the whole run (Omniglot's default: the background split at 105 px,
+    # 212 MB, and the training set at 35 px, 79 MB, beside the devices' copies).
+    del training_split, train_ds, val_ds
     detector = divergence.from_config(config, start_step)
     # The starting state's norm, compiled as one program (op by op it compiled ~30: ~1 s).
     detector.seed("param_norm", float(jax.jit(optax.tree.norm)(state.params)))

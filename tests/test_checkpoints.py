@@ -579,3 +579,37 @@ def test_a_better_model_of_a_resume_under_another_validation_replaces_a_best_of_
     monkeypatch.setattr(train_lib, "validation_accuracy", lambda *args: next(scores))
     train_lib.train(_tiny_mnist_config(data_dir, num_steps=4), str(workdir))
     assert C.saved_steps(str(workdir / "best")) == [4]
+
+
+@pytest.mark.slow  # a tiny training: ~7 s
+def test_the_training_loop_lets_the_hosts_copy_of_the_training_split_go(tmp_path, data_dir, monkeypatch):
+    """The loop samples the devices' copy of the data: the training split as it was read (Omniglot's
+    background split at 105 px: 212 MB) and the host's training set are not kept for the whole run
+    (the memory review of 2026-12-07: the default's training held 1.10 GB, 0.81 GB without them)."""
+    import gc
+    import weakref
+
+    from siamese_jax import input_pipeline as ip
+    from siamese_jax import train as train_lib
+
+    read = []
+    load_split = ip.load_split
+
+    def recording_load_split(config, split):
+        ds = load_split(config, split)
+        read.append(weakref.ref(ds.images))
+        return ds
+
+    alive_in_loop = []
+    validate = train_lib._validate
+
+    def checking_validate(*args, **kwargs):
+        gc.collect()
+        alive_in_loop.append([ref() is not None for ref in read])
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(ip, "load_split", recording_load_split)
+    monkeypatch.setattr(train_lib, "_validate", checking_validate)
+    train_lib.train(_tiny_mnist_config(data_dir), str(tmp_path / "run"))
+    assert read and len(alive_in_loop) == 2, (read, alive_in_loop)
+    assert not any(any(alive) for alive in alive_in_loop), alive_in_loop
