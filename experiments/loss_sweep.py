@@ -26,6 +26,7 @@ whose numbers mean nothing (written to runs/loss_sweep_quick unless --out is giv
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -151,6 +152,21 @@ def check_workdir_matches(workdir: str, dataset: str, overrides: dict, extra: li
                      f"give this sweep another --out (or remove that run)")
 
 
+def run_training(cmd: list, log) -> int:
+    """Runs one training process to its end; its exit code. A Ctrl-C or SIGTERM to the sweep (an
+    interrupt here) is passed on as SIGTERM, on which the training saves a checkpoint and stops, and
+    waited for, so that the sweep run again resumes it. `subprocess.call` killed it instead (SIGKILL:
+    the steps since its last save lost) and, on a SIGTERM to the sweep alone, which used to end the
+    sweep at once, left it training on without its parent."""
+    with subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) as training:
+        try:
+            return training.wait()
+        except KeyboardInterrupt:
+            training.send_signal(signal.SIGTERM)
+            training.wait()
+            raise
+
+
 def run_one(workdir: str, dataset: str, overrides: dict, extra: list, data_dir) -> float:
     cmd = [sys.executable, "-m", "experiments.train", f"--dataset={dataset}", f"--workdir={workdir}"]
     if data_dir:
@@ -162,7 +178,7 @@ def run_one(workdir: str, dataset: str, overrides: dict, extra: list, data_dir) 
     with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        rc = run_training(cmd, log)
     if rc != 0:
         raise RuntimeError(f"run failed (exit {rc}); see {os.path.join(workdir, 'sweep_log.txt')}")
     return time.time() - t

@@ -2,6 +2,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -210,3 +212,39 @@ def test_an_extra_override_is_compared_as_the_run_received_it(tmp_path):
     config = {"dataset": "omniglot", **overrides, "num_steps": 500, "same_alphabet_negatives": True}
     (workdir / "config.json").write_text(json.dumps(config))
     ls.check_workdir_matches(str(workdir), "omniglot", overrides, ["num_steps=500", "same_alphabet_negatives=t"])
+
+
+def test_an_interrupted_sweep_lets_its_training_save_and_waits_for_it(tmp_path):
+    """A Ctrl-C or SIGTERM to the sweep reaches its training as SIGTERM (on which a training saves a
+    checkpoint and stops), and the sweep waits for it: `subprocess.call` SIGKILLed the training (its
+    steps since the last save lost), and a SIGTERM to the sweep alone left it training on, orphaned."""
+    training = tmp_path / "training.py"  # a stand-in: saves on SIGTERM, as experiments.train does
+    training.write_text(
+        "import signal, sys, time\n"
+        "def save(signum, frame):\n"
+        "    time.sleep(0.5)  # a checkpoint takes a while: the sweep must wait for it\n"
+        "    open(sys.argv[1], 'w').write('saved')\n"
+        "    sys.exit(130)\n"
+        "signal.signal(signal.SIGTERM, save)\n"
+        "open(sys.argv[2], 'w').write('started')\n"
+        "time.sleep(60)\n")
+    sweep = (
+        "import os, signal, sys, threading, time\n"
+        "from experiments import loss_sweep\n"
+        "from siamese_jax import console\n"
+        "saved, started = sys.argv[1], sys.argv[2]\n"
+        "def stop():\n"
+        "    while not os.path.exists(started):\n"
+        "        time.sleep(0.05)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "threading.Thread(target=stop, daemon=True).start()\n"
+        "with console.interrupts_stop((signal.SIGTERM,)), open(os.devnull, 'w') as log:\n"
+        "    try:\n"
+        "        loss_sweep.run_training([sys.executable, sys.argv[3], saved, started], log)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted, training ' + (open(saved).read() if os.path.exists(saved) else 'not saved'))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", sweep, str(tmp_path / "saved"), str(tmp_path / "started"), str(training)],
+                       cwd=repo, env=dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=60)
+    assert r.stdout.strip() == "interrupted, training saved", (r.stdout, r.stderr[-2000:])
