@@ -1,4 +1,4 @@
-"""Speed benchmarks, each row against a peer measured in the same process run (ratios, not claims).
+"""Speed and memory benchmarks, each row against a peer measured in the same run (ratios, not claims).
 
     python -m experiments.benchmark [--quick] [--out=runs/benchmark-cpu.json] [--cpu_devices=N]
 
