@@ -105,8 +105,9 @@ def measure(row, contestant, quick=False, warmup=2, steps=5, on_gpu=False) -> di
             torch.set_num_threads(len(os.sched_getaffinity(0)))  # as the speed rows: a thread per core
             torch.zeros(()).add_(1)
         from siamese_jax import train_step  # noqa: F401  (the host batch's imports: in the baseline)
-    baseline = _used(contestant, on_gpu)
-    if not on_gpu:
+    if on_gpu:
+        baseline = _used(contestant)
+    else:
         reset_high_water_mark()
         baseline = resident_mb()["rss"]
     if contestant == "ours":
@@ -131,10 +132,8 @@ def measure(row, contestant, quick=False, warmup=2, steps=5, on_gpu=False) -> di
                 setup_peak_mb=setup_peak, step_mb=resident_mb()["hwm"] - baseline, warmup=warmup, steps=steps)
 
 
-def _used(contestant, on_gpu) -> float:
-    """Device memory in use now (GPU), in MB; 0 on a CPU (the baseline is the resident memory there)."""
-    if not on_gpu:
-        return 0.0
+def _used(contestant) -> float:
+    """Device memory in use now on the GPU, in MB."""
     if contestant == "ours":
         import jax
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from siamese_jax import console
@@ -47,7 +46,7 @@ def _run(fn, argv):
     # SIGTERM (`timeout`, a job's end) as a Ctrl-C: one line and 130, and an output being written is
     # not left as a temporary file.
     return console.guarded(lambda: fn([a for a in argv if a != "--verbose"]), _user_errors, verbose=verbose,
-                           signals=(signal.SIGINT, signal.SIGTERM))
+                           signals=console.INTERRUPTS)
 
 
 def _add_verbose(p):

@@ -64,6 +64,12 @@ class StoppedBySignal(KeyboardInterrupt):
     (`exit_process`); leaving so while another process still saves would abort that one."""
 
 
+# The signals that stop a command or an entry point as a Ctrl-C does (one line, exit 130, no
+# half-written file): SIGTERM too (`timeout`, a scheduler ending a job), which was Python's default,
+# exit -15 and no word.
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def interrupts_stop(signals: Sequence[int] = (signal.SIGINT,)):
     """While inside, each of `signals` is a KeyboardInterrupt that does stop the work (SIGTERM's

@@ -266,17 +266,12 @@ def run_as_process(main: Callable[[], Any]) -> None:
     console.exit_process(console.guarded(call, user_errors))
 
 
-# What stops an entry point as a Ctrl-C does (one line, exit 130, no half-written file): SIGTERM too
-# (`timeout`, a scheduler ending a job), which was Python's default, exit -15 and no word, wherever
-# the work was not a training loop (the loop saves and stops on it: `train._StopSignal`). With
-# several processes jax.distributed takes SIGTERM over (`init_distributed`).
-INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
-
-
-def run_app(main, signals: Sequence[int] = INTERRUPTS):
+def run_app(main, signals: Sequence[int] = console.INTERRUPTS):
     """absl's app.run, but a bad flag is one line on stderr and exit code 2 (not a usage dump),
     `--help` lists the entry point's flags and exits 0, and `main` runs under the top-level handler
-    (exit 2 and one line for any exception; 130 for `signals`)."""
+    (exit 2 and one line for any exception; 130 for `signals`: SIGTERM too, outside a training loop,
+    which saves and stops on it, `train._StopSignal`; with several processes jax.distributed takes
+    SIGTERM over, `init_distributed`)."""
     from absl import app
 
     def parse(argv):
