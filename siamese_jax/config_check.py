@@ -317,8 +317,10 @@ def _check_teachers_and_resume(config, kind: str, loss: str) -> None:
 
 def distill_teacher_sources(config) -> list[str]:
     """The teachers in `config.distill_teachers`, comma-separated: workdirs, model files or shipped
-    model names ("" or unset: none)."""
-    return [w.strip() for w in str(config.get("distill_teachers") or "").split(",") if w.strip()]
+    model names ("" or unset: none). A `~` starts every item: the shell (and `console.expand_home`)
+    expands only the first of `~/a,~/b`."""
+    return [os.path.expanduser(w.strip()) for w in str(config.get("distill_teachers") or "").split(",")
+            if w.strip()]
 
 
 def check_workdir(workdir: str) -> str:

@@ -614,6 +614,16 @@ def test_a_tilde_after_the_equals_sign_is_the_home_folder_not_a_folder_named_til
         f"--out={mine}/i.npz", f"--config.resume={mine}/r/best", "a=~/x", "~/y", "--k=a~"]
 
 
+def test_every_teacher_of_a_list_gets_its_home_expanded(monkeypatch, tmp_path):
+    """`--config.distill_teachers=~/a,~/b`: the shell and `console.expand_home` expand only the
+    first `~`, and the second teacher was looked for in a folder named `~` of the current directory."""
+    from ml_collections import ConfigDict
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = ConfigDict({"distill_teachers": "~/a, ~/b,pretrained"})
+    assert config_check.distill_teacher_sources(config) == [
+        str(tmp_path / "a"), str(tmp_path / "b"), "pretrained"]
+
+
 def test_a_url_workdir_is_one_line_and_creates_nothing(tmp_path):
     """`--workdir=gs://bucket/run` used to load the data, train, and fail at the first TensorBoard
     write with a traceback, leaving a local `gs:/bucket/run/` with a lock and checkpoints behind."""
