@@ -493,3 +493,16 @@ def test_a_re_evaluation_keeps_the_trainings_seconds_and_devices_and_only_with_i
     assert "train time" not in protocols.format_results_table(results)
     assert "412 s on 8 tpu device(s) in 2 processes" in protocols.format_results_table(
         dict(results, train_seconds=412.3))
+
+
+def test_a_re_evaluation_with_other_views_says_results_json_no_longer_describes_the_model():
+    """`siamese-evaluate --test_time_shifts=none` on a run trained with square9 rewrote results.json
+    silently, while the workdir's model (embed/search/compare --model=<workdir>) still embeds with
+    square9; only export noticed, later. Now a note after the table says so."""
+    from siamese_jax.cli.evaluate import other_views_note
+
+    note = other_views_note("runs/a", "none", "square9", written=True)
+    assert note.startswith("note: runs/a/results.json now holds the numbers with test_time_shifts=none")
+    assert "config's square9" in note and "--test_time_shifts=none" in note
+    assert other_views_note("runs/a", "square9", "square9", written=True) is None
+    assert other_views_note("runs/a", "none", "square9", written=False) is None  # --nowrite: nothing rewritten

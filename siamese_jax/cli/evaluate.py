@@ -10,6 +10,7 @@ a model whose workdir is gone, or of the shipped ones, from the files alone.
 """
 import json
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -64,6 +65,7 @@ def main(argv):
             config = ml_collections.ConfigDict(json.load(f))
     except ValueError as e:
         cli.fail(f"{path}: not a valid config.json ({cli.console.one_line(e)})")
+    trained_views = config.get("test_time_shifts", "none")
     config.update(_data_overrides())
     config_check.validate_model_config(config)
     # Before anything touches a device: every process of a multi-host evaluation joins here.
@@ -89,6 +91,20 @@ def main(argv):
                                              training_setup=setup)
     if process == 0:
         print(cli.console.display(protocols.format_results_table(results)))  # ('±' in any encoding)
+        note = other_views_note(workdir, config.get("test_time_shifts", "none"), trained_views, FLAGS.write)
+        if note:
+            print(note, file=sys.stderr)
+
+
+def other_views_note(workdir: str, evaluated: str, trained: str, written: bool):
+    """A workdir's model embeds with its config.json's views (siamese-embed/search/compare/calibrate
+    --model=<workdir>); results.json written with other views no longer describes that model, which
+    siamese-export then refuses to package. Said once, after the table."""
+    if not written or evaluated == trained:
+        return None
+    return (f"note: {os.path.join(workdir, 'results.json')} now holds the numbers with test_time_shifts={evaluated}; "
+            f"the workdir's model embeds with its config's {trained} (siamese-embed/search/compare --model), and "
+            f"siamese-export asks for --test_time_shifts={evaluated} until they agree")
 
 
 def _data_overrides() -> dict:
