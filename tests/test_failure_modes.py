@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import textwrap
 import sys
 import time
@@ -1969,3 +1970,20 @@ def test_config_bounds_that_no_earlier_test_reached_are_refused(tmp_path):
     refused("config.val_fraction=1.0: must be a finite number in (0.0, 1.0)", dataset="mnist", val_fraction=1.0)
     refused("must be an existing checkpoint directory", resume=str(tmp_path / "nowhere"))
     refused("config.image_size=64: the koch encoder cannot take this input size", model="koch", image_size=64)
+
+
+def test_a_killed_suites_cache_dirs_are_removed_by_the_next_suite(tmp_path, monkeypatch):
+    """A SIGTERMed or SIGKILLed pytest runs no atexit: its session's XLA and data cache folders
+    stayed in $TMPDIR, one pair per killed run. The next session removes those of dead controllers,
+    and keeps a live one's (a suite running beside it) and folders not named by a pid."""
+    import conftest
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    prefix = "siamese-jax-tests-xla-cache-"
+    for name in (f"{prefix}{dead.pid}-abc", f"{prefix}{os.getpid()}-def", f"{prefix}xyz", "other-1-x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "entry").write_bytes(b"x")
+    conftest._remove_dead_sessions_dirs(prefix)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-1-x", f"{prefix}{os.getpid()}-def", f"{prefix}xyz"]
