@@ -42,7 +42,7 @@ class ModelError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     distance: float
-    probability: float  # P(same), from the verification head or the calibrated distance
+    probability: float  # P(same) of the calibrated distance (the same fit as the threshold)
     same: bool
     threshold: float
 
@@ -196,6 +196,8 @@ class SiameseModel:
         return np.linalg.norm(ea - eb, axis=-1)
 
     def same_probability_from_embeddings(self, ea, eb) -> np.ndarray:
+        """A Koch-head model (loss=verification): its head's sigmoid, not fitted to the calibration's
+        pairs (`compare` gives the calibration's); any other model: the calibrated distance's."""
         if self.config.loss == "verification":
             logits = self.network.apply({"params": self.params}, jnp.asarray(ea), jnp.asarray(eb),
                                         method=self.network.logits)
@@ -216,7 +218,10 @@ class SiameseModel:
                              "from Python)")
         e = self.embed([a, b])
         d = float(np.linalg.norm(e[0] - e[1]))
-        p = float(np.ravel(self.same_probability_from_embeddings(e[:1], e[1:]))[0])
+        # The probability of the calibration that gives the verdict. A Koch-head model's own sigmoid
+        # (`same_probability`) is not fitted to that threshold's pairs: compare printed "P(same) 0.785"
+        # beside DIFFERENT for 27% of a verification run's pairs (the calibration review of 2026-12-07).
+        p = float(self.calibration.probability(d))
         return Verdict(distance=d, probability=p, same=d <= self.calibration.threshold,
                        threshold=self.calibration.threshold)
 

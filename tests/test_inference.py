@@ -1244,3 +1244,31 @@ def test_one_image_embeds_as_it_does_in_a_batch(model, eval_pngs):
     for i, f in enumerate(files):
         assert np.array_equal(model.embed(f), together[i:i + 1])
         assert np.array_equal(model.embed([f], batch_size=1), together[i:i + 1])
+
+
+# ------------------------------------------------------ the calibration review of 2026-12-07 (review52)
+
+def test_compare_of_a_verification_head_model_gives_the_probability_of_its_verdicts_calibration():
+    # Guards compare()'s P(same) for a Koch-head model (loss=verification): the verdict is the calibrated
+    # distance threshold, P(same) was the head's uncalibrated sigmoid, so compare printed e.g.
+    # "P(same) 0.785 ... DIFFERENT" (27% of the pairs of a tiny verification run contradicted themselves).
+    import ml_collections
+
+    from siamese_jax import models
+
+    config = ml_collections.ConfigDict(inference.load_model("pretrained").config.to_dict())
+    config.loss = "verification"
+    variables = models.init_variables(models.build_model(config), jax.random.PRNGKey(0), int(config.image_size))
+    m = inference.SiameseModel(config, variables["params"], variables.get("batch_stats"))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (105, 105)).astype(np.uint8) for _ in range(4)]
+    e = m.embed(images)
+    pairs = [(0, 1), (0, 2), (1, 3), (2, 3)]
+    d = np.array([np.linalg.norm(e[i] - e[j]) for i, j in pairs])
+    mid = float(np.median(d))
+    m.calibration = inference.Calibration(threshold=mid, slope=2.0 / max(float(np.std(d)), 1e-6), method="max_accuracy",
+                                          accuracy=1.0, false_accept_rate=0.0, num_pairs=4, midpoint=mid)
+    for i, j in pairs:
+        v = m.compare(images[i], images[j])
+        assert v.probability == pytest.approx(m.calibration.probability(v.distance), abs=1e-9)
+        assert (v.probability >= 0.5) == v.same
