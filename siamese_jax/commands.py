@@ -62,7 +62,11 @@ def _model_arg(p):
 
 # ------------------------------------------------------------------------------------------------
 def _compare(argv):
-    p = _Parser(prog="siamese-compare", description="Are these two images the same class?")
+    p = _Parser(prog="siamese-compare", description="Are these two images the same class?", epilog=(
+        "P(same) is the model's calibration: a logistic fit of the distance on labelled pairs, which "
+        "siamese-calibrate and siamese-export (the shipped models) draw half same-class, half "
+        "different-class. It is the probability for a pair drawn from such a 50/50 mix; where same-class "
+        "pairs are rarer, say 1 in 20, multiply its odds P/(1-P) by 1/19."))
     p.add_argument("image_a")
     p.add_argument("image_b")
     _model_arg(p)

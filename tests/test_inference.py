@@ -1272,3 +1272,19 @@ def test_compare_of_a_verification_head_model_gives_the_probability_of_its_verdi
         v = m.compare(images[i], images[j])
         assert v.probability == pytest.approx(m.calibration.probability(v.distance), abs=1e-9)
         assert (v.probability >= 0.5) == v.same
+
+
+def test_compare_help_says_which_mix_of_pairs_its_probability_is_for(capsys):
+    # P(same) is a Platt fit on pairs half of which are same-class (calibrate's and export's
+    # balanced_pairs): the posterior for a 50/50 mix. Nowhere a user reads P(same) said so; on the
+    # evaluation alphabets' within-alphabet pairs at a same share of 5% its ECE was 0.089 as printed,
+    # 0.005 with its odds times the prior odds (the calibration review of 2026-12-07).
+    from siamese_jax import commands
+
+    with pytest.raises(SystemExit) as e:
+        commands._compare(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "half same-class" in text and "50/50" in text and "1/19" in text
+    readme = " ".join(open(os.path.join(REPO, "README.md"), encoding="utf-8").read().split())
+    assert "half same-class, half different-class" in readme and "50/50 mix" in readme
