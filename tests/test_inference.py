@@ -1288,3 +1288,19 @@ def test_compare_help_says_which_mix_of_pairs_its_probability_is_for(capsys):
     assert "half same-class" in text and "50/50" in text and "1/19" in text
     readme = " ".join(open(os.path.join(REPO, "README.md"), encoding="utf-8").read().split())
     assert "half same-class, half different-class" in readme and "50/50 mix" in readme
+
+
+def test_calibrate_warns_when_the_folder_has_far_fewer_distinct_pairs_than_it_draws(tmp_path, capsys):
+    # 2 classes x 2 images hold 6 distinct pairs; calibrate drew 2,000 from them and said "accuracy
+    # 1.000 on 2000 pairs", and P(same) 1.000 for two different evaluation characters followed
+    # (the calibration review of 2026-12-07). It now says on how many distinct pairs it rests.
+    from siamese_jax import commands
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "classes" / c).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 40)).astype(np.uint8)).save(tmp_path / "classes" / c / f"{k}.png")
+    assert commands._calibrate([str(tmp_path / "classes"), "--out", str(tmp_path / "m.msgpack")]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "only 6 distinct pairs, drawn 2000 times" in err, err
