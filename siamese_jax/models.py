@@ -67,20 +67,23 @@ def _bn_relu_pool_fwd(x, scale, bias, epsilon, pool):
     b = bias - mean * a
     y = jnp.maximum(x.astype(jnp.float32) * _per_channel(a) + _per_channel(b), 0.0)
     out = (max_pool_2x2(y) if pool else y).astype(x.dtype)
-    return (out, mean, var), (x, out, mean, inv, a, b)
+    return (out, mean, var), (x, mean, inv, a, b)
 
 
 def _bn_relu_pool_bwd(epsilon, pool, residuals, cotangents):
-    x, out, mean, inv, a, b = residuals
+    x, mean, inv, a, b = residuals
     g = cotangents[0].astype(jnp.float32)  # mean/var only feed the running averages: no gradient
     xf = x.astype(jnp.float32)
     pre = xf * _per_channel(a) + _per_channel(b)
     if pool:  # route each window's gradient to its maxima, split between ties (as autodiff does)
         n, h, w, c = x.shape
         h2, w2 = h // 2, w // 2
-        # Recomputed in the output's dtype, so that the maxima compare equal to `out` under bf16 too.
-        window = jnp.maximum(pre, 0.0).astype(out.dtype)[:, :h2 * 2, :w2 * 2].reshape(n, h2, 2, w2, 2, c)
-        is_max = (window == out[:, :, None, :, None, :]).astype(jnp.float32)
+        # Each window's maxima found again from these same recomputed float32 values, not by comparing
+        # with the forward's `out`: under bf16 inside jit, XLA's excess precision (on by default) may
+        # drop the rounding of one side, and then almost nothing matched: no gradient passed the
+        # block, and a bfloat16 run trained only its last Dense layer (tests/test_models.py).
+        window = jnp.maximum(pre, 0.0)[:, :h2 * 2, :w2 * 2].reshape(n, h2, 2, w2, 2, c)
+        is_max = (window == jnp.max(window, axis=(2, 4), keepdims=True)).astype(jnp.float32)
         share = is_max / jnp.maximum(jnp.sum(is_max, axis=(2, 4), keepdims=True), 1.0)
         g = (share * g[:, :, None, :, None, :]).reshape(n, h2 * 2, w2 * 2, c)
         g = jnp.pad(g, ((0, 0), (0, h - h2 * 2), (0, w - w2 * 2), (0, 0)))  # floored rows/columns
