@@ -97,7 +97,7 @@ def _score(embedded: dict, emb, episodes: int, seeds) -> dict:
     for seed in seeds:
         support, query = sampling.sample_episode_indices(jax.random.PRNGKey(int(seed)), val_dds, episodes,
                                                          n_way, 1, 1, within_alphabet=within)
-        accs.append(evaluation.one_shot_accuracy(emb[np.asarray(support)], emb[np.asarray(query)]))
+        accs.append(evaluation.one_shot_accuracy(support, query, embeddings=emb))
     summary = evaluation.summarize_accuracies(np.concatenate(accs))  # the ± of results.json's rows
     return {"episodes": summary["num_episodes"], "accuracy": summary["mean"], "ci95": summary["ci95"]}
 

@@ -57,25 +57,42 @@ def _power_of_two_at_least(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def one_shot_predictions(support_emb, query_emb, rule: str = "nearest") -> np.ndarray:
-    """Predicted class (index into n_way) for every query; shapes as in `one_shot_accuracy`."""
+def one_shot_predictions(support_emb, query_emb, rule: str = "nearest", embeddings=None) -> np.ndarray:
+    """Predicted class (index into n_way) for every query; shapes as in `one_shot_accuracy`.
+
+    With `embeddings` [N, E], `support_emb` and `query_emb` are integer indices into it
+    ([T,] n_way, k_shot / n_query), gathered one chunk of episodes at a time: the same predictions as
+    passing `embeddings[support_emb]`, `embeddings[query_emb]`, without holding every episode's
+    embeddings at once (20,000 20-way 5-shot episodes of 128-d: 1.2 GB)."""
     if rule not in ("nearest", "prototype"):
         raise ValueError(f"rule must be 'nearest' or 'prototype', got {rule!r}")
-    support = np.asarray(support_emb, np.float32)
-    query = np.asarray(query_emb, np.float32)
-    single = support.ndim == 3
+    if embeddings is None:
+        support = np.asarray(support_emb, np.float32)
+        query = np.asarray(query_emb, np.float32)
+        s_shape, q_shape = support.shape, query.shape
+    else:
+        embeddings = np.asarray(embeddings, np.float32)
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be [N, E], got {embeddings.shape}")
+        support, query = np.asarray(support_emb), np.asarray(query_emb)
+        if not (np.issubdtype(support.dtype, np.integer) and np.issubdtype(query.dtype, np.integer)):
+            raise ValueError(f"with embeddings, support and query are integer indices, got {support.dtype} and {query.dtype}")
+        s_shape, q_shape = support.shape + embeddings.shape[1:], query.shape + embeddings.shape[1:]
+    single = len(s_shape) == 3
     if single:
         support, query = support[None], query[None]
-    if support.ndim != 4 or query.ndim != 4:
-        raise ValueError(f"expected [T,] n_way, k_shot, E arrays, got {support.shape} and {query.shape}")
-    if support.shape[0] != query.shape[0] or support.shape[1] != query.shape[1] or support.shape[3] != query.shape[3]:
-        raise ValueError(f"support {support.shape} and query {query.shape} disagree on episodes/n_way/E")
-    t, n_way, k_shot, e = support.shape
+        s_shape, q_shape = (1,) + s_shape, (1,) + q_shape
+    if len(s_shape) != 4 or len(q_shape) != 4:
+        raise ValueError(f"expected [T,] n_way, k_shot, E arrays, got {s_shape} and {q_shape}")
+    if s_shape[0] != q_shape[0] or s_shape[1] != q_shape[1] or s_shape[3] != q_shape[3]:
+        raise ValueError(f"support {s_shape} and query {q_shape} disagree on episodes/n_way/E")
+    t, n_way, k_shot, e = s_shape
     if t == 0:
         raise ValueError("no episodes to score")
-    _require_finite(support, "the support embeddings")
-    _require_finite(query, "the query embeddings")
-    n_query = query.shape[2]
+    if embeddings is None:
+        _require_finite(support, "the support embeddings")
+        _require_finite(query, "the query embeddings")
+    n_query = q_shape[2]
     per_episode = n_way * n_query * (n_way * k_shot) * e
     # A fixed chunk size (padded; a power of two for short lists, else what fits the memory bound):
     # one compilation per size class, not per episode count.
@@ -83,6 +100,10 @@ def one_shot_predictions(support_emb, query_emb, rule: str = "nearest") -> np.nd
     out = []
     for start in range(0, t, chunk):
         s, q = support[start:start + chunk], query[start:start + chunk]
+        if embeddings is not None:
+            s, q = embeddings[s], embeddings[q]
+            _require_finite(s, "the support embeddings")
+            _require_finite(q, "the query embeddings")
         pad = chunk - len(s)
         if pad:  # fixed chunk shape: the same compilation for any episode count up to the chunk
             s = np.concatenate([s, np.zeros((pad,) + s.shape[1:], s.dtype)])
@@ -92,15 +113,16 @@ def one_shot_predictions(support_emb, query_emb, rule: str = "nearest") -> np.nd
     return pred[0] if single else pred
 
 
-def one_shot_accuracy(support_emb, query_emb, rule: str = "nearest"):
+def one_shot_accuracy(support_emb, query_emb, rule: str = "nearest", embeddings=None):
     """Per-episode N-way K-shot accuracy with Euclidean distances.
 
     support_emb [n_way, k_shot, E] and query_emb [n_way, n_query, E] (one episode, returns a float),
     or with a leading episode axis [T, ...] (returns float64 [T]). Query row i belongs to class i.
     rule="nearest": the class of the nearest single support example (1-NN, Koch et al.);
     rule="prototype": the nearest class mean of the k shots (Snell et al.). Same for k_shot=1.
+    With `embeddings` [N, E], support_emb and query_emb are indices into it (`one_shot_predictions`).
     """
-    pred = one_shot_predictions(support_emb, query_emb, rule)
+    pred = one_shot_predictions(support_emb, query_emb, rule, embeddings)
     true = np.arange(pred.shape[-2])[:, None]
     correct = pred == true
     if correct.ndim == 2:

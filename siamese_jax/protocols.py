@@ -102,7 +102,7 @@ def evaluate_omniglot(config, loaded: LoadedModel, plots_dir: Optional[str]) -> 
             support, query = sampling.sample_episode_indices(
                 jax.random.fold_in(key, 100 * n_way + k_shot + (7 if within else 0)), dds,
                 config.eval_episodes, n_way, k_shot, 1, within_alphabet=within)
-            acc = evaluation.one_shot_accuracy(ev_emb[np.asarray(support)], ev_emb[np.asarray(query)])
+            acc = evaluation.one_shot_accuracy(support, query, embeddings=ev_emb)  # gathered chunk by chunk
             episodes[f"{structure}/{n_way}-way-{k_shot}-shot"] = evaluation.summarize_accuracies(acc)
     results["episodes"] = episodes
     results["retrieval"] = evaluation.retrieval_metrics(ev_emb, ev.labels)

@@ -74,7 +74,7 @@ def validation_accuracy(config, state, embed_fn, val_dds, val_images, mesh) -> f
     within = config.dataset == "omniglot" and val_dds.max_classes_per_alphabet >= n_way
     support, query = sampling.sample_episode_indices(
         jax.random.PRNGKey(config.seed + 777), val_dds, config.val_episodes, n_way, 1, 1, within_alphabet=within)
-    acc = evaluation.one_shot_accuracy(emb[np.asarray(support)], emb[np.asarray(query)])
+    acc = evaluation.one_shot_accuracy(support, query, embeddings=emb)
     return float(np.mean(acc))
 
 

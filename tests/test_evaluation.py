@@ -68,6 +68,73 @@ def test_nearest_and_prototype_differ_where_they_should():
         evaluation.one_shot_accuracy(support, query, rule="cosine")
 
 
+@pytest.mark.parametrize("rule", ["nearest", "prototype"])
+def test_one_shot_accuracy_of_indices_gathers_chunk_by_chunk_with_the_same_numbers(rule, monkeypatch):
+    """`siamese-evaluate --episodes=20000` gathered every episode's support embeddings at once
+    before scoring them (20-way 5-shot, 128-d: 1.2 GB; the command's peak 1.0 -> 2.4 GB). With
+    `embeddings=`, the indices are gathered one chunk at a time: the same predictions, to the bit."""
+    monkeypatch.setattr(evaluation, "_CHUNK_FLOATS", 1300)  # 2 episodes per chunk, the last padded
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(40, 4)).astype(np.float32)
+    support, query = rng.integers(0, 40, size=(7, 5, 3)), rng.integers(0, 40, size=(7, 5, 2)).astype(np.int32)
+    want = evaluation.one_shot_accuracy(emb[support], emb[query], rule=rule)
+    assert 0.0 < want.mean() < 1.0
+    np.testing.assert_array_equal(evaluation.one_shot_accuracy(support, query, rule=rule, embeddings=emb), want)
+    np.testing.assert_array_equal(evaluation.one_shot_predictions(support, query, rule, embeddings=emb),
+                                  evaluation.one_shot_predictions(emb[support], emb[query], rule))
+    assert evaluation.one_shot_accuracy(support[3], query[3], rule=rule, embeddings=emb) == want[3]
+    bad = emb.copy()
+    bad[support[6, 1, 2]] = np.nan  # used by the last chunk only
+    with pytest.raises(ValueError, match="the support embeddings hold NaN or Inf"):
+        evaluation.one_shot_accuracy(support, query, rule=rule, embeddings=bad)
+    with pytest.raises(ValueError, match="integer indices"):
+        evaluation.one_shot_accuracy(emb[support], emb[query], embeddings=emb)
+
+
+def test_one_shot_accuracy_of_indices_holds_one_chunk_of_episodes_not_all():
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(500, 128)).astype(np.float32)
+    t = 2000  # 20-way 5-shot: 2000 x 20 x 6 x 128 floats = 123 MB gathered at once
+    support, query = rng.integers(0, 500, size=(t, 20, 5)), rng.integers(0, 500, size=(t, 20, 1))
+    want = evaluation.one_shot_accuracy(support, query, embeddings=emb)  # (compiles outside the trace)
+    tracemalloc.start()
+    try:
+        got = evaluation.one_shot_accuracy(support, query, embeddings=emb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, want)
+    assert peak < 60e6, f"{peak / 1e6:.0f} MB (one chunk at a time: 26 MB; gathered at once: 148 MB)"
+
+
+def test_the_omniglot_protocol_scores_episodes_from_indices_not_gathered_embeddings(data_dir, monkeypatch):
+    """The call site: evaluate_omniglot hands the episode indices and the embeddings over, so the
+    scoring gathers chunk by chunk (it gathered every episode first)."""
+    from siamese_jax.configs import default
+
+    class Seen(Exception):
+        pass
+
+    def spy(support, query, rule="nearest", embeddings=None):
+        assert embeddings is not None and embeddings.ndim == 2, "episodes gathered before scoring"
+        assert np.issubdtype(np.asarray(support).dtype, np.integer) and np.asarray(support).shape == (50, 5, 1)
+        raise Seen
+
+    monkeypatch.setattr(protocols.evaluation, "one_shot_accuracy", spy)
+    config = default.get_config()
+    config.archive_dir, config.eval_episodes, config.image_size = str(data_dir), 50, 12
+
+    class Loaded:
+        @staticmethod
+        def embed_u8(u8):
+            return u8.reshape(len(u8), -1).astype(np.float32)
+
+    with pytest.raises(Seen):
+        protocols.evaluate_omniglot(config, Loaded(), None)
+
+
 def test_one_shot_ties_go_to_lower_class():
     support = np.zeros((3, 1, 2), np.float32)  # every class at the origin
     query = np.ones((3, 1, 2), np.float32)
