@@ -23,6 +23,10 @@ import numpy as np
 # Upper bound on the floats one jitted chunk materialises (queries x index, or the per-episode
 # difference tensor): 2**25 float32 = 128 MiB, small enough for a laptop CPU and any accelerator.
 _CHUNK_FLOATS = 1 << 25
+# Values per block when an index goes to the device (centred and squared block by block) or is
+# checked for NaN: 2**18 float32 = 1 MiB, so the device copy is the only full-size array made
+# (blocks of 16 MiB left ~200 MB more in the process at 1M rows: the allocator kept their copies).
+_INDEX_BLOCK_FLOATS = 1 << 18
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,7 +53,12 @@ def _episode_predictions(support, query, rule: str):
 def _require_finite(x: np.ndarray, what: str) -> None:
     """NaN compares false with everything: a diverged model's NaN embeddings were scored as chance
     (every query "nearest" to the first class) and NaN distances ranked as the largest."""
-    if not np.isfinite(x).all():
+    x = np.asarray(x)
+    blocks = [x]
+    if x.ndim and len(x):  # in blocks of rows: the mask of a million 128-d index rows was 128 MB
+        rows = max(1, _INDEX_BLOCK_FLOATS // max(1, x[0].size))
+        blocks = (x[start:start + rows] for start in range(0, len(x), rows))
+    if not all(np.isfinite(block).all() for block in blocks):
         raise ValueError(f"{what} hold NaN or Inf (a diverged model?); nothing was scored")
 
 
@@ -353,8 +362,37 @@ def _prepare(query_emb, index_emb):
     # Centre on the index mean: distances are unchanged, but the |a|^2+|b|^2-2ab expansion loses
     # far less precision when embeddings share a large common offset.
     centre = index.mean(axis=0, keepdims=True) if len(index) else 0.0
-    index_dev = jnp.asarray(index - centre)
-    return query - centre, index_dev, jnp.sum(index_dev * index_dev, axis=1)
+    index_dev, index_sqnorm = _centred_on_device(index, centre)
+    return query - centre, index_dev, index_sqnorm
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _put_rows(index, sqnorm, block, block_sqnorm, start):
+    """Rows [start, start + len(block)) of the (donated, so updated in place) device index and of its
+    squared norms."""
+    index = jax.lax.dynamic_update_slice(index, block, (start, jnp.zeros_like(start)))
+    return index, jax.lax.dynamic_update_slice(sqnorm, block_sqnorm, (start,))
+
+
+def _centred_on_device(index: np.ndarray, centre):
+    """(index - centre on the device, its rows' squared norms), made block by block of rows.
+
+    Made whole, a million 128-d rows held the host's centred copy, the device copy and the device's
+    squares at once (+1.5 GB over the 0.5 GB index for one `siamese-search` query). Each block is
+    the same float32 subtraction, and its squared norms the same eager ops on blocks of ~2**18
+    values, where XLA's row sums do not depend on the row count (checked: identical to the whole
+    array's for 1M x 128 and other shapes); an index of one block is made whole, as before."""
+    n, e = index.shape
+    rows = max(1, _INDEX_BLOCK_FLOATS // max(e, 1))
+    if n <= rows:
+        index_dev = jnp.asarray(index - centre)
+        return index_dev, jnp.sum(index_dev * index_dev, axis=1)
+    index_dev, sqnorm = jnp.zeros((n, e), jnp.float32), jnp.zeros((n,), jnp.float32)
+    starts = list(range(0, n - rows + 1, rows)) + ([n - rows] if n % rows else [])  # (the last overlaps)
+    for start in starts:
+        block = jnp.asarray(index[start:start + rows] - centre)
+        index_dev, sqnorm = _put_rows(index_dev, sqnorm, block, jnp.sum(block * block, axis=1), np.int32(start))
+    return index_dev, sqnorm
 
 
 def knn(query_emb, index_emb, k: int, chunk_size: Optional[int] = None, exclude_self: bool = False):

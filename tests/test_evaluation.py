@@ -1,5 +1,6 @@
 """Evaluation metrics against brute-force NumPy references on small random data."""
 import math
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -287,6 +288,40 @@ def test_knn_matches_brute_force_and_chunking_is_invisible():
         np.testing.assert_allclose(d, want_d, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(d, d_full, rtol=1e-6, atol=1e-6)
     assert np.all(np.diff(d_full, axis=1) >= 0)
+
+
+def test_knn_puts_a_large_index_on_the_device_block_by_block_with_the_same_numbers():
+    """`siamese-search` of one query against a million 128-d rows peaked at 2.41 GB: the host's
+    centred copy of the index, its device copy and the device's squares (+1.5 GB over the 0.5 GB
+    index). Now the index goes over in blocks of ~1 MiB: the same centred values and squared norms,
+    to the bit, and no full-size host copy or NaN mask."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    for n, e in ((5000, 128), (70001, 64), (9000, 1000)):  # several blocks, the last one overlapping
+        x = (rng.normal(size=(n, e)) * 3 + 1).astype(np.float32)
+        c = x.mean(axis=0, keepdims=True)
+        assert n > evaluation._INDEX_BLOCK_FLOATS // e
+        whole = jnp.asarray(x - c)
+        dev, sqnorm = evaluation._centred_on_device(x, c)
+        np.testing.assert_array_equal(np.asarray(dev), np.asarray(whole))
+        np.testing.assert_array_equal(np.asarray(sqnorm), np.asarray(jnp.sum(whole * whole, axis=1)))
+    index = rng.normal(size=(100_000, 128)).astype(np.float32)  # 51 MB
+    query = index[[5, 99_999]] + 0.01
+    want = evaluation.knn(query, index, 3)  # (compiles outside the trace)
+    assert want[1][:, 0].tolist() == [5, 99_999]
+    tracemalloc.start()
+    try:
+        got = evaluation.knn(query, index, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert peak < 20e6, f"{peak / 1e6:.0f} MB on the host (block by block: 6 MB; the centred copy: 51 MB)"
+    index[99_000, 3] = np.nan  # in the last block
+    with pytest.raises(ValueError, match="the index embeddings hold NaN or Inf"):
+        evaluation.knn(query, index, 3)
 
 
 def test_knn_ties_exclude_self_and_bad_k():
