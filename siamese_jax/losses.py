@@ -79,6 +79,18 @@ def _f32(x):
     return jnp.asarray(x).astype(jnp.float32)
 
 
+def _fill_max(x):
+    """The largest finite value of x's dtype: the neutral fill of a masked min (`_fill_min`, its negative,
+    of a masked max). Finite, as flax's attention masks, unlike ±inf: the results are the same (a fill
+    only ever meets the where that discards it, a min/max it loses to, or an exp that gives 0), but an
+    inf made outside jit trips JAX_DEBUG_INFS, and a user debugging a divergence got false alarms."""
+    return jnp.finfo(x.dtype).max
+
+
+def _fill_min(x):
+    return jnp.finfo(x.dtype).min
+
+
 def _safe_sqrt(d2):
     """sqrt with a finite gradient (0) at 0: the inner `where` keeps sqrt away from 0 in the backward pass."""
     positive = d2 > 0
@@ -258,10 +270,10 @@ def batch_hard_triplet_loss_with_stats(embeddings, labels, margin=0.2, squared=F
     dist = pairwise_distances(embeddings, squared=squared)
     positive, negative = _label_masks(labels)
     valid_anchor = jnp.any(positive, axis=1) & jnp.any(negative, axis=1)
-    # D >= 0, so 0 is a neutral fill for the max; the min uses +inf, then a where keeps infs out
-    # of the arithmetic (and of the gradient) for anchors without negatives.
+    # D >= 0, so 0 is a neutral fill for the max; the min uses the largest float, then a where keeps
+    # it out of the arithmetic (and of the gradient) for anchors without negatives.
     hardest_positive = jnp.max(jnp.where(positive, dist, 0.0), axis=1)
-    hardest_negative = jnp.min(jnp.where(negative, dist, jnp.inf), axis=1)
+    hardest_negative = jnp.min(jnp.where(negative, dist, _fill_max(dist)), axis=1)
     hardest_negative = jnp.where(valid_anchor, hardest_negative, 0.0)
     per_anchor = jnp.maximum(hardest_positive - hardest_negative + margin, 0.0)
     stats = {
@@ -285,8 +297,8 @@ def hardest_negative_triplet_loss_with_stats(embeddings, labels, margin=0.2, squ
     positive, negative = _label_masks(labels)
     has_negative = jnp.any(negative, axis=1)
     considered = positive & has_negative[:, None]
-    hardest_negative = jnp.min(jnp.where(negative, dist, jnp.inf), axis=1)
-    hardest_negative = jnp.where(has_negative, hardest_negative, 0.0)  # no inf in arithmetic or gradient
+    hardest_negative = jnp.min(jnp.where(negative, dist, _fill_max(dist)), axis=1)
+    hardest_negative = jnp.where(has_negative, hardest_negative, 0.0)  # no fill in arithmetic or gradient
     per_pair = jnp.maximum(dist - hardest_negative[:, None] + margin, 0.0)
     stats = {
         "active_fraction": _safe_mean((per_pair > 0).astype(jnp.float32), considered),
@@ -316,11 +328,11 @@ def batch_semihard_triplet_loss_with_stats(embeddings, labels, margin=0.2, squar
     d_an = dist[:, None, :]                     # [a, 1, n]
     farther = negative[:, None, :] & (d_an > d_ap)  # [a, p, n]: negatives beyond the positive
     has_farther = jnp.any(farther, axis=2)
-    nearest_farther = jnp.min(jnp.where(farther, d_an, jnp.inf), axis=2)
-    farthest = jnp.max(jnp.where(negative, dist, -jnp.inf), axis=1)  # [a]: fallback negative
+    nearest_farther = jnp.min(jnp.where(farther, d_an, _fill_max(dist)), axis=2)
+    farthest = jnp.max(jnp.where(negative, dist, _fill_min(dist)), axis=1)  # [a]: fallback negative
     has_negative = jnp.any(negative, axis=1)
     considered = positive & has_negative[:, None]
-    # Double where: the inf/-inf fills never reach the arithmetic or the gradient.
+    # Double where: the fills (the largest and smallest floats) never reach the arithmetic or the gradient.
     chosen = jnp.where(has_farther, jnp.where(has_farther, nearest_farther, 0.0),
                        jnp.where(has_negative, farthest, 0.0)[:, None])
     per_pair = jnp.maximum(dist - chosen + margin, 0.0)
@@ -347,7 +359,7 @@ def prototypical_logits(embeddings, labels):
     """([B, B] logits, [B, B] own, [B] valid) of `prototypical_loss`.
 
     Column j stands for the class of image j, and only the first image of each class in the batch
-    keeps its column (the others are −inf), so row i is a softmax over the batch's distinct classes:
+    keeps its column (the others are the smallest float32, −3.4e38: a softmax weight of 0), so row i is a softmax over the batch's distinct classes:
     −‖e_i − c‖², with c the mean of that class's images — for image i's own class, the mean of its
     *other* images (Snell et al.'s support/query split, every image a query once). `own[i, j]` marks
     row i's own-class column; `valid[i]`: image i has another image of its class and another class.
@@ -373,7 +385,7 @@ def prototypical_logits(embeddings, labels):
     d_own = jnp.sum(jnp.square(e - own_prototype), axis=1)
     own = same & first[None, :]
     logits = jnp.where(own, -d_own[:, None], -d_other)
-    logits = jnp.where(first[None, :], logits, -jnp.inf)
+    logits = jnp.where(first[None, :], logits, _fill_min(logits))  # exp(fill - max) = 0 in the softmax
     valid = (count > 1.0) & jnp.any(~same, axis=1)
     return logits, own, valid
 
@@ -384,9 +396,9 @@ def prototypical_loss_with_stats(embeddings, labels):
     distance to the own prototype) and mean_negative_distance (to the nearest other prototype)."""
     logits, own, valid = prototypical_logits(embeddings, labels)
     own_logit = jnp.sum(jnp.where(own, logits, 0.0), axis=1)
-    others = jnp.where(own, -jnp.inf, logits)
+    others = jnp.where(own, _fill_min(logits), logits)
     nearest_other = jnp.max(others, axis=1)
-    # No −inf reaches the arithmetic where a row has no other class (valid is False there).
+    # No fill reaches the arithmetic where a row has no other class (valid is False there).
     nearest_other = jnp.where(valid, nearest_other, 0.0)
     per_image = jax.nn.logsumexp(jnp.where(valid[:, None], logits, 0.0), axis=1) - own_logit
     stats = {
@@ -488,7 +500,7 @@ def arcface_loss_with_stats(embeddings, class_index, centres, scale=30.0, margin
     index = jnp.asarray(class_index)
     own = jnp.take_along_axis(logits, index[:, None], axis=1)[:, 0]
     per_image = jax.nn.logsumexp(logits, axis=1) - own
-    others = jnp.where(jnp.arange(logits.shape[1])[None, :] == index[:, None], -jnp.inf, logits)
+    others = jnp.where(jnp.arange(logits.shape[1])[None, :] == index[:, None], _fill_min(logits), logits)
     active = own <= jnp.max(others, axis=1)
     plain = _unit(embeddings) @ _unit(centres).T
     accuracy = jnp.mean((jnp.argmax(plain, axis=1) == index).astype(jnp.float32))
@@ -517,13 +529,13 @@ def multi_similarity_loss_with_stats(embeddings, labels, epsilon=0.1, alpha=2.0,
     valid_anchor = jnp.any(positive, axis=1) & jnp.any(negative, axis=1)
     # Mining (Eq. 5-6 of the paper, on the unmined sets; no gradient through the selection).
     s = jax.lax.stop_gradient(sim)
-    hardest_positive = jnp.min(jnp.where(positive, s, jnp.inf), axis=1)    # least similar positive
-    hardest_negative = jnp.max(jnp.where(negative, s, -jnp.inf), axis=1)   # most similar negative
+    hardest_positive = jnp.min(jnp.where(positive, s, _fill_max(s)), axis=1)  # least similar positive
+    hardest_negative = jnp.max(jnp.where(negative, s, _fill_min(s)), axis=1)  # most similar negative
     kept_negative = negative & (s > hardest_positive[:, None] - epsilon) & valid_anchor[:, None]
     kept_positive = positive & (s < hardest_negative[:, None] + epsilon) & valid_anchor[:, None]
 
     def soft(z, kept):  # log(1 + Σ_kept exp(z)), stable for β·S up to any size; 0 when nothing is kept
-        z = jnp.where(kept, z, -jnp.inf)
+        z = jnp.where(kept, z, _fill_min(z))  # exp(fill - max) = 0: the max is >= 0 (the 0 column)
         return jax.nn.logsumexp(jnp.concatenate([jnp.zeros_like(z[:, :1]), z], axis=1), axis=1)
 
     per_anchor = (soft(-alpha * (sim - lam), kept_positive) / alpha

@@ -1022,3 +1022,32 @@ def test_prototypical_loss_is_the_same_for_embeddings_with_a_large_common_offset
     want = float(L.prototypical_loss(base, labels))
     for offset in (100.0, 1000.0):
         assert float(L.prototypical_loss(base + np.float32(offset), labels)) == pytest.approx(want, rel=1e-4), offset
+
+
+# ------------------------------------------------------------------------- JAX's debug modes
+
+_DEBUGGED_LOSSES = {
+    **{name: fns[1] for name, fns in MINERS.items()},
+    "prototypical": L.prototypical_loss_with_stats,
+    "multi_similarity": L.multi_similarity_loss_with_stats,
+    "arcface": lambda e, labels: L.arcface_loss_with_stats(e, labels, jnp.asarray(_embeddings(11, 4, 5))),
+}
+
+
+@pytest.mark.parametrize("name", list(_DEBUGGED_LOSSES))
+def test_losses_outside_jit_trip_no_debug_infs_or_nans(name):
+    """A user debugging a divergence runs the losses eagerly under JAX_DEBUG_INFS / JAX_DEBUG_NANS:
+    the masked mins and maxes filled with ±inf raised a FloatingPointError at the fill (a false
+    alarm) on every call. Their fills are the largest finite floats now, with the same results (bit
+    for bit on the loss tests' batches, losses, stats and gradients; the review of 2026-12-07)."""
+    fn = _DEBUGGED_LOSSES[name]
+    # Anchors without a positive (class 2) or without anything farther: every fill is used.
+    emb, labels = jnp.asarray(_embeddings(3, 7, 5)), jnp.array([0, 0, 0, 1, 1, 2, 3], jnp.int32)
+    want_loss, want_stats = jax.jit(fn)(emb, labels)
+    want_grad = jax.jit(jax.grad(lambda e: fn(e, labels)[0]))(emb)
+    with jax.debug_infs(True), jax.debug_nans(True):
+        loss, stats = fn(emb, labels)
+        grad = jax.grad(lambda e: fn(e, labels)[0])(emb)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    assert {k: float(v) for k, v in stats.items()} == pytest.approx({k: float(v) for k, v in want_stats.items()}, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-5, atol=1e-7)

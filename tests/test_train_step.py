@@ -367,3 +367,15 @@ def test_a_schedule_as_long_as_the_training_is_not_called_one_that_ends_early(ca
     with caplog.at_level("WARNING", logger=train_lib.log.name):
         train_lib._warn_if_the_schedule_ends_early(c)
     assert not caplog.records
+
+
+def test_online_triplets_outside_jit_trip_no_debug_infs():
+    """The nearest-negative argmin's fill is finite: eagerly under jax.debug_infs it raised a
+    FloatingPointError (a false alarm for a user debugging a divergence)."""
+    emb = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)
+    labels = jnp.array([0, 0, 1, 1, 2, 2])
+    want = jax.jit(ts.online_triplets)(emb, labels, jax.random.PRNGKey(0))
+    with jax.debug_infs(True):
+        got = ts.online_triplets(emb, labels, jax.random.PRNGKey(0))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
