@@ -437,7 +437,7 @@ def _retrieval_per_query(neighbour_labels, query_labels, r):
     in_r = ranks[None, :] <= r[:, None]
     hit = rel & in_r
     precision_at_i = xp.cumsum(hit, axis=1) / ranks[None, :]
-    ap = xp.sum(precision_at_i * hit, axis=1) / xp.maximum(r, 1)
+    ap = xp.sum(precision_at_i * hit.astype(precision_at_i.dtype), axis=1) / xp.maximum(r, 1).astype(precision_at_i.dtype)
     return rel[:, 0] & (r > 0), ap
 
 

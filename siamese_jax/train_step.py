@@ -87,7 +87,8 @@ def params_moving_average(decay: float) -> optax.GradientTransformation:
         if params is None:
             raise ValueError("params_moving_average needs the parameters: tx.update(grads, opt_state, params)")
         count = state.count + 1
-        d = jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+        c = count.astype(jnp.float32)  # explicit: the promotion of int32 with a Python float
+        d = jnp.minimum(decay, (1.0 + c) / (10.0 + c))
         average = jax.tree.map(lambda a, p, u: a + (1.0 - d) * (p + u - a), state.average, params, updates)
         return updates, ParamsAverageState(count=count, average=average)
 
@@ -196,9 +197,11 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
         d_pos = L.euclidean_distance(emb, emb[positive], squared=squared)
         d_neg = L.euclidean_distance(emb, emb[negative], squared=squared)
         per_anchor = jnp.maximum(d_pos - d_neg + margin, 0.0)
-        w = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1)
+        # The count cast explicitly (the int32 -> float32 that implicit promotion did), so the step also
+        # traces under jax_numpy_dtype_promotion="strict".
+        w = valid.astype(jnp.float32) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
         value = jnp.sum(per_anchor * w)  # = triplet_loss(emb, emb[positive], emb[negative]) over valid anchors
-        stats = {"active_fraction": jnp.sum((per_anchor > 0) * w)}
+        stats = {"active_fraction": jnp.sum((per_anchor > 0).astype(jnp.float32) * w)}
     elif loss == "arcface":
         if "class_centres" not in params:
             raise ValueError("loss='arcface' needs a network with class centres: set config.num_classes "

@@ -379,3 +379,30 @@ def test_online_triplets_outside_jit_trip_no_debug_infs():
         got = ts.online_triplets(emb, labels, jax.random.PRNGKey(0))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("loss, selection", [(loss, "online") for loss in ts.ALL_LOSSES] + [("triplet", "online_all")])
+def test_loss_fn_and_moving_average_trace_under_strict_dtype_promotion(loss, selection):
+    """A developer checking dtypes runs under jax_numpy_dtype_promotion="strict": the online triplet
+    selection's int32 count divided a float32 weight, and the moving average mixed its int32 count
+    with Python floats, both implicit promotions (to float32, the same values as the explicit casts
+    now). Traced only (eval_shape): no compile. optax's own schedules do not pass it; not tested."""
+    model = _model(loss)
+    variables = models.init_variables(model, jax.random.PRNGKey(0), SIZE)
+    batch = _batch(loss, selection)
+    with jax.numpy_dtype_promotion("strict"):
+        jax.eval_shape(lambda p, s: ts.loss_fn(p, s, model, batch, loss, 0.5, False, True, jax.random.PRNGKey(1),
+                                               selection), variables["params"], variables.get("batch_stats", {}))
+        average = ts.params_moving_average(0.99)
+        jax.eval_shape(lambda p: average.update(p, average.init(p), p), variables["params"])
+
+
+def test_retrieval_per_query_traces_under_strict_dtype_promotion():
+    """MAP@R's per-query precision (float32) times the hits (bool) over R (int32): explicit casts."""
+    from siamese_jax import evaluation
+    neighbours, query, r = jnp.array([[0, 1, 0], [1, 1, 0]]), jnp.array([0, 1]), jnp.array([2, 1])
+    want = evaluation._retrieval_per_query(neighbours, query, r)
+    with jax.numpy_dtype_promotion("strict"):
+        got = evaluation._retrieval_per_query(neighbours, query, r)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
