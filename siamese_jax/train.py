@@ -736,7 +736,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         stopped_by = None
         with _StopSignal(coordinated=jax.process_count() > 1) as stop:
             for step in range(start_step, config.num_steps):
-                batch = sample(train_dds, data_key, step, teacher)
+                # state.step (= step, on the devices already): the Python int was a host-to-device
+                # copy per step, the loop's only one (jax.transfer_guard("disallow")).
+                batch = sample(train_dds, data_key, state.step, teacher)
                 state, metrics = train_step(state, batch, step_key)
                 if pending is not None:
                     _finish_step(pending, writer, detector)

@@ -406,3 +406,36 @@ def test_retrieval_per_query_traces_under_strict_dtype_promotion():
         got = evaluation._retrieval_per_query(neighbours, query, r)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.slow
+def test_training_loop_steady_state_makes_no_implicit_transfer(data_dir, tmp_path, monkeypatch):
+    """After its first steps the loop's sampler, train step and metrics fetch run under
+    jax.transfer_guard("disallow"): the sampler was given the step as a Python int, a host-to-device
+    copy every step (found by the review of 2026-12-07; the device's own state.step is the same number)."""
+    from siamese_jax import input_pipeline as ip
+    from siamese_jax import train as train_lib
+    from siamese_jax.configs import default
+
+    calls = {"n": 0}
+
+    def guarded(fn):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] <= 9:  # the first 3 steps (3 calls each) compile and may copy
+                return fn(*args, **kwargs)
+            with jax.transfer_guard("disallow"):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    make_sampler, make_train_step = ip.make_sampler, ts.make_train_step
+    monkeypatch.setattr(ip, "make_sampler", lambda *a, **k: (lambda s, b: (guarded(s), b))(*make_sampler(*a, **k)))
+    monkeypatch.setattr(ts, "make_train_step", lambda *a, **k: guarded(make_train_step(*a, **k)))
+    monkeypatch.setattr(train_lib, "_finish_step", guarded(train_lib._finish_step))
+    config = default.get_config()
+    config.update(dict(archive_dir=str(data_dir), widths=(8, 8), embedding_dim=16, val_episodes=10,
+                       classes_per_batch=8, images_per_class=2, batch_size=16, log_every_seconds=0,
+                       test_time_shifts="none", plots=False, num_steps=8, eval_every_steps=100,
+                       checkpoint_every_steps=100))
+    train_lib.train(config, str(tmp_path / "run"))
+    assert calls["n"] == 3 * 8
