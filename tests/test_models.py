@@ -22,6 +22,33 @@ def test_koch_twin_network_has_the_papers_parameter_count():
     assert models.count_params(shapes["params"]["encoder"]) == 38_947_648
 
 
+def test_koch_gradient_under_bfloat16_follows_float32_where_its_sigmoid_features_saturate():
+    """Review 52 (Koch in bfloat16): the Dense layer and sigmoid computed in bfloat16 rounded every
+    feature above sigmoid(~6) to exactly 1.0 (bfloat16's step is 2^-8 just below 1), where the sigmoid's
+    gradient s(1 - s) is 0 and the head's |h1 - h2| of two such features is 0: no gradient reached the
+    encoder from saturated features, which a trained network has many of (here all of them, by a
+    Dense bias of 7). omniglot_koch trains in bfloat16. The last layer now computes in float32."""
+    density = jnp.linspace(0.05, 0.5, 8)[:, None, None, None]  # unlike images: little cancellation between the towers
+    x = (jax.random.uniform(jax.random.PRNGKey(1), (8, 65, 65, 1)) < density).astype(jnp.float32)
+    same = jnp.arange(4) % 2 == 0
+    grads = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        net = models.SiameseNetwork(models.KochEncoder(features=16, dtype=dtype), verification_head=True)
+        params = net.init(jax.random.PRNGKey(0), x)["params"]
+        params["encoder"]["Dense_0"]["bias"] = jnp.full((16,), 7.0)
+
+        def loss(params, net=net):
+            h = net.apply({"params": params}, x).astype(jnp.float32)  # as train_step.loss_fn
+            return L.verification_loss(net.apply({"params": params}, h[:4], h[4:], method=net.logits), same)
+        grads[dtype] = jax.jit(jax.grad(loss))(params)
+    for (path, g32), g16 in zip(jax.tree_util.tree_flatten_with_path(grads[jnp.float32])[0],
+                                jax.tree.leaves(grads[jnp.bfloat16])):
+        g32, g16 = np.asarray(g32), np.asarray(g16, np.float32)
+        # bfloat16 convolutions' rounding: 0.14-0.20 here (Dense and head 0.002-0.02); the bfloat16
+        # sigmoid gave 1.0 (all zero) but for the head's bias.
+        assert np.linalg.norm(g16 - g32) <= 0.3 * np.linalg.norm(g32), (jax.tree_util.keystr(path), np.abs(g16).max())
+
+
 def test_koch_encoder_output_is_a_4096_sigmoid_code():
     enc = models.KochEncoder(features=4096)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 105, 105, 1))
