@@ -149,8 +149,8 @@ class KochEncoder(nn.Module):
 
     conv 64@10x10 -> pool, 128@7x7 -> pool, 128@4x4 -> pool, 256@4x4 (all ReLU, valid padding),
     flatten (256*6*6 = 9216) -> dense 4096 + sigmoid. 38,947,648 parameters; with the L1 + dense(1)
-    verification head the twin network has the paper's 38,951,745. `dtype` is the convolutions'
-    compute dtype; the dense layer and the sigmoid compute in float32 (the embedding is float32).
+    verification head the twin network has the paper's 38,951,745. `dtype` is the compute dtype of
+    the convolutions and the dense layer; the sigmoid computes in float32 (the embedding is float32).
     """
 
     features: int = 4096
@@ -168,14 +168,15 @@ class KochEncoder(nn.Module):
             if pool:
                 x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
-        # The last layer and its sigmoid in float32 whatever `dtype`: a bfloat16 sigmoid rounds to steps
-        # of 2^-8 near 1 (exactly 1.0 from a pre-activation of ~6 on, where its gradient s(1 - s) is then
-        # 0), the head's |h1 - h2| of two such features is then 0 with no gradient, and at init the
-        # parameter gradients were 26% off float32's on 16 real pairs, against 12% with this (rounding
-        # only the parameters to bfloat16 in float32: 10%; tests/test_models.py). ~4% of the network's
-        # multiply-adds. For float32 the same ops as before.
-        x = nn.Dense(self.features, dtype=jnp.float32, param_dtype=jnp.float32)(x)
-        return nn.sigmoid(x)
+        x = nn.Dense(self.features, dtype=self.dtype, param_dtype=jnp.float32)(x)
+        # The sigmoid in float32 whatever `dtype`: a bfloat16 sigmoid rounds to steps of 2^-8 near 1
+        # (exactly 1.0 from a pre-activation of ~6 on, where its gradient s(1 - s) is then 0), the
+        # head's |h1 - h2| of two such features is then 0 with no gradient, and at init the parameter
+        # gradients were 26% off float32's on 16 real pairs; 13% with the sigmoid in float32, 12% with
+        # the dense layer too, and 10% from rounding only the parameters to bfloat16. The dense layer
+        # (9216 x 4096, ~4% of the multiply-adds) stays in `dtype`: on a GPU it is a tensor-core matmul.
+        # For float32 the same ops as before (tests/test_models.py).
+        return nn.sigmoid(x.astype(jnp.float32))
 
 
 class SmallConvEncoder(nn.Module):
