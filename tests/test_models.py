@@ -27,7 +27,7 @@ def test_koch_gradient_under_bfloat16_follows_float32_where_its_sigmoid_features
     feature above sigmoid(~6) to exactly 1.0 (bfloat16's step is 2^-8 just below 1), where the sigmoid's
     gradient s(1 - s) is 0 and the head's |h1 - h2| of two such features is 0: no gradient reached the
     encoder from saturated features, which a trained network has many of (here all of them, by a
-    Dense bias of 7). omniglot_koch trains in bfloat16. The last layer now computes in float32."""
+    Dense bias of 7). omniglot_koch trains in bfloat16. The sigmoid now computes in float32."""
     density = jnp.linspace(0.05, 0.5, 8)[:, None, None, None]  # unlike images: little cancellation between the towers
     x = (jax.random.uniform(jax.random.PRNGKey(1), (8, 65, 65, 1)) < density).astype(jnp.float32)
     same = jnp.arange(4) % 2 == 0
