@@ -252,3 +252,16 @@ def test_gpu_runs_script_refuses_bad_usage_and_marks_a_failed_run_without_stoppi
     lines = (out / "summary.txt").read_text().splitlines()
     assert lines[0].startswith("devices:") and lines[1].startswith("koch-s0: FAILED (exit 2")
     assert lines[2].startswith("bench: FAILED (exit 2")
+
+
+def test_every_build_notes_passage_the_readme_names_is_in_build_notes():
+    """README sends readers to BUILD_NOTES by a quoted name ("Memory", "Run EMA"): each must be found
+    there (README pointed at "P(same) on pairs never seen", which BUILD_NOTES never had)."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    with open(os.path.join(REPO, "BUILD_NOTES.md"), encoding="utf-8") as f:
+        notes = " ".join(f.read().split())
+    refs = re.findall(r'BUILD_NOTES(?:\.md)?[,:]? ((?:"[^"]+"(?:,? (?:and |or )?)?)+)', readme)
+    names = [name for ref in refs for name in re.findall(r'"([^"]+)"', ref)]
+    assert len(names) >= 10, names
+    assert [name for name in names if name not in notes] == []
