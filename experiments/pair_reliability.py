@@ -142,6 +142,8 @@ def main(argv):
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from siamese_jax import cli, inference
 
+    cli.setup_logging()  # orbax's INFO lines of loading a workdir's checkpoint (absl's default prefix) otherwise
+
     if FLAGS.pairs < 1:
         cli.fail(f"--pairs={FLAGS.pairs}: must be at least 1")
     if not 0 < FLAGS.same_share < 1:

@@ -1,5 +1,6 @@
 """experiments/pair_reliability.py: the pairs it draws, the reliability of P(same), the mix correction."""
 import numpy as np
+import pytest
 
 from experiments import pair_reliability as pr
 from siamese_jax.inference import Calibration
@@ -50,3 +51,29 @@ def test_the_report_scores_the_verdict_against_the_calibrations_claim():
                                "false rejects 0.3333 (its calibration: accuracy 0.9000")
     assert lines[1].startswith("P(same): ECE ") and "odds" not in lines[1] and len(lines) == 3 + pr.BINS
     assert "with its odds x 0.05/0.95" in pr.report(cal, d, same, share=0.05)[1]
+
+
+@pytest.mark.slow
+def test_a_workdir_model_gives_only_the_scripts_own_lines_on_stderr(data_dir, tmp_path):
+    """Loading a workdir's checkpoint logs through orbax; without the CLIs' logging set-up the script
+    printed absl's raw INFO lines ("I1207 07:21:34.232998 ... checkpoint.py:459] Closing
+    _NonBlockingMetadataStore(...)") before its own message."""
+    import os
+    import subprocess
+    import sys
+
+    from siamese_jax import train as train_lib
+    from siamese_jax.configs import default
+
+    c = default.get_config("mnist")
+    c.update(dict(archive_dir=str(data_dir), widths=(8, 8), embedding_dim=16, val_episodes=10, eval_episodes=10,
+                  batch_size=16, log_every_seconds=0.0, test_time_shifts="none", plots=False, num_steps=2,
+                  eval_every_steps=100, checkpoint_every_steps=100))
+    workdir = str(tmp_path / "run")
+    train_lib.train(c, workdir)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "experiments.pair_reliability", f"--model={workdir}", "--pairs=20"],
+                         cwd=repo, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", SIAMESE_DATA_DIR=str(data_dir)))
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        f"error: {workdir} has no calibration (siamese-calibrate gives it one)"], out.stderr
