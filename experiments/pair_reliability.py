@@ -136,12 +136,10 @@ def report(calibration, distances, same, share: float = 0.5) -> list[str]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        from siamese_jax import cli
-
-        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from siamese_jax import cli, inference
 
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.setup_logging()  # orbax's INFO lines of loading a workdir's checkpoint (absl's default prefix) otherwise
 
     if FLAGS.pairs < 1:

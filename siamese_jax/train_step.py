@@ -160,7 +160,7 @@ def online_triplets(embeddings, labels, key, squared: bool = False):
     pos_mask, neg_mask = same & not_self, ~same
     noise = jax.random.uniform(key, D.shape)
     positive = jnp.argmax(jnp.where(pos_mask, noise, -1.0), axis=1)
-    negative = jnp.argmin(jnp.where(neg_mask, D, jnp.finfo(D.dtype).max), axis=1)  # finite: JAX_DEBUG_INFS
+    negative = jnp.argmin(jnp.where(neg_mask, D, L._fill_max(D)), axis=1)  # finite: JAX_DEBUG_INFS
     valid = jnp.any(pos_mask, axis=1) & jnp.any(neg_mask, axis=1)
     return positive, negative, valid
 
