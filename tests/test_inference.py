@@ -1303,4 +1303,21 @@ def test_calibrate_warns_when_the_folder_has_far_fewer_distinct_pairs_than_it_dr
             Image.fromarray(rng.integers(0, 256, (40, 40)).astype(np.uint8)).save(tmp_path / "classes" / c / f"{k}.png")
     assert commands._calibrate([str(tmp_path / "classes"), "--out", str(tmp_path / "m.msgpack")]) == 0
     err = capsys.readouterr().err
-    assert "warning:" in err and "only 6 distinct pairs, drawn 2000 times" in err, err
+    assert "warning:" in err, err
+    assert "only 2 distinct same-class pairs, drawn 1000 times and 4 distinct different-class pairs, drawn 1000 times" in err, err
+
+
+def test_calibrate_warns_when_one_half_of_its_pairs_repeats_a_few_pairs(tmp_path, capsys):
+    # 100 classes x 2 images: ~1,070 distinct pairs of 2,000 drawn, so the warning counted over both
+    # halves stayed silent, though the same-class half is the same 100 pairs drawn 10 times each.
+    from siamese_jax import commands
+
+    rng = np.random.default_rng(0)
+    for c in range(100):
+        (tmp_path / "classes" / f"c{c:03d}").mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 256, (12, 12)).astype(np.uint8)).save(tmp_path / "classes" / f"c{c:03d}" / f"{k}.png")
+    assert commands._calibrate([str(tmp_path / "classes"), "--out", str(tmp_path / "m.msgpack")]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "only 100 distinct same-class pairs, drawn 1000 times:" in err, err
+    assert "different-class" not in err, err
