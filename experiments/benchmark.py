@@ -445,48 +445,61 @@ def bench_loop(quick, data_dir):
     from siamese_jax.configs import default
     from siamese_jax import train as train_lib
 
-    # make train validates and saves every 500 steps: the two runs differ by 1,000 steps and 2 of each.
+    # make train validates and saves every 500 steps: the two runs of a pair differ by 1,000 steps and
+    # 2 of each.
     interval = 20 if quick else 500
     short, long_ = interval, 3 * interval
-    # The bare step is timed between the runs (before the first timed run, between the two and
-    # after the last: 3 x 10 blocks of 10 steps), so both rates come from the same minutes: this
-    # box's speed drifts by up to 30% from one minute to the next, and a bare step timed once,
-    # minutes away from the runs, gave ratios from 0.68 to 1.29. Blocks of 10 steps: with 100 steps
-    # in flight after a training, XLA:CPU once aborted in an all-gather rendezvous ("only 1 of 2
-    # threads arrived" in 40 s); the training loop keeps at most 2 steps in flight.
+    # Three pairs of runs (one with --quick), the median taken: one pair's difference moved the ratio
+    # from 0.79 to 1.11 on one machine within four hours (2026-12-07), a minute's drift of the box
+    # landing on one of its two runs. The bare step is timed before the first pair, between the pairs
+    # and after the last (10 blocks of 10 steps each time), so each pair has its own bare rate from
+    # the same minutes: this box's speed drifts by up to 30% from one minute to the next, and a bare
+    # step timed once, minutes away from the runs, gave ratios from 0.68 to 1.29. Blocks of 10 steps:
+    # with 100 steps in flight after a training, XLA:CPU once aborted in an all-gather rendezvous
+    # ("only 1 of 2 threads arrived" in 40 s); the training loop keeps at most 2 steps in flight.
     # The bare step does the same work per step as the loop's: make train's, with its augmentation.
+    pairs = 1 if quick else 3
     one, _ = _our_step(_step_specs(quick, False)[0][2], "float32", augment=True)
-    bare_blocks = []
 
     def time_bare():
-        for _ in range(3 if quick else 10):
-            bare_blocks.append(_median_rate(one, 2 if quick else 10, 1, jax.block_until_ready, warmup=1))
+        return [_median_rate(one, 2 if quick else 10, 1, jax.block_until_ready, warmup=1)
+                for _ in range(3 if quick else 10)]
 
-    seconds = {}
-    # An untimed run first: both timed runs then find the same warm compilation caches (otherwise
-    # the first pays the compiles and the difference of the two can even come out negative).
-    for i, steps in enumerate((short, short, long_)):
+    def train_seconds(steps):
         config = default.get_config("omniglot")
         config.archive_dir = data_dir
         config.num_steps = steps
         config.eval_every_steps = config.checkpoint_every_steps = interval
         config.plots = False
         config.eval_episodes = 20
-        if i > 0:
-            time_bare()
         with tempfile.TemporaryDirectory() as workdir:
             results = train_lib.train(config, workdir)  # no final evaluation: only its time counts
-        seconds[steps] = float(results["train_seconds"])
-    time_bare()
-    if seconds[long_] <= seconds[short]:
-        raise RuntimeError(f"loop row: the {long_}-step run ({seconds[long_]:.2f} s) was not slower than the "
-                           f"{short}-step run ({seconds[short]:.2f} s); the box is too noisy to measure")
-    loop = (long_ - short) / (seconds[long_] - seconds[short])
-    bare = statistics.median(bare_blocks)
+        return float(results["train_seconds"])
+
+    # An untimed run first: the timed runs then find the same warm compilation caches (otherwise the
+    # first pays the compiles and the difference of the two can even come out negative).
+    train_seconds(short)
+    bare_phases = [time_bare()]
+    loop_rates, pair_ratios = [], []
+    for p in range(pairs):
+        # Short first, then long first: a steady drift of the box favours neither.
+        order = (short, long_) if p % 2 == 0 else (long_, short)
+        seconds = {steps: train_seconds(steps) for steps in order}
+        bare_phases.append(time_bare())
+        if seconds[long_] <= seconds[short]:
+            raise RuntimeError(f"loop row: the {long_}-step run ({seconds[long_]:.2f} s) was not slower than the "
+                               f"{short}-step run ({seconds[short]:.2f} s); the box is too noisy to measure")
+        loop_rates.append((long_ - short) / (seconds[long_] - seconds[short]))
+        pair_ratios.append(loop_rates[-1] / statistics.median(bare_phases[-2] + bare_phases[-1]))
+    bare_blocks = [rate for phase in bare_phases for rate in phase]
+    loop, bare = statistics.median(loop_rates), statistics.median(bare_blocks)
     _row("loop", "training loop (val+ckpt on) vs bare step", "step/s", loop, bare, "loop", "bare step",
-         note=f"marginal rate between {short}- and {long_}-step runs, after an untimed warm-up run; "
-              f"bare: median of {len(bare_blocks)} blocks timed before, between and after them",
-         bare_min=min(bare_blocks), bare_max=max(bare_blocks))
+         note=f"marginal rate between {short}- and {long_}-step runs, median of {pairs} pair(s) after an untimed "
+              f"warm-up run; bare: median of {len(bare_blocks)} blocks timed before, between and after the pairs",
+         pair_rates=loop_rates, pair_ratios=pair_ratios, bare_min=min(bare_blocks), bare_max=max(bare_blocks))
+    if pairs > 1:
+        print(f"  (each pair against the bare blocks around it: {', '.join(f'{r:.2f}x' for r in pair_ratios)})",
+              flush=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -241,6 +241,36 @@ def test_interleaved_rates_alternate_the_contestants_block_by_block():
     assert benchmark._best_peer({"ours": 3.0, "eager": 1.0, "torch.compile": 2.0}) == (2.0, "torch.compile")
 
 
+def test_the_loop_row_is_the_median_of_three_pairs_of_runs_each_against_its_own_bare_blocks(monkeypatch):
+    """The loop row's marginal rate came from one pair of runs (500 and 1,500 steps), so a minute's
+    drift of the box landing on one of them moved it from 0.79 to 1.11x within four hours. It is now
+    the median of three pairs, their order alternated, each with its own bare rate from the blocks
+    timed before and after it."""
+    from experiments import benchmark
+    from siamese_jax import train as train_lib
+
+    runs = []
+    # The warm-up run, then pair 1 (short, long), pair 2 (long, short: the drift's direction), pair 3.
+    seconds = iter([99.0, 10.0, 30.0, 60.0, 10.0, 12.0, 32.0])  # pair 2's long run hit a slow minute
+
+    def train(config, workdir):
+        runs.append(int(config.num_steps))
+        return {"train_seconds": next(seconds)}
+
+    bare = iter([40.0] * 10 + [50.0] * 10 + [40.0] * 10 + [40.0] * 10)
+    monkeypatch.setattr(train_lib, "train", train)
+    monkeypatch.setattr(benchmark, "_our_step", lambda *a, **k: (None, None))
+    monkeypatch.setattr(benchmark, "_median_rate", lambda *a, **k: next(bare))
+    monkeypatch.setattr(benchmark, "ROWS", [])
+    benchmark.bench_loop(quick=False, data_dir="unused")
+    assert runs == [500, 500, 1500, 1500, 500, 500, 1500]
+    (row,) = benchmark.ROWS
+    assert row["pair_rates"] == pytest.approx([50.0, 1000 / 50, 50.0])
+    assert row["ours"] == pytest.approx(50.0) and row["peer"] == pytest.approx(40.0)  # medians
+    # Pair 2 against the bare blocks around it (50 before, 40 after: median 45).
+    assert row["pair_ratios"] == pytest.approx([50 / 45, 20 / 45, 50 / 40])
+
+
 def test_profile_step_names_the_layers_each_fused_op_runs():
     """experiments.profile_step's `layers` column: an op's layers come from the fused computation it
     calls (or its own metadata). A regex with optional groups once matched them empty, so the column
