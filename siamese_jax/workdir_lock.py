@@ -10,14 +10,20 @@ The holder removes the file when it lets go (a run that failed on its data befor
 left a workdir holding only an empty `.lock`). That is safe because a run that got the lock checks
 that the file it locked is still the one at the path: one that opened the file just before the
 holder removed it has locked a file nobody else can see, and tries again.
+
+Windows has no fcntl: there a run goes on without the guard and says so in one warning line.
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import socket
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs go on without the guard, and say so (acquire)
+    fcntl = None
 
 LOCK_NAME = ".lock"
 # flock's errors on a filesystem that has no locks (an NFS mount without its lock daemon, some FUSE
@@ -42,6 +48,11 @@ class WorkdirLock:
         self._fd = None
 
     def acquire(self) -> "WorkdirLock":
+        if fcntl is None:
+            log.warning("workdir %s: file locks are not supported on this platform (no fcntl: Windows); %s "
+                        "goes on without the guard against a second run in the same workdir",
+                        self.workdir, self.purpose)
+            return self
         for _ in range(100):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
