@@ -271,7 +271,9 @@ def _step_setting():
     if torch_peer is not None and not on_gpu:
         import torch
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        from siamese_jax import parallel
+
+        torch.set_num_threads(parallel.available_cores())
     return torch_peer, on_gpu, "bfloat16" if on_gpu else "float32", "cuda" if on_gpu else "cpu"
 
 
@@ -537,7 +539,9 @@ def bench_embed(quick, data_dir):
             import torch
             import torch.nn.functional as F
 
-            torch.set_num_threads(len(os.sched_getaffinity(0)))  # as the step rows: one thread per core
+            from siamese_jax import parallel
+
+            torch.set_num_threads(parallel.available_cores())  # as the step rows: one thread per core
             from PIL import Image
 
             widths = tuple(model.config.widths)
@@ -644,9 +648,11 @@ def bench_knn(n):
 def _machine():
     import jax
 
+    from siamese_jax import parallel
+
     info = {"platform": jax.devices()[0].platform, "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind, "cpu": platform.processor() or platform.machine(),
-            "cores": len(os.sched_getaffinity(0)), "python": sys.version.split()[0], "jax": jax.__version__}
+            "cores": parallel.available_cores(), "python": sys.version.split()[0], "jax": jax.__version__}
     if info["platform"] == "gpu":  # how the device's memory was shared with the peer
         info["jax_gpu_memory"] = {name: os.environ[name] for name in _GPU_MEMORY_SETTINGS if os.environ.get(name)}
     try:

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from siamese_jax import parallel
+
 SHAPES = [(128, 56, 1, 128), (128, 28, 128, 128), (128, 56, 128, 128)]  # (images, side, in, out)
 
 
@@ -39,7 +41,7 @@ def _ms(fn, sync, n=5):
 def main():
     import torch
 
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    torch.set_num_threads(parallel.available_cores())
     fwd = jax.jit(_conv)
     both = jax.jit(jax.grad(lambda x, w: jnp.sum(_conv(x, w) ** 2), argnums=(0, 1)))
     print(f"{'convolution':<28}{'fwd ms ours/torch':>22}{'fwd+bwd ms ours/torch':>26}")
@@ -97,7 +99,7 @@ def threads_per_convolution():
     """On one XLA CPU device, which convolutions YNNPACK spreads over the cores, and whether two
     independent convolutions in one program run side by side (they would let one device use every
     core without the cross-device collectives of the data mesh)."""
-    print(f"{jax.device_count()} XLA device(s), {len(__import__('os').sched_getaffinity(0))} cores")
+    print(f"{jax.device_count()} XLA device(s), {parallel.available_cores()} cores")
     print(f"{'convolution (forward)':<28}{'ms':>8}{'cores busy':>12}")
     # The CPU default encoder's four convolutions at its 35 px input, then wider ones.
     shapes = [(128, 35, 1, 16), (128, 17, 16, 32), (128, 8, 32, 64), (128, 4, 64, 128),
@@ -139,7 +141,7 @@ def koch_as_matmuls():
     forward + both gradients (of the sum of squares), best of 3 blocks of 3 calls."""
     import numpy as np
 
-    print(f"{jax.device_count()} XLA device(s), {len(__import__('os').sched_getaffinity(0))} cores; ms per call")
+    print(f"{jax.device_count()} XLA device(s), {parallel.available_cores()} cores; ms per call")
     print(f"{'convolution (32 images, VALID)':<34}{'form':<8}{'forward':>9}{'fwd+bwd':>9}{'max |diff|':>12}")
     for side, ci, co, k in ((105, 1, 64, 10), (48, 64, 128, 7), (21, 128, 128, 4), (9, 128, 256, 4)):
         rng = np.random.default_rng(0)

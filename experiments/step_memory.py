@@ -102,7 +102,9 @@ def measure(row, contestant, quick=False, warmup=2, steps=5, on_gpu=False) -> di
         if on_gpu:
             torch.zeros((), device="cuda").add_(1)
         else:
-            torch.set_num_threads(len(os.sched_getaffinity(0)))  # as the speed rows: a thread per core
+            from siamese_jax import parallel
+
+            torch.set_num_threads(parallel.available_cores())  # as the speed rows: a thread per core
             torch.zeros(()).add_(1)
         from siamese_jax import train_step  # noqa: F401  (the host batch's imports: in the baseline)
     if on_gpu:

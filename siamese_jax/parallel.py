@@ -22,6 +22,14 @@ DATA_AXIS = "data"
 log = logging.getLogger(__name__)
 
 
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity on Linux, `os.cpu_count()` where there is no
+    `os.sched_getaffinity` (macOS, Windows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpu_device_count(batch_size: int, cores: int, max_devices: int = 8) -> int:
     """How many XLA CPU devices a data-parallel run should use: one per core, at most `max_devices`,
     and a divisor of the global batch (the batch is split evenly over the `data` mesh)."""
@@ -51,7 +59,7 @@ def use_cpu_cores_as_devices(batch_size: int, requested: Optional[int] = None) -
                         "(XLA_FLAGS' --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES or "
                         "jax.config's jax_num_cpu_devices)", requested)
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     n = requested if requested else cpu_device_count(batch_size, cores)
     try:
         jax.config.update("jax_num_cpu_devices", int(n))

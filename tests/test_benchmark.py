@@ -108,6 +108,25 @@ def test_row_ids_are_the_benchmarks_own():
     assert ROW_IDS == benchmark.ROW_IDS
 
 
+def test_the_benchmark_counts_cores_without_sched_getaffinity_macos_windows(monkeypatch, require):
+    # macOS and Windows have no os.sched_getaffinity: the benchmark measured its rows, then failed
+    # in _machine() with an AttributeError before writing its JSON (and the torch rows before that).
+    from experiments import benchmark
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert benchmark._machine()["cores"] == 3
+    require("torch")
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        benchmark._step_setting()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("user_setting, expected_fraction", [
     ({}, 0.5),                                               # half for us, half for the peer
     ({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".9"}, 0.9),         # the user's (older) name: kept, and not

@@ -31,6 +31,15 @@ def _fresh_process(code: str, **env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def test_available_cores_without_sched_getaffinity_is_the_cpu_count(monkeypatch):
+    assert parallel.available_cores() >= 1
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 5)
+    assert parallel.available_cores() == 5
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undeterminable"
+    assert parallel.available_cores() == 1
+
+
 def test_use_cpu_cores_as_devices_splits_the_cpu_before_jax_starts():
     got = _fresh_process("n = parallel.use_cpu_cores_as_devices(128, 3)\n"
                          "print(json.dumps({'n': n, 'devices': jax.device_count()}))")
