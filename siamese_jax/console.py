@@ -8,6 +8,7 @@ the traceback of an unexpected exception instead of the one-line summary.
 """
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import os
@@ -78,14 +79,19 @@ def interrupts_stop(signals: Sequence[int] = (signal.SIGINT,)):
     where Python prints it as "Exception ignored in ... KeyboardInterrupt" and goes on: a Ctrl-C
     in the first second of `siamese-calibrate` (importing jax collects often) printed 6 lines of
     traceback, then the command wrote its output and exited 0 (the kill review of 2026-12-07). Such
-    an interrupt is raised again 1 ms later (SIGALRM), outside. A signal that is ignored (a job
+    an interrupt is raised again 1 ms later (SIGALRM), outside; where there is no SIGALRM (Windows), a
+    timer thread interrupts the main thread instead. A signal that is ignored (a job
     started with `nohup ... &`) or handled by someone else stays so; off the main thread, nothing."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     again = []  # the message of an interrupt that was swallowed
+    alarms = hasattr(signal, "setitimer") and hasattr(signal, "SIGALRM")
+    timers = []  # without SIGALRM: the threads that interrupt the main thread again
 
     def interrupt(signum, frame):
+        if again:  # (raised again by a timer thread, as a SIGINT)
+            raise KeyboardInterrupt(again.pop())
         raise KeyboardInterrupt("terminated" if signum == signal.SIGTERM else "")
 
     def alarm(signum, frame):
@@ -97,22 +103,36 @@ def interrupts_stop(signals: Sequence[int] = (signal.SIGINT,)):
     def unraisable(u):
         if u.exc_type is not None and issubclass(u.exc_type, KeyboardInterrupt):
             again[:] = [str(u.exc_value or "")]
-            signal.setitimer(signal.ITIMER_REAL, 0.001)
+            if alarms:
+                signal.setitimer(signal.ITIMER_REAL, 0.001)
+            else:
+                timers.append(threading.Timer(0.001, _thread.interrupt_main, (signal.SIGINT,)))
+                timers[-1].daemon = True
+                timers[-1].start()
             return
         previous_hook(u)
 
-    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGALRM: signal.SIG_DFL}
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    extra = []
+    if alarms:
+        ours[signal.SIGALRM] = signal.SIG_DFL
+        extra = [(signal.SIGALRM, alarm)]
     previous = {}
-    for sig, handler in [(s, interrupt) for s in signals] + [(signal.SIGALRM, alarm)]:
+    for sig, handler in [(s, interrupt) for s in signals] + extra:
         if signal.getsignal(sig) is ours.get(sig):  # Python's default, not ignored nor someone else's
             previous[sig] = signal.signal(sig, handler)
-    if signal.SIGALRM in previous:
+    # Raising a swallowed interrupt again needs our SIGALRM handler, or (no SIGALRM) our SIGINT one.
+    again_here = (signal.SIGALRM in previous) if alarms else (signal.SIGINT in previous)
+    if again_here:
         sys.unraisablehook = unraisable
     try:
         yield
     finally:
-        if signal.SIGALRM in previous:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        if again_here:
+            if alarms:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            for timer in timers:
+                timer.cancel()
             if sys.unraisablehook is unraisable:
                 sys.unraisablehook = previous_hook
         for sig, handler in previous.items():
