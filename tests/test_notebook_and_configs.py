@@ -265,3 +265,43 @@ def test_every_build_notes_passage_the_readme_names_is_in_build_notes():
     names = [name for ref in refs for name in re.findall(r'"([^"]+)"', ref)]
     assert len(names) >= 10, names
     assert [name for name in names if name not in notes] == []
+
+
+def test_configs_load_from_a_path_with_a_colon_as_every_windows_path_has(tmp_path):
+    """ml_collections reads what follows the first ':' of --config as the config's argument. On
+    Windows every absolute path has one (`C:\\...`): the installed default config read as the file
+    `C`, so every `siamese-train` (`--loss=triplet`, `--config=mnist_pairs`) failed at once with
+    "bad --config override or file: OSError: ... No such file or directory: '...C'". Emulated with
+    the package reached through a folder named `C:` (a symlink, so __file__ carries the ':')."""
+    site = tmp_path / "C:" / "site"
+    site.mkdir(parents=True)
+    (site / "siamese_jax").symlink_to(os.path.join(REPO, "siamese_jax"))
+    (site / "mine.py").write_text("from siamese_jax.configs.default import get_config\n")
+    code = (
+        "import os, sys\n"
+        "from siamese_jax import cli\n"
+        "from siamese_jax.cli import train\n"
+        "assert ':' in cli.DEFAULT_CONFIG, cli.DEFAULT_CONFIG\n"
+        "for args in ([], ['--config=mnist_pairs'], [f'--config={os.getcwd()}/mine.py:mnist']):\n"
+        "    train.FLAGS.unparse_flags()\n"
+        "    train.FLAGS(cli.resolve_config_argument(['siamese-train', *args]))\n"
+        "    print(train.resolve_config().dataset)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=site, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.split() == ["omniglot", "mnist", "mnist"]
+
+
+def test_a_config_path_with_a_colon_that_cannot_be_made_relative_is_one_line(tmp_path, monkeypatch, capsys):
+    from siamese_jax import cli
+
+    folder = tmp_path / "D:"
+    folder.mkdir()
+    (folder / "mine.py").write_text("from siamese_jax.configs.default import get_config\n")
+    # A file on another drive than the current folder's: relpath raises (Windows), no ':'-free form.
+    monkeypatch.setattr(cli.os.path, "relpath", lambda path: (_ for _ in ()).throw(ValueError("other drive")))
+    with pytest.raises(SystemExit) as e:
+        cli.resolve_config_argument([f"--config={folder}/mine.py:mnist"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ml_collections reads what follows the first ':'" in err and "drive" in err

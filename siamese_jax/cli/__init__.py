@@ -187,6 +187,35 @@ def config_error_message(e: BaseException) -> str:
     return lines[0]
 
 
+def _split_config_value(value: str) -> tuple[str, str, str]:
+    """`FILE[:arg]` as (FILE, ":" or "", arg). FILE is the first prefix before a ':' that is a file,
+    so that a path with a ':' in it (a Windows drive: `C:\\runs\\my.py:arg`) stays whole; else the
+    part before the first ':' (a shipped config's name, or a missing file)."""
+    if os.path.isfile(value):
+        return value, "", ""
+    for i, char in enumerate(value):
+        if char == ":" and os.path.isfile(value[:i]):
+            return value[:i], ":", value[i + 1:]
+    return value.partition(":")
+
+
+def config_flag_path(path: str) -> str:
+    """`path` as ml_collections can read it: it takes everything after the FIRST ':' of --config for
+    the config's argument, so an absolute path on Windows (`C:\\...`, every installed shipped config
+    there) read as the file `C` (every `siamese-train` failed at once). Such a path is given relative
+    to the current folder instead; ValueError when that still has a ':' (another drive)."""
+    if ":" not in path:
+        return path
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # Windows: a path on another drive than the current folder's
+        relative = path
+    if ":" in relative:
+        raise ValueError(f"{path}: ml_collections reads what follows the first ':' of a config path as the "
+                         "config's argument; give the file from the current folder's drive, without a ':'")
+    return relative
+
+
 def resolve_config_argument(argv: list[str]) -> list[str]:
     """`--config=NAME[:arg]` where NAME is not a file but a shipped config (`omniglot_koch`,
     `default`, with or without `.py`) becomes the installed file's path; a missing file is one line."""
@@ -203,7 +232,7 @@ def resolve_config_argument(argv: list[str]) -> list[str]:
         if value is None:
             out.append(arg)
             continue
-        path, sep, extra = value.partition(":")
+        path, sep, extra = _split_config_value(value)
         if not os.path.exists(path):
             name = os.path.basename(path)
             shipped = os.path.join(CONFIG_DIR, name if name.endswith(".py") else name + ".py")
@@ -214,7 +243,10 @@ def resolve_config_argument(argv: list[str]) -> list[str]:
                 fail(f"--config={value}: no such file (shipped configs: {', '.join(names)})")
         elif os.path.isdir(path):
             fail(f"--config={value}: is a directory, not a config file")
-        resolved = path + sep + extra
+        try:
+            resolved = config_flag_path(path) + sep + extra
+        except ValueError as e:
+            fail(f"--config={value}: {e}")
         out.append(f"--config={resolved}" if arg.startswith("--config") else resolved)
     return out
 

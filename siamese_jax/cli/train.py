@@ -38,8 +38,12 @@ flags.DEFINE_bool("evaluate", True, "After training, evaluate the best checkpoin
                   "results.json. --noevaluate trains only (same checks, resume, checkpoints); "
                   "`siamese-evaluate --workdir=...` evaluates later.")
 cli.define_distributed_flags()
+try:  # the installed default without a ':' (a Windows drive), which ml_collections would split at
+    _DEFAULT_CONFIG = cli.config_flag_path(cli.DEFAULT_CONFIG)
+except ValueError as e:
+    _DEFAULT_CONFIG, _DEFAULT_CONFIG_ERROR = cli.DEFAULT_CONFIG, str(e)  # said if it is used (resolve_config)
 try:  # ml_collections loads the config file and applies --config.x= overrides right here, at definition
-    config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Config file (a get_config() module).",
+    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (a get_config() module).",
                                     lock_config=False)
 except Exception as e:  # noqa: BLE001 - an unknown key or a bad value is the user's input
     message = str(e).strip().splitlines()[-1].strip("\"'") if str(e).strip() else type(e).__name__
@@ -55,7 +59,10 @@ def resolve_config():
         config = FLAGS.config
         config.get("dataset")  # a config file that failed to load raises here (ml_collections defers it)
     except Exception as e:  # noqa: BLE001
-        cli.fail(f"--config={config_flags.get_config_filename(FLAGS['config'])}: {cli.config_error_message(e)}")
+        filename = config_flags.get_config_filename(FLAGS["config"])
+        if filename == _DEFAULT_CONFIG and "_DEFAULT_CONFIG_ERROR" in globals():
+            cli.fail(f"the default config {_DEFAULT_CONFIG_ERROR}")
+        cli.fail(f"--config={filename}: {cli.config_error_message(e)}")
     if FLAGS.dataset and FLAGS.dataset != config.dataset:
         filename, _, arg = config_flags.get_config_filename(FLAGS["config"]).partition(":")
         # The shipped default (or the checkout's shim) without its own dataset argument: --dataset
