@@ -139,6 +139,24 @@ def interrupts_stop(signals: Sequence[int] = (signal.SIGINT,)):
             signal.signal(sig, handler)
 
 
+def interrupt_behind(e: BaseException) -> Optional[KeyboardInterrupt]:
+    """The KeyboardInterrupt that `e` was raised in the course of (anywhere along its __cause__ and
+    __context__ chains), or None. A Ctrl-C that lands inside C code comes out as a SystemError ("...
+    returned a result with an exception set") caused by it, and a handler that read that as a user
+    error named the interrupt wrongly: `compare` interrupted while it loaded the shipped model said
+    "its config does not describe a buildable model" with exit code 2 (the port review of 2026-12-07)."""
+    stack, seen = [e], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        stack += [e.__cause__, e.__context__]
+    return None
+
+
 def guarded(fn: Callable[[], Optional[int]],
             user_errors: Union[Sequence[type], Callable[[], Sequence[type]]] = (), verbose: bool = False,
             signals: Sequence[int] = (signal.SIGINT,)) -> int:
@@ -161,11 +179,17 @@ def guarded(fn: Callable[[], Optional[int]],
             error(str(e) or "interrupted")
             return EXIT_INTERRUPTED
         except errors as e:
+            if interrupt_behind(e) is not None:  # a Ctrl-C, whatever it was turned into on its way here
+                error(str(interrupt_behind(e)) or "interrupted")
+                return EXIT_INTERRUPTED
             if wants_traceback(verbose):
                 traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
             error(one_line(e))
             return EXIT_ERROR
         except Exception as e:  # noqa: BLE001 - the top-level handler
+            if interrupt_behind(e) is not None:
+                error(str(interrupt_behind(e)) or "interrupted")
+                return EXIT_INTERRUPTED
             report_unexpected(e, verbose)
             return EXIT_ERROR
 

@@ -169,6 +169,31 @@ def test_unexpected_exception_is_one_line_with_a_hint_or_the_traceback_on_reques
     assert console.guarded(lambda: None) == 0 and console.guarded(lambda: 1) == 1  # compare's DIFFERENT
 
 
+def test_an_interrupt_turned_into_another_error_on_its_way_out_is_still_an_interrupt(capsys):
+    # A Ctrl-C inside C code surfaces as SystemError("... returned a result with an exception set")
+    # caused by it; `check_weights` turned that into "its config does not describe a buildable
+    # model" (exit 2) when `compare` was interrupted while loading the shipped model (the port
+    # review of 2026-12-07). Any error raised in the course of an interrupt now exits as one.
+    from siamese_jax.inference import ModelError
+
+    def c_call():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ki:
+            raise SystemError("<built-in method> returned a result with an exception set") from ki
+
+    def load_model():
+        try:
+            c_call()
+        except Exception as e:  # as inference.check_weights does
+            raise ModelError(f"model.msgpack: its config does not describe a buildable model ({e})") from None
+
+    assert console.guarded(load_model, user_errors=(ModelError,)) == console.EXIT_INTERRUPTED
+    assert console.guarded(c_call) == console.EXIT_INTERRUPTED  # unexpected errors too
+    assert capsys.readouterr().err.splitlines() == ["error: interrupted", "error: interrupted"]
+    assert console.guarded(lambda: (_ for _ in ()).throw(ValueError("plain"))) == 2  # others unchanged
+
+
 def _child(code, tmp_path, env=None, timeout=120):
     """`code` run in a fresh interpreter with Python's own SIGINT / SIGTERM handling (a runner may
     have started this one with SIGINT ignored, which a child inherits)."""
