@@ -305,3 +305,17 @@ def test_a_config_path_with_a_colon_that_cannot_be_made_relative_is_one_line(tmp
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ml_collections reads what follows the first ':'" in err and "drive" in err
+
+
+def test_a_missing_config_file_given_with_forward_slashes_on_windows_is_an_error_not_a_shipped_config(monkeypatch, capsys):
+    # Windows separates paths with "\\" and also accepts "/" (os.altsep): `--config=my/dir/mnist_pairs.py`
+    # with a typo in the folder quietly trained the shipped mnist_pairs there (the port review of 2026-12-07).
+    from siamese_jax import cli
+
+    monkeypatch.setattr(cli.os, "sep", "\\")
+    monkeypatch.setattr(cli.os, "altsep", "/")
+    with pytest.raises(SystemExit) as e:
+        cli.resolve_config_argument(["--config=no/such/dir/mnist_pairs.py"])
+    assert e.value.code == 2 and "no such file (shipped configs:" in capsys.readouterr().err
+    (resolved,) = cli.resolve_config_argument(["--config=mnist_pairs"])  # a bare name still finds it
+    assert resolved.endswith("mnist_pairs.py")

@@ -236,7 +236,8 @@ def resolve_config_argument(argv: list[str]) -> list[str]:
         if not os.path.exists(path):
             name = os.path.basename(path)
             shipped = os.path.join(CONFIG_DIR, name if name.endswith(".py") else name + ".py")
-            if os.sep not in path and os.path.isfile(shipped):
+            # A bare name only: on Windows a path may use '/' (os.altsep) as well as os.sep.
+            if not any(s and s in path for s in (os.sep, os.altsep)) and os.path.isfile(shipped):
                 path = shipped
             else:
                 names = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
