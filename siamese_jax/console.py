@@ -178,19 +178,17 @@ def guarded(fn: Callable[[], Optional[int]],
         except KeyboardInterrupt as e:
             error(str(e) or "interrupted")
             return EXIT_INTERRUPTED
-        except errors as e:
-            if interrupt_behind(e) is not None:  # a Ctrl-C, whatever it was turned into on its way here
-                error(str(interrupt_behind(e)) or "interrupted")
+        except Exception as e:  # noqa: BLE001 - the top-level handler
+            interrupt = interrupt_behind(e)
+            if interrupt is not None:  # a Ctrl-C, whatever it was turned into on its way here
+                error(str(interrupt) or "interrupted")
                 return EXIT_INTERRUPTED
+            if not isinstance(e, errors):
+                report_unexpected(e, verbose)
+                return EXIT_ERROR
             if wants_traceback(verbose):
                 traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
             error(one_line(e))
-            return EXIT_ERROR
-        except Exception as e:  # noqa: BLE001 - the top-level handler
-            if interrupt_behind(e) is not None:
-                error(str(interrupt_behind(e)) or "interrupted")
-                return EXIT_INTERRUPTED
-            report_unexpected(e, verbose)
             return EXIT_ERROR
 
 

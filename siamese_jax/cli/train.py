@@ -38,10 +38,11 @@ flags.DEFINE_bool("evaluate", True, "After training, evaluate the best checkpoin
                   "results.json. --noevaluate trains only (same checks, resume, checkpoints); "
                   "`siamese-evaluate --workdir=...` evaluates later.")
 cli.define_distributed_flags()
+_DEFAULT_CONFIG_ERROR = None  # why the installed default cannot be read, said if it is used (resolve_config)
 try:  # the installed default without a ':' (a Windows drive), which ml_collections would split at
     _DEFAULT_CONFIG = cli.config_flag_path(cli.DEFAULT_CONFIG)
 except ValueError as e:
-    _DEFAULT_CONFIG, _DEFAULT_CONFIG_ERROR = cli.DEFAULT_CONFIG, str(e)  # said if it is used (resolve_config)
+    _DEFAULT_CONFIG, _DEFAULT_CONFIG_ERROR = cli.DEFAULT_CONFIG, str(e)
 try:  # ml_collections loads the config file and applies --config.x= overrides right here, at definition
     config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (a get_config() module).",
                                     lock_config=False)
@@ -60,7 +61,7 @@ def resolve_config():
         config.get("dataset")  # a config file that failed to load raises here (ml_collections defers it)
     except Exception as e:  # noqa: BLE001
         filename = config_flags.get_config_filename(FLAGS["config"])
-        if filename == _DEFAULT_CONFIG and "_DEFAULT_CONFIG_ERROR" in globals():
+        if filename == _DEFAULT_CONFIG and _DEFAULT_CONFIG_ERROR:
             cli.fail(f"the default config {_DEFAULT_CONFIG_ERROR}")
         cli.fail(f"--config={filename}: {cli.config_error_message(e)}")
     if FLAGS.dataset and FLAGS.dataset != config.dataset:
