@@ -12,7 +12,6 @@ padded input (a lever tried: BUILD_NOTES, "Levers tried"). `koch` times Koch et 
 convolutions (32 images, VALID) as XLA's convolution and written as matmuls (an im2col along the
 kernel's width with one matmul per kernel row, or the full im2col), another lever tried there.
 """
-import resource
 import sys
 import time
 
@@ -88,11 +87,13 @@ def backward_split():
 def _ms_and_cores(fn, n=50):
     """Wall ms per call and the process's CPU time / wall time over n calls (1.0: one core busy)."""
     jax.block_until_ready(fn())
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    # process_time: user + system CPU of every thread, as getrusage(RUSAGE_SELF), on every platform
+    # (`resource` is POSIX only).
+    cpu0, t0 = time.process_time(), time.perf_counter()
     for _ in range(n):
         jax.block_until_ready(fn())
-    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-    return wall / n * 1e3, (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / wall
+    wall, cpu1 = time.perf_counter() - t0, time.process_time()
+    return wall / n * 1e3, (cpu1 - cpu0) / wall
 
 
 def threads_per_convolution():

@@ -338,6 +338,22 @@ def test_conv_microbench_koch_forms_are_the_valid_convolution(shape):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_conv_microbench_runs_without_the_posix_only_resource_module_windows(monkeypatch):
+    """`conv_microbench threads` read its CPU time from `resource.getrusage`, which Windows lacks: the
+    module failed at import. It reads `time.process_time` (every thread's CPU, as RUSAGE_SELF)."""
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` raises ImportError
+    monkeypatch.delitem(sys.modules, "experiments.conv_microbench", raising=False)
+    cm = importlib.import_module("experiments.conv_microbench")
+    x = jnp.ones((64, 64))
+    ms, cores = cm._ms_and_cores(jax.jit(lambda: x @ x), n=5)
+    assert ms > 0 and 0 < cores < 64, (ms, cores)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resident memory is read from Linux's /proc")
 def test_the_memory_rows_high_water_mark_restarts_after_freed_memory():
     """experiments.step_memory measures a step's memory as the resident high-water mark after a reset:
