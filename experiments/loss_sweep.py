@@ -34,6 +34,8 @@ import time
 
 from absl import flags
 
+_WINDOWS = os.name == "nt"  # a module constant, so that a test can take the Windows path
+
 FLAGS = flags.FLAGS
 
 
@@ -157,12 +159,15 @@ def run_training(cmd: list, log) -> int:
     interrupt here) is passed on as SIGTERM, on which the training saves a checkpoint and stops, and
     waited for, so that the sweep run again resumes it. `subprocess.call` killed it instead (SIGKILL:
     the steps since its last save lost) and, on a SIGTERM to the sweep alone, which used to end the
-    sweep at once, left it training on without its parent."""
+    sweep at once, left it training on without its parent. On Windows nothing is sent: there
+    `send_signal(SIGTERM)` is TerminateProcess (the same loss), and the console's Ctrl-C has reached
+    the training already (one console, one process group), which saves on it."""
     with subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) as training:
         try:
             return training.wait()
         except KeyboardInterrupt:
-            training.send_signal(signal.SIGTERM)
+            if not _WINDOWS:
+                training.send_signal(signal.SIGTERM)
             training.wait()
             raise
 

@@ -248,3 +248,42 @@ def test_an_interrupted_sweep_lets_its_training_save_and_waits_for_it(tmp_path):
                        cwd=repo, env=dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu"), capture_output=True,
                        text=True, timeout=60)
     assert r.stdout.strip() == "interrupted, training saved", (r.stdout, r.stderr[-2000:])
+
+
+def test_on_windows_an_interrupted_sweep_sends_nothing_and_waits_for_its_training(tmp_path):
+    """On Windows `send_signal(SIGTERM)` is TerminateProcess: passing the Ctrl-C on so would end the
+    training without its checkpoint. The console's Ctrl-C reaches every process of the console there,
+    so the sweep only waits. Emulated: the sweep and its training in a process group of their own, the
+    Ctrl-C sent to the group, `send_signal` made what Windows makes of SIGTERM (a kill)."""
+    training = tmp_path / "training.py"  # a stand-in: saves on the Ctrl-C, as experiments.train does
+    training.write_text(
+        "import signal, sys, time\n"
+        "def save(signum, frame):\n"
+        "    time.sleep(0.5)\n"
+        "    open(sys.argv[1], 'w').write('saved')\n"
+        "    sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, save)\n"
+        "open(sys.argv[2], 'w').write('started')\n"
+        "time.sleep(60)\n")
+    sweep = (
+        "import os, signal, subprocess, sys, threading, time\n"
+        "from experiments import loss_sweep\n"
+        "loss_sweep._WINDOWS = True\n"
+        "send = subprocess.Popen.send_signal  # on Windows, SIGTERM is TerminateProcess: a kill\n"
+        "subprocess.Popen.send_signal = lambda self, sig: send(self, signal.SIGKILL)\n"
+        "saved, started = sys.argv[1], sys.argv[2]\n"
+        "def ctrl_c():\n"
+        "    while not os.path.exists(started):\n"
+        "        time.sleep(0.05)\n"
+        "    os.killpg(0, signal.SIGINT)  # the console's Ctrl-C: to the sweep and its training\n"
+        "threading.Thread(target=ctrl_c, daemon=True).start()\n"
+        "with open(os.devnull, 'w') as log:\n"
+        "    try:\n"
+        "        loss_sweep.run_training([sys.executable, sys.argv[3], saved, started], log)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted, training ' + (open(saved).read() if os.path.exists(saved) else 'not saved'))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", sweep, str(tmp_path / "saved"), str(tmp_path / "started"), str(training)],
+                       cwd=repo, env=dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=60, start_new_session=True)  # the group's Ctrl-C must not reach pytest
+    assert r.stdout.strip() == "interrupted, training saved", (r.stdout, r.stderr[-2000:])
