@@ -65,7 +65,7 @@ class LoadedModel:
 
     def __init__(self, config, state, mesh):
         self.config, self.state, self.mesh = config, state, mesh
-        self.model = models.build_model(config)
+        self.model = models.build_model(config, inference=True)
         # The evaluation protocols embed through here: with the config's test-time shifts.
         self._embed = make_embed_fn(self.model, mesh, test_time.shifts_of(config), bool(config.get("l2_normalize", False)))
 
@@ -102,7 +102,7 @@ def checkpoint_location(workdir: str, which: str) -> tuple[Optional[str], Option
 def load_workdir_model(config, workdir: str, which: str = "best") -> tuple[LoadedModel, int]:
     """The checkpoint `which` names (`checkpoint_location`): by default the best one."""
     mesh = parallel.make_data_mesh()
-    model = models.build_model(config)
+    model = models.build_model(config, inference=True)
     # The target is abstract (shapes, dtypes and a replicated sharding on the mesh: initialising
     # real parameters only to overwrite them cost seconds of compiles), so orbax restores straight
     # onto every device of every process, whatever the process count of the run that saved it.

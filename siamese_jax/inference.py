@@ -114,7 +114,7 @@ class SiameseModel:
         # Why a workdir's calibration.json was not attached (fitted to another checkpoint), if so.
         self.stale_calibration: Optional[str] = None
         self.provenance = provenance or {}
-        self.network = models.build_model(config)
+        self.network = models.build_model(config, inference=True)
         self.image_size = int(config.image_size)
 
         self._embed_fns = {}  # test-time shift set -> jitted embedding (one compile each)

@@ -277,9 +277,11 @@ def encoder_widths(config) -> tuple:
     return tuple(widths)
 
 
-def build_model(config) -> SiameseNetwork:
-    """The network a config asks for: `config.model` in {"koch", "small"}."""
-    dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+def build_model(config, inference: bool = False) -> SiameseNetwork:
+    """The network a config asks for: `config.model` in {"koch", "small"}. `inference=True` (a
+    trained model embedding: evaluation, compare/embed/search/calibrate, export) computes in
+    `inference_dtype(config)`, training in `config.compute_dtype`."""
+    dtype = inference_dtype(config) if inference else jnp.dtype(config.get("compute_dtype", "float32"))
     if config.model == "koch":
         encoder = KochEncoder(features=config.get("embedding_dim", 4096), dtype=dtype)
     elif config.model == "small":
@@ -293,6 +295,19 @@ def build_model(config) -> SiameseNetwork:
     centres = int(config.get("num_classes") or 0) if config.loss == "arcface" else 0
     return SiameseNetwork(encoder=encoder, verification_head=config.loss == "verification",
                           num_class_centres=centres, embedding_dim=int(config.get("embedding_dim", 4096)))
+
+
+def inference_dtype(config) -> jnp.dtype:
+    """What a trained model embeds in: its training dtype, but float32 on CPU. A model trained in
+    bfloat16 (the GPU configs) and used on a laptop embeds there in float32, because on XLA:CPU
+    bfloat16 gives embeddings that depend on the batch an image came in (batch 8 against 512: up to
+    6.5e-3, float32: 0.0; so `compare a b` and `search` could disagree near a threshold) and is no
+    faster (1,180-1,210 against 1,240-1,270 images/s), with the same 1-NN accuracy (BUILD_NOTES, stop
+    54). The parameters are float32 in every dtype, so nothing is converted. On GPU/TPU the
+    training dtype stays: there reduced precision is what makes the model fast."""
+    if jax.default_backend() == "cpu":
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(config.get("compute_dtype", "float32"))
 
 
 def count_params(params) -> int:

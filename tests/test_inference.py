@@ -1321,3 +1321,31 @@ def test_calibrate_warns_when_one_half_of_its_pairs_repeats_a_few_pairs(tmp_path
     err = capsys.readouterr().err
     assert "warning:" in err and "only 100 distinct same-class pairs, drawn 1000 times:" in err, err
     assert "different-class" not in err, err
+
+
+def test_a_reduced_precision_model_embeds_in_float32_on_cpu_whatever_the_batch():
+    """A model trained in bfloat16 (the GPU configs) embedded on CPU in bfloat16: an image's embedding
+    depended on the batch it came in (up to 6.5e-3 between batches of 8 and 512 for a trained model,
+    stop 54), so `compare a b` and `search` could disagree near a threshold. On CPU the inference and
+    evaluation models compute in float32 (no slower there); training keeps the config's dtype."""
+    import jax.numpy as jnp
+
+    from siamese_jax import embedding, models, parallel
+    from siamese_jax import train_step as ts
+    from siamese_jax.configs import default
+
+    assert jax.default_backend() == "cpu"
+    config = default.get_config("omniglot")
+    config.compute_dtype, config.test_time_shifts = "bfloat16", "none"
+    assert models.build_model(config).encoder.dtype == jnp.bfloat16  # training: the config's dtype
+    state = ts.create_train_state(models.build_model(config), ts.make_optimizer(config), jax.random.PRNGKey(0),
+                                  config.image_size)
+    bf16 = inference.SiameseModel(config, state.params, state.batch_stats)
+    assert bf16.network.encoder.dtype == jnp.float32
+    assert embedding.LoadedModel(config, state, parallel.make_data_mesh()).model.encoder.dtype == jnp.float32
+    x = np.random.default_rng(0).uniform(0, 1, (24, config.image_size, config.image_size, 1)).astype(np.float32)
+    np.testing.assert_array_equal(bf16.embed_prepared(x, batch_size=512), bf16.embed_prepared(x, batch_size=8))
+    f32_config = config.copy_and_resolve_references()
+    f32_config.compute_dtype = "float32"  # the same weights in a float32 model: the same embeddings
+    np.testing.assert_array_equal(bf16.embed_prepared(x),
+                                  inference.SiameseModel(f32_config, state.params, state.batch_stats).embed_prepared(x))
