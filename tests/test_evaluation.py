@@ -325,6 +325,24 @@ def test_knn_puts_a_large_index_on_the_device_block_by_block_with_the_same_numbe
         evaluation.knn(query, index, 3)
 
 
+def test_knn_distances_are_computed_directly_not_from_the_cancelling_expansion():
+    """The review of stop 54 (a notebook user's own embeddings): `knn(emb, emb, 2)` gave each item's
+    distance to itself as up to 0.02 (128-d, norm ~34: float32 |q|^2 - 2q.e + |e|^2 cancels), and a
+    near-duplicate 0.01 away was read with a relative error above 1. `EmbeddingIndex.search`
+    recomputed its distances; `knn` itself returned the expansion's."""
+    rng = np.random.default_rng(0)
+    emb = (rng.normal(size=(500, 128)) * 3).astype(np.float32)
+    d, i = evaluation.knn(emb, emb, 2)
+    assert (i[:, 0] == np.arange(500)).all()
+    assert (d[:, 0] == 0).all(), f"self-distances up to {d[:, 0].max():.2e}"
+    query = emb[:40] + (1e-3 * rng.normal(size=(40, 128))).astype(np.float32)
+    want_d, want_i = _brute_knn(query, emb, 3)
+    d, i = evaluation.knn(query, emb, 3, chunk_size=7)
+    np.testing.assert_array_equal(i, want_i)
+    np.testing.assert_allclose(d, want_d, rtol=1e-6)
+    assert np.all(np.diff(d, axis=1) >= 0)
+
+
 def test_knn_ties_exclude_self_and_bad_k():
     index = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)
     d, i = evaluation.knn(np.array([[1.0, 0.0]], np.float32), index, 5, chunk_size=1)
