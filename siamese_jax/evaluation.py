@@ -88,6 +88,11 @@ def one_shot_predictions(support_emb, query_emb, rule: str = "nearest", embeddin
         support, query = np.asarray(support_emb), np.asarray(query_emb)
         if not (np.issubdtype(support.dtype, np.integer) and np.issubdtype(query.dtype, np.integer)):
             raise ValueError(f"with embeddings, support and query are integer indices, got {support.dtype} and {query.dtype}")
+        for name, ix in (("support_emb", support), ("query_emb", query)):
+            # (-1, a common "missing" marker, picked the last embedding: a wrong accuracy, silently)
+            if ix.size and (ix.min() < 0 or ix.max() >= len(embeddings)):
+                raise ValueError(f"{name} holds indices from {ix.min()} to {ix.max()}; with embeddings "
+                                 f"[{len(embeddings)}, E] they must be in [0, {len(embeddings)})")
         s_shape, q_shape = support.shape + embeddings.shape[1:], query.shape + embeddings.shape[1:]
     single = len(s_shape) == 3
     if single:

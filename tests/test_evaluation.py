@@ -325,6 +325,20 @@ def test_knn_puts_a_large_index_on_the_device_block_by_block_with_the_same_numbe
         evaluation.knn(query, index, 3)
 
 
+def test_one_shot_indices_outside_the_embeddings_are_refused():
+    """The review of stop 54: with `embeddings`, an index of -1 (a "missing" marker) was NumPy's
+    last row, and the episode was scored with it: 0.667 where every real query is right."""
+    emb = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)  # images 4c..4c+3 are class c
+    support = np.array([[0, 1], [4, 5], [8, 9]])
+    query = np.array([[2], [6], [10]])
+    assert evaluation.one_shot_accuracy(support, query, embeddings=emb) == 1.0
+    for s, q, name in ((np.array([[0, 1], [4, -1], [8, 9]]), query, "support_emb"),
+                       (support, np.array([[2], [6], [12]]), "query_emb"),
+                       (support, np.array([[2], [-12], [10]]), "query_emb")):
+        with pytest.raises(ValueError, match=rf"{name} holds indices from .* must be in \[0, 12\)"):
+            evaluation.one_shot_predictions(s, q, embeddings=emb)
+
+
 def test_knn_distances_are_computed_directly_not_from_the_cancelling_expansion():
     """The review of stop 54 (a notebook user's own embeddings): `knn(emb, emb, 2)` gave each item's
     distance to itself as up to 0.02 (128-d, norm ~34: float32 |q|^2 - 2q.e + |e|^2 cancels), and a
