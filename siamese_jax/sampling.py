@@ -68,19 +68,32 @@ def _block_index(keys: np.ndarray):
     return order, start, count
 
 
+def _int32_ids(values, what: str) -> np.ndarray:
+    """Class or alphabet ids as int32; a ValueError for values that int32 would change (labels 0.2
+    and 0.7 both became class 0, and int64 ids 0 and 2**32 one class: same pairs of two classes)."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "biuf":
+        raise ValueError(f"{what} must be integer ids, got {values.dtype}")
+    ids = values.astype(np.int32)
+    if values.size and not np.array_equal(ids, values):
+        raise ValueError(f"{what} must be integer ids in int32's range, got {values.dtype} values from "
+                         f"{values.min()} to {values.max()} (map them to 0..C-1 first, e.g. np.unique(..., return_inverse=True))")
+    return ids
+
+
 def to_device_dataset(ds: ImageDataset, image_size: Optional[int] = None, sharding=None) -> DeviceDataset:
     """Builds the device-side dataset: optional antialiased resize (once, stored back as uint8),
     class/alphabet index, and `device_put` with `sharding` (e.g. replicated over the mesh)."""
     images = np.asarray(ds.images)
     if image_size is not None and images.shape[1:] != (image_size, image_size):
         images = augment_lib.resize_uint8(images, image_size)
-    labels = np.asarray(ds.labels).astype(np.int32)
+    labels = _int32_ids(ds.labels, "labels")
     class_ids, class_of_image = np.unique(labels, return_inverse=True)
     if len(class_ids) == 0:
         raise ValueError("empty dataset")
     order, class_start, class_count = _block_index(class_of_image)
 
-    image_alphabet = np.zeros(len(labels), np.int32) if ds.alphabets is None else np.asarray(ds.alphabets, np.int32)
+    image_alphabet = np.zeros(len(labels), np.int32) if ds.alphabets is None else _int32_ids(ds.alphabets, "alphabets")
     class_alphabet = image_alphabet[order[class_start]]
     if np.any(image_alphabet != class_alphabet[class_of_image]):
         raise ValueError("a class spans several alphabets")

@@ -341,3 +341,20 @@ def test_without_replacement_under_x64_warns_nothing():
         warnings.simplefilter("error")
         draws = np.asarray(jax.jit(lambda b: sampling._without_replacement(b, 10, 3))(bits))
     assert len(set(draws.tolist())) == 3 and draws.min() >= 0 and draws.max() < 10
+
+
+def test_labels_that_int32_would_change_are_refused_not_merged():
+    """The review of stop 54: a user's own labels went through astype(int32). Float labels 0.2 and
+    0.7 both became class 0, and int64 ids 0 and 2**32 one class, so every pair of the two classes
+    was sampled as "same". Integer-valued floats and int64 ids in range still work."""
+    images = np.zeros((4, 5, 5), np.uint8)
+    for labels in (np.array([0.2, 0.2, 0.7, 0.7]), np.array([0, 0, 2**32, 2**32]), np.array([0, 0, 1.5, 1.5])):
+        with pytest.raises(ValueError, match="labels must be integer ids in int32's range"):
+            sampling.to_device_dataset(ImageDataset(images, labels, "mine", "train"))
+    with pytest.raises(ValueError, match="alphabets must be integer ids"):
+        sampling.to_device_dataset(ImageDataset(images, np.array([0, 0, 1, 1]), "mine", "train",
+                                                alphabets=np.array([0, 0, 2**40, 2**40])))
+    for labels in (np.array([0.0, 0.0, 7.0, 7.0]), np.array([5, 5, 2**31 - 1, 2**31 - 1], np.int64)):
+        dds = sampling.to_device_dataset(ImageDataset(images, labels, "mine", "train"))
+        assert np.asarray(dds.class_count).tolist() == [2, 2]
+        assert np.asarray(dds.class_ids).tolist() == sorted(set(labels.astype(int).tolist()))
