@@ -34,6 +34,18 @@ class EmbeddingIndex:
     # 2026-12-04, whose relative paths resolve from the current directory.
     root: Optional[str] = None
 
+    def __post_init__(self):
+        # Checked here, not only in `load`: an index made from a notebook's own embeddings and names
+        # with one name too few searched with k capped at the names, returned a row without a name,
+        # and saved a file that `load` refused; a NumPy array of names failed `save` in json.
+        self.embeddings = np.asarray(self.embeddings, np.float32)
+        self.paths = [os.fspath(p) if isinstance(p, os.PathLike) else str(p) for p in self.paths]
+        if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.paths):
+            raise ValueError(f"EmbeddingIndex: embeddings must be [N, E] with one path (or name) per row, got "
+                             f"{self.embeddings.shape} for {len(self.paths)} paths")
+        if self.labels is not None and len(self.labels) != len(self.paths):
+            raise ValueError(f"EmbeddingIndex: {len(self.labels)} labels for {len(self.paths)} rows")
+
     def __len__(self):
         return len(self.paths)
 
@@ -97,8 +109,9 @@ class EmbeddingIndex:
             paths, fingerprint = list(meta["paths"]), meta["model_fingerprint"]  # (a KeyError here is this error too)
         except Exception as e:
             raise IndexError_(f"{path}: not a siamese-jax index ({type(e).__name__}: {str(e)[:80]})") from None
-        if emb.ndim != 2 or len(emb) != len(paths):
-            raise IndexError_(f"{path}: inconsistent index ({emb.shape} embeddings for {len(paths)} paths)")
+        if emb.ndim != 2 or len(emb) != len(paths) or (labels is not None and len(labels) != len(paths)):
+            raise IndexError_(f"{path}: inconsistent index ({emb.shape} embeddings"
+                              + ("" if labels is None else f", {len(labels)} labels") + f" for {len(paths)} paths)")
         root = meta.get("root")
         return EmbeddingIndex(np.asarray(emb, np.float32), paths, fingerprint, labels,
                               root if isinstance(root, str) else None)

@@ -1349,3 +1349,23 @@ def test_a_reduced_precision_model_embeds_in_float32_on_cpu_whatever_the_batch()
     f32_config.compute_dtype = "float32"  # the same weights in a float32 model: the same embeddings
     np.testing.assert_array_equal(bf16.embed_prepared(x),
                                   inference.SiameseModel(f32_config, state.params, state.batch_stats).embed_prepared(x))
+
+
+def test_an_index_made_from_python_checks_its_rows_and_names(tmp_path):
+    """The review of stop 54: `EmbeddingIndex(embeddings, names, ...)` from a notebook checked
+    nothing. One name too few: `search(q, 5)` on 3 rows gave 2 (k capped at the names), returned
+    row 2, which has no name (`file_path(2)`: IndexError), and `save` wrote a file `load` refuses.
+    A NumPy array of names failed `save` with json's TypeError."""
+    emb = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"one path \(or name\) per row, got \(3, 3\) for 2 paths"):
+        EmbeddingIndex(emb, ["a", "b"], "fp")
+    with pytest.raises(ValueError, match=r"got \(3,\) for 3 paths"):
+        EmbeddingIndex(emb[0], ["a", "b", "c"], "fp")
+    with pytest.raises(ValueError, match="2 labels for 3 rows"):
+        EmbeddingIndex(emb, ["a", "b", "c"], "fp", labels=np.array([0, 1]))
+    index = EmbeddingIndex(emb.astype(np.float64).tolist(), np.array(["a", "b", "c"]), "fp")
+    assert index.embeddings.dtype == np.float32 and index.paths == ["a", "b", "c"]
+    d, i = index.search(emb[2:3], 5)
+    assert i.tolist() == [[2, 0, 1]] and index.file_path(int(i[0, 0])) == "c"
+    index.save(str(tmp_path / "i.npz"))
+    assert EmbeddingIndex.load(str(tmp_path / "i.npz")).paths == ["a", "b", "c"]
