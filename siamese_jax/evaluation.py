@@ -478,6 +478,9 @@ def retrieval_metrics(embeddings, labels, chunk_size: Optional[int] = None, max_
     faiss limits k); by default nothing is capped.
     Returns {"precision_at_1", "mean_average_precision_at_r", "num_queries", "num_lone_queries"}.
     """
+    if max_k is not None and (isinstance(max_k, bool) or not isinstance(max_k, (int, np.integer)) or max_k < 1):
+        # (0 or -1, read as "no cap", made every query "lone": precision@1 and MAP@R 0.0 over 0 queries)
+        raise ValueError(f"max_k must be a positive integer or None (no cap), got {max_k!r}")
     labels = np.asarray(labels).reshape(-1)
     emb = np.asarray(embeddings, np.float32)
     if emb.ndim != 2 or len(emb) != len(labels):

@@ -443,6 +443,17 @@ def test_retrieval_metrics_perfect_and_degenerate():
     assert capped["mean_average_precision_at_r"] == pytest.approx(1.0)
 
 
+def test_retrieval_max_k_below_one_is_refused_not_scored_as_zero():
+    """The review of stop 54: max_k=0 or -1 (read as "no cap") capped every R at 0, so every query
+    was "lone": precision@1 0.0 and MAP@R 0.0 over 0 queries, for perfectly clustered embeddings."""
+    labels = np.repeat(np.arange(3), 4)
+    emb = (np.eye(3)[labels] * 10).astype(np.float32)
+    assert evaluation.retrieval_metrics(emb, labels, max_k=1)["precision_at_1"] == 1.0
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_k must be a positive integer or None"):
+            evaluation.retrieval_metrics(emb, labels, max_k=bad)
+
+
 def test_nothing_to_score_and_non_finite_embeddings_are_errors_not_numbers():
     """A diverged checkpoint's NaN embeddings used to be scored as chance level (NaN distances
     compare false, so every query went to class 0); empty inputs crashed or returned 0."""
