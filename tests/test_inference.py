@@ -411,7 +411,7 @@ def test_search_memory_is_bounded_and_its_blocks_give_the_brute_force_answer(mon
     # `search` passed a fixed 1,024 queries per k-NN chunk (1,024 x N distances at once: 7.6 GB for a
     # million rows) and re-ranked all Q x k x E differences at once (6.3 GB for 30,000 queries at
     # k = 100). Now the k-NN chunk is sized by knn's ~128 MiB rule and the re-ranking goes in blocks.
-    from siamese_jax import evaluation, index as index_lib
+    from siamese_jax import evaluation
 
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(300, 8)).astype(np.float32)
@@ -420,7 +420,7 @@ def test_search_memory_is_bounded_and_its_blocks_give_the_brute_force_answer(mon
     chunk_sizes = []
     real_knn = evaluation.knn
     monkeypatch.setattr(evaluation, "knn", lambda *a, **k: chunk_sizes.append(k.get("chunk_size")) or real_knn(*a, **k))
-    monkeypatch.setattr(index_lib, "_RERANK_FLOATS", 8 * 7 * 3)  # blocks of 3 queries at k = 7
+    monkeypatch.setattr(evaluation, "_EXACT_FLOATS", 8 * 7 * 3)  # knn's re-ranking in blocks of 3 queries at k = 7
     d, i = idx.search(queries, k=7)
     assert chunk_sizes == [None]
     brute = np.linalg.norm(queries[:, None].astype(np.float64) - emb[None].astype(np.float64), axis=-1)
