@@ -351,3 +351,38 @@ def check_workdir(workdir: str) -> str:
         if os.path.lexists(os.path.join(path, name)) and not os.path.isdir(os.path.join(path, name)):
             raise ConfigError(f"workdir {workdir}: {name} is a file; move it away (the run writes the folder {name}/ there)")
     return path
+
+
+
+# Where a run found its data on the machine it trained on. A workdir's config.json and a model file
+# exported from it record them; on another machine (a workdir copied from a GPU box or Colab, a
+# model file sent to someone) they name folders that are not there.
+DATA_FOLDER_KEYS = ("archive_dir", "tfds_data_dir", "cache_dir")
+
+
+def recorded_data_folders_here(config, what: str, given=()) -> list[str]:
+    """A recorded config (`what`: a workdir's config.json, a model file's) about to read data on this
+    machine: each data folder in it that does not exist here is unset, with one warning line, so that
+    --data_dir, SIAMESE_DATA_DIR, SIAMESE_CACHE_DIR and the defaults apply as for a run that recorded
+    none. Keys in `given` (set on this machine: --data_dir) are left alone. Changes `config`; returns
+    the keys unset.
+
+    Kept, the recorded archive_dir overrode SIAMESE_DATA_DIR and the command failed on the first
+    machine's path ("archive directory /content/... does not exist") without a word of --data_dir, and
+    the recorded cache_dir was created and written on this machine (the review of 2026-12-07, stop 54)."""
+    import logging
+
+    unset = []
+    for key in DATA_FOLDER_KEYS:
+        value = config.get(key)
+        if key in given or value in (None, ""):
+            continue
+        if not os.path.isdir(os.path.expanduser(str(value))):
+            unset.append(f"{key}={value}")
+            config[key] = None
+    if unset:
+        logging.getLogger(__name__).warning(
+            "%s records %s, not a folder on this machine (trained elsewhere?): not used; the data are read from "
+            "--data_dir, else $SIAMESE_DATA_DIR, and cached in $SIAMESE_CACHE_DIR, else ~/.cache/siamese_jax",
+            what, ", ".join(unset))
+    return unset

@@ -481,15 +481,18 @@ def load_run(source: str, overrides: Optional[dict] = None):
     over every device, where a SiameseModel embeds on one. `overrides` replace keys of the model's
     config first (where the data is on this machine, a test-time shift set). Raises ModelError (one
     line) for a source that is none of these."""
-    from siamese_jax import embedding, parallel  # as in _load_workdir: orbax only when needed
+    from siamese_jax import config_check, embedding, parallel  # as in _load_workdir: orbax only when needed
 
     if os.path.isdir(source):
         config = _workdir_config(source)
         config.update(overrides or {})
+        # A workdir or model file from another machine: its data folders are not here.
+        config_check.recorded_data_folders_here(config, os.path.join(source, "config.json"), given=overrides or {})
         return embedding.load_workdir_model(config, source)
     model = load_model(source)
     config = ml_collections.ConfigDict(model.config.to_dict())
     config.update(overrides or {})
+    config_check.recorded_data_folders_here(config, f"{source}'s config", given=overrides or {})
     mesh = parallel.make_data_mesh()
     weights = parallel.put_replicated(_Weights(model.params, model.batch_stats), mesh)
     return embedding.LoadedModel(config, weights, mesh), int(model.provenance.get("step", -1))

@@ -1122,6 +1122,45 @@ def test_evaluate_and_export_read_the_data_from_another_source_than_the_run_trai
     assert json.loads((workdir / "config.json").read_text())["source"] == "tfds"  # the run's record unchanged
 
 
+def test_a_run_from_another_machine_does_not_use_its_recorded_data_folders(tmp_path, caplog):
+    # A workdir (or its exported file) copied from the machine it trained on records that machine's
+    # archive_dir / cache_dir: they overrode SIAMESE_DATA_DIR here (an error naming the first
+    # machine's path, no word of --data_dir) and the cache was written to that path on this one.
+    config = _tiny_config()
+    config.archive_dir = "/content/drive/MyDrive/omniglot-data"  # not on this machine
+    config.cache_dir = str(tmp_path / "first-machine-cache")  # not here either
+    config.tfds_data_dir = str(tmp_path)  # a folder that is here: kept
+    workdir = _finished_workdir(tmp_path / "run", config)
+    inference.load_model(str(workdir)).save(str(tmp_path / "run.msgpack"))
+    for source in (workdir, tmp_path / "run.msgpack"):
+        caplog.clear()
+        loaded, _ = inference.load_run(str(source))
+        assert loaded.config.archive_dir is None and loaded.config.cache_dir is None, source
+        assert loaded.config.tfds_data_dir == str(tmp_path)
+        assert "archive_dir=/content/drive/MyDrive/omniglot-data" in caplog.text and "not used" in caplog.text
+        # A folder given on this machine (--data_dir, a student's data keys) is the user's: kept.
+        loaded, _ = inference.load_run(str(source), {"archive_dir": "/given/here"})
+        assert loaded.config.archive_dir == "/given/here" and loaded.config.cache_dir is None
+
+
+@pytest.mark.slow  # two commands that read data
+def test_evaluate_and_export_a_workdir_copied_from_another_machine(data_dir, tmp_path):
+    config = _tiny_config()
+    config.archive_dir = str(tmp_path / "first-machine-data")
+    config.cache_dir = str(tmp_path / "first-machine-cache")
+    workdir = _finished_workdir(tmp_path / "run", config)
+    env = _env(data_dir, SIAMESE_CACHE_DIR=str(tmp_path / "cache-here"))
+    for module, extra in (("experiments.evaluate", ["--nowrite", "--episodes=2"]),
+                          ("experiments.export", [f"--out={tmp_path / 'm.msgpack'}", "--pairs=20"])):
+        r = _run([sys.executable, "-m", module, f"--workdir={workdir}", *extra], env=env)
+        assert r.returncode == 0, (module, r.stderr[-2000:])
+        assert "first-machine-data" in r.stderr and "not used" in r.stderr
+    assert not (tmp_path / "first-machine-cache").exists()  # nothing written to the first machine's path
+    assert any((tmp_path / "cache-here").iterdir())
+    # The exported file does not carry the first machine's folders on.
+    assert inference.load_model(str(tmp_path / "m.msgpack")).config.cache_dir is None
+
+
 def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):
     """`inference.load_run` is how distillation teachers and validation_recheck read a run: its
     workdir and its exported model file give the same embeddings and step; anything else is one

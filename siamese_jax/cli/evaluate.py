@@ -66,7 +66,10 @@ def main(argv):
     except ValueError as e:
         cli.fail(f"{path}: not a valid config.json ({cli.console.one_line(e)})")
     trained_views = config.get("test_time_shifts", "none")
-    config.update(_data_overrides())
+    overrides = _data_overrides()
+    config.update(overrides)
+    # A workdir copied from the machine it trained on: its data folders are not here.
+    config_check.recorded_data_folders_here(config, path, given=overrides)
     config_check.validate_model_config(config)
     # Before anything touches a device: every process of a multi-host evaluation joins here.
     process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

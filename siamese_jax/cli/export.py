@@ -56,6 +56,12 @@ def main(argv):
         config.archive_dir = FLAGS.data_dir
     if FLAGS.source:
         config.source = FLAGS.source
+    from siamese_jax import config_check
+
+    # A workdir copied from the machine it trained on: its data folders are not here (and the file
+    # written below does not carry them to the next machine).
+    config_check.recorded_data_folders_here(config, os.path.join(FLAGS.workdir, "config.json"),
+                                            given=("archive_dir",) if FLAGS.data_dir else ())
     if FLAGS.test_time_shifts:
         config.test_time_shifts = model.test_time_shifts = FLAGS.test_time_shifts
     results_path = os.path.join(FLAGS.workdir, "results.json")
