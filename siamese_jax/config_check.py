@@ -124,8 +124,9 @@ def validate_model_config(config) -> None:
                           f"({type(e).__name__}: {first[:160]})") from None
 
 
-def validate_config(config, *, num_devices: int | None = None) -> None:
-    """Raises ConfigError (one line) for the first key whose value cannot work for a training run."""
+def validate_config(config, *, num_devices: int | None = None, workdir: str | None = None) -> None:
+    """Raises ConfigError (one line) for the first key whose value cannot work for a training run
+    (in `workdir`, when given: one with a checkpoint of its own does not read `config.resume`)."""
     from siamese_jax import train_step as ts
 
     dataset = _one_of(config, "dataset", DATASETS)
@@ -146,7 +147,7 @@ def validate_config(config, *, num_devices: int | None = None) -> None:
     _int_in(config, "seed", 0, 2**31 - 1)
     _check_switches_and_augmentation(config)
     _check_split_and_evaluation(config, dataset)
-    _check_teachers_and_resume(config, kind, loss)
+    _check_teachers_and_resume(config, kind, loss, workdir)
 
 
 def _check_batch(config, kind: str, dataset: str, num_devices) -> None:
@@ -287,7 +288,7 @@ def _check_split_and_evaluation(config, dataset: str) -> None:
         _int_in(config, "divergence_window", 1, 10**6)
 
 
-def _check_teachers_and_resume(config, kind: str, loss: str) -> None:
+def _check_teachers_and_resume(config, kind: str, loss: str, workdir: str | None = None) -> None:
     """Distillation's teachers (P x K losses only) and config.resume's checkpoint directory."""
     teachers = distill_teacher_sources(config)
     if teachers:
@@ -308,11 +309,22 @@ def _check_teachers_and_resume(config, kind: str, loss: str) -> None:
                       f"workdir or file; shipped: {', '.join(SHIPPED_MODELS)})")
         _float_in(config, "distill_weight", 0.0)
     resume = config.get("resume")
+    if resume is not None and workdir is not None and _has_own_checkpoint(workdir):
+        # It resumes from its own checkpoint and never reads config.resume (`train._initial_state`):
+        # the same command, re-run on a fine-tuned workdir copied to another machine or after its
+        # source was removed, was refused for a source it does not need (the review of stop 54).
+        return
     if resume is not None and not os.path.isdir(resume):
         _fail("resume", resume, "must be an existing checkpoint directory (…/checkpoints or …/best)")
     if resume is not None and os.path.isfile(os.path.join(resume, "config.json")):  # a workdir, not its steps
         _fail("resume", resume, f"is a training workdir: give its checkpoint directory, "
                                 f"{os.path.join(resume, 'best')} or {os.path.join(resume, 'checkpoints')}")
+
+
+def _has_own_checkpoint(workdir: str) -> bool:
+    """`workdir/checkpoints` holds a step (`checkpoints.saved_steps`, without importing orbax)."""
+    own = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(own) and any(d.isdigit() for d in os.listdir(own))
 
 
 def distill_teacher_sources(config) -> list[str]:

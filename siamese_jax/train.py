@@ -262,10 +262,10 @@ def _check_processes_run_one_config(config, gather=None) -> None:
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool) -> dict:
     config = _as_config_dict(config)
-    config_check.validate_config(config)  # (a bad value is one line before JAX starts)
+    config_check.validate_config(config, workdir=workdir)  # (a bad value is one line before JAX starts)
     use_cpu_cores(config)
     _check_processes_run_one_config(config)  # (first: one host's own validation error would hide it)
-    config_check.validate_config(config, num_devices=jax.device_count())
+    config_check.validate_config(config, num_devices=jax.device_count(), workdir=workdir)
     # The workdir is proven writable on every process, and every process learns the outcome.
     with lock_workdir(workdir, check=lambda: config_check.check_workdir(workdir)):
         try:

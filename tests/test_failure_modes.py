@@ -1376,6 +1376,33 @@ def test_config_resume_reads_the_weights_whatever_optimizer_state_they_were_save
     assert os.listdir(tmp_path / "first" / "checkpoints") == ["1"]
 
 
+def test_a_workdir_with_its_own_checkpoint_does_not_need_its_config_resume_source(tmp_path):
+    # It resumes from its own checkpoint and never reads config.resume: a fine-tuned run copied to
+    # another machine (or whose source was removed) was refused by the same command that started it.
+    config = _tiny_config()
+    config.resume = str(tmp_path / "gone" / "best")
+    (tmp_path / "run" / "checkpoints" / "30").mkdir(parents=True)
+    config_check.validate_config(config, workdir=str(tmp_path / "run"))
+    with pytest.raises(config_check.ConfigError, match=r"config.resume=.*gone/best.*: must be an existing checkpoint"):
+        config_check.validate_config(config, workdir=str(tmp_path / "new"))  # a new run needs it
+
+
+@pytest.mark.slow  # three tiny trainings
+def test_a_fine_tuned_run_resumes_with_the_same_command_after_its_source_is_gone(data_dir, tmp_path):
+    env = _env(data_dir, SIAMESE_CACHE_DIR=str(tmp_path / "cache"))
+    common = [*TINY, "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2", "--noevaluate"]
+    r = _train(f"--workdir={tmp_path / 'source'}", "--config.num_steps=2", *common, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fine_tune = [f"--workdir={tmp_path / 'tuned'}", f"--config.resume={tmp_path / 'source' / 'best'}", *common]
+    r = _train(*fine_tune, "--config.num_steps=2", env=env)
+    assert r.returncode == 0 and "initialised from" in r.stderr, r.stderr[-2000:]
+    shutil.rmtree(tmp_path / "source")  # (or the tuned workdir copied to a laptop without it)
+    r = _train(*fine_tune, "--config.num_steps=4", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from step 2" in r.stderr
+    assert C.saved_steps(str(tmp_path / "tuned" / "checkpoints"))[-1] == 4
+
+
 def test_temporary_dirs_of_unfinished_saves_are_removed(tmp_path):
     leftover = tmp_path / "checkpoints" / f"3{C.TMP_MARKER}-1732"
     leftover.mkdir(parents=True)

@@ -91,14 +91,14 @@ def main(argv):
     from siamese_jax.train import train, train_and_evaluate
 
     config = resolve_config()
+    workdir = FLAGS.workdir or os.path.join("runs", f"{config.get('dataset')}-{config.get('loss')}")
     # The config is checked before anything else happens (no device, no data, no other process),
     # so a bad value is one line at once; train_and_evaluate checks it again with the device count.
-    config_check.validate_config(config)
+    config_check.validate_config(config, workdir=workdir)
     # Before anything touches a device (importing siamese_jax does not); `train` then splits the CPU
     # into one device per core (`train.use_cpu_cores`) before its first JAX operation.
     process, processes = cli.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     cli.setup_logging(process, processes)
-    workdir = FLAGS.workdir or os.path.join("runs", f"{config.dataset}-{config.loss}")
     # An interrupt ends under `run_app`'s handler (console.guarded): the agreed stop of every process
     # (StoppedBySignal) exits 130 normally; a lone one (the data load, the final evaluation) leaves a
     # multi-process job at once (a SystemExit there waited ~300 s in JAX's shutdown barrier).
