@@ -187,6 +187,16 @@ def _calibrate(argv):
         from siamese_jax.files import check_output_file
 
         check_output_file(args.out)
+    elif os.path.exists(args.model):
+        from siamese_jax.files import folder_not_writable
+
+        # Before any work: a shared model folder or file someone else owns (read-only here) failed
+        # only at the final write, and the error did not say that --out writes elsewhere.
+        target = os.path.join(args.model, "calibration.json") if os.path.isdir(args.model) else args.model
+        why = folder_not_writable(os.path.dirname(os.path.abspath(target)))
+        if why:
+            raise PermissionError(f"cannot write {target} ({why}): give --out=<new model file> to write the "
+                                  f"calibrated model elsewhere")
     import numpy as np
 
     from siamese_jax.files import atomic_write_json

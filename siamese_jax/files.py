@@ -30,6 +30,17 @@ def check_output_file(path: str, flag: str = "--out") -> None:
         raise IsADirectoryError(f"{flag}={path}: names a folder; give a file name")
 
 
+def folder_not_writable(path: str):
+    """Why a file cannot be created in folder `path` (its strerror), or None when one can: a file is
+    created and removed, as `atomic_open` would (root on a read-only mount, where mode bits say
+    nothing, included)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w"):
     """Writes to a temporary file in the same directory, then `os.replace`s it over `path`."""

@@ -1196,6 +1196,46 @@ def test_a_damaged_calibration_json_is_one_model_error_naming_it(tmp_path, conte
     assert inference.load_model(str(workdir)).calibration is None
 
 
+def _read_only_as_it_is(path):
+    """A function that makes a command's argv see directory `path`, with what is in it, read-only (a
+    shared model folder someone else owns). Root writes through permission bits, so as root `path`
+    is bound read-only onto itself in a private mount namespace; the caller restores the mode."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        return lambda argv: argv
+    bind = f"mount --bind '{path}' '{path}' && mount -o remount,ro,bind '{path}' '{path}'"
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "sh", "-c", bind], capture_output=True).returncode:
+        why = "running as root without mount namespaces: no way to make a read-only directory"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(why + " (CI must run this test)")
+        pytest.skip(why)
+    return lambda argv: ["unshare", "-m", "sh", "-c", bind + ' && exec "$0" "$@"', *argv]
+
+
+def test_calibrate_into_a_read_only_workdir_is_one_line_before_any_work_naming_out(tmp_path):
+    # A shared model folder someone else owns: calibrate embedded every pair, then failed at the
+    # final write ("[Errno 30] cannot write .../calibration.json: Read-only file system"), without
+    # saying that --out writes the calibrated model elsewhere.
+    from PIL import Image
+
+    workdir = _finished_workdir(tmp_path / "run", _tiny_config())
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "pairs" / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / "pairs" / f"class{c}" / f"{i}.png")
+    calibrate = [sys.executable, "-m", "experiments.calibrate", str(tmp_path / "pairs"), f"--model={workdir}", "--pairs=8"]
+    ro = _read_only_as_it_is(workdir)
+    try:
+        line = _one_error_line(_run(ro(calibrate)), f"cannot write {workdir / 'calibration.json'}")
+        assert "--out=" in line, line
+        r = _run(ro([*calibrate, f"--out={tmp_path / 'calibrated.msgpack'}"]))
+        assert r.returncode == 0 and (tmp_path / "calibrated.msgpack").is_file(), r.stderr[-2000:]
+    finally:
+        os.chmod(workdir, 0o755)
+    assert not (workdir / "calibration.json").exists()
+
+
 def test_a_workdir_calibration_fitted_to_an_earlier_best_checkpoint_is_not_used(tmp_path, capsys):
     # `calibrate --model W` while W trained (or before it was resumed): calibration.json stayed, and
     # `compare` used its threshold with the later best checkpoint's weights, silently (accuracy 0.55
