@@ -1212,6 +1212,19 @@ def _read_only_as_it_is(path):
     return lambda argv: ["unshare", "-m", "sh", "-c", bind + ' && exec "$0" "$@"', *argv]
 
 
+def test_evaluate_writing_into_a_read_only_workdir_names_nowrite(tmp_path):
+    # A shared model folder someone else owns: the error said "not writable", not that --nowrite
+    # evaluates it without writing (checked before any data is read: no data here).
+    workdir = _finished_workdir(tmp_path / "run", _tiny_config())
+    ro = _read_only_as_it_is(workdir)
+    try:
+        line = _one_error_line(_run(ro([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}"])),
+                               f"workdir {workdir}: not writable")
+        assert "--nowrite" in line, line
+    finally:
+        os.chmod(workdir, 0o755)
+
+
 def test_calibrate_into_a_read_only_workdir_is_one_line_before_any_work_naming_out(tmp_path):
     # A shared model folder someone else owns: calibrate embedded every pair, then failed at the
     # final write ("[Errno 30] cannot write .../calibration.json: Read-only file system"), without

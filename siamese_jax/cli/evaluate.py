@@ -80,7 +80,7 @@ def main(argv):
     if FLAGS.write:
         # Every process checks the workdir and every process learns every outcome (a check on process
         # 0 alone left process 1 waiting in a collective for a peer that had already failed).
-        lock = lock_workdir(workdir, purpose="evaluation", check=lambda: config_check.check_workdir(workdir))
+        lock = lock_workdir(workdir, purpose="evaluation", check=lambda: _check_workdir_to_write(workdir))
     trained = {}
     try:
         with open(os.path.join(workdir, "results.json")) as f:
@@ -97,6 +97,20 @@ def main(argv):
         note = other_views_note(workdir, config.get("test_time_shifts", "none"), trained_views, FLAGS.write)
         if note:
             print(note, file=sys.stderr)
+
+
+def _check_workdir_to_write(workdir: str) -> str:
+    """`config_check.check_workdir`, its "not writable" saying what reads a workdir without writing
+    into it (a shared model folder someone else owns, a read-only mount)."""
+    from siamese_jax import config_check
+
+    try:
+        return config_check.check_workdir(workdir)
+    except config_check.ConfigError as e:
+        if ": not writable (" not in str(e):
+            raise
+        raise config_check.ConfigError(f"{e}; --nowrite evaluates it without writing results.json and plots/ "
+                                       f"into it") from None
 
 
 def other_views_note(workdir: str, evaluated: str, trained: str, written: bool):
