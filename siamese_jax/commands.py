@@ -153,6 +153,11 @@ def _search(argv):
             print(console.display(f"query {image}"))
         for rank, (d, i) in enumerate(zip(dists[q], idx[q]), 1):
             print(console.display(f"{rank:>3}  {d:8.4f}  {index.file_path(i)}"))
+    missing = sorted({int(i) for i in idx.ravel() if not os.path.exists(index.file_path(i))})
+    if missing:  # (the sheet draws them as grey tiles)
+        print(console.display(f"note: {len(missing)} of the neighbours' files are not where the index records them "
+                              f"(e.g. {index.file_path(missing[0])}): moved or removed since it was built, or it "
+                              f"was built on another machine"), file=sys.stderr)
     if args.sheet:
         from siamese_jax import plots
 

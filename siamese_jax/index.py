@@ -31,6 +31,9 @@ class EmbeddingIndex:
     # The directory relative paths were given from (`embed` run there); None: indexes written before
     # 2026-12-04, whose relative paths resolve from the current directory.
     root: Optional[str] = None
+    # The folder the index file was loaded from (`load`; not saved): where its relative paths are
+    # looked for when `root` is not where they are (the index and its folder copied to another machine).
+    location: Optional[str] = None
 
     def __post_init__(self):
         # Checked here, not only in `load`: an index made from a notebook's own embeddings and names
@@ -48,11 +51,20 @@ class EmbeddingIndex:
         return len(self.paths)
 
     def file_path(self, i: int) -> str:
-        """Row i's file, usable from any current directory (`search` run elsewhere than `embed`)."""
+        """Row i's file, usable from any current directory (`search` run elsewhere than `embed`), and
+        after the folder `embed` ran in was copied elsewhere with the index in it: a relative path
+        that is not under `root` but is beside the index file is taken from there (it printed the
+        first machine's paths, and `--sheet` drew every neighbour as a grey tile, without a word)."""
         path = self.paths[i]
         if self.root is None or os.path.isabs(path) or os.path.abspath(os.getcwd()) == self.root:
-            return path
-        return os.path.join(self.root, path)
+            resolved = path
+        else:
+            resolved = os.path.join(self.root, path)
+        if self.location is not None and not os.path.isabs(path) and not os.path.exists(resolved):
+            beside = os.path.join(self.location, path)
+            if os.path.exists(beside):
+                return beside
+        return resolved
 
     def search(self, query_embeddings: np.ndarray, k: int = 5, chunk_size: Optional[int] = None):
         """(distances [Q, k], indices [Q, k]) of the k nearest rows, nearest first; a k above the
@@ -100,7 +112,7 @@ class EmbeddingIndex:
                               + ("" if labels is None else f", {len(labels)} labels") + f" for {len(paths)} paths)")
         root = meta.get("root")
         return EmbeddingIndex(np.asarray(emb, np.float32), paths, fingerprint, labels,
-                              root if isinstance(root, str) else None)
+                              root if isinstance(root, str) else None, os.path.dirname(os.path.abspath(path)))
 
 
 def build_index(model, paths: Sequence[str], batch_size: int = 256,

@@ -325,6 +325,36 @@ def test_an_index_of_relative_paths_is_searched_from_another_directory(eval_pngs
     assert (elsewhere / "sheet.png").exists()
 
 
+def test_an_index_copied_with_its_folder_to_another_machine_finds_its_files_there(tmp_path, monkeypatch, capsys):
+    """`embed imgs --out idx.npz`, then the folder (index and images) copied to another machine at
+    another path: search printed the first machine's paths and `--sheet` drew grey tiles, without a
+    word. A relative path beside the index is taken from there; a file that is nowhere is a note."""
+    from siamese_jax import commands
+
+    first, second = tmp_path / "first-machine" / "work", tmp_path / "laptop" / "copy"
+    (first / "imgs").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(first / "imgs" / f"{i}.png")
+    monkeypatch.chdir(first)
+    assert commands._embed(["imgs", "--out", "idx.npz"]) == 0
+    second.parent.mkdir(parents=True)
+    shutil.move(str(first), str(second))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert commands._search([str(second / "idx.npz"), str(second / "imgs" / "1.png"), "-k", "3",
+                             "--sheet", str(tmp_path / "sheet.png")]) == 0
+    out, err = capsys.readouterr()
+    shown = [line.split()[-1] for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert shown[0] == str(second / "imgs" / "1.png") and all(os.path.isfile(p) for p in shown), out
+    assert "note:" not in err, err
+    (second / "imgs" / "2.png").unlink()  # gone from both places: printed as recorded, with a note
+    assert commands._search([str(second / "idx.npz"), str(second / "imgs" / "1.png"), "-k", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert str(first / "imgs" / "2.png") in out
+    assert "note: 1 of the neighbours' files are not where the index records them" in err, err
+
+
 def test_calibrate_cli_writes_a_model_that_compare_uses(eval_pngs, tmp_path):
     out = tmp_path / "calibrated.msgpack"
     r = _cli("experiments.calibrate", str(eval_pngs), "--far", "0.05", "--pairs", "400", "--out", str(out))
