@@ -1108,18 +1108,28 @@ def _finished_workdir(workdir, config):
 
 
 @pytest.mark.slow  # two commands that read data
-def test_evaluate_and_export_read_the_data_from_another_source_than_the_run_trained_from(data_dir, tmp_path):
+def test_evaluate_and_export_read_the_data_from_another_source_and_machine_than_the_run_trained_from(data_dir, tmp_path):
     # A run trained from TFDS, evaluated or exported where only the original archives are: the data
-    # messages advise --source=archives, which only siamese-train had.
+    # messages advise --source=archives, which only siamese-train had. And a workdir copied from the
+    # machine it trained on: its recorded data folders overrode SIAMESE_DATA_DIR (an error naming the
+    # first machine's path) and its cache folder was created and written here (stop 54).
     config = _tiny_config()
     config.source = "tfds"
     config.tfds_data_dir = str(tmp_path / "no-tfds-here")
+    config.archive_dir = str(tmp_path / "first-machine-data")
+    config.cache_dir = str(tmp_path / "first-machine-cache")
     workdir = _finished_workdir(tmp_path / "run", config)
+    env = _env(data_dir, SIAMESE_CACHE_DIR=str(tmp_path / "cache-here"))
     for script, extra in (("siamese-evaluate", ["--nowrite", "--episodes=2"]),
                           ("siamese-export", [f"--out={tmp_path / 'm.msgpack'}", "--pairs=20"])):
-        r = _run([_script(script), f"--workdir={workdir}", "--source=archives", *extra], env=_env(data_dir))
+        r = _run([_script(script), f"--workdir={workdir}", "--source=archives", *extra], env=env)
         assert r.returncode == 0, (script, r.stderr[-2000:])
+        assert "first-machine-data" in r.stderr and "not used" in r.stderr, (script, r.stderr[-2000:])
     assert json.loads((workdir / "config.json").read_text())["source"] == "tfds"  # the run's record unchanged
+    assert not (tmp_path / "first-machine-cache").exists()  # nothing written to the first machine's path
+    assert any((tmp_path / "cache-here").iterdir())
+    # The exported file does not carry the first machine's folders on.
+    assert inference.load_model(str(tmp_path / "m.msgpack")).config.cache_dir is None
 
 
 def test_a_run_from_another_machine_does_not_use_its_recorded_data_folders(tmp_path, caplog):
@@ -1141,24 +1151,6 @@ def test_a_run_from_another_machine_does_not_use_its_recorded_data_folders(tmp_p
         # A folder given on this machine (--data_dir, a student's data keys) is the user's: kept.
         loaded, _ = inference.load_run(str(source), {"archive_dir": "/given/here"})
         assert loaded.config.archive_dir == "/given/here" and loaded.config.cache_dir is None
-
-
-@pytest.mark.slow  # two commands that read data
-def test_evaluate_and_export_a_workdir_copied_from_another_machine(data_dir, tmp_path):
-    config = _tiny_config()
-    config.archive_dir = str(tmp_path / "first-machine-data")
-    config.cache_dir = str(tmp_path / "first-machine-cache")
-    workdir = _finished_workdir(tmp_path / "run", config)
-    env = _env(data_dir, SIAMESE_CACHE_DIR=str(tmp_path / "cache-here"))
-    for module, extra in (("experiments.evaluate", ["--nowrite", "--episodes=2"]),
-                          ("experiments.export", [f"--out={tmp_path / 'm.msgpack'}", "--pairs=20"])):
-        r = _run([sys.executable, "-m", module, f"--workdir={workdir}", *extra], env=env)
-        assert r.returncode == 0, (module, r.stderr[-2000:])
-        assert "first-machine-data" in r.stderr and "not used" in r.stderr
-    assert not (tmp_path / "first-machine-cache").exists()  # nothing written to the first machine's path
-    assert any((tmp_path / "cache-here").iterdir())
-    # The exported file does not carry the first machine's folders on.
-    assert inference.load_model(str(tmp_path / "m.msgpack")).config.cache_dir is None
 
 
 def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):
