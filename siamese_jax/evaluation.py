@@ -430,11 +430,14 @@ def knn(query_emb, index_emb, k: int, chunk_size: Optional[int] = None, exclude_
     # The expansion cancels: an item's distance to itself read up to 0.02 (128-d embeddings of norm
     # ~34), and a near-duplicate's was off by its own size. So the k distances again, directly, and
     # the row re-sorted by them (ties: lower index), over blocks of queries (bounded memory).
-    query_emb, index_emb = np.asarray(query_emb, np.float32), np.asarray(index_emb, np.float32)
+    # Rows are gathered from the arrays as given (no dtype conversion: a float64 or on-device index
+    # is not copied whole again), each gathered block in float32, as the neighbours were found.
+    query_emb, index_emb = np.asarray(query_emb), np.asarray(index_emb)
     rows = max(1, _EXACT_FLOATS // max(1, k * query.shape[1]))
     for start in range(0, len(query), rows):
         block = slice(start, start + rows)
-        diff = index_emb[idx[block]].astype(np.float64) - query_emb[block, None, :].astype(np.float64)
+        diff = (index_emb[idx[block]].astype(np.float32).astype(np.float64)
+                - query_emb[block, None, :].astype(np.float32).astype(np.float64))
         exact = np.sqrt(np.sum(diff * diff, axis=-1))
         order = np.lexsort((idx[block], exact), axis=-1)
         dists[block] = np.take_along_axis(exact, order, 1)
