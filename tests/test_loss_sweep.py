@@ -214,31 +214,34 @@ def test_an_extra_override_is_compared_as_the_run_received_it(tmp_path):
     ls.check_workdir_matches(str(workdir), "omniglot", overrides, ["num_steps=500", "same_alphabet_negatives=t"])
 
 
-def test_an_interrupted_sweep_lets_its_training_save_and_waits_for_it(tmp_path):
-    """A Ctrl-C or SIGTERM to the sweep reaches its training as SIGTERM (on which a training saves a
-    checkpoint and stops), and the sweep waits for it: `subprocess.call` SIGKILLed the training (its
-    steps since the last save lost), and a SIGTERM to the sweep alone left it training on, orphaned."""
-    training = tmp_path / "training.py"  # a stand-in: saves on SIGTERM, as experiments.train does
+def _interrupted_sweep(tmp_path, saves_on: str, interrupt: str, setup: str = "", context: str = "", **run_args) -> str:
+    """What a sweep (`loss_sweep.run_training` in a Python of its own) prints once `interrupt` (a line
+    of code, run when its training has started) ends it: "interrupted, training saved" if its
+    training, a stand-in that saves 0.5 s after signal `saves_on` as experiments.train saves a
+    checkpoint, got to save. `setup`: lines run first; `context`: context managers put before the
+    sweep's log in its `with`."""
+    training = tmp_path / "training.py"
     training.write_text(
         "import signal, sys, time\n"
         "def save(signum, frame):\n"
         "    time.sleep(0.5)  # a checkpoint takes a while: the sweep must wait for it\n"
         "    open(sys.argv[1], 'w').write('saved')\n"
         "    sys.exit(130)\n"
-        "signal.signal(signal.SIGTERM, save)\n"
+        f"signal.signal(signal.{saves_on}, save)\n"
         "open(sys.argv[2], 'w').write('started')\n"
         "time.sleep(60)\n")
     sweep = (
-        "import os, signal, sys, threading, time\n"
+        "import os, signal, subprocess, sys, threading, time\n"
         "from experiments import loss_sweep\n"
         "from siamese_jax import console\n"
+        f"{setup}"
         "saved, started = sys.argv[1], sys.argv[2]\n"
-        "def stop():\n"
+        "def interrupt():\n"
         "    while not os.path.exists(started):\n"
         "        time.sleep(0.05)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "threading.Thread(target=stop, daemon=True).start()\n"
-        "with console.interrupts_stop((signal.SIGTERM,)), open(os.devnull, 'w') as log:\n"
+        f"    {interrupt}\n"
+        "threading.Thread(target=interrupt, daemon=True).start()\n"
+        f"with {context}open(os.devnull, 'w') as log:\n"
         "    try:\n"
         "        loss_sweep.run_training([sys.executable, sys.argv[3], saved, started], log)\n"
         "    except KeyboardInterrupt:\n"
@@ -246,8 +249,16 @@ def test_an_interrupted_sweep_lets_its_training_save_and_waits_for_it(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", sweep, str(tmp_path / "saved"), str(tmp_path / "started"), str(training)],
                        cwd=repo, env=dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu"), capture_output=True,
-                       text=True, timeout=60)
-    assert r.stdout.strip() == "interrupted, training saved", (r.stdout, r.stderr[-2000:])
+                       text=True, timeout=60, **run_args)
+    return r.stdout.strip() or r.stderr[-2000:]
+
+
+def test_an_interrupted_sweep_lets_its_training_save_and_waits_for_it(tmp_path):
+    """A Ctrl-C or SIGTERM to the sweep reaches its training as SIGTERM (on which a training saves a
+    checkpoint and stops), and the sweep waits for it: `subprocess.call` SIGKILLed the training (its
+    steps since the last save lost), and a SIGTERM to the sweep alone left it training on, orphaned."""
+    assert _interrupted_sweep(tmp_path, "SIGTERM", "os.kill(os.getpid(), signal.SIGTERM)",
+                              context="console.interrupts_stop((signal.SIGTERM,)), ") == "interrupted, training saved"
 
 
 def test_on_windows_an_interrupted_sweep_sends_nothing_and_waits_for_its_training(tmp_path):
@@ -255,35 +266,9 @@ def test_on_windows_an_interrupted_sweep_sends_nothing_and_waits_for_its_trainin
     training without its checkpoint. The console's Ctrl-C reaches every process of the console there,
     so the sweep only waits. Emulated: the sweep and its training in a process group of their own, the
     Ctrl-C sent to the group, `send_signal` made what Windows makes of SIGTERM (a kill)."""
-    training = tmp_path / "training.py"  # a stand-in: saves on the Ctrl-C, as experiments.train does
-    training.write_text(
-        "import signal, sys, time\n"
-        "def save(signum, frame):\n"
-        "    time.sleep(0.5)\n"
-        "    open(sys.argv[1], 'w').write('saved')\n"
-        "    sys.exit(130)\n"
-        "signal.signal(signal.SIGINT, save)\n"
-        "open(sys.argv[2], 'w').write('started')\n"
-        "time.sleep(60)\n")
-    sweep = (
-        "import os, signal, subprocess, sys, threading, time\n"
-        "from experiments import loss_sweep\n"
-        "loss_sweep._WINDOWS = True\n"
-        "send = subprocess.Popen.send_signal  # on Windows, SIGTERM is TerminateProcess: a kill\n"
-        "subprocess.Popen.send_signal = lambda self, sig: send(self, signal.SIGKILL)\n"
-        "saved, started = sys.argv[1], sys.argv[2]\n"
-        "def ctrl_c():\n"
-        "    while not os.path.exists(started):\n"
-        "        time.sleep(0.05)\n"
-        "    os.killpg(0, signal.SIGINT)  # the console's Ctrl-C: to the sweep and its training\n"
-        "threading.Thread(target=ctrl_c, daemon=True).start()\n"
-        "with open(os.devnull, 'w') as log:\n"
-        "    try:\n"
-        "        loss_sweep.run_training([sys.executable, sys.argv[3], saved, started], log)\n"
-        "    except KeyboardInterrupt:\n"
-        "        print('interrupted, training ' + (open(saved).read() if os.path.exists(saved) else 'not saved'))\n")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", sweep, str(tmp_path / "saved"), str(tmp_path / "started"), str(training)],
-                       cwd=repo, env=dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu"), capture_output=True,
-                       text=True, timeout=60, start_new_session=True)  # the group's Ctrl-C must not reach pytest
-    assert r.stdout.strip() == "interrupted, training saved", (r.stdout, r.stderr[-2000:])
+    windows = ("loss_sweep._WINDOWS = True\n"
+               "send = subprocess.Popen.send_signal  # on Windows, SIGTERM is TerminateProcess: a kill\n"
+               "subprocess.Popen.send_signal = lambda self, sig: send(self, signal.SIGKILL)\n")
+    # The Ctrl-C goes to the sweep and its training, in a session of their own so that it misses pytest.
+    assert _interrupted_sweep(tmp_path, "SIGINT", "os.killpg(0, signal.SIGINT)", setup=windows,
+                              start_new_session=True) == "interrupted, training saved"
