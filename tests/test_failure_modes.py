@@ -661,22 +661,6 @@ def test_a_url_workdir_is_one_line_and_creates_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def _read_only_dir_command(path, argv):
-    """`argv` run where `path` is a directory this process cannot write to. Root writes through
-    permission bits, so as root the directory is a read-only tmpfs in a private mount namespace."""
-    if os.geteuid() != 0:
-        os.chmod(path, 0o555)
-        return argv
-    if not shutil.which("unshare") or subprocess.run(
-            ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs '{path}'"], capture_output=True).returncode:
-        why = "running as root without mount namespaces: no way to make a read-only directory"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(why + " (CI must run this test)")
-        pytest.skip(why)
-    quoted = " ".join("'" + a.replace("'", "'\\''") + "'" for a in argv)
-    return ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs '{path}' && exec {quoted}"]
-
-
 def test_a_results_file_that_is_a_folder_is_an_error_before_any_work(tmp_path):
     # It failed only after the run: evaluate spent its whole evaluation, rewrote plots/, then said so.
     from siamese_jax import config_check
@@ -699,7 +683,7 @@ def test_read_only_workdir_is_one_line_before_any_data_is_read(tmp_path):
     workdir = tmp_path / "ro"
     workdir.mkdir()
     try:
-        cmd = _read_only_dir_command(workdir, [sys.executable, "-m", "experiments.train", f"--workdir={workdir}"])
+        cmd = _read_only_as_it_is(workdir)([sys.executable, "-m", "experiments.train", f"--workdir={workdir}"])
         t0 = time.time()
         line = _one_error_line(_run(cmd), f"workdir {workdir}: not writable")
         assert time.time() - t0 < 60, line  # was a PermissionError after 10 s of data loading

@@ -45,8 +45,8 @@ def main(argv):
     cli.setup_logging()
     import numpy as np
 
+    from siamese_jax import config_check, evaluation
     from siamese_jax import input_pipeline as ip
-    from siamese_jax import evaluation
     from siamese_jax.embedding import prepare_dataset_images
     from siamese_jax.inference import load_model
 
@@ -56,8 +56,6 @@ def main(argv):
         config.archive_dir = FLAGS.data_dir
     if FLAGS.source:
         config.source = FLAGS.source
-    from siamese_jax import config_check
-
     # A workdir copied from the machine it trained on: its data folders are not here (and the file
     # written below does not carry them to the next machine).
     config_check.recorded_data_folders_here(config, os.path.join(FLAGS.workdir, "config.json"),
