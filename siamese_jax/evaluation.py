@@ -105,6 +105,10 @@ def one_shot_predictions(support_emb, query_emb, rule: str = "nearest", embeddin
     t, n_way, k_shot, e = s_shape
     if t == 0:
         raise ValueError("no episodes to score")
+    if n_way == 0 or k_shot == 0 or q_shape[2] == 0:
+        # (no queries made every episode's accuracy the mean of nothing: NaN)
+        raise ValueError(f"an episode needs at least one class, one support image and one query, got "
+                         f"n_way={n_way}, k_shot={k_shot}, n_query={q_shape[2]}")
     if embeddings is None:
         _require_finite(support, "the support embeddings")
         _require_finite(query, "the query embeddings")
@@ -223,7 +227,11 @@ def _pairs(distances, is_similar):
 def verification_accuracy(distances, is_similar, threshold) -> float:
     """Fraction of pairs classified correctly by "same iff distance <= threshold"."""
     d, same = _pairs(distances, is_similar)
-    return float(np.mean((d <= threshold) == same))
+    t = np.asarray(threshold)
+    if t.ndim or not np.issubdtype(t.dtype, np.number) or np.isnan(t):
+        # (NaN compared False with every distance: "no pair is the same", scored as an accuracy)
+        raise ValueError(f"threshold must be one number (inf accepts every pair), got {threshold!r}")
+    return float(np.mean((d <= t) == same))
 
 
 def best_threshold(distances, is_similar) -> float:
@@ -412,6 +420,9 @@ def knn(query_emb, index_emb, k: int, chunk_size: Optional[int] = None, exclude_
     The neighbours are found with the float32 expansion |q|^2 - 2 q.e + |e|^2; the k distances
     returned are then computed directly (float64 differences), and the k re-sorted by them.
     """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        # (int(2.7) would have returned 2 neighbours for a k of 2.7 without a word)
+        raise ValueError(f"k must be a whole number of neighbours, got {k!r}")
     k = int(k)
     query, index, index_sqnorm = _prepare(query_emb, index_emb)
     n_index = index.shape[0]

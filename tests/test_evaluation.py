@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from siamese_jax import evaluation, protocols
+from siamese_jax.index import EmbeddingIndex
 
 
 # ------------------------------------------------------------------------------------------------
@@ -652,3 +653,27 @@ def test_a_re_evaluation_with_other_views_says_results_json_no_longer_describes_
     assert "config's square9" in note and "--test_time_shifts=none" in note
     assert other_views_note("runs/a", "square9", "square9", written=True) is None
     assert other_views_note("runs/a", "none", "square9", written=False) is None  # --nowrite: nothing rewritten
+
+
+def test_fractional_k_nan_threshold_and_queryless_episodes_are_refused_not_scored():
+    """Stop 54's leftovers: knn(k=2.7) and EmbeddingIndex.search(k=2.7) returned 2 neighbours;
+    verification_accuracy(threshold=NaN) scored "no pair is the same" as an accuracy (0.5 here);
+    an episode with no queries scored NaN."""
+    index = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    assert evaluation.knn(index, index, np.int64(2))[1].shape == (3, 2)  # NumPy integers are whole numbers
+    for bad in (2.7, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="k must be a whole number of neighbours"):
+            evaluation.knn(index, index, bad)
+        with pytest.raises(ValueError, match="k must be a whole number of neighbours"):
+            EmbeddingIndex(index, ["a", "b", "c"], "fingerprint").search(index, bad)
+    d, same = np.array([0.1, 0.2, 0.9, 1.0]), [True, True, False, False]
+    assert evaluation.verification_accuracy(d, same, np.inf) == 0.5  # inf: every pair "same"
+    assert evaluation.verification_accuracy(d, same, np.float32(0.5)) == 1.0
+    for bad in (np.nan, float("nan"), [0.5, 0.6], None):
+        with pytest.raises(ValueError, match="threshold must be one number"):
+            evaluation.verification_accuracy(d, same, bad)
+    support = np.zeros((3, 1, 2), np.float32)
+    with pytest.raises(ValueError, match="n_query=0"):
+        evaluation.one_shot_accuracy(support, np.zeros((3, 0, 2), np.float32))
+    with pytest.raises(ValueError, match="k_shot=0"):
+        evaluation.one_shot_accuracy(np.zeros((3, 0, 2), np.float32), np.zeros((3, 1, 2), np.float32))
