@@ -256,13 +256,14 @@ def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_stops_the_co
     r = _child((windows if platform == "windows" else "") + """
         import gc, time
         from siamese_jax import console
-        fired = []
+        armed, fired = [], []
         def callback(phase, info):  # a Ctrl-C while it runs: the handler raises in here
-            if not fired:
+            if armed and not fired:  # (armed: not a collection before the command, outside its guard)
                 fired.append(1)
                 os.kill(os.getpid(), signal.SIGINT)
         gc.callbacks.append(callback)
         def work():
+            armed.append(1)
             gc.collect()
             for _ in range(2000):  # two seconds of work after the interrupt
                 time.sleep(0.001)
