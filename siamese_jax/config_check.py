@@ -8,6 +8,7 @@ workdir is a directory this process can write to.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -124,11 +125,37 @@ def validate_model_config(config) -> None:
                           f"({type(e).__name__}: {first[:160]})") from None
 
 
+# Keys a training config may hold besides those of configs/default.py: the divergence rule's
+# (divergence.detector_for reads them when present), and the small encoder's widths as configs
+# from before per-block widths gave them (models.encoder_widths; only without `widths`).
+OPTIONAL_KEYS = ("divergence_factor", "divergence_window")
+LEGACY_WIDTH_KEYS = ("width", "num_blocks")
+
+
+def _check_known_keys(config) -> None:
+    """Every top-level key is one the code reads: a misspelled key in a config file or a notebook's
+    config (`c.embeding_dim = 16`, `c.l2_normalise = True`) trained with the default silently,
+    since a ConfigDict takes new keys and nothing read this one."""
+    from siamese_jax.configs import default
+
+    known = set(default.get_config().keys()) | set(OPTIONAL_KEYS)
+    if "widths" not in config:
+        known |= set(LEGACY_WIDTH_KEYS)
+    for key in sorted(config.keys()):
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"config.{key}={config[key]!r}: not a config key ({hint}the keys are those of "
+                              f"siamese_jax/configs/default.py)")
+
+
 def validate_config(config, *, num_devices: int | None = None, workdir: str | None = None) -> None:
     """Raises ConfigError (one line) for the first key whose value cannot work for a training run
-    (in `workdir`, when given: one with a checkpoint of its own does not read `config.resume`)."""
+    (in `workdir`, when given: one with a checkpoint of its own does not read `config.resume`), or
+    that no code reads (a misspelled key)."""
     from siamese_jax import train_step as ts
 
+    _check_known_keys(config)
     dataset = _one_of(config, "dataset", DATASETS)
     loss = _one_of(config, "loss", ts.ALL_LOSSES)
     _one_of(config, "source", SOURCES)

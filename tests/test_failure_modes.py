@@ -1813,6 +1813,30 @@ def test_a_moving_average_decay_outside_0_1_is_a_one_line_config_error(decay):
         config_check.validate_config(bad)
 
 
+@pytest.mark.parametrize("key, value, suggestion", [
+    ("embeding_dim", 16, "embedding_dim"), ("l2_normalise", True, "l2_normalize"), ("width", 32, "widths"),
+    ("learningrate", 0.01, "learning_rate"), ("my_own_key", 1, None)])
+def test_a_key_no_code_reads_is_a_one_line_config_error(key, value, suggestion):
+    # A config file (or a notebook's config) starting from the default takes any new key: a misspelled
+    # one trained with the default value without a word (the review of stop 55, "extend").
+    c = default.get_config("omniglot")
+    with c.unlocked():
+        c[key] = value
+    hint = f"did you mean {suggestion}? " if suggestion else ""
+    with pytest.raises(config_check.ConfigError, match=re.escape(
+            f"config.{key}={value!r}: not a config key ({hint}the keys are those of siamese_jax/configs/default.py)")):
+        config_check.validate_config(c)
+    # The keys the code reads beyond the default's pass: the divergence rule's, and the widths of
+    # configs from before per-block widths (only without `widths`).
+    ok = default.get_config("omniglot")
+    ok.divergence_factor, ok.divergence_window = 50.0, 10
+    config_check.validate_config(ok)
+    legacy = default.get_config("omniglot")
+    del legacy["widths"]
+    legacy.width, legacy.num_blocks = 16, 3
+    config_check.validate_config(legacy)
+
+
 @pytest.mark.parametrize("steps", [0, -1, 10**10])
 def test_a_learning_rate_schedule_length_out_of_range_is_a_one_line_config_error(steps):
     c = default.get_config("omniglot")  # num_steps 12000
