@@ -2093,6 +2093,23 @@ def test_an_out_without_a_file_name_fails_before_any_work(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_an_override_of_a_key_a_config_file_lacks_names_the_flag_and_the_key(tmp_path):
+    # With --config=FILE, ml_collections applies the overrides later, and an unknown key came out as
+    # `error: --config=mnist_pairs: "'no_such'"`, or with a literal backslash-n before its "Did you
+    # mean" (the review of stop 55, "extend"); without --config it was already readable.
+    mine = tmp_path / "my_config.py"
+    mine.write_text("from siamese_jax.configs import default\n\n\ndef get_config():\n"
+                    "    c = default.get_config()\n    c.embedding_dim = 16\n    return c\n")
+    line = _one_error_line(_train(f"--config={mine}", "--config.embeding_dim=8"))
+    assert line.startswith("error: --config.embeding_dim: the config has no key 'embeding_dim' (Did you mean "
+                           '"embedding_dim" instead of "embeding_dim"?)'), line
+    assert "\\" not in line and str(mine) in line
+    line = _one_error_line(_train("--config=mnist_pairs", "--config.margins.batchhard=0.3"))
+    assert line.startswith("error: --config.margins.batchhard: the config has no key 'batchhard'"), line
+    _one_error_line(_train("--config=mnist_pairs", "--config.no_such=1"),
+                    "error: --config.no_such: the config has no key 'no_such' (--config=mnist_pairs)")
+
+
 def test_a_config_file_error_that_ml_collections_wraps_is_read_as_its_last_line():
     # Some ml_collections versions wrap the config module's own error in a traceback ("Error whilst
     # parsing config file:" ...); the installed one raises it bare, so the CLI tests cannot see this.

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import flags, logging as absl_logging
 
@@ -187,6 +187,27 @@ def config_error_message(e: BaseException) -> str:
     return lines[0]
 
 
+def unknown_override_key(e: BaseException, argv: Sequence[str]) -> Optional[str]:
+    """The one line for an `--config.KEY=` override of a key the config file lacks, or None when `e`
+    is not that. ml_collections defers a config file's overrides to its first use, and then raises
+    AttributeError(KeyError("'KEY'\\nDid you mean ...")), which read as `"'no_such'"` or with a
+    literal `\\n`, naming the file but neither the flag nor that the key does not exist."""
+    inner = e
+    while isinstance(inner, (AttributeError, KeyError)) and inner.args:
+        inner = inner.args[0]
+    if not isinstance(inner, str) or not isinstance(e, (AttributeError, KeyError)):
+        return None
+    first, *rest = inner.strip().splitlines() or [""]
+    key = first.strip().strip("'\"")
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        for prefix in ("--config.", "--noconfig.", "-config.", "-noconfig."):
+            if name.startswith(prefix) and key in name[len(prefix):].split("."):
+                hint = " ".join(line.strip() for line in rest if line.strip())
+                return f"{name}: the config has no key {key!r}" + (f" ({hint})" if hint else "")
+    return None
+
+
 def _split_config_value(value: str) -> tuple[str, str, str]:
     """`FILE[:arg]` as (FILE, ":" or "", arg). FILE is the first prefix before a ':' that is a file,
     so that a path with a ':' in it (a Windows drive: `C:\\runs\\my.py:arg`) stays whole; else the
@@ -321,7 +342,8 @@ def run_app(main, signals: Sequence[int] = console.INTERRUPTS):
                 fail(f"{which}: {config_error_message(e)}")
             fail(console.one_line(e))
         except Exception as e:  # noqa: BLE001 - a config file that fails to load or an override of the wrong type
-            fail(f"{which}: {config_error_message(e)}")
+            unknown = unknown_override_key(e, argv)
+            fail(f"{unknown} ({which})" if unknown else f"{which}: {config_error_message(e)}")
 
     def guarded_main(argv):
         console.quiet_when_reader_leaves()  # `siamese-train ... 2>&1 | head -3` ends as it would have, quietly
