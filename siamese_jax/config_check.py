@@ -147,6 +147,13 @@ def _check_known_keys(config) -> None:
             hint = f"did you mean {close[0]}? " if close else ""
             raise ConfigError(f"config.{key}={config[key]!r}: not a config key ({hint}the keys are those of "
                               f"siamese_jax/configs/default.py)")
+    margins = config.get("margins") or {}
+    for loss in sorted(margins.keys()) if hasattr(margins, "keys") else ():
+        if loss not in default.MARGINS:  # a margin filed under a misspelled loss: the loss kept its default
+            close = difflib.get_close_matches(loss, sorted(default.MARGINS), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"config.margins.{loss}={margins[loss]!r}: not a loss ({hint}config.margins "
+                              f"holds one margin per loss: {', '.join(default.MARGINS)})")
 
 
 def validate_config(config, *, num_devices: int | None = None, workdir: str | None = None) -> None:

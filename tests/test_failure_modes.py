@@ -1837,6 +1837,18 @@ def test_a_key_no_code_reads_is_a_one_line_config_error(key, value, suggestion):
     config_check.validate_config(legacy)
 
 
+
+def test_a_margin_filed_under_a_name_that_is_no_loss_is_a_one_line_config_error():
+    # `c.margins["batchhard"] = 0.3` in a config file left batch_hard at its default margin, silently.
+    c = default.get_config("omniglot")
+    c.loss = "batch_hard"
+    c.margins["batchhard"] = 0.3
+    with pytest.raises(config_check.ConfigError, match=re.escape(
+            "config.margins.batchhard=0.3: not a loss (did you mean batch_hard? config.margins holds one margin "
+            "per loss: contrastive, triplet, ")):
+        config_check.validate_config(c)
+
+
 @pytest.mark.parametrize("steps", [0, -1, 10**10])
 def test_a_learning_rate_schedule_length_out_of_range_is_a_one_line_config_error(steps):
     c = default.get_config("omniglot")  # num_steps 12000
