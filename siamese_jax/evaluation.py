@@ -414,7 +414,9 @@ def knn(query_emb, index_emb, k: int, chunk_size: Optional[int] = None, exclude_
     """Exact k nearest neighbours by Euclidean distance, over chunks of queries.
 
     query_emb [Q, E], index_emb [N, E]. Returns (distances float32 [Q, k], indices int32 [Q, k]),
-    each row sorted by ascending distance, ties broken by the lower index. exclude_self=True means
+    each row sorted by ascending distance, ties among them broken by the lower index (which of
+    several different rows at exactly the k-th distance is kept follows the float32 rounding
+    of the search below, not the index). exclude_self=True means
     the queries ARE the index (same order) and leaves each query out of its own neighbours.
     Each chunk holds chunk_size x N distances (chunk_size=None sizes it to about 128 MiB).
     The neighbours are found with the float32 expansion |q|^2 - 2 q.e + |e|^2; the k distances

@@ -3,6 +3,15 @@
 Input is NHWC float in [0, 1] with ink bright (see data/dataset.py). Parameters are always float32;
 `dtype` sets the compute dtype (bfloat16 on GPU/TPU; keep float32 on CPU, where bf16 convolutions
 are emulated and slow).
+
+Adding an encoder (a Linen module mapping [N, H, W, 1] in [0, 1] to [N, E]; the review of stop 55
+trained, resumed, exported and compared a residual net added this way):
+1. the module here, and its branch in `build_model` under a new `config.model` name;
+2. that name in `config_check.MODELS` (and its own ranges there), new config keys in
+   `configs/default.py` (a key missing there is refused as a misspelling);
+3. what stays tied to the small encoder: `l2_normalize` (and the losses needing it, ArcFace and
+   multi-similarity), the benchmark's and `profile_step`'s fixed rows. The train step hands the
+   model no PRNG keys, so `nn.Dropout` (deterministic=False) would fail at the first step.
 """
 from __future__ import annotations
 
