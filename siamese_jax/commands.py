@@ -258,16 +258,16 @@ def _calibrate(argv):
 
 
 def compare_main(argv=None):
-    sys.exit(_run(_compare, sys.argv[1:] if argv is None else argv))
+    console.exit_process(_run(_compare, sys.argv[1:] if argv is None else argv))
 
 
 def embed_main(argv=None):
-    sys.exit(_run(_embed, sys.argv[1:] if argv is None else argv))
+    console.exit_process(_run(_embed, sys.argv[1:] if argv is None else argv))
 
 
 def search_main(argv=None):
-    sys.exit(_run(_search, sys.argv[1:] if argv is None else argv))
+    console.exit_process(_run(_search, sys.argv[1:] if argv is None else argv))
 
 
 def calibrate_main(argv=None):
-    sys.exit(_run(_calibrate, sys.argv[1:] if argv is None else argv))
+    console.exit_process(_run(_calibrate, sys.argv[1:] if argv is None else argv))

@@ -203,16 +203,43 @@ def expand_home(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _hold_a_ctrl_c_while_exiting():
+    """An atexit callback (registered last by `exit_process`, so run first): while the other atexit
+    callbacks run, a first Ctrl-C is let go instead of raised. Python's handler raised it inside
+    jax's clean-up (`clear_backends`, ~10 ms after a command's last line), which Python prints as
+    "Exception ignored in atexit callback" and 9 lines of traceback, after the work was done and with
+    its exit code (the leftovers review of stop 55). A second Ctrl-C ends the process at once with
+    130, so that a clean-up that hangs still stops on Ctrl-C (why ignoring it was not taken at stop
+    50). A handler that is not Python's own (ignored, a user's) is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+    held = []
+
+    def let_go_once(signum, frame):
+        if held:
+            _flush_output()
+            os._exit(EXIT_INTERRUPTED)
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, let_go_once)
+
+
 def exit_process(code: int):
     """Ends the process with `code`. A failed process of a multi-process job (jax.distributed
     initialised) leaves at once with os._exit: its peers wait in a collective for it, and jax's
     atexit shutdown would wait for them in a barrier for 300 s, then abort every process with a C++
-    stack dump. Leaving at once ends the peers' collectives within seconds and keeps this exit code."""
+    stack dump. Leaving at once ends the peers' collectives within seconds and keeps this exit code.
+    A Ctrl-C while the process is only exiting (its atexit clean-up) is no traceback
+    (`_hold_a_ctrl_c_while_exiting`)."""
     jax = sys.modules.get("jax")  # (not imported here: the CLIs' start-up stays light)
     if code and jax is not None and jax.distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    atexit.unregister(_hold_a_ctrl_c_while_exiting)
+    atexit.register(_hold_a_ctrl_c_while_exiting)  # the last registered runs first
     sys.exit(code)
 
 

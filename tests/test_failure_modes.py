@@ -278,6 +278,32 @@ def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_stops_the_co
     assert r.stderr.splitlines() == ["error: interrupted"], r.stderr
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_a_ctrl_c_in_the_atexit_clean_up_after_the_work_is_no_traceback(tmp_path, presses):
+    """A Ctrl-C in the ~10 ms after a command's last line landed in jax's atexit clean-up
+    (`clear_backends`): "Exception ignored in atexit callback" and 9 lines of traceback, after the
+    work was done (17 of 50 presses near the end of `compare`; the leftovers review of stop 55). Now
+    a first one lets the clean-up finish and the command keep its exit code; a second one still
+    ends the process at once (130), as a hanging clean-up needs."""
+    r = _child(f"""
+        import atexit, time
+        from siamese_jax import console
+        def clean_up():  # as jax's, registered when jax is imported
+            for _ in range({presses}):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            print("clean-up done")
+        atexit.register(clean_up)
+        print("verdict       DIFFERENT")
+        console.exit_process(1)
+    """, tmp_path)
+    if presses == 1:
+        assert (r.returncode, r.stderr) == (1, ""), r.stderr
+        assert r.stdout.splitlines() == ["verdict       DIFFERENT", "clean-up done"]
+    else:
+        assert (r.returncode, r.stderr, r.stdout) == (130, "", "verdict       DIFFERENT\n"), r.stderr
+
+
 def test_a_ctrl_c_while_the_command_imports_its_error_types_is_one_line_and_130(tmp_path):
     """`compare`'s error types import jax (a second): a Ctrl-C then escaped the top-level handler,
     a 50-line traceback and exit code -2."""
