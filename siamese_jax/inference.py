@@ -250,9 +250,21 @@ class SiameseModel:
         return h.hexdigest()[:16]
 
     def save(self, path: str) -> None:
+        """Writes the model file. Its config carries no data folders (`archive_dir`, `tfds_data_dir`,
+        `cache_dir`): they are where the data were on the machine that wrote it (`siamese-export
+        --data_dir=...`, a workdir's config.json), a file is shared with others, and `compare`/`embed`
+        never read data; where a file's reader evaluates or calibrates from it, its own --data_dir
+        or $SIAMESE_DATA_DIR applies. Kept, another machine warned about a folder it lacks (or, where
+        that path was a folder, read it over $SIAMESE_DATA_DIR; the leftovers review of stop 55)."""
         from flax import serialization
 
-        meta = {"format": FORMAT, "config": json.loads(self.config.to_json_best_effort()),
+        from siamese_jax import config_check
+
+        config = json.loads(self.config.to_json_best_effort())
+        for key in config_check.DATA_FOLDER_KEYS:
+            if key in config:
+                config[key] = None
+        meta = {"format": FORMAT, "config": config,
                 "calibration": dataclasses.asdict(self.calibration) if self.calibration else None,
                 "provenance": self.provenance}
         blob = serialization.msgpack_serialize({

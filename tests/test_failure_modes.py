@@ -1143,7 +1143,7 @@ def test_evaluate_and_export_read_the_data_from_another_source_and_machine_than_
     assert inference.load_model(str(tmp_path / "m.msgpack")).config.cache_dir is None
 
 
-def test_a_run_from_another_machine_does_not_use_its_recorded_data_folders(tmp_path, caplog):
+def test_a_run_from_another_machine_does_not_use_its_recorded_data_folders(tmp_path, caplog, monkeypatch):
     # A workdir (or its exported file) copied from the machine it trained on records that machine's
     # archive_dir / cache_dir: they overrode SIAMESE_DATA_DIR here (an error naming the first
     # machine's path, no word of --data_dir) and the cache was written to that path on this one.
@@ -1152,7 +1152,9 @@ def test_a_run_from_another_machine_does_not_use_its_recorded_data_folders(tmp_p
     config.cache_dir = str(tmp_path / "first-machine-cache")  # not here either
     config.tfds_data_dir = str(tmp_path)  # a folder that is here: kept
     workdir = _finished_workdir(tmp_path / "run", config)
-    inference.load_model(str(workdir)).save(str(tmp_path / "run.msgpack"))
+    with monkeypatch.context() as m:  # a model file written before stop 55, which carried them
+        m.setattr(config_check, "DATA_FOLDER_KEYS", ())
+        inference.load_model(str(workdir)).save(str(tmp_path / "run.msgpack"))
     for source in (workdir, tmp_path / "run.msgpack"):
         caplog.clear()
         loaded, _ = inference.load_run(str(source))
@@ -1162,6 +1164,27 @@ def test_a_run_from_another_machine_does_not_use_its_recorded_data_folders(tmp_p
         # A folder given on this machine (--data_dir, a student's data keys) is the user's: kept.
         loaded, _ = inference.load_run(str(source), {"archive_dir": "/given/here"})
         assert loaded.config.archive_dir == "/given/here" and loaded.config.cache_dir is None
+
+
+def test_a_model_file_carries_no_data_folders_of_the_machine_that_wrote_it(tmp_path, caplog):
+    """`siamese-export --data_dir=...` (or a workdir's recorded folders, through export or `calibrate
+    --out`) wrote that machine's data folders into the model file, which is shared with others: on
+    another machine evaluating from it warned about a folder that is not there (where the path was a
+    folder, it was read over $SIAMESE_DATA_DIR). Its config now has none; the run's other keys stay."""
+    config = _tiny_config()
+    config.archive_dir = str(tmp_path)  # folders that exist on the writing machine
+    config.cache_dir = str(tmp_path)
+    config.tfds_data_dir = str(tmp_path)
+    workdir = _finished_workdir(tmp_path / "run", config)
+    model = inference.load_model(str(workdir))
+    model.save(str(tmp_path / "run.msgpack"))
+    assert model.config.archive_dir == str(tmp_path)  # the model in memory is left as it was
+    saved = inference.load_model(str(tmp_path / "run.msgpack")).config
+    assert (saved.archive_dir, saved.cache_dir, saved.tfds_data_dir) == (None, None, None)
+    assert tuple(saved.widths) == tuple(config.widths) and saved.dataset == config.dataset and saved.source == config.source
+    caplog.clear()
+    loaded, _ = inference.load_run(str(tmp_path / "run.msgpack"))
+    assert loaded.config.archive_dir is None and "not used" not in caplog.text
 
 
 def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):

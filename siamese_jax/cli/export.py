@@ -57,7 +57,7 @@ def main(argv):
     if FLAGS.source:
         config.source = FLAGS.source
     # A workdir copied from the machine it trained on: its data folders are not here (and the file
-    # written below does not carry them to the next machine).
+    # written below carries none to the next machine: `SiameseModel.save`).
     config_check.recorded_data_folders_here(config, os.path.join(FLAGS.workdir, "config.json"),
                                             given=("archive_dir",) if FLAGS.data_dir else ())
     if FLAGS.test_time_shifts:
