@@ -171,16 +171,20 @@ def _without_replacement(bits, n, k: int):
     because Floyd's output order is not uniform. If n < k, every value of [0, n) is used as evenly
     as possible (some repeat) instead.
     """
-    i = jnp.arange(k)
+    # int32 throughout: under JAX_ENABLE_X64 `arange` and the loop's index are int64, which strict
+    # dtype promotion (jax_numpy_dtype_promotion='strict') refuses to mix with the dataset's int32.
+    n = jnp.asarray(n, jnp.int32)
+    i = jnp.arange(k, dtype=jnp.int32)
     upper = n - k + i  # Floyd: for j = n-k .. n-1, t ~ U{0..j}; take t unless taken, else j
     draws = _below(bits[:k], upper + 1)
 
     # A loop rather than k unrolled steps: same values, and a 20-way episode sampler compiles in
     # about half the time (it dominated an evaluation's compiles).
     def floyd_step(step, chosen):
+        step = jnp.asarray(step, jnp.int32)
         taken = jnp.any((chosen == draws[step]) & (i < step))
-        # int32 as `chosen`: under JAX_ENABLE_X64 `upper` is int64, and a scatter of int64 into int32
-        # warns on every training (a FutureWarning that JAX says will become an error).
+        # int32 as `chosen` (a scatter of int64 into int32 warned on every training under
+        # JAX_ENABLE_X64, a FutureWarning that JAX says will become an error; all int32 above now).
         return chosen.at[step].set(jnp.where(taken, upper[step], draws[step]).astype(chosen.dtype))
 
     chosen = jax.lax.fori_loop(0, k, floyd_step, jnp.zeros((k,), jnp.int32))
@@ -317,7 +321,7 @@ def pk_batch_classes(key, step, num_classes: int, classes_per_batch: int):
     step = jnp.asarray(step, jnp.int32)
     epoch, within = step // per_epoch, step % per_epoch
     permutation = jax.random.permutation(jax.random.fold_in(key, epoch), num_classes)
-    positions = within * classes_per_batch + jnp.arange(classes_per_batch)
+    positions = within * classes_per_batch + jnp.arange(classes_per_batch, dtype=jnp.int32)
     # The last step of an epoch runs off the end: wrap to the start of the *same* permutation.
     # Those head positions are disjoint from the tail ones (P <= C), so the P classes stay distinct.
     positions = jnp.where(positions < num_classes, positions, positions - num_classes)

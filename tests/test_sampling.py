@@ -343,6 +343,28 @@ def test_without_replacement_under_x64_warns_nothing():
     assert len(set(draws.tolist())) == 3 and draws.min() >= 0 and draws.max() < 10
 
 
+def test_samplers_under_x64_with_strict_dtype_promotion():
+    """A developer checking dtypes (jax_numpy_dtype_promotion="strict") under JAX_ENABLE_X64: the
+    without-replacement draw added int64 `arange` and loop indices to the dataset's int32 counts, a
+    TypePromotionError in every P x K batch and episode (left as it was at stop 54; fixed at stop 55).
+    The draws themselves are the same as under the default promotion."""
+    enable_x64 = getattr(jax, "enable_x64", None)
+    if enable_x64 is None:  # JAX before the top-level context manager
+        from jax.experimental import enable_x64
+    ds = _omniglot_like()
+    key = jax.random.key(0)
+    with enable_x64(True):
+        dds = sampling.to_device_dataset(ds)
+        calls = {  # (jitted: op by op, the four took 15 s)
+            "pk": lambda d: sampling.sample_pk_batch(key, 3, d, 4, 3)["index"],
+            "episode_alphabet": lambda d: sampling.sample_episodes(key, d, 2, 1, 2, within_alphabet=True)["query_index"]}
+        standard = {name: np.asarray(jax.jit(call)(dds)) for name, call in calls.items()}
+        with jax.numpy_dtype_promotion("strict"):
+            strict = {name: np.asarray(jax.jit(call)(dds)) for name, call in calls.items()}
+    for name in calls:
+        np.testing.assert_array_equal(strict[name], standard[name], err_msg=name)
+
+
 def test_labels_that_int32_would_change_are_refused_not_merged():
     """The review of stop 54: a user's own labels went through astype(int32). Float labels 0.2 and
     0.7 both became class 0, and int64 ids 0 and 2**32 one class, so every pair of the two classes
