@@ -164,32 +164,48 @@ def guarded(fn: Callable[[], Optional[int]],
     an interrupt: `signals`, see `interrupts_stop`). `user_errors` (or a function giving them,
     called in here: their imports take a second, in which a Ctrl-C is an interrupt too) are
     reported as their own message, others with a hint."""
+    done = []  # the exit code, once the work (or its report) is over
+    try:
+        with interrupts_stop(signals):
+            done.append(_guarded(fn, user_errors, verbose))
+    except KeyboardInterrupt as e:
+        # Between the end of the work and the handlers' restoration (`interrupts_stop`'s exit): it
+        # escaped as a 20-line traceback with exit -2 (the leftovers review of stop 55). The work's
+        # own code when it was over; otherwise an interrupt as any other.
+        if done:
+            return done[0]
+        error(str(e) or "interrupted")
+        return EXIT_INTERRUPTED
+    return done[0]
+
+
+def _guarded(fn, user_errors, verbose) -> int:
+    """`guarded`'s handler, inside `interrupts_stop`."""
     errors: tuple = ()
-    with interrupts_stop(signals):
-        try:
-            errors = tuple(user_errors() if callable(user_errors) else user_errors)
-            code = fn()
-            return 0 if code is None else int(code)
-        except SystemExit:
-            raise
-        except StoppedBySignal as e:
-            print(str(e), file=sys.stderr)
-            sys.exit(EXIT_INTERRUPTED)
-        except KeyboardInterrupt as e:
-            error(str(e) or "interrupted")
+    try:
+        errors = tuple(user_errors() if callable(user_errors) else user_errors)
+        code = fn()
+        return 0 if code is None else int(code)
+    except SystemExit:
+        raise
+    except StoppedBySignal as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as e:
+        error(str(e) or "interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the top-level handler
+        interrupt = interrupt_behind(e)
+        if interrupt is not None:  # a Ctrl-C, whatever it was turned into on its way here
+            error(str(interrupt) or "interrupted")
             return EXIT_INTERRUPTED
-        except Exception as e:  # noqa: BLE001 - the top-level handler
-            interrupt = interrupt_behind(e)
-            if interrupt is not None:  # a Ctrl-C, whatever it was turned into on its way here
-                error(str(interrupt) or "interrupted")
-                return EXIT_INTERRUPTED
-            if not isinstance(e, errors):
-                report_unexpected(e, verbose)
-                return EXIT_ERROR
-            if wants_traceback(verbose):
-                traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
-            error(one_line(e))
+        if not isinstance(e, errors):
+            report_unexpected(e, verbose)
             return EXIT_ERROR
+        if wants_traceback(verbose):
+            traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+        error(one_line(e))
+        return EXIT_ERROR
 
 
 def expand_home(argv: Sequence[str]) -> list[str]:

@@ -278,6 +278,33 @@ def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_stops_the_co
     assert r.stderr.splitlines() == ["error: interrupted"], r.stderr
 
 
+@pytest.mark.parametrize("work", ["done", "interrupted"])
+def test_a_ctrl_c_as_the_handler_restores_the_signals_is_no_traceback(tmp_path, work):
+    """A Ctrl-C after the work returned, while `interrupts_stop` was restoring the signal handlers,
+    escaped the top-level handler: a 20-line traceback and exit -2 (1 of 8 presses as `siamese-export`
+    printed its last line; the leftovers review of stop 55). Now the work's own exit code when it was
+    over (3 here), and one line and 130 when it was not."""
+    r = _child(f"""
+        import contextlib
+        from siamese_jax import console
+        real = console.interrupts_stop
+        @contextlib.contextmanager
+        def late(signals):
+            with real(signals):
+                yield
+                os.kill(os.getpid(), signal.SIGINT)  # our handler is still the one installed
+        console.interrupts_stop = late
+        if {work!r} == "interrupted":  # the work never returned: an interrupt as any other
+            console._guarded = lambda *args: os.kill(os.getpid(), signal.SIGINT)
+        print("exit code", console.guarded(lambda: 3))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    if work == "done":
+        assert (r.stdout, r.stderr) == ("exit code 3\n", ""), r.stderr
+    else:
+        assert (r.stdout, r.stderr) == ("exit code 130\n", "error: interrupted\n"), r.stderr
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_a_ctrl_c_in_the_atexit_clean_up_after_the_work_is_no_traceback(tmp_path, presses):
     """A Ctrl-C in the ~10 ms after a command's last line landed in jax's atexit clean-up
