@@ -410,6 +410,20 @@ def _centred_on_device(index: np.ndarray, centre):
     return index_dev, sqnorm
 
 
+def whole_k(k) -> int:
+    """`k` as an int: any integer scalar (int, a NumPy integer, a 0-d NumPy or JAX integer array, as
+    `operator.index` takes them); ValueError for a bool, a float (int(2.7) would have returned 2
+    neighbours for a k of 2.7 without a word) or anything else."""
+    import operator
+
+    try:
+        if isinstance(k, (bool, np.bool_)):
+            raise TypeError
+        return operator.index(k)
+    except TypeError:
+        raise ValueError(f"k must be a whole number of neighbours, got {k!r}") from None
+
+
 def knn(query_emb, index_emb, k: int, chunk_size: Optional[int] = None, exclude_self: bool = False):
     """Exact k nearest neighbours by Euclidean distance, over chunks of queries.
 
@@ -422,10 +436,7 @@ def knn(query_emb, index_emb, k: int, chunk_size: Optional[int] = None, exclude_
     The neighbours are found with the float32 expansion |q|^2 - 2 q.e + |e|^2; the k distances
     returned are then computed directly (float64 differences), and the k re-sorted by them.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        # (int(2.7) would have returned 2 neighbours for a k of 2.7 without a word)
-        raise ValueError(f"k must be a whole number of neighbours, got {k!r}")
-    k = int(k)
+    k = whole_k(k)
     query, index, index_sqnorm = _prepare(query_emb, index_emb)
     n_index = index.shape[0]
     available = n_index - 1 if exclude_self else n_index

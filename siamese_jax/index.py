@@ -74,9 +74,7 @@ class EmbeddingIndex:
         Memory stays bounded for any Q, N and k: `knn` holds ~128 MiB of distances at a time
         (chunk_size=None; a fixed 1,024 queries made it 1,024 x N: 7.6 GB for a million rows), and
         re-ranks its k by their direct distances over blocks of ~64 MiB of queries."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise ValueError(f"k must be a whole number of neighbours, got {k!r}")
-        k = min(int(k), len(self))
+        k = min(evaluation.whole_k(k), len(self))
         distances, indices = evaluation.knn(np.asarray(query_embeddings, np.float32), self.embeddings, k,
                                             chunk_size=chunk_size)
         return distances, indices

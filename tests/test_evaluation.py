@@ -677,3 +677,18 @@ def test_fractional_k_nan_threshold_and_queryless_episodes_are_refused_not_score
         evaluation.one_shot_accuracy(support, np.zeros((3, 0, 2), np.float32))
     with pytest.raises(ValueError, match="k_shot=0"):
         evaluation.one_shot_accuracy(np.zeros((3, 0, 2), np.float32), np.zeros((3, 1, 2), np.float32))
+
+
+def test_k_may_be_an_integer_scalar_of_numpy_or_jax():
+    """The fractional-k check of stop 55 refused a JAX integer scalar (`jnp.int32(2)`, what a k
+    computed in JAX is) and a 0-d NumPy integer array, which `int(k)` had taken: an integer scalar of
+    any kind is a whole number of neighbours; a float one (`jnp.float32(2.0)`) still is not."""
+    import jax.numpy as jnp
+
+    index = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    for k in (jnp.int32(2), jnp.array(2), np.array(2)):
+        assert evaluation.knn(index, index, k)[1].shape == (3, 2)
+        assert EmbeddingIndex(index, ["a", "b", "c"], "fingerprint").search(index, k)[1].shape == (3, 2)
+    for bad in (jnp.float32(2.0), np.bool_(True), jnp.array([2])):
+        with pytest.raises(ValueError, match="k must be a whole number of neighbours"):
+            evaluation.knn(index, index, bad)
