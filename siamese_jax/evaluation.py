@@ -228,7 +228,8 @@ def verification_accuracy(distances, is_similar, threshold) -> float:
     """Fraction of pairs classified correctly by "same iff distance <= threshold"."""
     d, same = _pairs(distances, is_similar)
     t = np.asarray(threshold)
-    if t.ndim or not np.issubdtype(t.dtype, np.number) or np.isnan(t):
+    # (jnp.issubdtype: a bfloat16 scalar, from bf16 distances, is a number too; np.number has no bfloat16)
+    if t.ndim or not jnp.issubdtype(t.dtype, jnp.number) or np.isnan(t):
         # (NaN compared False with every distance: "no pair is the same", scored as an accuracy)
         raise ValueError(f"threshold must be one number (inf accepts every pair), got {threshold!r}")
     return float(np.mean((d <= t) == same))

@@ -692,3 +692,18 @@ def test_k_may_be_an_integer_scalar_of_numpy_or_jax():
     for bad in (jnp.float32(2.0), np.bool_(True), jnp.array([2])):
         with pytest.raises(ValueError, match="k must be a whole number of neighbours"):
             evaluation.knn(index, index, bad)
+
+
+def test_a_bfloat16_threshold_is_a_number():
+    """The NaN-threshold check of stop 55 asked np.issubdtype(dtype, np.number), which bfloat16 (a
+    threshold computed from bf16 distances: compute_dtype=bfloat16 on a GPU/TPU) is not: "threshold
+    must be one number" for 0.5, where it had scored. NaN, a bool and a string still refused."""
+    import jax.numpy as jnp
+
+    d, same = np.array([0.1, 0.2, 0.9, 1.0]), [True, True, False, False]
+    assert evaluation.verification_accuracy(d, same, jnp.bfloat16(0.5)) == 1.0
+    assert evaluation.verification_accuracy(jnp.asarray(d, jnp.bfloat16), same,
+                                            jnp.median(jnp.asarray(d, jnp.bfloat16))) == 1.0
+    for bad in (jnp.bfloat16(float("nan")), True, "0.5"):
+        with pytest.raises(ValueError, match="threshold must be one number"):
+            evaluation.verification_accuracy(d, same, bad)
