@@ -190,6 +190,9 @@ def _guarded(fn, user_errors, verbose) -> int:
         raise
     except StoppedBySignal as e:
         print(str(e), file=sys.stderr)
+        # (a normal exit, through jax's shutdown barrier: not `exit_process`, but its hold of a
+        # Ctrl-C in the clean-up too, where the user's second press after a stopped training fell)
+        _hold_a_ctrl_c_at_exit()
         sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt as e:
         error(str(e) or "interrupted")
@@ -254,9 +257,14 @@ def exit_process(code: int):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    atexit.unregister(_hold_a_ctrl_c_while_exiting)
-    atexit.register(_hold_a_ctrl_c_while_exiting)  # the last registered runs first
+    _hold_a_ctrl_c_at_exit()
     sys.exit(code)
+
+
+def _hold_a_ctrl_c_at_exit():
+    """Registers `_hold_a_ctrl_c_while_exiting` as the last atexit callback (the last registered runs first)."""
+    atexit.unregister(_hold_a_ctrl_c_while_exiting)
+    atexit.register(_hold_a_ctrl_c_while_exiting)
 
 
 def display(text: str, stream=None) -> str:

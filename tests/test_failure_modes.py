@@ -331,6 +331,26 @@ def test_a_ctrl_c_in_the_atexit_clean_up_after_the_work_is_no_traceback(tmp_path
         assert (r.returncode, r.stderr, r.stdout) == (130, "", "verdict       DIFFERENT\n"), r.stderr
 
 
+def test_a_ctrl_c_in_the_atexit_clean_up_after_a_stopped_training_is_no_traceback(tmp_path):
+    """A training stopped by a Ctrl-C (`StoppedBySignal`: saved, exit 130) leaves by `sys.exit`,
+    not `exit_process`, so the hold of a Ctrl-C in jax's clean-up was not registered: the user's
+    second press, as the stopped run exited, printed "Exception ignored in atexit callback" and a
+    traceback after the one line."""
+    r = _child("""
+        import atexit, time
+        from siamese_jax import console
+        def clean_up():  # as jax's, registered when jax is imported
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            print("clean-up done")
+        atexit.register(clean_up)
+        def train():
+            raise console.StoppedBySignal("SIGINT: stopped at step 4 (saved)")
+        console.exit_process(console.guarded(train))
+    """, tmp_path)
+    assert (r.returncode, r.stderr, r.stdout) == (130, "SIGINT: stopped at step 4 (saved)\n", "clean-up done\n"), r.stderr
+
+
 def test_a_ctrl_c_while_the_command_imports_its_error_types_is_one_line_and_130(tmp_path):
     """`compare`'s error types import jax (a second): a Ctrl-C then escaped the top-level handler,
     a 50-line traceback and exit code -2."""
