@@ -186,7 +186,8 @@ def _guarded(fn, user_errors, verbose) -> int:
         errors = tuple(user_errors() if callable(user_errors) else user_errors)
         code = fn()
         return 0 if code is None else int(code)
-    except SystemExit:
+    except SystemExit:  # (`fail`: the process ends, not through `exit_process`; its hold all the same)
+        _hold_a_ctrl_c_at_exit()
         raise
     except StoppedBySignal as e:
         print(str(e), file=sys.stderr)

@@ -351,6 +351,23 @@ def test_a_ctrl_c_in_the_atexit_clean_up_after_a_stopped_training_is_no_tracebac
     assert (r.returncode, r.stderr, r.stdout) == (130, "SIGINT: stopped at step 4 (saved)\n", "clean-up done\n"), r.stderr
 
 
+def test_a_ctrl_c_in_the_atexit_clean_up_after_an_entry_points_own_error_exit_is_no_traceback(tmp_path):
+    """An entry point's `cli.fail` (siamese-evaluate's "--model=x: no such model file", after jax
+    was imported) leaves by SystemExit from inside the handler, not by `exit_process`: a Ctrl-C in
+    jax's clean-up then still printed "Exception ignored in atexit callback" and a traceback."""
+    r = _child("""
+        import atexit, time
+        from siamese_jax import console
+        def clean_up():  # as jax's, registered when jax is imported
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            print("clean-up done")
+        atexit.register(clean_up)
+        console.exit_process(console.guarded(lambda: console.fail("--model=x: no such model file")))
+    """, tmp_path)
+    assert (r.returncode, r.stderr, r.stdout) == (2, "error: --model=x: no such model file\n", "clean-up done\n"), r.stderr
+
+
 def test_a_ctrl_c_while_the_command_imports_its_error_types_is_one_line_and_130(tmp_path):
     """`compare`'s error types import jax (a second): a Ctrl-C then escaped the top-level handler,
     a 50-line traceback and exit code -2."""
