@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Optional
 
 import jax
@@ -415,8 +416,6 @@ def whole_k(k) -> int:
     """`k` as an int: any integer scalar (int, a NumPy integer, a 0-d NumPy or JAX integer array, as
     `operator.index` takes them); ValueError for a bool, a float (int(2.7) would have returned 2
     neighbours for a k of 2.7 without a word) or anything else."""
-    import operator
-
     try:
         if isinstance(k, (bool, np.bool_)):
             raise TypeError
