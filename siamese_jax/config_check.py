@@ -132,6 +132,11 @@ OPTIONAL_KEYS = ("divergence_factor", "divergence_window")
 LEGACY_WIDTH_KEYS = ("width", "num_blocks")
 
 
+def _did_you_mean(name: str, names) -> str:
+    close = difflib.get_close_matches(name, sorted(names), n=1)
+    return f"did you mean {close[0]}? " if close else ""
+
+
 def _check_known_keys(config) -> None:
     """Every top-level key is one the code reads: a misspelled key in a config file or a notebook's
     config (`c.embeding_dim = 16`, `c.l2_normalise = True`) trained with the default silently,
@@ -143,16 +148,12 @@ def _check_known_keys(config) -> None:
         known |= set(LEGACY_WIDTH_KEYS)
     for key in sorted(config.keys()):
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise ConfigError(f"config.{key}={config[key]!r}: not a config key ({hint}the keys are those of "
+            raise ConfigError(f"config.{key}={config[key]!r}: not a config key ({_did_you_mean(key, known)}the keys are those of "
                               f"siamese_jax/configs/default.py)")
     margins = config.get("margins") or {}
     for loss in sorted(margins.keys()) if hasattr(margins, "keys") else ():
         if loss not in default.MARGINS:  # a margin filed under a misspelled loss: the loss kept its default
-            close = difflib.get_close_matches(loss, sorted(default.MARGINS), n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise ConfigError(f"config.margins.{loss}={margins[loss]!r}: not a loss ({hint}config.margins "
+            raise ConfigError(f"config.margins.{loss}={margins[loss]!r}: not a loss ({_did_you_mean(loss, default.MARGINS)}config.margins "
                               f"holds one margin per loss: {', '.join(default.MARGINS)})")
 
 

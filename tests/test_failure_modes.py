@@ -305,6 +305,20 @@ def test_a_ctrl_c_as_the_handler_restores_the_signals_is_no_traceback(tmp_path, 
         assert (r.stdout, r.stderr) == ("exit code 130\n", "error: interrupted\n"), r.stderr
 
 
+# A stand-in for jax's atexit clean-up (registered when jax is imported) during which the user
+# presses Ctrl-C `presses` times.
+_CLEAN_UP_WITH_CTRL_C = """
+        import atexit, time
+        from siamese_jax import console
+        def clean_up():
+            for _ in range({presses}):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            print("clean-up done")
+        atexit.register(clean_up)
+"""
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_a_ctrl_c_in_the_atexit_clean_up_after_the_work_is_no_traceback(tmp_path, presses):
     """A Ctrl-C in the ~10 ms after a command's last line landed in jax's atexit clean-up
@@ -312,15 +326,7 @@ def test_a_ctrl_c_in_the_atexit_clean_up_after_the_work_is_no_traceback(tmp_path
     work was done (17 of 50 presses near the end of `compare`; the leftovers review of stop 55). Now
     a first one lets the clean-up finish and the command keep its exit code; a second one still
     ends the process at once (130), as a hanging clean-up needs."""
-    r = _child(f"""
-        import atexit, time
-        from siamese_jax import console
-        def clean_up():  # as jax's, registered when jax is imported
-            for _ in range({presses}):
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)
-            print("clean-up done")
-        atexit.register(clean_up)
+    r = _child(_CLEAN_UP_WITH_CTRL_C.format(presses=presses) + """
         print("verdict       DIFFERENT")
         console.exit_process(1)
     """, tmp_path)
@@ -331,41 +337,23 @@ def test_a_ctrl_c_in_the_atexit_clean_up_after_the_work_is_no_traceback(tmp_path
         assert (r.returncode, r.stderr, r.stdout) == (130, "", "verdict       DIFFERENT\n"), r.stderr
 
 
-def test_a_ctrl_c_in_the_atexit_clean_up_after_a_stopped_training_is_no_traceback(tmp_path):
-    """A training stopped by a Ctrl-C (`StoppedBySignal`: saved, exit 130) leaves by `sys.exit`,
-    not `exit_process`, so the hold of a Ctrl-C in jax's clean-up was not registered: the user's
-    second press, as the stopped run exited, printed "Exception ignored in atexit callback" and a
-    traceback after the one line."""
-    r = _child("""
-        import atexit, time
-        from siamese_jax import console
-        def clean_up():  # as jax's, registered when jax is imported
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            print("clean-up done")
-        atexit.register(clean_up)
-        def train():
-            raise console.StoppedBySignal("SIGINT: stopped at step 4 (saved)")
-        console.exit_process(console.guarded(train))
+@pytest.mark.parametrize("work, code, line", [
+    ("raise console.StoppedBySignal('SIGINT: stopped at step 4 (saved)')", 130, "SIGINT: stopped at step 4 (saved)"),
+    ("console.fail('--model=x: no such model file')", 2, "error: --model=x: no such model file")],
+    ids=["stopped_training", "error_exit"])
+def test_a_ctrl_c_in_the_atexit_clean_up_after_a_stopped_training_or_an_error_exit_is_no_traceback(
+        tmp_path, work, code, line):
+    """A training stopped by a Ctrl-C (`StoppedBySignal`: saved, exit 130) leaves by `sys.exit`, and an
+    entry point's `cli.fail` (siamese-evaluate's "--model=x: no such model file", after jax was
+    imported) by SystemExit from inside the handler, neither by `exit_process`: the hold of a Ctrl-C
+    in jax's clean-up was not registered, and the user's press as the process exited printed
+    "Exception ignored in atexit callback" and a traceback after the one line."""
+    r = _child(_CLEAN_UP_WITH_CTRL_C.format(presses=1) + f"""
+        def work():
+            {work}
+        console.exit_process(console.guarded(work))
     """, tmp_path)
-    assert (r.returncode, r.stderr, r.stdout) == (130, "SIGINT: stopped at step 4 (saved)\n", "clean-up done\n"), r.stderr
-
-
-def test_a_ctrl_c_in_the_atexit_clean_up_after_an_entry_points_own_error_exit_is_no_traceback(tmp_path):
-    """An entry point's `cli.fail` (siamese-evaluate's "--model=x: no such model file", after jax
-    was imported) leaves by SystemExit from inside the handler, not by `exit_process`: a Ctrl-C in
-    jax's clean-up then still printed "Exception ignored in atexit callback" and a traceback."""
-    r = _child("""
-        import atexit, time
-        from siamese_jax import console
-        def clean_up():  # as jax's, registered when jax is imported
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            print("clean-up done")
-        atexit.register(clean_up)
-        console.exit_process(console.guarded(lambda: console.fail("--model=x: no such model file")))
-    """, tmp_path)
-    assert (r.returncode, r.stderr, r.stdout) == (2, "error: --model=x: no such model file\n", "clean-up done\n"), r.stderr
+    assert (r.returncode, r.stderr, r.stdout) == (code, line + "\n", "clean-up done\n"), r.stderr
 
 
 def test_a_ctrl_c_while_the_command_imports_its_error_types_is_one_line_and_130(tmp_path):
