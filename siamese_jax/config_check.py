@@ -105,9 +105,9 @@ def validate_model_config(config) -> None:
         raise ConfigError(str(e)) from None
     size = _int_in(config, "image_size", *IMAGE_SIZE, why=" (input side in pixels)")
     _int_in(config, "embedding_dim", 1, 65536)
+    _bool(config, "l2_normalize")
     if model == "small":
         _one_of(config, "norm", NORMS)
-        _bool(config, "l2_normalize")
         try:
             models.encoder_widths(config)
         except ValueError as e:
@@ -171,10 +171,6 @@ def validate_config(config, *, num_devices: int | None = None, workdir: str | No
         _one_of(config, "triplet_selection", ts.TRIPLET_SELECTIONS)
     kind = ts.batch_kind(loss, config.get("triplet_selection", "online"))
     validate_model_config(config)
-    # Koch's encoder ends in a sigmoid layer and has no L2 option: the key was recorded and ignored.
-    # Checked for new training only: `siamese-evaluate` reads workdirs trained before this check.
-    if config.get("model") != "small" and config.get("l2_normalize"):
-        _fail("l2_normalize", config.l2_normalize, f"applies to --config.model=small only (got model={config.get('model')!r})")
 
     _check_batch(config, kind, dataset, num_devices)
     _check_optimizer(config)
@@ -244,12 +240,11 @@ def _check_loss_parameters(config, loss: str) -> None:
             _fail(margin_key, margin, "must be a number >= 0")
     _bool(config, "squared")
     if loss in ts.DIRECTION_LOSSES:
-        # ArcFace and multi-similarity compare cosines: the embedding is a direction, so the encoder
+        # ArcFace and multi-similarity compare cosines: the embedding is a direction, so the network
         # emits one (evaluation then measures the vectors the loss trained).
-        if config.get("model") != "small" or not config.get("l2_normalize"):
-            raise ConfigError(f"loss={loss!r} learns a direction: it needs --config.model=small with "
-                              f"--config.l2_normalize=True (got model={config.get('model')!r}, "
-                              f"l2_normalize={config.get('l2_normalize')!r})")
+        if not config.get("l2_normalize"):
+            raise ConfigError(f"loss={loss!r} learns a direction: it needs --config.l2_normalize=True "
+                              f"(got l2_normalize={config.get('l2_normalize')!r})")
     if loss in ts.SIMILARITY_LOSSES:
         # epsilon (the margin) and lambda are on cosines, in [-1, 1]; alpha and beta are inverse temperatures.
         if margin > 2.0:

@@ -9,9 +9,11 @@ trained, resumed, exported and compared a residual net added this way):
 1. the module here, and its branch in `build_model` under a new `config.model` name;
 2. that name in `config_check.MODELS` (and its own ranges there), new config keys in
    `configs/default.py` (a key missing there is refused as a misspelling);
-3. what stays tied to the small encoder: `l2_normalize` (and the losses needing it, ArcFace and
-   multi-similarity), the benchmark's and `profile_step`'s fixed rows. The train step hands the
-   model no PRNG keys, so `nn.Dropout` (deterministic=False) would fail at the first step.
+3. `train` is True only in the training step, which also hands the model a "dropout" PRNG key (a
+   fresh one per step), so `nn.Dropout(rate, deterministic=not train)` works as in any Flax model;
+   `l2_normalize` (and the losses that need it, ArcFace and multi-similarity) is applied by
+   `SiameseNetwork` to any encoder's output. What stays tied to the small encoder: the benchmark's
+   and `profile_step`'s fixed rows.
 """
 from __future__ import annotations
 
@@ -228,8 +230,13 @@ class SmallConvEncoder(nn.Module):
         x = nn.Dense(self.embedding_dim, dtype=self.dtype, param_dtype=jnp.float32)(x)
         x = x.astype(jnp.float32)
         if self.l2_normalize:
-            x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+            x = unit_length(x)
         return x
+
+
+def unit_length(x):
+    """Each row of [N, E] scaled to Euclidean norm 1 (a zero row stays zero)."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 class SiameseNetwork(nn.Module):
@@ -239,12 +246,15 @@ class SiameseNetwork(nn.Module):
     P(same). Its parameters are created at init whenever `verification_head` is set.
     `num_class_centres` > 0 adds a learned centre per training class, `params["class_centres"]`
     [C, embedding_dim], for the ArcFace loss; like the head, training uses it and embedding does not.
+    `l2_normalize` scales every embedding to unit length, whatever the encoder (the losses that
+    compare directions need it; evaluation then measures the vectors they trained).
     """
 
     encoder: nn.Module
     verification_head: bool = False
     num_class_centres: int = 0
     embedding_dim: int = 0  # the encoder's output size, the centres' width
+    l2_normalize: bool = False
 
     def setup(self):
         if self.verification_head:
@@ -260,6 +270,8 @@ class SiameseNetwork(nn.Module):
 
     def __call__(self, x, train: bool = False):
         h = self.encoder(x, train=train)
+        if self.l2_normalize:
+            h = unit_length(h.astype(jnp.float32))
         if self.verification_head and self.is_initializing():
             self.head(jnp.abs(h - h).astype(jnp.float32))
         if self.num_class_centres and self.is_initializing():
@@ -295,15 +307,15 @@ def build_model(config, inference: bool = False) -> SiameseNetwork:
         encoder = KochEncoder(features=config.get("embedding_dim", 4096), dtype=dtype)
     elif config.model == "small":
         encoder = SmallConvEncoder(
-            widths=encoder_widths(config), embedding_dim=config.embedding_dim,
-            norm=config.norm, l2_normalize=config.l2_normalize, dtype=dtype)
+            widths=encoder_widths(config), embedding_dim=config.embedding_dim, norm=config.norm, dtype=dtype)
     else:
         raise ValueError(f"unknown model {config.model!r}; expected 'koch' or 'small'")
     # ArcFace's class centres: one per training class, a count train.py writes into the config
     # (`num_classes`) before building the network, so every checkpoint restores into the same shapes.
     centres = int(config.get("num_classes") or 0) if config.loss == "arcface" else 0
     return SiameseNetwork(encoder=encoder, verification_head=config.loss == "verification",
-                          num_class_centres=centres, embedding_dim=int(config.get("embedding_dim", 4096)))
+                          num_class_centres=centres, embedding_dim=int(config.get("embedding_dim", 4096)),
+                          l2_normalize=bool(config.get("l2_normalize", False)))
 
 
 def inference_dtype(config) -> jnp.dtype:

@@ -175,12 +175,17 @@ def loss_fn(params, batch_stats, model, batch, loss: str, margin: float, squared
     kind = batch_kind(loss, triplet_selection)
     images, towers = _tower_inputs(batch, kind)
     variables = {"params": params}
+    # A "dropout" stream for an encoder with `nn.Dropout(deterministic=not train)` (none of the shipped
+    # ones has one: then the key is unused and compiled away). Folded from the step's key, so every
+    # step draws new masks, and generated for the global batch (JAX's partitionable threefry), so they
+    # do not depend on the device count.
+    rngs = {"dropout": jax.random.fold_in(key, 1)} if train and key is not None else {}
     if batch_stats:
         variables["batch_stats"] = batch_stats
-        emb, updates = model.apply(variables, images, train=train, mutable=["batch_stats"])
+        emb, updates = model.apply(variables, images, train=train, mutable=["batch_stats"], rngs=rngs)
         new_batch_stats = updates["batch_stats"]
     else:
-        emb, new_batch_stats = model.apply(variables, images, train=train), batch_stats
+        emb, new_batch_stats = model.apply(variables, images, train=train, rngs=rngs), batch_stats
     emb = emb.astype(jnp.float32)
     if towers is not None:
         emb_t = emb.reshape((-1, towers, emb.shape[-1]))

@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -69,6 +70,39 @@ def test_small_encoder_shapes_and_l2_normalisation(norm, size):
     h = model.apply(variables, x, train=False)
     assert h.shape == (5, 32)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(h), axis=-1), 1.0, rtol=1e-5)
+
+
+def test_l2_normalisation_is_the_networks_for_any_encoder():
+    """`l2_normalize` is applied by SiameseNetwork to whatever the encoder emits (Koch's sigmoid code,
+    a contributor's module), and for the small encoder it is the same as the encoder's own option."""
+
+    class Flat(nn.Module):  # a contributor's encoder: no normalisation of its own
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(6)(x.reshape(x.shape[0], -1))
+
+    x = jax.random.uniform(jax.random.PRNGKey(1), (5, 8, 8, 1))
+    for network in (models.SiameseNetwork(encoder=Flat(), l2_normalize=True),
+                    models.SiameseNetwork(encoder=Flat(), l2_normalize=True, verification_head=True)):
+        h = network.apply(network.init(jax.random.PRNGKey(0), x), x)
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(h), axis=-1), 1.0, rtol=1e-5)
+    koch = models.build_model(ml_collections.ConfigDict(dict(model="koch", embedding_dim=32, l2_normalize=True,
+                                                             loss="arcface", num_classes=3, compute_dtype="float32")))
+    xk = jax.random.uniform(jax.random.PRNGKey(1), (2, 65, 65, 1))
+    variables = koch.init(jax.random.PRNGKey(0), xk)
+    h = np.asarray(koch.apply(variables, xk))
+    assert h.shape == (2, 32) and variables["params"]["class_centres"].shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(h, axis=-1), 1.0, rtol=1e-5)
+    # The small encoder: the network's normalisation gives the encoder option's values, and the
+    # variables are the same tree (model files and checkpoints written before load unchanged).
+    xs = jax.random.uniform(jax.random.PRNGKey(2), (5, 28, 28, 1))
+    network = models.build_model(_config(l2_normalize=True))
+    variables = models.init_variables(network, jax.random.PRNGKey(0), 28)
+    own = models.SmallConvEncoder(widths=(16, 16, 16, 16), embedding_dim=32, l2_normalize=True)
+    assert jax.tree.structure(own.init(jax.random.PRNGKey(0), xs)) == jax.tree.structure(
+        {k: v["encoder"] for k, v in variables.items()})
+    np.testing.assert_array_equal(np.asarray(network.apply(variables, xs)),
+                                  np.asarray(own.apply({k: v["encoder"] for k, v in variables.items()}, xs)))
 
 
 def test_small_encoder_per_block_widths():

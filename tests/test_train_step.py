@@ -3,6 +3,7 @@
 SGD (not Adam) is used on purpose: Adam's update is nearly invariant to a gradient scaled N times,
 so it would hide the classic "gradients summed over devices" bug this test is here to catch.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -114,6 +115,45 @@ def test_augmentation_inside_the_step_is_device_count_invariant():
     _, h_plain = _run("triplet", jax.devices()[:1], steps=1)
     np.testing.assert_allclose(h4[0]["loss"], h1[0]["loss"], rtol=2e-5)
     assert h1[0]["loss"] != h_plain[0]["loss"]  # the augmentation did change the images
+
+
+class _DropoutEncoder(nn.Module):
+    """A contributor's encoder with dropout, as Flax models write it."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Dense(16)(x.reshape(x.shape[0], -1))
+        return nn.Dense(8)(nn.Dropout(0.5, deterministic=not train)(nn.relu(x)))
+
+
+def test_an_encoder_with_dropout_trains_with_fresh_masks_that_do_not_depend_on_the_device_count():
+    """The step hands the model a "dropout" key (it handed none: `nn.Dropout` failed at the first
+    step), new each step and for each step key, the same masks on 1 and 4 devices; embedding
+    (train=False) is deterministic."""
+    model = models.SiameseNetwork(encoder=_DropoutEncoder())
+    tx = optax.sgd(0.1)
+
+    def losses(devices, key, steps=2):
+        mesh = parallel.make_data_mesh(devices)
+        state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE), mesh)
+        step = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
+        batch = jax.device_put(_batch("batch_hard"), parallel.batch_sharded(mesh))
+        out = []
+        for _ in range(steps):
+            state, metrics = step(state, batch, key)
+            out.append(float(metrics["loss"]))
+        return out, jax.device_get(state)
+
+    one, state = losses(jax.devices()[:1], jax.random.PRNGKey(1))
+    four, _ = losses(jax.devices()[:4], jax.random.PRNGKey(1))
+    other_key, _ = losses(jax.devices()[:1], jax.random.PRNGKey(2))
+    np.testing.assert_allclose(four, one, rtol=2e-5)
+    assert one[0] != other_key[0]  # another key, other masks
+    # Deterministic per key; the masks do change the loss (train=False would give another value).
+    assert losses(jax.devices()[:1], jax.random.PRNGKey(1))[0] == one
+    x = jnp.asarray(_batch("batch_hard")["images"])
+    variables = {"params": state.params}
+    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
 
 
 def test_metrics_are_device_arrays_and_state_is_donated():
