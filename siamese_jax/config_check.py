@@ -23,6 +23,10 @@ IMAGE_SIZE = (8, 512)
 # The shipped models' names (`inference.PRETRAINED_FILES`, which a test keeps equal): a teacher
 # for distillation may be one of them; named here so the check does not import jax.
 SHIPPED_MODELS = ("pretrained", "pretrained-mnist")
+# A distilled run's copy of its teachers, taken at its first start (`distillation`): what its resumes
+# distill from. The folder in the workdir, and the file in it that lists the teachers (written last).
+TEACHER_SNAPSHOT_DIR = "teachers"
+TEACHER_SNAPSHOT_MANIFEST = "teachers.json"
 # Omniglot's background split has 30 alphabets and 20 drawings of each character; MNIST 10 classes.
 OMNIGLOT_BACKGROUND_ALPHABETS = 30
 # Their names (the folders of images_background.zip; a test keeps them equal): the only alphabets
@@ -159,7 +163,8 @@ def _check_known_keys(config) -> None:
 
 def validate_config(config, *, num_devices: int | None = None, workdir: str | None = None) -> None:
     """Raises ConfigError (one line) for the first key whose value cannot work for a training run
-    (in `workdir`, when given: one with a checkpoint of its own does not read `config.resume`), or
+    (in `workdir`, when given: one with a checkpoint of its own does not read `config.resume`, nor
+    the teachers' sources once it has their snapshot), or
     that no code reads (a misspelled key)."""
     from siamese_jax import train_step as ts
 
@@ -328,7 +333,11 @@ def _check_teachers_and_resume(config, kind: str, loss: str, workdir: str | None
             _fail("distill_teachers", config.distill_teachers,
                   f"needs a P x K loss (triplet with online or online_all selection, "
                   f"{', '.join(ts.CLASS_BATCH_LOSSES)}; got {loss!r})")
-        for source in teachers:
+        # A resume distills from the teachers' snapshot in its workdir (`distillation`): their sources
+        # may be gone (another machine, `runs/` not kept), which refused the resume before.
+        resumes_from_snapshot = workdir is not None and _has_own_checkpoint(workdir) and os.path.isfile(
+            os.path.join(workdir, TEACHER_SNAPSHOT_DIR, TEACHER_SNAPSHOT_MANIFEST))
+        for source in ([] if resumes_from_snapshot else teachers):
             if os.path.isdir(source):
                 if not os.path.isfile(os.path.join(source, "config.json")):
                     _fail("distill_teachers", config.distill_teachers,

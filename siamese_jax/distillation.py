@@ -20,17 +20,34 @@ model was trained as described here.
 Teachers must have been trained on the same training set (dataset, held-out validation alphabets,
 rotation classes), checked image by image: a teacher that saw the validation alphabets would leak
 them into model selection.
+
+A run keeps its teachers. At its first start (no checkpoint of its own yet; a start from
+`config.resume`'s weights is one) the teachers that embedded are written into its workdir as model
+files, `teachers/<index>.msgpack` (`SiameseModel.save`: no data folders), then listed in
+`teachers/teachers.json`, by the process that writes the run's files. Every resume loads them from
+there, not from `config.distill_teachers`: loaded from their sources again, a teacher gone (another
+machine, `runs/` not kept) refused the resume, and one changed since (its workdir trained on and
+selected another checkpoint, its file replaced) made the run distill from other teachers than it
+started with, silently. The snapshot embeds as its source did, and passes the same check against
+the training set. A resume whose command names other teachers gets the run's own, with a warning
+(other teachers: a new workdir with `config.resume`); a workdir from before snapshots loads the
+sources, as it did, with a warning. A damaged snapshot is one error line, and nothing is removed.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+from typing import Optional
 
 import numpy as np
 
-from siamese_jax import inference
+from siamese_jax import inference, parallel
 from siamese_jax import input_pipeline as ip
-from siamese_jax.config_check import ConfigError
+from siamese_jax.config_check import TEACHER_SNAPSHOT_DIR, TEACHER_SNAPSHOT_MANIFEST, ConfigError
 from siamese_jax.config_check import distill_teacher_sources as teacher_sources  # noqa: F401 (train.py's name)
+from siamese_jax.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +95,103 @@ def _training_set_difference(config, teacher, train_ds, teacher_train, teacher_v
     return "another order or subset of its images"
 
 
-def teacher_embeddings(config, train_ds) -> np.ndarray:
-    """[N, F] float32: the teachers' embeddings of the N training images, concatenated over teachers."""
-    rows = []
-    for source in teacher_sources(config):
+def teacher_embeddings(config, train_ds, workdir: Optional[str] = None, resuming: bool = False,
+                       write_snapshot: bool = True) -> np.ndarray:
+    """[N, F] float32: the teachers' embeddings of the N training images, concatenated over teachers.
+
+    With the student's `workdir`: at its first start (not `resuming`) the teachers are snapshotted
+    there (where `write_snapshot`: one process writes), and a resume loads that snapshot."""
+    if workdir is not None and resuming:
+        sources, paths = _teachers_of_the_resumed_run(config, workdir)
+    else:
+        sources = paths = teacher_sources(config)
+    snapshotting = workdir is not None and not resuming and write_snapshot
+    rows, loaded = [], []
+    for source, path in zip(sources, paths):
+        name = source if path == source else f"{source} (its snapshot {path})"
         try:  # a workdir's selected checkpoint, a model file or a shipped model, on the data mesh
-            model, step = inference.load_run(source, _student_data_keys(config))
+            model, step = inference.load_run(path, _student_data_keys(config))
         except inference.ModelError as e:
+            if path != source:
+                raise ConfigError(_damaged_snapshot(workdir, str(e))) from None
             raise ConfigError(f"config.distill_teachers: {e}") from None
         teacher = model.config
-        images = _teacher_train_images(config, teacher, source, train_ds)
+        images = _teacher_train_images(config, teacher, name, train_ds)
         rows.append(np.asarray(model.embed_u8(images), np.float32))
         log.info("teacher %s (step %d, %d px): %d-d embeddings of %d training images",
-                 source, step, teacher.image_size, rows[-1].shape[1], len(rows[-1]))
+                 name, step, teacher.image_size, rows[-1].shape[1], len(rows[-1]))
+        if snapshotting:  # the weights that embedded, on the host: written once every teacher passed
+            loaded.append((teacher, parallel.replicated_to_host((model.state.params, model.state.batch_stats)), step))
+    if snapshotting:
+        _write_snapshot(workdir, config, sources, loaded)
     return np.concatenate(rows, axis=1)
+
+
+def _snapshot_folder(workdir: str) -> str:
+    return os.path.join(workdir, TEACHER_SNAPSHOT_DIR)
+
+
+def _write_snapshot(workdir: str, config, sources: list, loaded: list) -> None:
+    """`<workdir>/teachers/<index>.msgpack` per teacher, then `teachers.json` naming them: a
+    snapshot is complete when its list is there."""
+    folder = _snapshot_folder(workdir)
+    manifest = os.path.join(folder, TEACHER_SNAPSHOT_MANIFEST)
+    # A first start stopped before its first checkpoint left a snapshot, maybe of other teachers:
+    # its list goes first, so that it never names files half rewritten.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(manifest)
+    files = []
+    for index, (source, (teacher_config, (params, batch_stats), step)) in enumerate(zip(sources, loaded)):
+        files.append(f"{index}.msgpack")
+        inference.SiameseModel(teacher_config, params, batch_stats,
+                               provenance={"step": step, "snapshot_of": source}).save(os.path.join(folder, files[-1]))
+    atomic_write_json(manifest, {"distill_teachers": str(config.distill_teachers), "sources": sources,
+                                 "files": files, "steps": [step for _, _, step in loaded]})
+    log.info("teachers snapshotted in %s: a resume of this run distills from them, not from %s",
+             folder, ", ".join(sources))
+
+
+def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list]:
+    """(the teachers' sources, the paths to load them from) for a resume: its snapshot's files,
+    else (a run from before snapshots) the sources. A command that names other teachers gets the
+    run's own, and `config.distill_teachers` says so again (config.json records what it distills from)."""
+    manifest = _read_manifest(workdir)
+    sources = teacher_sources(config)
+    if manifest is None:
+        log.warning("%s has no snapshot of its teachers (%s/; started before runs took one): they are loaded from "
+                    "config.distill_teachers again: the teachers the run started with only if none has changed since",
+                    workdir, _snapshot_folder(workdir))
+        return sources, sources
+    if manifest["sources"] != sources:
+        log.warning("config.distill_teachers=%s is not used: %s resumes with the teachers it started with (%s); to "
+                    "distill from others, start a new --workdir with --config.resume=%s", config.distill_teachers,
+                    workdir, manifest["distill_teachers"], os.path.join(workdir, "checkpoints"))
+        config.distill_teachers = manifest["distill_teachers"]
+    log.info("resuming: the teachers are loaded from %s, the snapshot taken at the run's first start, not from "
+             "their sources", _snapshot_folder(workdir))
+    return manifest["sources"], [os.path.join(_snapshot_folder(workdir), f) for f in manifest["files"]]
+
+
+def _read_manifest(workdir: str) -> Optional[dict]:
+    """The snapshot's teachers.json; None when there is none; ConfigError (one line) when it is damaged."""
+    path = os.path.join(_snapshot_folder(workdir), TEACHER_SNAPSHOT_MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        sources, files = manifest["sources"], manifest["files"]
+        names = [manifest["distill_teachers"], *sources, *files]
+        if not (isinstance(sources, list) and isinstance(files, list) and len(sources) == len(files) > 0
+                and all(isinstance(n, str) for n in names)
+                and all(os.path.basename(f) == f for f in files)):  # its own files, none elsewhere
+            raise ValueError("not a list of teachers and their files")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(_damaged_snapshot(workdir, f"{path}: {type(e).__name__}: {str(e)[:100]}")) from None
+    return manifest
+
+
+def _damaged_snapshot(workdir: str, why: str) -> str:
+    return (f"the snapshot of this run's teachers is damaged ({why}); nothing was changed: put "
+            f"{_snapshot_folder(workdir)} back from a copy of the workdir, or remove it to load the teachers from "
+            f"config.distill_teachers again (the run's own only if they have not changed since it started)")

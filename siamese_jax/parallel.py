@@ -136,6 +136,13 @@ def put_replicated(tree, mesh: Mesh):
     return jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated(mesh)), tree)
 
 
+def replicated_to_host(tree):
+    """A replicated pytree's values as numpy arrays: this process's own copy of each. With several
+    processes `jax.device_get` refuses an array that spans devices of other processes."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array)
+                        else np.asarray(x), tree)
+
+
 def abstract_replicated(tree, mesh: Mesh):
     """Shapes and dtypes of `tree` (arrays or `jax.eval_shape` output), replicated over the mesh:
     a restore target that allocates nothing."""

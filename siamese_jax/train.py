@@ -655,10 +655,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     log.info("train: %d images of %d classes; validation: %d images of %d classes",
              len(train_ds), train_ds.num_classes, len(val_ds), val_ds.num_classes)
     # Distillation: the teachers' embeddings of every training image, on every device (computed
-    # again on resume: a deterministic function of the teachers' checkpoints).
+    # again on resume, from the snapshot of the teachers the run's first start wrote into its
+    # workdir: a teacher's source may have changed or gone since).
     teacher = None
     if distillation.teacher_sources(config):
-        teacher = parallel.put_replicated(distillation.teacher_embeddings(config, train_ds), mesh)
+        resuming = bool(ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")))  # a checkpoint of its own
+        teacher = parallel.put_replicated(distillation.teacher_embeddings(
+            config, train_ds, workdir, resuming=resuming, write_snapshot=is_main), mesh)
 
     if config.loss in ts.CLASS_CENTRE_LOSSES:  # one learned centre per training class
         _set_num_classes(config, int(train_dds.num_classes))

@@ -1258,6 +1258,77 @@ def test_a_workdir_and_its_exported_file_load_as_the_same_run(tmp_path):
             inference.load_run(str(source))
 
 
+def test_a_distilled_run_resumes_with_the_teachers_it_started_with(tmp_path, monkeypatch, caplog):
+    """At a distilled run's first start its teachers are written into its workdir (`teachers/`); a
+    resume distills from that snapshot, whatever became of the sources: before, a resume loaded them
+    again, so a gone teacher refused it and a replaced one changed the run silently."""
+    from siamese_jax import distillation
+
+    config = _tiny_config()
+    config.archive_dir = str(tmp_path)  # where the data were: not carried into the snapshot's files
+    teacher_dir = _finished_workdir(tmp_path / "teacher", config)
+    _, other = _states(config, 1)  # other weights: the second teacher, a model file
+    teacher_file = tmp_path / "teacher.msgpack"
+    inference.SiameseModel(config, other.params, other.batch_stats).save(str(teacher_file))
+    student = _tiny_config()
+    student.distill_teachers = f"{teacher_dir},{teacher_file}"
+    images = np.random.default_rng(0).integers(0, 256, (6, config.image_size, config.image_size), dtype=np.uint8)
+    checked = []  # the check against the student's training set runs on every start
+
+    def check(config, teacher, name, train_ds):
+        checked.append((name, teacher.dataset))
+        return images
+    monkeypatch.setattr(distillation, "_teacher_train_images", check)
+
+    run = tmp_path / "student"
+    caplog.set_level(logging.INFO)
+    # A process that does not write the run's files snapshots nothing; process 0 does.
+    distillation.teacher_embeddings(student, None, str(run), resuming=False, write_snapshot=False)
+    assert not (run / "teachers").exists()
+    started = distillation.teacher_embeddings(student, None, str(run), resuming=False)
+    assert sorted(os.listdir(run / "teachers")) == ["0.msgpack", "1.msgpack", "teachers.json"]
+    assert inference.load_model(str(run / "teachers" / "0.msgpack")).config.archive_dir is None
+    # The snapshot embeds as its sources do, to float precision.
+    np.testing.assert_allclose(started, distillation.teacher_embeddings(student, None), rtol=1e-6, atol=1e-7)
+
+    # The run has checkpointed; then its teacher workdir is removed and its teacher file replaced.
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    inference.load_model(str(teacher_dir)).save(str(teacher_file))
+    shutil.rmtree(teacher_dir)
+    config_check.validate_config(student, workdir=str(run))  # the sources are not needed
+    checked.clear()
+    caplog.clear()
+    resumed = distillation.teacher_embeddings(student, None, str(run), resuming=True)
+    np.testing.assert_array_equal(resumed, started)
+    assert f"the teachers are loaded from {run / 'teachers'}, the snapshot taken at the run's first start" in caplog.text
+    assert [name for name, _ in checked] == [f"{teacher_dir} (its snapshot {run / 'teachers' / '0.msgpack'})",
+                                             f"{teacher_file} (its snapshot {run / 'teachers' / '1.msgpack'})"]
+    assert {dataset for _, dataset in checked} == {"omniglot"}
+    # A resume that names other teachers gets the run's own, and its config says so again.
+    moved = student.copy_and_resolve_references()
+    moved.distill_teachers = "pretrained"
+    np.testing.assert_array_equal(distillation.teacher_embeddings(moved, None, str(run), resuming=True), started)
+    assert moved.distill_teachers == student.distill_teachers and "config.distill_teachers=pretrained is not used" in caplog.text
+
+    # A damaged snapshot: one line naming it and what to do; nothing removed or rewritten.
+    for name, damage in (("1.msgpack", b"\x00" * 10), ("teachers.json", b"{")):
+        kept = (run / "teachers" / name).read_bytes()
+        (run / "teachers" / name).write_bytes(damage)
+        with pytest.raises(config_check.ConfigError, match=r"^the snapshot of this run's teachers is damaged \(.*"
+                           + re.escape(name) + r".*\); nothing was changed: put .*teachers back from a copy") as e:
+            distillation.teacher_embeddings(student, None, str(run), resuming=True)
+        assert "\n" not in str(e.value) and (run / "teachers" / name).read_bytes() == damage
+        (run / "teachers" / name).write_bytes(kept)
+
+    # A run from before snapshots (checkpoints, no teachers/): its sources, as before, with a warning.
+    old = tmp_path / "old"
+    (old / "checkpoints" / "2").mkdir(parents=True)
+    student.distill_teachers = str(teacher_file)
+    caplog.clear()
+    distillation.teacher_embeddings(student, None, str(old), resuming=True)
+    assert "has no snapshot of its teachers" in caplog.text and not (old / "teachers").exists()
+
+
 @pytest.mark.parametrize("content", ['{"threshold": 1.0}', '{"threshold": "x", "slope": 1, "method": "m", '
                                      '"accuracy": 1, "false_accept_rate": 0, "num_pairs": 2}', "[1, 2]", "{not json"])
 def test_a_damaged_calibration_json_is_one_model_error_naming_it(tmp_path, content):
