@@ -2291,6 +2291,12 @@ def test_an_override_of_a_key_a_config_file_lacks_names_the_flag_and_the_key(tmp
     assert line.startswith("error: --config.margins.batchhard: the config has no key 'batchhard'"), line
     _one_error_line(_train("--config=mnist_pairs", "--config.no_such=1"),
                     "error: --config.no_such: the config has no key 'no_such' (--config=mnist_pairs)")
+    # Without --config (the default config, whose overrides ml_collections applies at once) the same
+    # words; it read `bad --config override or file: AttributeError: no_such` (stop 56).
+    _one_error_line(_train("--config.no_such=1"), "error: --config.no_such: the config has no key 'no_such'")
+    line = _one_error_line(_train("--config.embeding_dim=8"))
+    assert line == ("error: --config.embeding_dim: the config has no key 'embeding_dim' (Did you mean "
+                    '"embedding_dim" instead of "embeding_dim"?)'), line
 
 
 def test_a_config_file_error_that_ml_collections_wraps_is_read_as_its_last_line():

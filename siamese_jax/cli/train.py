@@ -47,6 +47,11 @@ try:  # ml_collections loads the config file and applies --config.x= overrides r
     config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (a get_config() module).",
                                     lock_config=False)
 except Exception as e:  # noqa: BLE001 - an unknown key or a bad value is the user's input
+    # An override of a key the default lacks, in the words `--config=FILE`'s overrides get (it read
+    # `bad --config override or file: AttributeError: no_such`).
+    unknown = cli.unknown_override_key(e, sys.argv)
+    if unknown:
+        cli.fail(unknown)
     message = str(e).strip().splitlines()[-1].strip("\"'") if str(e).strip() else type(e).__name__
     message = message.replace("\\n", " ").replace("\\'", "'")  # ml_collections' KeyError text is a repr
     cli.fail(f"bad --config override or file: {type(e).__name__}: {message}")
