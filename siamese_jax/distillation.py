@@ -131,6 +131,11 @@ def _snapshot_folder(workdir: str) -> str:
     return os.path.join(workdir, TEACHER_SNAPSHOT_DIR)
 
 
+def _snapshot_file(index: int) -> str:
+    """The name of teacher `index`'s model file in the snapshot folder: the only names a list holds."""
+    return f"{index}.msgpack"
+
+
 def _write_snapshot(workdir: str, config, sources: list, loaded: list) -> None:
     """`<workdir>/teachers/<index>.msgpack` per teacher, then `teachers.json` naming them: a
     snapshot is complete when its list is there."""
@@ -142,7 +147,7 @@ def _write_snapshot(workdir: str, config, sources: list, loaded: list) -> None:
         os.remove(manifest)
     files = []
     for index, (source, (teacher_config, (params, batch_stats), step)) in enumerate(zip(sources, loaded)):
-        files.append(f"{index}.msgpack")
+        files.append(_snapshot_file(index))
         inference.SiameseModel(teacher_config, params, batch_stats,
                                provenance={"step": step, "snapshot_of": source}).save(os.path.join(folder, files[-1]))
     atomic_write_json(manifest, {"distill_teachers": str(config.distill_teachers), "sources": sources,
@@ -184,7 +189,9 @@ def _read_manifest(workdir: str) -> Optional[dict]:
         names = [manifest["distill_teachers"], *sources, *files]
         if not (isinstance(sources, list) and isinstance(files, list) and len(sources) == len(files) > 0
                 and all(isinstance(n, str) for n in names)
-                and all(os.path.basename(f) == f for f in files)):  # its own files, none elsewhere
+                # its own files, none elsewhere: a bare `..` is the student's workdir, which loaded
+                # as a teacher (its own best checkpoint)
+                and files == [_snapshot_file(i) for i in range(len(files))]):
             raise ValueError("not a list of teachers and their files")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(_damaged_snapshot(workdir, f"{path}: {type(e).__name__}: {str(e)[:100]}")) from None

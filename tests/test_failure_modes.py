@@ -1329,6 +1329,30 @@ def test_a_distilled_run_resumes_with_the_teachers_it_started_with(tmp_path, mon
     assert "has no snapshot of its teachers" in caplog.text and not (old / "teachers").exists()
 
 
+@pytest.mark.parametrize("listed", ["..", "."])
+def test_a_snapshot_list_that_names_a_file_outside_the_snapshot_is_damaged(tmp_path, monkeypatch, listed):
+    """teachers.json names the snapshot's own files, which its first start wrote. A bare name such
+    as `..` passed the check ("its own files, none elsewhere") and resolved to the student's own
+    workdir: the run distilled from its own best checkpoint, silently (the multi-process review of
+    the snapshot change)."""
+    from siamese_jax import distillation
+
+    config = _tiny_config()
+    run = _finished_workdir(tmp_path / "student", config)  # a best checkpoint of its own: loadable as a teacher
+    (run / "checkpoints" / "2").mkdir(parents=True, exist_ok=True)
+    (run / "teachers").mkdir()
+    (run / "teachers" / "teachers.json").write_text(json.dumps(
+        {"distill_teachers": "pretrained", "sources": ["pretrained"], "files": [listed], "steps": [-1]}))
+    student = _tiny_config()
+    student.distill_teachers = "pretrained"
+    images = np.zeros((6, config.image_size, config.image_size), np.uint8)
+    monkeypatch.setattr(distillation, "_teacher_train_images", lambda *args: images)
+    with pytest.raises(config_check.ConfigError, match=r"^the snapshot of this run's teachers is damaged \(.*"
+                       r"teachers\.json: ValueError: not a list of teachers and their files\)"):
+        distillation.teacher_embeddings(student, None, str(run), resuming=True)
+
+
+
 @pytest.mark.parametrize("content", ['{"threshold": 1.0}', '{"threshold": "x", "slope": 1, "method": "m", '
                                      '"accuracy": 1, "false_accept_rate": 0, "num_pairs": 2}', "[1, 2]", "{not json"])
 def test_a_damaged_calibration_json_is_one_model_error_naming_it(tmp_path, content):
