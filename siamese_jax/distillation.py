@@ -101,11 +101,12 @@ def teacher_embeddings(config, train_ds, workdir: Optional[str] = None, resuming
 
     With the student's `workdir`: at its first start (not `resuming`) the teachers are snapshotted
     there (where `write_snapshot`: one process writes), and a resume loads that snapshot."""
+    first_teachers = not resuming
     if workdir is not None and resuming:
-        sources, paths = _teachers_of_the_resumed_run(config, workdir)
+        sources, paths, first_teachers = _teachers_of_the_resumed_run(config, workdir)
     else:
         sources = paths = teacher_sources(config)
-    snapshotting = workdir is not None and not resuming and write_snapshot
+    snapshotting = workdir is not None and first_teachers and write_snapshot
     rows, loaded = [], []
     for source, path in zip(sources, paths):
         name = source if path == source else f"{source} (its snapshot {path})"
@@ -156,17 +157,24 @@ def _write_snapshot(workdir: str, config, sources: list, loaded: list) -> None:
              folder, ", ".join(sources))
 
 
-def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list]:
-    """(the teachers' sources, the paths to load them from) for a resume: its snapshot's files,
-    else (a run from before snapshots) the sources. A command that names other teachers gets the
-    run's own, and `config.distill_teachers` says so again (config.json records what it distills from)."""
+def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list, bool]:
+    """(the teachers' sources, the paths to load them from, whether they are the run's first teachers)
+    for a resume: its snapshot's files, else the sources — teachers given to a run that had none
+    (snapshotted now, as at a first start), or those of a run from before snapshots. A command that
+    names other teachers gets the run's own, and `config.distill_teachers` says so again (config.json
+    records what it distills from)."""
     manifest = _read_manifest(workdir)
     sources = teacher_sources(config)
     if manifest is None:
+        previous = _recorded_config(workdir)
+        if previous is not None and not str(previous.get("distill_teachers") or "").strip():
+            log.info("%s trained without teachers so far: from this resume on it distills from %s", workdir,
+                     ", ".join(sources))
+            return sources, sources, True
         log.warning("%s has no snapshot of its teachers (%s/; started before runs took one): they are loaded from "
                     "config.distill_teachers again: the teachers the run started with only if none has changed since",
                     workdir, _snapshot_folder(workdir))
-        return sources, sources
+        return sources, sources, False
     if manifest["sources"] != sources:
         log.warning("config.distill_teachers=%s is not used: %s resumes with the teachers it started with (%s); to "
                     "distill from others, start a new --workdir with --config.resume=%s", config.distill_teachers,
@@ -174,7 +182,18 @@ def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list]:
         config.distill_teachers = manifest["distill_teachers"]
     log.info("resuming: the teachers are loaded from %s, the snapshot taken at the run's first start, not from "
              "their sources", _snapshot_folder(workdir))
-    return manifest["sources"], [os.path.join(_snapshot_folder(workdir), f) for f in manifest["files"]]
+    return manifest["sources"], [os.path.join(_snapshot_folder(workdir), f) for f in manifest["files"]], False
+
+
+def _recorded_config(workdir: str) -> Optional[dict]:
+    """The run's config.json as written by its last start (it is rewritten after the teachers load),
+    or None where it cannot be read."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def _read_manifest(workdir: str) -> Optional[dict]:

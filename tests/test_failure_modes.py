@@ -1327,6 +1327,22 @@ def test_a_distilled_run_resumes_with_the_teachers_it_started_with(tmp_path, mon
     caplog.clear()
     distillation.teacher_embeddings(student, None, str(old), resuming=True)
     assert "has no snapshot of its teachers" in caplog.text and not (old / "teachers").exists()
+    (old / "config.json").write_text(json.dumps({"distill_teachers": str(teacher_file)}))  # it had teachers
+    caplog.clear()
+    distillation.teacher_embeddings(student, None, str(old), resuming=True)
+    assert "has no snapshot of its teachers" in caplog.text and not (old / "teachers").exists()
+    # A run that trained without teachers and is given some at a resume: these are its first
+    # teachers, snapshotted now as at a first start (the warning said it "started before runs took
+    # one", and every later resume read the sources again; the multi-process review).
+    (old / "config.json").write_text(json.dumps({"distill_teachers": ""}))
+    caplog.clear()
+    distillation.teacher_embeddings(student, None, str(old), resuming=True)
+    assert "trained without teachers so far: from this resume on it distills from" in caplog.text
+    assert "has no snapshot" not in caplog.text
+    assert sorted(os.listdir(old / "teachers")) == ["0.msgpack", "teachers.json"]
+    caplog.clear()
+    distillation.teacher_embeddings(student, None, str(old), resuming=True)
+    assert "the snapshot taken at the run's first start" in caplog.text
 
 
 @pytest.mark.parametrize("listed", ["..", "."])
