@@ -110,6 +110,8 @@ def validate_model_config(config) -> None:
     size = _int_in(config, "image_size", *IMAGE_SIZE, why=" (input side in pixels)")
     _int_in(config, "embedding_dim", 1, 65536)
     _bool(config, "l2_normalize")
+    if "l2_normalize_koch" in config:  # (absent from configs written before it: models.l2_normalizes)
+        _bool(config, "l2_normalize_koch")
     if model == "small":
         _one_of(config, "norm", NORMS)
         try:
@@ -176,6 +178,11 @@ def validate_config(config, *, num_devices: int | None = None, workdir: str | No
         _one_of(config, "triplet_selection", ts.TRIPLET_SELECTIONS)
     kind = ts.batch_kind(loss, config.get("triplet_selection", "online"))
     validate_model_config(config)
+    # False is how a config written before the key reads (Koch's net ignoring l2_normalize, which a
+    # new run would record and not do); train.py sets it True in a config that lacks it.
+    if config.get("model") == "koch" and config.get("l2_normalize") and config.get("l2_normalize_koch") is False:
+        _fail("l2_normalize_koch", False, "Koch's net would ignore l2_normalize=True (as runs before 2026-12-07 did); "
+                                          "new training normalises any encoder")
 
     _check_batch(config, kind, dataset, num_devices)
     _check_optimizer(config)

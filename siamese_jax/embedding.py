@@ -67,7 +67,7 @@ class LoadedModel:
         self.config, self.state, self.mesh = config, state, mesh
         self.model = models.build_model(config, inference=True)
         # The evaluation protocols embed through here: with the config's test-time shifts.
-        self._embed = make_embed_fn(self.model, mesh, test_time.shifts_of(config), bool(config.get("l2_normalize", False)))
+        self._embed = make_embed_fn(self.model, mesh, test_time.shifts_of(config), models.l2_normalizes(config))
 
     def embed_u8(self, images_u8: np.ndarray) -> np.ndarray:
         return embed_images(self._embed, self.state, images_u8, self.mesh)

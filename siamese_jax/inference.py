@@ -124,7 +124,7 @@ class SiameseModel:
     def _embed_fn(self, shift_set: str):
         if shift_set not in self._embed_fns:
             self._embed_fns[shift_set] = _jitted_embedding(self.network, shift_set,
-                                                           bool(self.config.get("l2_normalize", False)))
+                                                           models.l2_normalizes(self.config))
         return self._embed_fns[shift_set]
 
     # -- embeddings -------------------------------------------------------------------------------

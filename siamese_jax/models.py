@@ -315,7 +315,18 @@ def build_model(config, inference: bool = False) -> SiameseNetwork:
     centres = int(config.get("num_classes") or 0) if config.loss == "arcface" else 0
     return SiameseNetwork(encoder=encoder, verification_head=config.loss == "verification",
                           num_class_centres=centres, embedding_dim=int(config.get("embedding_dim", 4096)),
-                          l2_normalize=bool(config.get("l2_normalize", False)))
+                          l2_normalize=l2_normalizes(config))
+
+
+def l2_normalizes(config) -> bool:
+    """Whether the network a config describes scales its embeddings to unit length: `l2_normalize`,
+    for any encoder. Except Koch's net in a config without `l2_normalize_koch`: a workdir's config.json
+    or a model file written before 2026-12-07, when only the small encoder read `l2_normalize` and a
+    Koch run recorded the key and ignored it. Such a model embeds as it trained, unnormalised (and
+    its calibrated threshold, fitted to those distances, stays right)."""
+    if not config.get("l2_normalize", False):
+        return False
+    return config.get("model") != "koch" or bool(config.get("l2_normalize_koch", False))
 
 
 def inference_dtype(config) -> jnp.dtype:

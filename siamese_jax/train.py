@@ -262,6 +262,9 @@ def _check_processes_run_one_config(config, gather=None) -> None:
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str, evaluate: bool) -> dict:
     config = _as_config_dict(config)
+    if "l2_normalize_koch" not in config:  # a hand-made config: absent reads as a run from before the key
+        with config.unlocked():
+            config.l2_normalize_koch = True
     config_check.validate_config(config, workdir=workdir)  # (a bad value is one line before JAX starts)
     use_cpu_cores(config)
     _check_processes_run_one_config(config)  # (first: one host's own validation error would hide it)
@@ -355,6 +358,8 @@ def _how_to_keep(changes: list) -> str:
 # Keys only one loss reads: for a run of another loss, such a key missing from an older config.json
 # (written before the key existed) is not a change of the run.
 _LOSS_ONLY_KEYS = {"ms_alpha": "multi_similarity", "ms_beta": "multi_similarity", "ms_lambda": "multi_similarity"}
+# ... and keys only one model reads.
+_MODEL_ONLY_KEYS = {"l2_normalize_koch": "koch"}
 
 
 def _config_changes(previous: dict, now: dict) -> list:
@@ -363,7 +368,7 @@ def _config_changes(previous: dict, now: dict) -> list:
     release that adds a loss listed its settings on every resumed run written before it). Any other
     key the old file lacks is reported, even at today's default: the code may have read its absence
     as something else (`test_time_shifts` absent means one view; today's Omniglot default is nine)."""
-    loss = now.get("loss")
+    loss, model = now.get("loss"), now.get("model")
 
     def flat(d: dict, other: dict) -> dict:
         out = {}
@@ -380,9 +385,9 @@ def _config_changes(previous: dict, now: dict) -> list:
         old, new = before.get(k, _MISSING), after.get(k, _MISSING)
         if k.split(".")[0] in _RESUME_NEUTRAL_KEYS or old == new:
             continue
-        if old is _MISSING and (_LOSS_ONLY_KEYS.get(k, loss) != loss
+        if old is _MISSING and (_LOSS_ONLY_KEYS.get(k, loss) != loss or _MODEL_ONLY_KEYS.get(k, model) != model
                                 or (k.startswith("margins.") and k != f"margins.{loss}")):
-            continue  # another loss's setting, added by an upgrade
+            continue  # another loss's or model's setting, added by an upgrade
         changed.append((k, old, new))
     return changed
 

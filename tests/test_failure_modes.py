@@ -35,6 +35,7 @@ import zipfile
 import zlib
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -548,6 +549,12 @@ def test_config_combinations_the_fuzz_review_found_are_refused_or_take_effect(tm
     koch = default.get_config("omniglot")
     koch.model, koch.image_size, koch.l2_normalize = "koch", 105, True
     config_check.validate_config(koch)
+    # A workdir from the time Koch's net ignored it (no l2_normalize_koch: models.l2_normalizes reads
+    # it unnormalised) still evaluates; new training that would ignore it again is refused.
+    old_koch = {k: v for k, v in koch.to_dict().items() if k != "l2_normalize_koch"}
+    config_check.validate_model_config(ml_collections.ConfigDict(old_koch))
+    refused(r"config.l2_normalize_koch=False: Koch's net would ignore l2_normalize=True", model="koch",
+            image_size=105, l2_normalize=True, l2_normalize_koch=False)
     # eval_seed=-1 trained to the end, then failed ("expected non-negative integer") at every evaluate.
     refused(r"config.eval_seed=-1: must be an integer from 0", eval_seed=-1)
     refused(r"config.eval_seed=18446744073709551616", eval_seed=2**64)

@@ -218,6 +218,38 @@ def test_index_save_load_roundtrip_and_model_check(model, eval_pngs, tmp_path):
         EmbeddingIndex.load(str(tmp_path / "no_paths.npz"))
 
 
+def test_a_koch_model_file_from_before_l2_normalize_koch_embeds_as_before_in_every_view(tmp_path):
+    """A Koch model file whose config says l2_normalize=True but lacks `l2_normalize_koch` (written when
+    Koch's net ignored the key) embeds unnormalised, as it trained and as its threshold was fitted;
+    with test-time shifts the mean of the views is not re-normalised either (it was: one view and five
+    embedded differently). A file of today's Koch config with l2_normalize=True gives unit vectors."""
+    import ml_collections
+
+    from siamese_jax import models, test_time
+    from siamese_jax.configs import default
+
+    config = default.get_config("omniglot")
+    config.update(model="koch", image_size=65, embedding_dim=8, loss="contrastive", test_time_shifts="cross5",
+                  l2_normalize=True)
+    legacy = config.to_dict()
+    del legacy["l2_normalize_koch"]
+    network = models.build_model(config, inference=True)
+    variables = models.init_variables(network, jax.random.PRNGKey(0), 65)
+    x = np.random.default_rng(0).random((3, 65, 65, 1)).astype(np.float32)
+
+    def embedded(cfg, name):
+        inference.SiameseModel(ml_collections.ConfigDict(cfg), variables["params"], {}).save(str(tmp_path / name))
+        return inference.load_model(str(tmp_path / name)).embed_prepared(x, batch_size=3)
+
+    old = embedded(legacy, "legacy.msgpack")
+    plain = models.build_model(ml_collections.ConfigDict(dict(legacy, l2_normalize=False)), inference=True)
+    views = np.mean([np.asarray(plain.apply(variables, test_time.shifted(x, dy, dx)))
+                     for dy, dx in test_time.SHIFT_SETS["cross5"]], axis=0)
+    assert not np.allclose(np.linalg.norm(old, axis=-1), 1.0)
+    np.testing.assert_allclose(old, views, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(embedded(config.to_dict(), "now.msgpack"), axis=-1), 1.0, rtol=1e-5)
+
+
 def test_calibration_max_accuracy_and_far():
     rng = np.random.default_rng(0)
     d = np.concatenate([rng.normal(1, 0.3, 500), rng.normal(2, 0.3, 500)])

@@ -7,6 +7,7 @@ import pytest
 
 from siamese_jax import losses as L
 from siamese_jax import models
+from siamese_jax.configs import default
 
 
 def _config(**kw):
@@ -87,7 +88,8 @@ def test_l2_normalisation_is_the_networks_for_any_encoder():
         h = network.apply(network.init(jax.random.PRNGKey(0), x), x)
         np.testing.assert_allclose(np.linalg.norm(np.asarray(h), axis=-1), 1.0, rtol=1e-5)
     koch = models.build_model(ml_collections.ConfigDict(dict(model="koch", embedding_dim=32, l2_normalize=True,
-                                                             loss="arcface", num_classes=3, compute_dtype="float32")))
+                                                             l2_normalize_koch=True, loss="arcface", num_classes=3,
+                                                             compute_dtype="float32")))
     xk = jax.random.uniform(jax.random.PRNGKey(1), (2, 65, 65, 1))
     variables = koch.init(jax.random.PRNGKey(0), xk)
     h = np.asarray(koch.apply(variables, xk))
@@ -103,6 +105,25 @@ def test_l2_normalisation_is_the_networks_for_any_encoder():
         {k: v["encoder"] for k, v in variables.items()})
     np.testing.assert_array_equal(np.asarray(network.apply(variables, xs)),
                                   np.asarray(own.apply({k: v["encoder"] for k, v in variables.items()}, xs)))
+
+
+def test_a_koch_config_from_before_l2_normalize_koch_embeds_unnormalised_as_it_trained():
+    """Koch's net once recorded `l2_normalize=True` and ignored it (a workdir or model file from before
+    2026-12-05, when training it was refused): such a config, which lacks `l2_normalize_koch`, builds
+    the network it trained, with its embeddings (and the distances its calibration was fitted to);
+    the default config's Koch net normalises. The small encoder's configs of every age normalise."""
+    legacy = _config(model="koch", embedding_dim=8, l2_normalize=True, loss="contrastive")
+    x = jax.random.uniform(jax.random.PRNGKey(1), (3, 65, 65, 1))
+    network = models.build_model(legacy)
+    variables = models.init_variables(network, jax.random.PRNGKey(0), 65)
+    h = np.asarray(network.apply(variables, x))
+    unnormalised = models.build_model(_config(model="koch", embedding_dim=8, l2_normalize=False, loss="contrastive"))
+    np.testing.assert_array_equal(h, np.asarray(unnormalised.apply(variables, x)))
+    assert not np.allclose(np.linalg.norm(h, axis=-1), 1.0)
+    now = models.build_model(_config(model="koch", embedding_dim=8, l2_normalize=True, loss="contrastive",
+                                     l2_normalize_koch=default.get_config().l2_normalize_koch))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(now.apply(variables, x)), axis=-1), 1.0, rtol=1e-5)
+    assert models.l2_normalizes(_config(l2_normalize=True)) and not models.l2_normalizes(legacy)
 
 
 def test_small_encoder_per_block_widths():

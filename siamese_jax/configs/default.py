@@ -39,7 +39,10 @@ def get_config(dataset: str = "omniglot") -> ml_collections.ConfigDict:
     c.widths = (16, 32, 64, 128)  # channels of each conv block
     c.embedding_dim = 64
     c.norm = "batch"
-    c.l2_normalize = False
+    c.l2_normalize = False  # unit-length embeddings, whatever the encoder
+    # Koch's net obeys l2_normalize (the key's absence marks a config.json or model file written
+    # before 2026-12-07, when Koch's net ignored it: models.l2_normalizes reads those as they trained).
+    c.l2_normalize_koch = True
     c.compute_dtype = "float32"  # bfloat16 on GPU/TPU; bf16 convolutions are slow on CPU
     # Test-time augmentation of a trained model's embeddings (test_time.SHIFT_SETS: "none", "cross5",
     # "square9"): the mean over the 3 x 3 square of 1-px shifted copies, in inference and the final
