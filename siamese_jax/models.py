@@ -6,14 +6,18 @@ are emulated and slow).
 
 Adding an encoder (a Linen module mapping [N, H, W, 1] in [0, 1] to [N, E]; the review of stop 55
 trained, resumed, exported and compared a residual net added this way):
-1. the module here, and its branch in `build_model` under a new `config.model` name;
+1. the module here, and its branch in `build_model` under a new `config.model` name (and in its
+   "unknown model" message);
 2. that name in `config_check.MODELS` (and its own ranges there), new config keys in
    `configs/default.py` (a key missing there is refused as a misspelling);
 3. `train` is True only in the training step, which also hands the model a "dropout" PRNG key (a
    fresh one per step), so `nn.Dropout(rate, deterministic=not train)` works as in any Flax model;
    `l2_normalize` (and the losses that need it, ArcFace and multi-similarity) is applied by
-   `SiameseNetwork` to any encoder's output. What stays tied to the small encoder: the benchmark's
-   and `profile_step`'s fixed rows.
+   `SiameseNetwork` to any encoder's output. Everything else (validation, evaluation, export,
+   compare/embed, distillation teachers) embeds with train=False and no PRNG keys, so any other
+   random layer must be off there too. What stays tied to the shipped encoders: the benchmark's and
+   `profile_step`'s fixed rows (the small one), `l2_normalize_koch` (read for Koch's net only: a
+   new encoder has no old files to read, and needs no such key).
 """
 from __future__ import annotations
 
