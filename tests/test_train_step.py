@@ -131,9 +131,9 @@ def test_an_encoder_with_dropout_trains_with_fresh_masks_that_do_not_depend_on_t
     step), new each step and for each step key, the same masks on 1 and 4 devices; embedding
     (train=False) is deterministic."""
     model = models.SiameseNetwork(encoder=_DropoutEncoder())
-    tx = optax.sgd(0.1)
 
-    def losses(devices, key, steps=2):
+    def losses(devices, key, steps=2, learning_rate=0.1):
+        tx = optax.sgd(learning_rate)
         mesh = parallel.make_data_mesh(devices)
         state = parallel.put_replicated(ts.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE), mesh)
         step = ts.make_train_step(model, tx, mesh, loss="batch_hard", margin=0.5)
@@ -151,6 +151,10 @@ def test_an_encoder_with_dropout_trains_with_fresh_masks_that_do_not_depend_on_t
     assert one[0] != other_key[0]  # another key, other masks
     # Deterministic per key; the masks do change the loss (train=False would give another value).
     assert losses(jax.devices()[:1], jax.random.PRNGKey(1))[0] == one
+    # New masks every step: with the weights held still (rate 0), the same batch and key give
+    # another loss at each step.
+    still, _ = losses(jax.devices()[:1], jax.random.PRNGKey(1), steps=3, learning_rate=0.0)
+    assert len(set(still)) == 3, still
     x = jnp.asarray(_batch("batch_hard")["images"])
     variables = {"params": state.params}
     np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
