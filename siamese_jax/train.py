@@ -345,6 +345,9 @@ def _how_to_keep(changes: list) -> str:
 
     flags = []
     for key, old, new in changes:
+        if old is _MISSING and key in _KEPT_BY:
+            flags.append(_KEPT_BY[key])
+            continue
         old = _ABSENT_MEANT.get(key, old) if old is _MISSING else old
         if key in _NOT_OFFERED_BACK or old is _MISSING or new is _MISSING or old == new or old is None:
             continue  # (None: no flag sets a typed key back to it; "leave it unset" is the user's to see)
@@ -360,6 +363,11 @@ def _how_to_keep(changes: list) -> str:
 _LOSS_ONLY_KEYS = {"ms_alpha": "multi_similarity", "ms_beta": "multi_similarity", "ms_lambda": "multi_similarity"}
 # ... and keys only one model reads.
 _MODEL_ONLY_KEYS = {"l2_normalize_koch": "koch"}
+# ... and keys read only where another is True: l2_normalize_koch, absent from every Koch config.json
+# written before it, changes nothing where l2_normalize is off (every such resume warned of it), and
+# where it is on, the flag that keeps the old run (unnormalised, as it trained) is this one.
+_ONLY_WITH_KEYS = {"l2_normalize_koch": "l2_normalize"}
+_KEPT_BY = {"l2_normalize_koch": "--config.l2_normalize=False"}
 
 
 def _config_changes(previous: dict, now: dict) -> list:
@@ -386,8 +394,9 @@ def _config_changes(previous: dict, now: dict) -> list:
         if k.split(".")[0] in _RESUME_NEUTRAL_KEYS or old == new:
             continue
         if old is _MISSING and (_LOSS_ONLY_KEYS.get(k, loss) != loss or _MODEL_ONLY_KEYS.get(k, model) != model
+                                or (k in _ONLY_WITH_KEYS and not now.get(_ONLY_WITH_KEYS[k]))
                                 or (k.startswith("margins.") and k != f"margins.{loss}")):
-            continue  # another loss's or model's setting, added by an upgrade
+            continue  # another loss's or model's setting, or one that has no effect here, added by an upgrade
         changed.append((k, old, new))
     return changed
 
@@ -429,6 +438,8 @@ def _validation_protocol(config_json: dict, training_split) -> dict:
     alphabets resolved to their names: a config from before `val_alphabet_names` (2026-12-04)
     validated on the alphabets the old rule picked, which no raw key shows."""
     protocol = {k: config_json[k] for k in _VALIDATION_KEYS if k in config_json}
+    if "l2_normalize" in protocol:  # what the network does: a Koch run from before l2_normalize_koch ignored it
+        protocol["l2_normalize"] = models.l2_normalizes(config_json)
     if config_json.get("dataset") == "omniglot" and "val_alphabets" in config_json and training_split is not None:
         try:
             names = ip.held_out_alphabet_names(ml_collections.ConfigDict(config_json), training_split)

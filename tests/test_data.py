@@ -702,6 +702,22 @@ def test_resuming_a_run_written_before_an_option_existed_is_not_a_changed_config
     odd = dict(_split_config().to_dict(), margins=None)
     assert "margins None -> {" in warning(odd, _split_config())
 
+    # A Koch run from before l2_normalize_koch: the key's absence changes nothing where l2_normalize is
+    # off (every such resume warned "l2_normalize_koch (absent) -> True"; the review of stop 56).
+    koch = _split_config(model="koch", image_size=105)
+    old_koch = {k: v for k, v in koch.to_dict().items() if k != "l2_normalize_koch"}
+    assert warning(old_koch, koch) == ""
+    # Where it is on, the net ignored it and now obeys it: named, with the flag that keeps it unnormalised.
+    koch.l2_normalize = old_koch["l2_normalize"] = True
+    message = warning(old_koch, koch)
+    assert "l2_normalize_koch (absent) -> True" in message
+    assert message.split("; to keep the old settings: ")[1] == "--config.l2_normalize=False"
+    # ... and its best/ score, validated unnormalised, is validated again before a new best must beat it
+    # (the raw keys were equal); an old Koch run with l2_normalize off validates as it did.
+    assert train_lib._validation_protocol(old_koch, None) != train_lib._validation_protocol(koch.to_dict(), None)
+    old_koch["l2_normalize"] = koch.l2_normalize = False
+    assert train_lib._validation_protocol(old_koch, None) == train_lib._validation_protocol(koch.to_dict(), None)
+
 def test_auto_source_without_tfds_says_what_is_missing_where(tmp_path, monkeypatch):
     """source='auto' with no tensorflow-datasets installed (a plain `pip install`): a mistyped or
     missing data root said "source='tfds' needs tensorflow-datasets ...; pip install ...", pointing
