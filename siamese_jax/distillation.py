@@ -159,18 +159,21 @@ def _write_snapshot(workdir: str, config, sources: list, loaded: list) -> None:
 
 def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list, bool]:
     """(the teachers' sources, the paths to load them from, whether they are the run's first teachers)
-    for a resume: its snapshot's files, else the sources — teachers given to a run that had none
-    (snapshotted now, as at a first start), or those of a run from before snapshots. A command that
+    for a resume: the sources for teachers given to a run that trained without any (its config.json
+    says so: snapshotted now, as at a first start, whatever snapshot it holds), else its snapshot's
+    files, else the sources of a run from before snapshots. A command that
     names other teachers gets the run's own, and `config.distill_teachers` says so again (config.json
     records what it distills from)."""
-    manifest = _read_manifest(workdir)
     sources = teacher_sources(config)
+    # Asked first: a snapshot in a run that trained without teachers is a first start's that stopped
+    # before its first checkpoint, and the run was started again without them; it distilled from that.
+    previous = _recorded_config(workdir)
+    if previous is not None and not str(previous.get("distill_teachers") or "").strip():
+        log.info("%s trained without teachers so far: from this resume on it distills from %s", workdir,
+                 ", ".join(sources))
+        return sources, sources, True
+    manifest = _read_manifest(workdir)
     if manifest is None:
-        previous = _recorded_config(workdir)
-        if previous is not None and not str(previous.get("distill_teachers") or "").strip():
-            log.info("%s trained without teachers so far: from this resume on it distills from %s", workdir,
-                     ", ".join(sources))
-            return sources, sources, True
         log.warning("%s has no snapshot of its teachers (%s/; started before runs took one): they are loaded from "
                     "config.distill_teachers again: the teachers the run started with only if none has changed since",
                     workdir, _snapshot_folder(workdir))

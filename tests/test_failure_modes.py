@@ -1347,9 +1347,43 @@ def test_a_distilled_run_resumes_with_the_teachers_it_started_with(tmp_path, mon
     assert "trained without teachers so far: from this resume on it distills from" in caplog.text
     assert "has no snapshot" not in caplog.text
     assert sorted(os.listdir(old / "teachers")) == ["0.msgpack", "teachers.json"]
+    (old / "config.json").write_text(json.dumps({"distill_teachers": str(teacher_file)}))  # as the run then records
     caplog.clear()
     distillation.teacher_embeddings(student, None, str(old), resuming=True)
     assert "the snapshot taken at the run's first start" in caplog.text
+
+
+def test_a_snapshot_left_by_a_start_the_run_did_not_train_from_is_not_its_teachers(tmp_path, monkeypatch, caplog):
+    """A first start with teachers that stopped before its first checkpoint leaves a snapshot; the run
+    then started again without teachers (its config.json says so) and trained. Given teachers at a
+    resume, those are its first, snapshotted now: it distilled from the stale snapshot instead, with a
+    warning that it "resumes with the teachers it started with" (the review of stop 56)."""
+    from siamese_jax import distillation
+
+    config = _tiny_config()
+    (first_state,), other_state = _states(config, 1)
+    files = []
+    for name, state in zip("ab", (first_state, other_state)):  # two teachers with other weights
+        files.append(str(tmp_path / f"{name}.msgpack"))
+        inference.SiameseModel(config, state.params, state.batch_stats).save(files[-1])
+    images = np.random.default_rng(0).integers(0, 256, (6, config.image_size, config.image_size), dtype=np.uint8)
+    monkeypatch.setattr(distillation, "_teacher_train_images", lambda *args: images)
+
+    run = tmp_path / "student"
+    first = _tiny_config()
+    first.distill_teachers = files[0]
+    distillation.teacher_embeddings(first, None, str(run), resuming=False)  # the start that stopped early
+    (run / "checkpoints" / "2").mkdir(parents=True)  # ... then trained without teachers
+    (run / "config.json").write_text(json.dumps({"distill_teachers": ""}))
+    given = _tiny_config()
+    given.distill_teachers = files[1]
+    of_given, of_first = (distillation.teacher_embeddings(c, None) for c in (given, first))
+    assert not np.allclose(of_given, of_first)  # (the teachers differ)
+    caplog.set_level(logging.INFO)
+    resumed = distillation.teacher_embeddings(given, None, str(run), resuming=True)
+    np.testing.assert_array_equal(resumed, of_given)
+    assert given.distill_teachers == files[1] and "is not used" not in caplog.text
+    assert json.loads((run / "teachers" / "teachers.json").read_text())["sources"] == [files[1]]
 
 
 @pytest.mark.parametrize("listed", ["..", "."])
@@ -1362,6 +1396,8 @@ def test_a_snapshot_list_that_names_a_file_outside_the_snapshot_is_damaged(tmp_p
 
     config = _tiny_config()
     run = _finished_workdir(tmp_path / "student", config)  # a best checkpoint of its own: loadable as a teacher
+    config.distill_teachers = "pretrained"  # (what its config.json records: it distilled)
+    (run / "config.json").write_text(config.to_json_best_effort())
     (run / "checkpoints" / "2").mkdir(parents=True, exist_ok=True)
     (run / "teachers").mkdir()
     (run / "teachers" / "teachers.json").write_text(json.dumps(
