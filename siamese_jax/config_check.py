@@ -9,6 +9,7 @@ workdir is a directory this process can write to.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -342,8 +343,10 @@ def _check_teachers_and_resume(config, kind: str, loss: str, workdir: str | None
                   f"{', '.join(ts.CLASS_BATCH_LOSSES)}; got {loss!r})")
         # A resume distills from the teachers' snapshot in its workdir (`distillation`): their sources
         # may be gone (another machine, `runs/` not kept), which refused the resume before.
-        resumes_from_snapshot = workdir is not None and _has_own_checkpoint(workdir) and os.path.isfile(
+        # (Not a run that trained without teachers: the ones given now are its first, loaded from their sources.)
+        resumes_from_snapshot = (workdir is not None and _has_own_checkpoint(workdir) and os.path.isfile(
             os.path.join(workdir, TEACHER_SNAPSHOT_DIR, TEACHER_SNAPSHOT_MANIFEST))
+            and not trained_without_teachers(workdir))
         for source in ([] if resumes_from_snapshot else teachers):
             if os.path.isdir(source):
                 if not os.path.isfile(os.path.join(source, "config.json")):
@@ -365,6 +368,18 @@ def _check_teachers_and_resume(config, kind: str, loss: str, workdir: str | None
     if resume is not None and os.path.isfile(os.path.join(resume, "config.json")):  # a workdir, not its steps
         _fail("resume", resume, f"is a training workdir: give its checkpoint directory, "
                                 f"{os.path.join(resume, 'best')} or {os.path.join(resume, 'checkpoints')}")
+
+
+def trained_without_teachers(workdir: str) -> bool:
+    """The workdir's config.json (written by its last start) records no `distill_teachers`: teachers
+    given at its resume are its first, whatever `teachers/` holds (a snapshot left by a first start
+    that stopped before its first checkpoint). False where config.json cannot be read."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and not str(recorded.get("distill_teachers") or "").strip()
 
 
 def _has_own_checkpoint(workdir: str) -> bool:

@@ -45,7 +45,8 @@ import numpy as np
 
 from siamese_jax import inference, parallel
 from siamese_jax import input_pipeline as ip
-from siamese_jax.config_check import TEACHER_SNAPSHOT_DIR, TEACHER_SNAPSHOT_MANIFEST, ConfigError
+from siamese_jax.config_check import (TEACHER_SNAPSHOT_DIR, TEACHER_SNAPSHOT_MANIFEST, ConfigError,
+                                      trained_without_teachers)
 from siamese_jax.config_check import distill_teacher_sources as teacher_sources  # noqa: F401 (train.py's name)
 from siamese_jax.files import atomic_write_json
 
@@ -167,8 +168,7 @@ def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list, bool
     sources = teacher_sources(config)
     # Asked first: a snapshot in a run that trained without teachers is a first start's that stopped
     # before its first checkpoint, and the run was started again without them; it distilled from that.
-    previous = _recorded_config(workdir)
-    if previous is not None and not str(previous.get("distill_teachers") or "").strip():
+    if trained_without_teachers(workdir):
         log.info("%s trained without teachers so far: from this resume on it distills from %s", workdir,
                  ", ".join(sources))
         return sources, sources, True
@@ -186,17 +186,6 @@ def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list, bool
     log.info("resuming: the teachers are loaded from %s, the snapshot taken at the run's first start, not from "
              "their sources", _snapshot_folder(workdir))
     return manifest["sources"], [os.path.join(_snapshot_folder(workdir), f) for f in manifest["files"]], False
-
-
-def _recorded_config(workdir: str) -> Optional[dict]:
-    """The run's config.json as written by its last start (it is rewritten after the teachers load),
-    or None where it cannot be read."""
-    try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            recorded = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return recorded if isinstance(recorded, dict) else None
 
 
 def _read_manifest(workdir: str) -> Optional[dict]:

@@ -1376,7 +1376,11 @@ def test_a_snapshot_left_by_a_start_the_run_did_not_train_from_is_not_its_teache
     (run / "checkpoints" / "2").mkdir(parents=True)  # ... then trained without teachers
     (run / "config.json").write_text(json.dumps({"distill_teachers": ""}))
     given = _tiny_config()
+    given.distill_teachers = str(tmp_path / "gone.msgpack")  # checked at once, as at a first start (it was skipped)
+    with pytest.raises(config_check.ConfigError, match=r"config.distill_teachers=.*gone.msgpack: no such workdir or file"):
+        config_check.validate_config(given, workdir=str(run))
     given.distill_teachers = files[1]
+    config_check.validate_config(given, workdir=str(run))
     of_given, of_first = (distillation.teacher_embeddings(c, None) for c in (given, first))
     assert not np.allclose(of_given, of_first)  # (the teachers differ)
     caplog.set_level(logging.INFO)
