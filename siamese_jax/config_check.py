@@ -110,7 +110,8 @@ def validate_model_config(config) -> None:
         raise ConfigError(str(e)) from None
     size = _int_in(config, "image_size", *IMAGE_SIZE, why=" (input side in pixels)")
     _int_in(config, "embedding_dim", 1, 65536)
-    _bool(config, "l2_normalize")
+    if model == "small" or "l2_normalize" in config:  # (a hand-made Koch config may lack it: off, as before)
+        _bool(config, "l2_normalize")
     if "l2_normalize_koch" in config:  # (absent from configs written before it: models.l2_normalizes)
         _bool(config, "l2_normalize_koch")
     if model == "small":

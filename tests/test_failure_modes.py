@@ -553,6 +553,10 @@ def test_config_combinations_the_fuzz_review_found_are_refused_or_take_effect(tm
     # it unnormalised) still evaluates; new training that would ignore it again is refused.
     old_koch = {k: v for k, v in koch.to_dict().items() if k != "l2_normalize_koch"}
     config_check.validate_model_config(ml_collections.ConfigDict(old_koch))
+    # A hand-made Koch config without the key at all is off, as before the key was the network's
+    # (it was then checked for the small encoder only; the diff review of stop 56).
+    bare_koch = {k: v for k, v in old_koch.items() if k != "l2_normalize"}
+    config_check.validate_model_config(ml_collections.ConfigDict(bare_koch))
     refused(r"config.l2_normalize_koch=False: Koch's net would ignore l2_normalize=True", model="koch",
             image_size=105, l2_normalize=True, l2_normalize_koch=False)
     # eval_seed=-1 trained to the end, then failed ("expected non-negative integer") at every evaluate.
