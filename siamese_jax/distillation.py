@@ -45,7 +45,7 @@ import numpy as np
 
 from siamese_jax import inference, parallel
 from siamese_jax import input_pipeline as ip
-from siamese_jax.config_check import (TEACHER_SNAPSHOT_DIR, TEACHER_SNAPSHOT_MANIFEST, ConfigError,
+from siamese_jax.config_check import (SHIPPED_MODELS, TEACHER_SNAPSHOT_DIR, TEACHER_SNAPSHOT_MANIFEST, ConfigError,
                                       trained_without_teachers)
 from siamese_jax.config_check import distill_teacher_sources as teacher_sources  # noqa: F401 (train.py's name)
 from siamese_jax.files import atomic_write_json
@@ -153,6 +153,7 @@ def _write_snapshot(workdir: str, config, sources: list, loaded: list) -> None:
         inference.SiameseModel(teacher_config, params, batch_stats,
                                provenance={"step": step, "snapshot_of": source}).save(os.path.join(folder, files[-1]))
     atomic_write_json(manifest, {"distill_teachers": str(config.distill_teachers), "sources": sources,
+                                 "places": [_teacher_place(source) for source in sources],
                                  "files": files, "steps": [step for _, _, step in loaded]})
     log.info("teachers snapshotted in %s: a resume of this run distills from them, not from %s",
              folder, ", ".join(sources))
@@ -178,14 +179,22 @@ def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list, bool
                     "config.distill_teachers again: the teachers the run started with only if none has changed since",
                     workdir, _snapshot_folder(workdir))
         return sources, sources, False
-    if manifest["sources"] != sources:
+    # The same teachers however the command spells them (`runs/a` or `/home/me/runs/a`, through a symlink):
+    # compared by where they were at the first start.
+    places = manifest.get("places") if isinstance(manifest.get("places"), list) else None
+    if (places or [_teacher_place(source) for source in manifest["sources"]]) != [_teacher_place(s) for s in sources]:
         log.warning("config.distill_teachers=%s is not used: %s resumes with the teachers it started with (%s); to "
                     "distill from others, start a new --workdir with --config.resume=%s", config.distill_teachers,
                     workdir, manifest["distill_teachers"], os.path.join(workdir, "checkpoints"))
-        config.distill_teachers = manifest["distill_teachers"]
+    config.distill_teachers = manifest["distill_teachers"]
     log.info("resuming: the teachers are loaded from %s, the snapshot taken at the run's first start, not from "
              "their sources", _snapshot_folder(workdir))
     return manifest["sources"], [os.path.join(_snapshot_folder(workdir), f) for f in manifest["files"]], False
+
+
+def _teacher_place(source: str) -> str:
+    """Where a teacher is: its real absolute path, or a shipped model's name."""
+    return source if source in SHIPPED_MODELS else os.path.realpath(source)
 
 
 def _read_manifest(workdir: str) -> Optional[dict]:

@@ -1320,6 +1320,13 @@ def test_a_distilled_run_resumes_with_the_teachers_it_started_with(tmp_path, mon
     moved.distill_teachers = "pretrained"
     np.testing.assert_array_equal(distillation.teacher_embeddings(moved, None, str(run), resuming=True), started)
     assert moved.distill_teachers == student.distill_teachers and "config.distill_teachers=pretrained is not used" in caplog.text
+    # The same teachers spelled another way (through a symlink to their folder): no warning.
+    (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)
+    respelled = student.copy_and_resolve_references()
+    respelled.distill_teachers = f"{tmp_path / 'link' / 'teacher'},{tmp_path / 'link' / 'teacher.msgpack'}"
+    caplog.clear()
+    np.testing.assert_array_equal(distillation.teacher_embeddings(respelled, None, str(run), resuming=True), started)
+    assert "is not used" not in caplog.text and respelled.distill_teachers == student.distill_teachers
 
     # A damaged snapshot: one line naming it and what to do; nothing removed or rewritten.
     for name, damage in (("1.msgpack", b"\x00" * 10), ("teachers.json", b"{")):
