@@ -345,9 +345,8 @@ def _check_teachers_and_resume(config, kind: str, loss: str, workdir: str | None
         # A resume distills from the teachers' snapshot in its workdir (`distillation`): their sources
         # may be gone (another machine, `runs/` not kept), which refused the resume before.
         # (Not a run that trained without teachers: the ones given now are its first, loaded from their sources.)
-        resumes_from_snapshot = (workdir is not None and _has_own_checkpoint(workdir) and os.path.isfile(
-            os.path.join(workdir, TEACHER_SNAPSHOT_DIR, TEACHER_SNAPSHOT_MANIFEST))
-            and not trained_without_teachers(workdir))
+        resumes_from_snapshot = (workdir is not None and _has_own_checkpoint(workdir)
+                                 and _snapshot_trained_with(workdir))
         for source in ([] if resumes_from_snapshot else teachers):
             if os.path.isdir(source):
                 if not os.path.isfile(os.path.join(source, "config.json")):
@@ -369,6 +368,33 @@ def _check_teachers_and_resume(config, kind: str, loss: str, workdir: str | None
     if resume is not None and os.path.isfile(os.path.join(resume, "config.json")):  # a workdir, not its steps
         _fail("resume", resume, f"is a training workdir: give its checkpoint directory, "
                                 f"{os.path.join(resume, 'best')} or {os.path.join(resume, 'checkpoints')}")
+
+
+def own_checkpoint_step(workdir: str) -> int:
+    """The newest step in `workdir/checkpoints` (its digit-named folders, without importing orbax); 0 if none."""
+    own = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(own):
+        return 0
+    return max((int(d) for d in os.listdir(own) if d.isdigit()), default=0)
+
+
+def snapshot_trained_with(manifest: dict, newest_step: int) -> bool:
+    """Whether the run trained with a teacher snapshot: a checkpoint newer than the student's step at
+    which it was taken exists. One that no checkpoint followed is a start's that stopped first (its
+    teachers never trained a saved step). A list without the step (this code's first version) counts."""
+    step = manifest.get("student_step")
+    return not isinstance(step, int) or isinstance(step, bool) or step < newest_step
+
+
+def _snapshot_trained_with(workdir: str) -> bool:
+    """`snapshot_trained_with` for the workdir's teachers.json; False where there is none or it cannot be
+    read (the sources are checked then; distillation names a damaged list in one line)."""
+    try:
+        with open(os.path.join(workdir, TEACHER_SNAPSHOT_DIR, TEACHER_SNAPSHOT_MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and snapshot_trained_with(manifest, own_checkpoint_step(workdir))
 
 
 def trained_without_teachers(workdir: str) -> bool:

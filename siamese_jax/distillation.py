@@ -29,7 +29,10 @@ there, not from `config.distill_teachers`: loaded from their sources again, a te
 machine, `runs/` not kept) refused the resume, and one changed since (its workdir trained on and
 selected another checkpoint, its file replaced) made the run distill from other teachers than it
 started with, silently. The snapshot embeds as its source did, and passes the same check against
-the training set. A resume whose command names other teachers gets the run's own, with a warning
+the training set. The list records the student's step when it was taken: it is the run's teachers once a later
+checkpoint exists (a start that stopped first trained no saved step with them: teachers given at
+the next resume replace them, and a start without teachers sets the list aside), whatever the last
+start's config.json says. A resume whose command names other teachers gets the run's own, with a warning
 (other teachers: a new workdir with `config.resume`); a workdir from before snapshots loads the
 sources, as it did, with a warning. A damaged snapshot is one error line, and nothing is removed.
 """
@@ -46,7 +49,7 @@ import numpy as np
 from siamese_jax import inference, parallel
 from siamese_jax import input_pipeline as ip
 from siamese_jax.config_check import (SHIPPED_MODELS, TEACHER_SNAPSHOT_DIR, TEACHER_SNAPSHOT_MANIFEST, ConfigError,
-                                      trained_without_teachers)
+                                      own_checkpoint_step, snapshot_trained_with, trained_without_teachers)
 from siamese_jax.config_check import distill_teacher_sources as teacher_sources  # noqa: F401 (train.py's name)
 from siamese_jax.files import atomic_write_json
 
@@ -152,7 +155,9 @@ def _write_snapshot(workdir: str, config, sources: list, loaded: list) -> None:
         files.append(_snapshot_file(index))
         inference.SiameseModel(teacher_config, params, batch_stats,
                                provenance={"step": step, "snapshot_of": source}).save(os.path.join(folder, files[-1]))
+    # The student's step now: the snapshot is the run's teachers once a later checkpoint exists.
     atomic_write_json(manifest, {"distill_teachers": str(config.distill_teachers), "sources": sources,
+                                 "student_step": own_checkpoint_step(workdir),
                                  "places": [_teacher_place(source) for source in sources],
                                  "files": files, "steps": [step for _, _, step in loaded]})
     log.info("teachers snapshotted in %s: a resume of this run distills from them, not from %s",
@@ -167,13 +172,16 @@ def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list, bool
     names other teachers gets the run's own, and `config.distill_teachers` says so again (config.json
     records what it distills from)."""
     sources = teacher_sources(config)
-    # Asked first: a snapshot in a run that trained without teachers is a first start's that stopped
-    # before its first checkpoint, and the run was started again without them; it distilled from that.
-    if trained_without_teachers(workdir):
+    manifest = _read_manifest(workdir)
+    if manifest is not None and not snapshot_trained_with(manifest, own_checkpoint_step(workdir)):
+        # Taken by a start that stopped before its next checkpoint: no saved step trained with it.
+        log.info("%s: its snapshot of teachers (%s) trained no saved step: from this resume on it distills from %s",
+                 workdir, manifest["distill_teachers"], ", ".join(sources))
+        return sources, sources, True
+    if manifest is None and trained_without_teachers(workdir):
         log.info("%s trained without teachers so far: from this resume on it distills from %s", workdir,
                  ", ".join(sources))
         return sources, sources, True
-    manifest = _read_manifest(workdir)
     if manifest is None:
         log.warning("%s has no snapshot of its teachers (%s/; started before runs took one): they are loaded from "
                     "config.distill_teachers again: the teachers the run started with only if none has changed since",
@@ -190,6 +198,22 @@ def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list, bool
     log.info("resuming: the teachers are loaded from %s, the snapshot taken at the run's first start, not from "
              "their sources", _snapshot_folder(workdir))
     return manifest["sources"], [os.path.join(_snapshot_folder(workdir), f) for f in manifest["files"]], False
+
+
+def set_aside_unused_snapshot(workdir: str) -> None:
+    """At a start without teachers: a snapshot that no checkpoint was trained with (left by a start that
+    stopped before its next checkpoint) is not the run's, and would be taken for its teachers at a
+    later resume; its list is removed. One the run trained with stays (teachers dropped at a resume
+    and given again later are the snapshot's). A damaged list is left for a resume with teachers to name."""
+    try:
+        manifest = _read_manifest(workdir)
+    except ConfigError:
+        return
+    if manifest is not None and not snapshot_trained_with(manifest, own_checkpoint_step(workdir)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(_snapshot_folder(workdir), TEACHER_SNAPSHOT_MANIFEST))
+        log.info("%s: the snapshot of teachers %s trained no saved step and this start has none: set aside",
+                 workdir, manifest["distill_teachers"])
 
 
 def _teacher_place(source: str) -> str:

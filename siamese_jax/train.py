@@ -678,6 +678,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple:
         resuming = bool(ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")))  # a checkpoint of its own
         teacher = parallel.put_replicated(distillation.teacher_embeddings(
             config, train_ds, workdir, resuming=resuming, write_snapshot=is_main), mesh)
+    elif is_main:  # a snapshot of a start that never checkpointed is not this run's teachers
+        distillation.set_aside_unused_snapshot(workdir)
 
     if config.loss in ts.CLASS_CENTRE_LOSSES:  # one learned centre per training class
         _set_num_classes(config, int(train_dds.num_classes))

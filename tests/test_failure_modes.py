@@ -1359,6 +1359,7 @@ def test_a_distilled_run_resumes_with_the_teachers_it_started_with(tmp_path, mon
     assert "has no snapshot" not in caplog.text
     assert sorted(os.listdir(old / "teachers")) == ["0.msgpack", "teachers.json"]
     (old / "config.json").write_text(json.dumps({"distill_teachers": str(teacher_file)}))  # as the run then records
+    (old / "checkpoints" / "3").mkdir()  # ... and trains with them to its next checkpoint
     caplog.clear()
     distillation.teacher_embeddings(student, None, str(old), resuming=True)
     assert "the snapshot taken at the run's first start" in caplog.text
@@ -1384,7 +1385,9 @@ def test_a_snapshot_left_by_a_start_the_run_did_not_train_from_is_not_its_teache
     first = _tiny_config()
     first.distill_teachers = files[0]
     distillation.teacher_embeddings(first, None, str(run), resuming=False)  # the start that stopped early
-    (run / "checkpoints" / "2").mkdir(parents=True)  # ... then trained without teachers
+    distillation.set_aside_unused_snapshot(str(run))  # ... then started without teachers (train.py)
+    assert not (run / "teachers" / "teachers.json").exists()
+    (run / "checkpoints" / "2").mkdir(parents=True)  # ... and trained
     (run / "config.json").write_text(json.dumps({"distill_teachers": ""}))
     given = _tiny_config()
     given.distill_teachers = str(tmp_path / "gone.msgpack")  # checked at once, as at a first start (it was skipped)
@@ -1399,6 +1402,71 @@ def test_a_snapshot_left_by_a_start_the_run_did_not_train_from_is_not_its_teache
     np.testing.assert_array_equal(resumed, of_given)
     assert given.distill_teachers == files[1] and "is not used" not in caplog.text
     assert json.loads((run / "teachers" / "teachers.json").read_text())["sources"] == [files[1]]
+
+
+def test_whether_a_snapshot_is_the_runs_teachers_follows_its_checkpoints_not_its_last_start(tmp_path, monkeypatch,
+                                                                                              caplog):
+    """Whether a resume distills from `teachers/` was read from config.json, which every start
+    rewrites: teachers dropped at one resume and given again at a later one were loaded from their
+    sources (changed since: other teachers, silently; gone: the resume refused); teachers added at a
+    resume that stopped before its next checkpoint won over the ones given next; an unreadable
+    config.json let a leftover snapshot win (the last review of stop 56). Now the snapshot records
+    the student's step, and it is the run's teachers once a later checkpoint exists."""
+    from siamese_jax import distillation
+
+    config = _tiny_config()
+    (s0,), s1 = _states(config, 1)
+    a, b = str(tmp_path / "a.msgpack"), str(tmp_path / "b.msgpack")
+    for path, state in ((a, s0), (b, s1)):
+        inference.SiameseModel(config, state.params, state.batch_stats).save(path)
+    images = np.random.default_rng(0).integers(0, 256, (6, config.image_size, config.image_size), dtype=np.uint8)
+    monkeypatch.setattr(distillation, "_teacher_train_images", lambda *args: images)
+    with_a, with_b = _tiny_config(), _tiny_config()
+    with_a.distill_teachers, with_b.distill_teachers = a, b
+    of_a, of_b = (distillation.teacher_embeddings(c, None) for c in (with_a, with_b))
+    caplog.set_level(logging.INFO)
+
+    # Teachers A from the first start, trained to a checkpoint; a resume without teachers (config.json
+    # says none; the snapshot stays); then A again, its source replaced by other weights, then gone.
+    run = tmp_path / "dropped"
+    distillation.teacher_embeddings(with_a, None, str(run), resuming=False)
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"distill_teachers": ""}))
+    distillation.set_aside_unused_snapshot(str(run))
+    assert (run / "teachers" / "teachers.json").exists()
+    saved_a = tmp_path / "a.saved"
+    shutil.copy(a, saved_a)
+    shutil.copy(b, a)
+    np.testing.assert_array_equal(distillation.teacher_embeddings(with_a, None, str(run), resuming=True), of_a)
+    os.remove(a)
+    config_check.validate_config(with_a, workdir=str(run))  # its source is not needed
+    np.testing.assert_array_equal(distillation.teacher_embeddings(with_a, None, str(run), resuming=True), of_a)
+    shutil.copy(saved_a, a)
+
+    # A run without teachers, resumed with A, stopped before its next checkpoint, resumed with B: B.
+    run = tmp_path / "added"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"distill_teachers": ""}))
+    distillation.teacher_embeddings(with_a, None, str(run), resuming=True)
+    (run / "config.json").write_text(json.dumps({"distill_teachers": a}))  # train.py writes it
+    caplog.clear()
+    np.testing.assert_array_equal(distillation.teacher_embeddings(with_b, None, str(run), resuming=True), of_b)
+    assert "is not used" not in caplog.text and with_b.distill_teachers == b
+    assert json.loads((run / "teachers" / "teachers.json").read_text())["sources"] == [b]
+    # ... and once a checkpoint was trained with B, B is the run's, whatever a command names.
+    (run / "checkpoints" / "3").mkdir()
+    other = _tiny_config()
+    other.distill_teachers = a
+    np.testing.assert_array_equal(distillation.teacher_embeddings(other, None, str(run), resuming=True), of_b)
+
+    # A leftover snapshot (a first start that stopped early), set aside by the start without teachers
+    # that followed, is not taken for the run's teachers even where config.json cannot be read.
+    run = tmp_path / "leftover"
+    distillation.teacher_embeddings(with_a, None, str(run), resuming=False)
+    distillation.set_aside_unused_snapshot(str(run))
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "config.json").write_text("{")
+    np.testing.assert_array_equal(distillation.teacher_embeddings(with_b, None, str(run), resuming=True), of_b)
 
 
 @pytest.mark.parametrize("listed", ["..", "."])
