@@ -343,8 +343,8 @@ def _check_teachers_and_resume(config, kind: str, loss: str, workdir: str | None
                   f"needs a P x K loss (triplet with online or online_all selection, "
                   f"{', '.join(ts.CLASS_BATCH_LOSSES)}; got {loss!r})")
         # A resume distills from the teachers' snapshot in its workdir (`distillation`): their sources
-        # may be gone (another machine, `runs/` not kept), which refused the resume before.
-        # (Not a run that trained without teachers: the ones given now are its first, loaded from their sources.)
+        # may be gone (another machine, `runs/` not kept), which refused the resume before. (Not a
+        # snapshot no checkpoint followed: the teachers given now are the run's, loaded from their sources.)
         resumes_from_snapshot = (workdir is not None and _has_own_checkpoint(workdir)
                                  and _snapshot_trained_with(workdir))
         for source in ([] if resumes_from_snapshot else teachers):
@@ -398,9 +398,9 @@ def _snapshot_trained_with(workdir: str) -> bool:
 
 
 def trained_without_teachers(workdir: str) -> bool:
-    """The workdir's config.json (written by its last start) records no `distill_teachers`: teachers
-    given at its resume are its first, whatever `teachers/` holds (a snapshot left by a first start
-    that stopped before its first checkpoint). False where config.json cannot be read."""
+    """The workdir's config.json (written by its last start) records no `distill_teachers`: where it
+    holds no snapshot, teachers given at its resume are its first (not a run from before snapshots).
+    False where config.json cannot be read."""
     try:
         with open(os.path.join(workdir, "config.json")) as f:
             recorded = json.load(f)

@@ -166,11 +166,11 @@ def _write_snapshot(workdir: str, config, sources: list, loaded: list) -> None:
 
 def _teachers_of_the_resumed_run(config, workdir: str) -> tuple[list, list, bool]:
     """(the teachers' sources, the paths to load them from, whether they are the run's first teachers)
-    for a resume: the sources for teachers given to a run that trained without any (its config.json
-    says so: snapshotted now, as at a first start, whatever snapshot it holds), else its snapshot's
-    files, else the sources of a run from before snapshots. A command that
-    names other teachers gets the run's own, and `config.distill_teachers` says so again (config.json
-    records what it distills from)."""
+    for a resume: its snapshot's files once a checkpoint was trained with them; else the sources,
+    as its first teachers (snapshotted now) where no checkpoint followed the snapshot or the run
+    trained without teachers (its config.json says so), or as before (a run from before snapshots).
+    A command that names other teachers than the snapshot's gets the run's own, and
+    `config.distill_teachers` says so again (config.json records what it distills from)."""
     sources = teacher_sources(config)
     manifest = _read_manifest(workdir)
     if manifest is not None and not snapshot_trained_with(manifest, own_checkpoint_step(workdir)):
