@@ -349,14 +349,16 @@ def test_encoders_work_under_rank_promotion_raise():
     """JAX_NUMPY_RANK_PROMOTION=raise, a JAX debug setting, refused the fused BatchNorm block's implicit
     [N, H, W, C] * [C]: every model of the package failed to build, blamed on its config or image size."""
     x = jax.random.uniform(jax.random.PRNGKey(0), (4, 9, 9, 1))
+    # Jitted: the setting is checked as the functions are traced, here as in training; one compile
+    # each, not one per operation (op by op the test took ~11 CPU-seconds, jitted ~6).
     with jax.numpy_rank_promotion("raise"):
         for encoder in (models.SmallConvEncoder(widths=(4, 6), embedding_dim=3),
                         models.SmallConvEncoder(widths=(4, 6), embedding_dim=3, l2_normalize=True, fused_batch_norm=False)):
-            v = encoder.init(jax.random.PRNGKey(1), x)
-            assert encoder.apply(v, x).shape == (4, 3)
+            v = jax.jit(encoder.init)(jax.random.PRNGKey(1), x)
+            assert jax.jit(encoder.apply)(v, x).shape == (4, 3)
 
             def loss(params):
                 h, _ = encoder.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
                 return jnp.sum(jnp.sin(h))
 
-            assert all(np.isfinite(g).all() for g in jax.tree.leaves(jax.grad(loss)(v["params"])))
+            assert all(np.isfinite(g).all() for g in jax.tree.leaves(jax.jit(jax.grad(loss))(v["params"])))
