@@ -233,13 +233,15 @@ def test_fused_batch_norm_relu_pool_equals_the_flax_layers(shape, pool):
 
 
 def test_fused_block_keeps_nn_batchnorm_variable_names_and_bfloat16():
+    # Jitted, as training runs them: one compile each, not one per operation (op by op the test took
+    # ~10 CPU-seconds, jitted ~5).
     enc = models.SmallConvEncoder(widths=(4, 8), embedding_dim=3, dtype=jnp.bfloat16)
-    v = enc.init(jax.random.PRNGKey(0), jnp.zeros((2, 9, 9, 1)))
+    v = jax.jit(enc.init)(jax.random.PRNGKey(0), jnp.zeros((2, 9, 9, 1)))
     assert set(v["params"]) == {"Conv_0", "BatchNorm_0", "Conv_1", "BatchNorm_1", "Dense_0"}
     assert set(v["params"]["BatchNorm_0"]) == {"scale", "bias"} and set(v["batch_stats"]["BatchNorm_1"]) == {"mean", "var"}
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, 9, 9, 1))
-    grads = jax.grad(lambda p: jnp.sum(enc.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
-                                                 mutable=["batch_stats"])[0]))(v["params"])
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(enc.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                                                         mutable=["batch_stats"])[0])))(v["params"])
     assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
 
 
