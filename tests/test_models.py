@@ -215,8 +215,10 @@ def test_fused_batch_norm_relu_pool_equals_the_flax_layers(shape, pool):
     out_shape = (shape[0], shape[1] // 2, shape[2] // 2, shape[3]) if pool else shape
     cot = jax.random.normal(kg, out_shape)
 
-    ref, vjp_ref = jax.vjp(lambda *a: _flax_bn_relu_pool(*a, pool)[0], x, scale, bias)
-    ours, vjp_ours = jax.vjp(lambda *a: models.batch_norm_relu_pool(*a, 1e-5, pool)[0], x, scale, bias)
+    # Each side jitted (its forward and its backward pass one compile each, not one per operation:
+    # op by op the 4 cases took ~20 CPU-seconds, jitted ~10); the two sides stay separate programs.
+    ref, vjp_ref = jax.vjp(jax.jit(lambda *a: _flax_bn_relu_pool(*a, pool)[0]), x, scale, bias)
+    ours, vjp_ours = jax.vjp(jax.jit(lambda *a: models.batch_norm_relu_pool(*a, 1e-5, pool)[0]), x, scale, bias)
     np.testing.assert_allclose(ours, ref, atol=2e-6)
     for g_ours, g_ref in zip(vjp_ours(cot), vjp_ref(cot)):
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
@@ -224,12 +226,14 @@ def test_fused_batch_norm_relu_pool_equals_the_flax_layers(shape, pool):
     module = models.BatchNormReLUPool(pool=pool)
     variables = {"params": {"scale": scale, "bias": bias},
                  "batch_stats": {"mean": jnp.full(shape[-1:], 0.1), "var": jnp.full(shape[-1:], 2.0)}}
-    out, upd = module.apply(variables, x, train=True, mutable=["batch_stats"])
-    _, ref_upd = _flax_bn_relu_pool(x, scale, bias, pool, stats=variables["batch_stats"])
+    out, upd = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+    _, ref_upd = jax.jit(lambda x, s, b, stats: _flax_bn_relu_pool(x, s, b, pool, stats=stats))(
+        x, scale, bias, variables["batch_stats"])
     for k in ("mean", "var"):
         np.testing.assert_allclose(upd["batch_stats"][k], ref_upd[k], rtol=1e-5, atol=1e-6)
-    eval_ref, _ = _flax_bn_relu_pool(x, scale, bias, pool, train=False, stats=variables["batch_stats"])
-    np.testing.assert_allclose(module.apply(variables, x, train=False), eval_ref, atol=2e-6)
+    eval_ref, _ = jax.jit(lambda x, s, b, stats: _flax_bn_relu_pool(x, s, b, pool, train=False, stats=stats))(
+        x, scale, bias, variables["batch_stats"])
+    np.testing.assert_allclose(jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x), eval_ref, atol=2e-6)
 
 
 def test_fused_block_keeps_nn_batchnorm_variable_names_and_bfloat16():
