@@ -1823,6 +1823,9 @@ def test_second_run_on_a_workdir_exits_2_at_once_naming_the_holder_and_sigkill_f
         while time.time() < deadline and not (workdir / "metrics.jsonl").exists():  # training, lock held
             assert first.poll() is None, "the first run ended early"
             time.sleep(0.2)
+        # Stopped, it still holds the lock (a flock belongs to the open file, not to a running
+        # process), without training on at one core's worth while the second run starts (~4 CPU-s).
+        first.send_signal(signal.SIGSTOP)
         t0 = time.time()
         # Another config: the lock is per workdir, whatever the run.
         r = _train("--config.embedding_dim=32", *TINY, f"--workdir={workdir}", env=env)
