@@ -370,12 +370,15 @@ def _check_teachers_and_resume(config, kind: str, loss: str, workdir: str | None
                                 f"{os.path.join(resume, 'best')} or {os.path.join(resume, 'checkpoints')}")
 
 
-def own_checkpoint_step(workdir: str) -> int:
-    """The newest step in `workdir/checkpoints` (its digit-named folders, without importing orbax); 0 if none."""
+def _own_checkpoint_steps(workdir: str) -> list[int]:
+    """The steps in `workdir/checkpoints` (its digit-named folders, as `checkpoints.saved_steps`, without importing orbax)."""
     own = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(own):
-        return 0
-    return max((int(d) for d in os.listdir(own) if d.isdigit()), default=0)
+    return [int(d) for d in os.listdir(own) if d.isdigit()] if os.path.isdir(own) else []
+
+
+def own_checkpoint_step(workdir: str) -> int:
+    """The newest step in `workdir/checkpoints`; 0 if none."""
+    return max(_own_checkpoint_steps(workdir), default=0)
 
 
 def snapshot_trained_with(manifest: dict, newest_step: int) -> bool:
@@ -410,9 +413,8 @@ def trained_without_teachers(workdir: str) -> bool:
 
 
 def _has_own_checkpoint(workdir: str) -> bool:
-    """`workdir/checkpoints` holds a step (`checkpoints.saved_steps`, without importing orbax)."""
-    own = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(own) and any(d.isdigit() for d in os.listdir(own))
+    """`workdir/checkpoints` holds a step."""
+    return bool(_own_checkpoint_steps(workdir))
 
 
 def distill_teacher_sources(config) -> list[str]:
