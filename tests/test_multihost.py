@@ -264,6 +264,49 @@ def test_two_processes_resume_past_a_damaged_newest_checkpoint(env, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_distilled_run_on_two_processes_equals_one_process_and_resumes_from_its_snapshot(env, tmp_path):
+    """Distillation across processes: every process embeds the training set with the teacher and
+    its half of each batch carries the teacher's rows of its own images; process 0 alone writes the
+    snapshot of the teacher; at a resume both processes read that snapshot, the teacher's workdir
+    being gone by then. A row taken for another image, or a process distilling from other
+    embeddings, changes the loss from step 1 on: the 1 x 4 run is the reference, and the 2 x 2 run is
+    stopped at step 6 and resumed to step 12."""
+    def train(name, workdir, processes, devices, *own):
+        keys = {a.split("=")[0] for a in own}
+        args = [a for a in TINY if a.split("=")[0] not in keys] + list(own)
+        return Launch("experiments.train", [f"--workdir={workdir}", *args], env, tmp_path, name, processes, devices)
+
+    teacher = tmp_path / "teacher"
+    # One view: a teacher embeds the training set as it embeds at test time (TINY's cross5: 5 views, ~8 s more).
+    with train("teacher", teacher, 1, 2, "--config.num_steps=4", "--config.test_time_shifts=none", "--noevaluate") as run:
+        rcs = run.wait(240)
+        assert rcs == [0], _fail_msg(run, rcs)
+    # One schedule for both legs of the 2 x 2 run (12 steps long) and the reference.
+    student = ["--config.lr_schedule_steps=12", f"--config.distill_teachers={teacher}", "--config.distill_weight=1.0",
+               "--noevaluate"]
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    with train("one", one_dir, 1, 4, "--config.num_steps=12", *student) as run:
+        rcs = run.wait(240)
+        assert rcs == [0], _fail_msg(run, rcs)
+    with train("first", two_dir, 2, 2, "--config.num_steps=6", *student) as run:
+        rcs = run.wait(240)
+        assert rcs == [0, 0], _fail_msg(run, rcs)
+    assert sorted(os.listdir(two_dir / "teachers")) == ["0.msgpack", "teachers.json"]
+    teacher.rename(tmp_path / "teacher-moved")  # a resume that loaded the source on any process fails
+    with train("resumed", two_dir, 2, 2, "--config.num_steps=12", *student) as run:
+        rcs = run.wait(240)
+        assert rcs == [0, 0], _fail_msg(run, rcs)
+        assert "resuming from step 6" in run.stderr(0) and "the teachers are loaded from" in run.stderr(0)
+    records = {name: {r["step"]: r for r in _losses(d)[0] if "loss" in r} for name, d in (("one", one_dir),
+                                                                                            ("two", two_dir))}
+    assert sorted(records["two"]) == sorted(records["one"]) == list(range(1, 13))
+    for step in range(1, 13):
+        for key in ("loss", "distill_loss"):
+            two, one = records["two"][step][key], records["one"][step][key]
+            assert two > 0 and two == pytest.approx(one, rel=EARLY_RTOL), f"step {step} {key}: {two} vs {one}"
+
+
+@pytest.mark.slow
 def test_one_failed_process_ends_the_job_within_seconds(env, tmp_path):
     """Process 0 alone fails (here: it cannot write its TensorBoard log, a file is in the way) while
     process 1 waits in the next collective. The failed process used to run jax's atexit shutdown,
