@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -160,6 +161,11 @@ def _write_snapshot(workdir: str, config, sources: list, loaded: list) -> None:
                                  "student_step": own_checkpoint_step(workdir),
                                  "places": [_teacher_place(source) for source in sources],
                                  "files": files, "steps": [step for _, _, step in loaded]})
+    # The model files of that earlier snapshot's further teachers, which no list names now.
+    for name in os.listdir(folder):
+        if re.fullmatch(r"\d+\.msgpack", name) and name not in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
     log.info("teachers snapshotted in %s: a resume of this run distills from them, not from %s",
              folder, ", ".join(sources))
 

@@ -1469,6 +1469,17 @@ def test_whether_a_snapshot_is_the_runs_teachers_follows_its_checkpoints_not_its
     (run / "config.json").write_text("{")
     np.testing.assert_array_equal(distillation.teacher_embeddings(with_b, None, str(run), resuming=True), of_b)
 
+    # A first start with A and B that stopped before its first checkpoint, started again with B alone:
+    # the snapshot is B's, and A's file is not left beside it (1.msgpack stayed, named by no list).
+    run = tmp_path / "fewer"
+    both = _tiny_config()
+    both.distill_teachers = f"{a},{b}"
+    distillation.teacher_embeddings(both, None, str(run), resuming=False)
+    assert sorted(os.listdir(run / "teachers")) == ["0.msgpack", "1.msgpack", "teachers.json"]
+    (run / "teachers" / "notes.txt").write_text("a user's own file")  # not the snapshot's: kept
+    np.testing.assert_array_equal(distillation.teacher_embeddings(with_b, None, str(run), resuming=False), of_b)
+    assert sorted(os.listdir(run / "teachers")) == ["0.msgpack", "notes.txt", "teachers.json"]
+
 
 @pytest.mark.parametrize("listed", ["..", "."])
 def test_a_snapshot_list_that_names_a_file_outside_the_snapshot_is_damaged(tmp_path, monkeypatch, listed):
