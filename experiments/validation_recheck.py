@@ -52,7 +52,7 @@ def _validation_split(workdir: str, test_time_shifts=None):
     except inference.ModelError as e:
         raise ValueError(str(e)) from None  # one error line and exit 2 (cli.run_app)
     config = model.config
-    _, val_ds = ip.train_val_datasets(config, image_size=config.image_size)
+    val_ds = ip.validation_dataset(config, image_size=config.image_size)
     val_dds = sampling.to_device_dataset(val_ds, image_size=config.image_size)
     held_out = (", ".join(val_ds.alphabet_names[a] for a in np.unique(val_ds.alphabets))
                 if val_ds.alphabets is not None and val_ds.alphabet_names else f"{len(val_ds)} {config.dataset} images")

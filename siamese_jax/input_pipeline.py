@@ -123,6 +123,14 @@ def train_val_datasets(config, training_split: Optional[ImageDataset] = None,
     return train_ds, resized(val_ds)
 
 
+def validation_dataset(config, image_size: Optional[int] = None) -> ImageDataset:
+    """`train_val_datasets`' validation set alone: the training set (4x with the rotation classes)
+    is not made, only to be dropped by a caller that reads the validation images."""
+    _, val_ds = split_train_val(config, load_split(config, train_split_name(config)))
+    return val_ds if image_size is None else dataclasses.replace(
+        val_ds, images=augment_lib.resize_uint8(val_ds.images, image_size))
+
+
 def augment_config(config) -> Optional[augment_lib.AffineConfig]:
     if not config.augment:
         return None

@@ -501,6 +501,26 @@ def test_default_split_and_the_shipped_models_split(omniglot):
     assert np.array_equal(old.labels, shipped.labels)
 
 
+def test_the_validation_set_alone_is_train_val_datasets_one_without_making_the_training_set(omniglot, monkeypatch):
+    """validation_recheck reads a run's validation images only: it made the whole training set,
+    the rotation classes included (4x the images), to drop it."""
+    from siamese_jax import input_pipeline as ip
+
+    config = _split_config()
+    assert config.rotation_classes
+    _, expected = ip.train_val_datasets(config, omniglot("background"), image_size=config.image_size)
+
+    def not_made(*args):
+        raise AssertionError("the training set's rotation classes were made")
+    monkeypatch.setattr(ip, "with_rotated_classes", not_made)
+    monkeypatch.setattr(ip, "load_split", lambda config, split: omniglot(split))
+    val = ip.validation_dataset(config, image_size=config.image_size)
+    assert val.images.shape == expected.images.shape == (len(expected), config.image_size, config.image_size)
+    np.testing.assert_array_equal(val.images, expected.images)
+    np.testing.assert_array_equal(val.labels, expected.labels)
+    np.testing.assert_array_equal(val.alphabets, expected.alphabets)
+
+
 def test_shipped_model_files_carry_the_split_they_were_trained_on(omniglot):
     from siamese_jax import inference
     from siamese_jax import input_pipeline as ip
