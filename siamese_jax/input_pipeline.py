@@ -114,21 +114,22 @@ def train_val_datasets(config, training_split: Optional[ImageDataset] = None,
     if training_split is None:
         training_split = load_split(config, train_split_name(config))
     train_ds, val_ds = split_train_val(config, training_split)
-    resized = lambda ds: ds if image_size is None else dataclasses.replace(
-        ds, images=augment_lib.resize_uint8(ds.images, image_size))
     if config.get("rotation_classes", False):
         train_ds = with_rotated_classes(train_ds, image_size)
     else:
-        train_ds = resized(train_ds)
-    return train_ds, resized(val_ds)
+        train_ds = _resized(train_ds, image_size)
+    return train_ds, _resized(val_ds, image_size)
 
 
 def validation_dataset(config, image_size: Optional[int] = None) -> ImageDataset:
     """`train_val_datasets`' validation set alone: the training set (4x with the rotation classes)
     is not made, only to be dropped by a caller that reads the validation images."""
     _, val_ds = split_train_val(config, load_split(config, train_split_name(config)))
-    return val_ds if image_size is None else dataclasses.replace(
-        val_ds, images=augment_lib.resize_uint8(val_ds.images, image_size))
+    return _resized(val_ds, image_size)
+
+
+def _resized(ds: ImageDataset, image_size: Optional[int]) -> ImageDataset:
+    return ds if image_size is None else dataclasses.replace(ds, images=augment_lib.resize_uint8(ds.images, image_size))
 
 
 def augment_config(config) -> Optional[augment_lib.AffineConfig]:

@@ -126,7 +126,10 @@ class Launch:
 
 
 def _train(env, tmp_path, name, workdir, num_processes, devices, *args):
-    return Launch("experiments.train", [f"--workdir={workdir}", *TINY, *args], env, tmp_path, name,
+    # ml_collections keeps the FIRST of two overrides of one key, so a test's own value replaces TINY's.
+    overridden = {a.split("=")[0] for a in args}
+    tiny = [a for a in TINY if a.split("=")[0] not in overridden]
+    return Launch("experiments.train", [f"--workdir={workdir}", *tiny, *args], env, tmp_path, name,
                   num_processes, devices)
 
 
@@ -239,12 +242,10 @@ def test_two_processes_resume_past_a_damaged_newest_checkpoint(env, tmp_path):
     where only process 0's did, process 1 skipped the re-save of that step number and process 0
     waited for it in orbax's barrier for ever (a hang, found by review on 2026-12-04)."""
     workdir = tmp_path / "run"
-    own = ["--config.num_steps=10", "--config.checkpoint_every_steps=5", "--config.test_time_shifts=none"]
-    keys = {a.split("=")[0] for a in own}
-    args = [a for a in TINY if a.split("=")[0] not in keys] + own + ["--noevaluate"]
+    own = ["--config.num_steps=10", "--config.checkpoint_every_steps=5", "--config.test_time_shifts=none", "--noevaluate"]
 
-    def launch(name):  # not _train: TINY's values of this test's keys are left out above
-        return Launch("experiments.train", [f"--workdir={workdir}", *args], env, tmp_path, name, 2, 2)
+    def launch(name):
+        return _train(env, tmp_path, name, workdir, 2, 2, *own)
 
     with launch("first") as run:
         rcs = run.wait(240)
@@ -271,29 +272,25 @@ def test_a_distilled_run_on_two_processes_equals_one_process_and_resumes_from_it
     being gone by then. A row taken for another image, or a process distilling from other
     embeddings, changes the loss from step 1 on: the 1 x 4 run is the reference, and the 2 x 2 run is
     stopped at step 6 and resumed to step 12."""
-    def train(name, workdir, processes, devices, *own):
-        keys = {a.split("=")[0] for a in own}
-        args = [a for a in TINY if a.split("=")[0] not in keys] + list(own)
-        return Launch("experiments.train", [f"--workdir={workdir}", *args], env, tmp_path, name, processes, devices)
-
     teacher = tmp_path / "teacher"
     # One view: a teacher embeds the training set as it embeds at test time (TINY's cross5: 5 views, ~8 s more).
-    with train("teacher", teacher, 1, 2, "--config.num_steps=4", "--config.test_time_shifts=none", "--noevaluate") as run:
+    with _train(env, tmp_path, "teacher", teacher, 1, 2, "--config.num_steps=4", "--config.test_time_shifts=none",
+                "--noevaluate") as run:
         rcs = run.wait(240)
         assert rcs == [0], _fail_msg(run, rcs)
     # One schedule for both legs of the 2 x 2 run (12 steps long) and the reference.
     student = ["--config.lr_schedule_steps=12", f"--config.distill_teachers={teacher}", "--config.distill_weight=1.0",
                "--noevaluate"]
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    with train("one", one_dir, 1, 4, "--config.num_steps=12", *student) as run:
+    with _train(env, tmp_path, "one", one_dir, 1, 4, "--config.num_steps=12", *student) as run:
         rcs = run.wait(240)
         assert rcs == [0], _fail_msg(run, rcs)
-    with train("first", two_dir, 2, 2, "--config.num_steps=6", *student) as run:
+    with _train(env, tmp_path, "first", two_dir, 2, 2, "--config.num_steps=6", *student) as run:
         rcs = run.wait(240)
         assert rcs == [0, 0], _fail_msg(run, rcs)
     assert sorted(os.listdir(two_dir / "teachers")) == ["0.msgpack", "teachers.json"]
     teacher.rename(tmp_path / "teacher-moved")  # a resume that loaded the source on any process fails
-    with train("resumed", two_dir, 2, 2, "--config.num_steps=12", *student) as run:
+    with _train(env, tmp_path, "resumed", two_dir, 2, 2, "--config.num_steps=12", *student) as run:
         rcs = run.wait(240)
         assert rcs == [0, 0], _fail_msg(run, rcs)
         assert "resuming from step 6" in run.stderr(0) and "the teachers are loaded from" in run.stderr(0)
